@@ -1,0 +1,1 @@
+"""Datasets: readers for the real formats, long-tailed construction, samplers, augmentation."""

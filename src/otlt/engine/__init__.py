@@ -1,0 +1,1 @@
+"""Training engine: trainer, checkpoints, logging, distributed helpers."""

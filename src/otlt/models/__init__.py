@@ -1,0 +1,1 @@
+"""Models: CIFAR ResNets, ResNet-50, the cosine head, and a registry."""
