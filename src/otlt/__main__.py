@@ -1,0 +1,5 @@
+import sys
+
+from otlt.cli import main
+
+sys.exit(main())

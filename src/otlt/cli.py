@@ -1,0 +1,147 @@
+"""Command line: ``otlt train | eval | demo``.
+
+User mistakes end with one line ``otlt: error: ...`` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from otlt.errors import OtltError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
+        raise OtltError(f"{self.prog}: {message}")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", help="YAML config (configs/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.epochs=30 (repeatable)")
+    p.add_argument("--data",
+                   help="dataset file or folder (else $OTLT_DATA, ./data, ../shared/data)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--run-dir", help="run directory (default: <out_dir>/<name>)")
+    p.add_argument("--stop-after", type=int, metavar="EPOCHS",
+                   help="stop (resumable) once this many epochs are done; for time-sliced jobs")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a run directory or checkpoint on the test split")
+    p.add_argument("target", help="run directory (uses its last.pt) or a checkpoint path")
+    p.add_argument("--data", help="dataset path, if it moved since training")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="split to evaluate (default: test)")
+    p.add_argument("--many", type=int, help="many-shot threshold (default: the run's, 100)")
+    p.add_argument("--few", type=int, help="few-shot threshold (default: the run's, 20)")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="a few-minute CPU run on CIFAR-10-LT (phi=100), then its "
+                                    "evaluation table")
+    p.add_argument("--data",
+                   help="CIFAR-10 file or folder (default: search ./data, ../shared/data)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the demo preset's)")
+    p.add_argument("--out", default="runs", help="where the demo run directory goes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="otlt", description="Long-tailed classification with optimal transport")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_demo(sub)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from otlt.config import apply_overrides as _apply
+    from otlt.config import build_config, load_raw
+    from otlt.engine.trainer import Trainer
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise OtltError(f"cannot resume: {config_path} does not exist (is {run_dir} an "
+                            "otlt run directory?)")
+        raw = load_raw(config_path)
+    else:
+        if args.config is None:
+            raise OtltError("otlt train: --config is required (or --resume RUN_DIR)")
+        raw = load_raw(args.config)
+        run_dir = Path(args.run_dir) if args.run_dir else None
+    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+    cfg = build_config(_apply(raw, overrides))
+    trainer = Trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
+    print(f"otlt: run directory {trainer.run_dir}  device {trainer.device}  "
+          f"amp {trainer.amp_dtype}  train {len(trainer.train)} images "
+          f"{trainer.train_counts}", flush=True)
+    start = time.perf_counter()
+    result = trainer.fit(stop_after=args.stop_after)
+    if result is None:
+        print(f"otlt: stopped after epoch {args.stop_after}; continue with "
+              f"'otlt train --resume {trainer.run_dir}'")
+        return 0
+    print(format_eval(result, title=f"{cfg.name}: last epoch, {result['split']} split"))
+    print(f"otlt: done in {time.perf_counter() - start:.0f}s; results in {trainer.run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from otlt.engine.evaluate import evaluate_run
+
+    result = evaluate_run(Path(args.target), data_path=args.data, split=args.split,
+                          many=args.many, few=args.few)
+    print(format_eval(result, title=f"{args.target}: epoch {result['epoch'] + 1}, "
+                                    f"{result['split']} split"))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from otlt.demo import run_demo
+
+    return run_demo(data=args.data, epochs=args.epochs, out=Path(args.out))
+
+
+def format_eval(result: dict, title: str = "evaluation") -> str:
+    """Human-readable table of an ``eval.json`` record."""
+    lines = [title, "-" * len(title)]
+    lines.append(f"{'top-1 error':<14}{result['top1_error']:6.2f}%")
+    for group in ("many", "medium", "few"):
+        err = result.get(f"{group}_error")
+        n = len(result.get("groups", {}).get(group, []))
+        value = "   n/a" if err is None else f"{err:6.2f}%"
+        lines.append(f"{group + ' error':<14}{value}  ({n} classes)")
+    classes = result.get("classes") or [str(k) for k in range(len(result["per_class_accuracy"]))]
+    counts = result.get("class_counts_train", [None] * len(classes))
+    lines.append("")
+    lines.append(f"{'class':<16}{'train n':>8}{'accuracy':>10}")
+    for name, n, acc in zip(classes, counts, result["per_class_accuracy"], strict=False):
+        lines.append(f"{name[:15]:<16}{'' if n is None else n:>8}{acc:9.1f}%")
+    return "\n".join(lines)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except OtltError as exc:
+        print(f"otlt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("otlt: interrupted; the last finished epoch is in last.pt (resume with "
+              "'otlt train --resume RUN_DIR')", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Run configuration: frozen dataclasses, YAML files with inheritance, ``key=value`` overrides.
+
+A config file is YAML with the sections below. ``base: other.yaml`` (relative to the file)
+inherits another file and overrides it key by key, so a short CPU twin states only what it
+changes. Unknown keys anywhere are errors that list the valid keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from otlt.errors import OtltError, require
+
+DATASET_DEFAULTS = {"cifar10": (10, 5000), "cifar100": (100, 500)}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images, how imbalanced, and how the balanced splits are carved.
+
+    ``n_max`` is the nominal size of the largest class (the paper's 5000 for CIFAR-10);
+    per-class counts follow the profile and are capped by what is left after the
+    validation and meta carve-outs (see :func:`otlt.data.longtail.build_splits`).
+    """
+
+    dataset: str = "cifar10"
+    path: str | None = None
+    num_classes: int | None = None
+    n_max: int | None = None
+    imbalance_ratio: float = 100.0
+    profile: str = "exp"
+    val_per_class: int = 50
+    meta_per_class: int = 0
+    data_seed: int = 0
+    image_size: int = 32
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet32"
+    head: str = "linear"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD and the learning-rate schedule.
+
+    ``schedule: step`` multiplies the base lr by ``gammas[i]`` (absolute factors) once
+    ``epoch >= milestones[i]`` (0-based epochs), the OTmix code's 240-epoch schedule by
+    default. ``cosine`` anneals to 0 over the run. Both start with ``warmup_epochs`` of linear
+    warm-up (per step).
+    """
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    nesterov: bool = False
+    batch_size: int = 128
+    epochs: int = 240
+    schedule: str = "step"
+    milestones: tuple[int, ...] = (100, 160, 200)
+    gammas: tuple[float, ...] = (0.1, 0.01, 0.0001)
+    warmup_epochs: int = 0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """``name`` from :func:`otlt.losses.list_losses`; ``params`` go to its constructor."""
+
+    name: str = "ce"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    """Batch mixing and its schedule (official OTmix code: no mixing in the first and last
+    three epochs, each batch mixed with probability 0.5).
+
+    ``name`` from :func:`otlt.mixing.list_mixers`; ``params`` go to its constructor.
+    ``skip_first``/``skip_last`` epochs are left clean; ``prob`` is the per-batch mixing
+    probability, ``fraction`` the per-sample fraction of a mixed batch (paper Table 7).
+    """
+
+    name: str = "none"
+    params: dict = field(default_factory=dict)
+    skip_first: int = 3
+    skip_last: int = 3
+    prob: float = 0.5
+    fraction: float = 1.0
+    sampler_r: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    eval_batch_size: int = 1000
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    many_threshold: int = 100
+    few_threshold: int = 20
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stage2: dict = field(default_factory=dict)
+    paper: dict | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes or DATASET_DEFAULTS.get(self.data.dataset, (0, 0))[0]
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise OtltError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise OtltError(f"config {path} is not valid YAML: {exc}") from None
+    require(isinstance(data, dict), f"config {path} must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "params":
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def load_raw(path: str | Path) -> dict:
+    """Read a YAML config and resolve its ``base:`` chain into one dict."""
+    path = Path(path)
+    require(path.is_file(), f"config file {path} does not exist (expected a YAML file, "
+                            "e.g. configs/cifar10_lt_r100_erm.yaml)")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(load_raw(path.parent / base), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], parsed value); the value is read as YAML."""
+    require("=" in text, f"override {text!r} must look like key=value (e.g. optim.epochs=30)")
+    key, value = text.split("=", 1)
+    require(bool(key.strip()), f"override {text!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``raw`` with every ``key=value`` override applied."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            require(isinstance(node, dict), f"override {text!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def _coerce(value: Any, annotation: str, where: str) -> Any:
+    """Check and convert one YAML value to the dataclass field's annotated type."""
+    optional = "None" in annotation
+    if value is None:
+        require(optional, f"config key {where} must not be empty")
+        return None
+    base = annotation.replace(" | None", "")
+    try:
+        if base == "bool":
+            require(isinstance(value, bool), f"config key {where} must be true or false, "
+                                             f"got {value!r}")
+            return value
+        if base == "int":
+            require(not isinstance(value, bool) and float(value) == int(float(value)),
+                    f"config key {where} must be an integer, got {value!r}")
+            return int(float(value))
+        if base == "float":
+            require(not isinstance(value, bool), f"config key {where} must be a number, "
+                                                 f"got {value!r}")
+            out = float(value)
+            require(math.isfinite(out), f"config key {where} must be finite, got {value!r}")
+            return out
+        if base == "str":
+            if isinstance(value, bool):  # YAML 1.1 reads a bare off/on as a boolean
+                return "on" if value else "off"
+            require(isinstance(value, str), f"config key {where} must be a string, got {value!r}")
+            return value
+        if base.startswith("tuple"):
+            require(isinstance(value, (list, tuple)), f"config key {where} must be a list, "
+                                                      f"got {value!r}")
+            item = "int" if "int" in base else "float"
+            return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        if base == "dict":
+            require(isinstance(value, dict), f"config key {where} must be a mapping, "
+                                             f"got {value!r}")
+            return dict(value)
+    except (TypeError, ValueError):
+        kind = {"int": "an integer", "float": "a number"}.get(base, base)
+        raise OtltError(f"config key {where} must be {kind}, got {value!r}") from None
+    return value
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    require(isinstance(raw, dict), f"config section {where or 'root'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise OtltError(f"unknown config key {prefix}{unknown[0]} (valid keys in "
+                        f"{where or 'the top level'}: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in raw.items():
+        f = fields[name]
+        key = f"{where}.{name}" if where else name
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[name] = _build(sub, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, str(f.type), key)
+    return cls(**kwargs)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check value ranges that a type check cannot; return the config unchanged."""
+    d, o = cfg.data, cfg.optim
+    require(d.imbalance_ratio >= 1, f"data.imbalance_ratio must be a number >= 1 "
+                                    f"(n_max / n_min), got {d.imbalance_ratio}")
+    require(d.profile in ("exp", "step"), f"data.profile must be 'exp' or 'step', "
+                                          f"got {d.profile!r}")
+    require(d.val_per_class >= 0 and d.meta_per_class >= 0,
+            "data.val_per_class and data.meta_per_class must be >= 0")
+    require(d.num_classes is not None or d.dataset in DATASET_DEFAULTS,
+            f"data.num_classes is required for dataset {d.dataset!r} "
+            f"(known defaults: {', '.join(DATASET_DEFAULTS)})")
+    require(o.batch_size > 0, f"optim.batch_size must be a positive integer, got {o.batch_size}")
+    require(o.epochs > 0, f"optim.epochs must be a positive integer, got {o.epochs}")
+    require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    require(o.schedule in ("step", "cosine"), f"optim.schedule must be 'step' or 'cosine', "
+                                              f"got {o.schedule!r}")
+    require(len(o.milestones) == len(o.gammas),
+            f"optim.milestones {list(o.milestones)} and optim.gammas {list(o.gammas)} "
+            "must have the same length")
+    require(0 <= cfg.mix.prob <= 1 and 0 <= cfg.mix.fraction <= 1,
+            "mix.prob and mix.fraction must be in [0, 1]")
+    require(cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:"),
+            f"train.device must be auto, cpu or cuda[:N], got {cfg.train.device!r}")
+    require(cfg.train.amp in ("auto", "off", "bf16", "fp16"),
+            f"train.amp must be auto, off, bf16 or fp16, got {cfg.train.amp!r}")
+    return cfg
+
+
+def build_config(raw: dict) -> RunConfig:
+    """Turn a raw dict into a validated :class:`RunConfig`."""
+    return validate(_build(RunConfig, raw, ""))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw = load_raw(path) if path is not None else {}
+    return build_config(apply_overrides(raw, overrides or []))
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain-dict form of a config (tuples as lists), for YAML and checkpoints."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

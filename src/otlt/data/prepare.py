@@ -1,0 +1,52 @@
+"""From a config to the four splits a run uses: long-tailed train, balanced val/meta, test."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from otlt.config import DATASET_DEFAULTS, DataConfig
+from otlt.data.longtail import build_splits
+from otlt.data.sources import find_data, load_dataset
+from otlt.data.types import ImageArrays
+from otlt.errors import require
+
+
+@dataclass
+class LongTailedData:
+    """The splits of one run. ``train_counts[k]`` drives many/medium/few and the samplers."""
+
+    train: ImageArrays
+    val: ImageArrays
+    meta: ImageArrays
+    test: ImageArrays
+    train_counts: list[int]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    def split_counts(self) -> dict[str, list[int]]:
+        """Images per class of every split (recorded in the run directory)."""
+        def count(split: ImageArrays) -> list[int]:
+            out = [0] * split.num_classes
+            for label in split.labels.tolist():
+                out[label] += 1
+            return out
+
+        return {"train": list(self.train_counts), "val": count(self.val),
+                "meta": count(self.meta), "test": count(self.test)}
+
+
+def prepare_data(cfg: DataConfig, num_classes: int) -> LongTailedData:
+    """Locate and read the dataset, then carve val/meta and subsample the long tail."""
+    path = find_data(cfg.dataset, cfg.path)
+    splits = load_dataset(cfg.dataset, path, num_classes=num_classes)
+    require("test" in splits, f"dataset at {path} has no test split (found: {sorted(splits)})")
+    source = splits["train"]
+    n_max = cfg.n_max or DATASET_DEFAULTS.get(cfg.dataset, (0, 0))[1] or \
+        int(max(source.labels.tolist().count(k) for k in range(num_classes)))
+    idx = build_splits(source.labels, num_classes, imbalance_ratio=cfg.imbalance_ratio,
+                       n_max=n_max, profile=cfg.profile, val_per_class=cfg.val_per_class,
+                       meta_per_class=cfg.meta_per_class, data_seed=cfg.data_seed)
+    return LongTailedData(source.subset(idx.train), source.subset(idx.val),
+                          source.subset(idx.meta), splits["test"], idx.train_counts)

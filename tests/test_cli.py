@@ -1,0 +1,207 @@
+"""End-to-end CLI behaviour on a tiny dataset: training, exact resume, eval, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from otlt.cli import main
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text("name: tiny\nloss: {name: ce}\n")
+    return path
+
+
+def test_train_writes_run_directory_and_eval(tiny_zip, tiny_config, tmp_path, capsys):
+    out_dir = tmp_path / "runs"
+    code, out, err = run_cli(["train", "--config", str(tiny_config),
+                              *set_args(tiny_overrides(tiny_zip, out_dir, epochs=2))], capsys)
+    assert code == 0, err
+    run = out_dir / "tiny"
+    for name in ("config.yaml", "metrics.jsonl", "last.pt", "eval.json", "splits.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    for key in ("lr", "train_loss", "train_acc", "val_acc", "val_many_acc", "epoch_seconds"):
+        assert key in records[0]
+    result = json.loads((run / "eval.json").read_text())
+    for key in ("top1_error", "many_error", "medium_error", "few_error", "per_class_accuracy",
+                "confusion_matrix", "split", "epoch"):
+        assert key in result
+    assert result["split"] == "test" and result["epoch"] == 1
+    assert sum(map(sum, result["confusion_matrix"])) == 80  # the whole test split, once
+    splits = json.loads((run / "splits.json").read_text())["counts"]
+    assert splits["val"] == [5] * 10 and splits["test"] == [8] * 10
+    assert "top-1 error" in out
+
+
+def test_resume_gives_exactly_the_uninterrupted_weights(tiny_zip, tiny_config, tmp_path,
+                                                        capsys):
+    base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3)
+    full = [*base, "name=full"]
+    part = [*base, "name=part"]
+    assert run_cli(["train", "--config", str(tiny_config), *set_args(full)], capsys)[0] == 0
+    code, out, _ = run_cli(["train", "--config", str(tiny_config), "--stop-after", "1",
+                            *set_args(part)], capsys)
+    assert code == 0 and "resume" in out
+    part_dir = tmp_path / "runs" / "part"
+    assert not (part_dir / "eval.json").exists()
+    assert run_cli(["train", "--resume", str(part_dir)], capsys)[0] == 0
+    a = torch.load(tmp_path / "runs" / "full" / "last.pt", weights_only=False)
+    b = torch.load(part_dir / "last.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    lines = (part_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]
+    ea = json.loads((tmp_path / "runs" / "full" / "eval.json").read_text())
+    eb = json.loads((part_dir / "eval.json").read_text())
+    assert ea["confusion_matrix"] == eb["confusion_matrix"]
+
+
+def test_eval_command_matches_training_eval(tiny_zip, tiny_config, tmp_path, capsys):
+    out_dir = tmp_path / "runs"
+    run_cli(["train", "--config", str(tiny_config),
+             *set_args(tiny_overrides(tiny_zip, out_dir, epochs=1))], capsys)
+    run = out_dir / "tiny"
+    at_train = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").unlink()
+    code, out, err = run_cli(["eval", str(run)], capsys)
+    assert code == 0, err
+    again = json.loads((run / "eval.json").read_text())
+    assert again["confusion_matrix"] == at_train["confusion_matrix"]
+    assert "few error" in out and "class0" in out
+
+
+# ---- bad input: one line, exit 2, nothing damaged --------------------------------------
+
+def assert_user_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("otlt: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("data.imbalance_ratio=0.5", ["imbalance_ratio", ">= 1"]),
+    ("data.imbalance_ratio=abc", ["imbalance_ratio", "number"]),
+    ("optim.batch_size=0", ["batch_size", "positive"]),
+    ("model.name=resnet33", ["resnet33", "resnet32"]),
+    ("loss.name=hinge", ["hinge", "ce"]),
+    ("optim.lr_typo=1", ["optim.lr_typo"]),
+    ("data.num_classes=100", ["100", "10"]),
+])
+def test_bad_config_values(override, needles, tiny_zip, tiny_config, tmp_path, capsys):
+    args = set_args(tiny_overrides(tiny_zip, tmp_path / "runs") + [override])
+    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    assert_user_error(code, err, *needles)
+
+
+def test_missing_data_path(tiny_config, tmp_path, capsys):
+    missing = tmp_path / "nowhere.zip"
+    args = set_args(tiny_overrides(missing, tmp_path / "runs"))
+    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    assert_user_error(code, err, str(missing))
+
+
+def test_truncated_zip(tiny_zip, tiny_config, tmp_path, capsys):
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(tiny_zip.read_bytes()[: tiny_zip.stat().st_size // 2])
+    args = set_args(tiny_overrides(broken, tmp_path / "runs"))
+    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    assert_user_error(code, err, "broken.zip")
+
+
+def test_corrupt_image(tiny_zip, tiny_config, tmp_path, capsys):
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(tiny_zip) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("train/class3/0001.png"):
+                data = b"not an image at all"
+            dst.writestr(item, data)
+    args = set_args(tiny_overrides(bad, tmp_path / "runs"))
+    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    assert_user_error(code, err, "class3/0001.png")
+
+
+def test_unknown_config_file(tmp_path, capsys):
+    code, _, err = run_cli(["train", "--config", str(tmp_path / "nope.yaml")], capsys)
+    assert_user_error(code, err, "nope.yaml")
+
+
+def test_unknown_command_and_missing_argument(capsys):
+    code, _, err = run_cli(["fly"], capsys)
+    assert_user_error(code, err, "fly")
+    code, _, err = run_cli(["train"], capsys)
+    assert_user_error(code, err, "--config")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_run_directory(tiny_zip, tiny_config, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    args = set_args(tiny_overrides(tiny_zip, locked))
+    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    assert_user_error(code, err, "not writable")
+
+
+def test_run_directory_that_is_a_file(tiny_zip, tiny_config, tmp_path, capsys):
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file, not a folder")
+    args = set_args(tiny_overrides(tiny_zip, blocker))
+    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    assert_user_error(code, err, "not writable")
+    assert blocker.read_text() == "a file, not a folder"
+
+
+def test_existing_run_is_not_overwritten(tiny_zip, tiny_config, tmp_path, capsys):
+    args = set_args(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1))
+    assert run_cli(["train", "--config", str(tiny_config), *args], capsys)[0] == 0
+    run = tmp_path / "runs" / "tiny"
+    before = {p.name: digest(p) for p in run.iterdir() if p.is_file()}
+    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    assert_user_error(code, err, "already holds a run", "--resume")
+    assert {p.name: digest(p) for p in run.iterdir() if p.is_file()} == before
+
+
+def test_resume_missing_or_corrupt_checkpoint(tiny_zip, tiny_config, tmp_path, capsys):
+    code, _, err = run_cli(["train", "--resume", str(tmp_path / "absent")], capsys)
+    assert_user_error(code, err, "absent")
+    args = set_args(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=2))
+    run_cli(["train", "--config", str(tiny_config), "--stop-after", "1", *args], capsys)
+    run = tmp_path / "runs" / "tiny"
+    (run / "last.pt").write_bytes(b"garbage")
+    metrics_before = digest(run / "metrics.jsonl")
+    code, _, err = run_cli(["train", "--resume", str(run)], capsys)
+    assert_user_error(code, err, "last.pt", "corrupt")
+    assert (run / "last.pt").read_bytes() == b"garbage"
+    assert digest(run / "metrics.jsonl") == metrics_before
+    code, _, err = run_cli(["eval", str(run)], capsys)
+    assert_user_error(code, err, "corrupt")

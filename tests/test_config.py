@@ -1,0 +1,66 @@
+from pathlib import Path
+
+import pytest
+
+from otlt.config import apply_overrides, build_config, dump_config, load_config, load_raw
+from otlt.errors import OtltError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_every_shipped_config_loads():
+    paths = sorted(CONFIGS.glob("*.yaml"))
+    assert paths, "no configs shipped"
+    for path in paths:
+        cfg = load_config(path)
+        assert cfg.name == path.stem, f"{path.name}: name {cfg.name!r} differs from file name"
+
+
+def test_short_twin_inherits_and_overrides():
+    full = load_config(CONFIGS / "cifar10_lt_r100_erm.yaml")
+    short = load_config(CONFIGS / "cifar10_lt_r100_erm_short.yaml")
+    assert full.optim.epochs == 240 and short.optim.epochs == 30
+    assert short.optim.lr == full.optim.lr and short.data == full.data
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["optim.epochs=7", "optim.milestones=[2, 4]",
+                             "optim.gammas=[0.1, 0.01]", "data.imbalance_ratio=50"])
+    assert cfg.optim.epochs == 7 and cfg.optim.milestones == (2, 4)
+    assert cfg.data.imbalance_ratio == 50.0
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optim.epochz=3", "unknown config key optim.epochz"),
+    ("bogus=1", "unknown config key bogus"),
+    ("data.imbalance_ratio=abc", "data.imbalance_ratio must be a number"),
+    ("data.imbalance_ratio=0.5", "imbalance_ratio must be a number >= 1"),
+    ("optim.batch_size=0", "batch_size must be a positive integer"),
+    ("optim.batch_size=-3", "batch_size must be a positive integer"),
+    ("optim.epochs=2.5", "optim.epochs must be an integer"),
+    ("noequals", "must look like key=value"),
+])
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(OtltError, match=match):
+        load_config(None, [override])
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(CONFIGS / "cifar10_lt_r100_erm_drw.yaml", ["seed=3"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert build_config(load_raw(tmp_path / "c.yaml")) == cfg
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(OtltError, match="does not exist"):
+        load_raw(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [unclosed")
+    with pytest.raises(OtltError, match="not valid YAML"):
+        load_raw(bad)
+
+
+def test_apply_overrides_does_not_mutate_input():
+    raw = {"optim": {"epochs": 3}}
+    apply_overrides(raw, ["optim.epochs=5"])
+    assert raw == {"optim": {"epochs": 3}}

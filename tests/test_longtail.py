@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+
+from otlt.data.longtail import build_splits, long_tailed_counts
+from otlt.errors import OtltError
+
+
+def test_exp_profile_cifar10_phi100_matches_paper():
+    counts = long_tailed_counts(10, 5000, 100)
+    assert counts == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert sum(counts) == 12406
+
+
+def test_exp_profile_cifar100_ends():
+    counts = long_tailed_counts(100, 500, 100)
+    assert counts[0] == 500 and counts[-1] == 5 and len(counts) == 100
+    assert all(a >= b for a, b in zip(counts[:-1], counts[1:], strict=True))
+
+
+def test_step_profile_exact():
+    assert long_tailed_counts(10, 5000, 10, profile="step") == [5000] * 5 + [500] * 5
+    assert long_tailed_counts(5, 100, 4, profile="step") == [100, 100, 25, 25, 25]
+
+
+def test_balanced_when_phi_is_one():
+    assert long_tailed_counts(10, 5000, 1) == [5000] * 10
+
+
+@pytest.mark.parametrize("bad", [0.5, 0])
+def test_phi_below_one_is_rejected(bad):
+    with pytest.raises(OtltError, match="imbalance ratio"):
+        long_tailed_counts(10, 5000, bad)
+
+
+def _labels(per_class=200, k=5):
+    return np.repeat(np.arange(k), per_class)
+
+
+def test_splits_are_disjoint_and_counted():
+    labels = _labels()
+    s = build_splits(labels, 5, imbalance_ratio=10, n_max=200, val_per_class=7,
+                     meta_per_class=3, data_seed=1)
+    train, val, meta = set(s.train), set(s.val), set(s.meta)
+    assert not (train & val) and not (train & meta) and not (val & meta)
+    assert np.bincount(labels[s.val], minlength=5).tolist() == [7] * 5
+    assert np.bincount(labels[s.meta], minlength=5).tolist() == [3] * 5
+    expected = [min(c, 190) for c in long_tailed_counts(5, 200, 10)]
+    assert s.train_counts == expected
+    assert np.bincount(labels[s.train], minlength=5).tolist() == expected
+
+
+def test_splits_depend_on_data_seed_only():
+    labels = _labels()
+    a = build_splits(labels, 5, imbalance_ratio=10, n_max=200, val_per_class=5, data_seed=0)
+    b = build_splits(labels, 5, imbalance_ratio=10, n_max=200, val_per_class=5, data_seed=0)
+    c = build_splits(labels, 5, imbalance_ratio=10, n_max=200, val_per_class=5, data_seed=1)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.val, b.val)
+    assert not np.array_equal(a.val, c.val)
+
+
+def test_too_small_class_for_carve_out_is_an_error():
+    with pytest.raises(OtltError, match="too few"):
+        build_splits(_labels(per_class=10), 5, imbalance_ratio=1, n_max=10, val_per_class=10)

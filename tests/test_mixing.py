@@ -1,0 +1,365 @@
+"""Tests for the batch mixers: CutMix boxes, pixel provenance, labels, determinism, devices."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from otlt.errors import OtltError
+from otlt.mixing import (
+    CMO,
+    CutMix,
+    MixPlan,
+    Mixup,
+    NoMix,
+    Remix,
+    apply_plan,
+    box_lam,
+    create_mixer,
+    list_mixers,
+    mixup_images,
+    paste_box,
+    sample_cutmix_box,
+    sample_lam,
+)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA not available"))]
+COUNTS = [300, 100, 30, 10]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def row_constant_batch(values: list[int], size: int = 16, dtype=torch.float32,
+                       device: str = "cpu") -> torch.Tensor:
+    """Return a ``(B, 3, size, size)`` batch whose row ``i`` is the constant ``values[i]``."""
+    v = torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1)
+    return v.expand(-1, 3, size, size).to(dtype=dtype, device=device).contiguous()
+
+
+def all_mixers() -> list:
+    return [NoMix(), Mixup(alpha=1.0), CutMix(alpha=4.0), CMO(alpha=1.0),
+            Remix(COUNTS, mode="mixup"), Remix(COUNTS, mode="cutmix")]
+
+
+def call(mixer, x, y, xf, yf, seed: int = 0):
+    if mixer.needs_partner_batch:
+        return mixer(x, y, xf, yf, generator=gen(seed))
+    return mixer(x, y, generator=gen(seed))
+
+
+# ----------------------------------------------------------------------------- boxes
+
+
+def test_box_has_requested_size_away_from_the_border() -> None:
+    g = gen(1)
+    h, w = 32, 48
+    inside = 0
+    for _ in range(300):
+        lam = sample_lam(1.0, g)
+        y0, y1, x0, x1 = sample_cutmix_box(h, w, lam, g)
+        assert 0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w
+        cut = math.sqrt(1 - lam)
+        if 0 < y0 and y1 < h and 0 < x0 and x1 < w:  # not clipped
+            inside += 1
+            assert (y1 - y0, x1 - x0) == (int(h * cut), int(w * cut))
+            # Flooring loses less than one row and one column of the requested area.
+            area = (y1 - y0) * (x1 - x0) / (h * w)
+            assert 0 <= (1 - lam) - area <= 1 / h + 1 / w
+    assert inside > 20
+
+
+def test_box_area_matches_expectation_over_uniform_centres() -> None:
+    h, w, lam, n = 32, 32, 0.6, 3000
+    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+
+    def mean_clipped_length(size: int, cut: int) -> float:
+        return float(np.mean([min(c - cut // 2 + cut, size) - max(c - cut // 2, 0)
+                              for c in range(size)]))
+
+    expected = mean_clipped_length(h, cut_h) * mean_clipped_length(w, cut_w) / (h * w)
+    g = gen(2)
+    areas = np.array([1 - box_lam(sample_cutmix_box(h, w, lam, g), h, w) for _ in range(n)])
+    assert abs(areas.mean() - expected) < 4 * areas.std() / math.sqrt(n)
+    assert areas.max() <= 1 - lam + 1e-12  # clipping and flooring only ever shrink the box
+
+
+def test_box_centre_is_uniform_over_the_grid() -> None:
+    # lam = 0.75 gives a 16 x 24 box on 32 x 48; y0 = max(cy - 8, 0), x0 = max(cx - 12, 0).
+    h, w, n = 32, 48, 4800
+    g = gen(5)
+    boxes = np.array([sample_cutmix_box(h, w, 0.75, g) for _ in range(n)])
+    for starts, size, half in ((boxes[:, 0], h, 8), (boxes[:, 2], w, 12)):
+        observed = np.bincount(starts, minlength=size - half)
+        expected = np.full(size - half, n / size)
+        expected[0] = n * (half + 1) / size  # every centre left of the half-width clips to 0
+        assert chisquare(observed, expected).pvalue > 1e-4
+
+
+def test_box_lam_is_one_minus_area_fraction() -> None:
+    assert box_lam((2, 6, 4, 12), 16, 16) == 1 - 4 * 8 / 256
+    assert box_lam((3, 3, 0, 16), 16, 16) == 1.0
+    assert box_lam((0, 16, 0, 16), 16, 16) == 0.0
+
+
+def test_sample_lam_moments() -> None:
+    g = gen(3)
+    for alpha in (1.0, 4.0):
+        draws = np.array([sample_lam(alpha, g) for _ in range(3000)])
+        var = 1 / (4 * (2 * alpha + 1))  # Var Beta(a, a)
+        assert abs(draws.mean() - 0.5) < 4 * math.sqrt(var / 3000)
+        assert abs(draws.var() - var) < 0.2 * var
+        assert draws.min() >= 0 and draws.max() <= 1
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def test_paste_box_takes_box_from_patch_rest_from_base() -> None:
+    base, patch = torch.zeros(2, 3, 8, 8), torch.ones(2, 3, 8, 8)
+    out = paste_box(base, patch, (1, 4, 2, 7))
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[1:4, 2:7] = True
+    assert torch.equal(out[..., mask], torch.ones_like(out[..., mask]))
+    assert torch.equal(out[..., ~mask], torch.zeros_like(out[..., ~mask]))
+    assert base.sum() == 0 and patch.sum() == patch.numel()
+
+
+def test_mixup_images_float_and_uint8() -> None:
+    a = torch.full((1, 3, 2, 2), 10.0)
+    b = torch.full((1, 3, 2, 2), 20.0)
+    torch.testing.assert_close(mixup_images(a, b, 0.3), torch.full_like(a, 17.0))
+    out = mixup_images(a.to(torch.uint8), b.to(torch.uint8), 0.3)
+    assert out.dtype == torch.uint8 and torch.equal(out, torch.full_like(out, 17))
+
+
+@pytest.mark.parametrize("mixer", [CutMix(alpha=1.0), CMO(alpha=1.0)], ids=["cutmix", "cmo"])
+def test_cutmix_pixels_come_from_partner_inside_box_only(mixer) -> None:
+    bsz = 6
+    x = row_constant_batch([100 + i for i in range(bsz)])
+    xf = row_constant_batch([200 + i for i in range(bsz + 2)])  # foreground may be larger
+    y = torch.arange(bsz)
+    yf = torch.arange(bsz + 2) % 4
+    for seed in range(5):
+        out = call(mixer, x, y, xf, yf, seed)
+        plan = out.plan
+        assert plan.box is not None
+        y0, y1, x0, x1 = plan.box
+        source = xf if mixer.needs_partner_batch else x
+        src_labels = yf if mixer.needs_partner_batch else y
+        inside = torch.zeros(16, 16, dtype=torch.bool)
+        inside[y0:y1, x0:x1] = True
+        for i in range(bsz):
+            b, p = int(plan.base_index[i]), int(plan.partner[i])
+            assert torch.all(out.images[i][:, inside] == source[p, 0, 0, 0])
+            assert torch.all(out.images[i][:, ~inside] == x[b, 0, 0, 0])
+        assert torch.equal(out.targets_a, y[plan.base_index])
+        assert torch.equal(out.targets_b, src_labels[plan.partner])
+        assert plan.lam == box_lam(plan.box, 16, 16)
+        torch.testing.assert_close(out.lam, torch.full((bsz,), plan.lam))
+        assert len(set(plan.partner.tolist())) == bsz  # partners drawn without replacement
+
+
+def test_mixup_pixels_are_the_convex_combination() -> None:
+    x = torch.rand(5, 3, 4, 4, dtype=torch.float64)
+    y = torch.arange(5)
+    out = Mixup(alpha=1.0)(x, y, generator=gen(4))
+    p, lam = out.plan.partner, out.plan.lam
+    assert out.plan.box is None
+    torch.testing.assert_close(out.images, lam * x + (1 - lam) * x[p])
+    assert torch.equal(out.targets_b, y[p])
+
+
+def test_fraction_mixes_that_many_rows_and_keeps_the_rest_clean() -> None:
+    x = row_constant_batch([100 + i for i in range(8)])
+    y = torch.arange(8)
+    out = CutMix(alpha=1.0, fraction=0.25)(x, y, generator=gen(5))
+    mixed = out.plan.mixed
+    assert int(mixed.sum()) == 2
+    assert torch.equal(out.images[~mixed], x[~mixed])
+    assert torch.all(out.lam[~mixed] == 1.0) and torch.all(out.lam[mixed] == out.plan.lam)
+
+
+def test_prob_controls_how_many_batches_are_mixed() -> None:
+    x, y = torch.rand(4, 3, 8, 8), torch.arange(4)
+    g = gen(6)
+    mixer = CutMix(alpha=1.0, prob=0.5)
+    hits = sum(mixer.plan(x, y, generator=g).num_mixed > 0 for _ in range(400))
+    assert abs(hits - 200) < 4 * math.sqrt(400 * 0.25)
+    clean = CutMix(prob=0.0)(x, y, generator=g)
+    assert clean.images is x and clean.plan.num_mixed == 0 and torch.all(clean.lam == 1)
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+@pytest.mark.parametrize("mixer", all_mixers(), ids=lambda m: f"{m.name}")
+def test_soft_targets_sum_to_one(mixer) -> None:
+    x, xf = torch.rand(8, 3, 8, 8), torch.rand(8, 3, 8, 8)
+    y, yf = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), torch.tensor([3, 3, 2, 2, 1, 1, 0, 0])
+    out = call(mixer, x, y, xf, yf, seed=7)
+    soft = out.soft_targets(4)
+    assert soft.shape == (8, 4) and soft.dtype == torch.float32
+    torch.testing.assert_close(soft.sum(1), torch.ones(8))
+    assert torch.all(soft >= 0)
+    differ = out.targets_a != out.targets_b
+    torch.testing.assert_close(soft[differ, out.targets_a[differ]], out.lam[differ])
+
+
+def test_mix_losses_is_the_lam_weighted_sum() -> None:
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    out = CutMix(alpha=4.0)(x, y, generator=gen(8))
+    la, lb = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 30.0, 40.0])
+    torch.testing.assert_close(out.mix_losses(la, lb), out.lam * la + (1 - out.lam) * lb)
+
+
+def remix_on(lam: float, base: list[int], partner: list[int], mixed=None) -> torch.Tensor:
+    """Apply Remix to a hand-built Mixup plan; labels are the row indices' classes."""
+    y = torch.arange(len(COUNTS))
+    n = len(base)
+    mixed = torch.ones(n, dtype=torch.bool) if mixed is None else torch.tensor(mixed)
+    plan = MixPlan(lam, None, torch.tensor(base), torch.tensor(partner), mixed)
+    return Remix(COUNTS, kappa=3.0, tau=0.5).apply(plan, torch.rand(4, 3, 2, 2), y).lam
+
+
+def test_remix_label_rule_on_hand_built_counts() -> None:
+    # COUNTS = [300, 100, 30, 10]; pairs (a, b) and n_a / n_b:
+    base = [0, 1, 0, 1, 2, 3, 1]
+    partner = [1, 2, 3, 0, 1, 0, 1]
+    # ratios:  3 (= kappa), 3.33, 30, 1/3 (= 1/kappa), 0.3, 1/30, 1
+    low = remix_on(0.3, base, partner)  # lam < tau: majority base hands its label away
+    torch.testing.assert_close(low, torch.tensor([0.0, 0.0, 0.0, 0.3, 0.3, 0.3, 0.3]))
+    high = remix_on(0.7, base, partner)  # 1 - lam < tau: minority base keeps all its label
+    torch.testing.assert_close(high, torch.tensor([0.7, 0.7, 0.7, 1.0, 1.0, 1.0, 0.7]))
+    # At lam == tau neither strict inequality holds.
+    torch.testing.assert_close(remix_on(0.5, base, partner), torch.full((7,), 0.5))
+    # Unmixed rows keep weight 1 whatever the pair.
+    torch.testing.assert_close(remix_on(0.3, [0, 0], [1, 1], [False, True]),
+                               torch.tensor([1.0, 0.0]))
+
+
+def test_remix_pixels_are_plain_mixup() -> None:
+    x, y = torch.rand(6, 3, 4, 4, dtype=torch.float64), torch.tensor([0, 0, 1, 2, 3, 3])
+    remix = Remix(COUNTS, alpha=1.0)(x, y, generator=gen(9))
+    mixup = Mixup(alpha=1.0)(x, y, generator=gen(9))
+    assert remix.plan.to_dict() == mixup.plan.to_dict()
+    torch.testing.assert_close(remix.images, mixup.images)
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("mixer", all_mixers()[1:], ids=lambda m: f"{m.name}")
+def test_same_seed_same_mix_different_seed_different_mix(mixer) -> None:
+    x, xf = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)
+    y, yf = torch.arange(8) % 4, torch.arange(8) % 4
+    a, b = call(mixer, x, y, xf, yf, 11), call(mixer, x, y, xf, yf, 11)
+    c = call(mixer, x, y, xf, yf, 12)
+    assert a.plan.to_dict() == b.plan.to_dict() and torch.equal(a.images, b.images)
+    assert a.plan.to_dict() != c.plan.to_dict() and not torch.equal(a.images, c.images)
+
+
+def test_plan_then_apply_equals_call_and_plan_is_loggable() -> None:
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8)
+    xf, yf = torch.rand(8, 3, 16, 16), torch.arange(8)
+    mixer = CMO(alpha=1.0, fraction=0.5)
+    plan = mixer.plan(x, y, xf, yf, generator=gen(13))
+    once, twice = mixer.apply(plan, x, y, xf, yf), mixer.apply(plan, x, y, xf, yf)
+    assert torch.equal(once.images, twice.images)
+    assert torch.equal(mixer(x, y, xf, yf, generator=gen(13)).images, once.images)
+    logged = json.loads(json.dumps(plan.to_dict()))
+    assert logged["box"] == list(plan.box) and logged["partner"] == plan.partner.tolist()
+
+
+def test_apply_plan_supports_otmix_style_pairing() -> None:
+    # OTMix: output row i is foreground i pasted onto the background j*(i).
+    xb, yb = row_constant_batch([100, 101, 102]), torch.tensor([0, 1, 2])
+    xf, yf = row_constant_batch([200, 201, 202]), torch.tensor([3, 3, 2])
+    j_star = torch.tensor([2, 2, 0])
+    box = (0, 8, 0, 8)
+    plan = MixPlan(box_lam(box, 16, 16), box, j_star, torch.arange(3),
+                   torch.ones(3, dtype=torch.bool))
+    out = apply_plan(plan, xb, yb, xf, yf)
+    assert torch.equal(out.targets_a, yb[j_star]) and torch.equal(out.targets_b, yf)
+    assert out.images[0, 0, 0, 0] == 200 and out.images[0, 0, 15, 15] == 102
+    assert out.images[2, 0, 0, 0] == 202 and out.images[2, 0, 15, 15] == 100
+    assert out.lam[0] == 0.75
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("mixer", all_mixers(), ids=lambda m: f"{m.name}")
+def test_device_dtype_preserved_and_inputs_untouched(mixer, dtype, device) -> None:
+    g = gen(14)
+    x = (torch.rand(6, 3, 8, 8, generator=g) * 255).to(dtype=dtype, device=device)
+    xf = (torch.rand(6, 3, 8, 8, generator=g) * 255).to(dtype=dtype, device=device)
+    y = torch.tensor([0, 1, 2, 3, 0, 1], device=device)
+    yf = torch.tensor([3, 3, 2, 2, 1, 1], device=device)
+    before = [t.clone() for t in (x, y, xf, yf)]
+    out = call(mixer, x, y, xf, yf, seed=15)
+    for t, saved in zip((x, y, xf, yf), before, strict=True):
+        assert torch.equal(t, saved)
+    assert out.images.dtype == dtype and out.images.device == x.device
+    assert out.images.shape == x.shape
+    for t in (out.targets_a, out.targets_b, out.lam):
+        assert t.device == x.device and t.shape == (6,)
+    assert out.lam.dtype == torch.float32 and out.targets_a.dtype == torch.long
+    if not isinstance(mixer, NoMix):
+        assert not torch.equal(out.images, x)  # something was actually mixed
+
+
+# ----------------------------------------------------------------------------- errors, registry
+
+
+def test_partner_batch_contract() -> None:
+    x, y = torch.rand(4, 3, 8, 8), torch.arange(4)
+    assert CMO.needs_partner_batch and not CutMix.needs_partner_batch
+    with pytest.raises(ValueError, match="needs a partner batch"):
+        CMO()(x, y, generator=gen())
+    with pytest.raises(ValueError, match="unexpected partner batch"):
+        CutMix()(x, y, x, y, generator=gen())
+    with pytest.raises(ValueError, match="fewer than"):
+        CMO()(x, y, x[:2], y[:2], generator=gen())
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        CutMix()(x, y, generator=None)
+
+
+def test_registry() -> None:
+    assert {"none", "mixup", "cutmix", "cmo", "remix"} <= set(list_mixers())
+    mixer = create_mixer("cutmix", class_counts=COUNTS, alpha=4.0, prob=0.5)
+    assert mixer == CutMix(alpha=4.0, prob=0.5) and mixer.name == "cutmix"
+    remix = create_mixer("remix", class_counts=COUNTS, kappa=2.0)
+    assert isinstance(remix, Remix) and remix.class_counts == tuple(COUNTS)
+    assert create_mixer("cmo").needs_partner_batch
+
+
+@pytest.mark.parametrize(("name", "kwargs", "message"), [
+    ("mixip", {}, "unknown mixer 'mixip'; expected one of cmo, cutmix"),
+    ("cutmix", {"beta": 1.0}, "unknown option(s) beta for mixer 'cutmix'; expected alpha"),
+    ("remix", {}, "needs class_counts"),
+    ("mixup", {"alpha": 0.0}, "alpha must be > 0"),
+    ("cmo", {"prob": 1.5}, "prob must be in [0, 1]"),
+    ("cutmix", {"fraction": 0.0}, "fraction must be in (0, 1]"),
+    ("mixup", {"alpha": "big"}, "bad option for mixer 'mixup'"),
+])
+def test_registry_errors(name: str, kwargs: dict, message: str) -> None:
+    counts = COUNTS if name != "remix" else None
+    with pytest.raises(OtltError) as info:
+        create_mixer(name, class_counts=counts, **kwargs)
+    assert message in str(info.value)
+
+
+def test_remix_rejects_bad_settings() -> None:
+    for kwargs in ({"kappa": 0.5}, {"tau": 1.5}, {"mode": "fmix"}):
+        with pytest.raises(OtltError):
+            Remix(COUNTS, **kwargs)
