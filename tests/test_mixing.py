@@ -185,6 +185,9 @@ def test_fraction_mixes_that_many_rows_and_keeps_the_rest_clean() -> None:
     assert int(mixed.sum()) == 2
     assert torch.equal(out.images[~mixed], x[~mixed])
     assert torch.all(out.lam[~mixed] == 1.0) and torch.all(out.lam[mixed] == out.plan.lam)
+    subsets = {tuple(CutMix(fraction=0.25).plan(x, y, generator=gen(s)).mixed.tolist())
+               for s in range(10)}
+    assert len(subsets) > 1  # the mixed rows are a random subset, not always the first ones
 
 
 def test_prob_controls_how_many_batches_are_mixed() -> None:
@@ -332,6 +335,13 @@ def test_partner_batch_contract() -> None:
         CMO()(x, y, x[:2], y[:2], generator=gen())
     with pytest.raises(ValueError, match="CPU torch.Generator"):
         CutMix()(x, y, generator=None)
+
+
+def test_context_is_ignored_by_random_pairing_mixers() -> None:
+    x, y = torch.rand(4, 3, 8, 8), torch.arange(4)
+    plain = CMO()(x, y, x, y, generator=gen(16))
+    with_context = CMO()(x, y, x, y, generator=gen(16), model=torch.nn.Identity(), amp_dtype=None)
+    assert plain.plan.to_dict() == with_context.plan.to_dict()
 
 
 def test_registry() -> None:

@@ -316,19 +316,21 @@ def _draw_pairs(batch_size: int, num_partners: int, *, alpha: float, prob: float
     if fraction < 1.0:
         count = max(1, math.floor(fraction * batch_size + 0.5))
         mixed = torch.zeros(batch_size, dtype=torch.bool)
-        mixed[:count] = True
+        mixed[torch.randperm(batch_size, generator=generator)[:count]] = True
     return MixPlan(lam, box, torch.arange(batch_size), partner, mixed)
 
 
 class Mixer:
     """Base class: ``plan`` draws a :class:`MixPlan`, ``apply`` executes it, ``__call__`` both.
 
-    Subclasses set ``name`` and ``needs_partner_batch`` (True when the mixer takes a second,
-    separately sampled batch, e.g. CMO's class-weighted foreground batch).
+    Subclasses set ``name``, ``needs_partner_batch`` (True when the mixer takes a second,
+    separately sampled batch, e.g. CMO's class-weighted foreground batch) and ``uses_context``
+    (True when ``plan`` takes extra keyword inputs, e.g. OTMix's ``model`` for features).
     """
 
     name: ClassVar[str] = ""
     needs_partner_batch: ClassVar[bool] = False
+    uses_context: ClassVar[bool] = False
 
     def _check_partner(self, x_partner: torch.Tensor | None,
                        y_partner: torch.Tensor | None) -> None:
@@ -354,9 +356,14 @@ class Mixer:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
                  y_partner: torch.Tensor | None = None, *, generator: torch.Generator,
-                 **plan_kwargs: Any) -> MixedBatch:
-        """Plan and apply in one go: ``apply(plan(...), ...)``."""
-        plan = self.plan(x, y, x_partner, y_partner, generator=generator, **plan_kwargs)
+                 **context: Any) -> MixedBatch:
+        """Plan and apply in one go: ``apply(plan(...), ...)``.
+
+        ``context`` (e.g. ``model=``, ``amp_dtype=``) goes to :meth:`plan` when the mixer
+        ``uses_context``; the others ignore it, so an engine can call every mixer alike.
+        """
+        extra = context if self.uses_context else {}
+        plan = self.plan(x, y, x_partner, y_partner, generator=generator, **extra)
         return self.apply(plan, x, y, x_partner, y_partner)
 
 
