@@ -279,6 +279,30 @@ def test_image_folder_without_test_split(tmp_path):
         read_image_folder(tmp_path / "ds")
 
 
+@pytest.mark.parametrize("as_zip", [False, True], ids=["dir", "zip"])
+def test_image_folder_process_pool_matches_in_process_decode(tmp_path, as_zip):
+    spec = _small_spec()
+    spec["train"]["dog"] += [_pattern(8, 8, 10 + i) for i in range(6)]
+    _write_folder(tmp_path / "ds", spec)
+    source = _zip_folder(tmp_path / "ds", tmp_path / "p.zip") if as_zip else tmp_path / "ds"
+    one = read_image_folder(source, workers=1)
+    two = read_image_folder(source, workers=2)
+    for split in ("train", "test"):
+        np.testing.assert_array_equal(two[split].images, one[split].images)
+        np.testing.assert_array_equal(two[split].labels, one[split].labels)
+
+
+def test_image_folder_process_pool_reports_bad_members(tmp_path):
+    spec = _small_spec()
+    spec["test"]["emu"] = [_pattern(8, 8, 0)] * 3 + [_pattern(9, 8, 0)]
+    _write_folder(tmp_path / "ds", spec)
+    with pytest.raises(OtltError, match=r"test/emu/0003\.png.*8x9 but the first image is 8x8"):
+        read_image_folder(tmp_path / "ds", workers=2)
+    (tmp_path / "ds" / "test" / "emu" / "0003.png").write_bytes(b"garbage")
+    with pytest.raises(OtltError, match=r"cannot decode image 'test/emu/0003\.png'"):
+        read_image_folder(tmp_path / "ds", workers=2)
+
+
 # ------------------------------------------------------------------------------ list files
 
 
@@ -464,6 +488,9 @@ def test_find_data_prefers_explicit_then_env_then_search(tmp_path, monkeypatch):
     assert find_data("cifar10", None, dirs) == tmp_path / "c" / "cifar10-jpeg.zip"
     direct = tmp_path / "a" / "cifar10-jpeg.zip"
     assert find_data("cifar10", direct, dirs) == direct
+    folder, _ = _write_cifar(tmp_path / "a", 10, as_tar=False)  # preferred over the zip
+    assert find_data("cifar10", tmp_path / "a", dirs) == folder
+    assert find_data("cifar10", folder, dirs) == folder
 
 
 def test_find_data_default_search_order(tmp_path, monkeypatch):
