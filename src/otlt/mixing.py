@@ -269,10 +269,11 @@ def apply_plan(plan: MixPlan, x: torch.Tensor, y: torch.Tensor,
     row_lam = torch.where(plan.mixed, plan.lam, 1.0).to(torch.float32)
     targets_a, targets_b = y.index_select(0, base_index), y_partner.index_select(0, partner)
     lam = row_lam.to(device, non_blocking=True)
-    identity = plan.base_index.numel() == x.shape[0] and bool(
-        torch.equal(plan.base_index, torch.arange(x.shape[0], device=plan.base_index.device)))
-    if not bool(plan.mixed.any()) and identity:
-        return MixedBatch(x, targets_a, targets_b, lam, plan)
+    if not bool(plan.mixed.any()):  # plan tensors of unmixed batches are on the CPU: no sync
+        identity = plan.base_index.numel() == x.shape[0] and bool(
+            torch.equal(plan.base_index, torch.arange(x.shape[0], device=plan.base_index.device)))
+        if identity:
+            return MixedBatch(x, targets_a, targets_b, lam, plan)
     images = x.index_select(0, base_index)
     mixed = plan.mixed.to(device, non_blocking=True).view(-1, 1, 1, 1)
     if plan.box is not None:
@@ -580,3 +581,8 @@ def create_mixer(name: str, class_counts: Sequence[int] | None = None, **kwargs:
         return cls(**kwargs)
     except TypeError as error:  # e.g. a string where a number was expected
         raise OtltError(f"bad option for mixer {name!r}: {error}") from error
+
+
+from otlt.otmix import OTMix, otmix_cost  # noqa: E402  (registers "otmix"; needs the above)
+
+__all__ += ["OTMix", "otmix_cost"]

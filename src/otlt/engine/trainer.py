@@ -168,8 +168,10 @@ class Trainer:
         self.loss.to(self.device)
         self.mixer = None
         if cfg.mix.name != "none":
+            # The engine flips the per-batch coin (mix.prob) itself, so a clean batch costs no
+            # foreground draw or feature pass; the mixer mixes every batch it is given.
             self.mixer = create_mixer(cfg.mix.name, class_counts=self.train_counts,
-                                      **cfg.mix.params)
+                                      fraction=cfg.mix.fraction, **cfg.mix.params)
         self.fore_weights = sample_weights(self.data.train.labels, cfg.mix.sampler_r)
         self.augment = GPUAugment()
 
@@ -310,6 +312,7 @@ class Trainer:
                 record.update(val_record)
                 if self.mixer is not None and hasattr(self.mixer, "end_epoch"):
                     record.update(self.mixer.end_epoch(val_confusion))
+                    self._write_artifacts(self.mixer.pop_artifacts())
                 record["epoch_seconds"] = time.perf_counter() - start
                 self.save(epoch)
                 logger.log(record)
@@ -318,6 +321,15 @@ class Trainer:
         finally:
             logger.close()
         return self.final_eval() if end == cfg.optim.epochs else None
+
+    def _write_artifacts(self, artifacts: dict[str, Any]) -> None:
+        """Write a method's JSON artifacts (e.g. OTmix sample plans) into the run directory."""
+        if not is_main_process():
+            return
+        for name, obj in artifacts.items():
+            path = self.run_dir / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(obj))
 
     def final_eval(self) -> dict[str, Any]:
         """Evaluate the last epoch's weights on the test split and write ``eval.json``."""

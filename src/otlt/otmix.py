@@ -1,0 +1,337 @@
+"""OTmix (Gao et al., NeurIPS 2023): minority foregrounds pasted onto OT-chosen backgrounds.
+
+For a background batch ``(x_b, y_b)`` from the uniform loader and a foreground batch
+``(x_f, y_f)`` from the class-weighted sampler (paper eqs. 2-3), each of ``B`` images:
+
+1. features ``z = g_1(x)`` of both batches, pooled penultimate, one no-grad pass (eval mode,
+   so BatchNorm running statistics are not touched);
+2. cost (eq. 7), rows = foregrounds ``i``, columns = backgrounds ``j``::
+
+       C_ij = omega (1 - cos(z_i, z_j)) + (1 - omega) (1 - F[y_i, y_j])
+
+   with ``F`` the row-normalised *validation* confusion matrix, diagonal zeroed (eq. 6);
+3. entropic plan ``T = argmin <T, C> - eps H(T)`` with uniform marginals (eq. 4),
+   log-domain Sinkhorn in float32;
+4. partner ``j*(i) = argmax_j T_ij`` (eq. 8);
+5. CutMix (eq. 9): ``x~_i = M * x_b[j*] + (1 - M) * x_f[i]``, label weight ``lam`` on
+   ``y_b[j*]`` and ``1 - lam`` on ``y_f[i]``, ``lam ~ Beta(alpha, alpha)`` corrected to the box.
+
+Each epoch ``t`` of ``T`` draws ``OT ~ Bernoulli((t / T)^mu)`` (Algorithm 1; Fig. 8d for
+``mu``): OT pairing when 1, CMO's random pairing when 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from otlt.errors import require
+from otlt.metrics import row_normalized_confusion
+from otlt.mixing import MixPlan, Mixer, _check_knobs, _draw_pairs, register_mixer
+from otlt.transport import assignment, sinkhorn
+
+DISTANCES = ("cosine", "euclidean")
+SELECTIONS = ("argmax", "sample", "softmax", "assignment", "confusion")
+BLENDS = ("cutmix", "mixup")
+CONFUSION_MODES = ("adaptive", "fixed")
+
+
+def class_affinity(confusion: torch.Tensor, keep_same_class: bool = False) -> torch.Tensor:
+    """``F^`` of eq. 6: row-normalised confusion ``(K, K)``, diagonal zeroed unless kept."""
+    return row_normalized_confusion(confusion.float(), zero_diagonal=not keep_same_class)
+
+
+def otmix_cost(z_fore: torch.Tensor, z_back: torch.Tensor, y_fore: torch.Tensor,
+               y_back: torch.Tensor, confusion: torch.Tensor, omega: float = 0.05,
+               distance: str = "cosine", keep_same_class: bool = False) -> torch.Tensor:
+    """Return the OTmix cost ``(B_f, B_b)`` of eq. 7, in float32.
+
+    Args:
+        z_fore, z_back: ``(B_f, D)``, ``(B_b, D)`` features.
+        y_fore, y_back: ``(B_f,)``, ``(B_b,)`` labels.
+        confusion: ``(K, K)`` validation confusion (counts or rates, rows = true class);
+            row-normalised here, diagonal zeroed unless ``keep_same_class``.
+        omega: weight of the sample-level term (1 = features only, 0 = classes only).
+        distance: ``"cosine"`` (``1 - cos`` in [0, 2]) or ``"euclidean"`` (Table 4's
+            variant: ``||z_i - z_j||`` divided by its batch maximum, in [0, 1]).
+    """
+    require(0.0 <= omega <= 1.0, f"omega must be in [0, 1], got {omega}")
+    affinity = class_affinity(confusion.to(z_fore.device), keep_same_class)
+    return _combine(sample_cost(z_fore, z_back, distance), affinity, y_fore, y_back, omega)
+
+
+def sample_cost(z_fore: torch.Tensor, z_back: torch.Tensor,
+                distance: str = "cosine") -> torch.Tensor:
+    """Sample-level cost ``(B_f, B_b)`` in float32: ``1 - cos`` or the scaled distance."""
+    require(distance in DISTANCES, f"distance must be one of {DISTANCES}, got {distance!r}")
+    zf, zb = z_fore.float(), z_back.float()
+    if distance == "cosine":
+        return 1.0 - F.normalize(zf, dim=1) @ F.normalize(zb, dim=1).T
+    dist = torch.cdist(zf, zb)
+    return dist / dist.max().clamp_min(1e-12)
+
+
+def _combine(sample: torch.Tensor, affinity: torch.Tensor, y_fore: torch.Tensor,
+             y_back: torch.Tensor, omega: float) -> torch.Tensor:
+    label = 1.0 - affinity[y_fore[:, None], y_back[None, :]]
+    return omega * sample + (1.0 - omega) * label
+
+
+def _sample_rows(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One categorical draw per row of ``probs (B, M)`` by inverse CDF, uniforms from a CPU
+    generator (works for tensors on any device without moving the matrix)."""
+    u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device)
+    cdf = probs.cumsum(1)
+    cdf = cdf / cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_max(probs.shape[1] - 1)
+
+
+@register_mixer("otmix")
+@dataclass(eq=False)
+class OTMix(Mixer):
+    """OT-guided CutMix of minority foregrounds onto majority backgrounds (paper Algorithm 1).
+
+    Call it like CMO: ``mixer(x_back, y_back, x_fore, y_fore, generator=g, model=model)``.
+    Output row ``i`` holds foreground ``i`` pasted onto its background ``j*(i)``; with a
+    random-pairing epoch (or ``model=None``) it is exactly :class:`otlt.mixing.CMO`.
+
+    Options (paper defaults): ``omega = 0.05``, ``eps = 0.01``, ``alpha = 4``, ``mu = 1``;
+    ``distance`` cosine/euclidean; ``keep_same_class`` keeps ``F``'s diagonal; ``selection``
+    ``argmax`` (eq. 8), ``sample`` (draw ``j`` from the row ``T[i, :] / sum_j T[i, j]``),
+    ``softmax`` (draw from ``softmax(T[i, :])``, Table 4's literal wording), ``assignment``
+    (the exact one-to-one optimum of ``C``, our addition) or ``confusion`` (no OT: the
+    background class most confused with the foreground's, Table 4); ``blend`` cutmix/mixup
+    (Table 3); ``confusion_mode`` adaptive (updated every epoch) or fixed (first one kept);
+    ``ot_probability`` forces ``P(OT epoch)`` instead of ``(t/T)^mu``.
+
+    State: the class affinity ``F`` (in :meth:`state_dict`) and per-epoch statistics read by
+    :meth:`end_epoch`.
+    """
+
+    needs_partner_batch: ClassVar[bool] = True
+    uses_context: ClassVar[bool] = True
+
+    class_counts: Sequence[int] = ()
+    num_classes: int = 0
+    omega: float = 0.05
+    eps: float = 0.01
+    alpha: float = 4.0
+    mu: float = 1.0
+    distance: str = "cosine"
+    keep_same_class: bool = False
+    selection: str = "argmax"
+    blend: str = "cutmix"
+    confusion_mode: str = "adaptive"
+    ot_probability: float | None = None
+    prob: float = 1.0
+    fraction: float = 1.0
+    max_iter: int = 1000
+    tol: float = 1e-6
+    plan_epochs: Sequence[int] = ()
+    plan_size: int = 10
+    confusion: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_knobs(self.alpha, self.prob, self.fraction)
+        self.class_counts = tuple(int(c) for c in self.class_counts)
+        self.num_classes = self.num_classes or len(self.class_counts)
+        require(self.num_classes >= 2, f"OTMix needs num_classes >= 2, got {self.num_classes}")
+        require(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        require(self.mu >= 0, f"mu must be >= 0, got {self.mu}")
+        require(0 <= self.omega <= 1, f"omega must be in [0, 1], got {self.omega}")
+        for name, value, valid in (("distance", self.distance, DISTANCES),
+                                   ("selection", self.selection, SELECTIONS),
+                                   ("blend", self.blend, BLENDS),
+                                   ("confusion_mode", self.confusion_mode, CONFUSION_MODES)):
+            require(value in valid, f"OTMix {name} must be one of {', '.join(valid)}, "
+                                    f"got {value!r}")
+        require(self.ot_probability is None or 0 <= self.ot_probability <= 1,
+                f"ot_probability must be in [0, 1], got {self.ot_probability}")
+        self.plan_epochs = tuple(int(e) for e in self.plan_epochs)
+        self._affinity: torch.Tensor | None = None
+        self.epoch = 0
+        self.ot_epoch = True
+        self._reset_stats()
+        self._artifacts: dict[str, Any] = {}
+
+    # ---- schedule and state ------------------------------------------------------------
+    def ot_epoch_probability(self, epoch: int, total_epochs: int) -> float:
+        """``(t / T)^mu`` with ``t = epoch + 1`` (epochs counted from 0 here, 1 in the paper)."""
+        if self.ot_probability is not None:
+            return self.ot_probability
+        return ((epoch + 1) / total_epochs) ** self.mu
+
+    def set_epoch(self, epoch: int, total_epochs: int, generator: torch.Generator) -> bool:
+        """Draw this epoch's switch ``OT ~ Bernoulli((t/T)^mu)``; returns it."""
+        p = self.ot_epoch_probability(epoch, total_epochs)
+        self.epoch = epoch
+        self.ot_epoch = bool(torch.rand((), generator=generator).item() < p)
+        self._reset_stats()
+        return self.ot_epoch
+
+    def update_confusion(self, confusion: torch.Tensor) -> None:
+        """Take a new validation confusion ``(K, K)`` (adaptive), or only the first (fixed)."""
+        if self.confusion is None or self.confusion_mode == "adaptive":
+            self.confusion = confusion.detach().float().cpu().clone()
+            self._affinity = None
+
+    def affinity(self, device: torch.device) -> torch.Tensor:
+        """``F^`` on ``device``; before any confusion is known, uniform over other classes."""
+        cached = self._affinity
+        if cached is None or cached.device != device:
+            k = self.num_classes
+            source = self.confusion if self.confusion is not None else torch.ones(k, k)
+            cached = class_affinity(source, self.keep_same_class).to(device)
+            self._affinity = cached
+        return cached
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"confusion": self.confusion}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.confusion = state.get("confusion")
+        self._affinity = None
+
+    # ---- planning ----------------------------------------------------------------------
+    @torch.no_grad()
+    def features(self, model: torch.nn.Module, images: torch.Tensor,
+                 amp_dtype: torch.dtype | None) -> torch.Tensor:
+        """Pooled penultimate features ``(N, D)`` in eval mode, without gradients."""
+        was_training = model.training
+        model.eval()
+        images = images.contiguous(memory_format=torch.channels_last)
+        try:
+            if amp_dtype is None:
+                return model.features(images).float()
+            with torch.autocast(images.device.type, dtype=amp_dtype):
+                return model.features(images).float()
+        finally:
+            model.train(was_training)
+
+    def cost(self, z_fore: torch.Tensor, z_back: torch.Tensor, y_fore: torch.Tensor,
+             y_back: torch.Tensor) -> torch.Tensor:
+        """Eq. 7 with this mixer's options and current confusion."""
+        return _combine(sample_cost(z_fore, z_back, self.distance),
+                        self.affinity(z_fore.device), y_fore, y_back, self.omega)
+
+    def choose_backgrounds(self, cost: torch.Tensor, y_fore: torch.Tensor,
+                           y_back: torch.Tensor,
+                           generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Background index ``j*(i)`` for every foreground row, and solver statistics."""
+        if self.selection == "assignment":
+            return assignment(cost), {}
+        if self.selection == "confusion":
+            score = self.affinity(cost.device)[y_fore[:, None], y_back[None, :]]
+            noise = torch.rand(score.shape, generator=generator).to(score.device)
+            return (score + 1e-6 * noise).argmax(1), {}
+        result = sinkhorn(cost, eps=self.eps, max_iter=self.max_iter, tol=self.tol)
+        stats = {"cost": result.cost, "n_iter": result.n_iter, "converged": result.converged}
+        plan = result.plan
+        if self.selection == "argmax":
+            return plan.argmax(1), stats
+        if self.selection == "softmax":
+            return _sample_rows(torch.softmax(plan, dim=1), generator), stats
+        return _sample_rows(plan, generator), stats
+
+    def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
+             y_partner: torch.Tensor | None = None, *, generator: torch.Generator,
+             model: torch.nn.Module | None = None,
+             amp_dtype: torch.dtype | None = None) -> MixPlan:
+        """Plan a batch: ``x, y`` backgrounds ``(B, C, H, W)``, ``x_partner, y_partner``
+        foregrounds. Random draws are the same as CMO's, so OT and random epochs consume the
+        generator identically; OT epochs then replace the pairing."""
+        self._check_partner(x_partner, y_partner)
+        assert x_partner is not None and y_partner is not None
+        require(x_partner.shape[0] == x.shape[0],
+                f"OTMix needs equal foreground and background batches, got "
+                f"{x_partner.shape[0]} and {x.shape[0]}")
+        size = (x.shape[-2], x.shape[-1]) if self.blend == "cutmix" else None
+        plan = _draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, prob=self.prob,
+                           fraction=self.fraction, image_size=size, generator=generator)
+        if not bool(plan.mixed.any()):
+            return plan
+        use_ot = self.ot_epoch and model is not None
+        self.stats["batches"] += 1
+        if use_ot:
+            z = self.features(model, torch.cat([x_partner, x]), amp_dtype)
+            z_fore, z_back = z[: len(x_partner)], z[len(x_partner):]
+            cost = self.cost(z_fore, z_back, y_partner, y)
+            back, solver = self.choose_backgrounds(cost, y_partner, y, generator)
+            self._record_ot(solver)
+            self._maybe_keep_sample(cost, y_partner, y)
+            plan = MixPlan(plan.lam, plan.box, back, torch.arange(x.shape[0]), plan.mixed)
+        self._record_pairs(plan, y, y_partner)
+        return plan
+
+    # ---- diagnostics -------------------------------------------------------------------
+    def _reset_stats(self) -> None:
+        k = self.num_classes
+        self.stats: dict[str, Any] = {"batches": 0, "ot_batches": 0, "ot_cost": 0.0,
+                                      "ot_iters": 0, "ot_converged": 0,
+                                      "pairs": torch.zeros(k, k, dtype=torch.long)}
+
+    def _record_ot(self, solver: dict[str, Any]) -> None:
+        self.stats["ot_batches"] += 1
+        if solver:
+            self.stats["ot_cost"] = self.stats["ot_cost"] + solver["cost"].detach().float()
+            self.stats["ot_iters"] += int(solver["n_iter"])
+            self.stats["ot_converged"] += int(bool(solver["converged"]))
+
+    def _record_pairs(self, plan: MixPlan, y_back: torch.Tensor, y_fore: torch.Tensor) -> None:
+        """Count (foreground class, background class) of every mixed row (paper Fig. 9)."""
+        device = y_back.device
+        rows = plan.mixed.to(device)
+        fore = y_fore.index_select(0, plan.partner.to(device))[rows]
+        back = y_back.index_select(0, plan.base_index.to(device))[rows]
+        k = self.num_classes
+        counts = torch.bincount(fore * k + back, minlength=k * k).view(k, k)
+        self.stats["pairs"] = self.stats["pairs"].to(device) + counts
+
+    def _maybe_keep_sample(self, cost: torch.Tensor, y_fore: torch.Tensor,
+                           y_back: torch.Tensor) -> None:
+        """At the epochs in ``plan_epochs``, keep one small plan (first ``plan_size`` rows
+        and columns of the batch) with its labels, like the paper's Fig. 3."""
+        name = f"plans/epoch_{self.epoch:04d}.json"
+        if self.epoch not in self.plan_epochs or name in self._artifacts:
+            return
+        m = min(self.plan_size, cost.shape[0])
+        small = sinkhorn(cost[:m, :m].float(), eps=self.eps, max_iter=self.max_iter,
+                         tol=self.tol)
+        self._artifacts[name] = {
+            "epoch": self.epoch, "eps": self.eps, "omega": self.omega,
+            "fore_labels": y_fore[:m].tolist(), "back_labels": y_back[:m].tolist(),
+            "cost": cost[:m, :m].tolist(), "plan": small.plan.tolist(),
+            "argmax": small.plan.argmax(1).tolist()}
+
+    def pop_artifacts(self) -> dict[str, Any]:
+        """JSON artifacts collected since the last call (file name -> object)."""
+        out, self._artifacts = self._artifacts, {}
+        return out
+
+    def end_epoch(self, val_confusion: torch.Tensor | None) -> dict[str, Any]:
+        """Close the epoch: statistics for ``metrics.jsonl``, then update the confusion."""
+        s = self.stats
+        ot = s["ot_batches"]
+        pairs = s["pairs"].cpu()
+        total = int(pairs.sum())
+        record = {
+            "ot_epoch": self.ot_epoch,
+            "mixed_batches": s["batches"],
+            "ot_batch_fraction": ot / s["batches"] if s["batches"] else 0.0,
+            "mix_pairs": pairs.tolist(),
+            "same_class_pair_fraction": float(pairs.diagonal().sum()) / total if total else None,
+        }
+        if ot and self.selection not in ("assignment", "confusion"):
+            record["ot_mean_cost"] = float(s["ot_cost"]) / ot
+            record["ot_mean_iters"] = s["ot_iters"] / ot
+            record["ot_converged_fraction"] = s["ot_converged"] / ot
+        if val_confusion is not None:
+            self.update_confusion(val_confusion)
+        return record
+
+
+__all__ = ["OTMix", "class_affinity", "otmix_cost", "sample_cost"]

@@ -1,0 +1,206 @@
+"""OTmix: cost (eq. 7), pairing (eq. 8), mixing (eq. 9), schedule, state and resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from otlt.cli import main
+from otlt.mixing import OTMix, create_mixer, otmix_cost
+from otlt.models import create_model
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+def test_cost_equals_formula_on_hand_built_case():
+    z_fore = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z_back = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -2.0]])
+    y_fore = torch.tensor([0, 1])
+    y_back = torch.tensor([0, 1, 2])
+    confusion = torch.tensor([[8.0, 1.0, 1.0], [2.0, 6.0, 2.0], [0.0, 5.0, 5.0]])
+    # F^ rows: [0, .1, .1], [.2, 0, .2], [0, .5, 0]
+    cos = torch.tensor([[1.0, 2 ** -0.5, 0.0], [0.0, 2 ** -0.5, -1.0]])
+    fhat = torch.tensor([[0.0, 0.1, 0.1], [0.2, 0.0, 0.2]])
+    omega = 0.3
+    expected = omega * (1 - cos) + (1 - omega) * (1 - fhat)
+    got = otmix_cost(z_fore, z_back, y_fore, y_back, confusion, omega=omega)
+    assert torch.allclose(got, expected, atol=1e-6)
+    kept = otmix_cost(z_fore, z_back, y_fore, y_back, confusion, omega=0.0, keep_same_class=True)
+    assert torch.allclose(kept[0, 0], torch.tensor(1 - 0.8)) and torch.allclose(
+        kept[1, 1], torch.tensor(1 - 0.6))
+
+
+def test_euclidean_and_limits_of_omega():
+    g = torch.Generator().manual_seed(0)
+    zf, zb = torch.randn(5, 4, generator=g), torch.randn(6, 4, generator=g)
+    yf, yb = torch.randint(0, 3, (5,), generator=g), torch.randint(0, 3, (6,), generator=g)
+    conf = torch.rand(3, 3, generator=g)
+    feat_only = otmix_cost(zf, zb, yf, yb, conf, omega=1.0, distance="euclidean")
+    dist = torch.cdist(zf, zb)
+    assert torch.allclose(feat_only, dist / dist.max(), atol=1e-6)
+    class_only = otmix_cost(zf, zb, yf, yb, conf, omega=0.0)
+    assert torch.equal(class_only[yf[:, None] == yb[None, :]],
+                       torch.ones_like(class_only[yf[:, None] == yb[None, :]]))
+
+
+class FeatureModel(torch.nn.Module):
+    """A model whose features are its flattened mean colour: enough for OTmix's planner."""
+
+    def features(self, x):
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def make_batches(b=32, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    yb = torch.randint(0, k, (b,), generator=g)
+    yf = torch.randint(0, k, (b,), generator=g)
+    xb = torch.randn(b, 3, 16, 16, generator=g)
+    xf = torch.randn(b, 3, 16, 16, generator=g) + 10.0  # foregrounds are recognisable
+    return xb, yb, xf, yf
+
+
+def confusion_pointing_to(k=4):
+    """A confusion where class c is mostly confused with class (c + 1) mod k."""
+    conf = torch.eye(k) * 50 + 1
+    for c in range(k):
+        conf[c, (c + 1) % k] = 30
+    return conf
+
+
+@pytest.mark.parametrize("selection", ["argmax", "assignment"])
+def test_partners_avoid_own_class_and_follow_confusion(selection):
+    xb, yb, xf, yf = make_batches()
+    mixer = OTMix(num_classes=4, omega=0.05, selection=selection)
+    mixer.update_confusion(confusion_pointing_to())
+    g = torch.Generator().manual_seed(1)
+    plan = mixer.plan(xb, yb, xf, yf, generator=g, model=FeatureModel())
+    back_classes = yb[plan.base_index]
+    if selection == "assignment":  # one-to-one: the total optimum may accept a same-class pair
+        assert sorted(plan.base_index.tolist()) == list(range(32))
+    else:
+        assert not torch.any(back_classes == yf), "a foreground was paired with its own class"
+    hits = (back_classes == (yf + 1) % 4).float().mean()
+    assert hits > 0.5, f"only {hits:.2f} of partners come from the most confused class"
+
+
+def test_mixed_images_paste_foreground_box_and_weights_match_area():
+    xb, yb, xf, yf = make_batches()
+    mixer = OTMix(num_classes=4)
+    mixer.update_confusion(confusion_pointing_to())
+    out = mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(3),
+                model=FeatureModel())
+    plan = out.plan
+    y0, y1, x0, x1 = plan.box
+    area = (y1 - y0) * (x1 - x0)
+    assert area > 0
+    assert torch.allclose(out.lam, torch.full((32,), 1 - area / 256.0))
+    inside = torch.zeros(16, 16, dtype=torch.bool)
+    inside[y0:y1, x0:x1] = True
+    assert torch.equal(out.images[:, :, inside], xf[:, :, inside])
+    assert torch.equal(out.images[:, :, ~inside], xb[plan.base_index][:, :, ~inside])
+    assert torch.equal(out.targets_a, yb[plan.base_index]) and torch.equal(out.targets_b, yf)
+
+
+def test_random_epoch_is_cmo_and_inputs_untouched():
+    xb, yb, xf, yf = make_batches()
+    copies = [t.clone() for t in (xb, yb, xf, yf)]
+    mixer = OTMix(num_classes=4)
+    mixer.ot_epoch = False
+    plan = mixer.plan(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0),
+                      model=FeatureModel())
+    cmo = create_mixer("cmo", alpha=4.0).plan(xb, yb, xf, yf,
+                                              generator=torch.Generator().manual_seed(0))
+    assert plan.box == cmo.box and torch.equal(plan.partner, cmo.partner)
+    for before, after in zip(copies, (xb, yb, xf, yf), strict=True):
+        assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("mu", [1.0, 2.0])
+def test_ot_epoch_frequency_follows_power_schedule(mu):
+    mixer = OTMix(num_classes=3, mu=mu)
+    g = torch.Generator().manual_seed(0)
+    total, trials = 10, 2000
+    for epoch in (1, 4, 9):
+        p = ((epoch + 1) / total) ** mu
+        hits = sum(mixer.set_epoch(epoch, total, g) for _ in range(trials))
+        sigma = (p * (1 - p) / trials) ** 0.5
+        assert abs(hits / trials - p) <= 4 * sigma + 1e-9, (epoch, hits / trials, p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("selection", ["argmax", "sample", "softmax", "confusion"])
+def test_selections_run_on_device(device, selection):
+    xb, yb, xf, yf = (t.to(device) for t in make_batches())
+    mixer = OTMix(num_classes=4, selection=selection)
+    mixer.update_confusion(confusion_pointing_to())
+    out = mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0),
+                model=FeatureModel().to(device))
+    assert out.images.device.type == device and out.images.dtype == xb.dtype
+    stats = mixer.end_epoch(None)
+    assert sum(map(sum, stats["mix_pairs"])) == 32 and stats["ot_batch_fraction"] == 1.0
+
+
+def test_features_do_not_touch_batchnorm_statistics():
+    model = create_model("resnet20", 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xb, yb, xf, yf = make_batches(b=8)
+    OTMix(num_classes=4).plan(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0),
+                              model=model)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_confusion_modes_and_state_round_trip():
+    adaptive, fixed = OTMix(num_classes=3), OTMix(num_classes=3, confusion_mode="fixed")
+    first, second = torch.eye(3) + 1, torch.eye(3) * 5 + 1
+    for m in (adaptive, fixed):
+        m.update_confusion(first)
+        m.update_confusion(second)
+    assert torch.equal(adaptive.confusion, second) and torch.equal(fixed.confusion, first)
+    clone = OTMix(num_classes=3)
+    clone.load_state_dict(adaptive.state_dict())
+    assert torch.equal(clone.affinity(torch.device("cpu")), adaptive.affinity(torch.device("cpu")))
+
+
+def test_sample_plan_artifact_at_chosen_epoch():
+    xb, yb, xf, yf = make_batches()
+    mixer = OTMix(num_classes=4, plan_epochs=[2], plan_size=5)
+    mixer.set_epoch(2, 3, torch.Generator().manual_seed(0))
+    mixer.ot_epoch = True
+    mixer.plan(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0), model=FeatureModel())
+    artifacts = mixer.pop_artifacts()
+    plan = artifacts["plans/epoch_0002.json"]
+    rows = torch.tensor(plan["plan"]).sum(1)
+    assert torch.allclose(rows, torch.full((5,), 0.2), atol=1e-4)
+    assert len(plan["fore_labels"]) == 5 and mixer.pop_artifacts() == {}
+
+
+@pytest.mark.slow
+def test_resume_into_ot_epoch_reproduces_uninterrupted_run(tiny_zip, tmp_path, capsys):
+    config = tmp_path / "otmix.yaml"
+    config.write_text("name: tiny\nmix: {name: otmix, skip_first: 1, skip_last: 0, prob: 1.0,"
+                      " params: {ot_probability: 1.0, plan_epochs: [2]}}\n")
+    base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3)
+    sets = lambda extra: [a for o in base + extra for a in ("--set", o)]  # noqa: E731
+    assert main(["train", "--config", str(config), *sets(["name=full"])]) == 0
+    assert main(["train", "--config", str(config), "--stop-after", "2",
+                 *sets(["name=part"])]) == 0
+    part = tmp_path / "runs" / "part"
+    assert main(["train", "--resume", str(part)]) == 0
+    capsys.readouterr()
+    a = torch.load(tmp_path / "runs" / "full" / "last.pt", weights_only=False)
+    b = torch.load(part / "last.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert torch.equal(a["mixer"]["confusion"], b["mixer"]["confusion"])
+    records = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["ot_epoch"] is True and records[-1]["ot_batch_fraction"] == 1.0
+    assert (tmp_path / "runs" / "full" / "plans" / "epoch_0002.json").is_file()
