@@ -284,11 +284,12 @@ class OTMix(Mixer):
     def _record_pairs(self, plan: MixPlan, y_back: torch.Tensor, y_fore: torch.Tensor) -> None:
         """Count (foreground class, background class) of every mixed row (paper Fig. 9)."""
         device = y_back.device
-        rows = plan.mixed.to(device)
-        fore = y_fore.index_select(0, plan.partner.to(device))[rows]
-        back = y_back.index_select(0, plan.base_index.to(device))[rows]
+        weights = plan.mixed.to(device, torch.float32)  # weights, not a mask: no device sync
+        fore = y_fore.index_select(0, plan.partner.to(device))
+        back = y_back.index_select(0, plan.base_index.to(device))
         k = self.num_classes
-        counts = torch.bincount(fore * k + back, minlength=k * k).view(k, k)
+        counts = torch.bincount(fore * k + back, weights=weights, minlength=k * k)
+        counts = counts.round().long().view(k, k)
         self.stats["pairs"] = self.stats["pairs"].to(device) + counts
 
     def _maybe_keep_sample(self, cost: torch.Tensor, y_fore: torch.Tensor,

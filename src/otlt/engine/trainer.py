@@ -134,6 +134,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = open_run_dir(cfg, run_dir, resume)
         self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         init_from_env(self.device)
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.num_classes = cfg.num_classes
