@@ -86,6 +86,12 @@ class MixConfig:
     ``name`` from :func:`otlt.mixing.list_mixers`; ``params`` go to its constructor.
     ``skip_first``/``skip_last`` epochs are left clean; ``prob`` is the per-batch mixing
     probability, ``fraction`` the per-sample fraction of a mixed batch (paper Table 7).
+
+    ``sampler_r`` sets the foreground (partner) sampler of CMO/OTmix in the notation of the
+    OTmix paper's eq. 3, class probability ``q_k ∝ n_k^-r``. The default ``0`` (every class
+    equally likely) is what the official CMO and OTmix code do (per-image weight ``1/n_k``);
+    the paper's text states ``r = 1`` (``q_k ∝ 1/n_k``, the tail class drawn ~40% of the time
+    on CIFAR-10-LT phi=100), which is available as ``sampler_r: 1``. See README.
     """
 
     name: str = "none"
@@ -94,7 +100,7 @@ class MixConfig:
     skip_last: int = 3
     prob: float = 0.5
     fraction: float = 1.0
-    sampler_r: float = 1.0
+    sampler_r: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,13 @@ Solver. :func:`sinkhorn` runs the stabilised Sinkhorn iteration with absorption 
 the potentials live in the log domain and are absorbed into a kernel
 ``K_ij = exp((f_i + g_j − C_ij) / ε)`` whose entries stay in a safe range, while the iterations
 between absorptions are two matrix-vector products. A block of iterations that overflows is
-redone with log-sum-exp updates, and the first block always is, so no entry of ``exp(−C/ε)``
-ever has to be representable: float32 at ε = 0.01 with costs up to 2 (where ``exp(−C/ε)``
-underflows) is fine. Measured on a 2-core CPU this is 10–50x faster per iteration than plain
-log-sum-exp updates and than POT's ``sinkhorn_log`` (``benchmarks/transport.md``), which is why
-the library uses its own solver rather than POT.
+redone with log-sum-exp updates, and the first two iterations always use them, so no entry of
+``exp(−C/ε)`` ever has to be representable: float32 at ε = 0.01 with costs up to 2 (where
+``exp(−C/ε)`` underflows) is fine. On a 2-core CPU this is 2–6x faster per iteration than
+plain log-sum-exp updates and 4–25x faster than POT's ``sinkhorn_log``, which also stalls at
+~4e-6 marginal error in float32; POT's plain ``sinkhorn`` is as fast but fails at ε = 0.01
+once a row's costs all exceed ~1 (``benchmarks/transport.md``). Hence the library uses its own
+solver, not POT.
 """
 
 from __future__ import annotations
@@ -51,6 +53,12 @@ __all__ = [
 # Absorb the scalings into the kernel once |log scaling| exceeds this: e^±30 times kernel entries
 # of at most ~n stays far from float32 overflow (e^88) over the next block of iterations.
 _ABSORB_AT = 30.0
+# Below this many entries torch.logsumexp's single call beats a hand-written max shift on CPU.
+_SMALL_LSE = 1 << 16
+# The first block runs in logs (before potentials exist exp(−C/ε) may underflow whole rows);
+# two log-domain iterations already place the kernel safely (measured on costs of range
+# C/ε up to 2000 with no fallback needed), and they are the expensive ones.
+_FIRST_LOG = 2
 
 
 class SinkhornConvergenceWarning(RuntimeWarning):
@@ -68,7 +76,8 @@ class OTResult:
             entropy term (what POT's ``ot.sinkhorn2`` returns).
         objective: ``(...,)`` entropic value ``<f, a> + <g, b>``: the dual objective, equal to
             ``<T, C> + ε KL(T ‖ a bᵀ)`` at the optimum (see :func:`entropic_ot_value`).
-        f: ``(..., n)`` dual potential of the rows (same units as the cost).
+        f: ``(..., n)`` dual potential of the rows (same units as the cost); ``(f + c, g − c)``
+            is as optimal for any constant ``c``, so compare potentials up to a shift.
         g: ``(..., m)`` dual potential of the columns.
         n_iter: number of Sinkhorn iterations run (one iteration updates ``f`` then ``g``).
         converged: whether every problem of the batch reached ``marginal_error <= tol``.
@@ -114,12 +123,17 @@ def sinkhorn(
             has not converged by then.
         tol: stop when the L1 marginal violation (``OTResult.marginal_error``, rows plus
             columns) of every problem in the batch is at most ``tol``.
-        check_every: test convergence every this many iterations. Each test reads one number
-            back from the device (a host-device synchronisation on GPU), so it is not done
-            every iteration.
+        check_every: test convergence every this many iterations (the first test comes after
+            the two opening log-domain iterations). Each test reads three numbers back from
+            the device, a host-device synchronisation on GPU, so it is not done every
+            iteration; given ``a`` or ``b`` add one more read for their checks.
 
     Returns:
         An :class:`OTResult` in the compute dtype (float32 or float64) on ``cost``'s device.
+
+    Raises:
+        OtltError: bad ``eps``, ``max_iter``, ``tol``, shapes or marginals (negative, unequal
+            total mass), or a cost with NaN entries / a row or column with only ``+inf`` costs.
 
     Gradients flow through the iterations when an input requires grad (memory: two vectors per
     iteration plus one ``(..., n, m)`` kernel per absorption and per log-domain iteration). For
@@ -171,12 +185,13 @@ def entropic_ot_value(
         res = _solve(c.detach(), a_full.detach(), b_full.detach(), eps, max_iter, tol, 10)
     f, g = res.f, res.g
     outer = a_full[..., :, None] * b_full[..., None, :]
-    # Bounded where a_i b_j > 0 (T_ij ≤ min(a_i, b_j) caps the exponential at 1 / max(a_i, b_j));
-    # pairs without mass are masked so that their exponential cannot make 0 * inf.
+    # Bounded by 1 / max(a_i, b_j) (T_ij ≤ min(a_i, b_j)), also on a massless row or column;
+    # only pairs where both are massless may overflow, and they carry no value or gradient.
     scaled = torch.exp((f[..., :, None] + g[..., None, :] - c) / eps)
-    mass = torch.where(outer > 0, outer * scaled, torch.zeros_like(outer)).sum((-2, -1))
-    penalty = mass - outer.sum((-2, -1))
-    return _dot(f, a_full) + _dot(g, b_full) - eps * penalty
+    keep = (a_full > 0)[..., :, None] | (b_full > 0)[..., None, :]
+    penalty = (outer * torch.where(keep, scaled, torch.zeros_like(scaled))).sum((-2, -1))
+    penalty = penalty - outer.sum((-2, -1))
+    return (f * a_full).sum(-1) + (g * b_full).sum(-1) - eps * penalty
 
 
 def assignment(cost: Tensor) -> Tensor:
@@ -296,29 +311,34 @@ def _solve(
 
 def _lse(x: Tensor, dim: int) -> Tensor:
     """Return ``log Σ exp(x)`` along ``dim``; ``x`` is a temporary the function may overwrite."""
-    top = x.amax(dim, keepdim=True).detach()
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    # torch.logsumexp is ~4x slower on CPU than this max-shift (it guards every entry for inf).
+    if x.device.type != "cpu" or x.numel() <= _SMALL_LSE:
+        return torch.logsumexp(x, dim)
+    # On large CPU inputs torch.logsumexp is ~4x slower than this max shift, done in place.
+    top = x.amax(dim, keepdim=True).detach().nan_to_num(0.0, 0.0, 0.0)  # rows of -inf
     shifted = (x - top).exp_() if x.requires_grad else x.sub_(top).exp_()
     return shifted.sum(dim).log() + top.squeeze(dim)
 
 
 def _matvec(k: Tensor, v: Tensor) -> Tensor:
     """Return ``K v`` for ``K`` ``(..., n, m)`` and ``v`` ``(..., m)``."""
+    if k.dim() == 2:
+        return torch.mv(k, v)  # a third of matmul's per-call overhead at small sizes on CPU
     return (k @ v[..., None]).squeeze(-1)
 
 
 def _vecmat(u: Tensor, k: Tensor) -> Tensor:
     """Return ``Kᵀ u`` for ``K`` ``(..., n, m)`` and ``u`` ``(..., n)``."""
+    if k.dim() == 2:
+        return torch.mv(k.T, u)
     return (u[..., None, :] @ k).squeeze(-2)
 
 
 class _Solver:
     """State of the stabilised Sinkhorn iteration on scaled potentials ``φ = f/ε, ψ = g/ε``.
 
-    The plan is ``T = diag(a α) K diag(b β)`` with ``K_ij = exp(φ_i + ψ_j − C_ij/ε)``:
-    ``(φ, ψ)`` are the absorbed potentials and ``(α, β)`` the scalings that the cheap
-    iterations update.
+    The plan is ``T = diag(u) K diag(v)`` with the kernel ``K_ij = exp(φ_i + ψ_j − C_ij/ε)``.
+    ``(φ, ψ)`` are the absorbed potentials; the cheap iterations update only the scalings
+    ``u = a ⊙ α`` and ``v = b ⊙ β``, and absorption moves ``log α, log β`` into ``(φ, ψ)``.
     """
 
     def __init__(self, c: Tensor, a: Tensor, b: Tensor, eps: float) -> None:
@@ -326,10 +346,9 @@ class _Solver:
         self.neg_c = -c / eps
         self.a, self.b = a, b
         self.la, self.lb = a.log(), b.log()
-        self.phi = torch.zeros_like(a)
-        self.psi = torch.zeros_like(b)
-        self.alpha = torch.ones_like(a)
-        self.beta = torch.ones_like(b)
+        self.phi, self.psi = torch.zeros_like(a), torch.zeros_like(b)
+        self.alpha, self.beta = torch.ones_like(a), torch.ones_like(b)
+        self.u, self.v = a, b
         self.kernel = self.neg_c  # replaced by the first (log-domain) block before any use
         self.error = torch.full(a.shape[:-1], math.inf, dtype=c.dtype, device=c.device)
         self.n_iter = 0
@@ -343,45 +362,50 @@ class _Solver:
             phi = -_lse(self.neg_c + (psi + self.lb)[..., None, :], -1)
             psi = -_lse(self.neg_c + (phi + self.la)[..., :, None], -2)
         self.phi, self.psi = phi, psi
-        self.alpha, self.beta = torch.ones_like(self.a), torch.ones_like(self.b)
-        self.kernel = torch.exp(self.neg_c + phi[..., :, None] + psi[..., None, :])
-        self.error = self._marginal_error()
+        self._reset_kernel()
 
     def _scaling_block(self, steps: int) -> None:
         """Run ``steps`` iterations as matrix-vector products with the current kernel."""
-        k, alpha, beta = self.kernel, self.alpha, self.beta
+        k, u, v = self.kernel, self.u, self.v
         for _ in range(steps):
-            alpha = 1.0 / _matvec(k, beta * self.b)
-            beta = 1.0 / _vecmat(alpha * self.a, k)
-        self.alpha, self.beta = alpha, beta
-        self.error = self._marginal_error()
+            u = self.a / _matvec(k, v)
+            v = self.b / _vecmat(u, k)
+        self.u, self.v = u, v
 
-    def _marginal_error(self) -> Tensor:
-        """Return ``|T 1 − a|₁ + |Tᵀ 1 − b|₁`` of the current plan, per problem."""
-        row = self.a * self.alpha * _matvec(self.kernel, self.beta * self.b)
-        col = self.b * self.beta * _vecmat(self.alpha * self.a, self.kernel)
-        return ((row - self.a).abs().sum(-1) + (col - self.b).abs().sum(-1)).detach()
+    def _measure(self) -> None:
+        """Set the L1 marginal error of the current plan and its scalings ``α = u / a``, ``β``."""
+        kv, ku = _matvec(self.kernel, self.v), _vecmat(self.u, self.kernel)
+        row, col = self.u * kv, self.v * ku
+        self.error = ((row - self.a).abs().sum(-1) + (col - self.b).abs().sum(-1)).detach()
+        # Massless rows have u_i = 0; their potential is the one that the next update would give.
+        self.alpha = torch.where(self.a > 0, self.u / self.a, 1.0 / kv)
+        self.beta = torch.where(self.b > 0, self.v / self.b, 1.0 / ku)
 
     def _absorb(self) -> None:
         self.phi = self.phi + self.alpha.log()
         self.psi = self.psi + self.beta.log()
-        self.alpha, self.beta = torch.ones_like(self.a), torch.ones_like(self.b)
+        self._reset_kernel()
+        self._measure()
+
+    def _reset_kernel(self) -> None:
         self.kernel = torch.exp(self.neg_c + self.phi[..., :, None] + self.psi[..., None, :])
+        self.u, self.v = self.a, self.b
 
     def run(self, max_iter: int, tol: float, check_every: int) -> None:
         """Iterate in blocks of ``check_every`` until converged or ``max_iter``."""
-        use_log = True  # before any potentials exist exp(−C/ε) may underflow to all-zero rows
+        use_log = True
         while self.n_iter < max_iter:
-            steps = min(check_every, max_iter - self.n_iter)
-            saved = (self.alpha, self.beta)
+            steps = min(_FIRST_LOG if self.n_iter == 0 else check_every, max_iter - self.n_iter)
+            saved = (self.u, self.v, self.alpha, self.beta)
             if use_log:
                 self._log_block(steps)
             else:
                 self._scaling_block(steps)
+            self._measure()
             worst, drift, finite = self._health()  # the one host read per block
             if not finite and not use_log:
                 # Overflow, or a kernel row that underflowed to zero: redo the block in logs.
-                self.alpha, self.beta = saved
+                self.u, self.v, self.alpha, self.beta = saved
                 use_log = True
                 continue
             self.n_iter += steps
@@ -389,8 +413,9 @@ class _Solver:
             if worst <= tol:
                 self.converged = True
                 return
-            if not finite:
-                return  # non-finite after log-domain updates: NaN in the cost, or infeasible
+            require(finite, "sinkhorn got a non-finite solution from log-domain updates: the "
+                            "cost has NaN entries, or a row or column whose mass can go nowhere "
+                            "(+inf cost to every partner with mass)")
             use_log = False
             if drift > _ABSORB_AT:
                 self._absorb()
@@ -398,14 +423,14 @@ class _Solver:
     def _health(self) -> tuple[float, float, bool]:
         """Return the worst marginal error, the largest |log scaling| and whether all is finite."""
         with torch.no_grad():
-            drift = torch.maximum(self.alpha.log().abs().amax(), self.beta.log().abs().amax())
-            finite = (torch.isfinite(drift) & torch.isfinite(self.error).all()).to(drift.dtype)
-            worst, drift, finite = torch.stack([self.error.amax(), drift, finite]).tolist()
-        return worst, drift, bool(finite)
+            stats = torch.stack([self.error.amax(), self.alpha.log().abs().amax(),
+                                 self.beta.log().abs().amax()])
+            worst, drift_a, drift_b = stats.tolist()  # amax propagates NaN
+        drift = max(drift_a, drift_b)
+        return worst, drift, math.isfinite(worst) and math.isfinite(drift)
 
     def result(self) -> OTResult:
-        a_scaled, b_scaled = self.a * self.alpha, self.b * self.beta
-        plan = a_scaled[..., :, None] * self.kernel * b_scaled[..., None, :]
+        plan = self.u[..., :, None] * self.kernel * self.v[..., None, :]
         f = self.eps * (self.phi + self.alpha.log())
         g = self.eps * (self.psi + self.beta.log())
         # Forbidden pairs (C = +inf) carry no mass; 0 * inf would be NaN.
