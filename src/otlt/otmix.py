@@ -320,7 +320,7 @@ class OTMix(Mixer):
         pairs = s["pairs"].cpu()
         total = int(pairs.sum())
         record = {
-            "ot_epoch": self.ot_epoch,
+            "ot_epoch": self.ot_epoch and s["batches"] > 0,  # False when nothing was mixed
             "mixed_batches": s["batches"],
             "ot_batch_fraction": ot / s["batches"] if s["batches"] else 0.0,
             "mix_pairs": pairs.tolist(),
