@@ -1,0 +1,95 @@
+"""Copy finished run directories into results/ and write their README tables.
+
+    python scripts/collect_results.py GROUP RUN_DIR [RUN_DIR ...] --hardware "..." \
+        --command "otlt train --config configs/{name}.yaml" [--note "..."]
+
+For every run: ``results/GROUP/<name>/`` gets config.yaml, splits.json, metrics.jsonl,
+eval.json, plans/ (small JSON only, no checkpoints) and a README.md with the command, the
+wall time (sum of the logged epoch times), the hardware and the last-epoch test numbers.
+``results/GROUP/README.md`` gets the side-by-side table, with the paper's reported error
+where the config names a paper row. Every number is read from the runs' own files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+SMALL_FILES = ("config.yaml", "splits.json", "metrics.jsonl", "eval.json")
+
+
+def fmt(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def run_summary(run: Path) -> dict:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    result = json.loads((run / "eval.json").read_text())
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+    paper = (cfg.get("paper") or {}).get("top1_error")
+    return {"name": cfg["name"], "cfg": cfg, "eval": result, "paper": paper,
+            "epochs": len(metrics), "seconds": sum(r["epoch_seconds"] for r in metrics)}
+
+
+def row(s: dict) -> str:
+    e = s["eval"]
+    return (f"| {s['name']} | {fmt(e['top1_error'])} | {fmt(e['many_error'])} | "
+            f"{fmt(e['medium_error'])} | {fmt(e['few_error'])} | {fmt(s['paper'])} | "
+            f"{s['epochs']} | {s['seconds'] / 60:.0f} min |")
+
+
+HEADER = ("| run | top-1 error | many | medium | few | paper (top-1) | epochs | train time |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def write_run(s: dict, run: Path, dest: Path, command: str, hardware: str, note: str) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SMALL_FILES:
+        shutil.copy2(run / name, dest / name)
+    if (run / "plans").is_dir():
+        shutil.copytree(run / "plans", dest / "plans", dirs_exist_ok=True)
+    cfg = s["cfg"]
+    text = [f"# {s['name']}", "",
+            f"Command: `{command.format(name=s['name'])}`", "",
+            f"Hardware: {hardware}", "",
+            f"Seeds: seed {cfg['seed']}, data_seed {cfg['data']['data_seed']}. Wall time of the "
+            f"{s['epochs']} epochs (sum of logged epoch times): {s['seconds'] / 60:.1f} min.", "",
+            "Last-epoch test split (no selection on the test split; `eval.json`), error in %:",
+            "", HEADER, row(s), ""]
+    if note:
+        text += [note, ""]
+    (dest / "README.md").write_text("\n".join(text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("group")
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--hardware", required=True)
+    parser.add_argument("--command", required=True)
+    parser.add_argument("--note", default="")
+    parser.add_argument("--title", default="")
+    args = parser.parse_args()
+    out = Path("results") / args.group
+    summaries = []
+    for run in args.runs:
+        s = run_summary(run)
+        write_run(s, run, out / s["name"], args.command, args.hardware, args.note)
+        summaries.append(s)
+    text = [f"# {args.title or args.group}", "", f"Hardware: {args.hardware}", "",
+            f"Command per run: `{args.command}`", "",
+            "Last-epoch test error (%), many / medium / few = classes with > 100, 20-100, "
+            "< 20 training images (CIFAR-10-LT phi=100 has no few-shot class).", "",
+            HEADER, *(row(s) for s in summaries), ""]
+    if args.note:
+        text += [args.note, ""]
+    (out / "README.md").write_text("\n".join(text))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
