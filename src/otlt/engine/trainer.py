@@ -24,7 +24,15 @@ from otlt.data.augment import GPUAugment, eval_transform
 from otlt.data.prepare import LongTailedData, prepare_data
 from otlt.data.samplers import sample_weights
 from otlt.engine.checkpoint import load_checkpoint, save_atomic
-from otlt.engine.distributed import init_from_env, is_main_process, unwrap
+from otlt.engine.distributed import (
+    all_reduce_sum,
+    init_from_env,
+    is_distributed,
+    is_main_process,
+    rank,
+    unwrap,
+    world_size,
+)
 from otlt.engine.logging import MetricsLogger
 from otlt.errors import OtltError
 from otlt.losses import batch_loss, create_loss
@@ -163,6 +171,10 @@ class Trainer:
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        if is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_model = torch.nn.parallel.DistributedDataParallel(self.step_model,
+                                                                        device_ids=ids)
         o = cfg.optim
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay, nesterov=o.nesterov)
@@ -215,7 +227,9 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------------
     def _batches(self) -> list[torch.Tensor]:
+        """This rank's batches of one epoch: a shared seeded permutation, sharded by rank."""
         order = torch.randperm(len(self.train), generator=self.generator)
+        order = order[rank()::world_size()]
         return list(order.split(self.cfg.optim.batch_size))
 
     def _mixing_on(self, epoch: int) -> bool:
@@ -281,8 +295,10 @@ class Trainer:
             total_correct += correct
             seen += n
         bar.close()
-        return {"lr": lr, "train_loss": total_loss.item() / seen,
-                "train_acc": 100.0 * total_correct.item() / seen}
+        totals = all_reduce_sum(torch.stack([total_loss, total_correct,
+                                             torch.tensor(float(seen), device=self.device)]))
+        loss_sum, correct_sum, count = totals.tolist()
+        return {"lr": lr, "train_loss": loss_sum / count, "train_acc": 100.0 * correct_sum / count}
 
     def _summarize(self, confusion: torch.Tensor) -> dict[str, Any]:
         e = self.cfg.eval
