@@ -1,2 +1,62 @@
-"""otlt: long-tailed image classification with optimal transport."""
+"""otlt: long-tailed image classification with optimal transport (OTmix, OT re-weighting).
+
+The public API; see README.md for a tour. Everything here is importable without a dataset.
+"""
+
+from otlt.config import RunConfig, load_config
+from otlt.data.longtail import build_splits, long_tailed_counts
+from otlt.data.samplers import ClassWeightedSampler, class_sampling_probs, sample_weights
+from otlt.errors import OtltError
+from otlt.losses import batch_loss, create_loss, list_losses, mixed_loss
+from otlt.metrics import ConfusionMeter, confusion_matrix, summarize
+from otlt.mixing import (
+    CMO,
+    CutMix,
+    MixedBatch,
+    MixPlan,
+    Mixup,
+    OTMix,
+    Remix,
+    create_mixer,
+    list_mixers,
+    otmix_cost,
+)
+from otlt.models import NormedLinear, create_model, list_models
+from otlt.transport import OTResult, assignment, entropic_ot_value, sinkhorn
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CMO",
+    "ClassWeightedSampler",
+    "ConfusionMeter",
+    "CutMix",
+    "MixPlan",
+    "MixedBatch",
+    "Mixup",
+    "NormedLinear",
+    "OTMix",
+    "OTResult",
+    "OtltError",
+    "Remix",
+    "RunConfig",
+    "assignment",
+    "batch_loss",
+    "build_splits",
+    "class_sampling_probs",
+    "confusion_matrix",
+    "create_loss",
+    "create_mixer",
+    "create_model",
+    "entropic_ot_value",
+    "list_losses",
+    "list_mixers",
+    "list_models",
+    "load_config",
+    "long_tailed_counts",
+    "mixed_loss",
+    "otmix_cost",
+    "sample_weights",
+    "sinkhorn",
+    "summarize",
+]
