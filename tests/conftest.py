@@ -48,4 +48,4 @@ def tiny_overrides(data: Path, out_dir: Path, epochs: int = 3) -> list[str]:
             "data.n_max=40", "data.imbalance_ratio=10", "data.val_per_class=5",
             "model.name=resnet20", f"optim.epochs={epochs}", "optim.batch_size=32",
             "optim.milestones=[2]", "optim.gammas=[0.1]", "train.progress=false",
-            "train.amp=off", f"out_dir={out_dir}", "name=tiny"]
+            "train.amp=off", "train.device=cpu", f"out_dir={out_dir}", "name=tiny"]
