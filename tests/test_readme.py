@@ -29,3 +29,23 @@ def test_otmix_loop_example_runs():
     exec(compile(block.group(1), "README.md", "exec"), namespace)
     assert namespace["otmix"].confusion is not None
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_cmo_loop_example_runs():
+    text = README.read_text()
+    block = re.search(r"```python\n(from otlt.data.samplers import sample_weights\n.*?)```", text,
+                      re.S)
+    assert block, "README lost its CMO example"
+    g = torch.Generator().manual_seed(0)
+    counts = [20, 10, 5]
+    train_labels = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+    train_images = torch.randn(len(train_labels), 3, 32, 32, generator=g)
+    model = create_model("resnet20", 3)
+    namespace = {"torch": torch, "g": g, "counts": counts, "train_labels": train_labels,
+                 "train_images": train_images, "model": model,
+                 "opt": torch.optim.SGD(model.parameters(), lr=0.01),
+                 "loader": [(train_images[:8], train_labels[:8])]}
+    before = [p.detach().clone() for p in model.parameters()]
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    assert namespace["mixed"].plan.num_mixed == 8
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
