@@ -114,6 +114,9 @@ BALANCED = {
     "mixup": ({"name": "mixup", "params": {"alpha": 1.0}}, None),
     "otmix_mixup": ({"name": "otmix", "sampler_r": 0.0,
                      "params": {"blend": "mixup", "alpha": 1.0}}, None),
+    "saliencymix": ({"name": "saliencymix", "params": {"alpha": 1.0}}, None),
+    "otmix_saliencymix": ({"name": "otmix", "sampler_r": 0.0,
+                           "params": {"blend": "saliencymix", "alpha": 1.0}}, None),
 }
 
 SHORT_EPOCHS, FULL_EPOCHS = 30, 240

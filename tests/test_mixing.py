@@ -373,3 +373,29 @@ def test_remix_rejects_bad_settings() -> None:
     for kwargs in ({"kappa": 0.5}, {"tau": 1.5}, {"mode": "fmix"}):
         with pytest.raises(OtltError):
             Remix(COUNTS, **kwargs)
+
+
+def test_saliency_box_centres_on_the_salient_spot():
+    from otlt.mixing import saliency_box, spectral_residual_saliency
+
+    image = torch.zeros(3, 32, 32)
+    image[:, 20:23, 5:8] = 1.0  # one small bright blob on a flat background
+    saliency = spectral_residual_saliency(image)
+    cy, cx = divmod(int(saliency.argmax()), 32)
+    assert 18 <= cy <= 24 and 3 <= cx <= 9
+    y0, y1, x0, x1 = saliency_box(image, lam=0.75)
+    assert y1 - y0 == 16 and x0 == 0 and x1 == cx + 8  # clipped at the left border
+    assert y0 <= 21 < y1 and x0 <= 6 < x1
+
+
+def test_saliencymix_pastes_partner_box_and_corrects_lam():
+    from otlt.mixing import create_mixer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 32, 32, generator=g)
+    y = torch.arange(6)
+    out = create_mixer("saliencymix", alpha=1.0)(x, y, generator=torch.Generator().manual_seed(1))
+    y0, y1, x0, x1 = out.plan.box
+    assert torch.allclose(out.lam, torch.full((6,), 1 - (y1 - y0) * (x1 - x0) / 1024))
+    p = out.plan.partner
+    assert torch.equal(out.images[:, :, y0:y1, x0:x1], x[p][:, :, y0:y1, x0:x1])

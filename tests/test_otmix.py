@@ -204,3 +204,18 @@ def test_resume_into_ot_epoch_reproduces_uninterrupted_run(tiny_zip, tmp_path, c
     records = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["ot_epoch"] is True and records[-1]["ot_batch_fraction"] == 1.0
     assert (tmp_path / "runs" / "full" / "plans" / "epoch_0002.json").is_file()
+
+
+@pytest.mark.parametrize("blend", ["mixup", "saliencymix"])
+def test_blends_for_balanced_data(blend):
+    xb, yb, xf, yf = make_batches()
+    mixer = OTMix(num_classes=4, blend=blend)
+    mixer.update_confusion(confusion_pointing_to())
+    out = mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0), model=FeatureModel())
+    base = xb[out.plan.base_index]
+    if blend == "mixup":
+        assert out.plan.box is None
+        assert torch.allclose(out.images, out.plan.lam * base + (1 - out.plan.lam) * xf, atol=1e-5)
+    else:
+        y0, y1, x0, x1 = out.plan.box
+        assert torch.equal(out.images[:, :, y0:y1, x0:x1], xf[:, :, y0:y1, x0:x1])

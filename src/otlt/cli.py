@@ -6,6 +6,7 @@ User mistakes end with one line ``otlt: error: ...`` and exit code 2, never a tr
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -50,12 +51,65 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="runs", help="where the demo run directory goes")
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time ERM, CMO and OTmix training steps (ratios, JSON)")
+    p.add_argument("--config", default="configs/cifar10_lt_r100_erm.yaml",
+                   help="YAML config whose model, data and batch size are timed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--data", help="dataset file or folder (default: found like otlt train)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random uint8 images of the dataset's size instead of the dataset")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (under a minute on CPU)")
+    p.add_argument("--scaling", action="store_true",
+                   help="time Sinkhorn/assignment for B=64..1024 and OTmix steps for 64..512")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the config's)")
+    p.add_argument("--device", help="cpu, cuda or auto (default: the config's)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--steps", type=int, help="steps per timed sample")
+    p.add_argument("--repeats", type=int, help="interleaved repeats")
+    p.add_argument("--warmup", type=int, help="warm-up steps per variant")
+    p.add_argument("--json", default="bench.json", help="where the JSON result goes")
+    p.add_argument("--markdown", default="bench_scaling.md",
+                   help="where --scaling writes its Markdown tables")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="Markdown report with figures from run directories")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
+    p.add_argument("--out", required=True, help="output folder for report.md and figures/")
+    p.add_argument("--gallery", action="store_true",
+                   help="draw mixed image pairs with each mixing run's model (needs the data)")
+    p.add_argument("--gallery-size", type=int, default=8, metavar="N",
+                   help="mixed pairs per run (default: 8)")
+    p.add_argument("--tsne", action="store_true",
+                   help="t-SNE of test features per run (needs the data and scikit-learn)")
+    p.add_argument("--tsne-samples", type=int, default=2000, metavar="N",
+                   help="test images in the t-SNE (default: 2000)")
+    p.add_argument("--data", help="dataset path for --gallery/--tsne, if it moved since training")
+    p.add_argument("--seed", type=int, default=0, help="seed of the gallery and t-SNE draws")
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser("sweep", help="train a config over several values of one key")
+    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    p.add_argument("--key", required=True, help="config key to vary, e.g. mix.params.omega")
+    p.add_argument("--values", required=True, help="comma-separated values, e.g. 0.0,0.05,0.5")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for every run (repeatable)")
+    p.add_argument("--data", help="dataset file or folder")
+    p.add_argument("--out-dir", help="where the run directories go (default: the config's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="otlt", description="Long-tailed classification with optimal transport")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_eval(sub)
     _add_demo(sub)
+    _add_bench(sub)
+    _add_report(sub)
+    _add_sweep(sub)
     return parser
 
 
@@ -109,6 +163,35 @@ def cmd_demo(args) -> int:
     return run_demo(data=args.data, epochs=args.epochs, out=Path(args.out))
 
 
+def cmd_bench(args) -> int:
+    from otlt.bench import cli_main
+
+    return cli_main(args)
+
+
+def cmd_report(args) -> int:
+    from otlt.report import ReportOptions, describe_figures, write_report
+
+    options = ReportOptions(gallery=args.gallery, gallery_size=args.gallery_size, tsne=args.tsne,
+                            tsne_samples=args.tsne_samples, data_path=args.data, seed=args.seed)
+    path = write_report(args.run_dirs, args.out, options)
+    print(f"otlt: wrote {path} with {len(describe_figures(path))} figures")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from otlt.sweep import parse_values, plan_sweep, run_sweep, summary
+
+    runs = plan_sweep(args.config, args.key, parse_values(args.values), args.overrides,
+                      out_dir=args.out_dir, data=args.data)
+    dirs = run_sweep(runs)
+    print(summary(runs, args.key))
+    report = ["otlt", "report", *map(str, dirs), "--out",
+              str(Path(runs[0].config.out_dir) / "report")]
+    print(f"otlt: make the sweep's report with: {shlex.join(report)}")
+    return 0
+
+
 def format_eval(result: dict, title: str = "evaluation") -> str:
     """Human-readable table of an ``eval.json`` record."""
     lines = [title, "-" * len(title)]
@@ -127,7 +210,8 @@ def format_eval(result: dict, title: str = "evaluation") -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
+            "report": cmd_report, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

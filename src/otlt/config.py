@@ -119,6 +119,53 @@ class EvalConfig:
     few_threshold: int = 20
 
 
+# Valid values of ReweightConfig's string options (also checked by otlt.reweight).
+REWEIGHT_CHOICES = {
+    "init": ("class_balanced", "uniform"),
+    "cost": ("combined", "label", "feature"),
+    "label_distance": ("mse", "binary"),
+    "meta": ("prototype", "pixel_prototype", "whole"),
+    "trainable": ("fc", "all"),
+    "classifier_weights": ("softmax", "raw"),
+}
+
+
+@dataclass(frozen=True)
+class ReweightConfig:
+    """OT re-weighting (Guo et al., NeurIPS 2022), stage 2; active when ``stage1`` is set.
+
+    ``stage1`` is the stage-1 (ERM) checkpoint, a ``last.pt`` or its run directory, trained on
+    the same data section. Every training example's raw weight starts at its class-balanced
+    weight (``init``, ``beta``) and takes one SGD step per batch (``weight_lr``,
+    ``weight_momentum``, ``weight_decay``) on the entropic OT loss (``eps``, ``max_iter``)
+    between the batch, weighted by softmax(w), and the balanced meta distribution ``meta``:
+    ``prototype`` (per-class mean features), ``pixel_prototype`` (features of per-class mean
+    images, the official code) or ``whole`` (every meta image). ``cost`` is ``label``,
+    ``feature`` or ``combined`` (``feature_weight`` on the feature term); ``label_distance``
+    ``mse`` is the official mean squared one-hot difference (2/K between classes), ``binary``
+    is 0/1. The classifier step minimises ``sum_i l_i w_i + meta_coef * mean meta loss`` over
+    ``trainable`` (``fc``: the final layer, backbone frozen; ``all``) with ``w`` softmax(w_batch)
+    (``classifier_weights: softmax``, the paper) or raw (``raw``, the official code), using
+    the ``optim`` section. See :mod:`otlt.reweight`.
+    """
+
+    stage1: str | None = None
+    init: str = "class_balanced"
+    beta: float = 0.9999
+    cost: str = "combined"
+    feature_weight: float = 0.5
+    label_distance: str = "mse"
+    meta: str = "prototype"
+    eps: float = 0.1
+    max_iter: int = 1000
+    weight_lr: float = 0.01
+    weight_momentum: float = 0.0
+    weight_decay: float = 5e-4
+    meta_coef: float = 10.0
+    trainable: str = "fc"
+    classifier_weights: str = "softmax"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
@@ -131,7 +178,7 @@ class RunConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    stage2: dict = field(default_factory=dict)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
     paper: dict | None = None
 
     @property
@@ -289,11 +336,40 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.device must be auto, cpu or cuda[:N], got {cfg.train.device!r}")
     require(cfg.train.amp in ("auto", "off", "bf16", "fp16"),
             f"train.amp must be auto, off, bf16 or fp16, got {cfg.train.amp!r}")
+    _validate_reweight(cfg)
     return cfg
+
+
+def _validate_reweight(cfg: RunConfig) -> None:
+    r = cfg.reweight
+    for key, allowed in REWEIGHT_CHOICES.items():
+        value = getattr(r, key)
+        require(value in allowed, f"reweight.{key} must be one of {', '.join(allowed)}, "
+                                  f"got {value!r}")
+    require(0 <= r.beta < 1, f"reweight.beta must be in [0, 1), got {r.beta}")
+    require(0 <= r.feature_weight <= 1,
+            f"reweight.feature_weight must be in [0, 1], got {r.feature_weight}")
+    require(r.eps > 0, f"reweight.eps must be > 0, got {r.eps}")
+    require(r.max_iter >= 1, f"reweight.max_iter must be >= 1, got {r.max_iter}")
+    require(r.weight_lr > 0, f"reweight.weight_lr must be > 0, got {r.weight_lr}")
+    require(0 <= r.weight_momentum < 1,
+            f"reweight.weight_momentum must be in [0, 1), got {r.weight_momentum}")
+    require(r.weight_decay >= 0 and r.meta_coef >= 0,
+            "reweight.weight_decay and reweight.meta_coef must be >= 0")
+    if r.stage1 is None:
+        return
+    require(cfg.data.meta_per_class > 0,
+            "reweight.stage1 is set (OT re-weighting stage 2) but data.meta_per_class is 0; "
+            "the balanced meta set needs >= 1 image per class (the official code uses 10)")
+    require(cfg.mix.name == "none",
+            f"OT re-weighting stage 2 does not mix batches; set mix.name=none, "
+            f"got {cfg.mix.name!r}")
 
 
 def build_config(raw: dict) -> RunConfig:
     """Turn a raw dict into a validated :class:`RunConfig`."""
+    if not raw.get("stage2", True):  # the empty placeholder of runs written before `reweight`
+        raw = {key: value for key, value in raw.items() if key != "stage2"}
     return validate(_build(RunConfig, raw, ""))
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "Mixup",
     "NoMix",
     "Remix",
+    "SaliencyMix",
     "apply_plan",
     "box_lam",
     "create_mixer",
@@ -64,6 +65,8 @@ __all__ = [
     "register_mixer",
     "sample_cutmix_box",
     "sample_lam",
+    "saliency_box",
+    "spectral_residual_saliency",
 ]
 
 Box = tuple[int, int, int, int]
@@ -206,6 +209,49 @@ def sample_cutmix_box(height: int, width: int, lam: float, generator: torch.Gene
     cx = int(torch.randint(width, (), generator=generator))
     y0, x0 = cy - cut_h // 2, cx - cut_w // 2
     return (max(y0, 0), min(y0 + cut_h, height), max(x0, 0), min(x0 + cut_w, width))
+
+
+def spectral_residual_saliency(image: torch.Tensor) -> torch.Tensor:
+    """Saliency map ``(H, W)`` of one image ``(C, H, W)`` by the spectral residual.
+
+    Hou & Zhang (CVPR 2007), the static saliency SaliencyMix takes from OpenCV: with the
+    grey image's spectrum ``A e^{i P}`` and ``L = log A``, the saliency is
+    ``|ifft(exp(L - mean3x3(L) + i P))|^2`` smoothed by a 3x3 mean filter.
+    """
+    grey = image.float().mean(0)
+    spectrum = torch.fft.fft2(grey)
+    log_amp = torch.log(spectrum.abs() + 1e-8)
+    smooth = torch.nn.functional.avg_pool2d(log_amp[None, None], 3, stride=1, padding=1,
+                                            count_include_pad=False)[0, 0]
+    residual = torch.polar(torch.exp(log_amp - smooth), torch.angle(spectrum))
+    saliency = torch.fft.ifft2(residual).abs() ** 2
+    return torch.nn.functional.avg_pool2d(saliency[None, None], 3, stride=1, padding=1,
+                                          count_include_pad=False)[0, 0]
+
+
+def saliency_box(image: torch.Tensor, lam: float) -> Box:
+    """SaliencyMix's box (Uddin et al., ICLR 2021): CutMix's size for ``lam``, centred on the
+    most salient pixel of the patch source ``image (C, H, W)``, clipped at the border."""
+    height, width = image.shape[-2:]
+    flat = int(spectral_residual_saliency(image).argmax())
+    cy, cx = divmod(flat, width)
+    cut = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * cut), int(width * cut)
+    y0, x0 = cy - cut_h // 2, cx - cut_w // 2
+    return (max(y0, 0), min(y0 + cut_h, height), max(x0, 0), min(x0 + cut_w, width))
+
+
+def with_saliency_box(plan: MixPlan, patches: torch.Tensor) -> MixPlan:
+    """Replace a mixed plan's box by the saliency box of its first patch source row.
+
+    ``plan.lam`` must be the drawn (uncorrected) ``lam`` (a plan drawn without a box);
+    ``patches`` is the batch the partners index. One box per batch, as in SaliencyMix's code.
+    """
+    if not bool(plan.mixed.any()):
+        return plan
+    first = int(plan.partner[int(plan.mixed.nonzero()[0])])
+    box = saliency_box(patches[first], plan.lam)
+    return dataclasses.replace(plan, box=box, lam=box_lam(box, *patches.shape[-2:]))
 
 
 def box_lam(box: Box, height: int, width: int) -> float:
@@ -447,6 +493,29 @@ class CutMix(Mixer):
         return _draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, prob=self.prob,
                            fraction=self.fraction, image_size=(x.shape[-2], x.shape[-1]),
                            generator=generator)
+
+
+@register_mixer("saliencymix")
+@dataclass(frozen=True)
+class SaliencyMix(Mixer):
+    """SaliencyMix (Uddin et al., ICLR 2021): CutMix whose box sits on the patch source's
+    most salient region (:func:`saliency_box`); one box per batch, as in the paper's code."""
+
+    alpha: float = 1.0
+    prob: float = 1.0
+    fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_knobs(self.alpha, self.prob, self.fraction)
+
+    def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
+             y_partner: torch.Tensor | None = None, *,
+             generator: torch.Generator) -> MixPlan:
+        """Draw ``lam`` and partners, then place the box on the first partner's saliency."""
+        self._check_partner(x_partner, y_partner)
+        plan = _draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, prob=self.prob,
+                           fraction=self.fraction, image_size=None, generator=generator)
+        return with_saliency_box(plan, x)
 
 
 @register_mixer("cmo")

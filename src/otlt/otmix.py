@@ -22,6 +22,7 @@ Each epoch ``t`` of ``T`` draws ``OT ~ Bernoulli((t / T)^mu)`` (Algorithm 1; Fig
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,12 +32,19 @@ import torch.nn.functional as F
 
 from otlt.errors import require
 from otlt.metrics import row_normalized_confusion
-from otlt.mixing import MixPlan, Mixer, _check_knobs, _draw_pairs, register_mixer
+from otlt.mixing import (
+    Mixer,
+    MixPlan,
+    _check_knobs,
+    _draw_pairs,
+    register_mixer,
+    with_saliency_box,
+)
 from otlt.transport import assignment, sinkhorn
 
 DISTANCES = ("cosine", "euclidean")
 SELECTIONS = ("argmax", "sample", "softmax", "assignment", "confusion")
-BLENDS = ("cutmix", "mixup")
+BLENDS = ("cutmix", "mixup", "saliencymix")
 CONFUSION_MODES = ("adaptive", "fixed")
 
 
@@ -104,8 +112,10 @@ class OTMix(Mixer):
     ``argmax`` (eq. 8), ``sample`` (draw ``j`` from the row ``T[i, :] / sum_j T[i, j]``),
     ``softmax`` (draw from ``softmax(T[i, :])``, Table 4's literal wording), ``assignment``
     (the exact one-to-one optimum of ``C``, our addition) or ``confusion`` (no OT: the
-    background class most confused with the foreground's, Table 4); ``blend`` cutmix/mixup
-    (Table 3); ``confusion_mode`` adaptive (updated every epoch) or fixed (first one kept);
+    background class most confused with the foreground's, Table 4); ``blend``
+    cutmix/mixup/saliencymix (Table 3; saliencymix centres the box on the first mixed
+    foreground's most salient pixel); ``confusion_mode`` adaptive (updated every epoch) or
+    fixed (first one kept);
     ``ot_probability`` forces ``P(OT epoch)`` instead of ``(t/T)^mu``.
 
     State: the class affinity ``F`` (in :meth:`state_dict`) and per-epoch statistics read by
@@ -254,6 +264,9 @@ class OTMix(Mixer):
                            fraction=self.fraction, image_size=size, generator=generator)
         if not bool(plan.mixed.any()):
             return plan
+        if self.blend == "saliencymix":  # the box sits on the foreground's salient region
+            plan = with_saliency_box(dataclasses.replace(plan, partner=torch.arange(len(x))),
+                                     x_partner)
         use_ot = self.ot_epoch and model is not None
         self.stats["batches"] += 1
         if use_ot:

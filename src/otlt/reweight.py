@@ -1,0 +1,260 @@
+"""OT re-weighting: learn a weight per training example by optimal transport to a meta set.
+
+Guo, Li, Zheng, Zhao, Zhou, Zha, "Learning to Re-weight Examples with Optimal Transport for
+Imbalanced Classification", NeurIPS 2022 (papers 001, 003, 004; official code ``OT_train.py``).
+
+Every training example ``i`` owns a raw weight ``w_i``. For a batch ``B`` the (imbalanced)
+training distribution is ``P(w) = Σ_{j∈B} ν_j δ_{z_j}`` with ``ν = softmax(w_B)``; the balanced
+meta distribution is ``Q = Σ_k μ_k δ_{u_k}``, uniform over the K class prototypes ``u_k`` (the
+mean feature of class k's meta images) or over all M meta examples. The weights minimise the
+entropic OT loss
+
+    L(w) = OT_ε(μ, ν(w), C) = min_{T 1 = μ, Tᵀ 1 = ν}  <T, C> + ε KL(T ‖ μ νᵀ),   ε = 0.1
+
+with the cost ``C_ij = λ (1 − cos(u_i, z_j)) + (1 − λ) d(y_i, y_j)``: label-aware ``λ = 0``,
+feature-aware ``λ = 1``, combined ``λ = 0.5``. ``d`` is the official code's mean squared
+difference of one-hot labels (``0`` within a class, ``2/K`` across) or a 0/1 indicator.
+Features are detached: the OT loss moves only ``w``, by one SGD step per batch.
+
+Gradient. By the envelope theorem ``∂L/∂ν = g``, the column potential of the Sinkhorn solution
+(:func:`otlt.transport.entropic_ot_value`), so ``∂L/∂w = ν ⊙ (g − <ν, g>)`` with no graph
+through the iterations. The official code instead back-propagates through up to 200 log-domain
+iterations. Both give the gradient of the same converged value and agree with finite
+differences (``tests/test_reweight.py``); measured on the 2-core CPU, float32, ε = 0.1, tol 1e-6,
+one loss + gradient for a batch of 16 (the official batch): 0.5 ms through the potentials
+against 1.2 ms unrolled for the 10 CIFAR-10 prototypes, 0.8 against 2.9 ms for the 100
+CIFAR-100 prototypes, 2.6 against 20 ms for 1,000 meta images (``whole``). The potentials are
+the default; ``gradient="unrolled"`` is kept for comparison.
+
+Departures from the official code, all options (see :class:`otlt.config.ReweightConfig`):
+prototypes are feature means (the code averages pixels: ``pixel_prototype``); the classifier
+loss uses the normalised ``softmax(w_B)`` (the code uses raw ``w``: ``normalize=False``); the
+code passes momentum 0.9 to an optimiser it re-creates every batch, so its momentum never
+acts: the default here is 0, and a nonzero momentum keeps one buffer entry per example,
+updated only when the example is in a batch.
+
+Use from any training loop::
+
+    rw = OTReweighter(train_labels, num_classes)       # class-balanced initial weights
+    rw.set_meta(meta_features, meta_labels)            # once per epoch (or when features move)
+    for x, y, idx in loader:                           # idx: positions in the training set
+        z = model.features(x)
+        weights = rw.step(z.detach(), y, idx)          # one OT step on w; (B,) weights
+        loss = (weights * F.cross_entropy(model.fc(z), y, reduction="none")).sum()
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from otlt.config import REWEIGHT_CHOICES, ReweightConfig
+from otlt.errors import require
+from otlt.losses import class_balanced_weights
+from otlt.transport import entropic_ot_value, sinkhorn
+
+__all__ = ["OTReweighter", "class_prototypes", "ot_reweight_loss", "reweight_cost"]
+
+GRADIENTS = ("potentials", "unrolled")
+_FEATURE_WEIGHT = {"label": 0.0, "feature": 1.0}
+
+
+def reweight_cost(meta_features: Tensor, meta_labels: Tensor, features: Tensor, labels: Tensor,
+                  *, num_classes: int, feature_weight: float = 0.5,
+                  label_distance: str = "mse") -> Tensor:
+    """Return the cost ``(M, B)`` between meta points ``(M, D)`` and a training batch ``(B, D)``.
+
+    ``C_ij = λ (1 − cos(u_i, z_j)) + (1 − λ) d(y_i, y_j)`` with ``λ = feature_weight`` and
+    ``d = ‖e_{y_i} − e_{y_j}‖² / K`` (``"mse"``: 0 or 2/K, the official code) or
+    ``[y_i ≠ y_j]`` (``"binary"``). float64 inputs give float64, anything else float32.
+    """
+    require(label_distance in REWEIGHT_CHOICES["label_distance"],
+            f"label_distance must be one of {', '.join(REWEIGHT_CHOICES['label_distance'])}, "
+            f"got {label_distance!r}")
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    cost = torch.zeros(len(meta_labels), len(labels), dtype=dtype, device=features.device)
+    if feature_weight > 0:
+        u = F.normalize(meta_features.to(dtype), dim=1, eps=1e-8)
+        z = F.normalize(features.to(dtype), dim=1, eps=1e-8)
+        cost = cost + feature_weight * (1.0 - u @ z.T)
+    if feature_weight < 1:
+        step = 2.0 / num_classes if label_distance == "mse" else 1.0
+        differ = meta_labels.to(labels.device)[:, None] != labels[None, :]
+        cost = cost + (1.0 - feature_weight) * step * differ.to(dtype)
+    return cost
+
+
+def ot_reweight_loss(cost: Tensor, nu: Tensor, *, eps: float, max_iter: int = 1000,
+                     tol: float = 1e-6, gradient: str = "potentials") -> Tensor:
+    """Return ``OT_ε(uniform, ν, C)`` for a cost ``(M, B)`` and batch marginal ``ν`` ``(B,)``.
+
+    Differentiable in ``ν``: through the dual potentials (``"potentials"``, envelope theorem,
+    ``∂/∂ν = g``) or by autograd through the Sinkhorn iterations (``"unrolled"``).
+    """
+    require(gradient in GRADIENTS, f"gradient must be one of {', '.join(GRADIENTS)}, "
+                                   f"got {gradient!r}")
+    if gradient == "potentials":
+        return entropic_ot_value(cost, None, nu, eps=eps, max_iter=max_iter, tol=tol)
+    return sinkhorn(cost, None, nu, eps=eps, max_iter=max_iter, tol=tol).objective
+
+
+def class_prototypes(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Return the per-class means ``(K, ...)`` of ``x`` ``(M, ...)`` and their labels ``(K,)``.
+
+    Works on features ``(M, D)`` and on images ``(M, 3, H, W)`` (the official pixel means).
+    """
+    counts = torch.bincount(labels, minlength=num_classes)
+    require(bool((counts > 0).all()), f"every class needs at least one meta example; classes "
+                                      f"{(counts == 0).nonzero().flatten().tolist()} have none")
+    sums = torch.zeros((num_classes, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    sums.index_add_(0, labels.to(x.device), x)
+    shape = (num_classes,) + (1,) * (x.dim() - 1)
+    means = sums / counts.to(x.device, x.dtype).reshape(shape)
+    return means, torch.arange(num_classes, device=labels.device)
+
+
+class OTReweighter:
+    """Per-example weights learned by OT to a balanced meta distribution (Guo et al. 2022).
+
+    Args:
+        labels: ``(N,)`` training labels; the weights live on their device, one per example.
+        num_classes: K.
+        init: ``"class_balanced"`` (``w_i`` = class-balanced weight of ``y_i``, ``beta``,
+            :func:`otlt.losses.class_balanced_weights`) or ``"uniform"`` (all ones).
+        cost: ``"combined"`` (``feature_weight`` on the feature term), ``"label"``, ``"feature"``.
+        label_distance: ``"mse"`` (0 or 2/K, official) or ``"binary"`` (0 or 1).
+        eps: entropic regularisation ε.
+        lr, momentum, weight_decay: the SGD step on ``w`` (momentum per example, lazily).
+        normalize: :meth:`step` returns ``softmax(w_B)`` (True, the paper) or raw ``w_B``.
+        max_iter, tol: Sinkhorn limits (:func:`otlt.transport.sinkhorn`).
+        gradient: ``"potentials"`` (envelope theorem) or ``"unrolled"`` (through the solver).
+    """
+
+    def __init__(self, labels: Tensor, num_classes: int, *, init: str = "class_balanced",
+                 beta: float = 0.9999, cost: str = "combined", feature_weight: float = 0.5,
+                 label_distance: str = "mse", eps: float = 0.1, lr: float = 0.01,
+                 momentum: float = 0.0, weight_decay: float = 5e-4, normalize: bool = True,
+                 max_iter: int = 1000, tol: float = 1e-6,
+                 gradient: str = "potentials") -> None:
+        for name, value in (("init", init), ("cost", cost), ("label_distance", label_distance)):
+            allowed = REWEIGHT_CHOICES[name]
+            require(value in allowed, f"{name} must be one of {', '.join(allowed)}, "
+                                      f"got {value!r}")
+        require(gradient in GRADIENTS, f"gradient must be one of {', '.join(GRADIENTS)}, "
+                                       f"got {gradient!r}")
+        require(eps > 0 and lr > 0, f"eps and lr must be > 0, got eps={eps}, lr={lr}")
+        require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
+        self.labels = labels.long()
+        self.num_classes = num_classes
+        self.feature_weight = _FEATURE_WEIGHT.get(cost, feature_weight)
+        self.label_distance = label_distance
+        self.eps, self.max_iter, self.tol, self.gradient = eps, max_iter, tol, gradient
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.normalize = normalize
+        counts = torch.bincount(self.labels.cpu(), minlength=num_classes)
+        if init == "class_balanced":
+            per_class = class_balanced_weights(counts.clamp_min(1), beta)
+            self.raw = per_class.to(self.labels.device)[self.labels]
+        else:
+            self.raw = torch.ones(len(self.labels), device=self.labels.device)
+        self.momentum_buffer = torch.zeros_like(self.raw) if momentum > 0 else None
+        self.meta_features: Tensor | None = None
+        self.meta_labels: Tensor | None = None
+        self.last_loss = torch.zeros((), device=self.raw.device)
+
+    @classmethod
+    def from_config(cls, cfg: ReweightConfig, labels: Tensor, num_classes: int,
+                    **kwargs: Any) -> OTReweighter:
+        """Build from the ``reweight`` config section."""
+        return cls(labels, num_classes, init=cfg.init, beta=cfg.beta, cost=cfg.cost,
+                   feature_weight=cfg.feature_weight, label_distance=cfg.label_distance,
+                   eps=cfg.eps, lr=cfg.weight_lr, momentum=cfg.weight_momentum,
+                   weight_decay=cfg.weight_decay, normalize=cfg.classifier_weights == "softmax",
+                   max_iter=cfg.max_iter, **kwargs)
+
+    # ---- the meta side -----------------------------------------------------------------
+    def set_meta(self, features: Tensor, labels: Tensor, *, prototypes: bool = True) -> None:
+        """Set the meta distribution: uniform over class prototypes of ``features`` ``(M, D)``
+        (``prototypes=True``) or over the given points themselves."""
+        features = features.detach()
+        if prototypes:
+            features, labels = class_prototypes(features, labels, self.num_classes)
+        self.meta_features, self.meta_labels = features, labels
+
+    # ---- the OT step -------------------------------------------------------------------
+    def ot_loss(self, features: Tensor, labels: Tensor, raw: Tensor) -> Tensor:
+        """Return ``OT_ε(μ, softmax(raw), C)`` for a batch ``(B, D)``, differentiable in ``raw``."""
+        require(self.meta_features is not None, "OTReweighter.set_meta must be called before "
+                                                "the first step (the meta distribution)")
+        cost = reweight_cost(self.meta_features, self.meta_labels, features.detach(), labels,
+                             num_classes=self.num_classes, feature_weight=self.feature_weight,
+                             label_distance=self.label_distance)
+        return ot_reweight_loss(cost, torch.softmax(raw, 0), eps=self.eps,
+                                max_iter=self.max_iter, tol=self.tol, gradient=self.gradient)
+
+    def step(self, features: Tensor, labels: Tensor, indices: Tensor) -> Tensor:
+        """Take one SGD step on the batch's raw weights; return its ``(B,)`` loss weights.
+
+        ``indices`` are the examples' positions in the training set (distinct within a batch).
+        The returned weights are detached: ``softmax(w_B)`` after the step (``normalize``) or
+        the raw ``w_B``. :attr:`last_loss` holds the OT loss before the step.
+        """
+        idx = indices.to(self.raw.device)
+        w = self.raw[idx].clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.ot_loss(features, labels, w)
+            (grad,) = torch.autograd.grad(loss, w)
+        self._sgd(idx, w.detach(), grad.to(w.dtype))
+        self.last_loss = loss.detach()
+        return self.batch_weights(idx)
+
+    def _sgd(self, idx: Tensor, w: Tensor, grad: Tensor) -> None:
+        """``torch.optim.SGD``'s update restricted to the batch's entries."""
+        if self.weight_decay:
+            grad = grad + self.weight_decay * w
+        if self.momentum_buffer is not None:
+            grad = self.momentum * self.momentum_buffer[idx] + grad
+            self.momentum_buffer[idx] = grad
+        self.raw[idx] = w - self.lr * grad
+
+    def batch_weights(self, indices: Tensor) -> Tensor:
+        """Return the loss weights ``(B,)`` of a batch: ``softmax(w_B)`` or raw ``w_B``."""
+        w = self.raw[indices.to(self.raw.device)]
+        return torch.softmax(w, 0) if self.normalize else w.clone()
+
+    # ---- inspection and state ----------------------------------------------------------
+    def class_stats(self) -> dict[str, list[float | None]]:
+        """Per-class mean and standard deviation of the raw weights, and each class's share of
+        ``softmax(w)`` over the whole training set (``None`` for a class without examples)."""
+        k, labels, raw = self.num_classes, self.labels, self.raw.double()
+        counts = torch.bincount(labels, minlength=k).double()
+        mean = torch.zeros(k, dtype=raw.dtype, device=raw.device).index_add_(0, labels, raw)
+        mean = mean / counts.clamp_min(1)
+        sq = torch.zeros_like(mean).index_add_(0, labels, (raw - mean[labels]) ** 2)
+        std = (sq / counts.clamp_min(1)).sqrt()
+        mass = torch.zeros_like(mean).index_add_(0, labels, torch.softmax(raw, 0))
+        present = (counts > 0).tolist()
+
+        def listed(x: Tensor) -> list[float | None]:
+            return [v if ok else None for v, ok in zip(x.tolist(), present, strict=True)]
+
+        return {"weight_class_mean": listed(mean), "weight_class_std": listed(std),
+                "weight_class_mass": listed(mass)}
+
+    def state_dict(self) -> dict[str, Tensor | None]:
+        return {"raw": self.raw.clone(), "momentum_buffer": None if self.momentum_buffer is None
+                else self.momentum_buffer.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
+        raw = state["raw"]
+        if raw is None or raw.shape != self.raw.shape:
+            raise RuntimeError(f"re-weighter state holds {None if raw is None else raw.numel()} "
+                               f"weights, this training set has {self.raw.numel()}")
+        self.raw = raw.to(self.raw.device, self.raw.dtype).clone()
+        buffer = state.get("momentum_buffer")
+        if self.momentum_buffer is not None:
+            self.momentum_buffer = (torch.zeros_like(self.raw) if buffer is None
+                                    else buffer.to(self.raw.device, self.raw.dtype).clone())
