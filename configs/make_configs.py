@@ -5,6 +5,10 @@ committed so ``otlt train --config configs/<name>.yaml`` needs nothing else. Eac
 (240 epochs, the OTmix code's schedule) has a ``_short`` CPU twin: 30 epochs with every
 epoch-valued knob scaled by 30/240; the twins are smoke tests, not reproductions.
 
+Every preset carves the same balanced validation (50 per class on CIFAR-10, 10 on CIFAR-100)
+and meta (10 per class) splits before the long-tailed subsampling, so all methods, including
+OT re-weighting (whose stage 1 is the ERM preset), train on exactly the same images.
+
 ``paper:`` records the reported top-1 error of the row (OTmix paper Tables 1, 3, 4, 6), so
 reports can show it beside ours; it is never used as a result.
 """
@@ -125,7 +129,8 @@ SHORT_EPOCHS, FULL_EPOCHS = 30, 240
 def base(dataset: str, phi: float) -> dict:
     return {"seed": 0,
             "data": {"dataset": dataset, "imbalance_ratio": phi, "profile": "exp",
-                     "val_per_class": 50 if dataset == "cifar10" else 10, "data_seed": 0},
+                     "val_per_class": 50 if dataset == "cifar10" else 10,
+                     "meta_per_class": 10, "data_seed": 0},
             "model": {"name": "resnet32", "head": "linear"},
             "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 2.0e-4, "batch_size": 128,
                       "epochs": FULL_EPOCHS, "schedule": "step", "milestones": [100, 160, 200],
