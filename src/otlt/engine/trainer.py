@@ -361,6 +361,16 @@ class Trainer:
         return result
 
 
+def create_trainer(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
+                   data: LongTailedData | None = None) -> Trainer:
+    """Return the config's trainer: OT re-weighting's stage 2 if ``reweight.stage1`` is set."""
+    if cfg.reweight.stage1 is not None:
+        from otlt.engine.reweight_trainer import Stage2Trainer
+
+        return Stage2Trainer(cfg, run_dir=run_dir, resume=resume, data=data)
+    return Trainer(cfg, run_dir=run_dir, resume=resume, data=data)
+
+
 def _acc(error: float | None) -> float | None:
     return None if error is None else 100.0 - error
 

@@ -1,0 +1,210 @@
+"""Stage 2 of OT re-weighting: alternate the OT step on the example weights and the classifier.
+
+Stage 1 is an ordinary ERM run of the engine on the same data (with ``data.meta_per_class``
+carving the balanced meta set before the long-tailed subsampling). Stage 2 starts from its
+checkpoint (``reweight.stage1``) and, for every batch of the long-tailed training set:
+
+1. features ``z`` of the augmented batch; the weight step of :class:`otlt.reweight.OTReweighter`
+   moves the batch's raw weights ``w_B`` by one SGD step on the OT loss to the meta
+   distribution, whose features are computed once per epoch from one augmented draw of the
+   meta set (as the official code does);
+2. the classifier step: ``L = Σ_i ℓ_i ω_i + meta_coef · mean_meta ℓ`` with ``ω = softmax(w_B)``
+   (or raw ``w_B``), one step of the ``optim`` section's SGD on the trainable parameters.
+
+``reweight.trainable: fc`` (the official code) trains the final layer only; the backbone then
+runs in eval mode under ``no_grad`` (one cheap forward per batch, BatchNorm statistics frozen;
+the official code leaves BatchNorm in train mode, so its frozen backbone's statistics drift)
+and the meta loss reuses the epoch's meta features. ``all`` trains the whole network and
+forwards the meta set every step, as the official code does.
+
+Everything else is the engine's: data on the device, validation each epoch, atomic ``last.pt``
+with exact resume (it adds the raw weights and their momentum), ``metrics.jsonl`` (adds
+``ot_loss``, ``meta_loss`` and the per-class ``weight_class_mean``, ``weight_class_std``,
+``weight_class_mass``), ``final_eval``. ``weights.json`` holds, after the last finished epoch,
+every training example's ``labels``, ``raw`` weight and ``probability`` (softmax of all raw
+weights: the learned training distribution), in training-split order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from otlt.config import RunConfig, to_dict
+from otlt.data.prepare import LongTailedData
+from otlt.engine.checkpoint import load_checkpoint
+from otlt.engine.distributed import is_main_process, unwrap, world_size
+from otlt.engine.trainer import DeviceSplit, Trainer, _autocast
+from otlt.errors import OtltError, require
+from otlt.reweight import OTReweighter, class_prototypes
+
+
+def stage1_checkpoint(path: str) -> Path:
+    """The checkpoint file of ``reweight.stage1`` (a ``last.pt`` or its run directory)."""
+    p = Path(path)
+    return p / "last.pt" if p.is_dir() else p
+
+
+def load_stage1(cfg: RunConfig) -> dict[str, Any]:
+    """Read the finished stage-1 checkpoint and check it matches this run's data and model."""
+    path = stage1_checkpoint(cfg.reweight.stage1)
+    require(path.is_file(), f"reweight.stage1: {path} does not exist (train stage 1 first, "
+                            "e.g. otlt train --config configs/cifar10_lt_r100_ot_reweight_stage1"
+                            ".yaml, or point reweight.stage1 at its last.pt)")
+    state = load_checkpoint(path)
+    first = state["config"]
+    done, total = int(state["epoch"]) + 1, int(first["optim"]["epochs"])
+    require(done >= total, f"stage-1 run {path.parent} stopped after epoch {done} of {total}; "
+                           f"finish it first: otlt train --resume {path.parent}")
+    mine = to_dict(cfg)
+    for section, ignored in (("data", {"path"}), ("model", set())):
+        theirs = first.get(section, {})
+        for key, value in mine[section].items():
+            if key not in ignored and theirs.get(key) != value:
+                raise OtltError(f"stage-1 checkpoint {path} was trained with {section}.{key}="
+                                f"{theirs.get(key)!r}, this config has {value!r}; stage 2 must "
+                                "use stage 1's data and model sections")
+    return state
+
+
+class Stage2Trainer(Trainer):
+    """The engine's :class:`Trainer` running OT re-weighting's stage 2 (``reweight`` section)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
+                 data: LongTailedData | None = None):
+        require(cfg.reweight.stage1 is not None,
+                "Stage2Trainer needs reweight.stage1 (the stage-1 checkpoint)")
+        stage1 = None if resume else load_stage1(cfg)  # before the run directory is created
+        super().__init__(cfg, run_dir=run_dir, resume=resume, data=data)
+        require(world_size() == 1, "OT re-weighting stage 2 runs in one process (the example "
+                                   "weights are not synchronised across ranks)")
+        if stage1 is not None:
+            require(list(stage1["train_counts"]) == list(self.train_counts),
+                    f"stage-1 checkpoint has training counts {stage1['train_counts']}, this "
+                    f"run's data gives {self.train_counts}; did the dataset change?")
+            unwrap(self.model).load_state_dict(stage1["model"])
+
+    def _build_components(self) -> None:
+        super()._build_components()
+        r, o = self.cfg.reweight, self.cfg.optim
+        self.train_all = r.trainable == "all"
+        if not self.train_all:
+            for param in self.model.parameters():
+                param.requires_grad_(False)
+            self.model.fc.requires_grad_(True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum,
+                                         weight_decay=o.weight_decay, nesterov=o.nesterov)
+        self.reweighter = OTReweighter.from_config(r, self.train.labels, self.num_classes)
+        self.meta_split = DeviceSplit(self.data.meta, self.device)
+
+    # ---- state -------------------------------------------------------------------------
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        return {**super().state_dict(epoch), "reweighter": self.reweighter.state_dict()}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        try:
+            self.reweighter.load_state_dict(state["reweighter"])
+        except (KeyError, RuntimeError) as exc:
+            raise OtltError(f"checkpoint in {self.run_dir} is not an OT re-weighting stage-2 "
+                            f"checkpoint of this run ({type(exc).__name__}: {exc})") from None
+
+    def save(self, epoch: int) -> None:
+        super().save(epoch)
+        if is_main_process():
+            raw = self.reweighter.raw
+            _write_json_atomic(self.run_dir / "weights.json", {
+                "epoch": epoch, "labels": self.train.labels.tolist(), "raw": raw.tolist(),
+                "probability": torch.softmax(raw.double(), 0).tolist()})
+
+    # ---- training ----------------------------------------------------------------------
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        self._prepare_meta()
+        self._sums = torch.zeros(2, device=self.device)  # OT loss, meta loss
+        self._steps = 0
+        record = super().train_one_epoch(epoch)
+        ot_loss, meta_loss = (self._sums / max(self._steps, 1)).tolist()
+        return {**record, "ot_loss": ot_loss, "meta_loss": meta_loss,
+                **self.reweighter.class_stats()}
+
+    def _prepare_meta(self) -> None:
+        """Draw this epoch's augmented meta set and give its features to the re-weighter."""
+        x = self.augment(self.meta_split.images, self.generator)
+        y = self.meta_split.labels
+        self.meta_x = self._layout(x)
+        self.meta_z = self._frozen_features(self.meta_x)
+        mode = self.cfg.reweight.meta
+        if mode == "pixel_prototype":
+            images, labels = class_prototypes(x, y, self.num_classes)
+            self.reweighter.set_meta(self._frozen_features(self._layout(images)), labels,
+                                     prototypes=False)
+        else:
+            self.reweighter.set_meta(self.meta_z, y, prototypes=mode == "prototype")
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.train.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+    @torch.no_grad()
+    def _frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled penultimate features ``(N, D)`` in eval mode, float32, without gradients."""
+        was_training = self.model.training
+        self.model.eval()
+        with _autocast(self.device, self.amp_dtype):
+            chunks = x.split(self.cfg.train.eval_batch_size)
+            z = torch.cat([self.model.features(c).float() for c in chunks])
+        self.model.train(was_training)
+        return z
+
+    def _train_step(self, idx: torch.Tensor, mixing: bool) -> tuple[float, float, int]:
+        """Weight step, then classifier step; returns (summed loss, correct, batch size)."""
+        idx = idx.to(self.device)
+        x = self._layout(self.augment(self.train.images[idx], self.generator))
+        y = self.train.labels[idx]
+        if self.train_all:
+            with _autocast(self.device, self.amp_dtype):
+                z = self.model.features(x)
+                logits = self.model.fc(z)
+        else:
+            z = self._frozen_features(x)
+            logits = self.model.fc(z)
+        weights = self.reweighter.step(z.detach().float(), y, idx)
+        meta_loss = self._meta_loss()
+        loss = (self.loss(logits, y) * weights).sum() + self.cfg.reweight.meta_coef * meta_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self._sums += torch.stack([self.reweighter.last_loss.float(), meta_loss.detach()])
+        self._steps += 1
+        correct = (logits.argmax(1) == y).sum()
+        return loss.detach() * len(y), correct.detach().float(), len(y)
+
+    def _meta_loss(self) -> torch.Tensor:
+        """Mean loss on this epoch's meta draw (0 when ``meta_coef`` is 0)."""
+        if self.cfg.reweight.meta_coef == 0:
+            return torch.zeros((), device=self.device)
+        if self.train_all:
+            with _autocast(self.device, self.amp_dtype):
+                logits = self.model(self.meta_x)
+        else:
+            logits = self.model.fc(self.meta_z)
+        return self.loss(logits, self.meta_split.labels).float().mean()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(obj, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
