@@ -22,6 +22,7 @@ from otlt.mixing import (
     otmix_cost,
 )
 from otlt.models import NormedLinear, create_model, list_models
+from otlt.reweight import OTReweighter
 from otlt.transport import OTResult, assignment, entropic_ot_value, sinkhorn
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "NormedLinear",
     "OTMix",
     "OTResult",
+    "OTReweighter",
     "OtltError",
     "Remix",
     "RunConfig",
