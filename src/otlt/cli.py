@@ -1,4 +1,4 @@
-"""Command line: ``otlt train | eval | demo``.
+"""Command line: ``otlt train | eval | demo | report | sweep | bench``.
 
 User mistakes end with one line ``otlt: error: ...`` and exit code 2, never a traceback.
 """
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from otlt.config import apply_overrides as _apply
     from otlt.config import build_config, load_raw
-    from otlt.engine.trainer import Trainer
+    from otlt.engine.trainer import create_trainer
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -132,7 +132,7 @@ def cmd_train(args) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else None
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     cfg = build_config(_apply(raw, overrides))
-    trainer = Trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
+    trainer = create_trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
     print(f"otlt: run directory {trainer.run_dir}  device {trainer.device}  "
           f"amp {trainer.amp_dtype}  train {len(trainer.train)} images "
           f"{trainer.train_counts}", flush=True)
@@ -170,12 +170,12 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from otlt.report import ReportOptions, describe_figures, write_report
+    from otlt.report import ReportOptions, linked_figures, write_report
 
     options = ReportOptions(gallery=args.gallery, gallery_size=args.gallery_size, tsne=args.tsne,
                             tsne_samples=args.tsne_samples, data_path=args.data, seed=args.seed)
     path = write_report(args.run_dirs, args.out, options)
-    print(f"otlt: wrote {path} with {len(describe_figures(path))} figures")
+    print(f"otlt: wrote {path} with {len(linked_figures(path))} figures")
     return 0
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 
 DPI = 110
 RUN_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -66,7 +67,7 @@ def learning_curves(title: str, records: Sequence[dict], path: Path) -> Path:
         plotted |= _series(ax_val, epochs, records, f"val_{group}_acc", group, style)
     ax_val.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
     if plotted:
-        ax_val.legend(fontsize=8, loc="lower right")
+        ax_val.legend(fontsize=8, loc="best")
     else:
         ax_val.text(0.5, 0.5, "no validation split", ha="center", transform=ax_val.transAxes)
     _series(ax_lr, epochs, records, "lr", "lr", "-")
@@ -76,6 +77,7 @@ def learning_curves(title: str, records: Sequence[dict], path: Path) -> Path:
     ax_lr.set(title="learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
     for ax in (ax_loss, ax_val, ax_lr):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -107,6 +109,7 @@ def validation_overlay(runs: Sequence[tuple[str, Sequence[dict]]], path: Path,
         color = colors[i] if colors else run_color(i)
         _series(ax, epochs, records, "val_acc", label, "-", color=color)
     ax.set(title="validation accuracy of every run", xlabel="epoch", ylabel="accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncol=min(len(runs), 2), fontsize=8)
     return _save(fig, path)
@@ -132,14 +135,19 @@ def per_class_bars(classes: Sequence[str], counts: Sequence[int],
     """
     order = count_order(counts)
     k, r = len(classes), max(len(runs), 1)
+    bars = k <= MAX_NAMED_CLASSES  # beyond that, bars get too thin: one line per run
     width = 0.8 / r
-    fig = Figure(figsize=(min(max(8.0, 0.16 * k * r + 3), 26), 4.6), layout="constrained")
+    fig = Figure(figsize=(max(8.0, 0.16 * k * r + 3) if bars else 13.0, 4.6),
+                 layout="constrained")
     ax = fig.subplots()
     x = np.arange(k)
     for i, (label, values) in enumerate(runs):
-        heights = [np.nan if values[c] is None else values[c] for c in order]
+        heights = np.array([np.nan if values[c] is None else values[c] for c in order])
         color = colors[i] if colors else run_color(i)
-        ax.bar(x + (i - (r - 1) / 2) * width, heights, width, label=label, color=color)
+        if bars:
+            ax.bar(x + (i - (r - 1) / 2) * width, heights, width, label=label, color=color)
+        else:
+            ax.plot(x, heights, "-o", ms=2.5, lw=1.0, label=label, color=color)
     _class_ticks(ax, [classes[c] for c in order], [counts[c] for c in order])
     if thresholds is not None:
         _group_boundaries(ax, [counts[c] for c in order], *thresholds)
@@ -184,7 +192,7 @@ def _group_boundaries(ax, sorted_counts: Sequence[int], many: int, few: int) -> 
 
 def _heatmap(ax, matrix: np.ndarray, classes: Sequence[str], *, cmap: str, vmax: float,
              fmt: str | None, ylabel: str, xlabel: str, row_labels: Sequence[str] | None = None,
-             col_labels: Sequence[str] | None = None):
+             col_labels: Sequence[str] | None = None, blank_zero: bool = True):
     k_rows, k_cols = matrix.shape
     image = ax.imshow(matrix, cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
     rows = list(row_labels) if row_labels is not None else list(classes)
@@ -201,7 +209,7 @@ def _heatmap(ax, matrix: np.ndarray, classes: Sequence[str], *, cmap: str, vmax:
         for i in range(k_rows):
             for j in range(k_cols):
                 text = format(matrix[i, j], fmt)
-                if float(text) == 0:
+                if blank_zero and float(text) == 0:
                     continue  # blank zero cells so the structure stands out
                 r, g, b, _ = image.cmap(image.norm(matrix[i, j]))
                 dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
@@ -273,7 +281,7 @@ def transport_plan(plan: dict, classes: Sequence[str], path: Path, title: str) -
     ax_cost, ax_plan = fig.subplots(1, 2)
     image = _heatmap(ax_cost, cost, classes, cmap="magma_r", vmax=max(float(cost.max()), 1e-9),
                      fmt=".2f", ylabel="foreground image", xlabel="background image",
-                     row_labels=rows, col_labels=cols)
+                     row_labels=rows, col_labels=cols, blank_zero=False)
     fig.colorbar(image, ax=ax_cost, shrink=0.8, label="cost $C_{ij}$ (eq. 7)")
     ax_cost.set_title("cost")
     scaled = t * m  # uniform marginals: every row of M·T sums to 1

@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ import yaml
 
 from otlt import plots
 from otlt.errors import OtltError, require
+
+if TYPE_CHECKING:  # the engine and data modules load only for --gallery / --tsne
+    from otlt.config import RunConfig
+    from otlt.data.prepare import LongTailedData
 
 #: config keys that name or place a run rather than define it (ignored by sweep detection)
 IGNORED_KEYS = ("name", "out_dir", "data.path", "train.device", "train.amp", "train.progress",
@@ -75,7 +79,9 @@ class RunData:
         loss = (self.config.get("loss") or {}).get("name", "?")
         mix = (self.config.get("mix") or {}).get("name", "none")
         model = (self.config.get("model") or {}).get("name", "?")
-        return f"{model}, {loss}" + ("" if mix in (None, "none") else f" + {mix}")
+        reweight = (self.config.get("reweight") or {}).get("stage1")
+        return (f"{model}, {loss}" + ("" if mix in (None, "none") else f" + {mix}")
+                + (" + OT re-weighting" if reweight else ""))
 
     @property
     def paper(self) -> dict[str, Any]:
@@ -316,7 +322,8 @@ def _ignored(key: str) -> bool:
 # ---------------------------------------------------------------------- from checkpoints
 
 
-def load_trained(run_dir: Path, data_path: str | None = None, device: str = "cpu"):
+def load_trained(run_dir: Path, data_path: str | None = None, device: str = "cpu"
+                 ) -> tuple[RunConfig, dict[str, Any], LongTailedData, torch.nn.Module]:
     """Load a run's config, checkpoint, data and model (eval mode) for gallery and t-SNE."""
     from otlt.config import build_config
     from otlt.data.prepare import prepare_data
@@ -355,52 +362,66 @@ def mixed_pairs(run_dir: Path, n: int = 8, data_path: str | None = None, seed: i
 
     OTmix is built from the config's ``mix.params`` with ``ot_probability = 1`` (an OT
     epoch) and the confusion matrix of the trained model on the validation split (eq. 6).
-    Images are not augmented, so the pictures show the dataset's images.
+    Images are not augmented, so the pictures show the dataset's images; the plan is made
+    on normalised images (what the model sees) and applied to the displayable ones.
     """
     from otlt.data.augment import eval_transform
-    from otlt.data.samplers import sample_weights
-    from otlt.engine.trainer import DeviceSplit, evaluate
-    from otlt.mixing import create_mixer
 
     cfg, state, data, model = load_trained(run_dir, data_path, device)
     require(cfg.mix.name != "none", f"--gallery needs a mixing run; {run_dir} has mix.name none")
+    generator = torch.Generator().manual_seed(seed)
+    mixer = _trained_mixer(cfg, state["train_counts"], model, data, device, generator)
+    (xb, yb), fore = _draw_batches(cfg, data, mixer, device, generator)
+    xf, yf = fore if fore is not None else (None, None)
+    context = {"model": model, "amp_dtype": None} if mixer.uses_context else {}
+    with torch.no_grad():
+        plan = mixer.plan(eval_transform(xb), yb, None if xf is None else eval_transform(xf),
+                          yf, generator=generator, **context)
+        mixed = mixer.apply(plan, _unit(xb), yb, None if xf is None else _unit(xf), yf)
+    rows = _pick_rows(plan.mixed, mixed.targets_b, n)
+    partner = _unit(xb if xf is None else xf)
+    take = rows.to(device)
+    return Gallery(fore=_hwc(partner[plan.partner[rows].to(device)]),
+                   back=_hwc(_unit(xb)[plan.base_index[rows].to(device)]),
+                   mixed=_hwc(mixed.images[take]), fore_labels=mixed.targets_b[take].tolist(),
+                   back_labels=mixed.targets_a[take].tolist(), lams=mixed.lam[take].tolist(),
+                   ot=bool(getattr(mixer, "ot_epoch", False)))
+
+
+def _trained_mixer(cfg, train_counts: Sequence[int], model: torch.nn.Module, data,
+                   device: str, generator: torch.Generator):
+    """The run's mixer in the state of a late OT epoch: validation confusion of the trained
+    model (OTmix's ``F``), ``ot_probability = 1``."""
+    from otlt.engine.trainer import DeviceSplit, evaluate
+    from otlt.mixing import create_mixer
+
     params = dict(cfg.mix.params)
     if cfg.mix.name == "otmix":
         params["ot_probability"] = 1.0
-    mixer = create_mixer(cfg.mix.name, class_counts=state["train_counts"], **params)
-    generator = torch.Generator().manual_seed(seed)
+    mixer = create_mixer(cfg.mix.name, class_counts=train_counts, **params)
     if hasattr(mixer, "update_confusion") and len(data.val):
         confusion = evaluate(model, DeviceSplit(data.val, torch.device(device)), cfg.num_classes,
                              cfg.train.eval_batch_size, None, channels_last=False)
         mixer.update_confusion(confusion)
     if hasattr(mixer, "set_epoch"):
         mixer.set_epoch(cfg.optim.epochs - 1, cfg.optim.epochs, generator=generator)
+    return mixer
+
+
+def _draw_batches(cfg, data, mixer, device: str, generator: torch.Generator):
+    """A uniform background batch and, for CMO/OTmix, a class-weighted foreground batch
+    (``q_k ∝ n_k^-r``, ``r = mix.sampler_r``), as uint8 ``(B, H, W, 3)`` and labels."""
+    from otlt.data.samplers import sample_weights
+    from otlt.engine.trainer import DeviceSplit
+
     train = DeviceSplit(data.train, torch.device(device))
     size = min(cfg.optim.batch_size, len(train))
-    back_idx = torch.randperm(len(train), generator=generator)[:size].to(device)
-    xb, yb = train.images[back_idx], train.labels[back_idx]
-    if getattr(mixer, "needs_partner_batch", False):
-        weights = sample_weights(data.train.labels, cfg.mix.sampler_r)
-        fore_idx = torch.multinomial(weights, size, replacement=True,
-                                     generator=generator).to(device)
-        xf, yf = train.images[fore_idx], train.labels[fore_idx]
-        norm_partner, show_partner = eval_transform(xf), _unit(xf)
-    else:
-        xf = yf = norm_partner = show_partner = None
-    context = {"model": model, "amp_dtype": None} if mixer.uses_context else {}
-    with torch.no_grad():
-        plan = mixer.plan(eval_transform(xb), yb, norm_partner, yf, generator=generator,
-                          **context)
-        mixed = mixer.apply(plan, _unit(xb), yb, show_partner, None if yf is None else yf)
-    rows = _pick_rows(plan.mixed, mixed.targets_b, n)
-    partner_images = show_partner if show_partner is not None else _unit(xb)
-    fore = partner_images[plan.partner[rows].to(device)]
-    back = _unit(xb)[plan.base_index[rows].to(device)]
-    return Gallery(fore=_hwc(fore), back=_hwc(back), mixed=_hwc(mixed.images[rows.to(device)]),
-                   fore_labels=mixed.targets_b[rows.to(device)].tolist(),
-                   back_labels=mixed.targets_a[rows.to(device)].tolist(),
-                   lams=mixed.lam[rows.to(device)].tolist(),
-                   ot=bool(getattr(mixer, "ot_epoch", False)))
+    back = torch.randperm(len(train), generator=generator)[:size].to(device)
+    if not getattr(mixer, "needs_partner_batch", False):
+        return (train.images[back], train.labels[back]), None
+    weights = sample_weights(data.train.labels, cfg.mix.sampler_r)
+    fore = torch.multinomial(weights, size, replacement=True, generator=generator).to(device)
+    return (train.images[back], train.labels[back]), (train.images[fore], train.labels[fore])
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
@@ -477,13 +498,11 @@ class _Report:
         self.colors = {r.label: plots.run_color(i) for i, r in enumerate(runs)}
         self.figures = self.out / "figures"
         self.lines: list[str] = []
-        self.written: list[Path] = []
 
     def figure_path(self, name: str) -> Path:
         return self.figures / f"{slug(name)}.png"
 
     def image(self, path: Path, alt: str) -> None:
-        self.written.append(path)
         self.lines += [f"![{alt}]({path.relative_to(self.out).as_posix()})", ""]
 
     def add(self, *lines: str) -> None:
@@ -508,13 +527,12 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path,
     report = _Report(out, runs)
     report.add("# otlt report", "",
                f"{len(runs)} run(s). Errors are top-1 test errors in percent at the last "
-               "epoch (lower is better), read from each run's `eval.json`; many / medium / "
-               "few: classes with more than 100, 20 to 100, fewer than 20 training images "
-               "(the run's thresholds).", "")
+               "epoch (lower is better), read from each run's `eval.json`; "
+               f"{_groups_sentence(runs)}", "")
     _section_table(report, runs)
     _section_sweep(report, runs)
     _section_curves(report, runs)
-    datasets = _by_dataset(runs)
+    datasets = by_dataset([r for r in runs if r.eval and r.eval.get("per_class_accuracy")])
     for classes, group in datasets:
         _section_per_class(report, classes, group, many_groups=len(datasets) > 1)
     _section_otmix(report, runs)
@@ -526,6 +544,17 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path,
     path = out / "report.md"
     path.write_text("\n".join(report.lines).rstrip() + "\n")
     return path
+
+
+def _groups_sentence(runs: Sequence[RunData]) -> str:
+    """How many / medium / few were defined (the thresholds stored in ``eval.json``)."""
+    found = {(t.get("many"), t.get("few")) for r in runs if r.eval
+             for t in [r.eval.get("shot_thresholds") or {}] if t}
+    if len(found) != 1:
+        return "many / medium / few thresholds: see each run's `eval.json` (`shot_thresholds`)."
+    many, few = found.pop()
+    return (f"many / medium / few: classes with more than {many}, {few} to {many}, fewer "
+            f"than {few} training images.")
 
 
 def _section_table(report: _Report, runs: Sequence[RunData]) -> None:
@@ -586,12 +615,12 @@ def _section_curves(report: _Report, runs: Sequence[RunData]) -> None:
         report.image(path, f"learning curves of {run.label}")
 
 
-def _by_dataset(runs: Sequence[RunData]) -> list[tuple[list[str], list[RunData]]]:
-    """Group evaluated runs that share classes and training counts (comparable bars)."""
+def by_dataset(runs: Sequence[RunData]) -> list[tuple[list[str], list[RunData]]]:
+    """Group runs that share class names and training counts (their per-class figures are
+    comparable), in the order they were given."""
     groups: dict[tuple, list[RunData]] = {}
     for run in runs:
-        if run.eval and run.eval.get("per_class_accuracy"):
-            groups.setdefault((tuple(run.classes), tuple(run.counts)), []).append(run)
+        groups.setdefault((tuple(run.classes), tuple(run.counts)), []).append(run)
     return [(list(key[0]), group) for key, group in groups.items()]
 
 
@@ -629,35 +658,41 @@ def _section_otmix(report: _Report, runs: Sequence[RunData]) -> None:
     report.add("## OTmix: mixing statistics and transport plans", "",
                "Mixing statistics: mixed images per (foreground class, background class) in "
                "one epoch, from `metrics.jsonl` `mix_pairs` (paper Fig. 9). Transport plan: "
-               "one sampled batch from `plans/` (paper Fig. 3).", "")
+               "one sampled batch from `plans/` (paper Fig. 3; a run writes them at the epochs "
+               "in `mix.params.plan_epochs`).", "")
     for run in otmix:
-        classes = run.classes
-        stats = mix_statistics(run.metrics)
-        if stats:
-            panels = [(f"{kind}, epoch {epoch + 1}", matrix) for kind, epoch, matrix in stats]
-            names = _names_for(classes, len(stats[0][2]))
-            path = plots.mix_pair_matrices(panels, names,
-                                           report.figure_path(f"mix_pairs_{run.label}"))
-            report.add(f"### {run.label}", "")
-            report.image(path, f"mixing statistics of {run.label}")
-        plans_ = run.plan_files()
-        if plans_:
-            plan = _read_json(plans_[-1]) or {}
-            if {"cost", "plan", "fore_labels", "back_labels"} <= set(plan):
-                epoch = int(plan.get("epoch", -1)) + 1
-                title = (f"{run.label}: sampled batch, epoch {epoch} "
-                         f"(eps={plan.get('eps', '?')}, omega={plan.get('omega', '?')})")
-                names = _names_for(classes, 1 + max(plan["fore_labels"] + plan["back_labels"]))
-                path = plots.transport_plan(plan, names,
-                                            report.figure_path(f"plan_{run.label}"), _wrap(title))
-                if not stats:
-                    report.add(f"### {run.label}", "")
-                report.image(path, f"transport plan of {run.label}")
-                if len(plans_) > 1:
-                    report.add(f"({len(plans_)} sampled plans in `{run.path / 'plans'}`; "
-                               f"the last is shown.)", "")
-        if not stats and not plans_:
-            report.add(f"### {run.label}", "", "No mixed epoch logged yet.", "")
+        report.add(f"### {run.label}", "")
+        shown = _mix_pairs_figure(report, run) + _plan_figure(report, run)
+        if not shown:
+            report.add("No mixed epoch or sampled plan logged yet.", "")
+
+
+def _mix_pairs_figure(report: _Report, run: RunData) -> int:
+    stats = mix_statistics(run.metrics)
+    if not stats:
+        return 0
+    panels = [(f"{kind}, epoch {epoch + 1}", matrix) for kind, epoch, matrix in stats]
+    path = plots.mix_pair_matrices(panels, _names_for(run.classes, len(stats[0][2])),
+                                   report.figure_path(f"mix_pairs_{run.label}"))
+    report.image(path, f"mixing statistics of {run.label}")
+    return 1
+
+
+def _plan_figure(report: _Report, run: RunData) -> int:
+    files = run.plan_files()
+    plan = _read_json(files[-1]) if files else None
+    if not plan or not {"cost", "plan", "fore_labels", "back_labels"} <= set(plan):
+        return 0
+    title = (f"{run.label}: sampled batch, epoch {int(plan.get('epoch', -1)) + 1} "
+             f"(eps={plan.get('eps', '?')}, omega={plan.get('omega', '?')})")
+    names = _names_for(run.classes, 1 + max(plan["fore_labels"] + plan["back_labels"]))
+    path = plots.transport_plan(plan, names, report.figure_path(f"plan_{run.label}"),
+                                _wrap(title))
+    report.image(path, f"transport plan of {run.label}")
+    if len(files) > 1:
+        report.add(f"({len(files)} sampled plans in `{run.path / 'plans'}`; the last is "
+                   "shown.)", "")
+    return 1
 
 
 def _wrap(text: str, width: int = 90) -> str:
@@ -670,37 +705,27 @@ def _names_for(classes: Sequence[str], k: int) -> list[str]:
 
 
 def _section_weights(report: _Report, runs: Sequence[RunData]) -> None:
-    series = []
-    for run in runs:
-        found = class_weight_series(run.metrics, len(run.classes), run.classes)
-        if found is not None:
-            series.append((run, *found))
-    if not series:
+    found = {r.label: class_weight_series(r.metrics, len(r.classes), r.classes) for r in runs}
+    weighted = [r for r in runs if found[r.label] is not None]
+    scalars = {r.label: scalar_weight_stats(r.metrics) for r in runs}
+    if not weighted and not any(scalars.values()):
         return
     report.add("## Re-weighting: learned weights per class", "",
                "Per-class statistic of the learned example weights, from `metrics.jsonl` "
                "(the last epoch that logged one).", "")
-    for (classes, counts), group in _group_series(series):
-        name = ", ".join(sorted({key for _, key, _, _ in group}))
+    for classes, group in by_dataset(weighted):
+        name = ", ".join(sorted({found[r.label][0] for r in group}))
         path = plots.per_class_bars(
-            classes, counts, [(f"{run.label} (epoch {epoch + 1})", values)
-                              for run, _, epoch, values in group],
-            report.figure_path(f"class_weights_{slug(group[0][0].label)}"),
-            title=f"learned weight per class ({name})", ylabel=name)
+            classes, group[0].counts,
+            [(f"{r.label} (epoch {found[r.label][1] + 1})", found[r.label][2]) for r in group],
+            report.figure_path(f"class_weights_{slug(group[0].label)}"),
+            title=f"learned weight per class ({name})", ylabel=name,
+            colors=[report.colors[r.label] for r in group])
         report.image(path, "learned weight per class")
-    for run in runs:
-        stats = scalar_weight_stats(run.metrics)
+    for label, stats in scalars.items():
         if stats:
-            report.add(f"{run.label}: " + ", ".join(f"`{k}` {v:.4g}"
-                                                   for k, v in sorted(stats.items())), "")
-
-
-def _group_series(series):
-    groups: dict[tuple, list] = {}
-    for item in series:
-        run = item[0]
-        groups.setdefault((tuple(run.classes), tuple(run.counts)), []).append(item)
-    return [((list(k[0]), list(k[1])), v) for k, v in groups.items()]
+            report.add(f"{label}: " + ", ".join(f"`{k}` {v:.4g}" for k, v in sorted(stats.items())),
+                       "")
 
 
 def _section_gallery(report: _Report, runs: Sequence[RunData], options: ReportOptions) -> None:
@@ -722,7 +747,8 @@ def _section_gallery(report: _Report, runs: Sequence[RunData], options: ReportOp
         kind = "OT-chosen backgrounds" if g.ot else "random backgrounds"
         path = plots.mixed_gallery(g.fore, g.back, g.mixed, g.fore_labels, g.back_labels,
                                    g.lams, run.classes, report.figure_path(f"gallery_{run.label}"),
-                                   title=f"{run.label}: {kind}")
+                                   title=f"{run.label}: {kind}; λ = the background's share "
+                                         "of the pixels and of the label")
         report.image(path, f"mixed images of {run.label}")
 
 
@@ -732,9 +758,7 @@ def _section_tsne(report: _Report, runs: Sequence[RunData], options: ReportOptio
     if not with_ckpt:
         report.add("No run has a `last.pt`.", "")
         return
-    report.add(f"t-SNE of the pooled penultimate features of {options.tsne_samples} random "
-               "test images (scikit-learn), coloured by class (paper Fig. 4).", "")
-    for classes, group in _by_classes(with_ckpt):
+    for classes, group in by_dataset(with_ckpt):
         panels = []
         for run in group:
             emb, labels = tsne_embedding(run.path, options.tsne_samples, options.data_path,
@@ -742,17 +766,12 @@ def _section_tsne(report: _Report, runs: Sequence[RunData], options: ReportOptio
             panels.append((run.label, emb, labels))
         path = plots.tsne_panels(panels, classes, group[0].counts,
                                  report.figure_path(f"tsne_{slug(group[0].label)}"))
+        report.add(f"t-SNE of the pooled penultimate features of {len(panels[0][1])} random "
+                   "test images (scikit-learn), coloured by class (paper Fig. 4).", "")
         report.image(path, "t-SNE of test features")
 
 
-def _by_classes(runs: Sequence[RunData]) -> list[tuple[list[str], list[RunData]]]:
-    groups: dict[tuple, list[RunData]] = {}
-    for run in runs:
-        groups.setdefault((tuple(run.classes), tuple(run.counts)), []).append(run)
-    return [(list(k[0]), v) for k, v in groups.items()]
-
-
-def describe_figures(report_path: Path) -> list[Path]:
+def linked_figures(report_path: Path) -> list[Path]:
     """The PNG files a report links, in order (for messages and tests)."""
     text = Path(report_path).read_text()
     return [Path(report_path).parent / m for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)]
@@ -765,8 +784,9 @@ __all__ = [
     "Sweep",
     "class_weight_series",
     "comparison_rows",
+    "by_dataset",
     "comparison_table",
-    "describe_figures",
+    "linked_figures",
     "detect_sweep",
     "flatten",
     "load_run",

@@ -95,7 +95,7 @@ def _same_config(stored: Path, cfg: RunConfig) -> bool:
 def run_sweep(runs: Sequence[SweepRun], log: Callable[[str], None] = print) -> list[Path]:
     """Train every run of a sweep in turn (skip done ones, resume partial ones); return the
     run directories."""
-    from otlt.engine.trainer import Trainer
+    from otlt.engine.trainer import create_trainer
 
     for run in runs:
         stored = run.run_dir / "config.yaml"
@@ -111,7 +111,7 @@ def run_sweep(runs: Sequence[SweepRun], log: Callable[[str], None] = print) -> l
         if state == "new":
             _clear_unstarted(run.run_dir)
         log(f"{head}: {'resuming' if state == 'partial' else 'training'}")
-        Trainer(run.config, run_dir=run.run_dir, resume=state == "partial").fit()
+        create_trainer(run.config, run_dir=run.run_dir, resume=state == "partial").fit()
     return [run.run_dir for run in runs]
 
 

@@ -1,0 +1,390 @@
+"""Reports, figures and sweeps: from synthetic and tiny real run directories to report.md."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import TINY_CLASSES, tiny_overrides
+from otlt import plots
+from otlt.cli import main
+from otlt.errors import OtltError
+from otlt.report import (
+    class_weight_series,
+    comparison_rows,
+    detect_sweep,
+    linked_figures,
+    load_runs,
+    mix_statistics,
+    mixed_pairs,
+    write_report,
+)
+from otlt.sweep import parse_values, plan_sweep, run_sweep
+
+K = 10
+COUNTS = [500, 300, 180, 110, 65, 40, 24, 14, 8, 5]
+
+
+# ---------------------------------------------------------------------- synthetic runs
+
+
+def _confusion(rng: np.random.Generator, per_class: int = 20) -> list[list[int]]:
+    """A random confusion matrix with ``per_class`` test images per true class."""
+    rows = []
+    for k in range(K):
+        correct = int(rng.integers(per_class // 4, per_class + 1))
+        wrong = rng.multinomial(per_class - correct, np.ones(K - 1) / (K - 1)).tolist()
+        rows.append(wrong[:k] + [correct] + wrong[k:])
+    return rows
+
+
+def _eval(confusion: list[list[int]]) -> dict:
+    """eval.json as the trainer writes it (metrics.summarize on the confusion matrix)."""
+    import torch
+
+    from otlt.metrics import summarize
+
+    return {"split": "test", "epoch": 5, "classes": TINY_CLASSES,
+            **summarize(torch.tensor(confusion), COUNTS, many=100, few=20)}
+
+
+def make_run(root: Path, name: str, seed: int, *, mix: str = "none", omega: float = 0.05,
+             lr: float = 0.1,
+             paper: float | None = None, weights: bool = False, finished: bool = True,
+             epochs: int = 6) -> Path:
+    """Write config.yaml, splits.json, metrics.jsonl, eval.json and (OTmix) plans/."""
+    rng = np.random.default_rng(seed)
+    run = root / name
+    (run / "plans").mkdir(parents=True)
+    config = {"name": name, "seed": 0, "out_dir": str(root),
+              "data": {"dataset": "folder", "num_classes": K, "imbalance_ratio": 100.0},
+              "model": {"name": "resnet20"}, "optim": {"epochs": epochs, "lr": lr},
+              "loss": {"name": "ce", "params": {}},
+              "mix": {"name": mix, "params": {"omega": omega, "eps": 0.01} if mix == "otmix"
+                      else {}},
+              "paper": None if paper is None else {"table": "OTmix Table 1", "row": "OTmix + ERM",
+                                                  "top1_error": paper}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (run / "splits.json").write_text(json.dumps({"classes": TINY_CLASSES,
+                                                 "counts": {"train": COUNTS}}))
+    records = []
+    for epoch in range(epochs if finished else epochs - 2):
+        r = {"epoch": epoch, "lr": 0.1 if epoch < 4 else 0.01,
+             "train_loss": 2.0 / (epoch + 1), "train_acc": 30.0 + 10 * epoch,
+             "val_acc": 40.0 + 5 * epoch, "val_many_acc": 50.0 + 5 * epoch,
+             "val_medium_acc": 30.0 + 5 * epoch, "val_few_acc": 10.0 + 5 * epoch,
+             "epoch_seconds": 1.5}
+        if mix == "otmix":
+            pairs = rng.integers(0, 30, (K, K)) if 0 < epoch < epochs - 1 else np.zeros((K, K))
+            r.update({"ot_epoch": epoch >= 3, "mix_pairs": pairs.astype(int).tolist(),
+                      "ot_batch_fraction": 1.0 if epoch >= 3 else 0.0})
+        if weights:
+            r["weight_class_mean"] = (1.0 / np.asarray(COUNTS) * (1 + 0.1 * epoch)).tolist()
+            r["weight_entropy"] = 3.0 - 0.1 * epoch
+        records.append(r)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if mix == "otmix":
+        m = 6
+        cost = rng.uniform(0, 2, (m, m))
+        plan = rng.dirichlet(np.ones(m), m) / m
+        for epoch in (2, 4):
+            (run / "plans" / f"epoch_{epoch:04d}.json").write_text(json.dumps({
+                "epoch": epoch, "eps": 0.01, "omega": omega,
+                "fore_labels": rng.integers(0, K, m).tolist(),
+                "back_labels": rng.integers(0, K, m).tolist(),
+                "cost": cost.tolist(), "plan": plan.tolist(),
+                "argmax": plan.argmax(1).tolist()}))
+    if finished:
+        (run / "eval.json").write_text(json.dumps(_eval(_confusion(rng))))
+    return run
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> tuple[list[Path], Path]:
+    """Four synthetic runs (ERM, OTmix with a paper row, re-weighting, unfinished) and the
+    report written from them (written once: figures take a while)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    runs = [make_run(root / "runs", "erm", 1),
+            make_run(root / "runs", "erm_otmix", 2, mix="otmix", paper=21.7),
+            make_run(root / "runs", "ot_reweight", 3, weights=True),
+            make_run(root / "runs", "unfinished", 4, finished=False)]
+    return runs, write_report(runs, root / "out")
+
+
+def assert_png(path: Path, min_side: int = 300) -> tuple[int, int]:
+    """The file is a PNG that PIL can decode, of a sane size; returns (width, height)."""
+    assert path.is_file(), path
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()
+        width, height = image.size
+    assert min_side <= width <= 4000 and min_side <= height <= 4000, (path, image.size)
+    return width, height
+
+
+# ---------------------------------------------------------------------- numbers
+
+
+def test_table_numbers_equal_eval_json(synthetic):
+    synthetic_runs, report = synthetic
+    runs = load_runs(synthetic_runs)
+    rows = comparison_rows(runs)
+    for run_dir, row in zip(synthetic_runs, rows, strict=True):
+        path = run_dir / "eval.json"
+        if not path.exists():
+            assert row["top1_error"] is None and row["delta"] is None
+            continue
+        e = json.loads(path.read_text())
+        for key in ("top1_error", "many_error", "medium_error", "few_error"):
+            assert row[key] == e[key], (run_dir.name, key)
+    ot = rows[1]
+    assert ot["paper_top1_error"] == 21.7
+    assert ot["delta"] == pytest.approx(ot["top1_error"] - 21.7)
+
+    text = report.read_text()
+    table = text.split("## Results")[1].split("\n\n")[1]
+    for run_dir in synthetic_runs[:3]:
+        e = json.loads((run_dir / "eval.json").read_text())
+        line = next(x for x in table.splitlines() if x.startswith(f"| {run_dir.name} |"))
+        numbers = [float(v) for v in re.findall(r"(?<![\w.])[+-]?\d+\.\d\d(?!\d)", line)]
+        expected = [round(e[k], 2) for k in ("top1_error", "many_error", "medium_error",
+                                             "few_error")]
+        assert numbers[:4] == expected, line
+    unfinished = next(x for x in table.splitlines() if x.startswith("| unfinished |"))
+    assert "| 4/6 |" in unfinished and unfinished.count("–") >= 4
+
+
+def test_mix_statistics_pick_last_ot_and_last_random_epoch_with_pairs(synthetic):
+    metrics = load_runs([synthetic[0][1]])[0].metrics
+    stats = mix_statistics(metrics)
+    assert [(kind, epoch) for kind, epoch, _ in stats] == [
+        ("random pairing (CMO-like)", 2), ("OT pairing", 4)]  # epoch 5 mixed nothing
+    assert stats[1][2] == metrics[4]["mix_pairs"]
+
+
+def test_class_weights_read_defensively():
+    counts = [3.0, 2.0, 1.0]
+    metrics = [{"epoch": 0, "weight_class_mean": counts, "weight_entropy": 1.0},
+               {"epoch": 1, "weight_per_class_max": [9.0, 9.0, 9.0],
+                "weight_class_mean": {"b": 5.0, "a": 4.0}, "weight_bad": [1, "x", 2]},
+               {"epoch": 2, "train_loss": 1.0}]
+    key, epoch, values = class_weight_series(metrics, 3, ["a", "b", "c"])
+    assert (key, epoch, values) == ("weight_class_mean", 1, [4.0, 5.0, None])
+    assert class_weight_series([{"weight_x": [1.0, 2.0]}], 3) is None  # wrong length
+    assert class_weight_series([{"epoch": 0, "train_loss": 1.0}], 3) is None
+
+
+def test_detect_sweep_needs_exactly_one_differing_numeric_key(tmp_path):
+    root = tmp_path / "runs"
+    runs = [make_run(root, f"ot_omega={w}", i, mix="otmix", omega=w)
+            for i, w in enumerate([0.5, 0.0, 0.05])]
+    sweep = detect_sweep(load_runs(runs))
+    assert sweep is not None and sweep.key == "mix.params.omega"
+    assert sweep.values == [0.0, 0.05, 0.5]
+    assert [r.label for r in sweep.runs] == ["ot_omega=0.0", "ot_omega=0.05", "ot_omega=0.5"]
+    other = make_run(root, "erm", 9)  # differs in mix.name too: not a sweep
+    assert detect_sweep(load_runs([*runs, other])) is None
+    assert detect_sweep(load_runs(runs[:1])) is None
+
+
+# ---------------------------------------------------------------------- figures
+
+
+def test_report_writes_every_figure_with_relative_links(synthetic):
+    path = synthetic[1]
+    out = path.parent
+    text = path.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links and all(not Path(link).is_absolute() and link.startswith("figures/")
+                         for link in links)
+    names = {Path(link).name for link in links}
+    for expected in ("validation_accuracy.png", "curves_erm.png", "curves_unfinished.png",
+                     "per_class_accuracy.png", "confusion.png", "mix_pairs_erm_otmix.png",
+                     "plan_erm_otmix.png", "class_weights_ot_reweight.png"):
+        assert expected in names, expected
+    for figure in linked_figures(path):
+        assert_png(figure)
+    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(names)
+    assert "OTmix Table 1, OTmix + ERM" in text
+    assert "`weight_entropy` 2.5" in text
+    assert "Sweep" not in text
+
+
+def test_per_class_bars_order_classes_by_training_count(tmp_path):
+    counts = [5, 500, 40]
+    path = plots.per_class_bars(["c", "a", "b"], counts, [("run", [10.0, 90.0, None])],
+                                tmp_path / "bars.png", title="t", thresholds=(100, 20))
+    assert list(plots.count_order(counts)) == [1, 2, 0]
+    assert_png(path)
+
+
+def test_figures_scale_to_a_hundred_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    classes = [f"c{k}" for k in range(100)]
+    counts = sorted(rng.integers(5, 500, 100).tolist(), reverse=True)
+    conf = rng.integers(0, 5, (100, 100)) + np.eye(100, dtype=int) * 50
+    bars = plots.per_class_bars(classes, counts, [("a", rng.uniform(0, 100, 100).tolist()),
+                                                  ("b", rng.uniform(0, 100, 100).tolist())],
+                                tmp_path / "bars.png", title="t", thresholds=(100, 20))
+    mats = plots.confusion_matrices([("a", conf.tolist())], classes, tmp_path / "conf.png")
+    width, _ = assert_png(bars)
+    assert width > 1200  # wide enough for 200 bars
+    assert_png(mats)
+    assert plots.normalize_rows(conf).sum(1) == pytest.approx(np.ones(100))
+
+
+def test_sweep_section_and_plot(tmp_path):
+    root = tmp_path / "runs"
+    runs = [make_run(root, f"erm_optim.lr={v}", i, lr=v) for i, v in enumerate([0.2, 0.05, 0.1])]
+    path = write_report(runs, tmp_path / "out")
+    text = path.read_text()
+    assert "## Sweep over `optim.lr`" in text
+    sweep_png = tmp_path / "out" / "figures" / "sweep_optim.lr.png"
+    assert_png(sweep_png)
+    for run in runs:
+        e = json.loads((run / "eval.json").read_text())
+        assert f"| {run.name} | {e['top1_error']:.2f} |" in text
+    order = [text.index(f"| {v} | erm_optim.lr={v} |") for v in (0.05, 0.1, 0.2)]
+    assert order == sorted(order)
+
+
+def test_tsne_without_scikit_learn_is_a_clear_error(synthetic, monkeypatch):
+    from otlt.report import tsne_embedding
+
+    monkeypatch.setitem(sys.modules, "sklearn.manifold", None)
+    with pytest.raises(OtltError, match="scikit-learn"):
+        tsne_embedding(synthetic[0][0])
+
+
+def test_bad_run_directory_is_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not an otlt run directory" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------- real tiny runs
+
+
+def _set(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def otmix_run(tiny_zip, tmp_path_factory) -> Path:
+    """One epoch of resnet20 + OTmix on the tiny zip, mixing every batch (an OT epoch:
+    P(OT) = (t/T)^mu = 1 for the last epoch)."""
+    out = tmp_path_factory.mktemp("otmix_runs")
+    config = out / "otmix.yaml"
+    config.write_text("name: tiny_otmix\nmix:\n  name: otmix\n  params: {omega: 0.05, "
+                      "plan_epochs: [0], plan_size: 6}\n  skip_first: 0\n  skip_last: 0\n"
+                      "  prob: 1.0\n")
+    args = ["train", "--config", str(config),
+            *_set([*tiny_overrides(tiny_zip, out, epochs=1), "name=tiny_otmix"])]
+    assert main(args) == 0
+    return out / "tiny_otmix"
+
+
+def test_gallery_shows_the_pairs_the_mixer_chose(otmix_run):
+    g = mixed_pairs(otmix_run, n=6, seed=0)
+    assert g.ot and g.fore.shape == g.back.shape == g.mixed.shape == (6, 32, 32, 3)
+    for i in range(6):
+        # CutMix: every mixed pixel comes from the foreground or the chosen background
+        from_fore = np.isclose(g.mixed[i], g.fore[i]).all(-1)
+        from_back = np.isclose(g.mixed[i], g.back[i]).all(-1)
+        assert (from_fore | from_back).all()
+        assert g.lams[i] == pytest.approx(from_back.mean(), abs=1 / 32)
+    assert len(set(g.fore_labels)) > 1  # one foreground per class first
+
+
+def test_tsne_embeds_a_test_subsample(otmix_run, tmp_path):
+    from otlt.report import tsne_embedding
+
+    emb, labels = tsne_embedding(otmix_run, n=40, seed=1)
+    assert emb.shape == (40, 2) and np.isfinite(emb).all()
+    assert labels.shape == (40,) and len(set(labels.tolist())) > 3  # a random subsample
+    again, labels_again = tsne_embedding(otmix_run, n=40, seed=1)
+    np.testing.assert_array_equal(labels, labels_again)
+    np.testing.assert_allclose(emb, again, atol=1e-4)
+    counts = json.loads((otmix_run / "splits.json").read_text())["counts"]["train"]
+    assert_png(plots.tsne_panels([("run", emb, labels)], TINY_CLASSES, counts,
+                                 tmp_path / "tsne.png"))
+
+
+@pytest.mark.slow
+def test_report_with_gallery_and_tsne_from_a_real_run(otmix_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["report", str(otmix_run), "--out", str(out), "--gallery", "--tsne",
+                 "--tsne-samples", "60", "--gallery-size", "5"])
+    assert code == 0, capsys.readouterr().err
+    text = (out / "report.md").read_text()
+    figures = {p.name for p in linked_figures(out / "report.md")}
+    assert {"gallery_tiny_otmix.png", "tsne_tiny_otmix.png", "plan_tiny_otmix.png",
+            "mix_pairs_tiny_otmix.png", "confusion.png"} <= figures
+    for figure in linked_figures(out / "report.md"):
+        assert_png(figure)
+    e = json.loads((otmix_run / "eval.json").read_text())
+    assert f"| {e['top1_error']:.2f} |" in text
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_value_once_and_resumes(tiny_zip, tmp_path, capsys):
+    config = tmp_path / "base.yaml"
+    config.write_text("name: sw\n")
+    args = ["sweep", "--config", str(config), "--key", "optim.lr", "--values", "0.1,0.05",
+            *_set(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1)[:-1])]
+    assert main(args) == 0, capsys.readouterr().err
+    dirs = [tmp_path / "runs" / f"sw_optim.lr={v}" for v in ("0.1", "0.05")]
+    for d, lr in zip(dirs, (0.1, 0.05), strict=True):
+        assert (d / "eval.json").is_file()
+        assert yaml.safe_load((d / "config.yaml").read_text())["optim"]["lr"] == lr
+    stamps = [(d / "eval.json").stat().st_mtime_ns for d in dirs]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "done, skipped" in capsys.readouterr().out
+    assert [(d / "eval.json").stat().st_mtime_ns for d in dirs] == stamps
+    sweep = detect_sweep(load_runs(dirs))
+    assert sweep is not None and sweep.key == "optim.lr" and sweep.values == [0.05, 0.1]
+    before = json.loads((dirs[0] / "eval.json").read_text())
+    (dirs[0] / "eval.json").unlink()  # interrupted after its last epoch: resumed, not redone
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] sw_optim.lr=0.1: resuming" in out and "otlt report" in out
+    after = json.loads((dirs[0] / "eval.json").read_text())
+    assert after["confusion_matrix"] == before["confusion_matrix"]
+    assert len((dirs[0] / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_sweep_rejects_bad_input_before_training(tmp_path):
+    config = tmp_path / "base.yaml"
+    config.write_text("name: sw\nmix: {name: otmix}\n")
+    with pytest.raises(OtltError, match="omega"):
+        plan_sweep(config, "mix.params.omega", ["0.05", "2.0"], out_dir=tmp_path)
+    with pytest.raises(OtltError, match="unknown config key"):
+        plan_sweep(config, "optim.lrr", ["0.1"], out_dir=tmp_path)
+    with pytest.raises(OtltError, match="repeats"):
+        parse_values("0.1,0.1")
+    assert not list(tmp_path.glob("sw_*"))
+
+
+def test_sweep_refuses_a_directory_with_another_config(tiny_zip, tmp_path):
+    config = tmp_path / "base.yaml"
+    config.write_text("name: sw\n")
+    base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1)[:-1]
+    runs = plan_sweep(config, "optim.lr", ["0.1"], base)
+    runs[0].run_dir.mkdir(parents=True)
+    other = plan_sweep(config, "optim.lr", ["0.1"], [*base, "seed=7"])[0].config
+    from otlt.config import dump_config
+
+    dump_config(other, runs[0].run_dir / "config.yaml")
+    (runs[0].run_dir / "last.pt").write_bytes(b"")
+    with pytest.raises(OtltError, match="different config"):
+        run_sweep(runs, log=lambda _: None)
+
