@@ -38,7 +38,7 @@ MIXERS = {
     "cmo": ({"name": "cmo", "params": {"alpha": 1.0}}, "CMO"),
     "remix": ({"name": "remix", "params": {"alpha": 1.0, "kappa": 3.0, "tau": 0.5}}, "Remix"),
     "otmix": ({"name": "otmix", "params": {"omega": 0.05, "eps": 0.01, "alpha": 4.0,
-                                          "mu": 1.0}}, "OTmix"),
+                                          "mu": 1.0, "plan_epochs": [220]}}, "OTmix"),
 }
 # (dataset, phi) -> {(loss, mixer): reported top-1 error}; Tables 1 and 6 of the OTmix paper.
 PAPER = {
@@ -149,6 +149,9 @@ def shorten(cfg: dict) -> dict:
         out["loss"]["params"]["drw_epoch"] = round(out["loss"]["params"]["drw_epoch"] * scale)
     if out.get("mix", {}).get("name", "none") != "none":
         out["mix"].update(skip_first=1, skip_last=1)
+        params = out["mix"].get("params", {})
+        if "plan_epochs" in params:
+            params["plan_epochs"] = [round(e * scale) for e in params["plan_epochs"]]
     return out
 
 
