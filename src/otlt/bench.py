@@ -50,7 +50,7 @@ DEFAULT_CONFIG = "configs/cifar10_lt_r100_erm.yaml"
 SCALING_OT_SIZES = (64, 128, 256, 512, 1024)
 SCALING_STEP_SIZES = (64, 128, 256, 512)
 
-#: Targets of the performance issue (CPU, ResNet-32, batch 128): key -> (bound, comparison).
+#: Targets of the performance issue (CPU, ResNet-32, batch 128): result key -> upper bound.
 TARGETS = {
     "ratio_cmo_erm": 1.10,
     "ratio_otmix_erm_epoch": 1.45,
@@ -87,10 +87,11 @@ class BenchOptions:
     def resolved(self) -> tuple[int, int, int]:
         """``(steps, repeats, warmup)`` after the quick/default presets."""
         steps, repeats, warmup = (1, 3, 1) if self.quick else (3, 7, 2)
-        out = (self.steps or steps, self.repeats or repeats,
-               self.warmup if self.warmup is not None else warmup)
+        out = tuple(default if given is None else given for given, default in
+                    ((self.steps, steps), (self.repeats, repeats), (self.warmup, warmup)))
         require(out[0] >= 1 and out[1] >= 1 and out[2] >= 0,
-                f"steps and repeats must be >= 1 and warmup >= 0, got {out}")
+                f"--steps and --repeats must be >= 1 and --warmup >= 0, got steps={out[0]}, "
+                f"repeats={out[1]}, warmup={out[2]}")
         return out
 
 
@@ -101,6 +102,9 @@ def bench_config(options: BenchOptions) -> RunConfig:
     """The run config of the benchmark: the given file plus overrides, every batch mixed."""
     raw = load_raw(options.config) if options.config else {}
     extra = list(options.overrides) + ["mix.prob=1.0", "train.progress=false"]
+    if not apply_overrides(raw, extra).get("data", {}).get("meta_per_class"):
+        # Stage 2 of OT re-weighting needs a meta set; 10 per class as in the paper.
+        extra.append("data.meta_per_class=10")
     if options.data:
         extra.append(f"data.path={options.data}")
     if options.batch_size is not None:
@@ -125,7 +129,21 @@ def synthetic_data(cfg: RunConfig, generator: torch.Generator) -> LongTailedData
         return ImageArrays(images.numpy(), labels, classes)
 
     val = split([max(d.val_per_class, 1)] * k)
-    return LongTailedData(split(counts), val, split([0] * k), val, list(counts))
+    meta = split([d.meta_per_class] * k)
+    return LongTailedData(split(counts), val, meta, val, list(counts))
+
+
+def trained_like_confusion(num_classes: int, generator: torch.Generator,
+                           accuracy: float = 0.75) -> torch.Tensor:
+    """A row-stochastic ``(K, K)`` confusion: ``accuracy`` on the diagonal, the rest spread
+    at random over the other classes (a mid-training classifier).
+
+    The bench uses it instead of a validation pass: a freshly initialised model's confusion
+    (one predicted class) would make an unrealistic cost, and the pass costs seconds.
+    """
+    eye = torch.eye(num_classes)
+    off = torch.rand(num_classes, num_classes, generator=generator) * (1 - eye)
+    return accuracy * eye + (1 - accuracy) * off / off.sum(1, keepdim=True)
 
 
 class _FixedFeatures(torch.nn.Module):
@@ -143,12 +161,13 @@ class _FixedFeatures(torch.nn.Module):
 class Bench:
     """One trainer and the timed callables (each runs one step of its variant)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, data: LongTailedData | None):
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: LongTailedData):
         from otlt.engine.trainer import Trainer, step_lr
         from otlt.mixing import create_mixer
 
         self.trainer = t = Trainer(cfg, run_dir=run_dir, data=data)
         self.device = t.device
+        self.threads_reason = "torch default"
         # The warm-up learning rate of the first step: a fresh model at lr 0.1 on random
         # labels can blow up, and non-finite values would time differently on some CPUs.
         for group in t.optimizer.param_groups:
@@ -157,9 +176,7 @@ class Bench:
         self.cmo = create_mixer("cmo", class_counts=counts, alpha=1.0)
         self.otmix = create_mixer("otmix", class_counts=counts, ot_probability=1.0)
         self.otmix.set_epoch(0, cfg.optim.epochs, generator=t.generator)
-        _, confusion = t.validate()
-        if confusion is not None:
-            self.otmix.update_confusion(confusion)
+        self.otmix.update_confusion(trained_like_confusion(t.num_classes, t.generator))
         self.order = torch.cat(t._batches())
         self.cursor = 0
         self.batch_size = cfg.optim.batch_size
@@ -249,13 +266,33 @@ class Bench:
             torch.cuda.synchronize(self.device)
 
 
-def reweight_step(bench: Bench) -> Callable[[], None] | None:
-    """A stage-2 OT re-weighting step on the bench's batch, or None when unavailable."""
+def reweight_step(bench: Bench, work: Path) -> Callable[[], None] | None:
+    """One step of OT re-weighting's stage 2 (``Stage2Trainer._train_step``), or None when
+    :mod:`otlt.reweight` has no ``OTReweighter``.
+
+    Stage 2 starts from the bench model, saved as a finished stage-1 checkpoint, on the same
+    data; the step is the weight step (features, cost, Sinkhorn, SGD on ``w``) followed by the
+    classifier step of the configured ``reweight.trainable``.
+    """
     try:
+        from otlt.engine.reweight_trainer import Stage2Trainer
         from otlt.reweight import OTReweighter  # noqa: F401
     except ImportError:
         return None
-    return None
+    from otlt.engine.checkpoint import save_atomic
+
+    t = bench.trainer
+    stage1 = work / "stage1.pt"
+    save_atomic(t.state_dict(t.cfg.optim.epochs - 1), stage1)
+    cfg = dataclasses.replace(t.cfg, name="bench-stage2",
+                              reweight=dataclasses.replace(t.cfg.reweight, stage1=str(stage1)))
+    s2 = Stage2Trainer(cfg, run_dir=work / "stage2", data=t.data)
+    # What Stage2Trainer.train_one_epoch does before its first step.
+    s2._prepare_meta()
+    s2._sums, s2._steps = torch.zeros(2, device=s2.device), 0
+    for group in s2.optimizer.param_groups:
+        group["lr"] = t.optimizer.param_groups[0]["lr"]
+    return lambda: s2._train_step(bench.next_idx(), mixing=False)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -328,14 +365,38 @@ def _load() -> float | None:
         return None
 
 
+def choose_threads(requested: int | None, device: torch.device) -> tuple[int, str]:
+    """Torch CPU threads for the bench, and why: as requested, else 1 on a busy CPU, else
+    torch's default.
+
+    On a CPU shared with other jobs, torch's threads wait for each other at every operator
+    while the scheduler runs someone else: times swing several-fold. One thread is steadier.
+    """
+    if requested is not None:
+        require(requested >= 1, f"--threads must be >= 1, got {requested}")
+        return requested, "requested"
+    load, cores = _load(), os.cpu_count() or 1
+    if device.type == "cpu" and cores > 1 and load is not None and load > 0.5 * cores:
+        return 1, f"auto: CPU busy (load {load} on {cores} cores)"
+    return torch.get_num_threads(), "torch default"
+
+
 def _open_bench(options: BenchOptions, work: Path) -> tuple[Bench, RunConfig]:
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    from otlt.engine.trainer import resolve_device
+
     cfg = bench_config(options)
     cfg = dataclasses.replace(cfg, name="bench", out_dir=str(work))
-    data = synthetic_data(cfg, torch.Generator().manual_seed(cfg.seed)) \
-        if options.synthetic else None
-    return Bench(cfg, work / "run", data), cfg
+    threads, why = choose_threads(options.threads, resolve_device(cfg.train.device))
+    torch.set_num_threads(threads)
+    if options.synthetic:
+        data = synthetic_data(cfg, torch.Generator().manual_seed(cfg.seed))
+    else:
+        from otlt.data.prepare import prepare_data
+
+        data = prepare_data(cfg.data, cfg.num_classes)
+    bench = Bench(cfg, work / "run", data)
+    bench.threads_reason = why
+    return bench, cfg
 
 
 def run_bench(options: BenchOptions) -> dict[str, Any]:
@@ -347,10 +408,10 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
                     "otmix": bench.otmix_step, "data": bench.data,
                     "fore_data": bench.fore_data, "features": bench.features,
                     "pairing": bench.pairing}
-        reweight = reweight_step(bench)
+        reweight = reweight_step(bench, Path(work))
         if reweight is not None:
             variants["reweight"] = reweight
-        env = environment(bench.device)
+        env = {**environment(bench.device), "threads_reason": bench.threads_reason}
         samples = interleaved_times(variants, steps=steps, repeats=repeats, warmup=warmup,
                                     sync=bench.sync)
         stats = bench.otmix.stats
@@ -454,10 +515,10 @@ def run_scaling(options: BenchOptions, ot_sizes: Sequence[int] = SCALING_OT_SIZE
                 step_sizes: Sequence[int] = SCALING_STEP_SIZES) -> dict[str, Any]:
     """Transport times for ``ot_sizes`` and ERM / OTmix step times for ``step_sizes``."""
     _, repeats, warmup = options.resolved()
-    repeats = min(repeats, 3)
+    repeats = min(repeats, 5)
     with tempfile.TemporaryDirectory(prefix="otlt-bench-") as work:
         bench, cfg = _open_bench(options, Path(work))
-        env = environment(bench.device)
+        env = {**environment(bench.device), "threads_reason": bench.threads_reason}
         transport = scaling_transport(bench.device, ot_sizes, max(repeats, 3), bench.sync)
         steps = []
         for b in step_sizes:
@@ -489,7 +550,8 @@ def format_table(result: dict[str, Any]) -> str:
     """The human-readable table of :func:`run_bench`'s result."""
     erm = result["times"]["erm"]["median_s"]
     lines = [f"otlt bench: {result['model']} batch {result['batch_size']} on "
-             f"{result['device']} ({result['hardware']}, {result['threads']} threads, amp "
+             f"{result['device']} ({result['hardware']}, {result['threads']} threads "
+             f"[{result['threads_reason']}], amp "
              f"{result['amp']}), torch {result['torch_version']}, load "
              f"{result['load_average_1m']} -> {result['load_average_1m_end']}",
              f"{result['repeats']} interleaved repeats x {result['steps_per_sample']} steps, "
@@ -519,7 +581,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 def scaling_markdown(result: dict[str, Any]) -> str:
     """The scaling study as two small Markdown tables."""
-    lines = [f"Device {result['device']} ({result['hardware']}, {result['threads']} threads), "
+    lines = [f"Device {result['device']} ({result['hardware']}, {result['threads']} threads "
+             f"[{result.get('threads_reason', '')}]), "
              f"torch {result['torch_version']}, model {result['model']}, amp {result['amp']}, "
              f"load {result['load_average_1m']} -> {result['load_average_1m_end']}; medians "
              f"of {result['repeats']}+ repeats.", "",
