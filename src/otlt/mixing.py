@@ -444,83 +444,76 @@ class NoMix(Mixer):
         return MixPlan.identity(x.shape[0])
 
 
+@dataclass(frozen=True)
+class _RandomPairing(Mixer):
+    """Shared knobs of the random-pairing mixers: ``alpha`` of ``Beta(α, α)``, the per-batch
+    mixing probability ``prob`` and the per-sample ``fraction`` of mixed rows."""
+
+    alpha: float = 1.0
+    prob: float = 1.0
+    fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_knobs(self.alpha, self.prob, self.fraction)
+
+    def _pairs(self, x: torch.Tensor, num_partners: int, boxed: bool,
+               generator: torch.Generator) -> MixPlan:
+        size = (x.shape[-2], x.shape[-1]) if boxed else None
+        return _draw_pairs(x.shape[0], num_partners, alpha=self.alpha, prob=self.prob,
+                           fraction=self.fraction, image_size=size, generator=generator)
+
+
 @register_mixer("mixup")
 @dataclass(frozen=True)
-class Mixup(Mixer):
+class Mixup(_RandomPairing):
     """Mixup (Zhang et al., ICLR 2018): ``lam · x_i + (1 − lam) · x_perm(i)``, ``lam ~ Beta(α, α)``.
 
     ``prob`` is the chance that a batch is mixed at all; ``fraction`` the share of its rows
     that are mixed (OTmix Table 7).
     """
 
-    alpha: float = 1.0
-    prob: float = 1.0
-    fraction: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_knobs(self.alpha, self.prob, self.fraction)
-
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
              y_partner: torch.Tensor | None = None, *,
              generator: torch.Generator) -> MixPlan:
         """Draw ``lam`` and a random permutation of the batch as partners."""
         self._check_partner(x_partner, y_partner)
-        return _draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, prob=self.prob,
-                           fraction=self.fraction, image_size=None, generator=generator)
+        return self._pairs(x, x.shape[0], boxed=False, generator=generator)
 
 
 @register_mixer("cutmix")
 @dataclass(frozen=True)
-class CutMix(Mixer):
+class CutMix(_RandomPairing):
     """CutMix (Yun et al., ICCV 2019; OTmix eq. 1, appendix 7.1) within one batch.
 
     One ``lam ~ Beta(α, α)`` and one box per batch; row ``i`` gets the box from row
     ``perm(i)``; ``lam`` is recomputed from the clipped box. OTmix uses ``α = 4``.
     """
 
-    alpha: float = 1.0
-    prob: float = 1.0
-    fraction: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_knobs(self.alpha, self.prob, self.fraction)
-
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
              y_partner: torch.Tensor | None = None, *,
              generator: torch.Generator) -> MixPlan:
         """Draw ``lam``, the box and a random permutation of the batch as partners."""
         self._check_partner(x_partner, y_partner)
-        return _draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, prob=self.prob,
-                           fraction=self.fraction, image_size=(x.shape[-2], x.shape[-1]),
-                           generator=generator)
+        return self._pairs(x, x.shape[0], boxed=True, generator=generator)
 
 
 @register_mixer("saliencymix")
 @dataclass(frozen=True)
-class SaliencyMix(Mixer):
+class SaliencyMix(_RandomPairing):
     """SaliencyMix (Uddin et al., ICLR 2021): CutMix whose box sits on the patch source's
     most salient region (:func:`saliency_box`); one box per batch, as in the paper's code."""
-
-    alpha: float = 1.0
-    prob: float = 1.0
-    fraction: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_knobs(self.alpha, self.prob, self.fraction)
 
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
              y_partner: torch.Tensor | None = None, *,
              generator: torch.Generator) -> MixPlan:
         """Draw ``lam`` and partners, then place the box on the first partner's saliency."""
         self._check_partner(x_partner, y_partner)
-        plan = _draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, prob=self.prob,
-                           fraction=self.fraction, image_size=None, generator=generator)
-        return with_saliency_box(plan, x)
+        return with_saliency_box(self._pairs(x, x.shape[0], boxed=False, generator=generator), x)
 
 
 @register_mixer("cmo")
 @dataclass(frozen=True)
-class CMO(Mixer):
+class CMO(_RandomPairing):
     """Context-rich Minority Oversampling (Park et al., CVPR 2022): CutMix across two batches.
 
     ``x, y`` is the background batch (the ordinary uniform loader), ``x_partner, y_partner``
@@ -533,13 +526,6 @@ class CMO(Mixer):
 
     needs_partner_batch: ClassVar[bool] = True
 
-    alpha: float = 1.0
-    prob: float = 1.0
-    fraction: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_knobs(self.alpha, self.prob, self.fraction)
-
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
              y_partner: torch.Tensor | None = None, *,
              generator: torch.Generator) -> MixPlan:
@@ -549,9 +535,7 @@ class CMO(Mixer):
         if x_partner.shape[0] < x.shape[0]:
             raise ValueError(f"foreground batch has {x_partner.shape[0]} rows, fewer than the "
                              f"{x.shape[0]} background rows")
-        return _draw_pairs(x.shape[0], x_partner.shape[0], alpha=self.alpha, prob=self.prob,
-                           fraction=self.fraction, image_size=(x.shape[-2], x.shape[-1]),
-                           generator=generator)
+        return self._pairs(x, x_partner.shape[0], boxed=True, generator=generator)
 
 
 @register_mixer("remix")
