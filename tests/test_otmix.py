@@ -219,3 +219,14 @@ def test_blends_for_balanced_data(blend):
     else:
         y0, y1, x0, x1 = out.plan.box
         assert torch.equal(out.images[:, :, y0:y1, x0:x1], xf[:, :, y0:y1, x0:x1])
+
+
+def test_unconverged_sinkhorn_is_counted_per_epoch_not_warned_per_batch(recwarn):
+    xb, yb, xf, yf = make_batches()
+    mixer = OTMix(num_classes=4, max_iter=2, tol=1e-12)
+    mixer.update_confusion(confusion_pointing_to())
+    for seed in range(3):
+        mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(seed), model=FeatureModel())
+    stats = mixer.end_epoch(None)
+    assert stats["ot_converged_fraction"] == 0.0 and stats["ot_mean_iters"] == 2
+    assert not [w for w in recwarn if "did not converge" in str(w.message)]

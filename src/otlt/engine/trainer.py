@@ -383,6 +383,8 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
                      f"med {_fmt(record['val_medium_acc'])} few {_fmt(record['val_few_acc'])})")
     if "ot_batch_fraction" in record:
         parts.append(f"OT batches {100 * record['ot_batch_fraction']:.0f}%")
+        if record.get("ot_converged_fraction", 1.0) < 1.0:
+            parts.append(f"Sinkhorn converged {100 * record['ot_converged_fraction']:.0f}%")
     parts.append(f"{record['epoch_seconds']:.1f}s")
     return " | ".join(parts)
 
