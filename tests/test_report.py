@@ -68,7 +68,7 @@ def make_run(root: Path, name: str, seed: int, *, mix: str = "none", omega: floa
               "model": {"name": "resnet20"}, "optim": {"epochs": epochs, "lr": lr},
               "loss": {"name": "ce", "params": {}},
               "mix": {"name": mix, "params": {"omega": omega, "eps": 0.01} if mix == "otmix"
-                      else {}},
+                      else {}, "sampler_r": 0.0},
               "paper": None if paper is None else {"table": "OTmix Table 1", "row": "OTmix + ERM",
                                                   "top1_error": paper}}
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -157,6 +157,8 @@ def test_table_numbers_equal_eval_json(synthetic):
         expected = [round(e[k], 2) for k in ("top1_error", "many_error", "medium_error",
                                              "few_error")]
         assert numbers[:4] == expected, line
+    ot_line = next(x for x in table.splitlines() if x.startswith("| erm_otmix |"))
+    assert "ce + otmix (r=0) |" in ot_line  # the foreground sampler is part of the method
     unfinished = next(x for x in table.splitlines() if x.startswith("| unfinished |"))
     assert "| 4/6 |" in unfinished and unfinished.count("–") >= 4
 

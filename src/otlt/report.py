@@ -77,9 +77,14 @@ class RunData:
     @property
     def method(self) -> str:
         loss = (self.config.get("loss") or {}).get("name", "?")
-        mix = (self.config.get("mix") or {}).get("name", "none")
+        mix_cfg = self.config.get("mix") or {}
+        mix = mix_cfg.get("name", "none")
         model = (self.config.get("model") or {}).get("name", "?")
         reweight = (self.config.get("reweight") or {}).get("stage1")
+        if mix not in (None, "none"):
+            # The foreground sampler changes results a lot (README: "foreground sampler").
+            sampler = mix_cfg.get("sampler_r")
+            mix += f" (r={sampler:g})" if isinstance(sampler, (int, float)) else ""
         return (f"{model}, {loss}" + ("" if mix in (None, "none") else f" + {mix}")
                 + (" + OT re-weighting" if reweight else ""))
 
