@@ -18,7 +18,8 @@ import yaml
 
 from otlt.errors import OtltError, require
 
-DATASET_DEFAULTS = {"cifar10": (10, 5000), "cifar100": (100, 500)}
+DATASET_DEFAULTS = {"cifar10": (10, 5000), "cifar100": (100, 500), "imagenet_lt": (1000, 1280),
+                    "inat2018": (8142, 1000)}
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class DataConfig:
     ``n_max`` is the nominal size of the largest class (the paper's 5000 for CIFAR-10);
     per-class counts follow the profile and are capped by what is left after the
     validation and meta carve-outs (see :func:`otlt.data.longtail.build_splits`).
+
+    List-file datasets (``imagenet_lt``, ``inat2018``, or any dataset with ``train_list``)
+    are streamed from ``path`` (the image root) and used as the lists give them: they are
+    long-tailed already, so ``imbalance_ratio``, ``profile``, ``n_max`` and the carve-outs do
+    not apply (see :mod:`otlt.data.streams`). ``*_list`` paths are relative to ``path``.
     """
 
     dataset: str = "cifar10"
@@ -40,6 +46,9 @@ class DataConfig:
     meta_per_class: int = 0
     data_seed: int = 0
     image_size: int = 32
+    train_list: str | None = None
+    val_list: str | None = None
+    test_list: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,7 @@ class TrainConfig:
     compile: bool = False
     eval_batch_size: int = 1000
     progress: bool = True
+    workers: int = 8
 
 
 @dataclass(frozen=True)
@@ -322,6 +332,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     require(d.num_classes is not None or d.dataset in DATASET_DEFAULTS,
             f"data.num_classes is required for dataset {d.dataset!r} "
             f"(known defaults: {', '.join(DATASET_DEFAULTS)})")
+    require(cfg.train.workers >= 0, f"train.workers must be >= 0, got {cfg.train.workers}")
     require(o.batch_size > 0, f"optim.batch_size must be a positive integer, got {o.batch_size}")
     require(o.epochs > 0, f"optim.epochs must be a positive integer, got {o.epochs}")
     require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")

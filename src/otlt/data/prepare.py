@@ -39,6 +39,10 @@ class LongTailedData:
 
 def prepare_data(cfg: DataConfig, num_classes: int) -> LongTailedData:
     """Locate and read the dataset, then carve val/meta and subsample the long tail."""
+    from otlt.data.streams import is_list_dataset
+
+    require(not is_list_dataset(cfg), f"dataset {cfg.dataset!r} is a list-file dataset, "
+            "streamed by the training engine; this command needs an in-memory dataset")
     path = find_data(cfg.dataset, cfg.path)
     splits = load_dataset(cfg.dataset, path, num_classes=num_classes)
     require("test" in splits, f"dataset at {path} has no test split (found: {sorted(splits)})")

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterable, Sized
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from otlt.config import RunConfig, dump_config, to_dict
 from otlt.data.augment import GPUAugment, eval_transform
 from otlt.data.prepare import LongTailedData, prepare_data
 from otlt.data.samplers import sample_weights
+from otlt.data.streams import is_list_dataset
 from otlt.engine.checkpoint import load_checkpoint, save_atomic
 from otlt.engine.distributed import (
     all_reduce_sum,
@@ -34,7 +36,7 @@ from otlt.engine.distributed import (
     world_size,
 )
 from otlt.engine.logging import MetricsLogger
-from otlt.errors import OtltError
+from otlt.errors import OtltError, require
 from otlt.losses import batch_loss, create_loss
 from otlt.metrics import confusion_matrix, summarize
 from otlt.mixing import create_mixer
@@ -90,20 +92,30 @@ def step_lr(cfg, epoch: int, step: int, steps_per_epoch: int) -> float:
     return o.lr * factor
 
 
-@torch.no_grad()
 def evaluate(model: torch.nn.Module, split: DeviceSplit, num_classes: int, batch_size: int,
              amp_dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
     """Confusion matrix ``(K, K)`` (rows: true class) of ``model`` on a split."""
+    batches = ((eval_transform(split.images[start:start + batch_size]),
+                split.labels[start:start + batch_size])
+               for start in range(0, len(split), batch_size))
+    return evaluate_batches(model, batches, num_classes, amp_dtype, channels_last)
+
+
+@torch.no_grad()
+def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     num_classes: int, amp_dtype: torch.dtype | None,
+                     channels_last: bool) -> torch.Tensor:
+    """Confusion matrix ``(K, K)`` of ``model`` over ``(x (B, 3, H, W) float, y (B,))``
+    batches already on the model's device, in eval mode (train mode is restored)."""
     model.eval()
-    device = split.images.device
-    preds = []
-    for start in range(0, len(split), batch_size):
-        x = eval_transform(split.images[start:start + batch_size])
+    preds, labels = [], []
+    for x, y in batches:
         x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-        with _autocast(device, amp_dtype):
+        with _autocast(x.device, amp_dtype):
             preds.append(model(x).argmax(1))
+        labels.append(y)
     model.train()
-    return confusion_matrix(torch.cat(preds), split.labels, num_classes).cpu()
+    return confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes).cpu()
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -147,11 +159,9 @@ class Trainer:
         init_from_env(self.device)
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.num_classes = cfg.num_classes
-        self.data = data or prepare_data(cfg.data, self.num_classes)
+        self.data = data or self._prepare_data()
         self.train_counts = self.data.train_counts
-        self.train = DeviceSplit(self.data.train, self.device)
-        self.val = DeviceSplit(self.data.val, self.device) if len(self.data.val) else None
-        self.test = DeviceSplit(self.data.test, self.device)
+        self._place_data()
         self._build_components()
         self.start_epoch = 0
         if resume:
@@ -160,6 +170,15 @@ class Trainer:
             dump_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "splits.json").write_text(json.dumps(
                 {"classes": self.data.classes, "counts": self.data.split_counts()}, indent=1))
+
+    def _prepare_data(self) -> Any:
+        return prepare_data(self.cfg.data, self.num_classes)
+
+    def _place_data(self) -> None:
+        """Put the splits on the training device (small datasets live there as uint8)."""
+        self.train = DeviceSplit(self.data.train, self.device)
+        self.val = DeviceSplit(self.data.val, self.device) if len(self.data.val) else None
+        self.test = DeviceSplit(self.data.test, self.device)
 
     def _build_components(self) -> None:
         cfg = self.cfg
@@ -232,6 +251,10 @@ class Trainer:
         order = order[rank()::world_size()]
         return list(order.split(self.cfg.optim.batch_size))
 
+    def _epoch_batches(self, epoch: int) -> Sized:
+        """What :meth:`_train_step` takes, one item per step (here: index tensors)."""
+        return self._batches()
+
     def _mixing_on(self, epoch: int) -> bool:
         m = self.cfg.mix
         last = self.cfg.optim.epochs - m.skip_last
@@ -241,7 +264,11 @@ class Trainer:
         """One SGD step; returns (summed loss, summed correct, batch size) as floats."""
         idx = idx.to(self.device)
         x = self.augment(self.train.images[idx], self.generator)
-        y = self.train.labels[idx]
+        return self._sgd_step(x, self.train.labels[idx], mixing)
+
+    def _sgd_step(self, x: torch.Tensor, y: torch.Tensor,
+                  mixing: bool) -> tuple[float, float, int]:
+        """Flip the mixing coin, mix, and step on augmented ``x (B, 3, H, W)``, ``y (B,)``."""
         mixed = None
         if mixing and torch.rand((), generator=self.generator).item() < self.cfg.mix.prob:
             mixed = self._mix(x, y)
@@ -267,11 +294,15 @@ class Trainer:
         """Mix a batch; CMO/OTmix draw their foreground batch from the class-weighted sampler."""
         if not getattr(self.mixer, "needs_partner_batch", False):
             return self.mixer(x, y, generator=self.generator)
-        fidx = torch.multinomial(self.fore_weights, len(y), replacement=True,
-                                 generator=self.generator).to(self.device)
-        xf = self.augment(self.train.images[fidx], self.generator)
-        return self.mixer(x, y, xf, self.train.labels[fidx], generator=self.generator,
+        xf, yf = self._foreground(len(y))
+        return self.mixer(x, y, xf, yf, generator=self.generator,
                           model=self.model, amp_dtype=self.amp_dtype)
+
+    def _foreground(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An augmented foreground batch of ``n`` images from the class-weighted sampler."""
+        fidx = torch.multinomial(self.fore_weights, n, replacement=True,
+                                 generator=self.generator).to(self.device)
+        return self.augment(self.train.images[fidx], self.generator), self.train.labels[fidx]
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
@@ -279,7 +310,7 @@ class Trainer:
         mixing = self._mixing_on(epoch)
         if self.mixer is not None and hasattr(self.mixer, "set_epoch"):
             self.mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=self.generator)
-        batches = self._batches()
+        batches = self._epoch_batches(epoch)
         total_loss = torch.zeros((), device=self.device)
         total_correct = torch.zeros((), device=self.device)
         seen = 0
@@ -305,12 +336,18 @@ class Trainer:
         return summarize(confusion, self.train_counts, many=e.many_threshold,
                          few=e.few_threshold)
 
+    def _confusion(self, split: str) -> torch.Tensor | None:
+        """Confusion matrix of the current model on ``val`` or ``test`` (None: no such split)."""
+        data = self.val if split == "val" else self.test
+        if data is None:
+            return None
+        return evaluate(self.model, data, self.num_classes, self.cfg.train.eval_batch_size,
+                        self.amp_dtype, self.cfg.train.channels_last)
+
     def validate(self) -> tuple[dict[str, Any], torch.Tensor | None]:
-        if self.val is None:
+        confusion = self._confusion("val")
+        if confusion is None:
             return {}, None
-        confusion = evaluate(self.model, self.val, self.num_classes,
-                             self.cfg.train.eval_batch_size, self.amp_dtype,
-                             self.cfg.train.channels_last)
         s = self._summarize(confusion)
         record = {"val_acc": s["top1_accuracy"], "val_many_acc": _acc(s["many_error"]),
                   "val_medium_acc": _acc(s["medium_error"]), "val_few_acc": _acc(s["few_error"])}
@@ -351,9 +388,7 @@ class Trainer:
 
     def final_eval(self) -> dict[str, Any]:
         """Evaluate the last epoch's weights on the test split and write ``eval.json``."""
-        confusion = evaluate(self.model, self.test, self.num_classes,
-                             self.cfg.train.eval_batch_size, self.amp_dtype,
-                             self.cfg.train.channels_last)
+        confusion = self._confusion("test")
         result = {"split": "test", "epoch": self.cfg.optim.epochs - 1,
                   "classes": self.data.classes, **self._summarize(confusion)}
         if is_main_process():
@@ -363,7 +398,15 @@ class Trainer:
 
 def create_trainer(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
                    data: LongTailedData | None = None) -> Trainer:
-    """Return the config's trainer: OT re-weighting's stage 2 if ``reweight.stage1`` is set."""
+    """Return the config's trainer: OT re-weighting's stage 2 if ``reweight.stage1`` is set,
+    the streaming trainer for list-file datasets (ImageNet-LT, iNaturalist), else
+    :class:`Trainer`."""
+    if is_list_dataset(cfg.data):
+        require(cfg.reweight.stage1 is None, "OT re-weighting stage 2 needs an in-memory "
+                "dataset (CIFAR, image folders); list-file datasets are not supported yet")
+        from otlt.engine.stream_trainer import StreamTrainer
+
+        return StreamTrainer(cfg, run_dir=run_dir, resume=resume)
     if cfg.reweight.stage1 is not None:
         from otlt.engine.reweight_trainer import Stage2Trainer
 

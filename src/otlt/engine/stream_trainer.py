@@ -1,0 +1,124 @@
+"""The engine for list-file datasets (ImageNet-LT, iNaturalist 2018): images streamed from disk.
+
+Everything but the data path is :class:`otlt.engine.trainer.Trainer`: the schedule, losses,
+mixers (CMO and OTmix included), checkpoints, exact resume and honest evaluation. The
+differences:
+
+- Images are decoded and augmented (RandomResizedCrop + flip) by
+  :class:`otlt.data.sources.ListFileDataset` in ``train.workers`` DataLoader workers; the
+  training device only normalises them (ImageNet mean and std).
+- The epoch's order is a permutation from the run's generator, as for in-memory data, and
+  each item's crop is seeded by ``(seed, epoch, index)``, so a resumed run sees exactly the
+  images and crops of an uninterrupted one, whatever the number of workers.
+- Mixers with a partner batch (CMO, OTmix) get their class-weighted foreground batches from
+  a second loader that runs in lockstep with the first (its items use ``seed + 1``, so an
+  image drawn as foreground is cropped independently of its background draw). The
+  foreground indices of every step are drawn when the epoch starts; a step whose mixing coin
+  says "clean" ignores its foreground batch (the workers decode it anyway, in parallel).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from otlt.data.augment import normalize
+from otlt.data.sources import ListFileDataset
+from otlt.data.streams import IMAGENET_MEAN, IMAGENET_STD, prepare_stream_data
+from otlt.engine.distributed import rank, world_size
+from otlt.engine.trainer import Trainer, evaluate_batches
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``(B, 3, S, S)`` uint8 from a list-file loader to normalised float on ``device``."""
+    x = images.to(device, non_blocking=True).permute(0, 2, 3, 1)
+    return normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def eval_loader(dataset: ListFileDataset, batch_size: int, workers: int,
+                device: torch.device) -> Iterator[Batch]:
+    """Batches ``(x, y)`` of ``dataset`` in list order, normalised and on ``device``."""
+    order = list(range(len(dataset)))
+    loader = DataLoader(dataset, batch_sampler=[order[i:i + batch_size]
+                                                for i in range(0, len(order), batch_size)],
+                        num_workers=workers, pin_memory=device.type == "cuda")
+    return ((model_input(x, device), y.to(device)) for x, y in loader)
+
+
+class _Lockstep:
+    """Sized iterable of ``(images uint8 (B, 3, S, S), labels (B,), foreground | None)``."""
+
+    def __init__(self, main: DataLoader, fore: DataLoader | None) -> None:
+        self.main, self.fore = main, fore
+
+    def __len__(self) -> int:
+        return len(self.main)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, Batch | None]]:
+        fore = iter(self.fore) if self.fore is not None else None
+        for x, y in self.main:
+            yield x, y, (next(fore) if fore is not None else None)
+
+
+class StreamTrainer(Trainer):
+    """:class:`Trainer` over streamed list-file splits (see the module docstring)."""
+
+    def _prepare_data(self) -> Any:
+        cfg = self.cfg
+        return prepare_stream_data(cfg.data, self.num_classes, cfg.data.image_size, cfg.seed)
+
+    def _place_data(self) -> None:
+        self.train: ListFileDataset = self.data.train
+        self.val: ListFileDataset | None = self.data.val
+        self.test: ListFileDataset = self.data.test
+        self.fore_set = copy.copy(self.train)
+        self.fore_set.seed = self.train.seed + 1
+        self._pending_foreground: Batch | None = None
+
+    def _loader(self, dataset: ListFileDataset, batches: list[list[int]]) -> DataLoader:
+        workers = self.cfg.train.workers
+        return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                          pin_memory=self.device.type == "cuda",
+                          prefetch_factor=4 if workers else None)
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return model_input(images, self.device)
+
+    def _epoch_batches(self, epoch: int) -> _Lockstep:
+        self.train.set_epoch(epoch)
+        self.fore_set.set_epoch(epoch)
+        order = torch.randperm(len(self.train), generator=self.generator)
+        order = order[rank()::world_size()]
+        batches = [b.tolist() for b in order.split(self.cfg.optim.batch_size)]
+        fore = None
+        if self._mixing_on(epoch) and getattr(self.mixer, "needs_partner_batch", False):
+            draws = torch.multinomial(self.fore_weights, len(order), replacement=True,
+                                      generator=self.generator)
+            sizes = [len(b) for b in batches]
+            fore = self._loader(self.fore_set, [d.tolist() for d in draws.split(sizes)])
+        return _Lockstep(self._loader(self.train, batches), fore)
+
+    def _train_step(self, item: tuple[torch.Tensor, torch.Tensor, Batch | None],
+                    mixing: bool) -> tuple[float, float, int]:
+        images, labels, self._pending_foreground = item
+        return self._sgd_step(self._normalize(images), labels.to(self.device), mixing)
+
+    def _foreground(self, n: int) -> Batch:
+        assert self._pending_foreground is not None, "foreground loader not running"
+        images, labels = self._pending_foreground
+        return self._normalize(images[:n]), labels[:n].to(self.device)
+
+    def _confusion(self, split: str) -> torch.Tensor | None:
+        dataset = self.val if split == "val" else self.test
+        if dataset is None:
+            return None
+        batches = eval_loader(dataset, self.cfg.train.eval_batch_size, self.cfg.train.workers,
+                              self.device)
+        return evaluate_batches(self.model, batches, self.num_classes, self.amp_dtype,
+                                self.cfg.train.channels_last)
