@@ -155,6 +155,11 @@ def shorten(cfg: dict) -> dict:
     return out
 
 
+def row_label(mix_label: str, loss_label: str) -> str:
+    """The paper's row name: ``ERM`` for a loss alone, ``OTmix + ERM`` with a mixer."""
+    return loss_label if mix_label == "None" else f"{mix_label} + {loss_label}"
+
+
 def lt_config(dataset: str, phi: int, loss: str, mixer: str) -> dict:
     loss_name, loss_params, head, loss_label = LOSSES[loss]
     mix, mix_label = MIXERS[mixer]
@@ -165,7 +170,7 @@ def lt_config(dataset: str, phi: int, loss: str, mixer: str) -> dict:
     if mix:
         cfg["mix"] = yaml.safe_load(yaml.safe_dump(mix))
     reported = PAPER.get((dataset, phi), {}).get((loss, mixer))
-    cfg["paper"] = {"table": "OTmix Table 1/6", "row": f"{mix_label} + {loss_label}",
+    cfg["paper"] = {"table": "OTmix Table 1/6", "row": row_label(mix_label, loss_label),
                     "dataset": f"{dataset.upper()}-LT phi={phi}", "top1_error": reported}
     return cfg
 
@@ -294,7 +299,7 @@ def large_configs() -> list[dict]:
                 cfg["mix"] = yaml.safe_load(yaml.safe_dump(mix))
                 if mixer == "otmix":
                     cfg["mix"]["params"].update(eps=spec["eps"], plan_epochs=[])
-            cfg["paper"] = {"table": "OTmix Table 2", "row": f"{mix_label} + {loss_label}",
+            cfg["paper"] = {"table": "OTmix Table 2", "row": row_label(mix_label, loss_label),
                             "dataset": spec["label"], "top1_error": rows[(loss, mixer)]}
             configs.append(cfg)
     return configs
