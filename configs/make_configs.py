@@ -255,11 +255,11 @@ def reweight_configs() -> list[dict]:
 # No short twins: these datasets are not on the CPU machines.
 LARGE = {
     "imagenet_lt": {"epochs": 200, "milestones": [40, 80, 160], "gammas": [0.1, 0.01, 0.0001],
-                    "drw_epoch": 160, "eps": 0.01, "val_per_class": 20,
+                    "drw_epoch": 160, "eps": 0.01,
                     "label": "ImageNet-LT"},
     "inat2018": {"epochs": 210, "milestones": [30, 80, 130, 180],
                  "gammas": [0.1, 0.01, 0.001, 0.0001], "drw_epoch": 180, "eps": 0.1,
-                 "val_per_class": 0, "label": "iNaturalist 2018"},
+                 "label": "iNaturalist 2018"},
 }
 LARGE_PAPER = {
     "imagenet_lt": {("erm", "none"): 58.4, ("drw", "none"): 49.9, ("ldam_drw", "none"): 50.2,
@@ -286,7 +286,8 @@ def large_configs() -> list[dict]:
             suffix = "" if mixer == "none" else f"_{mixer}"
             cfg = {"name": f"{dataset}_{loss}{suffix}", "seed": 0,
                    "data": {"dataset": dataset, "path": None, "image_size": 224,
-                            "val_per_class": spec["val_per_class"], "meta_per_class": 0},
+                            # validation comes from the val list (if any), never a carve-out
+                            "val_per_class": 0, "meta_per_class": 0},
                    "model": {"name": "resnet50", "head": "cosine" if "ldam" in loss
                              else "linear"},
                    "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5.0e-4,

@@ -69,7 +69,8 @@ OTMIX = ["--set", "mix.name=otmix", "--set", "mix.prob=1.0", "--set", "mix.skip_
 
 def test_lists_are_used_as_given(list_root):
     data = prepare_stream_data(DataConfig(dataset="imagenet_lt", path=str(list_root),
-                                          num_classes=4, val_per_class=0), 4, 32, seed=0)
+                                          num_classes=4, val_per_class=0, image_size=32),
+                               4, seed=0)
     assert data.train_counts == TRAIN_COUNTS and data.classes == CLASSES
     counts = data.split_counts()
     assert counts["val"] == [2] * 4 and counts["test"] == [3] * 4 and counts["meta"] == [0] * 4
@@ -89,7 +90,7 @@ def test_bad_list_configs_are_clear_errors(list_root, change, message):
             "val_per_class": 0}
     cfg = DataConfig(**{**base, **change})
     with pytest.raises(OtltError, match=message):
-        prepare_stream_data(cfg, cfg.num_classes, 32, seed=0)
+        prepare_stream_data(cfg, cfg.num_classes, seed=0)
 
 
 def test_train_with_otmix_and_eval_from_a_list_dataset(list_root, tmp_path, capsys):

@@ -237,6 +237,10 @@ def test_sinkhorn_warns_when_max_iter_too_small() -> None:
     assert not res.converged and res.n_iter == 3
     assert res.marginal_error.item() > 1e-6
     assert issubclass(SinkhornConvergenceWarning, RuntimeWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warn=False: the caller counts convergence itself
+        quiet = sinkhorn(cost, eps=0.01, max_iter=3, warn=False)
+    assert not quiet.converged and torch.equal(quiet.plan, res.plan)
 
 
 def test_sinkhorn_no_warning_when_converged() -> None:

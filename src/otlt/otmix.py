@@ -23,7 +23,6 @@ Each epoch ``t`` of ``T`` draws ``OT ~ Bernoulli((t / T)^mu)`` (Algorithm 1; Fig
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -41,7 +40,7 @@ from otlt.mixing import (
     register_mixer,
     with_saliency_box,
 )
-from otlt.transport import SinkhornConvergenceWarning, assignment, sinkhorn
+from otlt.transport import assignment, sinkhorn
 
 DISTANCES = ("cosine", "euclidean")
 SELECTIONS = ("argmax", "sample", "softmax", "assignment", "confusion")
@@ -239,11 +238,9 @@ class OTMix(Mixer):
             score = self.affinity(cost.device)[y_fore[:, None], y_back[None, :]]
             noise = torch.rand(score.shape, generator=generator).to(score.device)
             return (score + 1e-6 * noise).argmax(1), {}
-        with warnings.catch_warnings():
-            # Convergence is counted per epoch (``ot_converged_fraction`` in metrics.jsonl and
-            # the epoch line) instead of one warning per batch; the argmax needs no tight plan.
-            warnings.simplefilter("ignore", SinkhornConvergenceWarning)
-            result = sinkhorn(cost, eps=self.eps, max_iter=self.max_iter, tol=self.tol)
+        # Convergence is counted per epoch (``ot_converged_fraction`` in metrics.jsonl and the
+        # epoch line) instead of one warning per batch.
+        result = sinkhorn(cost, eps=self.eps, max_iter=self.max_iter, tol=self.tol, warn=False)
         stats = {"cost": result.cost, "n_iter": result.n_iter, "converged": result.converged}
         plan = result.plan
         if self.selection == "argmax":

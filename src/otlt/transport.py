@@ -104,6 +104,7 @@ def sinkhorn(
     max_iter: int = 1000,
     tol: float = 1e-6,
     check_every: int = 10,
+    warn: bool = True,
 ) -> OTResult:
     """Solve entropic OT ``min <T, C> + ε KL(T ‖ a bᵀ)`` over plans with marginals ``a``, ``b``.
 
@@ -127,6 +128,8 @@ def sinkhorn(
             the two opening log-domain iterations). Each test reads three numbers back from
             the device, a host-device synchronisation on GPU, so it is not done every
             iteration; given ``a`` or ``b`` add one more read for their checks.
+        warn: issue the non-convergence warning; callers that count ``OTResult.converged``
+            themselves (OTMix, per epoch) turn it off.
 
     Returns:
         An :class:`OTResult` in the compute dtype (float32 or float64) on ``cost``'s device.
@@ -142,7 +145,7 @@ def sinkhorn(
     """
     c, a_full, b_full = _prepare(cost, a, b, eps)
     _check_solver_args(max_iter, tol, check_every)
-    return _solve(c, a_full, b_full, eps, max_iter, tol, check_every)
+    return _solve(c, a_full, b_full, eps, max_iter, tol, check_every, warn)
 
 
 def entropic_ot_value(
@@ -294,11 +297,12 @@ def _check_solver_args(max_iter: int, tol: float, check_every: int) -> None:
 
 
 def _solve(
-    c: Tensor, a: Tensor, b: Tensor, eps: float, max_iter: int, tol: float, check_every: int
+    c: Tensor, a: Tensor, b: Tensor, eps: float, max_iter: int, tol: float, check_every: int,
+    warn: bool = True,
 ) -> OTResult:
     solver = _Solver(c, a, b, eps)
     solver.run(max_iter, tol, check_every)
-    if not solver.converged:
+    if warn and not solver.converged:
         warnings.warn(
             f"sinkhorn did not converge in {solver.n_iter} iterations: largest L1 marginal "
             f"violation {solver.worst_error:.3g} > tol={tol:g} (eps={eps:g}); raise max_iter or "

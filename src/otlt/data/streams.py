@@ -91,18 +91,18 @@ def _class_names(paths: list[str], labels: np.ndarray, num_classes: int) -> list
     """Name class ``k`` after the folder of its first training image (``train/n0144/x.jpg``
     gives ``n0144``), or ``class_k`` when images of several classes share a folder."""
     names = [f"class_{k}" for k in range(num_classes)]
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     for path, label in zip(paths, labels.tolist(), strict=True):
         folder = Path(path).parent.name
-        if folder and names[label] == f"class_{label}" and folder not in seen:
+        if folder and names[label] == f"class_{label}" and folder not in taken:
             names[label] = folder
-            seen[folder] = label
+            taken.add(folder)
     return names
 
 
-def prepare_stream_data(cfg: DataConfig, num_classes: int, image_size: int,
-                        seed: int) -> StreamData:
-    """Open the list files of ``cfg`` under its image root and check them.
+def prepare_stream_data(cfg: DataConfig, num_classes: int, seed: int) -> StreamData:
+    """Open the list files of ``cfg`` under its image root and check them; images are
+    ``cfg.image_size`` square, training crops seeded by ``seed``.
 
     Raises :class:`OtltError` for a missing root or list, for labels outside
     ``[0, num_classes)``, for an empty training class, and for options that do not apply to
@@ -123,9 +123,10 @@ def prepare_stream_data(cfg: DataConfig, num_classes: int, image_size: int,
             f"dataset {cfg.dataset!r} has no validation list: set data.val_list, or "
             "data.val_per_class=0 to train without validation")
     assert train_list is not None
-    train = ListFileDataset(root, train_list, image_size, train=True, seed=seed)
-    val = None if val_list is None else ListFileDataset(root, val_list, image_size, train=False)
-    test = ListFileDataset(root, test_list, image_size, train=False)
+    size = cfg.image_size
+    train = ListFileDataset(root, train_list, size, train=True, seed=seed)
+    val = None if val_list is None else ListFileDataset(root, val_list, size, train=False)
+    test = ListFileDataset(root, test_list, size, train=False)
     for name, split in (("train", train), ("val", val), ("test", test)):
         if split is not None and int(split.labels.max()) >= num_classes:
             raise OtltError(f"{name} list has label {int(split.labels.max())}, but the config "

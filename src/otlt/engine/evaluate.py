@@ -46,7 +46,7 @@ def evaluate_run(target: Path, data_path: str | None = None, split: str = "test"
     if is_list_dataset(cfg.data):
         from otlt.engine.stream_trainer import eval_loader
 
-        data = prepare_stream_data(cfg.data, cfg.num_classes, cfg.data.image_size, cfg.seed)
+        data = prepare_stream_data(cfg.data, cfg.num_classes, cfg.seed)
         chosen = data.test if split == "test" else data.val
         if chosen is None:
             raise OtltError(f"run {target} has no {split} split (its dataset has no list for it)")

@@ -41,14 +41,20 @@ def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return normalize(x, IMAGENET_MEAN, IMAGENET_STD)
 
 
+def batch_loader(dataset: ListFileDataset, batches: list[list[int]], workers: int,
+                 device: torch.device) -> DataLoader:
+    """A DataLoader yielding ``dataset``'s items in the given index batches."""
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                      pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+
+
 def eval_loader(dataset: ListFileDataset, batch_size: int, workers: int,
                 device: torch.device) -> Iterator[Batch]:
     """Batches ``(x, y)`` of ``dataset`` in list order, normalised and on ``device``."""
     order = list(range(len(dataset)))
-    loader = DataLoader(dataset, batch_sampler=[order[i:i + batch_size]
-                                                for i in range(0, len(order), batch_size)],
-                        num_workers=workers, pin_memory=device.type == "cuda")
-    return ((model_input(x, device), y.to(device)) for x, y in loader)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return ((model_input(x, device), y.to(device))
+            for x, y in batch_loader(dataset, batches, workers, device))
 
 
 class _Lockstep:
@@ -70,8 +76,7 @@ class StreamTrainer(Trainer):
     """:class:`Trainer` over streamed list-file splits (see the module docstring)."""
 
     def _prepare_data(self) -> Any:
-        cfg = self.cfg
-        return prepare_stream_data(cfg.data, self.num_classes, cfg.data.image_size, cfg.seed)
+        return prepare_stream_data(self.cfg.data, self.num_classes, self.cfg.seed)
 
     def _place_data(self) -> None:
         self.train: ListFileDataset = self.data.train
@@ -82,13 +87,7 @@ class StreamTrainer(Trainer):
         self._pending_foreground: Batch | None = None
 
     def _loader(self, dataset: ListFileDataset, batches: list[list[int]]) -> DataLoader:
-        workers = self.cfg.train.workers
-        return DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                          pin_memory=self.device.type == "cuda",
-                          prefetch_factor=4 if workers else None)
-
-    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return model_input(images, self.device)
+        return batch_loader(dataset, batches, self.cfg.train.workers, self.device)
 
     def _epoch_batches(self, epoch: int) -> _Lockstep:
         self.train.set_epoch(epoch)
@@ -107,12 +106,13 @@ class StreamTrainer(Trainer):
     def _train_step(self, item: tuple[torch.Tensor, torch.Tensor, Batch | None],
                     mixing: bool) -> tuple[float, float, int]:
         images, labels, self._pending_foreground = item
-        return self._sgd_step(self._normalize(images), labels.to(self.device), mixing)
+        return self._sgd_step(model_input(images, self.device), labels.to(self.device), mixing)
 
     def _foreground(self, n: int) -> Batch:
+        """This step's foreground batch from the lockstep loader (drawn with ``n`` rows)."""
         assert self._pending_foreground is not None, "foreground loader not running"
         images, labels = self._pending_foreground
-        return self._normalize(images[:n]), labels[:n].to(self.device)
+        return model_input(images, self.device), labels.to(self.device)
 
     def _confusion(self, split: str) -> torch.Tensor | None:
         dataset = self.val if split == "val" else self.test

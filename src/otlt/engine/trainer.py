@@ -406,7 +406,7 @@ def create_trainer(cfg: RunConfig, run_dir: Path | None = None, resume: bool = F
                 "dataset (CIFAR, image folders); list-file datasets are not supported yet")
         from otlt.engine.stream_trainer import StreamTrainer
 
-        return StreamTrainer(cfg, run_dir=run_dir, resume=resume)
+        return StreamTrainer(cfg, run_dir=run_dir, resume=resume, data=data)
     if cfg.reweight.stage1 is not None:
         from otlt.engine.reweight_trainer import Stage2Trainer
 
