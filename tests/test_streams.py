@@ -125,3 +125,29 @@ def test_stream_resume_is_exact_and_independent_of_worker_count(list_root, tmp_p
     b = torch.load(out / "part" / "last.pt", weights_only=False)["model"]
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
+
+
+def test_foreground_images_are_decoded_only_for_mixed_steps(list_root, tmp_path, monkeypatch):
+    """With mix.prob 0.5 the foreground loader decodes exactly the mixed steps' rows."""
+    from otlt.data.sources import ListFileDataset
+
+    decoded = {"other": 0, "fore": 0}
+    plain_getitem = ListFileDataset.__getitem__
+
+    def counting_getitem(self, index):
+        if self.seed == 1:  # the foreground loader's dataset (seed + 1; the run's seed is 0)
+            decoded["fore"] += 1
+        else:
+            decoded["other"] += 1
+        return plain_getitem(self, index)
+
+    monkeypatch.setattr(ListFileDataset, "__getitem__", counting_getitem)
+    out = tmp_path / "runs"
+    half = [*OTMIX, "--set", "mix.prob=0.5", "--set", "optim.batch_size=2"]
+    assert main(["train", *stream_overrides(list_root, out, "half", epochs=2), *half]) == 0
+    records = [json.loads(x) for x in (out / "half" / "metrics.jsonl").read_text().splitlines()]
+    steps = 2 * -(-sum(TRAIN_COUNTS) // 2)  # 2 epochs of ceil(23 / 2) steps
+    mixed_steps = sum(r["mixed_batches"] for r in records)
+    assert 0 < mixed_steps < steps  # the coin fell both ways
+    mixed_rows = sum(sum(map(sum, r["mix_pairs"])) for r in records)
+    assert decoded["fore"] == mixed_rows  # one foreground image per mixed row, none wasted

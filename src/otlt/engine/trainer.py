@@ -270,7 +270,7 @@ class Trainer:
                   mixing: bool) -> tuple[float, float, int]:
         """Flip the mixing coin, mix, and step on augmented ``x (B, 3, H, W)``, ``y (B,)``."""
         mixed = None
-        if mixing and torch.rand((), generator=self.generator).item() < self.cfg.mix.prob:
+        if mixing and self._mix_coin():
             mixed = self._mix(x, y)
             x = mixed.images
         if self.cfg.train.channels_last:
@@ -289,6 +289,10 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         return loss.detach() * len(y), correct.detach().float(), len(y)
+
+    def _mix_coin(self) -> bool:
+        """This step's mixing coin: heads (mix) with probability ``mix.prob``."""
+        return torch.rand((), generator=self.generator).item() < self.cfg.mix.prob
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor):
         """Mix a batch; CMO/OTmix draw their foreground batch from the class-weighted sampler."""
