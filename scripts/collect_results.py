@@ -3,6 +3,9 @@
     python scripts/collect_results.py GROUP RUN_DIR [RUN_DIR ...] --hardware "..." \
         --command "otlt train --config configs/{name}.yaml" [--note "..."]
 
+A RUN_DIR may also be a run folder already committed under results/ (its runs/ directory
+being gone): its files are then left in place and only the READMEs are rewritten.
+
 For every run: ``results/GROUP/<name>/`` gets config.yaml, splits.json, metrics.jsonl,
 eval.json, plans/ (small JSON only, no checkpoints) and a README.md with the command, the
 wall time (sum of the logged epoch times), the hardware and the last-epoch test numbers.
@@ -48,10 +51,11 @@ HEADER = ("| run | top-1 error | many | medium | few | paper (top-1) | epochs | 
 
 def write_run(s: dict, run: Path, dest: Path, command: str, hardware: str, note: str) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    for name in SMALL_FILES:
-        shutil.copy2(run / name, dest / name)
-    if (run / "plans").is_dir():
-        shutil.copytree(run / "plans", dest / "plans", dirs_exist_ok=True)
+    if run.resolve() != dest.resolve():
+        for name in SMALL_FILES:
+            shutil.copy2(run / name, dest / name)
+        if (run / "plans").is_dir():
+            shutil.copytree(run / "plans", dest / "plans", dirs_exist_ok=True)
     cfg = s["cfg"]
     text = [f"# {s['name']}", "",
             f"Command: `{command.format(name=s['name'])}`", "",
