@@ -50,7 +50,7 @@ L=$(error_of runs/cpu_full/cifar10_lt_r100_ldam_drw 2>/dev/null || error_of resu
   --hardware "2-core AMD EPYC (Zen 4, avx512_bf16) CPU, torch 2.13.0+cpu, bf16 autocast, channels-last; BALMS with 2 torch threads while development shared the machine; LDAM-DRW with 1 torch thread beside two other 1-thread trainings for epochs 1-6, then 2 torch threads (otlt train --resume runs/cpu_full/cifar10_lt_r100_ldam_drw) with light development beside it, so epoch times vary" \
   --command "otlt train --config configs/{name}.yaml --set out_dir=runs/cpu_full --set data.meta_per_class=0 --set train.progress=false" \
   --note "Trained on exactly the images of ../cifar10_lt_r100_full_h100 (50 validation images per class carved first, no meta carve-out, as in those runs), seed 0, last-epoch test error. BALMS is the BALMS-only counterpart of that group's BALMS+OTmix run (27.49%, literal r=1 foreground sampler): BALMS alone gives $B%. LDAM-DRW (NormedLinear head, margins C n_k^-1/4 scaled to a largest margin of 0.5, s = 30, DRW weights from epoch 160) gives $L% (paper 23.0); on the same images ERM gives $(error_of $H/cifar10_lt_r100_erm)% and ERM-DRW $(error_of $H/cifar10_lt_r100_drw)%. The report below puts them side by side with BALMS+OTmix."
-.venv/bin/otlt report $H/cifar10_lt_r100_erm $H/cifar10_lt_r100_drw $RUNS $H/cifar10_lt_r100_balms_otmix --out results/cifar10_lt_r100_full_cpu/report
+.venv/bin/otlt report $H/cifar10_lt_r100_erm $H/cifar10_lt_r100_drw $(dirname results/cifar10_lt_r100_full_cpu/*/config.yaml) $H/cifar10_lt_r100_balms_otmix --out results/cifar10_lt_r100_full_cpu/report
 fi
 
 if wanted cifar10_lt_reweight_full_cpu; then
@@ -66,6 +66,6 @@ if [ -n "$RUNS" ]; then
   --hardware "2-core AMD EPYC (Zen 4, avx512_bf16) CPU, torch 2.13.0+cpu, bf16 autocast, channels-last, 2 torch threads" \
   --command "otlt train --config configs/{name}.yaml --set out_dir=runs/cpu_full --set train.progress=false (stage 2: --set reweight.stage1=runs/cpu_full/<its stage-1 run>)" \
   --note "Each ratio's two stages use seed 0, data_seed 0 and the same images: 50 validation and 10 meta images per class carved before the long-tailed subsampling. Stage 1 is plain ERM for 160 epochs (lr 0.1, x0.1 at epoch 100). Stage 2 starts from its last.pt and trains the final layer for 90 epochs at batch 16 with the official settings (classifier lr 2e-5, Nesterov, wd 5e-4; weight lr 0.01; meta coefficient 10; feature-space prototypes; softmax-normalised weights). The reported 21.54 (phi=200) and 18.13 (phi=100) come from a secondary source and are best-on-test numbers of the official code; ours are last-epoch test errors."
-.venv/bin/otlt report $RUNS --out results/cifar10_lt_reweight_full_cpu/report
+.venv/bin/otlt report $(dirname results/cifar10_lt_reweight_full_cpu/*/config.yaml) --out results/cifar10_lt_reweight_full_cpu/report
 fi
 fi
