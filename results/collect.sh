@@ -43,13 +43,13 @@ fi
 if wanted cifar10_lt_r100_full_cpu; then
 H=results/cifar10_lt_r100_full_h100
 RUNS=$(pick cifar10_lt_r100_full_cpu runs/cpu_full cifar10_lt_r100_{balms,ldam_drw})
-B=$(error_of results/cifar10_lt_r100_full_cpu/cifar10_lt_r100_balms 2>/dev/null || error_of runs/cpu_full/cifar10_lt_r100_balms)
-L=$(error_of runs/cpu_full/cifar10_lt_r100_ldam_drw 2>/dev/null || error_of results/cifar10_lt_r100_full_cpu/cifar10_lt_r100_ldam_drw)
+B=$(error_of $(pick cifar10_lt_r100_full_cpu runs/cpu_full cifar10_lt_r100_balms))
+L=$(error_of $(pick cifar10_lt_r100_full_cpu runs/cpu_full cifar10_lt_r100_ldam_drw))
 .venv/bin/python scripts/collect_results.py cifar10_lt_r100_full_cpu $RUNS \
   --title "CIFAR-10-LT (phi=100), full 240-epoch BALMS and LDAM-DRW on the CPU" \
   --hardware "2-core AMD EPYC (Zen 4, avx512_bf16) CPU, torch 2.13.0+cpu, bf16 autocast, channels-last; BALMS with 2 torch threads while development shared the machine; LDAM-DRW with 1 torch thread beside two other 1-thread trainings for epochs 1-6, then 2 torch threads (otlt train --resume runs/cpu_full/cifar10_lt_r100_ldam_drw) with light development beside it, so epoch times vary" \
   --command "otlt train --config configs/{name}.yaml --set out_dir=runs/cpu_full --set data.meta_per_class=0 --set train.progress=false" \
-  --note "Trained on exactly the images of ../cifar10_lt_r100_full_h100 (50 validation images per class carved first, no meta carve-out, as in those runs), seed 0, last-epoch test error. BALMS is the BALMS-only counterpart of that group's BALMS+OTmix run (27.49%, literal r=1 foreground sampler): BALMS alone gives $B%. LDAM-DRW (NormedLinear head, margins C n_k^-1/4 scaled to a largest margin of 0.5, s = 30, DRW weights from epoch 160) gives $L% (paper 23.0); on the same images ERM gives $(error_of $H/cifar10_lt_r100_erm)% and ERM-DRW $(error_of $H/cifar10_lt_r100_drw)%. The report below puts them side by side with BALMS+OTmix."
+  --note "Trained on exactly the images of ../cifar10_lt_r100_full_h100 (50 validation images per class carved first, no meta carve-out, as in those runs), seed 0, last-epoch test error. BALMS is the BALMS-only counterpart of that group's BALMS+OTmix run ($(error_of $H/cifar10_lt_r100_balms_otmix)%, literal r=1 foreground sampler): BALMS alone gives $B%. LDAM-DRW (NormedLinear head, margins C n_k^-1/4 scaled to a largest margin of 0.5, s = 30, DRW weights from epoch 160) gives $L% (paper 23.0); on the same images ERM gives $(error_of $H/cifar10_lt_r100_erm)% and ERM-DRW $(error_of $H/cifar10_lt_r100_drw)%. The report below puts them side by side with BALMS+OTmix."
 .venv/bin/otlt report $H/cifar10_lt_r100_erm $H/cifar10_lt_r100_drw $(dirname results/cifar10_lt_r100_full_cpu/*/config.yaml) $H/cifar10_lt_r100_balms_otmix --out results/cifar10_lt_r100_full_cpu/report
 fi
 
