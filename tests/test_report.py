@@ -179,6 +179,8 @@ def test_class_weights_read_defensively():
                {"epoch": 2, "train_loss": 1.0}]
     key, epoch, values = class_weight_series(metrics, 3, ["a", "b", "c"])
     assert (key, epoch, values) == ("weight_class_mean", 1, [4.0, 5.0, None])
+    assert class_weight_series(metrics, 3, ["a", "b", "c"], first=True) == (
+        "weight_class_mean", 0, counts)
     assert class_weight_series([{"weight_x": [1.0, 2.0]}], 3) is None  # wrong length
     assert class_weight_series([{"epoch": 0, "train_loss": 1.0}], 3) is None
 
@@ -216,6 +218,10 @@ def test_report_writes_every_figure_with_relative_links(synthetic):
     assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(names)
     assert "OTmix Table 1, OTmix + ERM" in text
     assert "`weight_entropy` 2.5" in text
+    # the per-class weight table: 1/n after epoch 1, 1.5/n after epoch 6
+    assert "ot_reweight: `weight_class_mean` after epoch 1 and after epoch 6." in text
+    assert f"| {TINY_CLASSES[0]} | 500 | 0.002 | 0.003 | +0.001 |" in text
+    assert f"| {TINY_CLASSES[9]} | 5 | 0.2 | 0.3 | +0.1 |" in text
     assert "Sweep" not in text
 
 

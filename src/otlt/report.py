@@ -232,12 +232,13 @@ def mix_statistics(metrics: Sequence[dict[str, Any]]) -> list[tuple[str, int, li
 
 
 def class_weight_series(metrics: Sequence[dict[str, Any]], num_classes: int,
-                        classes: Sequence[str] = ()) -> tuple[str, int, list[float]] | None:
-    """Per-class weight statistics of a re-weighting run: the last record's ``weight_*``
-    entry that holds one number per class (a ``mean`` statistic preferred), as
-    ``(key, epoch, values)``; None when the run logged none. Read defensively: the format
-    belongs to the re-weighting code."""
-    for record in reversed(metrics):
+                        classes: Sequence[str] = (), *,
+                        first: bool = False) -> tuple[str, int, list[float]] | None:
+    """Per-class weight statistics of a re-weighting run: the last record's (``first``: the
+    first record's) ``weight_*`` entry that holds one number per class (a ``mean`` statistic
+    preferred), as ``(key, epoch, values)``; None when the run logged none. Read
+    defensively: the format belongs to the re-weighting code."""
+    for record in (metrics if first else reversed(metrics)):
         candidates = []
         for key, value in record.items():
             if not key.startswith("weight_"):
@@ -727,10 +728,37 @@ def _section_weights(report: _Report, runs: Sequence[RunData]) -> None:
             title=f"learned weight per class ({name})", ylabel=name,
             colors=[report.colors[r.label] for r in group])
         report.image(path, "learned weight per class")
+    for run in weighted:
+        _weight_change_table(report, run, found[run.label])
     for label, stats in scalars.items():
         if stats:
             report.add(f"{label}: " + ", ".join(f"`{k}` {v:.4g}" for k, v in sorted(stats.items())),
                        "")
+
+
+def _weight_change_table(report: _Report, run: RunData,
+                         last: tuple[str, int, list[float]]) -> None:
+    """How far the per-class statistic moved between the first and the last logged epoch."""
+    start = class_weight_series(run.metrics, len(run.classes), run.classes, first=True)
+    key, last_epoch, after = last
+    if start is None or start[0] != key or start[1] == last_epoch:
+        return
+    before = start[2]
+    report.add(f"{run.label}: `{key}` after epoch {start[1] + 1} and after epoch "
+               f"{last_epoch + 1}.", "",
+               f"| class | train n | epoch {start[1] + 1} | epoch {last_epoch + 1} | change |",
+               "|---|---:|---:|---:|---:|")
+    counts = run.counts or [None] * len(run.classes)
+    for name, n, a, b in zip(run.classes, counts, before, after):
+        change = f"{b - a:+.4g}" if a is not None and b is not None else "–"
+        report.add(f"| {name} | {'–' if n is None else int(n)} | {_significant(a)} | {_significant(b)} "
+                   f"| {change} |")
+    report.add("")
+
+
+def _significant(value: float | None) -> str:
+    """Four significant digits; ``–`` for missing (weights span 0.05 to 4 and move by 1e-4)."""
+    return "–" if value is None else f"{value:.4g}"
 
 
 def _section_gallery(report: _Report, runs: Sequence[RunData], options: ReportOptions) -> None:
