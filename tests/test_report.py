@@ -222,6 +222,7 @@ def test_report_writes_every_figure_with_relative_links(synthetic):
     assert "ot_reweight: `weight_class_mean` after epoch 1 and after epoch 6." in text
     assert f"| {TINY_CLASSES[0]} | 500 | 0.002 | 0.003 | +0.001 |" in text
     assert f"| {TINY_CLASSES[9]} | 5 | 0.2 | 0.3 | +0.1 |" in text
+    assert "Largest relative change: 50% (" in text
     assert "Sweep" not in text
 
 

@@ -753,6 +753,11 @@ def _weight_change_table(report: _Report, run: RunData,
         change = f"{b - a:+.4g}" if a is not None and b is not None else "–"
         report.add(f"| {name} | {'–' if n is None else int(n)} | {_significant(a)} | {_significant(b)} "
                    f"| {change} |")
+    moved = [(abs(b - a) / abs(a), name) for name, a, b in zip(run.classes, before, after)
+             if a and b is not None]
+    if moved:
+        share, name = max(moved)
+        report.add("", f"Largest relative change: {100 * share:.2g}% ({name}).")
     report.add("")
 
 
