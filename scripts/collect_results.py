@@ -7,8 +7,13 @@ A RUN_DIR may also be a run folder already committed under results/ (its runs/ d
 being gone): its files are then left in place and only the READMEs are rewritten.
 
 For every run: ``results/GROUP/<name>/`` gets config.yaml, splits.json, metrics.jsonl,
-eval.json, plans/ (small JSON only, no checkpoints) and a README.md with the command, the
-wall time (sum of the logged epoch times), the hardware and the last-epoch test numbers.
+eval.json, plans/, the post-hoc ``eval_*.json`` / ``probe_*.json`` (small JSON only) and a
+README.md with the command, the wall time (sum of the logged epoch times), the hardware and
+the last-epoch test numbers. ``--weights`` adds the last epoch's and the validation-selected
+weights as fp16 safetensors (``last.safetensors``, ``best.safetensors``; ``--keep-epochs``
+adds ``kept/epoch_<NNN>.safetensors``), each under 1 MB for a ResNet-32, so
+``otlt eval results/GROUP/<name> --checkpoint last|best|epoch_NNN --bn-stats MODE``
+re-evaluates them in seconds.
 ``results/GROUP/README.md`` gets the side-by-side table, with the paper's reported error
 where the config names a paper row. Every number is read from the runs' own files.
 """
@@ -20,7 +25,11 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 import yaml
+
+from otlt.engine.evaluate import kept_weights
+from otlt.engine.weights import SUFFIX, read_weights, save_weights
 
 SMALL_FILES = ("config.yaml", "splits.json", "metrics.jsonl", "eval.json")
 
@@ -49,13 +58,45 @@ HEADER = ("| run | top-1 error | many | medium | few | paper (top-1) | epochs | 
           "|---|---|---|---|---|---|---|---|")
 
 
-def write_run(s: dict, run: Path, dest: Path, command: str, hardware: str, note: str) -> None:
+MAX_WEIGHT_BYTES = 1_000_000
+
+
+def export_weights(run: Path, dest: Path, keep_epochs: list[int]) -> list[Path]:
+    """fp16 copies of the run's last, best and chosen kept weights (refuses files >= 1 MB)."""
+    sources = {dest / f"last{SUFFIX}": run / "last.pt",
+               dest / f"best{SUFFIX}": run / f"best{SUFFIX}"}
+    kept = kept_weights(run)
+    for epoch in keep_epochs:
+        if epoch in kept:
+            sources[dest / "kept" / f"epoch_{epoch:03d}{SUFFIX}"] = kept[epoch]
+    written = []
+    for target, source in sources.items():
+        if not source.is_file():
+            continue
+        w = read_weights(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_weights(target, w.model, epoch=w.epoch, evaluated_bn=w.evaluated_bn,
+                     mixer=w.mixer, meta=w.meta, dtype=torch.float16)
+        size = target.stat().st_size
+        if size >= MAX_WEIGHT_BYTES:
+            target.unlink()
+            raise SystemExit(f"{target}: {size} bytes, over the 1 MB limit for committed weights")
+        written.append(target)
+    return written
+
+
+def write_run(s: dict, run: Path, dest: Path, command: str, hardware: str, note: str,
+              weights: bool = False, keep_epochs: list[int] | None = None) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     if run.resolve() != dest.resolve():
         for name in SMALL_FILES:
             shutil.copy2(run / name, dest / name)
+        for extra in (*run.glob("eval_*.json"), *run.glob("probe_*.json")):
+            shutil.copy2(extra, dest / extra.name)
         if (run / "plans").is_dir():
             shutil.copytree(run / "plans", dest / "plans", dirs_exist_ok=True)
+        if weights:
+            export_weights(run, dest, keep_epochs or [])
     cfg = s["cfg"]
     text = [f"# {s['name']}", "",
             f"Command: `{command.format(name=s['name'])}`", "",
@@ -77,12 +118,18 @@ def main() -> None:
     parser.add_argument("--command", required=True)
     parser.add_argument("--note", default="")
     parser.add_argument("--title", default="")
+    parser.add_argument("--weights", action="store_true",
+                        help="commit fp16 last/best (and --keep-epochs) weights")
+    parser.add_argument("--keep-epochs", default="",
+                        help="comma-separated kept epochs (from 0) to commit with --weights")
     args = parser.parse_args()
+    keep = [int(e) for e in args.keep_epochs.split(",") if e.strip()]
     out = Path("results") / args.group
     summaries = []
     for run in args.runs:
         s = run_summary(run)
-        write_run(s, run, out / s["name"], args.command, args.hardware, args.note)
+        write_run(s, run, out / s["name"], args.command, args.hardware, args.note,
+                  weights=args.weights, keep_epochs=keep)
         summaries.append(s)
     text = [f"# {args.title or args.group}", "", f"Hardware: {args.hardware}", "",
             f"Command per run: `{args.command}`", "",

@@ -89,10 +89,10 @@ def test_eval_command_matches_training_eval(tiny_zip, tiny_config, tmp_path, cap
              *set_args(tiny_overrides(tiny_zip, out_dir, epochs=1))], capsys)
     run = out_dir / "tiny"
     at_train = json.loads((run / "eval.json").read_text())
-    (run / "eval.json").unlink()
     code, out, err = run_cli(["eval", str(run)], capsys)
     assert code == 0, err
-    again = json.loads((run / "eval.json").read_text())
+    again = json.loads((run / "eval_last_running.json").read_text())
+    assert again["checkpoint"] == "last" and again["bn_stats"] == "running"
     assert again["confusion_matrix"] == at_train["confusion_matrix"]
     assert "few error" in out and "class0" in out
 

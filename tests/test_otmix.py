@@ -230,3 +230,30 @@ def test_unconverged_sinkhorn_is_counted_per_epoch_not_warned_per_batch(recwarn)
     stats = mixer.end_epoch(None)
     assert stats["ot_converged_fraction"] == 0.0 and stats["ot_mean_iters"] == 2
     assert not [w for w in recwarn if "did not converge" in str(w.message)]
+
+
+@pytest.mark.parametrize("mode", ["pooled_eval", "official"])
+def test_feature_mode_official_moves_batchnorm_and_the_default_does_not(mode):
+    from otlt.engine.batchnorm import batchnorm_state
+    from otlt.models import create_model
+
+    model = create_model("resnet20", 4, generator=torch.Generator().manual_seed(0))
+    model.train()
+    before = batchnorm_state(model)
+    mixer = OTMix(class_counts=[8, 4, 2, 2], feature_mode=mode, ot_probability=1.0)
+    g = torch.Generator().manual_seed(1)
+    mixer.set_epoch(0, 10, generator=g)
+    x, xf = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
+    y, yf = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3]), torch.tensor([3, 2, 1, 0, 3, 2, 1, 0])
+    mixer(x, y, xf, yf, generator=g, model=model)
+    after = batchnorm_state(model)
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert model.training  # the caller's mode is restored either way
+    if mode == "official":
+        # two train-mode passes (backgrounds, then foregrounds) through every BN layer
+        assert int(after["bn1.num_batches_tracked"]) == int(before["bn1.num_batches_tracked"]) + 2
+        assert len(moved) == len(before)
+        z = mixer.features(model, x, None)
+        assert z.shape == (8, 64 * 8 * 8)  # Sequential(children[:-1]) output, flattened
+    else:
+        assert moved == []

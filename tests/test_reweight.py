@@ -247,10 +247,11 @@ def _stage2(stage1, out_dir, name: str, extra: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("extra", [
     ["reweight.weight_momentum=0.5"],
+    ["reweight.bn=train_meta"],
     pytest.param(["reweight.trainable=all", "reweight.meta=pixel_prototype",
                   "reweight.classifier_weights=raw", "reweight.init=uniform"],
                  marks=pytest.mark.slow),
-], ids=["fc", "all"])
+], ids=["fc", "fc_train_meta", "all"])
 def test_stage2_resumes_exactly_and_records_weights(stage1, extra, tmp_path, capsys):
     config = tmp_path / "stage2.yaml"
     config.write_text("name: stage2\n")
@@ -289,6 +290,9 @@ def test_stage2_resumes_exactly_and_records_weights(stage1, extra, tmp_path, cap
     assert not any(torch.equal(first[k], a["model"][k]) for k in ("fc.weight", "fc.bias"))
     if "reweight.trainable=all" in extra:
         assert moved  # the whole network trains
+    elif "reweight.bn=train_meta" in extra:
+        # the official BN behaviour: running statistics move, no backbone weight does
+        assert moved and all(k.endswith(("running_mean", "running_var")) for k in moved)
     else:
         assert moved == []  # backbone and its BatchNorm statistics stay stage 1's
 

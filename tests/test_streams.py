@@ -95,7 +95,8 @@ def test_bad_list_configs_are_clear_errors(list_root, change, message):
 
 def test_train_with_otmix_and_eval_from_a_list_dataset(list_root, tmp_path, capsys):
     out = tmp_path / "runs"
-    assert main(["train", *stream_overrides(list_root, out, "ot"), *OTMIX]) == 0
+    assert main(["train", *stream_overrides(list_root, out, "ot"), *OTMIX,
+                 "--set", "eval.bn_stats=train", "--set", "eval.bn_batches=2"]) == 0
     run = out / "ot"
     result = json.loads((run / "eval.json").read_text())
     assert result["split"] == "test" and sum(map(sum, result["confusion_matrix"])) == 12
@@ -107,9 +108,12 @@ def test_train_with_otmix_and_eval_from_a_list_dataset(list_root, tmp_path, caps
     assert all(r["ot_epoch"] and sum(map(sum, r["mix_pairs"])) == sum(TRAIN_COUNTS)
                for r in records)
     capsys.readouterr()
-    assert main(["eval", str(run)]) == 0
-    again = json.loads((run / "eval.json").read_text())
+    assert result["bn_stats"] == "train"
+    assert main(["eval", str(run)]) == 0  # post-hoc, the same streamed recalibration
+    again = json.loads((run / "eval_last_train.json").read_text())
     assert again["confusion_matrix"] == result["confusion_matrix"]
+    assert main(["eval", str(run), "--bn-stats", "balanced"]) == 0
+    assert (run / "eval_last_balanced.json").is_file()
 
 
 @pytest.mark.slow

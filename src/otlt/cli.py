@@ -1,4 +1,4 @@
-"""Command line: ``otlt train | eval | demo | report | sweep | bench``.
+"""Command line: ``otlt train | eval | probe | demo | report | sweep | bench``.
 
 User mistakes end with one line ``otlt: error: ...`` and exit code 2, never a traceback.
 """
@@ -33,13 +33,40 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a run directory or checkpoint on the test split")
-    p.add_argument("target", help="run directory (uses its last.pt) or a checkpoint path")
+    p = sub.add_parser("eval", help="evaluate a run's kept weights under a BatchNorm procedure")
+    p.add_argument("target", help="run directory, or a weights file in one (last.pt, "
+                                  "best.safetensors, kept/epoch_NNN.safetensors)")
+    p.add_argument("--checkpoint", default="last", metavar="last|best|epoch_NNN|PATH",
+                   help="which weights of the run directory (default: last)")
+    p.add_argument("--bn-stats", choices=["running", "train", "clean", "balanced"],
+                   help="BatchNorm statistics for evaluation (default: the run's eval.bn_stats)")
     p.add_argument("--data", help="dataset path, if it moved since training")
     p.add_argument("--split", default="test", choices=["test", "val"],
                    help="split to evaluate (default: test)")
     p.add_argument("--many", type=int, help="many-shot threshold (default: the run's, 100)")
     p.add_argument("--few", type=int, help="few-shot threshold (default: the run's, 20)")
+    p.add_argument("--out", help="where the JSON goes (default: "
+                                 "RUN/eval_<checkpoint>_<bn-stats>[_val].json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing result file that holds other numbers")
+
+
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="kept weights of a run under several BatchNorm procedures "
+                                     "(validation by default)")
+    p.add_argument("target", help="run directory with kept/ weights (train.keep_every or "
+                                  "train.keep_epochs)")
+    p.add_argument("--bn-stats", default="running,train,clean,balanced",
+                   help="comma-separated procedures (default: all four)")
+    p.add_argument("--epochs", help="comma-separated epochs counted from 0 (default: every "
+                                    "kept epoch)")
+    p.add_argument("--split", default="val", choices=["val", "test"],
+                   help="split (default: val; test is for final reporting only)")
+    p.add_argument("--bn-batches", type=int, help="recalibration batches (default: the run's)")
+    p.add_argument("--data", help="dataset path, if it moved since training")
+    p.add_argument("--out", help="where the JSON goes (default: RUN/probe_<split>[_bnN].json)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing result file that holds other numbers")
 
 
 def _add_demo(sub) -> None:
@@ -106,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_eval(sub)
+    _add_probe(sub)
     _add_demo(sub)
     _add_bench(sub)
     _add_report(sub)
@@ -142,7 +170,14 @@ def cmd_train(args) -> int:
         print(f"otlt: stopped after epoch {args.stop_after}; continue with "
               f"'otlt train --resume {trainer.run_dir}'")
         return 0
-    print(format_eval(result, title=f"{cfg.name}: last epoch, {result['split']} split"))
+    print(format_eval(result, title=f"{cfg.name}: last epoch, {result['split']} split, "
+                                    f"BN {result['bn_stats']}"))
+    selected = result.get("selected")
+    if selected:
+        print(f"validation-selected epoch {selected['epoch'] + 1} ({selected['select_metric']} "
+              f"{selected['val_value']:.2f}% on val): test top-1 error "
+              f"{selected['top1_error']:.2f}% (many {_fmt(selected['many_error'])}, medium "
+              f"{_fmt(selected['medium_error'])}, few {_fmt(selected['few_error'])})")
     print(f"otlt: done in {time.perf_counter() - start:.0f}s; results in {trainer.run_dir}")
     return 0
 
@@ -150,11 +185,64 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from otlt.engine.evaluate import evaluate_run
 
-    result = evaluate_run(Path(args.target), data_path=args.data, split=args.split,
-                          many=args.many, few=args.few)
-    print(format_eval(result, title=f"{args.target}: epoch {result['epoch'] + 1}, "
-                                    f"{result['split']} split"))
+    result, path = evaluate_run(Path(args.target), checkpoint=args.checkpoint,
+                                bn_stats=args.bn_stats, split=args.split, data_path=args.data,
+                                many=args.many, few=args.few,
+                                out=Path(args.out) if args.out else None,
+                                overwrite=args.overwrite)
+    print(format_eval(result, title=f"{args.target}: {result['checkpoint']} (epoch "
+                                    f"{result['epoch'] + 1}), {result['split']} split, "
+                                    f"BN {result['bn_stats']}"))
+    print(f"otlt: wrote {path}")
     return 0
+
+
+def cmd_probe(args) -> int:
+    from otlt.engine.evaluate import probe_kept, write_result
+
+    run = Path(args.target)
+    modes = [m.strip() for m in args.bn_stats.split(",") if m.strip()]
+    epochs = _int_list(args.epochs, "--epochs") if args.epochs else None
+    if args.bn_batches is not None and args.bn_batches < 1:
+        raise OtltError(f"--bn-batches must be >= 1, got {args.bn_batches}")
+    result = probe_kept(run, modes, epochs, split=args.split, data_path=args.data,
+                        bn_batches=args.bn_batches)
+    suffix = f"_bn{args.bn_batches}" if args.bn_batches else ""
+    out = Path(args.out) if args.out else run / f"probe_{args.split}{suffix}.json"
+    write_result(out, result, args.overwrite)
+    print(format_probe(result))
+    print(f"otlt: wrote {out}")
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise OtltError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def format_probe(result: dict) -> str:
+    """Table of ``otlt probe``: error (%) per epoch and procedure, best-balanced epochs."""
+    modes = list(dict.fromkeys(r["bn_stats"] for r in result["records"]))
+    by = {(r["epoch"], r["bn_stats"]): r for r in result["records"]}
+    epochs = sorted({r["epoch"] for r in result["records"]})
+    title = f"{result['split']} error % (many/medium/few) by BatchNorm procedure"
+    lines = [title, "-" * len(title), "epoch  " + "  ".join(f"{m:>24}" for m in modes)]
+    for e in epochs:
+        cells = []
+        for m in modes:
+            r = by[(e, m)]
+            groups = "/".join("-" if r[k] is None else f"{r[k]:.1f}"
+                              for k in ("many_error", "medium_error", "few_error"))
+            cells.append(f"{r['top1_error']:6.2f} ({groups})".rjust(24))
+        lines.append(f"{e:>5}  " + "  ".join(cells))
+    if result["split"] == "val" and len(epochs) > 1:
+        for m in modes:
+            best = max(epochs, key=lambda e: (by[(e, m)]["balanced_acc"] or -1, e))
+            lines.append(f"best balanced accuracy under {m}: epoch {best} "
+                         f"({by[(best, m)]['balanced_acc']:.2f}%)")
+    return "\n".join(lines)
 
 
 def cmd_demo(args) -> int:
@@ -192,6 +280,10 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}%"
+
+
 def format_eval(result: dict, title: str = "evaluation") -> str:
     """Human-readable table of an ``eval.json`` record."""
     lines = [title, "-" * len(title)]
@@ -210,8 +302,8 @@ def format_eval(result: dict, title: str = "evaluation") -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench,
-            "report": cmd_report, "sweep": cmd_sweep}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "demo": cmd_demo,
+            "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -121,12 +121,36 @@ class TrainConfig:
     eval_batch_size: int = 1000
     progress: bool = True
     workers: int = 8
+    keep_epochs: tuple[int, ...] = ()
+    keep_every: int = 0
+
+
+BN_STATS = ("running", "train", "clean", "balanced")
+SELECT_METRICS = ("balanced_acc", "top1_acc", "many_acc", "medium_acc", "few_acc")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """How a run is evaluated (the procedure is fixed before the test split is read).
+
+    ``bn_stats`` names the BatchNorm statistics used for every validation number that drives
+    checkpoint selection and for the final test evaluation (``running``, ``train``, ``clean``,
+    ``balanced``; :mod:`otlt.engine.batchnorm`), recomputed over ``bn_batches`` batches of
+    ``optim.batch_size`` drawn from a generator seeded by (seed, epoch), separate from the
+    training generator. ``bn_probe_every: N`` logs validation accuracy under all four
+    procedures every N epochs (0: off). ``select_metric`` picks ``best.safetensors`` on
+    validation (ties go to the later epoch). ``test_every_epoch`` logs test accuracy each
+    epoch as a diagnostic of the official protocol (best test epoch, optimistic); nothing
+    reads it to decide anything.
+    """
+
     many_threshold: int = 100
     few_threshold: int = 20
+    bn_stats: str = "running"
+    bn_batches: int = 50
+    bn_probe_every: int = 0
+    select_metric: str = "balanced_acc"
+    test_every_epoch: bool = False
 
 
 # Valid values of ReweightConfig's string options (also checked by otlt.reweight).
@@ -137,6 +161,7 @@ REWEIGHT_CHOICES = {
     "meta": ("prototype", "pixel_prototype", "whole"),
     "trainable": ("fc", "all"),
     "classifier_weights": ("softmax", "raw"),
+    "bn": ("frozen", "train_meta"),
 }
 
 
@@ -156,7 +181,10 @@ class ReweightConfig:
     is 0/1. The classifier step minimises ``sum_i l_i w_i + meta_coef * mean meta loss`` over
     ``trainable`` (``fc``: the final layer, backbone frozen; ``all``) with ``w`` softmax(w_batch)
     (``classifier_weights: softmax``, the paper) or raw (``raw``, the official code), using
-    the ``optim`` section. See :mod:`otlt.reweight`.
+    the ``optim`` section. ``bn`` (with ``trainable: fc``): ``frozen`` keeps the backbone's
+    BatchNorm in eval mode (ours), ``train_meta`` runs it in train mode for the classifier
+    step and forwards the meta set every step (the official code). See
+    :mod:`otlt.reweight` and :mod:`otlt.engine.reweight_trainer`.
     """
 
     stage1: str | None = None
@@ -174,6 +202,7 @@ class ReweightConfig:
     meta_coef: float = 10.0
     trainable: str = "fc"
     classifier_weights: str = "softmax"
+    bn: str = "frozen"
 
 
 @dataclass(frozen=True)
@@ -332,6 +361,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     require(d.num_classes is not None or d.dataset in DATASET_DEFAULTS,
             f"data.num_classes is required for dataset {d.dataset!r} "
             f"(known defaults: {', '.join(DATASET_DEFAULTS)})")
+    _validate_eval(cfg)
+    require(cfg.train.keep_every >= 0, f"train.keep_every must be >= 0 (0: off), "
+                                       f"got {cfg.train.keep_every}")
+    require(all(0 <= e < o.epochs for e in cfg.train.keep_epochs),
+            f"train.keep_epochs must be epochs in [0, {o.epochs - 1}] (counted from 0), "
+            f"got {list(cfg.train.keep_epochs)}")
     require(cfg.train.workers >= 0, f"train.workers must be >= 0, got {cfg.train.workers}")
     require(o.batch_size > 0, f"optim.batch_size must be a positive integer, got {o.batch_size}")
     require(o.epochs > 0, f"optim.epochs must be a positive integer, got {o.epochs}")
@@ -349,6 +384,18 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.amp must be auto, off, bf16 or fp16, got {cfg.train.amp!r}")
     _validate_reweight(cfg)
     return cfg
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    e = cfg.eval
+    require(e.bn_stats in BN_STATS, f"eval.bn_stats must be one of {', '.join(BN_STATS)}, "
+                                    f"got {e.bn_stats!r}")
+    require(e.bn_batches >= 1, f"eval.bn_batches must be >= 1, got {e.bn_batches}")
+    require(e.bn_probe_every >= 0, f"eval.bn_probe_every must be >= 0 (0: off), "
+                                   f"got {e.bn_probe_every}")
+    require(e.select_metric in SELECT_METRICS, f"eval.select_metric must be one of "
+                                               f"{', '.join(SELECT_METRICS)}, "
+                                               f"got {e.select_metric!r}")
 
 
 def _validate_reweight(cfg: RunConfig) -> None:

@@ -187,3 +187,22 @@ def _as_int_list(counts: Sequence[int] | torch.Tensor) -> list[int]:
     if any(n < 0 for n in out):
         raise OtltError(f"training class counts must be >= 0, got {out}")
     return out
+
+
+def select_value(summary: dict[str, Any], metric: str) -> float | None:
+    """The checkpoint-selection value of a :func:`summarize` record, in percent.
+
+    ``balanced_acc`` is the mean per-class accuracy (classes with samples); ``top1_acc`` the
+    plain accuracy; ``many_acc`` / ``medium_acc`` / ``few_acc`` a group's accuracy (None
+    when the group has no samples).
+    """
+    if metric == "balanced_acc":
+        accs = [a for a in summary["per_class_accuracy"] if a is not None]
+        return sum(accs) / len(accs) if accs else None
+    if metric == "top1_acc":
+        return summary["top1_accuracy"]
+    group = metric.removesuffix("_acc")
+    if f"{group}_error" not in summary:
+        raise OtltError(f"unknown selection metric {metric!r}")
+    error = summary[f"{group}_error"]
+    return None if error is None else 100.0 - error

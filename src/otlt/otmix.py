@@ -46,6 +46,7 @@ DISTANCES = ("cosine", "euclidean")
 SELECTIONS = ("argmax", "sample", "softmax", "assignment", "confusion")
 BLENDS = ("cutmix", "mixup", "saliencymix")
 CONFUSION_MODES = ("adaptive", "fixed")
+FEATURE_MODES = ("pooled_eval", "official")
 
 
 def class_affinity(confusion: torch.Tensor, keep_same_class: bool = False) -> torch.Tensor:
@@ -115,7 +116,10 @@ class OTMix(Mixer):
     background class most confused with the foreground's, Table 4); ``blend``
     cutmix/mixup/saliencymix (Table 3; saliencymix centres the box on the first mixed
     foreground's most salient pixel); ``confusion_mode`` adaptive (updated every epoch) or
-    fixed (first one kept);
+    fixed (first one kept); ``feature_mode`` ``pooled_eval`` (ours: pooled penultimate
+    features in eval mode; BatchNorm untouched) or ``official`` (the official code's pass:
+    ``Sequential(children[:-1])`` in train mode, flattened, backgrounds then foregrounds, so
+    every OT step updates the BatchNorm running statistics with both batches);
     ``ot_probability`` forces ``P(OT epoch)`` instead of ``(t/T)^mu``.
 
     State: the class affinity ``F`` (in :meth:`state_dict`) and per-epoch statistics read by
@@ -136,6 +140,7 @@ class OTMix(Mixer):
     selection: str = "argmax"
     blend: str = "cutmix"
     confusion_mode: str = "adaptive"
+    feature_mode: str = "pooled_eval"
     ot_probability: float | None = None
     prob: float = 1.0
     fraction: float = 1.0
@@ -156,7 +161,8 @@ class OTMix(Mixer):
         for name, value, valid in (("distance", self.distance, DISTANCES),
                                    ("selection", self.selection, SELECTIONS),
                                    ("blend", self.blend, BLENDS),
-                                   ("confusion_mode", self.confusion_mode, CONFUSION_MODES)):
+                                   ("confusion_mode", self.confusion_mode, CONFUSION_MODES),
+                                   ("feature_mode", self.feature_mode, FEATURE_MODES)):
             require(value in valid, f"OTMix {name} must be one of {', '.join(valid)}, "
                                     f"got {value!r}")
         require(self.ot_probability is None or 0 <= self.ot_probability <= 1,
@@ -210,15 +216,18 @@ class OTMix(Mixer):
     @torch.no_grad()
     def features(self, model: torch.nn.Module, images: torch.Tensor,
                  amp_dtype: torch.dtype | None) -> torch.Tensor:
-        """Pooled penultimate features ``(N, D)`` in eval mode, without gradients."""
+        """Features ``(N, D)`` for the cost, without gradients (see ``feature_mode``)."""
         was_training = model.training
-        model.eval()
+        official = self.feature_mode == "official"
+        model.train(official)
         images = images.contiguous(memory_format=torch.channels_last)
+        forward = (torch.nn.Sequential(*list(model.children())[:-1]) if official
+                   else model.features)
         try:
             if amp_dtype is None:
-                return model.features(images).float()
+                return forward(images).flatten(1).float()
             with torch.autocast(images.device.type, dtype=amp_dtype):
-                return model.features(images).float()
+                return forward(images).flatten(1).float()
         finally:
             model.train(was_training)
 
@@ -272,8 +281,12 @@ class OTMix(Mixer):
         use_ot = self.ot_epoch and model is not None
         self.stats["batches"] += 1
         if use_ot:
-            z = self.features(model, torch.cat([x_partner, x]), amp_dtype)
-            z_fore, z_back = z[: len(x_partner)], z[len(x_partner):]
+            if self.feature_mode == "official":  # two train-mode passes, as the official code
+                z_back = self.features(model, x, amp_dtype)
+                z_fore = self.features(model, x_partner, amp_dtype)
+            else:
+                z = self.features(model, torch.cat([x_partner, x]), amp_dtype)
+                z_fore, z_back = z[: len(x_partner)], z[len(x_partner):]
             cost = self.cost(z_fore, z_back, y_partner, y)
             back, solver = self.choose_backgrounds(cost, y_partner, y, generator)
             self._record_ot(solver)

@@ -408,3 +408,19 @@ __all__ = [
     "validation_overlay",
     "wrap_label",
 ]
+
+
+def bn_probe_curves(title: str, series: dict[str, list[tuple[int, float]]], path: Path) -> Path:
+    """Validation accuracy against the epoch, one line per BatchNorm procedure:
+    ``series[procedure] = [(epoch counted from 1, accuracy %), ...]``."""
+    fig = Figure(figsize=(8, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for i, (mode, points) in enumerate(series.items()):
+        if points:
+            xs, ys = zip(*sorted(points), strict=True)
+            ax.plot(xs, ys, "-o", ms=2.5, lw=1.3, label=mode, color=run_color(i))
+    ax.set(title=wrap_label(title, 70), xlabel="epoch", ylabel="validation accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="BN statistics", title_fontsize=8, loc="best")
+    return _save(fig, path)

@@ -30,6 +30,7 @@ from torch.utils.data import Sampler
 from otlt.errors import OtltError, require
 
 __all__ = [
+    "permutation_batches",
     "ClassWeightedSampler",
     "DistributedClassWeightedSampler",
     "class_sampling_probs",
@@ -188,3 +189,18 @@ class DistributedClassWeightedSampler(ClassWeightedSampler):
 
     def __len__(self) -> int:
         return self.total_size // self.num_replicas
+
+
+def permutation_batches(n: int, batch_size: int, count: int,
+                        generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``count`` index batches ``(min(batch_size, n),)`` cut from successive random
+    permutations of ``range(n)`` (a permutation's short last chunk is skipped)."""
+    require(n >= 1, f"cannot draw batches from an empty set (n={n})")
+    batch_size = min(batch_size, n)
+    made = 0
+    while made < count:
+        for chunk in torch.randperm(n, generator=generator).split(batch_size):
+            if len(chunk) < batch_size or made == count:
+                break
+            yield chunk
+            made += 1

@@ -1,66 +1,214 @@
-"""``otlt eval``: re-evaluate a saved run on its test (or validation) split."""
+"""``otlt eval`` and ``otlt probe``: evaluate any kept weights of a run under any BatchNorm
+procedure.
+
+The run is rebuilt from its ``config.yaml`` without training (:func:`create_trainer` with
+``evaluate_only``), the weights are loaded, and the very code that evaluates during
+training (``Trainer.evaluation_model`` with the recalibration generator of the weights'
+epoch) evaluates them, so a post-hoc number equals the in-run number for the same weights
+and procedure. Results go beside the run's others as ``eval_<checkpoint>_<bn_stats>.json``
+(``_val`` added for the validation split); an existing file with different numbers is
+never overwritten silently.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from otlt.config import build_config
-from otlt.data.prepare import prepare_data
-from otlt.data.streams import is_list_dataset, prepare_stream_data
+from tqdm import tqdm
+
+from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
 from otlt.engine.checkpoint import load_checkpoint
-from otlt.engine.trainer import (
-    DeviceSplit,
-    autocast_dtype,
-    evaluate,
-    evaluate_batches,
-    resolve_device,
-)
-from otlt.errors import OtltError
-from otlt.metrics import summarize
-from otlt.models import create_model
+from otlt.engine.distributed import unwrap
+from otlt.engine.trainer import Trainer, create_trainer
+from otlt.engine.weights import SUFFIX, WeightsFile, read_weights
+from otlt.errors import OtltError, require
+from otlt.metrics import select_value
+
+CHECKPOINTS = ("last", "best")
 
 
-def evaluate_run(target: Path, data_path: str | None = None, split: str = "test",
-                 many: int | None = None, few: int | None = None) -> dict[str, Any]:
-    """Evaluate ``target`` (a run directory or a checkpoint) and write ``eval[_val].json``.
-
-    The many/medium/few groups use the *training* counts stored in the checkpoint, so the
-    numbers match those written at the end of training.
-    """
+def resolve_run(target: Path) -> tuple[Path, Path | None]:
+    """``(run directory, weights file or None)`` of a run directory or a weights file
+    inside one (``last.pt``, ``best.safetensors``, ``kept/epoch_<NNN>.*``)."""
     target = Path(target)
     if not target.exists():
-        raise OtltError(f"{target} does not exist (expected a run directory or a last.pt)")
-    ckpt_path = target / "last.pt" if target.is_dir() else target
-    state = load_checkpoint(ckpt_path)
-    cfg = build_config(state["config"])
+        raise OtltError(f"{target} does not exist (expected a run directory or a weights file)")
+    if target.is_dir():
+        return target, None
+    for folder in (target.parent, target.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder, target
+    return target.parent, target
+
+
+def weights_path(run_dir: Path, checkpoint: str) -> Path:
+    """The file of ``last`` (``last.pt``, else the committed ``last.safetensors``), ``best``,
+    ``epoch_<NNN>`` (under ``kept/``) or a path."""
+    if checkpoint == "last":
+        candidates = [run_dir / "last.pt", run_dir / f"last{SUFFIX}"]
+    elif checkpoint == "best":
+        candidates = [run_dir / f"best{SUFFIX}"]
+    elif checkpoint.startswith("epoch_") and "/" not in checkpoint:
+        candidates = [run_dir / "kept" / f"{checkpoint}{SUFFIX}",
+                      run_dir / "kept" / f"{checkpoint}.pt"]
+    else:
+        candidates = [Path(checkpoint), run_dir / checkpoint]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise OtltError(f"no weights for --checkpoint {checkpoint} in {run_dir} "
+                    f"(looked for {', '.join(str(p) for p in candidates)})")
+
+
+def run_config(run_dir: Path, data_path: str | None) -> RunConfig:
+    """The run's resolved config (``config.yaml``, else the one inside ``last.pt``)."""
+    if (run_dir / "config.yaml").is_file():
+        cfg = build_config(load_raw(run_dir / "config.yaml"))
+    elif (run_dir / "last.pt").is_file():
+        cfg = build_config(load_checkpoint(run_dir / "last.pt")["config"])
+    else:
+        raise OtltError(f"{run_dir} holds no config.yaml or last.pt (is it an otlt run?)")
     if data_path is not None:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=data_path))
-    device = resolve_device(cfg.train.device)
-    model = create_model(cfg.model.name, cfg.num_classes, head=cfg.model.head)
-    model.load_state_dict(state["model"])
-    model.to(device)
-    amp = autocast_dtype(cfg.train.amp, device)
-    if is_list_dataset(cfg.data):
-        from otlt.engine.stream_trainer import eval_loader
+    return cfg
 
-        data = prepare_stream_data(cfg.data, cfg.num_classes, cfg.seed)
-        chosen = data.test if split == "test" else data.val
-        if chosen is None:
-            raise OtltError(f"run {target} has no {split} split (its dataset has no list for it)")
-        batches = eval_loader(chosen, cfg.train.eval_batch_size, cfg.train.workers, device)
-        confusion = evaluate_batches(model, batches, cfg.num_classes, amp, channels_last=False)
-    else:
-        data = prepare_data(cfg.data, cfg.num_classes)
-        chosen = data.test if split == "test" else data.val
-        confusion = evaluate(model, DeviceSplit(chosen, device), cfg.num_classes,
-                             cfg.train.eval_batch_size, amp, channels_last=False)
-    result = {"split": split, "epoch": int(state["epoch"]), "classes": data.classes,
-              **summarize(confusion, state["train_counts"],
-                          many=many if many is not None else cfg.eval.many_threshold,
-                          few=few if few is not None else cfg.eval.few_threshold)}
-    name = "eval.json" if split == "test" else f"eval_{split}.json"
-    (ckpt_path.parent / name).write_text(json.dumps(result, indent=1))
-    return result
+
+def checkpoint_label(path: Path) -> str:
+    """``last``, ``best`` or the file's stem (``epoch_028``), for the output file name."""
+    stem = path.name.split(".")[0]
+    return stem if stem in CHECKPOINTS or stem.startswith("epoch_") else stem or "weights"
+
+
+def evaluation_trainer(run_dir: Path, data_path: str | None = None, many: int | None = None,
+                       few: int | None = None, bn_batches: int | None = None) -> Trainer:
+    """The run rebuilt for evaluation only (its data, model, mixer; nothing written)."""
+    cfg = run_config(run_dir, data_path)
+    e = cfg.eval
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+        e, many_threshold=e.many_threshold if many is None else many,
+        few_threshold=e.few_threshold if few is None else few,
+        bn_batches=e.bn_batches if bn_batches is None else bn_batches))
+    cfg = validate(cfg)
+    return create_trainer(cfg, run_dir=run_dir, evaluate_only=True)
+
+
+def load_into(trainer: Trainer, weights: WeightsFile) -> None:
+    """Put ``weights`` (model as trained, mixer state) into an evaluation trainer."""
+    try:
+        unwrap(trainer.model).load_state_dict(weights.model)
+    except RuntimeError as exc:
+        raise OtltError(f"weights do not fit the model of {trainer.run_dir} "
+                        f"({str(exc).splitlines()[0][:160]})") from None
+    if trainer.mixer is not None and weights.mixer and hasattr(trainer.mixer, "load_state_dict"):
+        trainer.mixer.load_state_dict(weights.mixer)
+
+
+def evaluate_loaded(trainer: Trainer, epoch: int, mode: str, split: str) -> dict[str, Any]:
+    """The ``eval.json``-style record of the trainer's current weights (trained up to
+    ``epoch``) on ``split`` under BatchNorm procedure ``mode``."""
+    require(mode in BN_STATS, f"--bn-stats must be one of {', '.join(BN_STATS)}, got {mode!r}")
+    confusion = trainer.confusion_on(split, trainer.evaluation_model(epoch, mode))
+    if confusion is None:
+        raise OtltError(f"run {trainer.run_dir} has no {split} split")
+    result = {"split": split, "epoch": epoch, "bn_stats": mode,
+              "classes": trainer.data.classes}
+    if mode != "running":
+        result["bn_batches"] = trainer.cfg.eval.bn_batches
+    return {**result, **trainer.summarize(confusion)}
+
+
+def evaluate_weights(run_dir: Path, weights: WeightsFile, bn_stats: str | None = None,
+                     split: str = "test", data_path: str | None = None,
+                     many: int | None = None, few: int | None = None) -> dict[str, Any]:
+    """Evaluate ``weights`` of the run in ``run_dir`` on ``split`` under ``bn_stats``
+    (default: the run's ``eval.bn_stats``); returns the ``eval.json``-style record."""
+    trainer = evaluation_trainer(run_dir, data_path, many, few)
+    load_into(trainer, weights)
+    return evaluate_loaded(trainer, weights.epoch, bn_stats or trainer.cfg.eval.bn_stats, split)
+
+
+def kept_weights(run_dir: Path) -> dict[int, Path]:
+    """The run's kept weight files by epoch (``kept/epoch_<NNN>.safetensors`` or ``.pt``)."""
+    found: dict[int, Path] = {}
+    for path in sorted((run_dir / "kept").glob("epoch_*")):
+        stem = path.name.split(".")[0]
+        if stem[6:].isdigit() and path.suffix in (SUFFIX, ".pt"):
+            found.setdefault(int(stem[6:]), path)
+    return found
+
+
+def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
+               split: str = "val", data_path: str | None = None,
+               bn_batches: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate kept weights under several procedures: ``eval.bn_probe_every`` after the
+    fact. ``epochs`` None: every kept epoch. Returns ``{"split", "bn_batches", "records"}``
+    with one compact record (errors in %, ``balanced_acc``) per (epoch, procedure)."""
+    run_dir = Path(run_dir)
+    kept = kept_weights(run_dir)
+    if (run_dir / "last.pt").is_file():
+        last = read_weights(run_dir / "last.pt")
+        kept.setdefault(last.epoch, run_dir / "last.pt")
+    chosen = sorted(kept) if epochs is None else list(epochs)
+    missing = [e for e in chosen if e not in kept]
+    require(not missing, f"{run_dir} keeps no weights for epoch(s) {missing} (kept: "
+                         f"{sorted(kept) or 'none'}; train with train.keep_epochs or keep_every)")
+    for mode in modes:
+        require(mode in BN_STATS, f"--bn-stats must be among {', '.join(BN_STATS)}, got {mode!r}")
+    trainer = evaluation_trainer(run_dir, data_path, bn_batches=bn_batches)
+    records = []
+    for epoch in tqdm(chosen, desc=f"probe {run_dir.name}", disable=not progress,
+                      file=sys.stderr, dynamic_ncols=True):
+        weights = read_weights(kept[epoch])
+        load_into(trainer, weights)
+        for mode in modes:
+            r = evaluate_loaded(trainer, weights.epoch, mode, split)
+            records.append({"epoch": r["epoch"], "bn_stats": mode,
+                            **{k: r[k] for k in ("top1_error", "many_error", "medium_error",
+                                                 "few_error")},
+                            "balanced_acc": select_value(r, "balanced_acc"),
+                            "per_class_accuracy": r["per_class_accuracy"]})
+    return {"run": str(run_dir), "split": split, "bn_batches": trainer.cfg.eval.bn_batches,
+            "records": records}
+
+
+def evaluate_run(target: Path, checkpoint: str = "last", bn_stats: str | None = None,
+                 split: str = "test", data_path: str | None = None, many: int | None = None,
+                 few: int | None = None, out: Path | None = None,
+                 overwrite: bool = False) -> tuple[dict[str, Any], Path]:
+    """Evaluate a run's weights (``target``: run directory, or a weights file) and write
+    the record; returns ``(record, path written)``."""
+    run_dir, file = resolve_run(Path(target))
+    path = file or weights_path(run_dir, checkpoint)
+    result = evaluate_weights(run_dir, read_weights(path), bn_stats, split, data_path, many, few)
+    label = checkpoint_label(path)
+    result = {**result, "checkpoint": label, "weights": str(path)}
+    suffix = "" if split == "test" else f"_{split}"
+    if out is None:
+        out = run_dir / f"eval_{label}_{result['bn_stats']}{suffix}.json"
+    write_result(out, result, overwrite)
+    return result, out
+
+
+def write_result(path: Path, record: dict[str, Any], overwrite: bool = False) -> None:
+    """Write a JSON result; an existing file with other content is kept unless
+    ``overwrite`` (the same content again is fine)."""
+    if path.exists() and not overwrite:
+        try:
+            same = json.loads(path.read_text()) == json.loads(json.dumps(record))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise OtltError(f"{path} exists and holds other numbers; choose another file "
+                            "with --out or replace it with --overwrite")
+    try:
+        path.write_text(json.dumps(record, indent=1))
+    except OSError as exc:
+        raise OtltError(f"cannot write {path} ({exc.strerror or exc})") from None
+
+
+__all__ = ["evaluate_run", "evaluate_weights", "kept_weights", "probe_kept", "resolve_run",
+           "weights_path", "write_result"]

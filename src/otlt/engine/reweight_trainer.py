@@ -12,9 +12,12 @@ checkpoint (``reweight.stage1``) and, for every batch of the long-tailed trainin
    (or raw ``w_B``), one step of the ``optim`` section's SGD on the trainable parameters.
 
 ``reweight.trainable: fc`` (the official code) trains the final layer only; the backbone then
-runs in eval mode under ``no_grad`` (one cheap forward per batch, BatchNorm statistics frozen;
-the official code leaves BatchNorm in train mode, so its frozen backbone's statistics drift)
-and the meta loss reuses the epoch's meta features. ``all`` trains the whole network and
+runs in eval mode under ``no_grad`` (one cheap forward per batch, BatchNorm statistics frozen)
+and the meta loss reuses the epoch's meta features. ``reweight.bn: train_meta`` does what the
+official code does instead (``OT_train.py`` ~L232-236): the weight step's features in eval
+mode, then the classifier step's backbone forward of the batch and of the whole meta set in
+train mode at every step, so BatchNorm uses batch statistics and its running statistics
+drift towards the balanced meta set. ``all`` trains the whole network and
 forwards the meta set every step, as the official code does.
 
 Everything else is the engine's: data on the device, validation each epoch, atomic ``last.pt``
@@ -28,8 +31,6 @@ weights: the learned training distribution), in training-split order.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch
 
 from otlt.config import RunConfig, to_dict
 from otlt.data.prepare import LongTailedData
-from otlt.engine.checkpoint import load_checkpoint
+from otlt.engine.checkpoint import load_checkpoint, write_atomic
 from otlt.engine.distributed import is_main_process, unwrap, world_size
 from otlt.engine.trainer import DeviceSplit, Trainer, _autocast
 from otlt.errors import OtltError, require
@@ -76,11 +77,14 @@ class Stage2Trainer(Trainer):
     """The engine's :class:`Trainer` running OT re-weighting's stage 2 (``reweight`` section)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
-                 data: LongTailedData | None = None):
+                 data: LongTailedData | None = None, evaluate_only: bool = False):
         require(cfg.reweight.stage1 is not None,
                 "Stage2Trainer needs reweight.stage1 (the stage-1 checkpoint)")
-        stage1 = None if resume else load_stage1(cfg)  # before the run directory is created
-        super().__init__(cfg, run_dir=run_dir, resume=resume, data=data)
+        # Read stage 1 before the run directory is created; a resumed or evaluated run has
+        # its own weights.
+        stage1 = None if resume or evaluate_only else load_stage1(cfg)
+        super().__init__(cfg, run_dir=run_dir, resume=resume, data=data,
+                         evaluate_only=evaluate_only)
         require(world_size() == 1, "OT re-weighting stage 2 runs in one process (the example "
                                    "weights are not synchronised across ranks)")
         if stage1 is not None:
@@ -172,6 +176,9 @@ class Stage2Trainer(Trainer):
             with _autocast(self.device, self.amp_dtype):
                 z = self.model.features(x)
                 logits = self.model.fc(z)
+        elif self.cfg.reweight.bn == "train_meta":
+            z = self._frozen_features(x)  # the official weight step runs in eval mode
+            logits = self.model.fc(self._train_mode_features(x))
         else:
             z = self._frozen_features(x)
             logits = self.model.fc(z)
@@ -186,8 +193,23 @@ class Stage2Trainer(Trainer):
         correct = (logits.argmax(1) == y).sum()
         return loss.detach() * len(y), correct.detach().float(), len(y)
 
+    @torch.no_grad()
+    def _train_mode_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``(N, D)`` of the frozen backbone in train mode (``reweight.bn:
+        train_meta``): batch statistics, and the running statistics move, as in the
+        official stage 2."""
+        with _autocast(self.device, self.amp_dtype):
+            return self.model.features(x).float()
+
     def _meta_loss(self) -> torch.Tensor:
-        """Mean loss on this epoch's meta draw (0 when ``meta_coef`` is 0)."""
+        """Mean loss on this epoch's meta draw (0 when ``meta_coef`` is 0). With
+        ``reweight.bn: train_meta`` the meta set goes through the backbone in train mode at
+        every step (moving BatchNorm towards balanced statistics), whatever ``meta_coef``."""
+        if self.cfg.reweight.bn == "train_meta" and not self.train_all:
+            meta_z = self._train_mode_features(self.meta_x)
+            if self.cfg.reweight.meta_coef == 0:
+                return torch.zeros((), device=self.device)
+            return self.loss(self.model.fc(meta_z), self.meta_split.labels).float().mean()
         if self.cfg.reweight.meta_coef == 0:
             return torch.zeros((), device=self.device)
         if self.train_all:
@@ -199,12 +221,4 @@ class Stage2Trainer(Trainer):
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda handle: handle.write(json.dumps(obj).encode()))

@@ -27,11 +27,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from otlt.config import BN_STATS
 from otlt.data.augment import normalize
+from otlt.data.samplers import permutation_batches, sample_weights
 from otlt.data.sources import ListFileDataset
 from otlt.data.streams import IMAGENET_MEAN, IMAGENET_STD, prepare_stream_data
-from otlt.engine.distributed import rank, world_size
+from otlt.engine.batchnorm import preserved_batchnorm
+from otlt.engine.distributed import rank, unwrap, world_size
 from otlt.engine.trainer import Trainer, evaluate_batches
+from otlt.errors import require
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -109,7 +113,7 @@ class StreamTrainer(Trainer):
         if self._mixing_on(epoch):
             coins = (torch.rand(len(batches), generator=self.generator)
                      < self.cfg.mix.prob).tolist()
-            sizes = [len(b) for b, coin in zip(batches, coins) if coin]
+            sizes = [len(b) for b, coin in zip(batches, coins, strict=True) if coin]
             if sizes and getattr(self.mixer, "needs_partner_batch", False):
                 draws = torch.multinomial(self.fore_weights, sum(sizes), replacement=True,
                                           generator=self.generator)
@@ -126,15 +130,60 @@ class StreamTrainer(Trainer):
 
     def _foreground(self, n: int) -> Batch:
         """This step's foreground batch from the lockstep loader (drawn with ``n`` rows)."""
-        assert self._pending_foreground is not None, "foreground loader not running"
-        images, labels = self._pending_foreground
-        return model_input(images, self.device), labels.to(self.device)
+        return self._on_device(self._pending_foreground)
 
-    def _confusion(self, split: str) -> torch.Tensor | None:
+    def confusion_on(self, split: str,
+                     model: torch.nn.Module | None = None) -> torch.Tensor | None:
         dataset = self.val if split == "val" else self.test
         if dataset is None:
             return None
         batches = eval_loader(dataset, self.cfg.train.eval_batch_size, self.cfg.train.workers,
                               self.device)
-        return evaluate_batches(self.model, batches, self.num_classes, self.amp_dtype,
-                                self.cfg.train.channels_last)
+        return evaluate_batches(model or self.model, batches, self.num_classes,
+                                self.amp_dtype, self.cfg.train.channels_last)
+
+    def bn_batches(self, mode: str, epoch: int) -> Iterator[torch.Tensor]:
+        """Recalibration batches as :meth:`Trainer.bn_batches` says, streamed: the images
+        are decoded by copies of the training list whose augmentation seeds differ from
+        training's, and the indices come from the (seed, epoch) recalibration generator."""
+        require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
+        g = self.bn_generator(epoch)
+        b, n = self.cfg.optim.batch_size, self.cfg.eval.bn_batches
+        if mode == "balanced":
+            weights = sample_weights(self.train.labels, 0.0)
+            batches = [torch.multinomial(weights, b, replacement=True, generator=g).tolist()
+                       for _ in range(n)]
+        else:
+            batches = [c.tolist() for c in permutation_batches(len(self.train), b, n, g)]
+        mixer = copy.deepcopy(self.mixer) if mode == "train" else None
+        coins = [False] * len(batches)
+        fore = None
+        if mixer is not None:
+            coins = (torch.rand(len(batches), generator=g) < self.cfg.mix.prob).tolist()
+            sizes = [len(x) for x, coin in zip(batches, coins, strict=True) if coin]
+            if sizes and getattr(mixer, "needs_partner_batch", False):
+                draws = torch.multinomial(self.fore_weights, sum(sizes), replacement=True,
+                                          generator=g)
+                fore = self._loader(self._recalibration_set(epoch, 3),
+                                    [d.tolist() for d in draws.split(sizes)])
+        steps = _Lockstep(self._loader(self._recalibration_set(epoch, 2), batches), coins, fore)
+        with preserved_batchnorm(unwrap(self.model)):
+            for images, labels, coin, foreground in steps:
+                x, y = model_input(images, self.device), labels.to(self.device)
+                if coin:
+                    if hasattr(mixer, "set_epoch"):
+                        mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=g)
+                    x = self._apply_mixer(mixer, x, y, g,
+                                          lambda _n, f=foreground: self._on_device(f)).images
+                yield x
+
+    def _recalibration_set(self, epoch: int, offset: int) -> ListFileDataset:
+        dataset = copy.copy(self.train)
+        dataset.seed = self.train.seed + offset
+        dataset.set_epoch(epoch)
+        return dataset
+
+    def _on_device(self, batch: Batch | None) -> Batch:
+        assert batch is not None, "foreground loader not running"
+        images, labels = batch
+        return model_input(images, self.device), labels.to(self.device)

@@ -8,11 +8,12 @@ training (including OTmix's confusion matrix); the test split is evaluated once,
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Sized
+from collections.abc import Iterable, Iterator, Sized
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from otlt.config import RunConfig, dump_config, to_dict
+from otlt.config import BN_STATS, RunConfig, dump_config, to_dict
 from otlt.data.augment import GPUAugment, eval_transform
 from otlt.data.prepare import LongTailedData, prepare_data
-from otlt.data.samplers import sample_weights
+from otlt.data.samplers import permutation_batches, sample_weights
 from otlt.data.streams import is_list_dataset
+from otlt.engine.batchnorm import batchnorm_state, preserved_batchnorm, recalibrate_batchnorm
 from otlt.engine.checkpoint import load_checkpoint, save_atomic
 from otlt.engine.distributed import (
     all_reduce_sum,
@@ -36,9 +38,10 @@ from otlt.engine.distributed import (
     world_size,
 )
 from otlt.engine.logging import MetricsLogger
+from otlt.engine.weights import SUFFIX, load_weights, save_weights
 from otlt.errors import OtltError, require
 from otlt.losses import batch_loss, create_loss
-from otlt.metrics import confusion_matrix, summarize
+from otlt.metrics import confusion_matrix, select_value, summarize
 from otlt.mixing import create_mixer
 from otlt.models import create_model
 
@@ -124,9 +127,15 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool) -> Path:
-    """Create (or, for resume, check) the run directory without touching an existing run."""
+def open_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool,
+                 evaluate_only: bool = False) -> Path:
+    """Create (or, for resume, check) the run directory without touching an existing run;
+    ``evaluate_only`` only checks that it exists (post-hoc evaluation writes nothing here)."""
     run_dir = Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name
+    if evaluate_only:
+        if not run_dir.is_dir():
+            raise OtltError(f"run directory {run_dir} does not exist")
+        return run_dir
     if resume:
         if not (run_dir / "last.pt").is_file():
             raise OtltError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
@@ -150,9 +159,9 @@ class Trainer:
     """Fit one configured run; ``fit()`` returns the final test-split evaluation."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
-                 data: LongTailedData | None = None):
+                 data: LongTailedData | None = None, evaluate_only: bool = False):
         self.cfg = cfg
-        self.run_dir = open_run_dir(cfg, run_dir, resume)
+        self.run_dir = open_run_dir(cfg, run_dir, resume, evaluate_only)
         self.device = resolve_device(cfg.train.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -164,6 +173,9 @@ class Trainer:
         self._place_data()
         self._build_components()
         self.start_epoch = 0
+        self.best: dict[str, Any] | None = None  # {"epoch", "value"} of best.safetensors
+        if evaluate_only:
+            return
         if resume:
             self._load_state(load_checkpoint(self.run_dir / "last.pt", self.device))
         elif is_main_process():
@@ -217,7 +229,8 @@ class Trainer:
                  "generator": self.generator.get_state(),
                  "torch_rng": torch.get_rng_state(),
                  "train_counts": list(self.train_counts),
-                 "classes": self.data.classes}
+                 "classes": self.data.classes,
+                 "best": self.best}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.mixer is not None and hasattr(self.mixer, "state_dict"):
@@ -239,6 +252,7 @@ class Trainer:
             raise OtltError(f"checkpoint in {self.run_dir} does not match this run's "
                             f"config ({type(exc).__name__}: {str(exc)[:160]})") from None
         self.start_epoch = int(state["epoch"]) + 1
+        self.best = state.get("best")
 
     def save(self, epoch: int) -> None:
         if is_main_process():
@@ -295,18 +309,28 @@ class Trainer:
         return torch.rand((), generator=self.generator).item() < self.cfg.mix.prob
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor):
-        """Mix a batch; CMO/OTmix draw their foreground batch from the class-weighted sampler."""
-        if not getattr(self.mixer, "needs_partner_batch", False):
-            return self.mixer(x, y, generator=self.generator)
-        xf, yf = self._foreground(len(y))
-        return self.mixer(x, y, xf, yf, generator=self.generator,
-                          model=self.model, amp_dtype=self.amp_dtype)
+        """Mix a training batch with the run's mixer and training generator."""
+        return self._apply_mixer(self.mixer, x, y, self.generator, self._foreground)
+
+    def _apply_mixer(self, mixer, x: torch.Tensor, y: torch.Tensor,
+                     generator: torch.Generator, foreground):
+        """Mix ``x, y`` with ``mixer``; CMO/OTmix take ``foreground(n)``'s batch as partner."""
+        if not getattr(mixer, "needs_partner_batch", False):
+            return mixer(x, y, generator=generator)
+        xf, yf = foreground(len(y))
+        return mixer(x, y, xf, yf, generator=generator,
+                     model=self.model, amp_dtype=self.amp_dtype)
 
     def _foreground(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This training step's foreground batch (from the training generator)."""
+        return self._draw_foreground(n, self.generator)
+
+    def _draw_foreground(self, n: int,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """An augmented foreground batch of ``n`` images from the class-weighted sampler."""
         fidx = torch.multinomial(self.fore_weights, n, replacement=True,
-                                 generator=self.generator).to(self.device)
-        return self.augment(self.train.images[fidx], self.generator), self.train.labels[fidx]
+                                 generator=generator).to(self.device)
+        return self.augment(self.train.images[fidx], generator), self.train.labels[fidx]
 
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
@@ -335,27 +359,113 @@ class Trainer:
         loss_sum, correct_sum, count = totals.tolist()
         return {"lr": lr, "train_loss": loss_sum / count, "train_acc": 100.0 * correct_sum / count}
 
-    def _summarize(self, confusion: torch.Tensor) -> dict[str, Any]:
+    # ---- evaluation procedure (eval.bn_stats) -------------------------------------------
+    def bn_generator(self, epoch: int) -> torch.Generator:
+        """The recalibration generator of ``epoch``: seeded from (seed, epoch, rank) and
+        separate from the training generator, so evaluation never moves training."""
+        return torch.Generator().manual_seed(
+            _BN_SEED + 1_000_003 * self.cfg.seed + 1009 * epoch + rank())
+
+    def bn_batches(self, mode: str, epoch: int) -> Iterator[torch.Tensor]:
+        """``eval.bn_batches`` float input batches ``(B, 3, H, W)`` for procedure ``mode``.
+
+        ``clean``: augmented batches of successive random permutations of the training set;
+        ``balanced``: augmented class-balanced draws (every class equally likely); ``train``:
+        ``clean`` batches mixed with probability ``mix.prob`` by a copy of the run's mixer
+        (its state as now; each mixed batch redraws the mixer's per-epoch switch, e.g.
+        OTmix's OT-or-random coin), foregrounds from the run's foreground sampler.
+        """
+        require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
+        g = self.bn_generator(epoch)
+        b, n = self.cfg.optim.batch_size, self.cfg.eval.bn_batches
+        if mode == "balanced":
+            weights = sample_weights(self.data.train.labels, 0.0)
+            indices = (torch.multinomial(weights, b, replacement=True, generator=g)
+                       for _ in range(n))
+        else:
+            indices = permutation_batches(len(self.train), b, n, g)
+        mixer = copy.deepcopy(self.mixer) if mode == "train" else None
+        with preserved_batchnorm(unwrap(self.model)):  # a feature pass may update BN
+            for idx in indices:
+                idx = idx.to(self.device)
+                x = self.augment(self.train.images[idx], g)
+                if mixer is not None and torch.rand((), generator=g).item() < self.cfg.mix.prob:
+                    if hasattr(mixer, "set_epoch"):
+                        mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=g)
+                    x = self._apply_mixer(mixer, x, self.train.labels[idx], g,
+                                          lambda k: self._draw_foreground(k, g)).images
+                yield x
+
+    def evaluation_model(self, epoch: int, mode: str | None = None) -> torch.nn.Module:
+        """The model as evaluated under ``mode`` (default ``eval.bn_stats``): the training
+        model itself for ``running``, else a copy with recalibrated BatchNorm statistics."""
+        mode = mode or self.cfg.eval.bn_stats
+        model = unwrap(self.model)
+        if mode == "running":
+            return model
+        model = copy.deepcopy(model)
+        recalibrate_batchnorm(model, self.bn_batches(mode, epoch), amp_dtype=self.amp_dtype,
+                              channels_last=self.cfg.train.channels_last)
+        return model
+
+    def summarize(self, confusion: torch.Tensor) -> dict[str, Any]:
         e = self.cfg.eval
         return summarize(confusion, self.train_counts, many=e.many_threshold,
                          few=e.few_threshold)
 
-    def _confusion(self, split: str) -> torch.Tensor | None:
-        """Confusion matrix of the current model on ``val`` or ``test`` (None: no such split)."""
+    def confusion_on(self, split: str,
+                   model: torch.nn.Module | None = None) -> torch.Tensor | None:
+        """Confusion matrix of ``model`` (default: the training model) on ``val`` or ``test``
+        (None: no such split)."""
         data = self.val if split == "val" else self.test
         if data is None:
             return None
-        return evaluate(self.model, data, self.num_classes, self.cfg.train.eval_batch_size,
-                        self.amp_dtype, self.cfg.train.channels_last)
+        return evaluate(model or self.model, data, self.num_classes,
+                        self.cfg.train.eval_batch_size, self.amp_dtype,
+                        self.cfg.train.channels_last)
 
-    def validate(self) -> tuple[dict[str, Any], torch.Tensor | None]:
-        confusion = self._confusion("val")
-        if confusion is None:
+    def validate(self, model: torch.nn.Module) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """Validation record of ``model`` (the epoch's evaluation model) and the confusion
+        under the running statistics, which OTmix's cost uses whatever ``eval.bn_stats``
+        says; ``({}, None)`` without a validation split."""
+        if self.val is None:
             return {}, None
-        s = self._summarize(confusion)
-        record = {"val_acc": s["top1_accuracy"], "val_many_acc": _acc(s["many_error"]),
-                  "val_medium_acc": _acc(s["medium_error"]), "val_few_acc": _acc(s["few_error"])}
-        return record, confusion
+        confusion = self.confusion_on("val", model)
+        summary = self.summarize(confusion)
+        record = _split_record("val", summary)
+        record["val_select"] = select_value(summary, self.cfg.eval.select_metric)
+        running = confusion
+        if model is not unwrap(self.model) and self.mixer is not None:
+            running = self.confusion_on("val")
+            record.update(_split_record("val_running", self.summarize(running)))
+        return record, running
+
+    def probe_batchnorm(self, epoch: int) -> dict[str, Any]:
+        """Validation accuracy under every ``eval.bn_stats`` procedure (``bn_probe``)."""
+        start = time.perf_counter()
+        probe = {mode: _split_record("val", self.summarize(
+                     self.confusion_on("val", self.evaluation_model(epoch, mode))))
+                 for mode in BN_STATS}
+        return {"bn_probe": probe, "bn_probe_seconds": time.perf_counter() - start}
+
+    def _probe_due(self, epoch: int) -> bool:
+        every = self.cfg.eval.bn_probe_every
+        last = epoch == self.cfg.optim.epochs - 1
+        return bool(every) and self.val is not None and ((epoch + 1) % every == 0 or last)
+
+    def _select(self, epoch: int, record: dict[str, Any], model: torch.nn.Module,
+                mixer_state: dict[str, Any] | None) -> None:
+        """Write ``best.safetensors`` when the validation metric ties or beats the best."""
+        value = record.get("val_select")
+        if value is None or (self.best is not None and value < self.best["value"]):
+            return
+        self.best = {"epoch": epoch, "value": value}
+        if is_main_process():
+            e = self.cfg.eval
+            save_weights(self.run_dir / f"best{SUFFIX}", unwrap(self.model).state_dict(),
+                         epoch=epoch, evaluated_bn=batchnorm_state(model), mixer=mixer_state,
+                         meta={"bn_stats": e.bn_stats, "bn_batches": e.bn_batches,
+                               "select_metric": e.select_metric, "val_value": value})
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any] | None:
         """Train to the configured last epoch (or stop, resumable, after ``stop_after``
@@ -365,21 +475,61 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, self.start_epoch)
         try:
             for epoch in range(self.start_epoch, end):
-                start = time.perf_counter()
-                record = {"epoch": epoch, **self.train_one_epoch(epoch)}
-                val_record, val_confusion = self.validate()
-                record.update(val_record)
-                if self.mixer is not None and hasattr(self.mixer, "end_epoch"):
-                    record.update(self.mixer.end_epoch(val_confusion))
-                    self._write_artifacts(self.mixer.pop_artifacts())
-                record["epoch_seconds"] = time.perf_counter() - start
-                self.save(epoch)
+                record = self.run_epoch(epoch)
                 logger.log(record)
                 if is_main_process():
                     print(_epoch_line(record, cfg.optim.epochs), flush=True)
         finally:
             logger.close()
         return self.final_eval() if end == cfg.optim.epochs else None
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch, validate under ``eval.bn_stats`` (and probe, and the opt-in test
+        diagnostic), keep ``best``, save ``last.pt``; return the epoch's metrics record."""
+        start = time.perf_counter()
+        record = {"epoch": epoch, **self.train_one_epoch(epoch)}
+        trained_mixer = self._mixer_state()
+        model = None
+        if self.val is not None or self.cfg.eval.test_every_epoch:
+            bn_start = time.perf_counter()
+            model = self.evaluation_model(epoch)
+            if self.cfg.eval.bn_stats != "running":
+                record["bn_seconds"] = time.perf_counter() - bn_start
+        val_record, val_confusion = self.validate(model)
+        record.update(val_record)
+        if self._probe_due(epoch):
+            record.update(self.probe_batchnorm(epoch))
+        if self.cfg.eval.test_every_epoch:
+            # Official-protocol diagnostic (optimistic): logged, never read by anything.
+            record.update(_split_record("test_diag", self.summarize(
+                self.confusion_on("test", model))))
+        self._select(epoch, record, model, trained_mixer)
+        if self.mixer is not None and hasattr(self.mixer, "end_epoch"):
+            record.update(self.mixer.end_epoch(val_confusion))
+            self._write_artifacts(self.mixer.pop_artifacts())
+        record["epoch_seconds"] = time.perf_counter() - start
+        self.save(epoch)
+        self._keep_weights(epoch, trained_mixer)
+        return record
+
+    def _mixer_state(self) -> dict[str, Any] | None:
+        """The mixer's state as the epoch trained with it (before validation updates it)."""
+        if self.mixer is None or not hasattr(self.mixer, "state_dict"):
+            return None
+        return dict(self.mixer.state_dict())
+
+    def _keep_weights(self, epoch: int, mixer_state: dict[str, Any] | None) -> None:
+        """Keep the weights (BN buffers as trained) at ``train.keep_epochs`` and every
+        ``train.keep_every`` epochs as ``kept/epoch_<NNN>.safetensors``, with the mixer state
+        the epoch trained with, so ``otlt eval`` can evaluate them under any procedure."""
+        t = self.cfg.train
+        wanted = epoch in t.keep_epochs or (t.keep_every and (epoch + 1) % t.keep_every == 0)
+        if not wanted or not is_main_process():
+            return
+        folder = self.run_dir / "kept"
+        folder.mkdir(exist_ok=True)
+        save_weights(folder / f"epoch_{epoch:03d}{SUFFIX}", unwrap(self.model).state_dict(),
+                     epoch=epoch, mixer=mixer_state)
 
     def _write_artifacts(self, artifacts: dict[str, Any]) -> None:
         """Write a method's JSON artifacts (e.g. OTmix sample plans) into the run directory."""
@@ -391,31 +541,57 @@ class Trainer:
             path.write_text(json.dumps(obj))
 
     def final_eval(self) -> dict[str, Any]:
-        """Evaluate the last epoch's weights on the test split and write ``eval.json``."""
-        confusion = self._confusion("test")
-        result = {"split": "test", "epoch": self.cfg.optim.epochs - 1,
-                  "classes": self.data.classes, **self._summarize(confusion)}
+        """Evaluate on the test split, under ``eval.bn_stats``, the last epoch's weights and
+        the validation-selected ``best`` (``selected``); write ``eval.json``."""
+        e, last = self.cfg.eval, self.cfg.optim.epochs - 1
+        confusion = self.confusion_on("test", self.evaluation_model(last))
+        result = {"split": "test", "epoch": last, "checkpoint": "last", "bn_stats": e.bn_stats,
+                  "bn_batches": e.bn_batches, "classes": self.data.classes,
+                  **self.summarize(confusion)}
+        best_path = self.run_dir / f"best{SUFFIX}"
+        if self.best is not None and best_path.is_file():
+            best = load_weights(best_path)
+            model = copy.deepcopy(unwrap(self.model))
+            model.load_state_dict(best.evaluated_model())
+            result["selected"] = {"checkpoint": "best", "epoch": best.epoch,
+                                  "select_metric": e.select_metric,
+                                  "val_value": best.meta.get("val_value"),
+                                  **self.summarize(self.confusion_on("test", model))}
         if is_main_process():
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
         return result
 
 
 def create_trainer(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
-                   data: LongTailedData | None = None) -> Trainer:
+                   data: LongTailedData | None = None, evaluate_only: bool = False) -> Trainer:
     """Return the config's trainer: OT re-weighting's stage 2 if ``reweight.stage1`` is set,
     the streaming trainer for list-file datasets (ImageNet-LT, iNaturalist), else
-    :class:`Trainer`."""
+    :class:`Trainer`. ``evaluate_only`` builds it on an existing run directory without
+    writing there or loading ``last.pt`` (post-hoc evaluation loads the weights itself)."""
+    kwargs = {"run_dir": run_dir, "resume": resume, "data": data,
+              "evaluate_only": evaluate_only}
     if is_list_dataset(cfg.data):
         require(cfg.reweight.stage1 is None, "OT re-weighting stage 2 needs an in-memory "
                 "dataset (CIFAR, image folders); list-file datasets are not supported yet")
         from otlt.engine.stream_trainer import StreamTrainer
 
-        return StreamTrainer(cfg, run_dir=run_dir, resume=resume, data=data)
+        return StreamTrainer(cfg, **kwargs)
     if cfg.reweight.stage1 is not None:
         from otlt.engine.reweight_trainer import Stage2Trainer
 
-        return Stage2Trainer(cfg, run_dir=run_dir, resume=resume, data=data)
-    return Trainer(cfg, run_dir=run_dir, resume=resume, data=data)
+        return Stage2Trainer(cfg, **kwargs)
+    return Trainer(cfg, **kwargs)
+
+
+_BN_SEED = 0xB47C4  # keeps the recalibration streams apart from seed-derived training ones
+
+
+def _split_record(prefix: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """``<prefix>_acc`` and ``<prefix>_{many,medium,few}_acc`` (percent) of a summary."""
+    return {f"{prefix}_acc": summary["top1_accuracy"],
+            f"{prefix}_many_acc": _acc(summary["many_error"]),
+            f"{prefix}_medium_acc": _acc(summary["medium_error"]),
+            f"{prefix}_few_acc": _acc(summary["few_error"])}
 
 
 def _acc(error: float | None) -> float | None:
@@ -432,6 +608,11 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
         parts.append(f"OT batches {100 * record['ot_batch_fraction']:.0f}%")
         if record.get("ot_converged_fraction", 1.0) < 1.0:
             parts.append(f"Sinkhorn converged {100 * record['ot_converged_fraction']:.0f}%")
+    if "bn_seconds" in record:
+        parts.append(f"BN {record['bn_seconds']:.1f}s")
+    if "bn_probe" in record:
+        probe = " ".join(f"{mode} {v['val_acc']:.1f}" for mode, v in record["bn_probe"].items())
+        parts.append(f"probe val {probe} ({record['bn_probe_seconds']:.1f}s)")
     parts.append(f"{record['epoch_seconds']:.1f}s")
     return " | ".join(parts)
 

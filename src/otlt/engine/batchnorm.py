@@ -1,0 +1,131 @@
+"""Precise BatchNorm: running statistics recomputed as exact averages over chosen batches.
+
+A network trained with BatchNorm predicts with the running mean/variance its layers kept,
+an exponential average (momentum 0.1) over roughly the last 20 training batches. For a
+mixing run those batches are partly mixed and partly clean, so what the network predicts
+at evaluation depends on which batches happened to come last (``../shared/REPRODUCTION.md``
+section 1). :func:`recalibrate_batchnorm` replaces that accident by a defined procedure
+(precise BN, Wu & Johnson 2021; MiSLAS's shifted BN is the class-balanced variant): reset
+every BatchNorm layer and set, per channel ``c``,
+
+    running_mean_c = (1/N) Σ_n  mean_c(batch n)
+    running_var_c  = (1/N) Σ_n  var_c(batch n)      (unbiased, as BatchNorm stores it)
+
+over ``N`` batches, which is PyTorch's cumulative average (``momentum=None``). Only the
+BatchNorm layers run in train mode; every other module stays in eval mode, nothing gets a
+gradient, and the affine parameters are untouched. Under ``torch.distributed`` each rank's
+averages are averaged over ranks (every rank recalibrates on equally many batches).
+
+Where the evaluation-time BatchNorm statistics come from (``eval.bn_stats``):
+
+- ``running``: as the last training batches left them (no recalibration);
+- ``train``: batches drawn as the run trains (its mixer with ``mix.prob``, its foreground
+  sampler, OTmix's current confusion matrix); the same as ``clean`` for a run without mixer;
+- ``clean``: clean augmented batches of the long-tailed training set;
+- ``balanced``: clean augmented batches from the class-balanced sampler (MiSLAS's shifted BN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from otlt.config import BN_STATS
+from otlt.engine.distributed import all_reduce_sum, is_distributed, world_size
+
+
+def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
+    """Every BatchNorm layer of ``model`` (1-, 2- and 3-d, and SyncBatchNorm)."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every BatchNorm buffer (running mean/var, batch count), by state-dict key."""
+    layers = {id(m) for m in batchnorm_layers(model)}
+    out = {}
+    for name, module in model.named_modules():
+        if id(module) in layers:
+            for key, buf in module.named_buffers(recurse=False):
+                out[f"{name}.{key}" if name else key] = buf.detach().clone()
+    return out
+
+
+def load_batchnorm_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy buffers saved by :func:`batchnorm_state` back into ``model`` in place."""
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for key, value in state.items():
+            buffers[key].copy_(value)
+
+
+@contextmanager
+def preserved_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Restore ``model``'s BatchNorm buffers on exit, whatever ran inside."""
+    saved = batchnorm_state(model)
+    try:
+        yield
+    finally:
+        load_batchnorm_state(model, saved)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
+                          amp_dtype: torch.dtype | None = None,
+                          channels_last: bool = False) -> int:
+    """Set ``model``'s BatchNorm running statistics to exact averages over ``batches``.
+
+    ``batches`` yields float inputs ``(B, C, H, W)`` already on the model's device. Runs
+    under ``amp_dtype`` autocast (None: off) and, if asked, channels-last, as training does.
+    Changes ``model`` in place (call it on a copy, or inside :func:`preserved_batchnorm`,
+    to leave a training model alone); its train/eval mode is restored. Returns the number
+    of batches seen (0 leaves the statistics as they were).
+    """
+    layers = batchnorm_layers(model)
+    if not layers:
+        return 0
+    was_training = model.training
+    saved = batchnorm_state(model)
+    momenta = [m.momentum for m in layers]
+    model.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch weighs the same
+        m.train()
+    count = 0
+    try:
+        for x in batches:
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            autocast = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
+                        else nullcontext())
+            with autocast:
+                model(x)
+            count += 1
+    finally:
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    if count == 0:
+        load_batchnorm_state(model, saved)
+        return 0
+    if is_distributed():
+        _average_over_ranks(layers)
+    return count
+
+
+def _average_over_ranks(layers: list[_BatchNorm]) -> None:
+    world = world_size()
+    for m in layers:
+        if m.running_mean is None or m.running_var is None:
+            continue
+        stacked = torch.stack([m.running_mean.float(), m.running_var.float()])
+        mean, var = (all_reduce_sum(stacked) / world).to(m.running_mean.dtype)
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+
+
+__all__ = ["BN_STATS", "batchnorm_layers", "batchnorm_state", "load_batchnorm_state",
+           "preserved_batchnorm", "recalibrate_batchnorm"]

@@ -1,0 +1,244 @@
+"""The evaluation protocol end to end: BN procedures, selection, post-hoc eval, weight files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from otlt.cli import main
+from otlt.engine.checkpoint import load_checkpoint
+from otlt.engine.weights import load_weights, read_weights, save_weights
+from otlt.errors import OtltError
+from otlt.metrics import select_value
+
+OTMIX = ["mix.name=otmix", "mix.skip_first=0", "mix.skip_last=1", "mix.prob=0.5",
+         "eval.bn_batches=3", "train.keep_every=1"]
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_zip, tmp_path_factory):
+    """Tiny 3-epoch ERM+OTmix runs that differ only in their evaluation settings."""
+    root = tmp_path_factory.mktemp("protocol")
+    config = root / "c.yaml"
+    config.write_text("name: c\nloss: {name: ce}\n")
+    variants = {
+        "running": ["eval.bn_stats=running"],
+        "train": ["eval.bn_stats=train", "eval.bn_probe_every=2", "eval.test_every_epoch=true"],
+        "train_quiet": ["eval.bn_stats=train"],
+        "clean": ["eval.bn_stats=clean"],
+        "balanced": ["eval.bn_stats=balanced", "eval.select_metric=few_acc"],
+    }
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OTLT_CACHE", str(root / "cache"))
+        for name, extra in variants.items():
+            args = tiny_overrides(tiny_zip, root / "runs", epochs=3) + OTMIX + extra
+            assert main(["train", "--config", str(config), *sets(args + [f"name={name}"])]) == 0
+    return root / "runs"
+
+
+def test_training_is_bit_identical_under_every_procedure(runs):
+    base = load_checkpoint(runs / "running" / "last.pt")
+    base_records = records(runs / "running")
+    for name in ("train", "train_quiet", "clean", "balanced"):
+        other = load_checkpoint(runs / name / "last.pt")
+        for key, value in base["model"].items():
+            assert torch.equal(value, other["model"][key]), (name, key)
+        assert torch.equal(base["generator"], other["generator"]), name
+        for a, b in zip(base_records, records(runs / name), strict=True):
+            for key in ("train_loss", "train_acc", "mix_pairs", "ot_mean_cost"):
+                assert a.get(key) == b.get(key), (name, key)
+            # OTmix's confusion always comes from the running statistics
+            assert a["val_acc"] == b["val_running_acc"], name
+
+
+def test_test_diagnostic_changes_no_validation_number(runs):
+    loud, quiet = records(runs / "train"), records(runs / "train_quiet")
+    for a, b in zip(loud, quiet, strict=True):
+        for key in ("val_acc", "val_many_acc", "val_few_acc", "val_select", "val_running_acc"):
+            assert a[key] == b[key], key
+        assert "test_diag_acc" in a and "test_diag_acc" not in b
+    assert [("bn_probe" in r) for r in loud] == [False, True, True]  # every 2nd and the last
+    assert set(loud[1]["bn_probe"]) == {"running", "train", "clean", "balanced"}
+    assert loud[1]["bn_probe"]["train"]["val_acc"] == loud[1]["val_acc"]
+    assert loud[1]["bn_probe"]["running"]["val_acc"] == loud[1]["val_running_acc"]
+
+
+@pytest.mark.parametrize("name,metric", [("train", "val_select"), ("balanced", "val_select")])
+def test_best_holds_the_epoch_with_the_best_validation_metric(runs, name, metric):
+    recs = records(runs / name)
+    values = [r[metric] for r in recs]
+    expected = max(range(len(values)), key=lambda i: (values[i], i))  # ties: the later epoch
+    best = load_weights(runs / name / "best.safetensors")
+    assert best.epoch == expected
+    assert best.meta["val_value"] == values[expected]
+    assert best.meta["bn_stats"] == name
+    evaluated = best.evaluated_model()
+    assert not torch.equal(evaluated["bn1.running_mean"], best.model["bn1.running_mean"])
+    result = json.loads((runs / name / "eval.json").read_text())
+    assert result["bn_stats"] == name and result["checkpoint"] == "last"
+    assert result["selected"]["epoch"] == expected
+    assert result["selected"]["checkpoint"] == "best"
+
+
+def test_balanced_accuracy_is_the_mean_per_class_accuracy():
+    summary = {"per_class_accuracy": [100.0, 50.0, None], "top1_accuracy": 80.0,
+               "few_error": None, "many_error": 25.0}
+    assert select_value(summary, "balanced_acc") == 75.0
+    assert select_value(summary, "top1_acc") == 80.0
+    assert select_value(summary, "many_acc") == 75.0
+    assert select_value(summary, "few_acc") is None
+
+
+@pytest.mark.parametrize("name", ["train", "balanced", "running"])
+def test_post_hoc_eval_equals_the_in_run_numbers(runs, name, capsys):
+    run = runs / name
+    in_run = json.loads((run / "eval.json").read_text())
+    assert main(["eval", str(run)]) == 0
+    last = json.loads((run / f"eval_last_{name}.json").read_text())
+    assert last["confusion_matrix"] == in_run["confusion_matrix"]
+    assert main(["eval", str(run), "--checkpoint", "best"]) == 0
+    best = json.loads((run / f"eval_best_{name}.json").read_text())
+    if "selected" in in_run:
+        assert best["confusion_matrix"] == in_run["selected"]["confusion_matrix"]
+    # A kept epoch's validation number under the run's procedure is the logged one.
+    epoch = 1
+    assert main(["eval", str(run), "--checkpoint", f"epoch_{epoch:03d}", "--split", "val"]) == 0
+    val = json.loads((run / f"eval_epoch_{epoch:03d}_{name}_val.json").read_text())
+    assert val["top1_accuracy"] == records(run)[epoch]["val_acc"]
+    assert main(["eval", str(run), "--bn-stats", "clean", "--checkpoint", "best"]) == 0
+    capsys.readouterr()
+
+
+def test_post_hoc_eval_never_overwrites_other_numbers(runs, capsys):
+    run = runs / "clean"
+    assert main(["eval", str(run)]) == 0
+    assert main(["eval", str(run)]) == 0  # the same numbers again: fine
+    path = run / "eval_last_clean.json"
+    record = json.loads(path.read_text())
+    record["top1_error"] = -1
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert json.loads(path.read_text())["top1_error"] == -1
+    assert main(["eval", str(run), "--overwrite"]) == 0
+    assert json.loads(path.read_text())["top1_error"] != -1
+
+
+def test_resume_is_exact_with_recalibration_and_selection(tiny_zip, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("name: c\nloss: {name: ce}\n")
+    base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3) + OTMIX + [
+        "eval.bn_stats=train", "eval.bn_probe_every=1"]
+    assert main(["train", "--config", str(config), *sets(base + ["name=full"])]) == 0
+    assert main(["train", "--config", str(config), "--stop-after", "2",
+                 *sets(base + ["name=part"])]) == 0
+    assert main(["train", "--resume", str(tmp_path / "runs" / "part")]) == 0
+    capsys.readouterr()
+    full, part = tmp_path / "runs" / "full", tmp_path / "runs" / "part"
+    assert records(full) == [dict(r, epoch_seconds=f["epoch_seconds"], bn_seconds=f["bn_seconds"],
+                                  bn_probe_seconds=f["bn_probe_seconds"])
+                             for r, f in zip(records(part), records(full), strict=True)]
+    a, b = load_weights(full / "best.safetensors"), load_weights(part / "best.safetensors")
+    assert a.epoch == b.epoch and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    assert json.loads((full / "eval.json").read_text())["selected"] == \
+        json.loads((part / "eval.json").read_text())["selected"]
+
+
+def test_weight_files_round_trip_and_refuse_damage(tmp_path):
+    state = {"w": torch.randn(3, 2), "steps": torch.tensor(7)}
+    path = tmp_path / "w.safetensors"
+    save_weights(path, state, epoch=4, mixer={"confusion": torch.eye(2), "note": None},
+                 meta={"bn_stats": "train"}, dtype=torch.float16)
+    back = load_weights(path)
+    assert back.epoch == 4 and back.meta == {"bn_stats": "train"}
+    assert back.model["w"].dtype == torch.float32
+    torch.testing.assert_close(back.model["w"], state["w"], atol=2e-3, rtol=1e-3)
+    assert torch.equal(back.model["steps"], state["steps"])
+    assert torch.equal(back.mixer["confusion"], torch.eye(2))
+    raw = bytearray(path.read_bytes())
+    path.write_bytes(bytes(raw[:20]))
+    with pytest.raises(OtltError, match="corrupt"):
+        load_weights(path)
+    with pytest.raises(OtltError, match="does not exist"):
+        read_weights(tmp_path / "missing.safetensors")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(_Payload.target),))
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    _Payload.target = str(tmp_path / "pwned")
+    path = tmp_path / "last.pt"
+    torch.save({"format": 1, "epoch": 0, "x": _Payload()}, path)
+    with pytest.raises(OtltError, match="corrupt or not an otlt checkpoint"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("eval.bn_stats=precise", "eval.bn_stats must be one of running, train, clean, balanced"),
+    ("eval.bn_batches=0", "eval.bn_batches must be >= 1"),
+    ("eval.bn_probe_every=-1", "eval.bn_probe_every must be >= 0"),
+    ("eval.select_metric=loss", "eval.select_metric must be one of"),
+    ("eval.test_every_epoch=maybe", "eval.test_every_epoch must be true or false"),
+    ("train.keep_every=-2", "train.keep_every must be >= 0"),
+    ("train.keep_epochs=[0,99]", "train.keep_epochs must be epochs in [0, 2]"),
+    ("mix.params.feature_mode=gap", "feature_mode must be one of pooled_eval, official"),
+    ("reweight.bn=eval", "reweight.bn must be one of frozen, train_meta"),
+])
+def test_bad_protocol_keys_give_one_line(tiny_zip, tmp_path, capsys, override, needle):
+    config = tmp_path / "c.yaml"
+    config.write_text("name: c\nloss: {name: ce}\nmix: {name: otmix}\n")
+    args = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3) + [override]
+    assert main(["train", "--config", str(config), *sets(args)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("otlt: error: ") and needle in err[0], err
+    assert not (tmp_path / "runs" / "tiny" / "last.pt").exists()
+
+
+def test_eval_of_missing_weights_gives_one_line(runs, capsys):
+    for args in (["--checkpoint", "epoch_099"], ["--checkpoint", "nowhere.pt"],
+                 ["--bn-stats", "precise"]):
+        assert main(["eval", str(runs / "clean"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("otlt: error: "), err
+
+
+def test_probe_of_kept_weights_equals_the_in_run_probe_and_feeds_the_report(runs, tmp_path,
+                                                                            capsys):
+    run = runs / "train"
+    assert main(["probe", str(run), "--epochs", "1,2"]) == 0
+    out = capsys.readouterr().out
+    assert "best balanced accuracy under train" in out
+    probe = json.loads((run / "probe_val.json").read_text())
+    logged = {r["epoch"]: r["bn_probe"] for r in records(run) if "bn_probe" in r}
+    assert {(r["epoch"], r["bn_stats"]) for r in probe["records"]} == {
+        (e, m) for e in (1, 2) for m in ("running", "train", "clean", "balanced")}
+    for r in probe["records"]:
+        logged_acc = logged[r["epoch"]][r["bn_stats"]]["val_acc"]
+        assert 100.0 - r["top1_error"] == pytest.approx(logged_acc)
+    assert main(["probe", str(run), "--epochs", "5"]) == 2  # not kept: one line
+    assert "keeps no weights for epoch(s) [5]" in capsys.readouterr().err
+    assert main(["report", str(run), str(runs / "running"), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "## BatchNorm statistics and checkpoint selection" in text
+    assert "Best test epoch (official protocol, optimistic)" in text
+    assert "| 2 | balanced |" in text  # the (epoch, procedure) table from probe_val.json
+    assert (tmp_path / "rep" / "figures" / "bn_probe_train.png").is_file()
