@@ -13,6 +13,7 @@ import torch
 
 from conftest import tiny_overrides
 from otlt.cli import main
+from otlt.engine.checkpoint import load_checkpoint
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -72,8 +73,8 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tiny_zip, tiny_config, t
     part_dir = tmp_path / "runs" / "part"
     assert not (part_dir / "eval.json").exists()
     assert run_cli(["train", "--resume", str(part_dir)], capsys)[0] == 0
-    a = torch.load(tmp_path / "runs" / "full" / "last.pt", weights_only=False)
-    b = torch.load(part_dir / "last.pt", weights_only=False)
+    a = load_checkpoint(tmp_path / "runs" / "full" / "last.pt")
+    b = load_checkpoint(part_dir / "last.pt")
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     lines = (part_dir / "metrics.jsonl").read_text().splitlines()

@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_overrides
 from otlt.cli import main
+from otlt.engine.checkpoint import load_checkpoint
 from otlt.mixing import OTMix, create_mixer, otmix_cost
 from otlt.models import create_model
 
@@ -196,8 +197,8 @@ def test_resume_into_ot_epoch_reproduces_uninterrupted_run(tiny_zip, tmp_path, c
     part = tmp_path / "runs" / "part"
     assert main(["train", "--resume", str(part)]) == 0
     capsys.readouterr()
-    a = torch.load(tmp_path / "runs" / "full" / "last.pt", weights_only=False)
-    b = torch.load(part / "last.pt", weights_only=False)
+    a = load_checkpoint(tmp_path / "runs" / "full" / "last.pt")
+    b = load_checkpoint(part / "last.pt")
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert torch.equal(a["mixer"]["confusion"], b["mixer"]["confusion"])

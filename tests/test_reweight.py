@@ -17,6 +17,7 @@ from otlt.cli import main
 from otlt.config import load_config, to_dict
 from otlt.data.longtail import build_splits
 from otlt.data.prepare import prepare_data
+from otlt.engine.checkpoint import load_checkpoint
 from otlt.errors import OtltError
 from otlt.losses import class_balanced_weights
 from otlt.reweight import OTReweighter, class_prototypes, ot_reweight_loss, reweight_cost
@@ -262,8 +263,8 @@ def test_stage2_resumes_exactly_and_records_weights(stage1, extra, tmp_path, cap
     assert main(["train", "--resume", str(part)]) == 0
     capsys.readouterr()
     full = tmp_path / "full"
-    a = torch.load(full / "last.pt", weights_only=False)
-    b = torch.load(part / "last.pt", weights_only=False)
+    a = load_checkpoint(full / "last.pt")
+    b = load_checkpoint(part / "last.pt")
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     assert torch.equal(a["reweighter"]["raw"], b["reweighter"]["raw"])
@@ -283,7 +284,7 @@ def test_stage2_resumes_exactly_and_records_weights(stage1, extra, tmp_path, cap
     assert weights["epoch"] == 2 and len(weights["raw"]) == sum(a["train_counts"])
     assert weights["raw"] == a["reweighter"]["raw"].tolist()
 
-    first = torch.load(stage1["run"] / "last.pt", weights_only=False)["model"]
+    first = load_checkpoint(stage1["run"] / "last.pt")["model"]
     frozen = [k for k in first if not k.startswith("fc.")]
     moved = [k for k in frozen if first[k].is_floating_point()
              and not torch.equal(first[k], a["model"][k])]
@@ -311,7 +312,7 @@ def test_stage2_user_errors(stage1, tmp_path, capsys):
     assert "data.imbalance_ratio=10.0" in error(["data.imbalance_ratio=20"])
     assert "reweight.cost must be one of combined, label, feature" in error(
         ["reweight.cost=euclid"])
-    state = torch.load(stage1["run"] / "last.pt", weights_only=False)
+    state = load_checkpoint(stage1["run"] / "last.pt")
     state["epoch"] = 0
     torch.save(state, tmp_path / "half.pt")
     assert "stopped after epoch 1 of 2" in error([f"reweight.stage1={tmp_path / 'half.pt'}"])

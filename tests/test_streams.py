@@ -13,6 +13,7 @@ from PIL import Image
 from otlt.cli import main
 from otlt.config import DataConfig
 from otlt.data.streams import prepare_stream_data
+from otlt.engine.checkpoint import load_checkpoint
 from otlt.errors import OtltError
 
 TRAIN_COUNTS = [12, 6, 3, 2]
@@ -125,8 +126,8 @@ def test_stream_resume_is_exact_and_independent_of_worker_count(list_root, tmp_p
     assert main(["train", *full]) == 0
     assert main(["train", *part, "--stop-after", "1"]) == 0
     assert main(["train", "--resume", str(out / "part")]) == 0
-    a = torch.load(out / "full" / "last.pt", weights_only=False)["model"]
-    b = torch.load(out / "part" / "last.pt", weights_only=False)["model"]
+    a = load_checkpoint(out / "full" / "last.pt")["model"]
+    b = load_checkpoint(out / "part" / "last.pt")["model"]
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
 
@@ -155,3 +156,14 @@ def test_foreground_images_are_decoded_only_for_mixed_steps(list_root, tmp_path,
     assert 0 < mixed_steps < steps  # the coin fell both ways
     mixed_rows = sum(sum(map(sum, r["mix_pairs"])) for r in records)
     assert decoded["fore"] == mixed_rows  # one foreground image per mixed row, none wasted
+
+
+def test_a_worker_error_is_one_line(tmp_path, capsys):
+    """A missing image in the middle of a list, decoded by 2 workers: one line, exit 2."""
+    root = write_list_dataset(tmp_path / "lists")
+    (root / "train" / CLASSES[0] / "3.jpg").unlink()
+    args = stream_overrides(root, tmp_path / "runs", "broken", epochs=1)
+    assert main(["train", *args, "--set", "train.workers=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("otlt: error: "), err
+    assert "3.jpg" in err[0] and "Traceback" not in err[0]

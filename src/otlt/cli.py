@@ -16,7 +16,7 @@ from otlt.errors import OtltError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other user error
-        raise OtltError(f"{self.prog}: {message}")
+        raise OtltError(f"{message} (see '{self.prog} --help')")
 
 
 def _add_train(sub) -> None:
@@ -129,7 +129,10 @@ def _add_sweep(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from otlt import __version__
+
     parser = _Parser(prog="otlt", description="Long-tailed classification with optimal transport")
+    parser.add_argument("--version", action="version", version=f"otlt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_eval(sub)
@@ -141,30 +144,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SAFE_ON_RESUME = ("train.progress", "train.workers", "train.device", "train.eval_batch_size",
+                  "data.path")
+"""Config keys a resume may change: how the run executes or where its data lives, never what
+it computes (``data.path``: the data must give the run's ``splits.json`` again)."""
+
+
 def cmd_train(args) -> int:
     from otlt.config import apply_overrides as _apply
     from otlt.config import build_config, load_raw
     from otlt.engine.trainer import create_trainer
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise OtltError(f"--stop-after must be >= 1 (epochs in total), got {args.stop_after}")
+    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+    changes: dict = {}
     if args.resume:
         run_dir = Path(args.resume)
         config_path = run_dir / "config.yaml"
+        if args.config is not None or args.run_dir is not None:
+            raise OtltError(f"--resume {run_dir} continues that run with its own config.yaml; "
+                            "drop --config/--run-dir (or start a new run without --resume)")
         if not config_path.is_file():
             raise OtltError(f"cannot resume: {config_path} does not exist (is {run_dir} an "
                             "otlt run directory?)")
         raw = load_raw(config_path)
+        changes = resume_changes(build_config(raw), build_config(_apply(raw, overrides)),
+                                 run_dir)
     else:
         if args.config is None:
             raise OtltError("otlt train: --config is required (or --resume RUN_DIR)")
         raw = load_raw(args.config)
         run_dir = Path(args.run_dir) if args.run_dir else None
-    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     cfg = build_config(_apply(raw, overrides))
     trainer = create_trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
     print(f"otlt: run directory {trainer.run_dir}  device {trainer.device}  "
           f"amp {trainer.amp_dtype}  train {len(trainer.train)} images "
           f"{trainer.train_counts}", flush=True)
     start = time.perf_counter()
+    if changes:
+        trainer.record_resume_changes(changes)
     result = trainer.fit(stop_after=args.stop_after)
     if result is None:
         print(f"otlt: stopped after epoch {args.stop_after}; continue with "
@@ -180,6 +199,34 @@ def cmd_train(args) -> int:
               f"{_fmt(selected['medium_error'])}, few {_fmt(selected['few_error'])})")
     print(f"otlt: done in {time.perf_counter() - start:.0f}s; results in {trainer.run_dir}")
     return 0
+
+
+def resume_changes(old, new, run_dir: Path) -> dict:
+    """The keys ``--set``/``--data`` change on resume (``{key: [old, new]}``); any key
+    outside :data:`SAFE_ON_RESUME` is an error listing them."""
+    from otlt.config import to_dict
+
+    before, after = _flat(to_dict(old)), _flat(to_dict(new))
+    changed = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after))
+               if before.get(k) != after.get(k)}
+    unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
+    if unsafe:
+        listed = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in unsafe[:5])
+        raise OtltError(f"--resume {run_dir} would change the run ({listed}); a resume may "
+                        f"only change {', '.join(SAFE_ON_RESUME)}. Start a new run instead: "
+                        f"otlt train --config {run_dir / 'config.yaml'} --set name=<new> ...")
+    return changed
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "params":
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
 
 
 def cmd_eval(args) -> int:
@@ -302,6 +349,15 @@ def format_eval(result: dict, title: str = "evaluation") -> str:
     return "\n".join(lines)
 
 
+def one_line(message: str) -> str:
+    """A user error as one line: a DataLoader worker's re-raised error keeps only the
+    original message (not the worker's traceback); other newlines become spaces."""
+    if "Original Traceback" in message:
+        lines = [line for line in message.splitlines() if line.strip()]
+        message = lines[-1].split(": ", 1)[-1] if lines else message
+    return " ".join(message.split())
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "demo": cmd_demo,
             "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep}
 
@@ -311,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except OtltError as exc:
-        print(f"otlt: error: {exc}", file=sys.stderr)
+        print(f"otlt: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("otlt: interrupted; the last finished epoch is in last.pt (resume with "

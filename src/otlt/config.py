@@ -231,9 +231,14 @@ def _read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise OtltError(f"cannot read config {path}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise OtltError(f"config {path} is not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise OtltError(f"config {path} is not valid YAML{where}: {problem}") from None
+    require(data is not None and data != {}, f"config {path} is empty (a config needs at "
+                                             "least a name; see configs/*.yaml)")
     require(isinstance(data, dict), f"config {path} must be a mapping, got {type(data).__name__}")
     return data
 
@@ -250,16 +255,23 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_raw(path: str | Path) -> dict:
-    """Read a YAML config and resolve its ``base:`` chain into one dict."""
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config and resolve its ``base:`` chain (one path per file, relative to
+    the file, acyclic) into one dict."""
     path = Path(path)
     require(path.is_file(), f"config file {path} does not exist (expected a YAML file, "
                             "e.g. configs/cifar10_lt_r100_erm.yaml)")
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, resolved))
+        raise OtltError(f"config {path}: the base: chain is a cycle ({cycle})")
     data = _read_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data
-    return _merge(load_raw(path.parent / base), data)
+    require(isinstance(base, str) and base.strip() != "",
+            f"config {path}: base: must be one file path (relative to the config), got {base!r}")
+    return _merge(load_raw(path.parent / base, (*_chain, resolved)), data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -371,6 +383,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     require(o.batch_size > 0, f"optim.batch_size must be a positive integer, got {o.batch_size}")
     require(o.epochs > 0, f"optim.epochs must be a positive integer, got {o.epochs}")
     require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    require(o.momentum >= 0, f"optim.momentum must be >= 0, got {o.momentum}")
+    require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    require(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
+    require(d.n_max is None or d.n_max >= 1,
+            f"data.n_max must be >= 1 (the largest class's nominal size), got {d.n_max}")
+    require(cfg.train.eval_batch_size > 0,
+            f"train.eval_batch_size must be a positive integer, got {cfg.train.eval_batch_size}")
     require(o.schedule in ("step", "cosine"), f"optim.schedule must be 'step' or 'cosine', "
                                               f"got {o.schedule!r}")
     require(len(o.milestones) == len(o.gammas),

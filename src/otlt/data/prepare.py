@@ -47,8 +47,9 @@ def prepare_data(cfg: DataConfig, num_classes: int) -> LongTailedData:
     splits = load_dataset(cfg.dataset, path, num_classes=num_classes)
     require("test" in splits, f"dataset at {path} has no test split (found: {sorted(splits)})")
     source = splits["train"]
-    n_max = cfg.n_max or DATASET_DEFAULTS.get(cfg.dataset, (0, 0))[1] or \
-        int(max(source.labels.tolist().count(k) for k in range(num_classes)))
+    n_max = cfg.n_max if cfg.n_max is not None else (
+        DATASET_DEFAULTS.get(cfg.dataset, (0, 0))[1]
+        or int(max(source.labels.tolist().count(k) for k in range(num_classes))))
     idx = build_splits(source.labels, num_classes, imbalance_ratio=cfg.imbalance_ratio,
                        n_max=n_max, profile=cfg.profile, val_per_class=cfg.val_per_class,
                        meta_per_class=cfg.meta_per_class, data_seed=cfg.data_seed)

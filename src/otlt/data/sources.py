@@ -332,16 +332,13 @@ def read_image_folder(path: str | Path, workers: int | None = None) -> dict[str,
         layout = _layout(files, path)
         classes = sorted({cls for cls, _ in layout["train"]})
         index = {cls: k for k, cls in enumerate(classes)}
+        _check_class_sets(layout, classes, path)
         n_workers = _decode_workers(sum(map(len, layout.values())), workers)
         pool = None if n_workers == 1 else stack.enter_context(ProcessPoolExecutor(
             n_workers, mp_context=mp.get_context("fork"), initializer=_init_decoder,
             initargs=(path,)))
         out, shape = {}, None
         for split, items in layout.items():
-            unknown = sorted({cls for cls, _ in items} - set(index))
-            if unknown:
-                raise OtltError(f"{path}: {split} has class folders {unknown[:5]} that train "
-                                f"lacks; expected a subset of the {len(classes)} train classes")
             names = [prefix + n for _, n in items]
             logger.info("decoding %d %s images from %s (%d processes)", len(names), split, path,
                         n_workers)
@@ -352,6 +349,21 @@ def read_image_folder(path: str | Path, workers: int | None = None) -> dict[str,
             labels = np.array([index[cls] for cls, _ in items], dtype=np.int64)
             out[split] = ImageArrays(images, labels, list(classes))
     return {split: out[split] for split in SPLITS if split in out}
+
+
+def _check_class_sets(layout: dict[str, list], classes: list[str], path: Path) -> None:
+    """Every split's class folders are train's; the test split has every train class (a
+    class without test images would have no accuracy to report)."""
+    for split, items in layout.items():
+        found = {cls for cls, _ in items}
+        unknown = sorted(found - set(classes))
+        if unknown:
+            raise OtltError(f"{path}: {split} has class folders {unknown[:5]} that train "
+                            f"lacks; expected a subset of the {len(classes)} train classes")
+        missing = sorted(set(classes) - found)
+        if split == "test" and missing:
+            raise OtltError(f"{path}: test has no images of the train classes {missing[:5]}; "
+                            "train and test must have the same class folders")
 
 
 def _decode_workers(n_images: int, requested: int | None) -> int:
@@ -447,7 +459,7 @@ def read_list_file(list_file: str | Path) -> tuple[list[str], np.ndarray]:
         if not line.strip():
             continue
         fields = line.strip().rsplit(maxsplit=1)
-        if len(fields) != 2 or not fields[1].isdigit():
+        if len(fields) != 2 or not (fields[1].isascii() and fields[1].isdigit()):
             raise OtltError(f"{list_file}:{lineno}: expected 'relative/path label' with a "
                             f"non-negative integer label, got {line.strip()!r}")
         paths.append(fields[0])

@@ -1,11 +1,19 @@
-"""Atomic checkpoint files: a crash never leaves a half-written ``last.pt``.
+"""Checkpoint files that are atomic, checksummed, and cannot run code when read.
 
-Checkpoints are read with ``weights_only=True``: tensors, numbers, strings and containers
-only, so a tampered ``last.pt`` cannot run code when it is loaded.
+- Atomic: every write goes to a temp file in the same folder, is fsynced and renamed over
+  the target, so a crash leaves the old file or the whole new one (stale temp files of a
+  killed save are removed at the next save or load).
+- Checksummed: ``last.pt`` is ``MAGIC + sha256(payload) + payload`` with the ``torch.save``
+  payload after the header; a flipped byte is an error on load, not a silently different
+  model. Files written before the header existed (a bare ``torch.save`` zip) still load.
+- No code: the payload is read with ``torch.load(weights_only=True)`` (tensors, numbers,
+  strings and containers only), so a tampered file cannot execute anything.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -17,12 +25,25 @@ import torch
 from otlt.errors import OtltError
 
 CHECKPOINT_FORMAT = 1
+MAGIC = b"OTLTCKPT\x01"
+_DIGEST_BYTES = 32
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Delete leftover temp files of an interrupted :func:`write_atomic` to ``path``."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            stale.unlink()
+        except OSError:
+            pass
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Call ``write(handle)`` on a temp file in ``path``'s folder, fsync, rename over ``path``:
     readers see the old file or the whole new one, never a half-written one."""
     path = Path(path)
+    remove_stale_temps(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -37,8 +58,12 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write the checkpoint ``state`` to ``path`` atomically (:func:`write_atomic`)."""
-    write_atomic(path, lambda handle: torch.save({"format": CHECKPOINT_FORMAT, **state}, handle))
+    """Write the checkpoint ``state`` to ``path``: header, checksum, ``torch.save`` payload."""
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).digest()
+    write_atomic(path, lambda handle: handle.write(MAGIC + digest + payload))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -47,11 +72,24 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not path.is_file():
         raise OtltError(f"checkpoint {path} does not exist (expected a last.pt written by "
                         "'otlt train')")
+    remove_stale_temps(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged file
-        raise OtltError(f"checkpoint {path} is corrupt or not an otlt checkpoint "
-                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise OtltError(f"cannot read checkpoint {path} ({exc.strerror or exc})") from None
+    if data.startswith(MAGIC):
+        start = len(MAGIC) + _DIGEST_BYTES
+        digest, data = data[len(MAGIC):start], data[start:]
+        if hashlib.sha256(data).digest() != digest:
+            raise OtltError(f"checkpoint {path} is damaged: its checksum does not match its "
+                            "content (a changed or truncated file); nothing was loaded")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        reason = " ".join(str(exc).split())[:120]
+        raise OtltError(f"checkpoint {path} is corrupt or not an otlt checkpoint, or it "
+                        f"holds objects other than tensors and plain data "
+                        f"({type(exc).__name__}: {reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise OtltError(f"checkpoint {path} is not an otlt checkpoint "
                         f"(format {CHECKPOINT_FORMAT} expected)")

@@ -137,13 +137,17 @@ def open_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool,
             raise OtltError(f"run directory {run_dir} does not exist")
         return run_dir
     if resume:
-        if not (run_dir / "last.pt").is_file():
+        if not (run_dir / "last.pt").is_file() and not (run_dir / "config.yaml").is_file():
             raise OtltError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
-        return run_dir
-    if (run_dir / "last.pt").exists() or (run_dir / "config.yaml").exists():
+        return run_dir  # config.yaml without last.pt: it died in epoch 1; start it afresh
+    if (run_dir / "last.pt").exists():
         raise OtltError(f"run directory {run_dir} already holds a run; resume it with "
                         f"'otlt train --resume {run_dir}' or choose another name "
                         "(--set name=...)")
+    if (run_dir / "config.yaml").exists():
+        raise OtltError(f"run directory {run_dir} holds a run that stopped before its first "
+                        f"epoch ended (no last.pt); start it afresh with 'otlt train --resume "
+                        f"{run_dir}', or remove it with 'rm -r {run_dir}'")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -162,6 +166,7 @@ class Trainer:
                  data: LongTailedData | None = None, evaluate_only: bool = False):
         self.cfg = cfg
         self.run_dir = open_run_dir(cfg, run_dir, resume, evaluate_only)
+        resume = resume and (self.run_dir / "last.pt").is_file()
         self.device = resolve_device(cfg.train.device)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -171,17 +176,42 @@ class Trainer:
         self.data = data or self._prepare_data()
         self.train_counts = self.data.train_counts
         self._place_data()
+        if cfg.optim.batch_size > len(self.train) and is_main_process() and not evaluate_only:
+            print(f"otlt: warning: optim.batch_size={cfg.optim.batch_size} is larger than the "
+                  f"training set ({len(self.train)} images): one step per epoch",
+                  file=sys.stderr, flush=True)
         self._build_components()
         self.start_epoch = 0
         self.best: dict[str, Any] | None = None  # {"epoch", "value"} of best.safetensors
         if evaluate_only:
             return
+        self._resume_note: dict[str, Any] = {}
         if resume:
+            self._check_same_data()
             self._load_state(load_checkpoint(self.run_dir / "last.pt", self.device))
         elif is_main_process():
             dump_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "splits.json").write_text(json.dumps(
                 {"classes": self.data.classes, "counts": self.data.split_counts()}, indent=1))
+
+    def _check_same_data(self) -> None:
+        """A resumed run must see the images it started with (``splits.json``)."""
+        path = self.run_dir / "splits.json"
+        if not path.is_file():
+            return
+        saved = json.loads(path.read_text())
+        now = {"classes": self.data.classes, "counts": self.data.split_counts()}
+        if saved != json.loads(json.dumps(now)):
+            raise OtltError(f"the data found now gives other splits than {path} records "
+                            "(classes or images per class differ); resume with the dataset "
+                            "the run started with (--data PATH)")
+
+    def record_resume_changes(self, changes: dict[str, Any]) -> None:
+        """Note the safe keys a resume changed (``{key: [old, new]}``): written to
+        ``config.yaml`` now and, as ``resumed_with``, into the next epoch's record."""
+        self._resume_note = {"resumed_with": changes}
+        if is_main_process():
+            dump_config(self.cfg, self.run_dir / "config.yaml")
 
     def _prepare_data(self) -> Any:
         return prepare_data(self.cfg.data, self.num_classes)
@@ -487,7 +517,8 @@ class Trainer:
         """Train one epoch, validate under ``eval.bn_stats`` (and probe, and the opt-in test
         diagnostic), keep ``best``, save ``last.pt``; return the epoch's metrics record."""
         start = time.perf_counter()
-        record = {"epoch": epoch, **self.train_one_epoch(epoch)}
+        record = {"epoch": epoch, **self._resume_note, **self.train_one_epoch(epoch)}
+        self._resume_note = {}
         trained_mixer = self._mixer_state()
         model = None
         if self.val is not None or self.cfg.eval.test_every_epoch:
