@@ -21,13 +21,14 @@ def test_otmix_loop_example_runs():
     model = create_model("resnet20", 3)
     namespace = {
         "counts": counts, "train_labels": train_labels, "train_images": train_images,
-        "model": model, "epochs": 2, "opt": torch.optim.SGD(model.parameters(), lr=0.01),
+        "model": model, "epochs": 8, "opt": torch.optim.SGD(model.parameters(), lr=0.01),
         "loader": [(train_images[:8], train_labels[:8]), (train_images[8:16], train_labels[8:16])],
         "val_confusion": lambda m: torch.eye(3) * 5 + 1,
     }
     before = [p.detach().clone() for p in model.parameters()]
     exec(compile(block.group(1), "README.md", "exec"), namespace)
     assert namespace["otmix"].confusion is not None
+    assert namespace["mixed"].plan.num_mixed == 8  # the mixing epochs did mix
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
@@ -49,3 +50,38 @@ def test_cmo_loop_example_runs():
     exec(compile(block.group(1), "README.md", "exec"), namespace)
     assert namespace["mixed"].plan.num_mixed == 8
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_reweighting_example_runs():
+    text = README.read_text()
+    block = re.search(r"```python\n(import torch.nn.functional as F\nfrom otlt.reweight.*?)```",
+                      text, re.S)
+    assert block, "README lost its re-weighting example"
+    g = torch.Generator().manual_seed(0)
+    labels = torch.repeat_interleave(torch.arange(3), torch.tensor([12, 6, 3]))
+    images = torch.randn(len(labels), 3, 32, 32, generator=g)
+    model = create_model("resnet20", 3)
+    idx = torch.arange(8)
+    namespace = {"train_labels": labels, "num_classes": 3, "model": model,
+                 "meta_features": torch.randn(9, model.feature_dim, generator=g),
+                 "meta_labels": torch.arange(3).repeat(3),
+                 "loader": [(images[idx], labels[idx], idx)],
+                 "opt": torch.optim.SGD(model.parameters(), lr=0.01)}
+    before = namespace["opt"].param_groups[0]["params"][-1].detach().clone()
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    assert namespace["weights"].shape == (8,)
+    assert not torch.equal(before, model.fc.bias)
+
+
+def test_inline_mixer_examples_run():
+    text = README.read_text()
+    lines = re.findall(r"`(mixed = create_mixer\(.*?\))`", text)
+    assert len(lines) == 2, lines
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 3, 8, 8, generator=g), torch.tensor([0, 0, 0, 1, 1, 2])
+    from otlt.mixing import create_mixer
+
+    for line in lines:
+        namespace = {"create_mixer": create_mixer, "x": x, "y": y, "g": g, "counts": [3, 2, 1]}
+        exec(line, namespace)
+        assert namespace["mixed"].images.shape == x.shape
