@@ -124,6 +124,18 @@ BALANCED = {
 }
 
 SHORT_EPOCHS, FULL_EPOCHS = 30, 240
+# The evaluation protocol of every preset, baseline and mixing run alike (README, "Honest
+# numbers"; chosen on validation numbers only, results/cifar10_lt_r100_bn_mechanism_short).
+BN_STATS = "__BN_STATS__"
+BN_PROBE_EVERY = 10
+SKIP_LAST = 3  # the mixing schedule's clean last epochs (mix.skip_last)
+
+
+def evaluation(epochs: int, probe_every: int = BN_PROBE_EVERY) -> dict:
+    """The ``eval`` and ``train`` keys of the protocol: BN procedure, probes, and weights kept
+    at the last mixing epoch and the last epoch (for every run, so twins compare)."""
+    return {"eval": {"bn_stats": BN_STATS, "bn_probe_every": probe_every},
+            "train": {"keep_epochs": [epochs - SKIP_LAST - 1, epochs - 1]}}
 
 
 def base(dataset: str, phi: float) -> dict:
@@ -134,7 +146,8 @@ def base(dataset: str, phi: float) -> dict:
             "model": {"name": "resnet32", "head": "linear"},
             "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 2.0e-4, "batch_size": 128,
                       "epochs": FULL_EPOCHS, "schedule": "step", "milestones": [100, 160, 200],
-                      "gammas": [0.1, 0.01, 0.0001], "warmup_epochs": 5}}
+                      "gammas": [0.1, 0.01, 0.0001], "warmup_epochs": 5},
+            **evaluation(FULL_EPOCHS)}
 
 
 def shorten(cfg: dict) -> dict:
@@ -147,6 +160,8 @@ def shorten(cfg: dict) -> dict:
                         milestones=[round(m * scale) for m in out["optim"]["milestones"]])
     if "drw_epoch" in out.get("loss", {}).get("params", {}):
         out["loss"]["params"]["drw_epoch"] = round(out["loss"]["params"]["drw_epoch"] * scale)
+    out.update(evaluation(SHORT_EPOCHS, probe_every=round(BN_PROBE_EVERY * scale) or 1))
+    out["train"]["keep_epochs"] = [SHORT_EPOCHS - 2, SHORT_EPOCHS - 1]  # skip_last is 1 here
     if out.get("mix", {}).get("name", "none") != "none":
         out["mix"].update(skip_first=1, skip_last=1)
         params = out["mix"].get("params", {})
@@ -228,8 +243,10 @@ def reweight_configs() -> list[dict]:
                                "dataset": label, "top1_error": None}}
             first["optim"].update(epochs=REWEIGHT_EPOCHS["stage1"][0],
                                   milestones=[100], gammas=[0.1])
+            first.update(evaluation(REWEIGHT_EPOCHS["stage1"][0]))
             first_short = shorten(first)
             first_short["optim"]["epochs"] = REWEIGHT_EPOCHS["stage1"][1]
+            first_short.update(evaluation(REWEIGHT_EPOCHS["stage1"][1], probe_every=1))
             for stage1, short in ((first, 0), (first_short, 1)):
                 second = {"name": stage1["name"].replace("_stage1", ""), "seed": 0,
                           "data": dict(stage1["data"]), "model": dict(stage1["model"]),
@@ -239,6 +256,8 @@ def reweight_configs() -> list[dict]:
                                     "schedule": "step", "milestones": [], "gammas": [],
                                     "warmup_epochs": 0},
                           "loss": {"name": "ce"},
+                          **evaluation(REWEIGHT_EPOCHS["stage2"][short],
+                                       probe_every=1 if short else BN_PROBE_EVERY),
                           "reweight": {"stage1": f"runs/{stage1['name']}/last.pt",
                                        **REWEIGHT_SECTION},
                           "paper": None if short else {"table": table, "row": "OT re-weighting",
@@ -295,7 +314,8 @@ def large_configs() -> list[dict]:
                              "milestones": spec["milestones"], "gammas": spec["gammas"],
                              "warmup_epochs": 5},
                    "loss": {"name": loss_name, **({"params": params} if params else {})},
-                   "train": {"workers": 8, "eval_batch_size": 256}}
+                   **evaluation(spec["epochs"])}
+            cfg["train"].update(workers=8, eval_batch_size=256)
             if mix:
                 cfg["mix"] = yaml.safe_load(yaml.safe_dump(mix))
                 if mixer == "otmix":

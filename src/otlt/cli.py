@@ -178,27 +178,35 @@ def cmd_train(args) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else None
     cfg = build_config(_apply(raw, overrides))
     trainer = create_trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
-    print(f"otlt: run directory {trainer.run_dir}  device {trainer.device}  "
-          f"amp {trainer.amp_dtype}  train {len(trainer.train)} images "
-          f"{trainer.train_counts}", flush=True)
+    say(f"otlt: run directory {trainer.run_dir}  device {trainer.device}  "
+        f"amp {trainer.amp_dtype}  train {len(trainer.train)} images "
+        f"{trainer.train_counts}", flush=True)
     start = time.perf_counter()
     if changes:
         trainer.record_resume_changes(changes)
     result = trainer.fit(stop_after=args.stop_after)
     if result is None:
-        print(f"otlt: stopped after epoch {args.stop_after}; continue with "
-              f"'otlt train --resume {trainer.run_dir}'")
+        say(f"otlt: stopped after epoch {args.stop_after}; continue with "
+            f"'otlt train --resume {trainer.run_dir}'")
         return 0
-    print(format_eval(result, title=f"{cfg.name}: last epoch, {result['split']} split, "
-                                    f"BN {result['bn_stats']}"))
+    say(format_eval(result, title=f"{cfg.name}: last epoch, {result['split']} split, "
+                                  f"BN {result['bn_stats']}"))
     selected = result.get("selected")
     if selected:
-        print(f"validation-selected epoch {selected['epoch'] + 1} ({selected['select_metric']} "
-              f"{selected['val_value']:.2f}% on val): test top-1 error "
-              f"{selected['top1_error']:.2f}% (many {_fmt(selected['many_error'])}, medium "
-              f"{_fmt(selected['medium_error'])}, few {_fmt(selected['few_error'])})")
-    print(f"otlt: done in {time.perf_counter() - start:.0f}s; results in {trainer.run_dir}")
+        say(f"validation-selected epoch {selected['epoch'] + 1} ({selected['select_metric']} "
+            f"{selected['val_value']:.2f}% on val): test top-1 error "
+            f"{selected['top1_error']:.2f}% (many {_fmt(selected['many_error'])}, medium "
+            f"{_fmt(selected['medium_error'])}, few {_fmt(selected['few_error'])})")
+    say(f"otlt: done in {time.perf_counter() - start:.0f}s; results in {trainer.run_dir}")
     return 0
+
+
+def say(*args, **kwargs) -> None:
+    """Print on rank 0 only (under torchrun every rank runs the command)."""
+    from otlt.engine.distributed import is_main_process
+
+    if is_main_process():
+        print(*args, **kwargs)
 
 
 def resume_changes(old, new, run_dir: Path) -> dict:
@@ -367,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except OtltError as exc:
-        print(f"otlt: error: {one_line(str(exc))}", file=sys.stderr)
+        from otlt.engine.distributed import is_main_process
+
+        if is_main_process():  # under torchrun every rank raises it; one prints it
+            print(f"otlt: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("otlt: interrupted; the last finished epoch is in last.pt (resume with "

@@ -123,6 +123,7 @@ class TrainConfig:
     workers: int = 8
     keep_epochs: tuple[int, ...] = ()
     keep_every: int = 0
+    sync_bn: bool = False
 
 
 BN_STATS = ("running", "train", "clean", "balanced")

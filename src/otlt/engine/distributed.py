@@ -1,11 +1,31 @@
-"""Process-group helpers so the engine runs the same under ``torchrun`` and alone."""
+"""Process-group helpers so the engine runs the same under ``torchrun`` and alone.
+
+The rules (README, "Several GPUs and nodes"):
+
+- ``torchrun`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; :func:`setup_process` joins
+  the process group before anything touches the run directory and puts each process on
+  ``cuda:LOCAL_RANK`` (NCCL) or the CPU (gloo).
+- ``optim.batch_size`` is the **global** batch: every step draws one global batch (indices,
+  crops, flips, foregrounds, coins) from the generator all ranks share, and rank ``r`` takes
+  rows ``[r * B / W, (r + 1) * B / W)`` (:func:`rank_slice`). A last batch that does not split
+  evenly is padded by wrapping around the epoch's order (:func:`global_batches`), so every
+  rank takes the same number of equally shaped steps and a 2-process run follows the
+  1-process recipe.
+- Only rank 0 writes files and prints.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from otlt.errors import OtltError
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -13,11 +33,20 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    return dist.get_rank() if is_distributed() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def launched_world_size() -> int:
+    """``WORLD_SIZE`` as ``torchrun`` set it (1 when launched alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main_process() -> bool:
@@ -25,11 +54,22 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def setup_process(device: torch.device) -> torch.device:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1) and return
+    this process's device: ``cuda:LOCAL_RANK`` (made current) for CUDA, else ``device``."""
+    if launched_world_size() <= 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    if not is_distributed():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
 def init_from_env(device: torch.device) -> None:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
+    """Join the process group when launched by ``torchrun`` (kept for callers of 0.1)."""
+    setup_process(device)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -37,6 +77,59 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor)
     return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def on_main_then_share(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only and give its result to every rank; an :class:`OtltError`
+    on rank 0 is raised on every rank (so no rank waits for one that failed)."""
+    if not is_distributed():
+        return fn()
+    box: list[Any] = [None]
+    if is_main_process():
+        try:
+            box[0] = ("ok", fn())
+        except OtltError as exc:
+            box[0] = ("error", str(exc))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise OtltError(value)
+    return value
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average every floating buffer (BatchNorm running statistics) over ranks in place:
+    timm's ``--dist-bn reduce``, so every rank evaluates and saves the same model."""
+    if not is_distributed():
+        return
+    world = world_size()
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(world)
+
+
+def global_batches(order: torch.Tensor, batch_size: int, world: int) -> list[torch.Tensor]:
+    """Cut an epoch's order ``(N,)`` into global batches of ``batch_size`` (the last one
+    shorter); when ``world`` > 1 the last one is padded with the order's first indices up
+    to a multiple of ``world``, so it splits evenly over the ranks."""
+    batches = list(order.split(batch_size))
+    if world > 1 and batches and len(batches[-1]) % world:
+        pad = world - len(batches[-1]) % world
+        batches[-1] = torch.cat([batches[-1], order.repeat(pad // len(order) + 1)[:pad]])
+    return batches
+
+
+def rank_slice(n: int) -> slice:
+    """This rank's rows of a global batch of ``n`` rows (``n`` divisible by the world)."""
+    world = world_size()
+    share = n // world
+    return slice(rank() * share, (rank() + 1) * share)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

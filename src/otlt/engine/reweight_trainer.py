@@ -39,7 +39,7 @@ import torch
 from otlt.config import RunConfig, to_dict
 from otlt.data.prepare import LongTailedData
 from otlt.engine.checkpoint import load_checkpoint, write_atomic
-from otlt.engine.distributed import is_main_process, unwrap, world_size
+from otlt.engine.distributed import is_main_process, launched_world_size, unwrap
 from otlt.engine.trainer import DeviceSplit, Trainer, _autocast
 from otlt.errors import OtltError, require
 from otlt.reweight import OTReweighter, class_prototypes
@@ -80,13 +80,14 @@ class Stage2Trainer(Trainer):
                  data: LongTailedData | None = None, evaluate_only: bool = False):
         require(cfg.reweight.stage1 is not None,
                 "Stage2Trainer needs reweight.stage1 (the stage-1 checkpoint)")
+        require(launched_world_size() == 1, "OT re-weighting stage 2 runs in one process (the "
+                                            "example weights are not synchronised across "
+                                            "ranks); launch it without torchrun")
         # Read stage 1 before the run directory is created; a resumed or evaluated run has
         # its own weights.
         stage1 = None if resume or evaluate_only else load_stage1(cfg)
         super().__init__(cfg, run_dir=run_dir, resume=resume, data=data,
                          evaluate_only=evaluate_only)
-        require(world_size() == 1, "OT re-weighting stage 2 runs in one process (the example "
-                                   "weights are not synchronised across ranks)")
         if stage1 is not None:
             require(list(stage1["train_counts"]) == list(self.train_counts),
                     f"stage-1 checkpoint has training counts {stage1['train_counts']}, this "

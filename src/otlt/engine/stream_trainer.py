@@ -33,7 +33,14 @@ from otlt.data.samplers import permutation_batches, sample_weights
 from otlt.data.sources import ListFileDataset
 from otlt.data.streams import IMAGENET_MEAN, IMAGENET_STD, prepare_stream_data
 from otlt.engine.batchnorm import preserved_batchnorm
-from otlt.engine.distributed import rank, unwrap, world_size
+from otlt.engine.distributed import (
+    all_reduce_sum,
+    global_batches,
+    rank,
+    rank_slice,
+    unwrap,
+    world_size,
+)
 from otlt.engine.trainer import Trainer, evaluate_batches
 from otlt.errors import require
 
@@ -54,9 +61,11 @@ def batch_loader(dataset: ListFileDataset, batches: list[list[int]], workers: in
 
 
 def eval_loader(dataset: ListFileDataset, batch_size: int, workers: int,
-                device: torch.device) -> Iterator[Batch]:
-    """Batches ``(x, y)`` of ``dataset`` in list order, normalised and on ``device``."""
-    order = list(range(len(dataset)))
+                device: torch.device, shard: bool = False) -> Iterator[Batch]:
+    """Batches ``(x, y)`` of ``dataset`` in list order, normalised and on ``device``
+    (``shard``: only this rank's every ``world``-th item, for a summed confusion matrix)."""
+    order = list(range(rank(), len(dataset), world_size())) if shard else \
+        list(range(len(dataset)))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return ((model_input(x, device), y.to(device))
             for x, y in batch_loader(dataset, batches, workers, device))
@@ -106,18 +115,20 @@ class StreamTrainer(Trainer):
         self.train.set_epoch(epoch)
         self.fore_set.set_epoch(epoch)
         order = torch.randperm(len(self.train), generator=self.generator)
-        order = order[rank()::world_size()]
-        batches = [b.tolist() for b in order.split(self.cfg.optim.batch_size)]
+        # Global batches drawn alike on every rank; each rank loads its rows of each.
+        global_steps = global_batches(order, self.cfg.optim.batch_size, world_size())
+        batches = [b[rank_slice(len(b))].tolist() for b in global_steps]
         coins = [False] * len(batches)
         fore = None
         if self._mixing_on(epoch):
             coins = (torch.rand(len(batches), generator=self.generator)
                      < self.cfg.mix.prob).tolist()
-            sizes = [len(b) for b, coin in zip(batches, coins, strict=True) if coin]
+            sizes = [len(b) for b, coin in zip(global_steps, coins, strict=True) if coin]
             if sizes and getattr(self.mixer, "needs_partner_batch", False):
                 draws = torch.multinomial(self.fore_weights, sum(sizes), replacement=True,
                                           generator=self.generator)
-                fore = self._loader(self.fore_set, [d.tolist() for d in draws.split(sizes)])
+                fore = self._loader(self.fore_set, [d[rank_slice(len(d))].tolist()
+                                                    for d in draws.split(sizes)])
         return _Lockstep(self._loader(self.train, batches), coins, fore)
 
     def _train_step(self, item: Step, mixing: bool) -> tuple[float, float, int]:
@@ -138,9 +149,9 @@ class StreamTrainer(Trainer):
         if dataset is None:
             return None
         batches = eval_loader(dataset, self.cfg.train.eval_batch_size, self.cfg.train.workers,
-                              self.device)
-        return evaluate_batches(model or self.model, batches, self.num_classes,
-                                self.amp_dtype, self.cfg.train.channels_last)
+                              self.device, shard=True)
+        return all_reduce_sum(evaluate_batches(model or self.model, batches, self.num_classes,
+                                               self.amp_dtype, self.cfg.train.channels_last))
 
     def bn_batches(self, mode: str, epoch: int) -> Iterator[torch.Tensor]:
         """Recalibration batches as :meth:`Trainer.bn_batches` says, streamed: the images
@@ -148,7 +159,7 @@ class StreamTrainer(Trainer):
         training's, and the indices come from the (seed, epoch) recalibration generator."""
         require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
         g = self.bn_generator(epoch)
-        b, n = self.cfg.optim.batch_size, self.cfg.eval.bn_batches
+        b, n = self.cfg.optim.batch_size // world_size(), self.cfg.eval.bn_batches
         if mode == "balanced":
             weights = sample_weights(self.train.labels, 0.0)
             batches = [torch.multinomial(weights, b, replacement=True, generator=g).tolist()

@@ -30,10 +30,15 @@ from otlt.engine.batchnorm import batchnorm_state, preserved_batchnorm, recalibr
 from otlt.engine.checkpoint import load_checkpoint, save_atomic
 from otlt.engine.distributed import (
     all_reduce_sum,
-    init_from_env,
+    average_buffers,
+    barrier,
+    global_batches,
     is_distributed,
     is_main_process,
+    on_main_then_share,
     rank,
+    rank_slice,
+    setup_process,
     unwrap,
     world_size,
 )
@@ -97,11 +102,14 @@ def step_lr(cfg, epoch: int, step: int, steps_per_epoch: int) -> float:
 
 def evaluate(model: torch.nn.Module, split: DeviceSplit, num_classes: int, batch_size: int,
              amp_dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
-    """Confusion matrix ``(K, K)`` (rows: true class) of ``model`` on a split."""
-    batches = ((eval_transform(split.images[start:start + batch_size]),
-                split.labels[start:start + batch_size])
-               for start in range(0, len(split), batch_size))
-    return evaluate_batches(model, batches, num_classes, amp_dtype, channels_last)
+    """Confusion matrix ``(K, K)`` (rows: true class) of ``model`` on a split. Under
+    ``torch.distributed`` each rank evaluates every ``world``-th image and the matrices are
+    summed, so every rank holds the whole split's matrix."""
+    mine = torch.arange(rank(), len(split), world_size(), device=split.labels.device)
+    batches = ((eval_transform(split.images[idx]), split.labels[idx])
+               for idx in mine.split(batch_size))
+    return all_reduce_sum(evaluate_batches(model, batches, num_classes, amp_dtype,
+                                           channels_last))
 
 
 @torch.no_grad()
@@ -165,12 +173,21 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
                  data: LongTailedData | None = None, evaluate_only: bool = False):
         self.cfg = cfg
-        self.run_dir = open_run_dir(cfg, run_dir, resume, evaluate_only)
+        # The process group comes first: only rank 0 touches the run directory, and an error
+        # there reaches every rank.
+        self.device = setup_process(resolve_device(cfg.train.device))
+        self.run_dir = on_main_then_share(
+            lambda: open_run_dir(cfg, run_dir, resume, evaluate_only))
         resume = resume and (self.run_dir / "last.pt").is_file()
-        self.device = resolve_device(cfg.train.device)
+        world = world_size()
+        require(cfg.optim.batch_size % world == 0,
+                f"optim.batch_size={cfg.optim.batch_size} is the global batch and must split "
+                f"evenly over the {world} processes")
+        require(not cfg.train.sync_bn or world == 1 or self.device.type == "cuda",
+                "train.sync_bn needs CUDA processes (torch's SyncBatchNorm has no CPU kernel); "
+                "without it BatchNorm buffers are averaged over ranks before each evaluation")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        init_from_env(self.device)
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.num_classes = cfg.num_classes
         self.data = data or self._prepare_data()
@@ -231,6 +248,8 @@ class Trainer:
         self.model.to(self.device)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if is_distributed() and cfg.train.sync_bn:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
         if is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -260,7 +279,8 @@ class Trainer:
                  "torch_rng": torch.get_rng_state(),
                  "train_counts": list(self.train_counts),
                  "classes": self.data.classes,
-                 "best": self.best}
+                 "best": self.best,
+                 "world_size": world_size()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.mixer is not None and hasattr(self.mixer, "state_dict"):
@@ -268,6 +288,11 @@ class Trainer:
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
+        saved_world = int(state.get("world_size", 1))
+        require(saved_world == world_size(),
+                f"{self.run_dir} was trained by {saved_world} process(es); resume it with "
+                f"the same number (this launch has {world_size()}): the shards, and so the "
+                "trajectory, depend on it")
         try:
             unwrap(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -290,10 +315,10 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------------
     def _batches(self) -> list[torch.Tensor]:
-        """This rank's batches of one epoch: a shared seeded permutation, sharded by rank."""
+        """The epoch's global index batches: a seeded permutation every rank draws alike,
+        cut into ``optim.batch_size`` (the last one padded to split over the ranks)."""
         order = torch.randperm(len(self.train), generator=self.generator)
-        order = order[rank()::world_size()]
-        return list(order.split(self.cfg.optim.batch_size))
+        return global_batches(order, self.cfg.optim.batch_size, world_size())
 
     def _epoch_batches(self, epoch: int) -> Sized:
         """What :meth:`_train_step` takes, one item per step (here: index tensors)."""
@@ -305,10 +330,14 @@ class Trainer:
         return self.mixer is not None and m.skip_first <= epoch < last
 
     def _train_step(self, idx: torch.Tensor, mixing: bool) -> tuple[float, float, int]:
-        """One SGD step; returns (summed loss, summed correct, batch size) as floats."""
+        """One SGD step on this rank's rows of the global batch ``idx``; returns (summed
+        loss, summed correct, batch size) as floats."""
         idx = idx.to(self.device)
+        # Crops and flips are drawn for the whole global batch, so every rank's generator
+        # stays in step; each rank keeps its rows.
         x = self.augment(self.train.images[idx], self.generator)
-        return self._sgd_step(x, self.train.labels[idx], mixing)
+        mine = rank_slice(len(idx))
+        return self._sgd_step(x[mine], self.train.labels[idx][mine], mixing)
 
     def _sgd_step(self, x: torch.Tensor, y: torch.Tensor,
                   mixing: bool) -> tuple[float, float, int]:
@@ -352,8 +381,11 @@ class Trainer:
                      model=self.model, amp_dtype=self.amp_dtype)
 
     def _foreground(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This training step's foreground batch (from the training generator)."""
-        return self._draw_foreground(n, self.generator)
+        """This rank's ``n`` rows of the step's global foreground batch (``n * world``
+        draws from the training generator, as every rank draws them)."""
+        x, y = self._draw_foreground(n * world_size(), self.generator)
+        mine = rank_slice(len(y))
+        return x[mine], y[mine]
 
     def _draw_foreground(self, n: int,
                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,7 +439,7 @@ class Trainer:
         """
         require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
         g = self.bn_generator(epoch)
-        b, n = self.cfg.optim.batch_size, self.cfg.eval.bn_batches
+        b, n = self.cfg.optim.batch_size // world_size(), self.cfg.eval.bn_batches
         if mode == "balanced":
             weights = sample_weights(self.data.train.labels, 0.0)
             indices = (torch.multinomial(weights, b, replacement=True, generator=g)
@@ -519,6 +551,9 @@ class Trainer:
         start = time.perf_counter()
         record = {"epoch": epoch, **self._resume_note, **self.train_one_epoch(epoch)}
         self._resume_note = {}
+        if not self.cfg.train.sync_bn:
+            average_buffers(unwrap(self.model))  # every rank evaluates and saves one model
+        self._reduce_mixer_stats()
         trained_mixer = self._mixer_state()
         model = None
         if self.val is not None or self.cfg.eval.test_every_epoch:
@@ -542,6 +577,18 @@ class Trainer:
         self.save(epoch)
         self._keep_weights(epoch, trained_mixer)
         return record
+
+    def _reduce_mixer_stats(self) -> None:
+        """Sum the mixer's per-epoch counters over ranks (global ``mix_pairs`` etc.)."""
+        stats = getattr(self.mixer, "stats", None)
+        if not is_distributed() or not isinstance(stats, dict):
+            return
+        for key, value in stats.items():
+            if isinstance(value, torch.Tensor):
+                stats[key] = all_reduce_sum(value.to(self.device))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                total = all_reduce_sum(torch.tensor(float(value), device=self.device)).item()
+                stats[key] = type(value)(total)
 
     def _mixer_state(self) -> dict[str, Any] | None:
         """The mixer's state as the epoch trained with it (before validation updates it)."""
@@ -580,6 +627,7 @@ class Trainer:
                   "bn_batches": e.bn_batches, "classes": self.data.classes,
                   **self.summarize(confusion)}
         best_path = self.run_dir / f"best{SUFFIX}"
+        barrier()  # rank 0 wrote best.safetensors
         if self.best is not None and best_path.is_file():
             best = load_weights(best_path)
             model = copy.deepcopy(unwrap(self.model))

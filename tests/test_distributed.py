@@ -1,0 +1,186 @@
+"""Multi-process training with real processes: torchrun, gloo on the CPU, tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from otlt.cli import main
+from otlt.engine import distributed
+from otlt.engine.checkpoint import load_checkpoint
+from otlt.errors import OtltError
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+TIMEOUT = 300
+OTMIX = ["mix.name=otmix", "mix.prob=1.0", "mix.skip_first=0", "mix.skip_last=0",
+         "mix.params={mu: 0.0}", "optim.batch_size=30", "data.imbalance_ratio=7"]
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "OTLT_CACHE": str(tmp_path / "cache"),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(tmp_path: Path, args: list[str], nproc: int = 2,
+             extra: list[str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *(extra or ["--standalone"]),
+           f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+def cli_args(config: Path, overrides: list[str]) -> list[str]:
+    return ["-m", "otlt.cli", "train", "--config", str(config),
+            *[a for o in overrides for a in ("--set", o)]]
+
+
+@pytest.fixture
+def config(tmp_path) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text("name: tiny\nloss: {name: ce}\n")
+    return path
+
+
+def test_global_batches_are_disjoint_padded_and_cover_the_epoch():
+    order = torch.randperm(71, generator=torch.Generator().manual_seed(0))
+    batches = distributed.global_batches(order, 30, world=2)
+    assert [len(b) for b in batches] == [30, 30, 12]
+    assert set(torch.cat(batches).tolist()) == set(range(71))
+    assert torch.cat(batches).tolist()[:71] == order.tolist()  # padding only at the end
+    assert [len(b) for b in distributed.global_batches(order, 30, world=1)] == [30, 30, 11]
+    padded = distributed.global_batches(order[:3], 30, world=4)[0]
+    assert len(padded) == 4 and padded.tolist() == [*order[:3].tolist(), order[0].item()]
+
+
+def test_local_rank_selects_the_cuda_device(monkeypatch):
+    chosen, groups = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(distributed.dist, "init_process_group", groups.append)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+    device = distributed.setup_process(torch.device("cuda"))
+    assert device == torch.device("cuda", 1) and chosen == [device] and groups == ["nccl"]
+    assert distributed.setup_process(torch.device("cpu")) == torch.device("cpu")
+    assert groups == ["nccl", "gloo"]
+
+
+def test_stage2_refuses_torchrun_before_writing(tiny_zip, tmp_path, config, monkeypatch,
+                                                capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = tiny_overrides(tiny_zip, tmp_path / "runs") + ["data.meta_per_class=3",
+                                                          f"reweight.stage1={tmp_path}"]
+    assert main(["train", "--config", str(config),
+                 *[a for o in args for a in ("--set", o)]]) == 2
+    assert "runs in one process" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_two_processes_train_odd_shards_with_global_mixing(tiny_zip, tmp_path, config):
+    """An odd image count and a batch whose last step would be unequal: no hang, one
+    eval.json, global mix_pairs, sharded evaluation equal to a 1-process otlt eval."""
+    out = tmp_path / "runs"
+    result = torchrun(tmp_path, cli_args(config, tiny_overrides(tiny_zip, out, epochs=2)
+                                         + OTMIX))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = out / "tiny"
+    n = sum(json.loads((run / "splits.json").read_text())["counts"]["train"])
+    assert n % 2 == 1 and n % 30 % 2 == 1  # unequal last step without padding
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    padded = n + 1
+    for r in records:  # every row of every global step mixed once, counted over both ranks
+        assert sum(map(sum, r["mix_pairs"])) == padded
+    assert result.stdout.count("otlt: done in") == 1  # rank 0 alone prints
+    assert not list(run.glob(".write_test*"))
+    in_run = json.loads((run / "eval.json").read_text())
+    assert sum(map(sum, in_run["confusion_matrix"])) == 80
+    assert main(["eval", str(run)]) == 0  # one process, the whole test split
+    alone = json.loads((run / "eval_last_running.json").read_text())
+    assert alone["confusion_matrix"] == in_run["confusion_matrix"]
+
+
+DRIVER = textwrap.dedent("""
+    import sys, torch
+    from otlt.config import load_config
+    from otlt.engine.distributed import rank, unwrap
+    from otlt.engine.trainer import create_trainer
+    cfg = load_config(sys.argv[1], sys.argv[3:])
+    trainer = create_trainer(cfg)
+    trainer.fit()
+    torch.save({"model": unwrap(trainer.model).state_dict(),
+                "val": trainer.confusion_on("val")}, f"{sys.argv[2]}/rank{rank()}.pt")
+""")
+
+
+def test_every_rank_holds_the_same_model_and_confusion(tiny_zip, tmp_path, config):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    overrides = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=2) + OTMIX
+    result = torchrun(tmp_path, [str(driver), str(config), str(tmp_path), *overrides])
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key  # BN buffers included
+    assert torch.equal(a["val"], b["val"]) and int(a["val"].sum()) == 50
+
+
+def test_resume_under_torchrun_is_exact(tiny_zip, tmp_path, config):
+    base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3) + OTMIX
+    full = torchrun(tmp_path, cli_args(config, base + ["name=full"]))
+    assert full.returncode == 0, full.stderr[-3000:]
+    part = torchrun(tmp_path, [*cli_args(config, base + ["name=part"]), "--stop-after", "1"])
+    assert part.returncode == 0, part.stderr[-3000:]
+    again = torchrun(tmp_path, ["-m", "otlt.cli", "train", "--resume",
+                                str(tmp_path / "runs" / "part")])
+    assert again.returncode == 0, again.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "runs" / "full" / "last.pt")
+    b = load_checkpoint(tmp_path / "runs" / "part" / "last.pt")
+    assert a["world_size"] == b["world_size"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    with pytest.raises(OtltError, match="trained by 2 process"):  # one process cannot resume
+        from otlt.config import load_config
+        from otlt.engine.trainer import create_trainer
+
+        create_trainer(load_config(tmp_path / "runs" / "part" / "config.yaml"),
+                       run_dir=tmp_path / "runs" / "part", resume=True)
+
+
+def test_errors_are_printed_once(tiny_zip, tmp_path, config):
+    args = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1) + ["optim.batch_size=31"]
+    result = torchrun(tmp_path, cli_args(config, args))
+    assert result.returncode != 0
+    assert result.stderr.count("otlt: error:") == 1, result.stderr[-2000:]
+    assert "must split evenly over the 2 processes" in result.stderr
+    assert not (tmp_path / "runs" / "tiny" / "config.yaml").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_rendezvous_on_localhost(tiny_zip, tmp_path, config):
+    port = _free_port()
+    args = cli_args(config, tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1) + OTMIX)
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+         f"--node_rank={k}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+         "--rdzv-id=otlt-test", *args],
+        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k in (0, 1)]
+    outs = [p.communicate(timeout=TIMEOUT) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), [o[1][-2000:] for o in outs]
+    assert (tmp_path / "runs" / "tiny" / "eval.json").is_file()
