@@ -94,3 +94,29 @@ E0=$(error_of $RUN)
 .venv/bin/otlt report $H/cifar10_lt_r100_erm $H/cifar10_lt_r100_erm_otmix $(dirname results/cifar10_lt_r100_sampler_r0/*/config.yaml) --out results/cifar10_lt_r100_sampler_r0/report
 fi
 fi
+
+if wanted cifar10_lt_r100_bn_mechanism_short; then
+# Issue 16, experiment A. Post-hoc probes of the weights kept at every epoch (the runs predate
+# in-run probes): validation first (the procedure was chosen from these), then test at the
+# last mixing epoch (28, counted from 0) and the last epoch (29).
+R=runs/mech_short
+G=results/cifar10_lt_r100_bn_mechanism_short
+for n in cifar10_lt_r100_balms_short cifar10_lt_r100_balms_otmix_short; do
+  [ -d $R/$n/kept ] || continue
+  .venv/bin/otlt probe $R/$n --epochs 4,9,14,19,24,28,29 --split val
+  .venv/bin/otlt probe $R/$n --epochs 28,29 --split test
+done
+if [ -d $R/cifar10_lt_r100_balms_otmix_short/kept ]; then
+  for N in 5 10 20 50 100 200; do
+    .venv/bin/otlt probe $R/cifar10_lt_r100_balms_otmix_short --epochs 29 --bn-stats train,clean --bn-batches $N
+  done
+fi
+.venv/bin/python scripts/collect_results.py cifar10_lt_r100_bn_mechanism_short \
+  $(pick cifar10_lt_r100_bn_mechanism_short $R cifar10_lt_r100_{balms_short,balms_otmix_short}) \
+  --weights --keep-epochs 28,29 \
+  --title "CIFAR-10-LT (phi=100): what BatchNorm statistics do to a mixing run's evaluation (short 30-epoch presets, CPU)" \
+  --hardware "2-core AMD EPYC CPU without AVX-512 (fp32, no bf16 autocast), torch 2.13.0+cpu, channels-last; the two runs trained side by side with 1 torch thread each while development shared the machine, so epoch times are inflated" \
+  --command "otlt train --config configs/{name}.yaml --set out_dir=runs/mech_short --set data.meta_per_class=0 --set train.progress=false --set train.keep_every=1" \
+  --note "The table above is the runs' own eval.json: the last epoch under the running statistics (these runs were trained before eval.bn_stats existed; their training is what any procedure gives, since evaluation never changes training). The report's BatchNorm section has validation and test error under the four procedures at the last mixing epoch (28) and the last epoch (29), from otlt probe of the kept weights (commands in results/collect.sh), and the convergence of the recalibration with the number of batches. Short schedules are smoke tests for methods; here they measure the evaluation mechanism. Weights: last.safetensors and kept/epoch_028, epoch_029 (fp16), so otlt eval results/cifar10_lt_r100_bn_mechanism_short/<run> --checkpoint epoch_028 --bn-stats train re-evaluates them."
+.venv/bin/otlt report $(dirname $G/*/config.yaml) --out $G/report
+fi

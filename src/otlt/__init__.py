@@ -6,6 +6,7 @@ The public API; see README.md for a tour. Everything here is importable without 
 from otlt.config import RunConfig, load_config
 from otlt.data.longtail import build_splits, long_tailed_counts
 from otlt.data.samplers import ClassWeightedSampler, class_sampling_probs, sample_weights
+from otlt.engine.batchnorm import recalibrate_batchnorm
 from otlt.errors import OtltError
 from otlt.losses import batch_loss, create_loss, list_losses, mixed_loss
 from otlt.metrics import ConfusionMeter, confusion_matrix, summarize
@@ -13,13 +14,16 @@ from otlt.mixing import (
     CMO,
     CutMix,
     MixedBatch,
+    Mixer,
     MixPlan,
     Mixup,
     OTMix,
     Remix,
+    SaliencyMix,
     create_mixer,
     list_mixers,
     otmix_cost,
+    register_mixer,
 )
 from otlt.models import NormedLinear, create_model, list_models
 from otlt.reweight import OTReweighter
@@ -34,6 +38,7 @@ __all__ = [
     "CutMix",
     "MixPlan",
     "MixedBatch",
+    "Mixer",
     "Mixup",
     "NormedLinear",
     "OTMix",
@@ -42,6 +47,7 @@ __all__ = [
     "OtltError",
     "Remix",
     "RunConfig",
+    "SaliencyMix",
     "assignment",
     "batch_loss",
     "build_splits",
@@ -58,6 +64,8 @@ __all__ = [
     "long_tailed_counts",
     "mixed_loss",
     "otmix_cost",
+    "recalibrate_batchnorm",
+    "register_mixer",
     "sample_weights",
     "sinkhorn",
     "summarize",

@@ -57,6 +57,7 @@ __all__ = [
     "list_losses",
     "loss_defaults",
     "mixed_loss",
+    "batch_loss",
 ]
 
 CountsLike = Sequence[int] | torch.Tensor

@@ -684,13 +684,43 @@ def bn_procedure_rows(run: RunData) -> list[dict[str, Any]]:
     return [rows[k] for k in sorted(rows)]
 
 
+def bn_batches_rows(run: RunData) -> list[tuple[int, str, int, float]]:
+    """``(recalibration batches, procedure, epoch, validation error)`` from the run's
+    ``probe_val_bn<N>.json`` files (``otlt probe --bn-batches N``), sorted."""
+    rows = []
+    for path in run.path.glob("probe_val_bn*.json"):
+        probe = _read_json(path) or {}
+        for r in probe.get("records", []):
+            rows.append((int(probe["bn_batches"]), r["bn_stats"], int(r["epoch"]),
+                         r["top1_error"]))
+    return sorted(rows)
+
+
+def _bn_batches_table(report: _Report, run: RunData) -> None:
+    rows = bn_batches_rows(run)
+    if not rows:
+        return
+    modes = sorted({m for _, m, _, _ in rows})
+    counts = sorted({n for n, _, _, _ in rows})
+    by = {(n, m): (e, err) for n, m, e, err in rows}
+    epochs = sorted({e for _, _, e, _ in rows})
+    report.add(f"### {run.label}: validation error (%) against the number of recalibration "
+               f"batches (epoch {', '.join(str(e + 1) for e in epochs)})", "",
+               "| batches of `optim.batch_size` | " + " | ".join(modes) + " |",
+               "|---:|" + "---:|" * len(modes))
+    for n in counts:
+        report.add(f"| {n} | " + " | ".join(fmt(by[(n, m)][1]) if (n, m) in by else "–"
+                                          for m in modes) + " |")
+    report.add("")
+
+
 def _section_batchnorm(report: _Report, runs: Sequence[RunData]) -> None:
     """BatchNorm procedures: per-run probe curves, the (epoch, procedure) table, the
     validation-selected checkpoint and the opt-in official-protocol diagnostic."""
     curves = [(r, bn_probe_series(r)) for r in runs]
     curves = [(r, s) for r, s in curves if s]
     tables = [(r, bn_procedure_rows(r)) for r in runs]
-    tables = [(r, t) for r, t in tables if t]
+    tables = [(r, t) for r, t in tables if t or bn_batches_rows(r)]
     selected = [r for r in runs if r.eval and r.eval.get("selected")]
     diagnostic = [r for r in runs if any("test_diag_acc" in m for m in r.metrics)]
     if not (curves or tables or selected or diagnostic or any(r.eval and "bn_stats" in r.eval
@@ -712,6 +742,9 @@ def _section_batchnorm(report: _Report, runs: Sequence[RunData]) -> None:
                    f"{fmt(sel.get('top1_error'))} |")
     report.add("")
     for run, rows in tables:
+        _bn_batches_table(report, run)
+        if not rows:
+            continue
         report.add(f"### {run.label}: error (%) by epoch and procedure", "",
                    "Post-hoc `otlt probe` of kept weights (epochs counted from 1).", "",
                    "| epoch | BN statistics | val top-1 | val many | val medium | test top-1 "

@@ -18,6 +18,38 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+_PREFIXES = (("val_running_", "val_running/"), ("test_diag_", "test_diag/"),
+             ("val_", "val/"), ("train_", "train/"), ("ot_", "mix/ot_"),
+             ("mixed_", "mix/mixed_"), ("same_class_", "mix/same_class_"))
+
+
+def tensorboard_tag(key: str) -> str:
+    """The grouped TensorBoard tag of a ``metrics.jsonl`` key: ``train/loss``, ``val/acc``,
+    ``val/many``, ``mix/ot_batch_fraction``, ``time/epoch``, ``lr`` ..."""
+    if key.endswith("_seconds"):
+        return f"time/{key.removesuffix('_seconds')}"
+    if key in ("ot_loss", "meta_loss"):
+        return f"reweight/{key}"
+    for prefix, group in _PREFIXES:
+        if key.startswith(prefix):
+            name = key[len(prefix):]
+            return group + (name if name == "acc" else name.removesuffix("_acc"))
+    return key
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The finite scalars of a record by TensorBoard tag (``bn_probe`` as probe/<mode>/...)."""
+    out = {}
+    for key, value in record.items():
+        if key == "bn_probe" and isinstance(value, dict):
+            for mode, values in value.items():
+                for k, v in values.items():
+                    out[f"probe/{mode}/{tensorboard_tag(k).split('/', 1)[-1]}"] = v
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+            out[tensorboard_tag(key)] = value
+    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
 class MetricsLogger:
     """Append epoch records to ``metrics.jsonl`` and scalars to TensorBoard (rank 0 only).
 
@@ -44,10 +76,8 @@ class MetricsLogger:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) \
-                        and math.isfinite(value) and key != "epoch":
-                    self.writer.add_scalar(key, value, record["epoch"])
+            for tag, value in _scalars(record).items():
+                self.writer.add_scalar(tag, value, record["epoch"])
             self.writer.flush()
 
     def close(self) -> None:

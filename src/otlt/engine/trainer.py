@@ -412,6 +412,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, correct, n = self._train_step(idx, mixing)
+            if not bar.disable and step % 10 == 0:  # .item() syncs the device: not every step
+                bar.set_postfix(loss=f"{float(loss_sum) / n:.3f}", refresh=False)
             total_loss += loss_sum
             total_correct += correct
             seen += n
@@ -684,7 +686,7 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
         parts.append(f"val {record['val_acc']:.1f}% (many {_fmt(record['val_many_acc'])} "
                      f"med {_fmt(record['val_medium_acc'])} few {_fmt(record['val_few_acc'])})")
     if "ot_batch_fraction" in record:
-        parts.append(f"OT batches {100 * record['ot_batch_fraction']:.0f}%")
+        parts.append(f"OT pairing in {100 * record['ot_batch_fraction']:.0f}% of mixed batches")
         if record.get("ot_converged_fraction", 1.0) < 1.0:
             parts.append(f"Sinkhorn converged {100 * record['ot_converged_fraction']:.0f}%")
     if "bn_seconds" in record:
