@@ -45,6 +45,8 @@ def config(tmp_path) -> Path:
     ("train.eval_batch_size=0", "train.eval_batch_size must be a positive integer"),
     ("data.n_max=0", "data.n_max must be >= 1"),
     ("optim.warmup_epochs=-1", "optim.warmup_epochs must be >= 0"),
+    ("mix.params={fraction: 0.5}", "set mix.fraction instead"),
+    ("mix.params={prob: 0.5}", "set mix.prob instead"),
 ])
 def test_bad_values_stop_before_any_data_is_read(tiny_zip, tmp_path, config, capsys,
                                                 override, needle):

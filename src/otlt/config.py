@@ -398,6 +398,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             "must have the same length")
     require(0 <= cfg.mix.prob <= 1 and 0 <= cfg.mix.fraction <= 1,
             "mix.prob and mix.fraction must be in [0, 1]")
+    for knob in ("prob", "fraction"):  # the engine owns these; one knob lives in one place
+        require(knob not in cfg.mix.params, f"mix.params.{knob} is not a mixer parameter: "
+                f"the engine owns it; set mix.{knob} instead")
     require(cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:"),
             f"train.device must be auto, cpu or cuda[:N], got {cfg.train.device!r}")
     require(cfg.train.amp in ("auto", "off", "bf16", "fp16"),
