@@ -114,7 +114,7 @@ DRIVER = textwrap.dedent("""
     import sys, torch
     from otlt.config import load_config
     from otlt.engine.distributed import rank, unwrap
-    from otlt.engine.trainer import create_trainer
+    from otlt.engine.factory import create_trainer
     cfg = load_config(sys.argv[1], sys.argv[3:])
     trainer = create_trainer(cfg)
     trainer.fit()
@@ -151,7 +151,7 @@ def test_resume_under_torchrun_is_exact(tiny_zip, tmp_path, config):
         assert torch.equal(value, b["model"][key]), key
     with pytest.raises(OtltError, match="trained by 2 process"):  # one process cannot resume
         from otlt.config import load_config
-        from otlt.engine.trainer import create_trainer
+        from otlt.engine.factory import create_trainer
 
         create_trainer(load_config(tmp_path / "runs" / "part" / "config.yaml"),
                        run_dir=tmp_path / "runs" / "part", resume=True)

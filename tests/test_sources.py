@@ -136,7 +136,7 @@ def _small_spec(h: int = 8, w: int = 8, smooth: bool = False) -> dict:
     return {
         "train": {"dog": [make(h, w, 1), make(h, w, 2), make(h, w, 3)],
                   "cat": [make(h, w, 4)], "emu": [make(h, w, 5), make(h, w, 6)]},
-        "test": {"cat": [make(h, w, 7)], "dog": [make(h, w, 8)]},
+        "test": {"cat": [make(h, w, 7)], "dog": [make(h, w, 8)], "emu": [make(h, w, 10)]},
     }
 
 

@@ -153,7 +153,7 @@ it computes (``data.path``: the data must give the run's ``splits.json`` again).
 def cmd_train(args) -> int:
     from otlt.config import apply_overrides as _apply
     from otlt.config import build_config, load_raw
-    from otlt.engine.trainer import create_trainer
+    from otlt.engine.factory import create_trainer
 
     if args.stop_after is not None and args.stop_after < 1:
         raise OtltError(f"--stop-after must be >= 1 (epochs in total), got {args.stop_after}")

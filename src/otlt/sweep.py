@@ -95,7 +95,7 @@ def _same_config(stored: Path, cfg: RunConfig) -> bool:
 def run_sweep(runs: Sequence[SweepRun], log: Callable[[str], None] = print) -> list[Path]:
     """Train every run of a sweep in turn (skip done ones, resume partial ones); return the
     run directories."""
-    from otlt.engine.trainer import create_trainer
+    from otlt.engine.factory import create_trainer
 
     for run in runs:
         stored = run.run_dir / "config.yaml"

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.distributed import unwrap
-from otlt.engine.trainer import Trainer, create_trainer
+from otlt.engine.factory import create_trainer
+from otlt.engine.trainer import Trainer
 from otlt.engine.weights import SUFFIX, WeightsFile, read_weights
 from otlt.errors import OtltError, require
 from otlt.metrics import select_value

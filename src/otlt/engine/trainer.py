@@ -25,7 +25,6 @@ from otlt.config import BN_STATS, RunConfig, dump_config, to_dict
 from otlt.data.augment import GPUAugment, eval_transform
 from otlt.data.prepare import LongTailedData, prepare_data
 from otlt.data.samplers import permutation_batches, sample_weights
-from otlt.data.streams import is_list_dataset
 from otlt.engine.batchnorm import batchnorm_state, preserved_batchnorm, recalibrate_batchnorm
 from otlt.engine.checkpoint import load_checkpoint, save_atomic
 from otlt.engine.distributed import (
@@ -641,27 +640,6 @@ class Trainer:
         if is_main_process():
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
         return result
-
-
-def create_trainer(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
-                   data: LongTailedData | None = None, evaluate_only: bool = False) -> Trainer:
-    """Return the config's trainer: OT re-weighting's stage 2 if ``reweight.stage1`` is set,
-    the streaming trainer for list-file datasets (ImageNet-LT, iNaturalist), else
-    :class:`Trainer`. ``evaluate_only`` builds it on an existing run directory without
-    writing there or loading ``last.pt`` (post-hoc evaluation loads the weights itself)."""
-    kwargs = {"run_dir": run_dir, "resume": resume, "data": data,
-              "evaluate_only": evaluate_only}
-    if is_list_dataset(cfg.data):
-        require(cfg.reweight.stage1 is None, "OT re-weighting stage 2 needs an in-memory "
-                "dataset (CIFAR, image folders); list-file datasets are not supported yet")
-        from otlt.engine.stream_trainer import StreamTrainer
-
-        return StreamTrainer(cfg, **kwargs)
-    if cfg.reweight.stage1 is not None:
-        from otlt.engine.reweight_trainer import Stage2Trainer
-
-        return Stage2Trainer(cfg, **kwargs)
-    return Trainer(cfg, **kwargs)
 
 
 _BN_SEED = 0xB47C4  # keeps the recalibration streams apart from seed-derived training ones
