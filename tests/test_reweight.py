@@ -276,8 +276,10 @@ def test_stage2_resumes_exactly_and_records_weights(stage1, extra, tmp_path, cap
     records = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1, 2]
     full_records = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
-    for key in ("weight_class_mean", "weight_class_std", "weight_class_mass", "ot_loss"):
+    for key in ("weight_class_mean", "weight_class_std", "weight_class_mass", "ot_loss",
+                "ot_grad_norm", "weight_step_change"):
         assert records[-1][key] == full_records[-1][key], key
+    assert all(r["ot_grad_norm"] > 0 and 0 < r["weight_step_change"] <= 2 for r in records)
     assert len(records[-1]["weight_class_mean"]) == 10
     assert sum(records[-1]["weight_class_mass"]) == pytest.approx(1.0)
     weights = json.loads((part / "weights.json").read_text())
@@ -335,3 +337,15 @@ def test_presets_pair_each_stage2_with_its_stage1():
             assert second.paper["top1_error"] is not None
     phi100 = load_config(configs / "cifar10_lt_r100_ot_reweight.yaml")
     assert phi100.paper["top1_error"] == 18.13
+
+
+def test_step_reports_gradient_norm_and_weight_change():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    rw = OTReweighter(labels, 3, lr=0.5)
+    rw.set_meta(torch.randn(6, 4, generator=gen), torch.tensor([0, 0, 1, 1, 2, 2]))
+    idx = torch.arange(6)
+    before = torch.softmax(rw.raw[idx].clone(), 0)
+    after = rw.step(torch.randn(6, 4, generator=gen), labels, idx)
+    assert float(rw.last_grad_norm) > 0
+    torch.testing.assert_close(rw.last_change, (after - before).abs().sum())

@@ -289,7 +289,7 @@ def reweight_step(bench: Bench, work: Path) -> Callable[[], None] | None:
     s2 = Stage2Trainer(cfg, run_dir=work / "stage2", data=t.data)
     # What Stage2Trainer.train_one_epoch does before its first step.
     s2._prepare_meta()
-    s2._sums, s2._steps = torch.zeros(2, device=s2.device), 0
+    s2._sums, s2._steps = torch.zeros(4, device=s2.device), 0
     for group in s2.optimizer.param_groups:
         group["lr"] = t.optimizer.param_groups[0]["lr"]
     return lambda: s2._train_step(bench.next_idx(), mixing=False)

@@ -168,6 +168,8 @@ class OTReweighter:
         self.meta_features: Tensor | None = None
         self.meta_labels: Tensor | None = None
         self.last_loss = torch.zeros((), device=self.raw.device)
+        self.last_grad_norm = torch.zeros((), device=self.raw.device)
+        self.last_change = torch.zeros((), device=self.raw.device)
 
     @classmethod
     def from_config(cls, cfg: ReweightConfig, labels: Tensor, num_classes: int,
@@ -207,15 +209,21 @@ class OTReweighter:
 
         ``indices`` are the examples' positions in the training set (distinct within a batch).
         The returned weights are detached: ``softmax(w_B)`` after the step (``normalize``) or
-        the raw ``w_B``. :attr:`last_loss` holds the OT loss before the step.
+        the raw ``w_B``. :attr:`last_loss` holds the OT loss before the step,
+        :attr:`last_grad_norm` ``||dOT/dw_B||_2`` and :attr:`last_change` the L1 change
+        ``sum_i |softmax(w_B')_i - softmax(w_B)_i|`` the step made (how far it moved the
+        batch's weight distribution; 0 <= change <= 2).
         """
         idx = indices.to(self.raw.device)
         w = self.raw[idx].clone().requires_grad_(True)
         with torch.enable_grad():
             loss = self.ot_loss(features, labels, w)
             (grad,) = torch.autograd.grad(loss, w)
+        before = torch.softmax(w.detach(), 0)
         self._sgd(idx, w.detach(), grad.to(w.dtype))
         self.last_loss = loss.detach()
+        self.last_grad_norm = grad.detach().norm()
+        self.last_change = (torch.softmax(self.raw[idx], 0) - before).abs().sum()
         return self.batch_weights(idx)
 
     def _sgd(self, idx: Tensor, w: Tensor, grad: Tensor) -> None:

@@ -22,8 +22,9 @@ forwards the meta set every step, as the official code does.
 
 Everything else is the engine's: data on the device, validation each epoch, atomic ``last.pt``
 with exact resume (it adds the raw weights and their momentum), ``metrics.jsonl`` (adds
-``ot_loss``, ``meta_loss`` and the per-class ``weight_class_mean``, ``weight_class_std``,
-``weight_class_mass``), ``final_eval``. ``weights.json`` holds, after the last finished epoch,
+``ot_loss``, ``meta_loss``, ``ot_grad_norm`` (mean per step of ``||dOT/dw_B||``),
+``weight_step_change`` (mean per step of the L1 change of ``softmax(w_B)``) and the per-class
+``weight_class_mean``, ``weight_class_std``, ``weight_class_mass``), ``final_eval``. ``weights.json`` holds, after the last finished epoch,
 every training example's ``labels``, ``raw`` weight and ``probability`` (softmax of all raw
 weights: the learned training distribution), in training-split order.
 """
@@ -131,12 +132,13 @@ class Stage2Trainer(Trainer):
     # ---- training ----------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         self._prepare_meta()
-        self._sums = torch.zeros(2, device=self.device)  # OT loss, meta loss
+        # OT loss, meta loss, ||dOT/dw_B||, L1 change of softmax(w_B) per step
+        self._sums = torch.zeros(4, device=self.device)
         self._steps = 0
         record = super().train_one_epoch(epoch)
-        ot_loss, meta_loss = (self._sums / max(self._steps, 1)).tolist()
-        return {**record, "ot_loss": ot_loss, "meta_loss": meta_loss,
-                **self.reweighter.class_stats()}
+        ot_loss, meta_loss, grad_norm, change = (self._sums / max(self._steps, 1)).tolist()
+        return {**record, "ot_loss": ot_loss, "meta_loss": meta_loss, "ot_grad_norm": grad_norm,
+                "weight_step_change": change, **self.reweighter.class_stats()}
 
     def _prepare_meta(self) -> None:
         """Draw this epoch's augmented meta set and give its features to the re-weighter."""
@@ -189,7 +191,9 @@ class Stage2Trainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self._sums += torch.stack([self.reweighter.last_loss.float(), meta_loss.detach()])
+        rw = self.reweighter
+        self._sums += torch.stack([rw.last_loss.float(), meta_loss.detach().float(),
+                                   rw.last_grad_norm.float(), rw.last_change.float()])
         self._steps += 1
         correct = (logits.argmax(1) == y).sum()
         return loss.detach() * len(y), correct.detach().float(), len(y)
