@@ -25,8 +25,9 @@ with exact resume (it adds the raw weights and their momentum), ``metrics.jsonl`
 ``ot_loss``, ``meta_loss``, ``ot_grad_norm`` (mean per step of ``||dOT/dw_B||``),
 ``weight_step_change`` (mean per step of the L1 change of ``softmax(w_B)``) and the per-class
 ``weight_class_mean``, ``weight_class_std``, ``weight_class_mass``), ``final_eval``.
-``weights.json`` holds, after the last finished epoch, every training example's ``labels``, ``raw`` weight and ``probability`` (softmax of all raw
-weights: the learned training distribution), in training-split order.
+``weights.json`` holds, after the last finished epoch, every training example's ``labels``,
+``raw`` weight and ``probability`` (softmax of all raw weights: the learned training
+distribution), in training-split order.
 """
 
 from __future__ import annotations
