@@ -242,3 +242,29 @@ def test_probe_of_kept_weights_equals_the_in_run_probe_and_feeds_the_report(runs
     assert "Best test epoch (official protocol, optimistic)" in text
     assert "| 2 | balanced |" in text  # the (epoch, procedure) table from probe_val.json
     assert (tmp_path / "rep" / "figures" / "bn_probe_train.png").is_file()
+
+
+def test_committed_fp16_weights_re_evaluate_close_to_the_run(runs, tmp_path, capsys):
+    """scripts/collect_results.py --weights: fp16 safetensors under 1 MB that otlt eval reads
+    from the result folder (no last.pt there), giving the run's numbers to fp16 precision."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from collect_results import export_weights
+
+    run, dest = runs / "train", tmp_path / "result"
+    dest.mkdir()
+    for name in ("config.yaml", "splits.json"):
+        shutil.copy2(run / name, dest / name)
+    written = export_weights(run, dest, keep_epochs=[1])
+    assert sorted(p.name for p in written) == ["best.safetensors", "epoch_001.safetensors",
+                                               "last.safetensors"]
+    assert all(p.stat().st_size < 1_000_000 for p in written)
+    assert load_weights(dest / "last.safetensors").model["fc.weight"].dtype == torch.float32
+    assert main(["eval", str(dest), "--checkpoint", "last"]) == 0
+    capsys.readouterr()
+    ours = json.loads((dest / "eval_last_train.json").read_text())
+    theirs = json.loads((run / "eval.json").read_text())
+    assert ours["num_samples"] == theirs["num_samples"]
+    assert abs(ours["top1_error"] - theirs["top1_error"]) <= 100.0 * 2 / ours["num_samples"]
