@@ -69,7 +69,9 @@ class BenchOptions:
     """What to time and how precisely.
 
     ``steps``, ``repeats`` and ``warmup`` default to 1 / 3 / 1 with ``quick`` and
-    3 / 7 / 2 otherwise. ``overrides`` are ``key=value`` config overrides.
+    3 / 7 / 2 otherwise. ``overrides`` are ``key=value`` config overrides. ``compile`` adds
+    ``erm_compiled`` and ``otmix_compiled``: the same steps through ``torch.compile`` of the
+    same model, interleaved with the eager ones (ratio ``ratio_compiled_erm``).
     """
 
     config: str | None = DEFAULT_CONFIG
@@ -83,6 +85,7 @@ class BenchOptions:
     steps: int | None = None
     repeats: int | None = None
     warmup: int | None = None
+    compile: bool = False
 
     def resolved(self) -> tuple[int, int, int]:
         """``(steps, repeats, warmup)`` after the quick/default presets."""
@@ -251,6 +254,21 @@ class Bench:
         self.trainer.mixer = self.otmix
         self.trainer._train_step(self.next_idx(), mixing=True)
 
+    def compiled(self, step: Callable[[], None]) -> Callable[[], None]:
+        """``step`` with the trainer's forward through ``torch.compile`` (same weights)."""
+        t = self.trainer
+        eager = t.step_model
+        fast = torch.compile(t.model)
+
+        def run() -> None:
+            t.step_model = fast
+            try:
+                step()
+            finally:
+                t.step_model = eager
+
+        return run
+
     def features(self) -> None:
         """OTmix's no-grad feature pass over the ``2B`` foreground and background images."""
         t = self.trainer
@@ -411,6 +429,9 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         reweight = reweight_step(bench, Path(work))
         if reweight is not None:
             variants["reweight"] = reweight
+        if options.compile:
+            variants["erm_compiled"] = bench.compiled(bench.erm)
+            variants["otmix_compiled"] = bench.compiled(bench.otmix_step)
         env = {**environment(bench.device), "threads_reason": bench.threads_reason}
         samples = interleaved_times(variants, steps=steps, repeats=repeats, warmup=warmup,
                                     sync=bench.sync)
@@ -442,7 +463,9 @@ def derived_ratios(samples: dict[str, list[float]], mix_prob: float) -> dict[str
              "pairing_share_of_otmix_step": ("pairing", "otmix"),
              "feature_share_of_otmix_step": ("features", "otmix"),
              "data_share_of_erm_step": ("data", "erm"),
-             "ratio_reweight_erm": ("reweight", "erm")}
+             "ratio_reweight_erm": ("reweight", "erm"),
+             "ratio_compiled_erm": ("erm_compiled", "erm"),
+             "ratio_compiled_otmix": ("otmix_compiled", "otmix")}
     out: dict[str, Any] = {"spread": {}}
     for key, (num, den) in pairs.items():
         if num not in samples:
@@ -556,15 +579,16 @@ def format_table(result: dict[str, Any]) -> str:
              f"{result['load_average_1m']} -> {result['load_average_1m_end']}",
              f"{result['repeats']} interleaved repeats x {result['steps_per_sample']} steps, "
              f"{result['warmup']} warm-up; ms per step",
-             f"{'variant':<12}{'median':>10}{'min':>10}{'max':>10}{'/ ERM':>8}"]
+             f"{'variant':<16}{'median':>10}{'min':>10}{'max':>10}{'/ ERM':>8}"]
     for name, t in result["times"].items():
-        lines.append(f"{name:<12}{1e3 * t['median_s']:>10.1f}{1e3 * t['min_s']:>10.1f}"
+        lines.append(f"{name:<16}{1e3 * t['median_s']:>10.1f}{1e3 * t['min_s']:>10.1f}"
                      f"{1e3 * t['max_s']:>10.1f}{t['median_s'] / erm:>8.3f}")
     lines.append("")
     lines.append(f"{'ratio / share':<30}{'median':>8}{'spread':>18}{'target':>8}  met")
     for key in ("ratio_cmo_erm", "ratio_otmix_erm", "ratio_cmo_erm_epoch",
                 "ratio_otmix_erm_epoch", "ratio_erm_model_only", "pairing_share_of_otmix_step",
-                "feature_share_of_otmix_step", "data_share_of_erm_step", "ratio_reweight_erm"):
+                "feature_share_of_otmix_step", "data_share_of_erm_step", "ratio_reweight_erm",
+                "ratio_compiled_erm", "ratio_compiled_otmix"):
         spread = result["spread"].get(key)
         target = result["targets"].get(key)
         spread_text = "" if spread is None else f"[{spread[0]:.3f}, {spread[1]:.3f}]"
@@ -613,7 +637,7 @@ def cli_main(args: Any) -> int:
                            data=args.data, synthetic=args.synthetic, quick=args.quick,
                            batch_size=args.batch_size, device=args.device,
                            threads=args.threads, steps=args.steps, repeats=args.repeats,
-                           warmup=args.warmup)
+                           warmup=args.warmup, compile=args.compile)
     if args.scaling:
         result = run_scaling(options)
         text = scaling_markdown(result)
