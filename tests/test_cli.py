@@ -219,3 +219,32 @@ def test_tensorboard_tags_are_grouped():
     scalars = _scalars({"epoch": 3, "lr": 0.1, "mix_pairs": [[1]], "val_few_acc": None,
                         "bn_probe": {"clean": {"val_acc": 50.0, "val_many_acc": None}}})
     assert scalars == {"lr": 0.1, "probe/clean/acc": 50.0}
+
+
+def test_presets_are_packaged_listed_and_usable_by_name(tmp_path, capsys, monkeypatch):
+    from otlt.config import list_presets, preset_path
+
+    names = list_presets()
+    assert "cifar10_lt_r100_erm_otmix" in names and len(names) > 300
+    assert preset_path("cifar10_lt_r100_erm").read_text() == \
+        (Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt_r100_erm.yaml").read_text()
+    monkeypatch.chdir(tmp_path)  # from any directory
+    assert main(["presets", "r100_drw_otmix"]) == 0
+    out = capsys.readouterr().out
+    assert "cifar10_lt_r100_drw_otmix " in out and "OTmix + ERM-DRW" in out
+    assert main(["train", "--preset", "cifar10_lt_r100_erm_otmx"]) == 2
+    assert "did you mean cifar10_lt_r100_erm_otmix" in capsys.readouterr().err
+
+
+def test_the_wheel_ships_the_presets(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", str(root), "-w", str(tmp_path)], check=True,
+                   capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("otlt-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "otlt/presets/cifar10_lt_r100_erm_otmix.yaml" in names

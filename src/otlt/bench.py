@@ -40,13 +40,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from otlt.config import DATASET_DEFAULTS, RunConfig, apply_overrides, build_config, load_raw
+from otlt.config import (
+    DATASET_DEFAULTS,
+    RunConfig,
+    apply_overrides,
+    build_config,
+    load_raw,
+    preset_path,
+)
 from otlt.data.longtail import long_tailed_counts
 from otlt.data.prepare import LongTailedData
 from otlt.data.types import ImageArrays
 from otlt.errors import require
 
-DEFAULT_CONFIG = "configs/cifar10_lt_r100_erm.yaml"
+DEFAULT_PRESET = "cifar10_lt_r100_erm"
 SCALING_OT_SIZES = (64, 128, 256, 512, 1024)
 SCALING_STEP_SIZES = (64, 128, 256, 512)
 
@@ -74,7 +81,7 @@ class BenchOptions:
     same model, interleaved with the eager ones (ratio ``ratio_compiled_erm``).
     """
 
-    config: str | None = DEFAULT_CONFIG
+    config: str | None = None  # None: the packaged preset DEFAULT_PRESET
     overrides: tuple[str, ...] = ()
     data: str | None = None
     synthetic: bool = False
@@ -103,7 +110,7 @@ class BenchOptions:
 
 def bench_config(options: BenchOptions) -> RunConfig:
     """The run config of the benchmark: the given file plus overrides, every batch mixed."""
-    raw = load_raw(options.config) if options.config else {}
+    raw = load_raw(options.config or preset_path(DEFAULT_PRESET))
     extra = list(options.overrides) + ["mix.prob=1.0", "train.progress=false"]
     if not apply_overrides(raw, extra).get("data", {}).get("meta_per_class"):
         # Stage 2 of OT re-weighting needs a meta set; 10 per class as in the paper.

@@ -6,6 +6,7 @@ User mistakes end with one line ``otlt: error: ...`` and exit code 2, never a tr
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -21,7 +22,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("--config", help="YAML config (configs/*.yaml)")
+    p.add_argument("--config", help="YAML config file (e.g. configs/*.yaml)")
+    p.add_argument("--preset", help="a packaged preset by name (otlt presets lists them), "
+                                    "e.g. cifar10_lt_r100_erm_otmix")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.epochs=30 (repeatable)")
     p.add_argument("--data",
@@ -80,8 +83,9 @@ def _add_demo(sub) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time ERM, CMO and OTmix training steps (ratios, JSON)")
-    p.add_argument("--config", default="configs/cifar10_lt_r100_erm.yaml",
-                   help="YAML config whose model, data and batch size are timed")
+    p.add_argument("--config", default=None,
+                   help="YAML config whose model, data and batch size are timed (default: the "
+                        "packaged preset cifar10_lt_r100_erm)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable)")
     p.add_argument("--data", help="dataset file or folder (default: found like otlt train)")
@@ -119,6 +123,29 @@ def _add_report(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the gallery and t-SNE draws")
 
 
+def _add_presets(sub) -> None:
+    p = sub.add_parser("presets", help="list the packaged presets (name, paper row, epochs)")
+    p.add_argument("filter", nargs="?", default="", help="only names containing this text")
+
+
+def cmd_presets(args) -> int:
+    import yaml
+
+    from otlt.config import list_presets, preset_path
+
+    names = [n for n in list_presets() if args.filter in n]
+    print(f"{'preset':<48}{'epochs':>7}  paper row (reported top-1 error)")
+    for name in names:
+        cfg = yaml.safe_load(preset_path(name).read_text()) or {}
+        paper = cfg.get("paper") or {}
+        row = ", ".join(str(paper[k]) for k in ("table", "row", "dataset") if paper.get(k))
+        if paper.get("top1_error") is not None:
+            row += f" ({paper['top1_error']})"
+        print(f"{name:<48}{(cfg.get('optim') or {}).get('epochs', '?'):>7}  {row or '-'}")
+    print(f"otlt: {len(names)} presets; use one with: otlt train --preset NAME")
+    return 0
+
+
 def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="train a config over several values of one key")
     p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
@@ -143,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_report(sub)
     _add_sweep(sub)
+    _add_presets(sub)
     return parser
 
 
@@ -154,7 +182,7 @@ it computes (``data.path``: the data must give the run's ``splits.json`` again).
 
 def cmd_train(args) -> int:
     from otlt.config import apply_overrides as _apply
-    from otlt.config import build_config, load_raw
+    from otlt.config import build_config, load_raw, preset_path
     from otlt.engine.factory import create_trainer
 
     if args.stop_after is not None and args.stop_after < 1:
@@ -164,7 +192,7 @@ def cmd_train(args) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         config_path = run_dir / "config.yaml"
-        if args.config is not None or args.run_dir is not None:
+        if args.config is not None or args.preset is not None or args.run_dir is not None:
             raise OtltError(f"--resume {run_dir} continues that run with its own config.yaml; "
                             "drop --config/--run-dir (or start a new run without --resume)")
         if not config_path.is_file():
@@ -174,9 +202,10 @@ def cmd_train(args) -> int:
         changes = resume_changes(build_config(raw), build_config(_apply(raw, overrides)),
                                  run_dir)
     else:
-        if args.config is None:
-            raise OtltError("otlt train: --config is required (or --resume RUN_DIR)")
-        raw = load_raw(args.config)
+        if (args.config is None) == (args.preset is None):
+            raise OtltError("otlt train: give --config FILE or --preset NAME (or --resume "
+                            "RUN_DIR)")
+        raw = load_raw(args.config if args.config is not None else preset_path(args.preset))
         run_dir = Path(args.run_dir) if args.run_dir else None
     cfg = build_config(_apply(raw, overrides))
     trainer = create_trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
@@ -369,7 +398,7 @@ def one_line(message: str) -> str:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "demo": cmd_demo,
-            "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep}
+            "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         if is_main_process():  # under torchrun every rank raises it; one prints it
             print(f"otlt: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `otlt presets | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("otlt: interrupted; the last finished epoch is in last.pt (resume with "
               "'otlt train --resume RUN_DIR')", file=sys.stderr)

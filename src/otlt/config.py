@@ -256,6 +256,32 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
+def presets_dir() -> Path:
+    """The folder of the packaged presets (``configs/`` of the checkout, shipped in the wheel
+    as ``otlt/presets``)."""
+    from importlib.resources import files
+
+    return Path(str(files("otlt") / "presets"))
+
+
+def list_presets() -> list[str]:
+    """Names of the packaged presets (``otlt train --preset NAME``), sorted."""
+    folder = presets_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of preset ``name`` (a one-line error lists close names)."""
+    path = presets_dir() / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        import difflib
+
+        close = difflib.get_close_matches(name, list_presets(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (otlt presets lists them)"
+        raise OtltError(f"unknown preset {name!r}{hint}")
+    return path
+
+
 def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """Read a YAML config and resolve its ``base:`` chain (one path per file, relative to
     the file, acyclic) into one dict."""
