@@ -502,7 +502,7 @@ def check_targets(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def otmix_like_cost(batch: int, num_classes: int, generator: torch.Generator,
                     device: torch.device) -> torch.Tensor:
     """A ``(B, B)`` OTmix cost (eq. 7, omega = 0.05) from random features and confusion."""
-    from otlt.otmix import otmix_cost
+    from otlt.mixing import otmix_cost
 
     z = torch.randn(2 * batch, 64, generator=generator).relu()
     y = torch.randint(0, num_classes, (2 * batch,), generator=generator)

@@ -32,14 +32,8 @@ import torch.nn.functional as F
 
 from otlt.errors import require
 from otlt.metrics import row_normalized_confusion
-from otlt.mixing import (
-    Mixer,
-    MixPlan,
-    _check_knobs,
-    _draw_pairs,
-    register_mixer,
-    with_saliency_box,
-)
+from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
+from otlt.mixing.plan import MixPlan, with_saliency_box
 from otlt.transport import assignment, sinkhorn
 
 DISTANCES = ("cosine", "euclidean")
@@ -151,7 +145,7 @@ class OTMix(Mixer):
     confusion: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        _check_knobs(self.alpha, self.prob, self.fraction)
+        check_knobs(self.alpha, self.prob, self.fraction)
         self.class_counts = tuple(int(c) for c in self.class_counts)
         self.num_classes = self.num_classes or len(self.class_counts)
         require(self.num_classes >= 2, f"OTMix needs num_classes >= 2, got {self.num_classes}")
@@ -271,7 +265,7 @@ class OTMix(Mixer):
                 f"OTMix needs equal foreground and background batches, got "
                 f"{x_partner.shape[0]} and {x.shape[0]}")
         size = (x.shape[-2], x.shape[-1]) if self.blend == "cutmix" else None
-        plan = _draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, prob=self.prob,
+        plan = draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, prob=self.prob,
                            fraction=self.fraction, image_size=size, generator=generator)
         if not bool(plan.mixed.any()):
             return plan

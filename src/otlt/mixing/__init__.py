@@ -1,0 +1,83 @@
+"""Batch mixers for long-tailed training: Mixup, CutMix, SaliencyMix, CMO, Remix and OTmix.
+
+Every mixer follows one calling convention::
+
+    mixed = mixer(x, y, x_partner, y_partner, generator=g)   # == mixer.apply(mixer.plan(...), ...)
+    loss = mixed.mix_losses(criterion(logits, mixed.targets_a), criterion(logits, mixed.targets_b))
+
+*Planning* (:meth:`Mixer.plan`) draws everything random: whether the batch is mixed, the
+mixing ratio ``lam``, the CutMix box, the partner of every row and which rows are mixed. The
+result is a :class:`MixPlan`, small CPU tensors that fully determine the mix and can be logged
+(:meth:`MixPlan.to_dict`). *Applying* (:meth:`Mixer.apply`, :func:`apply_plan`) is
+deterministic and runs on the batch's device and dtype; it never modifies its inputs.
+
+Row ``i`` of the output, for a base batch ``x`` (the background) and a partner batch ``x'``
+(the foreground, ``x' = x`` for same-batch mixers), with ``b = base_index[i]`` and
+``p = partner[i]``::
+
+    not mixed[i]:   x[b]                          label weight 1 on y[b]
+    CutMix:         M ⊙ x[b] + (1 − M) ⊙ x'[p]    label weight lam on y[b], 1 − lam on y'[p]
+    Mixup:          lam · x[b] + (1 − lam) · x'[p]  (same label weights)
+
+where ``M`` is 0 inside the box and 1 outside (OTmix eq. 1 and 9, appendix 7.1) and ``lam`` is
+the base image's share of the pixels. OTMix is CMO with OT-chosen pairs: it can reuse
+:func:`apply_plan` with ``base_index[i] = j*(i)`` (the background chosen for foreground ``i``)
+and ``partner = arange(B)``.
+
+Randomness comes only from the ``generator`` argument, a CPU :class:`torch.Generator`: plans
+are drawn on the CPU (a handful of numbers per batch, no device synchronisation) and the index
+tensors are moved to the batch's device when applied. The draws happen in a fixed order: the
+per-batch coin, ``lam``, the box centre (CutMix family), the partners, the mixed rows.
+
+Layout: :mod:`~otlt.mixing.plan` (plans and applying them, no state) <- :mod:`~otlt.mixing.base`
+(the :class:`Mixer` base, the random-pairing draw, the registry) <- :mod:`~otlt.mixing.random`
+(the random-pairing mixers) and :mod:`~otlt.mixing.otmix` (OTMix); this package imports them
+all, so every built-in mixer is registered once ``otlt.mixing`` is imported.
+"""
+
+from otlt.mixing.base import Mixer, NoMix, create_mixer, list_mixers, register_mixer
+from otlt.mixing.otmix import OTMix, class_affinity, otmix_cost, sample_cost
+from otlt.mixing.plan import (
+    Box,
+    MixedBatch,
+    MixPlan,
+    apply_plan,
+    box_lam,
+    mixup_images,
+    paste_box,
+    saliency_box,
+    sample_cutmix_box,
+    sample_lam,
+    spectral_residual_saliency,
+    with_saliency_box,
+)
+from otlt.mixing.random import CMO, CutMix, Mixup, Remix, SaliencyMix
+
+__all__ = [
+    "CMO",
+    "Box",
+    "CutMix",
+    "MixPlan",
+    "MixedBatch",
+    "Mixer",
+    "Mixup",
+    "NoMix",
+    "OTMix",
+    "Remix",
+    "SaliencyMix",
+    "apply_plan",
+    "box_lam",
+    "class_affinity",
+    "create_mixer",
+    "list_mixers",
+    "mixup_images",
+    "otmix_cost",
+    "paste_box",
+    "register_mixer",
+    "sample_cost",
+    "sample_cutmix_box",
+    "sample_lam",
+    "saliency_box",
+    "spectral_residual_saliency",
+    "with_saliency_box",
+]

@@ -1,0 +1,165 @@
+"""The Mixer base class, the per-batch random-pairing draw and the mixer registry."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from otlt.errors import OtltError, require
+from otlt.mixing.plan import (
+    MixedBatch,
+    MixPlan,
+    apply_plan,
+    box_lam,
+    check_generator,
+    sample_cutmix_box,
+    sample_lam,
+)
+
+# ----------------------------------------------------------------------------- mixers
+
+
+def check_knobs(alpha: float, prob: float, fraction: float) -> None:
+    require(alpha > 0, f"alpha must be > 0, got {alpha}")
+    require(0.0 <= prob <= 1.0, f"prob must be in [0, 1], got {prob}")
+    require(0.0 < fraction <= 1.0, f"fraction must be in (0, 1], got {fraction}")
+
+
+def draw_pairs(batch_size: int, num_partners: int, *, alpha: float, prob: float,
+                fraction: float, image_size: tuple[int, int] | None,
+                generator: torch.Generator) -> MixPlan:
+    """Draw a random-pairing plan: the coin, ``lam``, the box, the partners, the mixed rows.
+
+    ``image_size = (H, W)`` asks for a CutMix box, ``None`` for a Mixup blend. Partners are
+    ``num_partners`` rows drawn without replacement (a permutation when sizes are equal).
+    """
+    check_generator(generator)
+    if torch.rand((), generator=generator).item() >= prob:
+        return MixPlan.identity(batch_size)
+    lam = sample_lam(alpha, generator)
+    box = None
+    if image_size is not None:
+        box = sample_cutmix_box(*image_size, lam, generator)
+        lam = box_lam(box, *image_size)
+    partner = torch.randperm(num_partners, generator=generator)[:batch_size]
+    mixed = torch.ones(batch_size, dtype=torch.bool)
+    if fraction < 1.0:
+        count = max(1, math.floor(fraction * batch_size + 0.5))
+        mixed = torch.zeros(batch_size, dtype=torch.bool)
+        mixed[torch.randperm(batch_size, generator=generator)[:count]] = True
+    return MixPlan(lam, box, torch.arange(batch_size), partner, mixed)
+
+
+class Mixer:
+    """Base class: ``plan`` draws a :class:`MixPlan`, ``apply`` executes it, ``__call__`` both.
+
+    Subclasses set ``name``, ``needs_partner_batch`` (True when the mixer takes a second,
+    separately sampled batch, e.g. CMO's class-weighted foreground batch) and ``uses_context``
+    (True when ``plan`` takes extra keyword inputs, e.g. OTMix's ``model`` for features).
+    """
+
+    name: ClassVar[str] = ""
+    needs_partner_batch: ClassVar[bool] = False
+    uses_context: ClassVar[bool] = False
+
+    def _check_partner(self, x_partner: torch.Tensor | None,
+                       y_partner: torch.Tensor | None) -> None:
+        given = x_partner is not None or y_partner is not None
+        if self.needs_partner_batch and (x_partner is None or y_partner is None):
+            raise ValueError(f"{type(self).__name__} needs a partner batch (x_partner, y_partner)")
+        if given and not self.needs_partner_batch:
+            raise ValueError(f"{type(self).__name__} mixes within one batch; "
+                             "got an unexpected partner batch")
+
+    def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
+             y_partner: torch.Tensor | None = None, *,
+             generator: torch.Generator) -> MixPlan:
+        """Draw the plan for mixing ``x`` (and ``x_partner``) from ``generator``."""
+        raise NotImplementedError
+
+    def apply(self, plan: MixPlan, x: torch.Tensor, y: torch.Tensor,
+              x_partner: torch.Tensor | None = None,
+              y_partner: torch.Tensor | None = None) -> MixedBatch:
+        """Execute ``plan`` on the batch (deterministic, on the batch's device)."""
+        self._check_partner(x_partner, y_partner)
+        return apply_plan(plan, x, y, x_partner, y_partner)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
+                 y_partner: torch.Tensor | None = None, *, generator: torch.Generator,
+                 **context: Any) -> MixedBatch:
+        """Plan and apply in one go: ``apply(plan(...), ...)``.
+
+        ``context`` (e.g. ``model=``, ``amp_dtype=``) goes to :meth:`plan` when the mixer
+        ``uses_context``; the others ignore it, so an engine can call every mixer alike.
+        """
+        extra = context if self.uses_context else {}
+        plan = self.plan(x, y, x_partner, y_partner, generator=generator, **extra)
+        return self.apply(plan, x, y, x_partner, y_partner)
+
+
+_REGISTRY: dict[str, type[Mixer]] = {}
+M = TypeVar("M", bound=type[Mixer])
+
+
+def register_mixer(name: str) -> Callable[[M], M]:
+    """Register a :class:`Mixer` subclass under ``name`` for :func:`create_mixer`."""
+
+    def decorator(cls: M) -> M:
+        if name in _REGISTRY:
+            raise ValueError(f"mixer {name!r} is already registered")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+@register_mixer("none")
+@dataclass(frozen=True)
+class NoMix(Mixer):
+    """Leave every batch clean (the ``none`` mixer), with the same interface as the others."""
+
+    def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
+             y_partner: torch.Tensor | None = None, *,
+             generator: torch.Generator) -> MixPlan:
+        """Return the identity plan."""
+        self._check_partner(x_partner, y_partner)
+        return MixPlan.identity(x.shape[0])
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def list_mixers() -> list[str]:
+    """Return the registered mixer names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create_mixer(name: str, class_counts: Sequence[int] | None = None, **kwargs: Any) -> Mixer:
+    """Build the mixer registered as ``name`` with options ``kwargs``.
+
+    ``class_counts`` (training images per class) is passed to the mixers that need it
+    (Remix) and ignored by the others, so an engine can always pass it.
+    """
+    if name not in _REGISTRY:
+        raise OtltError(f"unknown mixer {name!r}; expected one of {', '.join(list_mixers())}")
+    cls = _REGISTRY[name]
+    params = inspect.signature(cls).parameters
+    options = sorted(p for p in params if p != "class_counts")
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise OtltError(f"unknown option(s) {', '.join(unknown)} for mixer {name!r}; expected "
+                        f"{', '.join(options) or 'none'}")
+    if "class_counts" in params:
+        if class_counts is None:
+            raise OtltError(f"mixer {name!r} needs class_counts (training images per class)")
+        kwargs["class_counts"] = class_counts
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # e.g. a string where a number was expected
+        raise OtltError(f"bad option for mixer {name!r}: {error}") from error
