@@ -438,6 +438,9 @@ def mixed_loss(loss: LongTailLoss, logits: torch.Tensor, target_a: torch.Tensor,
                target_b: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
     """Return ``lam * l(logits, a) + (1 - lam) * l(logits, b)`` per example ``(B,)``.
 
+    The per-example values, for a reduction of your own; the batch loss the engine and the
+    README use is :func:`batch_loss` (normalised like the official code).
+
     ``lam`` is a float or a ``(B,)`` (or 0-d) tensor: the weight of ``target_a`` (Mixup/CutMix/OTmix
     convention, OTmix eqs. 9-10: ``λ ℓ(out, y_back) + (1 − λ) ℓ(out, y_fore)``). The loss is
     evaluated twice rather than on soft targets because some losses depend on the label

@@ -3,7 +3,7 @@
 Every mixer follows one calling convention::
 
     mixed = mixer(x, y, x_partner, y_partner, generator=g)   # == mixer.apply(mixer.plan(...), ...)
-    loss = mixed.mix_losses(criterion(logits, mixed.targets_a), criterion(logits, mixed.targets_b))
+    loss = batch_loss(criterion, model(mixed.images), mixed.targets_a, mixed.targets_b, mixed.lam)
 
 *Planning* (:meth:`Mixer.plan`) draws everything random: whether the batch is mixed, the
 mixing ratio ``lam``, the CutMix box, the partner of every row and which rows are mixed. The

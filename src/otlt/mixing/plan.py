@@ -111,7 +111,9 @@ class MixedBatch:
         """Return ``lam · loss_a + (1 − lam) · loss_b`` per row (OTmix eq. 10), ``(B,)``.
 
         ``loss_a`` and ``loss_b`` are per-example losses (``reduction="none"``) against
-        ``targets_a`` and ``targets_b``.
+        ``targets_a`` and ``targets_b``, for a criterion of your own; with an otlt loss use
+        :func:`otlt.losses.batch_loss`, which also normalises class-weighted losses as the
+        official code does.
         """
         lam = self.lam.to(loss_a.dtype)
         return lam * loss_a + (1.0 - lam) * loss_b
