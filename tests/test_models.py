@@ -203,3 +203,94 @@ def test_registry_lists_models_and_rejects_bad_input():
         with pytest.raises(OtltError, match="num_classes"):
             create_model("resnet32", bad)  # type: ignore[arg-type]
     assert create_model("resnet20", 2).fc.out_features == 2
+
+
+# ---- feature functions for any backbone (OTmix's cost) ---------------------------------
+
+class _TimmLike(torch.nn.Module):
+    """timm's interface: forward_features -> map, forward_head(pre_logits=True) -> (N, D)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = (torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6),
+                                         torch.nn.Linear(6, 4))
+
+    def forward_features(self, x):
+        return self.bn(self.conv(x))
+
+    def forward_head(self, x, pre_logits=False):
+        x = x.mean((2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+class _TorchvisionResNetLike(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5)
+        self.avgpool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.bn(self.conv(x))), 1))
+
+
+class _TorchvisionMobileNetLike(torch.nn.Module):
+    """A 4-D ``.features`` map and a ``.classifier`` (MobileNet/EfficientNet/VGG/DenseNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 7, 3), torch.nn.BatchNorm2d(7))
+        self.classifier = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(7, 4))
+
+    def forward(self, x):
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make,dim", [(_TimmLike, 6), (_TorchvisionResNetLike, 5),
+                                      (_TorchvisionMobileNetLike, 7),
+                                      (lambda: create_model("resnet20", 4), 64)])
+def test_feature_fn_takes_penultimate_features_of_any_backbone(make, dim):
+    from otlt.engine.batchnorm import batchnorm_state
+    from otlt.models.features import feature_fn
+
+    torch.manual_seed(0)
+    model = make()
+    model.train()
+    before = batchnorm_state(model)
+    x = torch.randn(5, 3, 12, 12)
+    z = feature_fn(model)(x)
+    assert z.shape == (5, dim) and z.dtype == torch.float32 and not z.requires_grad
+    assert model.training  # mode restored
+    assert all(torch.equal(v, batchnorm_state(model)[k]) for k, v in before.items())
+    head = next(getattr(model, n) for n in ("fc", "classifier", "head") if hasattr(model, n))
+    model.eval()
+    logits = head(z) if not isinstance(model, _TimmLike) else model.head(z)
+    torch.testing.assert_close(logits, model(x))  # they are what the head sees
+
+
+def test_feature_fn_says_what_it_needs():
+    from otlt.errors import OtltError
+    from otlt.models.features import feature_fn
+
+    with pytest.raises(OtltError, match="features\\(x\\) -> \\(N, D\\), timm's forward_features"):
+        feature_fn(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+
+
+def test_otmix_takes_any_embed_callable():
+    from otlt.mixing import OTMix
+
+    mixer = OTMix(class_counts=[6, 2], ot_probability=1.0)
+    g = torch.Generator().manual_seed(0)
+    mixer.set_epoch(0, 4, generator=g)
+    x, xf = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    calls = []
+
+    def embed(images):
+        calls.append(len(images))
+        return images.flatten(1)
+
+    mixer(x, torch.tensor([0, 0, 0, 1]), xf, torch.tensor([1, 1, 0, 1]), generator=g,
+          embed=embed)
+    assert calls == [8] and mixer.stats["ot_batches"] == 1

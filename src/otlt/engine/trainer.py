@@ -48,6 +48,7 @@ from otlt.losses import batch_loss, create_loss
 from otlt.metrics import confusion_matrix, select_value, summarize
 from otlt.mixing import create_mixer
 from otlt.models import create_model
+from otlt.models.features import feature_fn
 
 
 def resolve_device(name: str) -> torch.device:
@@ -266,6 +267,7 @@ class Trainer:
             self.mixer = create_mixer(cfg.mix.name, class_counts=self.train_counts,
                                       fraction=cfg.mix.fraction, **cfg.mix.params)
         self.fore_weights = sample_weights(self.data.train.labels, cfg.mix.sampler_r)
+        self._embeds: dict[str, Any] = {}  # feature functions for context mixers, by mode
         self.augment = GPUAugment()
 
     # ---- state -------------------------------------------------------------------------
@@ -376,8 +378,16 @@ class Trainer:
         if not getattr(mixer, "needs_partner_batch", False):
             return mixer(x, y, generator=generator)
         xf, yf = foreground(len(y))
-        return mixer(x, y, xf, yf, generator=generator,
-                     model=self.model, amp_dtype=self.amp_dtype)
+        return mixer(x, y, xf, yf, generator=generator, embed=self._embed(mixer))
+
+    def _embed(self, mixer):
+        """The feature function handed to a context mixer (OTmix): the training model under
+        the run's autocast and memory format, in the mixer's ``feature_mode``."""
+        mode = getattr(mixer, "feature_mode", "pooled_eval")
+        if mode not in self._embeds:
+            self._embeds[mode] = feature_fn(self.model, mode, self.amp_dtype,
+                                            self.cfg.train.channels_last)
+        return self._embeds[mode]
 
     def _foreground(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's ``n`` rows of the step's global foreground batch (``n * world``

@@ -23,7 +23,7 @@ Each epoch ``t`` of ``T`` draws ``OT ~ Bernoulli((t / T)^mu)`` (Algorithm 1; Fig
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,13 +34,13 @@ from otlt.errors import require
 from otlt.metrics import row_normalized_confusion
 from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
 from otlt.mixing.plan import MixPlan, with_saliency_box
+from otlt.models.features import FEATURE_MODES, feature_fn
 from otlt.transport import assignment, sinkhorn
 
 DISTANCES = ("cosine", "euclidean")
 SELECTIONS = ("argmax", "sample", "softmax", "assignment", "confusion")
 BLENDS = ("cutmix", "mixup", "saliencymix")
 CONFUSION_MODES = ("adaptive", "fixed")
-FEATURE_MODES = ("pooled_eval", "official")
 
 
 def class_affinity(confusion: torch.Tensor, keep_same_class: bool = False) -> torch.Tensor:
@@ -207,23 +207,11 @@ class OTMix(Mixer):
         self._affinity = None
 
     # ---- planning ----------------------------------------------------------------------
-    @torch.no_grad()
     def features(self, model: torch.nn.Module, images: torch.Tensor,
-                 amp_dtype: torch.dtype | None) -> torch.Tensor:
-        """Features ``(N, D)`` for the cost, without gradients (see ``feature_mode``)."""
-        was_training = model.training
-        official = self.feature_mode == "official"
-        model.train(official)
-        images = images.contiguous(memory_format=torch.channels_last)
-        forward = (torch.nn.Sequential(*list(model.children())[:-1]) if official
-                   else model.features)
-        try:
-            if amp_dtype is None:
-                return forward(images).flatten(1).float()
-            with torch.autocast(images.device.type, dtype=amp_dtype):
-                return forward(images).flatten(1).float()
-        finally:
-            model.train(was_training)
+                 amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Features ``(N, D)`` of ``model`` for the cost (:func:`otlt.models.feature_fn`
+        with this mixer's ``feature_mode``), without gradients."""
+        return feature_fn(model, self.feature_mode, amp_dtype, channels_last=True)(images)
 
     def cost(self, z_fore: torch.Tensor, z_back: torch.Tensor, y_fore: torch.Tensor,
              y_back: torch.Tensor) -> torch.Tensor:
@@ -254,11 +242,15 @@ class OTMix(Mixer):
 
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
              y_partner: torch.Tensor | None = None, *, generator: torch.Generator,
+             embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
              model: torch.nn.Module | None = None,
              amp_dtype: torch.dtype | None = None) -> MixPlan:
         """Plan a batch: ``x, y`` backgrounds ``(B, C, H, W)``, ``x_partner, y_partner``
-        foregrounds. Random draws are the same as CMO's, so OT and random epochs consume the
-        generator identically; OT epochs then replace the pairing."""
+        foregrounds. The OT cost's features come from ``embed(images) -> (N, D)`` (any
+        backbone; the engine passes one), else from ``model`` via
+        :func:`otlt.models.feature_fn`; with neither the plan is CMO's random pairing.
+        Random draws are the same as CMO's, so OT and random epochs consume the generator
+        identically; OT epochs then replace the pairing."""
         self._check_partner(x_partner, y_partner)
         assert x_partner is not None and y_partner is not None
         require(x_partner.shape[0] == x.shape[0],
@@ -272,14 +264,15 @@ class OTMix(Mixer):
         if self.blend == "saliencymix":  # the box sits on the foreground's salient region
             plan = with_saliency_box(dataclasses.replace(plan, partner=torch.arange(len(x))),
                                      x_partner)
-        use_ot = self.ot_epoch and model is not None
+        if embed is None and model is not None:
+            embed = feature_fn(model, self.feature_mode, amp_dtype, channels_last=True)
+        use_ot = self.ot_epoch and embed is not None
         self.stats["batches"] += 1
         if use_ot:
             if self.feature_mode == "official":  # two train-mode passes, as the official code
-                z_back = self.features(model, x, amp_dtype)
-                z_fore = self.features(model, x_partner, amp_dtype)
+                z_back, z_fore = embed(x), embed(x_partner)
             else:
-                z = self.features(model, torch.cat([x_partner, x]), amp_dtype)
+                z = embed(torch.cat([x_partner, x]))
                 z_fore, z_back = z[: len(x_partner)], z[len(x_partner):]
             cost = self.cost(z_fore, z_back, y_partner, y)
             back, solver = self.choose_backgrounds(cost, y_partner, y, generator)
