@@ -123,6 +123,24 @@ def _add_report(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the gallery and t-SNE draws")
 
 
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="datasets: download CIFAR-10/100 (verified, resumable)")
+    actions = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    d = actions.add_parser("download", help="fetch the official python tarball, check its MD5")
+    d.add_argument("dataset", choices=["cifar10", "cifar100"])
+    d.add_argument("--root", default="data",
+                   help="folder to put it in (default: ./data, where otlt train looks)")
+    d.add_argument("--url", help="a mirror of the official file (the MD5 is still checked)")
+
+
+def cmd_data(args) -> int:
+    from otlt.data.download import download_dataset
+
+    path = download_dataset(args.dataset, args.root, url=args.url)
+    print(f"otlt: {path} is verified; otlt train finds it there (or pass --data {path})")
+    return 0
+
+
 def _add_presets(sub) -> None:
     p = sub.add_parser("presets", help="list the packaged presets (name, paper row, epochs)")
     p.add_argument("filter", nargs="?", default="", help="only names containing this text")
@@ -171,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_sweep(sub)
     _add_presets(sub)
+    _add_data(sub)
     return parser
 
 
@@ -398,7 +417,8 @@ def one_line(message: str) -> str:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "demo": cmd_demo,
-            "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep, "presets": cmd_presets}
+            "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep, "presets": cmd_presets,
+            "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -636,7 +636,9 @@ def find_data(dataset: str, explicit: str | Path | None = None,
     raise OtltError(f"no {dataset} data found: --data not given, ${ENV_DATA} not set, and "
                     f"none of the known names exist in a known format in: {looked}. Accepted "
                     "formats: "
-                    f"{ACCEPTED_FORMATS}. Pass --data PATH or set ${ENV_DATA}.")
+                    f"{ACCEPTED_FORMATS}. Pass --data PATH or set ${ENV_DATA}"
+                    + (f", or fetch it with: otlt data download {dataset}"
+                       if dataset in ("cifar10", "cifar100") else "") + ".")
 
 
 def _known_child(folder: Path, names: tuple[str, ...]) -> Path | None:

@@ -1,0 +1,118 @@
+"""``otlt data download``: fetch CIFAR-10/100 from their canonical address, verified.
+
+The official python tarballs (the format :mod:`otlt.data.sources` reads) are downloaded to
+``<root>/<file>.part`` with a progress bar; an interrupted download resumes from where it
+stopped (an HTTP ``Range`` request), and the file gets its final name only once its MD5 is
+the published one. A mismatch removes the partial file and says so; nothing half-written is
+ever left under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from otlt.errors import OtltError
+
+
+@dataclass(frozen=True)
+class Download:
+    url: str
+    md5: str
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+DOWNLOADS = {
+    "cifar10": Download("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                        "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": Download("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                         "eb9058c3a382ffc7106e4002c42a8d85"),
+}
+CHUNK = 1 << 20
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_dataset(name: str, root: str | Path = "data", *, url: str | None = None,
+                     md5: str | None = None, progress: bool = True,
+                     timeout: float = 60.0) -> Path:
+    """Download dataset ``name`` into ``root`` and return the verified file's path.
+
+    ``url`` replaces the canonical address (a mirror serving the same file); ``md5``
+    replaces the published checksum (for files other than the official ones). An existing,
+    verified file is not downloaded again.
+    """
+    if name not in DOWNLOADS:
+        raise OtltError(f"no download for {name!r}; known: {', '.join(DOWNLOADS)} (ImageNet-LT "
+                        "and iNaturalist need their own registration and download)")
+    spec = DOWNLOADS[name]
+    url = url or spec.url
+    md5 = md5 or spec.md5
+    root = Path(root).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OtltError(f"cannot create {root} ({exc.strerror or exc})") from None
+    final = root / url.rsplit("/", 1)[-1]
+    if final.is_file() and md5_of(final) == md5:
+        return final
+    part = final.with_name(final.name + ".part")
+    _fetch(url, part, progress, timeout)
+    got = md5_of(part)
+    if got != md5:
+        part.unlink()
+        raise OtltError(f"{url}: MD5 {got} is not the expected {md5}; the download was "
+                        "removed (a changed or damaged file, or a wrong mirror)")
+    part.replace(final)
+    return final
+
+
+def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
+    """Append ``url``'s bytes to ``part`` from its current size on (restart if the server
+    ignores the range)."""
+    have = part.stat().st_size if part.is_file() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # nothing left to fetch: the part is complete
+            return
+        raise OtltError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise OtltError(f"cannot download {url}: {reason} (no network? download it elsewhere "
+                        f"and pass --data PATH)") from None
+    with response:
+        resumed = response.status == 206
+        if not resumed:
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        with part.open("ab" if resumed else "wb") as handle, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5],
+                disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+            try:
+                for block in iter(lambda: response.read(CHUNK), b""):
+                    handle.write(block)
+                    bar.update(len(block))
+            except OSError as exc:
+                raise OtltError(f"download of {url} interrupted ({exc}); run the same command "
+                                "again to resume it") from None
+
+
+__all__ = ["DOWNLOADS", "download_dataset", "md5_of"]
