@@ -73,3 +73,17 @@ def test_apply_overrides_does_not_mutate_input():
     raw = {"optim": {"epochs": 3}}
     apply_overrides(raw, ["optim.epochs=5"])
     assert raw == {"optim": {"epochs": 3}}
+
+
+def test_readme_lists_every_config_key_as_the_code_defines_it():
+    import re
+    from pathlib import Path
+
+    from otlt.config import config_keys_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- config-keys:start -->\n(.*?)\n<!-- config-keys:end -->", readme,
+                      re.S)
+    assert block, "README lost its config key list"
+    assert block.group(1) == config_keys_markdown(), \
+        "README's config keys differ from otlt.config (paste config_keys_markdown())"

@@ -486,6 +486,28 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return build_config(apply_overrides(raw, overrides or []))
 
 
+def config_keys_markdown() -> str:
+    """Every config key with its type and default, as the README lists them (a test keeps
+    that list and this code in sync)."""
+    lines = ["| key | type | default |", "|---|---|---|"]
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if sub is not None and dataclasses.is_dataclass(sub):
+                walk(sub, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else \
+                (sub() if sub is not None else None)
+            shown = "–" if default is None else (yaml.safe_dump(default, default_flow_style=True)
+                                                  .strip().removesuffix("...").strip())
+            kind = str(f.type).replace("|", "or")
+            lines.append(f"| `{prefix}{f.name}` | {kind} | `{shown}` |")
+
+    walk(RunConfig, "")
+    return "\n".join(lines)
+
+
 def to_dict(cfg: RunConfig) -> dict:
     """Plain-dict form of a config (tuples as lists), for YAML and checkpoints."""
 
