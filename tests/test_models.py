@@ -294,3 +294,49 @@ def test_otmix_takes_any_embed_callable():
     mixer(x, torch.tensor([0, 0, 0, 1]), xf, torch.tensor([1, 1, 0, 1]), generator=g,
           embed=embed)
     assert calls == [8] and mixer.stats["ot_batches"] == 1
+
+
+def test_a_registered_model_trains_with_otmix_through_the_cli(tiny_zip, tmp_path, capsys):
+    import json
+
+    from conftest import tiny_overrides
+    from otlt.cli import main
+    from otlt.models import register_model
+
+    @register_model("tiny_timm_like")
+    def build(num_classes, head, generator=None):
+        assert head == "linear"
+        model = _TimmLike()
+        model.head = torch.nn.Linear(6, num_classes)
+        return model
+
+    config = tmp_path / "c.yaml"
+    config.write_text("name: t\nloss: {name: ce}\n")
+    overrides = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=2) + [
+        "model.name=tiny_timm_like", "mix.name=otmix", "mix.skip_first=0", "mix.skip_last=0",
+        "mix.prob=1.0", "mix.params={mu: 0.0}", "train.channels_last=false"]
+    assert main(["train", "--config", str(config),
+                 *[a for o in overrides for a in ("--set", o)]]) == 0
+    capsys.readouterr()
+    records = [json.loads(x) for x in
+               (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ot_batch_fraction"] == 1.0 for r in records)  # OT pairing on its features
+
+
+def test_unknown_and_timm_models_are_clear_errors(monkeypatch):
+    import builtins
+
+    from otlt.errors import OtltError
+
+    with pytest.raises(OtltError, match="timm:<architecture>, or a name given to"):
+        create_model("nonet", 3)
+    real_import = builtins.__import__
+
+    def no_timm(name, *args, **kwargs):
+        if name == "timm":
+            raise ImportError("no timm")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    with pytest.raises(OtltError, match=r"timm:resnet18 needs timm \(pip install timm\)"):
+        create_model("timm:resnet18", 3)

@@ -1,7 +1,8 @@
 """Models: CIFAR ResNets, ResNet-50, the cosine head, and a registry."""
 
+from otlt.models.features import feature_fn
 from otlt.models.heads import NormedLinear
-from otlt.models.registry import HEADS, create_model, list_models
+from otlt.models.registry import HEADS, create_model, list_models, register_model
 from otlt.models.resnet import Bottleneck, ResNet, resnet50
 from otlt.models.resnet_cifar import (
     BasicBlock,
@@ -23,7 +24,9 @@ __all__ = [
     "OptionAShortcut",
     "ResNet",
     "create_model",
+    "feature_fn",
     "list_models",
+    "register_model",
     "resnet20",
     "resnet32",
     "resnet44",
