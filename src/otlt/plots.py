@@ -74,6 +74,8 @@ def learning_curves(title: str, records: Sequence[dict], path: Path) -> Path:
     lrs = [r["lr"] for r in records if is_number(r.get("lr")) and r["lr"] > 0]
     if lrs and max(lrs) / min(lrs) > 20:
         ax_lr.set_yscale("log")
+    else:  # a constant lr must read as its value, not as an offset of 1e-16
+        ax_lr.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax_lr.set(title="learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
     for ax in (ax_loss, ax_val, ax_lr):
         ax.grid(alpha=0.3)
@@ -95,7 +97,9 @@ def _series(ax, epochs: Sequence[int], records: Sequence[dict], key: str, label:
     if not points:
         return False
     xs, ys = zip(*points, strict=True)
-    ax.plot(xs, ys, style, label=label, color=color, lw=1.4)
+    # A single epoch has no line to draw: mark the point.
+    ax.plot(xs, ys, style, label=label, color=color, lw=1.4,
+            marker="o" if len(points) == 1 else None)
     return True
 
 
@@ -292,7 +296,7 @@ def transport_plan(plan: dict, classes: Sequence[str], path: Path, title: str) -
     for i, j in enumerate(np.asarray(plan.get("argmax", t.argmax(1)))):
         ax_plan.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#d62728", lw=2))
     ax_plan.set_title("transport plan (red box: chosen background)")
-    fig.suptitle(title)
+    fig.suptitle(wrap_label(title, 110))
     return _save(fig, path)
 
 

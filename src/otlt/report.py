@@ -612,7 +612,7 @@ def _section_curves(report: _Report, runs: Sequence[RunData]) -> None:
         return
     report.add("## Learning curves", "")
     if len(with_metrics) > 1:
-        path = plots.validation_overlay([(r.label, r.metrics) for r in with_metrics],
+        path = plots.validation_overlay([(_legend(r), r.metrics) for r in with_metrics],
                                         report.figure_path("validation_accuracy"),
                                         colors=[report.colors[r.label] for r in with_metrics])
         report.image(path, "validation accuracy of every run")
@@ -620,6 +620,12 @@ def _section_curves(report: _Report, runs: Sequence[RunData]) -> None:
         path = plots.learning_curves(run.label, run.metrics,
                                      report.figure_path(f"curves_{run.label}"))
         report.image(path, f"learning curves of {run.label}")
+
+
+def _legend(run: RunData) -> str:
+    """A run's legend entry: its label and, for a mixing run, the method with its sampler."""
+    mix = (run.config.get("mix") or {}).get("name", "none")
+    return run.label if mix in (None, "none") else f"{run.label} ({run.method})"
 
 
 def by_dataset(runs: Sequence[RunData]) -> list[tuple[list[str], list[RunData]]]:
