@@ -105,8 +105,6 @@ class StreamTrainer(Trainer):
         self.test: ListFileDataset = self.data.test
         self.fore_set = copy.copy(self.train)
         self.fore_set.seed = self.train.seed + 1
-        self._pending_foreground: Batch | None = None
-        self._pending_coin = False
 
     def _loader(self, dataset: ListFileDataset, batches: list[list[int]]) -> DataLoader:
         return batch_loader(dataset, batches, self.cfg.train.workers, self.device)
@@ -132,16 +130,12 @@ class StreamTrainer(Trainer):
         return _Lockstep(self._loader(self.train, batches), coins, fore)
 
     def _train_step(self, item: Step, mixing: bool) -> tuple[float, float, int]:
-        images, labels, self._pending_coin, self._pending_foreground = item
-        return self._sgd_step(model_input(images, self.device), labels.to(self.device), mixing)
-
-    def _mix_coin(self) -> bool:
-        """The coin drawn for this step when the epoch started (see :meth:`_epoch_batches`)."""
-        return self._pending_coin
-
-    def _foreground(self, n: int) -> Batch:
-        """This step's foreground batch from the lockstep loader (drawn with ``n`` rows)."""
-        return self._on_device(self._pending_foreground)
+        """One step on a lockstep item: its coin and foreground were drawn at epoch start
+        (:meth:`_epoch_batches`) and go to the base step as arguments."""
+        images, labels, coin, foreground = item
+        return self._sgd_step(model_input(images, self.device), labels.to(self.device), mixing,
+                              coin=coin, foreground=None if foreground is None
+                              else self._on_device(foreground))
 
     def confusion_on(self, split: str,
                      model: torch.nn.Module | None = None) -> torch.Tensor | None:

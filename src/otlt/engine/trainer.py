@@ -340,12 +340,18 @@ class Trainer:
         mine = rank_slice(len(idx))
         return self._sgd_step(x[mine], self.train.labels[idx][mine], mixing)
 
-    def _sgd_step(self, x: torch.Tensor, y: torch.Tensor,
-                  mixing: bool) -> tuple[float, float, int]:
-        """Flip the mixing coin, mix, and step on augmented ``x (B, 3, H, W)``, ``y (B,)``."""
+    def _sgd_step(self, x: torch.Tensor, y: torch.Tensor, mixing: bool,
+                  coin: bool | None = None,
+                  foreground: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  ) -> tuple[float, float, int]:
+        """Mix (if ``mixing`` and the coin says so) and step on augmented ``x (B, 3, H, W)``,
+        ``y (B,)``. ``coin`` and ``foreground`` are the step's coin and foreground batch when
+        the caller drew them already (the streaming trainer, at epoch start); else they are
+        drawn here from the training generator."""
         mixed = None
-        if mixing and self._mix_coin():
-            mixed = self._mix(x, y)
+        if mixing and (self._mix_coin() if coin is None else coin):
+            mixed = self._mix(x, y) if foreground is None else self._apply_mixer(
+                self.mixer, x, y, self.generator, lambda _n: foreground)
             x = mixed.images
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
