@@ -248,3 +248,19 @@ def test_the_wheel_ships_the_presets(tmp_path):
     (wheel,) = tmp_path.glob("otlt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "otlt/presets/cifar10_lt_r100_erm_otmix.yaml" in names
+
+
+def test_tensorboard_gets_the_final_test_numbers_and_hparams(tiny_zip, tiny_config, tmp_path,
+                                                             capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out_dir = tmp_path / "runs"
+    assert run_cli(["train", "--config", str(tiny_config),
+                    *set_args(tiny_overrides(tiny_zip, out_dir, epochs=1))], capsys)[0] == 0
+    events = EventAccumulator(str(out_dir / "tiny" / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/loss" in tags and "val/acc" in tags and "test/top1_error" in tags
+    result = json.loads((out_dir / "tiny" / "eval.json").read_text())
+    assert events.Scalars("test/top1_error")[-1].value == pytest.approx(result["top1_error"])
+    assert list((out_dir / "tiny" / "tb").glob("hparams/events.out.tfevents.*"))

@@ -83,3 +83,36 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+HPARAM_KEYS = ("loss.name", "mix.name", "mix.sampler_r", "mix.prob", "model.name",
+               "optim.lr", "optim.batch_size", "optim.epochs", "data.imbalance_ratio", "seed",
+               "eval.bn_stats")
+
+
+def log_final(run_dir: Path, config: dict[str, Any], result: dict[str, Any]) -> None:
+    """TensorBoard: the final test numbers (``test/*`` at the last epoch, ``test_selected/*``
+    for the validation-selected epoch) and the run's hyper-parameters with them (HParams)."""
+    if not is_main_process():
+        return
+    from torch.utils.tensorboard import SummaryWriter
+
+    metrics = {f"test/{k.removesuffix('_error')}_error": result[k]
+               for k in ("top1_error", "many_error", "medium_error", "few_error")
+               if result.get(k) is not None}
+    selected = result.get("selected") or {}
+    metrics.update({f"test_selected/{k}": selected[k]
+                    for k in ("top1_error", "many_error", "medium_error", "few_error")
+                    if selected.get(k) is not None})
+    hparams = {}
+    for key in HPARAM_KEYS:
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, (int, float, str, bool)):
+            hparams[key] = node
+    with SummaryWriter(str(Path(run_dir) / "tb")) as writer:
+        for tag, value in metrics.items():
+            writer.add_scalar(tag, value, int(result.get("epoch", 0)))
+        writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()},
+                           run_name="hparams")

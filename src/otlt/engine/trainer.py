@@ -41,7 +41,7 @@ from otlt.engine.distributed import (
     unwrap,
     world_size,
 )
-from otlt.engine.logging import MetricsLogger
+from otlt.engine.logging import MetricsLogger, log_final
 from otlt.engine.weights import SUFFIX, load_weights, save_weights
 from otlt.errors import OtltError, require
 from otlt.losses import batch_loss, create_loss
@@ -655,6 +655,7 @@ class Trainer:
                                   **self.summarize(self.confusion_on("test", model))}
         if is_main_process():
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+            log_final(self.run_dir, to_dict(self.cfg), result)
         return result
 
 
