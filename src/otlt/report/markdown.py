@@ -1,484 +1,41 @@
-"""``otlt report``: run directories in, ``report.md`` with PNG figures out.
-
-Everything is read from the run directories' own files, so a number in the report is the
-number the run wrote:
-
-- ``config.yaml``: the resolved config (method, ``paper:`` row, sweep detection);
-- ``metrics.jsonl``: learning curves, OTmix ``mix_pairs`` (Fig. 9), re-weighting ``weight_*``
-  statistics;
-- ``eval.json``: the last epoch's test metrics (table, per-class bars, confusion matrices);
-- ``plans/epoch_XXXX.json``: a sampled OTmix transport plan (Fig. 3);
-- ``last.pt`` and the dataset, only for ``--gallery`` (mixed pairs, Fig. 5) and ``--tsne``
-  (feature embedding, Fig. 4).
-
-Figures go to ``OUT/figures/`` and ``report.md`` links them with relative paths, so the
-folder renders on GitHub as it is.
-"""
+"""``report.md`` and its figures: one section per concern, from the runs' own files."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-import yaml
-
 from otlt import plots
-from otlt.errors import OtltError, require
+from otlt.errors import OtltError
 
 if TYPE_CHECKING:  # the engine and data modules load only for --gallery / --tsne
-    from otlt.config import RunConfig
-    from otlt.data.prepare import LongTailedData
-
-#: config keys that name or place a run rather than define it (ignored by sweep detection)
-IGNORED_KEYS = ("name", "out_dir", "data.path", "train.device", "train.amp", "train.progress",
-                "train.compile", "train.channels_last", "train.eval_batch_size")
-GROUPS = ("many", "medium", "few")
-
-
-# ---------------------------------------------------------------------- reading runs
-
-
-@dataclass
-class RunData:
-    """What a report needs from one run directory (missing files give empty fields)."""
-
-    path: Path
-    label: str
-    config: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    eval: dict[str, Any] | None
-    splits: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def classes(self) -> list[str]:
-        if self.eval and self.eval.get("classes"):
-            return list(self.eval["classes"])
-        if self.splits.get("classes"):
-            return list(self.splits["classes"])
-        return [str(k) for k in range(len(self.counts))]
-
-    @property
-    def counts(self) -> list[int]:
-        if self.eval and self.eval.get("class_counts_train"):
-            return list(self.eval["class_counts_train"])
-        return list(self.splits.get("counts", {}).get("train", []))
-
-    @property
-    def total_epochs(self) -> int | None:
-        return (self.config.get("optim") or {}).get("epochs")
-
-    @property
-    def method(self) -> str:
-        loss = (self.config.get("loss") or {}).get("name", "?")
-        mix_cfg = self.config.get("mix") or {}
-        mix = mix_cfg.get("name", "none")
-        model = (self.config.get("model") or {}).get("name", "?")
-        reweight = (self.config.get("reweight") or {}).get("stage1")
-        if mix not in (None, "none"):
-            # The foreground sampler changes results a lot (README: "foreground sampler").
-            sampler = mix_cfg.get("sampler_r")
-            mix += f" (r={sampler:g})" if isinstance(sampler, (int, float)) else ""
-        return (f"{model}, {loss}" + ("" if mix in (None, "none") else f" + {mix}")
-                + (" + OT re-weighting" if reweight else ""))
-
-    @property
-    def paper(self) -> dict[str, Any]:
-        paper = self.config.get("paper")
-        return paper if isinstance(paper, dict) else {}
-
-    @property
-    def is_otmix(self) -> bool:
-        return (self.config.get("mix") or {}).get("name") == "otmix"
-
-    def plan_files(self) -> list[Path]:
-        """``plans/epoch_XXXX.json`` files, oldest epoch first."""
-        return sorted((self.path / "plans").glob("epoch_*.json"))
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read ``metrics.jsonl``, skipping a line a running job is still writing."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise OtltError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    return data if isinstance(data, dict) else None
-
-
-def load_run(path: str | Path, label: str | None = None) -> RunData:
-    """Read one run directory; a folder without ``config.yaml`` is a user error."""
-    path = Path(path)
-    config_path = path / "config.yaml"
-    require(path.is_dir(), f"run directory {path} does not exist")
-    require(config_path.is_file(), f"{path} is not an otlt run directory (no config.yaml; "
-                                   "expected the folder 'otlt train' wrote)")
-    try:
-        config = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise OtltError(f"{config_path} is not valid YAML: {exc}") from None
-    require(isinstance(config, dict), f"{config_path} must be a mapping")
-    return RunData(path=path, label=label or path.name, config=config,
-                   metrics=read_jsonl(path / "metrics.jsonl"),
-                   eval=_read_json(path / "eval.json"),
-                   splits=_read_json(path / "splits.json") or {})
-
-
-def load_runs(paths: Sequence[str | Path]) -> list[RunData]:
-    """Read several run directories with unique labels (``parent/name`` on a clash)."""
-    require(len(paths) > 0, "give at least one run directory")
-    paths = [Path(p) for p in paths]
-    names = [p.resolve().name for p in paths]
-    labels = []
-    for p, name in zip(paths, names, strict=True):
-        clash = names.count(name) > 1
-        labels.append(f"{p.resolve().parent.name}/{name}" if clash else name)
-    require(len(set(labels)) == len(labels),
-            f"run directories given twice: {sorted({x for x in labels if labels.count(x) > 1})}")
-    return [load_run(p, label) for p, label in zip(paths, labels, strict=True)]
-
-
-# ---------------------------------------------------------------------- numbers
-
-
-def comparison_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
-    """One row per run: top-1/many/medium/few error from ``eval.json`` (None when missing)
-    and the paper's reported top-1 error when the config names a paper row."""
-    rows = []
-    for run in runs:
-        e = run.eval or {}
-        paper = run.paper.get("top1_error")
-        ours = e.get("top1_error")
-        rows.append({
-            "label": run.label, "method": run.method, "split": e.get("split"),
-            "epoch": None if "epoch" not in e else int(e["epoch"]) + 1,
-            "epochs": run.total_epochs, "epochs_done": len(run.metrics),
-            "top1_error": ours, **{f"{g}_error": e.get(f"{g}_error") for g in GROUPS},
-            "paper_top1_error": paper, "paper_row": _paper_name(run.paper),
-            "delta": None if ours is None or paper is None else ours - float(paper),
-            "wall_seconds": sum(r.get("epoch_seconds", 0.0) for r in run.metrics
-                                if plots.is_number(r.get("epoch_seconds"))),
-        })
-    return rows
-
-
-def _paper_name(paper: dict[str, Any]) -> str | None:
-    if not paper.get("row") and not paper.get("table"):
-        return None
-    return ", ".join(str(paper[k]) for k in ("table", "row") if paper.get(k))
-
-
-def fmt(value: float | None, digits: int = 2) -> str:
-    """A number for a table; ``–`` for missing."""
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _cell(text: object) -> str:
-    return str(text).replace("|", "\\|")
-
-
-def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of :func:`comparison_rows` (errors in %, lower is better)."""
-    lines = ["| run | method | epochs | top-1 error | many | medium | few | paper top-1 "
-             "| ours − paper |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        done = f"{r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'}"
-        paper = fmt(r["paper_top1_error"])
-        if r["paper_row"] and r["paper_top1_error"] is not None:
-            paper += f" ({_cell(r['paper_row'])})"
-        delta = "–" if r["delta"] is None else f"{r['delta']:+.2f}"
-        lines.append(f"| {_cell(r['label'])} | {_cell(r['method'])} | {done} | "
-                     f"{fmt(r['top1_error'])} | {fmt(r['many_error'])} | "
-                     f"{fmt(r['medium_error'])} | {fmt(r['few_error'])} | {paper} | {delta} |")
-    return "\n".join(lines)
-
-
-def mix_statistics(metrics: Sequence[dict[str, Any]]) -> list[tuple[str, int, list]]:
-    """The ``mix_pairs`` matrices to show: the last OT epoch and the last random-pairing
-    (CMO-like) epoch that mixed anything, as ``(kind, epoch, matrix)``, random first."""
-    found: dict[str, tuple[int, list]] = {}
-    for record in metrics:
-        pairs = record.get("mix_pairs")
-        if not isinstance(pairs, list) or not pairs or "ot_epoch" not in record:
-            continue
-        if sum(sum(row) for row in pairs) <= 0:
-            continue  # clean epochs (skip_first / skip_last) count no pairs
-        kind = "OT pairing" if record["ot_epoch"] else "random pairing (CMO-like)"
-        found[kind] = (int(record.get("epoch", -1)), pairs)
-    return [(kind, *found[kind]) for kind in ("random pairing (CMO-like)", "OT pairing")
-            if kind in found]
-
-
-def class_weight_series(metrics: Sequence[dict[str, Any]], num_classes: int,
-                        classes: Sequence[str] = (), *,
-                        first: bool = False) -> tuple[str, int, list[float]] | None:
-    """Per-class weight statistics of a re-weighting run: the last record's (``first``: the
-    first record's) ``weight_*`` entry that holds one number per class (a ``mean`` statistic
-    preferred), as ``(key, epoch, values)``; None when the run logged none. Read
-    defensively: the format belongs to the re-weighting code."""
-    for record in (metrics if first else reversed(metrics)):
-        candidates = []
-        for key, value in record.items():
-            if not key.startswith("weight_"):
-                continue
-            values = _per_class(value, num_classes, classes)
-            if values is not None:
-                candidates.append((("mean" not in key), key, values))
-        if candidates:
-            _, key, values = min(candidates, key=lambda c: (c[0], c[1]))
-            return key, int(record.get("epoch", -1)), values
-    return None
-
-
-def _per_class(value: Any, num_classes: int, classes: Sequence[str]) -> list[float] | None:
-    if isinstance(value, dict):
-        names = {str(name): k for k, name in enumerate(classes)}
-        keyed = {}
-        for key, v in value.items():
-            k = names.get(str(key), int(key) if str(key).isdigit() else None)
-            if k is not None:
-                keyed[k] = v
-        value = [keyed.get(k) for k in range(num_classes)]
-    if not isinstance(value, list) or len(value) != num_classes:
-        return None
-    if not all(v is None or plots.is_number(v) for v in value):
-        return None
-    return [None if v is None else float(v) for v in value]
-
-
-def scalar_weight_stats(metrics: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Scalar ``weight_*`` entries of the last record that has any."""
-    for record in reversed(metrics):
-        stats = {k: float(v) for k, v in record.items()
-                 if k.startswith("weight_") and plots.is_number(v)}
-        if stats:
-            return stats
-    return {}
-
-
-# ---------------------------------------------------------------------- sweeps
-
-
-@dataclass
-class Sweep:
-    """Runs that differ in exactly one numeric config key, sorted by its value."""
-
-    key: str
-    values: list[Any]
-    runs: list[RunData]
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested config -> ``{"mix.params.omega": 0.05, ...}`` (lists become tuples)."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
-def detect_sweep(runs: Sequence[RunData]) -> Sweep | None:
-    """Return the sweep when 2+ runs differ in exactly one config key with numeric values
-    (names, output folders, device settings and ``paper:`` ignored)."""
-    if len(runs) < 2:
-        return None
-    flat = [flatten(r.config) for r in runs]
-    keys = sorted(set().union(*flat))
-    differing = [k for k in keys if not _ignored(k)
-                 and len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1]
-    if len(differing) != 1:
-        return None
-    key = differing[0]
-    values = [f.get(key) for f in flat]
-    if not all(plots.is_number(v) for v in values) or len(set(values)) != len(values):
-        return None
-    order = sorted(range(len(runs)), key=lambda i: values[i])
-    return Sweep(key, [values[i] for i in order], [runs[i] for i in order])
-
-
-def _ignored(key: str) -> bool:
-    return key in IGNORED_KEYS or key == "paper" or key.startswith("paper.")
-
-
-# ---------------------------------------------------------------------- from checkpoints
-
-
-def load_trained(run_dir: Path, data_path: str | None = None, device: str = "cpu"
-                 ) -> tuple[RunConfig, dict[str, Any], LongTailedData, torch.nn.Module]:
-    """Load a run's config, checkpoint, data and model (eval mode) for gallery and t-SNE."""
-    from otlt.config import build_config
-    from otlt.data.prepare import prepare_data
-    from otlt.engine.checkpoint import load_checkpoint
-    from otlt.models import create_model
-
-    state = load_checkpoint(Path(run_dir) / "last.pt", map_location=device)
-    cfg = build_config(state["config"])
-    if data_path is not None:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data_path)))
-    data = prepare_data(cfg.data, cfg.num_classes)
-    model = create_model(cfg.model.name, cfg.num_classes, head=cfg.model.head)
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    return cfg, state, data, model
-
-
-@dataclass
-class Gallery:
-    """Mixed pairs drawn as in training: images ``(N, H, W, 3)`` floats in [0, 1]."""
-
-    fore: np.ndarray
-    back: np.ndarray
-    mixed: np.ndarray
-    fore_labels: list[int]
-    back_labels: list[int]
-    lams: list[float]
-    ot: bool
-
-
-def mixed_pairs(run_dir: Path, n: int = 8, data_path: str | None = None, seed: int = 0,
-                device: str = "cpu") -> Gallery:
-    """Mix one background batch (uniform) with one class-weighted foreground batch through
-    the run's own mixer and trained model, as a training step would, and return ``n`` of
-    the resulting (foreground, chosen background, mixed) triples.
-
-    OTmix is built from the config's ``mix.params`` with ``ot_probability = 1`` (an OT
-    epoch) and the confusion matrix of the trained model on the validation split (eq. 6).
-    Images are not augmented, so the pictures show the dataset's images; the plan is made
-    on normalised images (what the model sees) and applied to the displayable ones.
-    """
-    from otlt.data.augment import eval_transform
-
-    cfg, state, data, model = load_trained(run_dir, data_path, device)
-    require(cfg.mix.name != "none", f"--gallery needs a mixing run; {run_dir} has mix.name none")
-    generator = torch.Generator().manual_seed(seed)
-    mixer = _trained_mixer(cfg, state["train_counts"], model, data, device, generator)
-    (xb, yb), fore = _draw_batches(cfg, data, mixer, device, generator)
-    xf, yf = fore if fore is not None else (None, None)
-    context = {"model": model, "amp_dtype": None} if mixer.uses_context else {}
-    with torch.no_grad():
-        plan = mixer.plan(eval_transform(xb), yb, None if xf is None else eval_transform(xf),
-                          yf, generator=generator, **context)
-        mixed = mixer.apply(plan, _unit(xb), yb, None if xf is None else _unit(xf), yf)
-    rows = _pick_rows(plan.mixed, mixed.targets_b, n)
-    partner = _unit(xb if xf is None else xf)
-    take = rows.to(device)
-    return Gallery(fore=_hwc(partner[plan.partner[rows].to(device)]),
-                   back=_hwc(_unit(xb)[plan.base_index[rows].to(device)]),
-                   mixed=_hwc(mixed.images[take]), fore_labels=mixed.targets_b[take].tolist(),
-                   back_labels=mixed.targets_a[take].tolist(), lams=mixed.lam[take].tolist(),
-                   ot=bool(getattr(mixer, "ot_epoch", False)))
-
-
-def _trained_mixer(cfg, train_counts: Sequence[int], model: torch.nn.Module, data,
-                   device: str, generator: torch.Generator):
-    """The run's mixer in the state of a late OT epoch: validation confusion of the trained
-    model (OTmix's ``F``), ``ot_probability = 1``."""
-    from otlt.engine.trainer import DeviceSplit, evaluate
-    from otlt.mixing import create_mixer
-
-    params = dict(cfg.mix.params)
-    if cfg.mix.name == "otmix":
-        params["ot_probability"] = 1.0
-    mixer = create_mixer(cfg.mix.name, class_counts=train_counts, **params)
-    if hasattr(mixer, "update_confusion") and len(data.val):
-        confusion = evaluate(model, DeviceSplit(data.val, torch.device(device)), cfg.num_classes,
-                             cfg.train.eval_batch_size, None, channels_last=False)
-        mixer.update_confusion(confusion)
-    if hasattr(mixer, "set_epoch"):
-        mixer.set_epoch(cfg.optim.epochs - 1, cfg.optim.epochs, generator=generator)
-    return mixer
-
-
-def _draw_batches(cfg, data, mixer, device: str, generator: torch.Generator):
-    """A uniform background batch and, for CMO/OTmix, a class-weighted foreground batch
-    (``q_k ∝ n_k^-r``, ``r = mix.sampler_r``), as uint8 ``(B, H, W, 3)`` and labels."""
-    from otlt.data.samplers import sample_weights
-    from otlt.engine.trainer import DeviceSplit
-
-    train = DeviceSplit(data.train, torch.device(device))
-    size = min(cfg.optim.batch_size, len(train))
-    back = torch.randperm(len(train), generator=generator)[:size].to(device)
-    if not getattr(mixer, "needs_partner_batch", False):
-        return (train.images[back], train.labels[back]), None
-    weights = sample_weights(data.train.labels, cfg.mix.sampler_r)
-    fore = torch.multinomial(weights, size, replacement=True, generator=generator).to(device)
-    return (train.images[back], train.labels[back]), (train.images[fore], train.labels[fore])
-
-
-def _unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [0, 1], for display."""
-    return images.permute(0, 3, 1, 2).float() / 255.0
-
-
-def _hwc(images: torch.Tensor) -> np.ndarray:
-    return images.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _pick_rows(mixed: torch.Tensor, fore_labels: torch.Tensor, n: int) -> torch.Tensor:
-    """Up to ``n`` mixed rows, one per foreground class first, so the gallery is varied."""
-    candidates = torch.nonzero(mixed.cpu()).flatten().tolist()
-    labels = fore_labels.cpu().tolist()
-    chosen, seen = [], set()
-    for i in candidates:
-        if labels[i] not in seen:
-            chosen.append(i)
-            seen.add(labels[i])
-    chosen += [i for i in candidates if i not in chosen]
-    require(bool(chosen), "the mixer mixed no row of the sampled batch (check mix.fraction)")
-    return torch.tensor(sorted(chosen[:n], key=lambda i: labels[i]), dtype=torch.long)
-
-
-def tsne_embedding(run_dir: Path, n: int = 2000, data_path: str | None = None, seed: int = 0,
-                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """t-SNE (scikit-learn) of the pooled features ``(n, D)`` of a random subsample of the
-    test split; returns ``(embedding (n, 2), labels (n,))``."""
-    try:
-        from sklearn.manifold import TSNE
-    except ImportError:
-        raise OtltError("--tsne needs scikit-learn, which is not installed (pip install "
-                        "scikit-learn, or install otlt with the 'report' extra)") from None
-    from otlt.data.augment import eval_transform
-
-    require(n >= 5, f"--tsne-samples must be at least 5, got {n}")
-    _, _, data, model = load_trained(run_dir, data_path, device)
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data.test), generator=generator)[:n].numpy()
-    images = torch.from_numpy(data.test.images[idx]).to(device)
-    features = []
-    with torch.no_grad():
-        for start in range(0, len(images), 500):
-            features.append(model.features(eval_transform(images[start:start + 500])).float())
-    z = torch.cat(features).cpu().numpy()
-    perplexity = float(min(30.0, max(2.0, (len(z) - 1) / 3)))
-    embedding = TSNE(n_components=2, perplexity=perplexity, init="pca",
-                     random_state=seed).fit_transform(z)
-    return embedding, data.test.labels[idx]
-
+    pass
+
+from otlt.report.runs import (
+    GROUPS,
+    RunData,
+    Sweep,
+    cell,
+    class_weight_series,
+    comparison_rows,
+    comparison_table,
+    detect_sweep,
+    flatten,
+    fmt,
+    load_run,
+    load_runs,
+    mix_statistics,
+    read_json,
+    scalar_weight_stats,
+)
+from otlt.report.trained import (
+    Gallery,
+    mixed_pairs,
+    tsne_embedding,
+)
 
 # ---------------------------------------------------------------------- the report
 
@@ -574,7 +131,7 @@ def _section_table(report: _Report, runs: Sequence[RunData]) -> None:
                "|---|---|---|---:|")
     for run, r in zip(runs, rows, strict=True):
         evaluated = "–" if r["epoch"] is None else f"{r['split']} split, epoch {r['epoch']}"
-        report.add(f"| {_cell(run.label)} | `{run.path}` | {evaluated} | "
+        report.add(f"| {cell(run.label)} | `{run.path}` | {evaluated} | "
                    f"{_duration(r['wall_seconds'])} |")
     report.add("")
 
@@ -601,7 +158,7 @@ def _section_sweep(report: _Report, runs: Sequence[RunData]) -> None:
                "|---:|---|---:|---:|---:|---:|")
     for value, run, *errs in zip(sweep.values, sweep.runs, errors["overall"],
                                  *(errors[g] for g in GROUPS), strict=True):
-        report.add(f"| {value} | {_cell(run.label)} | " + " | ".join(fmt(e) for e in errs) + " |")
+        report.add(f"| {value} | {cell(run.label)} | " + " | ".join(fmt(e) for e in errs) + " |")
     report.add("")
     report.image(path, f"test error against {sweep.key}")
 
@@ -671,7 +228,7 @@ def bn_probe_series(run: RunData) -> dict[str, list[tuple[int, float]]]:
     for r in run.metrics:
         for mode, values in (r.get("bn_probe") or {}).items():
             series.setdefault(mode, {})[int(r["epoch"]) + 1] = values["val_acc"]
-    probe = _read_json(run.path / "probe_val.json") or {}
+    probe = read_json(run.path / "probe_val.json") or {}
     for r in probe.get("records", []):
         series.setdefault(r["bn_stats"], {}).setdefault(int(r["epoch"]) + 1,
                                                         100.0 - r["top1_error"])
@@ -682,7 +239,7 @@ def bn_procedure_rows(run: RunData) -> list[dict[str, Any]]:
     """One row per (epoch, procedure) found in ``probe_val.json`` and ``probe_test.json``."""
     rows: dict[tuple[int, str], dict[str, Any]] = {}
     for split in ("val", "test"):
-        for r in (_read_json(run.path / f"probe_{split}.json") or {}).get("records", []):
+        for r in (read_json(run.path / f"probe_{split}.json") or {}).get("records", []):
             row = rows.setdefault((int(r["epoch"]), r["bn_stats"]),
                                   {"epoch": int(r["epoch"]), "bn_stats": r["bn_stats"]})
             for key in ("top1_error", *(f"{g}_error" for g in GROUPS)):
@@ -695,7 +252,7 @@ def bn_batches_rows(run: RunData) -> list[tuple[int, str, int, float]]:
     ``probe_val_bn<N>.json`` files (``otlt probe --bn-batches N``), sorted."""
     rows = []
     for path in run.path.glob("probe_val_bn*.json"):
-        probe = _read_json(path) or {}
+        probe = read_json(path) or {}
         for r in probe.get("records", []):
             rows.append((int(probe["bn_batches"]), r["bn_stats"], int(r["epoch"]),
                          r["top1_error"]))
@@ -742,7 +299,7 @@ def _section_batchnorm(report: _Report, runs: Sequence[RunData]) -> None:
     for run in runs:
         e = run.eval or {}
         sel = e.get("selected") or {}
-        report.add(f"| {_cell(run.label)} | {e.get('bn_stats', 'running (before procedures)')} | "
+        report.add(f"| {cell(run.label)} | {e.get('bn_stats', 'running (before procedures)')} | "
                    f"{fmt(e.get('top1_error'))} | "
                    f"{'–' if 'epoch' not in sel else int(sel['epoch']) + 1} | "
                    f"{fmt(sel.get('top1_error'))} |")
@@ -777,7 +334,7 @@ def _section_batchnorm(report: _Report, runs: Sequence[RunData]) -> None:
             points = [(m["test_diag_acc"], m["epoch"]) for m in run.metrics
                       if plots.is_number(m.get("test_diag_acc"))]
             acc, epoch = max(points)
-            report.add(f"| {_cell(run.label)} | {epoch + 1} | {fmt(100.0 - acc)} | "
+            report.add(f"| {cell(run.label)} | {epoch + 1} | {fmt(100.0 - acc)} | "
                        f"{fmt((run.eval or {}).get('top1_error'))} |")
         report.add("")
 
@@ -811,7 +368,7 @@ def _mix_pairs_figure(report: _Report, run: RunData) -> int:
 
 def _plan_figure(report: _Report, run: RunData) -> int:
     files = run.plan_files()
-    plan = _read_json(files[-1]) if files else None
+    plan = read_json(files[-1]) if files else None
     if not plan or not {"cost", "plan", "fore_labels", "back_labels"} <= set(plan):
         return 0
     title = (f"{run.label}: sampled batch, epoch {int(plan.get('epoch', -1)) + 1} "

@@ -1,0 +1,174 @@
+"""What needs a trained model and the dataset: the mixed-image gallery and the t-SNE."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from otlt.errors import OtltError, require
+
+if TYPE_CHECKING:  # the engine and data modules load only for --gallery / --tsne
+    from otlt.config import RunConfig
+    from otlt.data.prepare import LongTailedData
+
+
+
+# ---------------------------------------------------------------------- from checkpoints
+
+
+def load_trained(run_dir: Path, data_path: str | None = None, device: str = "cpu"
+                 ) -> tuple[RunConfig, dict[str, Any], LongTailedData, torch.nn.Module]:
+    """Load a run's config, checkpoint, data and model (eval mode) for gallery and t-SNE."""
+    from otlt.config import build_config
+    from otlt.data.prepare import prepare_data
+    from otlt.engine.checkpoint import load_checkpoint
+    from otlt.models import create_model
+
+    state = load_checkpoint(Path(run_dir) / "last.pt", map_location=device)
+    cfg = build_config(state["config"])
+    if data_path is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data_path)))
+    data = prepare_data(cfg.data, cfg.num_classes)
+    model = create_model(cfg.model.name, cfg.num_classes, head=cfg.model.head)
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    return cfg, state, data, model
+
+
+@dataclass
+class Gallery:
+    """Mixed pairs drawn as in training: images ``(N, H, W, 3)`` floats in [0, 1]."""
+
+    fore: np.ndarray
+    back: np.ndarray
+    mixed: np.ndarray
+    fore_labels: list[int]
+    back_labels: list[int]
+    lams: list[float]
+    ot: bool
+
+
+def mixed_pairs(run_dir: Path, n: int = 8, data_path: str | None = None, seed: int = 0,
+                device: str = "cpu") -> Gallery:
+    """Mix one background batch (uniform) with one class-weighted foreground batch through
+    the run's own mixer and trained model, as a training step would, and return ``n`` of
+    the resulting (foreground, chosen background, mixed) triples.
+
+    OTmix is built from the config's ``mix.params`` with ``ot_probability = 1`` (an OT
+    epoch) and the confusion matrix of the trained model on the validation split (eq. 6).
+    Images are not augmented, so the pictures show the dataset's images; the plan is made
+    on normalised images (what the model sees) and applied to the displayable ones.
+    """
+    from otlt.data.augment import eval_transform
+
+    cfg, state, data, model = load_trained(run_dir, data_path, device)
+    require(cfg.mix.name != "none", f"--gallery needs a mixing run; {run_dir} has mix.name none")
+    generator = torch.Generator().manual_seed(seed)
+    mixer = _trained_mixer(cfg, state["train_counts"], model, data, device, generator)
+    (xb, yb), fore = _draw_batches(cfg, data, mixer, device, generator)
+    xf, yf = fore if fore is not None else (None, None)
+    context = {"model": model, "amp_dtype": None} if mixer.uses_context else {}
+    with torch.no_grad():
+        plan = mixer.plan(eval_transform(xb), yb, None if xf is None else eval_transform(xf),
+                          yf, generator=generator, **context)
+        mixed = mixer.apply(plan, _unit(xb), yb, None if xf is None else _unit(xf), yf)
+    rows = _pick_rows(plan.mixed, mixed.targets_b, n)
+    partner = _unit(xb if xf is None else xf)
+    take = rows.to(device)
+    return Gallery(fore=_hwc(partner[plan.partner[rows].to(device)]),
+                   back=_hwc(_unit(xb)[plan.base_index[rows].to(device)]),
+                   mixed=_hwc(mixed.images[take]), fore_labels=mixed.targets_b[take].tolist(),
+                   back_labels=mixed.targets_a[take].tolist(), lams=mixed.lam[take].tolist(),
+                   ot=bool(getattr(mixer, "ot_epoch", False)))
+
+
+def _trained_mixer(cfg, train_counts: Sequence[int], model: torch.nn.Module, data,
+                   device: str, generator: torch.Generator):
+    """The run's mixer in the state of a late OT epoch: validation confusion of the trained
+    model (OTmix's ``F``), ``ot_probability = 1``."""
+    from otlt.engine.trainer import DeviceSplit, evaluate
+    from otlt.mixing import create_mixer
+
+    params = dict(cfg.mix.params)
+    if cfg.mix.name == "otmix":
+        params["ot_probability"] = 1.0
+    mixer = create_mixer(cfg.mix.name, class_counts=train_counts, **params)
+    if hasattr(mixer, "update_confusion") and len(data.val):
+        confusion = evaluate(model, DeviceSplit(data.val, torch.device(device)), cfg.num_classes,
+                             cfg.train.eval_batch_size, None, channels_last=False)
+        mixer.update_confusion(confusion)
+    if hasattr(mixer, "set_epoch"):
+        mixer.set_epoch(cfg.optim.epochs - 1, cfg.optim.epochs, generator=generator)
+    return mixer
+
+
+def _draw_batches(cfg, data, mixer, device: str, generator: torch.Generator):
+    """A uniform background batch and, for CMO/OTmix, a class-weighted foreground batch
+    (``q_k ∝ n_k^-r``, ``r = mix.sampler_r``), as uint8 ``(B, H, W, 3)`` and labels."""
+    from otlt.data.samplers import sample_weights
+    from otlt.engine.trainer import DeviceSplit
+
+    train = DeviceSplit(data.train, torch.device(device))
+    size = min(cfg.optim.batch_size, len(train))
+    back = torch.randperm(len(train), generator=generator)[:size].to(device)
+    if not getattr(mixer, "needs_partner_batch", False):
+        return (train.images[back], train.labels[back]), None
+    weights = sample_weights(data.train.labels, cfg.mix.sampler_r)
+    fore = torch.multinomial(weights, size, replacement=True, generator=generator).to(device)
+    return (train.images[back], train.labels[back]), (train.images[fore], train.labels[fore])
+
+
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [0, 1], for display."""
+    return images.permute(0, 3, 1, 2).float() / 255.0
+
+
+def _hwc(images: torch.Tensor) -> np.ndarray:
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _pick_rows(mixed: torch.Tensor, fore_labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Up to ``n`` mixed rows, one per foreground class first, so the gallery is varied."""
+    candidates = torch.nonzero(mixed.cpu()).flatten().tolist()
+    labels = fore_labels.cpu().tolist()
+    chosen, seen = [], set()
+    for i in candidates:
+        if labels[i] not in seen:
+            chosen.append(i)
+            seen.add(labels[i])
+    chosen += [i for i in candidates if i not in chosen]
+    require(bool(chosen), "the mixer mixed no row of the sampled batch (check mix.fraction)")
+    return torch.tensor(sorted(chosen[:n], key=lambda i: labels[i]), dtype=torch.long)
+
+
+def tsne_embedding(run_dir: Path, n: int = 2000, data_path: str | None = None, seed: int = 0,
+                   device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """t-SNE (scikit-learn) of the pooled features ``(n, D)`` of a random subsample of the
+    test split; returns ``(embedding (n, 2), labels (n,))``."""
+    try:
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise OtltError("--tsne needs scikit-learn, which is not installed (pip install "
+                        "scikit-learn, or install otlt with the 'report' extra)") from None
+    from otlt.data.augment import eval_transform
+
+    require(n >= 5, f"--tsne-samples must be at least 5, got {n}")
+    _, _, data, model = load_trained(run_dir, data_path, device)
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.test), generator=generator)[:n].numpy()
+    images = torch.from_numpy(data.test.images[idx]).to(device)
+    features = []
+    with torch.no_grad():
+        for start in range(0, len(images), 500):
+            features.append(model.features(eval_transform(images[start:start + 500])).float())
+    z = torch.cat(features).cpu().numpy()
+    perplexity = float(min(30.0, max(2.0, (len(z) - 1) / 3)))
+    embedding = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                     random_state=seed).fit_transform(z)
+    return embedding, data.test.labels[idx]
