@@ -6,14 +6,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from otlt import plots
 from otlt.errors import OtltError
-
-if TYPE_CHECKING:  # the engine and data modules load only for --gallery / --tsne
-    pass
-
 from otlt.report.runs import (
     GROUPS,
     RunData,

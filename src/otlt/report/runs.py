@@ -6,15 +6,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from otlt import plots
 from otlt.errors import OtltError, require
-
-if TYPE_CHECKING:  # the engine and data modules load only for --gallery / --tsne
-    pass
 
 #: config keys that name or place a run rather than define it (ignored by sweep detection)
 IGNORED_KEYS = ("name", "out_dir", "data.path", "train.device", "train.amp", "train.progress",
