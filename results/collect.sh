@@ -103,12 +103,13 @@ R=runs/mech_short
 G=results/cifar10_lt_r100_bn_mechanism_short
 for n in cifar10_lt_r100_balms_short cifar10_lt_r100_balms_otmix_short; do
   [ -d $R/$n/kept ] || continue
-  .venv/bin/otlt probe $R/$n --epochs 4,9,14,19,24,28,29 --split val
-  .venv/bin/otlt probe $R/$n --epochs 28,29 --split test
+  [ -f $R/$n/probe_val.json ] || .venv/bin/otlt probe $R/$n --epochs 4,9,14,19,24,28,29 --split val
+  [ -f $R/$n/probe_test.json ] || .venv/bin/otlt probe $R/$n --epochs 28,29 --split test
 done
 if [ -d $R/cifar10_lt_r100_balms_otmix_short/kept ]; then
-  for N in 5 10 20 50 100 200; do
-    .venv/bin/otlt probe $R/cifar10_lt_r100_balms_otmix_short --epochs 29 --bn-stats train,clean --bn-batches $N
+  for N in 5 10 20 50 100; do
+    [ -f $R/cifar10_lt_r100_balms_otmix_short/probe_val_bn$N.json ] || \
+      .venv/bin/otlt probe $R/cifar10_lt_r100_balms_otmix_short --epochs 29 --bn-stats train,clean --bn-batches $N
   done
 fi
 .venv/bin/python scripts/collect_results.py cifar10_lt_r100_bn_mechanism_short \

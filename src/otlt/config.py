@@ -148,7 +148,7 @@ class EvalConfig:
     many_threshold: int = 100
     few_threshold: int = 20
     bn_stats: str = "running"
-    bn_batches: int = 50
+    bn_batches: int = 20
     bn_probe_every: int = 0
     select_metric: str = "balanced_acc"
     test_every_epoch: bool = False
