@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from otlt.amp import autocast
 from otlt.config import (
     DATASET_DEFAULTS,
     RunConfig,
@@ -230,11 +231,10 @@ class Bench:
     # ---- timed callables ----------------------------------------------------------------
     def model_only(self) -> None:
         """Forward, loss, backward, SGD step on the pre-made batch: the floor."""
-        from otlt.engine.trainer import _autocast
         from otlt.losses import batch_loss
 
         t = self.trainer
-        with _autocast(self.device, t.amp_dtype):
+        with autocast(self.device, t.amp_dtype):
             logits = t.step_model(self.x)
         loss = batch_loss(t.loss, logits, self.y)
         t.optimizer.zero_grad(set_to_none=True)

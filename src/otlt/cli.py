@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from otlt.console import format_eval, format_percent
 from otlt.errors import OtltError
 
 
@@ -243,10 +244,11 @@ def cmd_train(args) -> int:
                                   f"BN {result['bn_stats']}"))
     selected = result.get("selected")
     if selected:
+        groups = ", ".join(f"{g} {format_percent(selected[f'{g}_error'])}"
+                           for g in ("many", "medium", "few"))
         say(f"validation-selected epoch {selected['epoch'] + 1} ({selected['select_metric']} "
             f"{selected['val_value']:.2f}% on val): test top-1 error "
-            f"{selected['top1_error']:.2f}% (many {_fmt(selected['many_error'])}, medium "
-            f"{_fmt(selected['medium_error'])}, few {_fmt(selected['few_error'])})")
+            f"{selected['top1_error']:.2f}% ({groups})")
     say(f"otlt: done in {time.perf_counter() - start:.0f}s; results in {trainer.run_dir}")
     return 0
 
@@ -383,28 +385,6 @@ def cmd_sweep(args) -> int:
               str(Path(runs[0].config.out_dir) / "report")]
     print(f"otlt: make the sweep's report with: {shlex.join(report)}")
     return 0
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}%"
-
-
-def format_eval(result: dict, title: str = "evaluation") -> str:
-    """Human-readable table of an ``eval.json`` record."""
-    lines = [title, "-" * len(title)]
-    lines.append(f"{'top-1 error':<14}{result['top1_error']:6.2f}%")
-    for group in ("many", "medium", "few"):
-        err = result.get(f"{group}_error")
-        n = len(result.get("groups", {}).get(group, []))
-        value = "   n/a" if err is None else f"{err:6.2f}%"
-        lines.append(f"{group + ' error':<14}{value}  ({n} classes)")
-    classes = result.get("classes") or [str(k) for k in range(len(result["per_class_accuracy"]))]
-    counts = result.get("class_counts_train", [None] * len(classes))
-    lines.append("")
-    lines.append(f"{'class':<16}{'train n':>8}{'accuracy':>10}")
-    for name, n, acc in zip(classes, counts, result["per_class_accuracy"], strict=False):
-        lines.append(f"{name[:15]:<16}{'' if n is None else n:>8}{acc:9.1f}%")
-    return "\n".join(lines)
 
 
 def one_line(message: str) -> str:

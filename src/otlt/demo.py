@@ -57,7 +57,7 @@ def format_mixing(run_dir: Path, classes: list[str]) -> str:
 
 def run_demo(data: str | None = None, epochs: int | None = None,
              out: Path = Path("runs")) -> int:
-    from otlt.cli import format_eval
+    from otlt.console import format_eval
     from otlt.engine.trainer import Trainer
 
     epochs = epochs or DEMO_EPOCHS

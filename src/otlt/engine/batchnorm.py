@@ -28,12 +28,13 @@ Where the evaluation-time BatchNorm statistics come from (``eval.bn_stats``):
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from otlt.amp import autocast
 from otlt.config import BN_STATS
 from otlt.engine.distributed import all_reduce_sum, is_distributed, world_size
 
@@ -99,9 +100,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     try:
         for x in batches:
             x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-            autocast = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
-                        else nullcontext())
-            with autocast:
+            with autocast(x.device, amp_dtype):
                 model(x)
             count += 1
     finally:

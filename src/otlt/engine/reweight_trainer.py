@@ -38,11 +38,12 @@ from typing import Any
 
 import torch
 
+from otlt.amp import autocast
 from otlt.config import RunConfig, to_dict
 from otlt.data.prepare import LongTailedData
 from otlt.engine.checkpoint import load_checkpoint, write_atomic
 from otlt.engine.distributed import is_main_process, launched_world_size, unwrap
-from otlt.engine.trainer import DeviceSplit, Trainer, _autocast
+from otlt.engine.trainer import DeviceSplit, Trainer
 from otlt.errors import OtltError, require
 from otlt.reweight import OTReweighter, class_prototypes
 
@@ -165,7 +166,7 @@ class Stage2Trainer(Trainer):
         """Pooled penultimate features ``(N, D)`` in eval mode, float32, without gradients."""
         was_training = self.model.training
         self.model.eval()
-        with _autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.amp_dtype):
             chunks = x.split(self.cfg.train.eval_batch_size)
             z = torch.cat([self.model.features(c).float() for c in chunks])
         self.model.train(was_training)
@@ -177,7 +178,7 @@ class Stage2Trainer(Trainer):
         x = self._layout(self.augment(self.train.images[idx], self.generator))
         y = self.train.labels[idx]
         if self.train_all:
-            with _autocast(self.device, self.amp_dtype):
+            with autocast(self.device, self.amp_dtype):
                 z = self.model.features(x)
                 logits = self.model.fc(z)
         elif self.cfg.reweight.bn == "train_meta":
@@ -204,7 +205,7 @@ class Stage2Trainer(Trainer):
         """Features ``(N, D)`` of the frozen backbone in train mode (``reweight.bn:
         train_meta``): batch statistics, and the running statistics move, as in the
         official stage 2."""
-        with _autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.amp_dtype):
             return self.model.features(x).float()
 
     def _meta_loss(self) -> torch.Tensor:
@@ -219,7 +220,7 @@ class Stage2Trainer(Trainer):
         if self.cfg.reweight.meta_coef == 0:
             return torch.zeros((), device=self.device)
         if self.train_all:
-            with _autocast(self.device, self.amp_dtype):
+            with autocast(self.device, self.amp_dtype):
                 logits = self.model(self.meta_x)
         else:
             logits = self.model.fc(self.meta_z)

@@ -14,13 +14,13 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sized
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from otlt.amp import autocast
 from otlt.config import BN_STATS, RunConfig, dump_config, to_dict
 from otlt.data.augment import GPUAugment, eval_transform
 from otlt.data.prepare import LongTailedData, prepare_data
@@ -122,17 +122,11 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
     preds, labels = [], []
     for x, y in batches:
         x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-        with _autocast(x.device, amp_dtype):
+        with autocast(x.device, amp_dtype):
             preds.append(model(x).argmax(1))
         labels.append(y)
     model.train()
     return confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes).cpu()
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def open_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool,
@@ -355,7 +349,7 @@ class Trainer:
             x = mixed.images
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(self.device, self.amp_dtype):
+        with autocast(self.device, self.amp_dtype):
             logits = self.step_model(x)
         if mixed is None:
             loss = batch_loss(self.loss, logits, y)

@@ -19,11 +19,11 @@ pass under autocast and ``channels_last`` in that memory format.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from otlt.amp import autocast
 from otlt.errors import OtltError
 
 FEATURE_MODES = ("pooled_eval", "official")
@@ -88,10 +88,8 @@ def feature_fn(model: nn.Module, mode: str = "pooled_eval",
         model.train(mode == "official")
         x = images.contiguous(memory_format=torch.channels_last) if channels_last \
             and images.dim() == 4 else images
-        autocast = (torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None
-                    else nullcontext())
         try:
-            with autocast:
+            with autocast(x.device, amp_dtype):
                 return raw(x).flatten(1).float()
         finally:
             model.train(was_training)
