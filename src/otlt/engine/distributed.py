@@ -67,11 +67,6 @@ def setup_process(device: torch.device) -> torch.device:
     return device
 
 
-def init_from_env(device: torch.device) -> None:
-    """Join the process group when launched by ``torchrun`` (kept for callers of 0.1)."""
-    setup_process(device)
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (no-op when not distributed)."""
     if is_distributed():
