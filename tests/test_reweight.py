@@ -349,3 +349,22 @@ def test_step_reports_gradient_norm_and_weight_change():
     after = rw.step(torch.randn(6, 4, generator=gen), labels, idx)
     assert float(rw.last_grad_norm) > 0
     torch.testing.assert_close(rw.last_change, (after - before).abs().sum())
+
+
+def test_stage2_without_ot_step_keeps_the_initial_weights(stage1, tmp_path):
+    """``reweight.ot_step: false`` (the ablation baseline): class-balanced weights stay put,
+    the classifier still trains, and the OT entries of metrics.jsonl say nothing was measured."""
+    config = tmp_path / "stage2.yaml"
+    config.write_text("name: stage2\n")
+    assert main(["train", "--config", str(config),
+                 *_stage2(stage1, tmp_path, "no_ot", ["reweight.ot_step=false"])]) == 0
+    run = tmp_path / "no_ot"
+    state = load_checkpoint(run / "last.pt")
+    labels = torch.tensor(json.loads((run / "weights.json").read_text())["labels"])
+    initial = OTReweighter(labels, 10).raw
+    assert torch.equal(state["reweighter"]["raw"], initial)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ot_loss"] is None and r["ot_grad_norm"] is None
+               and r["weight_step_change"] is None and r["meta_loss"] > 0 for r in records)
+    first = load_checkpoint(stage1["run"] / "last.pt")["model"]
+    assert not torch.equal(first["fc.weight"], state["model"]["fc.weight"])

@@ -184,8 +184,10 @@ class ReweightConfig:
     (``classifier_weights: softmax``, the paper) or raw (``raw``, the official code), using
     the ``optim`` section. ``bn`` (with ``trainable: fc``): ``frozen`` keeps the backbone's
     BatchNorm in eval mode (ours), ``train_meta`` runs it in train mode for the classifier
-    step and forwards the meta set every step (the official code). See
-    :mod:`otlt.reweight` and :mod:`otlt.engine.reweight_trainer`.
+    step and forwards the meta set every step (the official code). ``ot_step: false`` skips
+    the OT step: the weights stay at their initial values (the ablation "class-balanced
+    weights + meta term, nothing learned by OT"). See :mod:`otlt.reweight` and
+    :mod:`otlt.engine.reweight_trainer`.
     """
 
     stage1: str | None = None
@@ -204,6 +206,7 @@ class ReweightConfig:
     trainable: str = "fc"
     classifier_weights: str = "softmax"
     bn: str = "frozen"
+    ot_step: bool = True
 
 
 @dataclass(frozen=True)

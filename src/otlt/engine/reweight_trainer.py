@@ -24,7 +24,8 @@ Everything else is the engine's: data on the device, validation each epoch, atom
 with exact resume (it adds the raw weights and their momentum), ``metrics.jsonl`` (adds
 ``ot_loss``, ``meta_loss``, ``ot_grad_norm`` (mean per step of ``||dOT/dw_B||``),
 ``weight_step_change`` (mean per step of the L1 change of ``softmax(w_B)``) and the per-class
-``weight_class_mean``, ``weight_class_std``, ``weight_class_mass``), ``final_eval``.
+``weight_class_mean``, ``weight_class_std``, ``weight_class_mass``; the three OT entries are
+null with ``reweight.ot_step: false``, which skips step 1), ``final_eval``.
 ``weights.json`` holds, after the last finished epoch, every training example's ``labels``,
 ``raw`` weight and ``probability`` (softmax of all raw weights: the learned training
 distribution), in training-split order.
@@ -139,6 +140,8 @@ class Stage2Trainer(Trainer):
         self._steps = 0
         record = super().train_one_epoch(epoch)
         ot_loss, meta_loss, grad_norm, change = (self._sums / max(self._steps, 1)).tolist()
+        if not self.cfg.reweight.ot_step:  # nothing measured: no OT problem was solved
+            ot_loss = grad_norm = change = None
         return {**record, "ot_loss": ot_loss, "meta_loss": meta_loss, "ot_grad_norm": grad_norm,
                 "weight_step_change": change, **self.reweighter.class_stats()}
 
@@ -187,7 +190,10 @@ class Stage2Trainer(Trainer):
         else:
             z = self._frozen_features(x)
             logits = self.model.fc(z)
-        weights = self.reweighter.step(z.detach().float(), y, idx)
+        if self.cfg.reweight.ot_step:
+            weights = self.reweighter.step(z.detach().float(), y, idx)
+        else:
+            weights = self.reweighter.batch_weights(idx)
         meta_loss = self._meta_loss()
         loss = (self.loss(logits, y) * weights).sum() + self.cfg.reweight.meta_coef * meta_loss
         self.optimizer.zero_grad(set_to_none=True)
