@@ -217,3 +217,12 @@ def test_version_and_usage_errors(capsys):
     assert exc.value.code == 0 and capsys.readouterr().out.strip().startswith("otlt 0.")
     assert main(["nonsense"]) == 2
     one_line_error(capsys, "invalid choice")
+
+
+def test_user_errors_are_value_errors():
+    """Library callers can catch the usual type; the config layer keeps its own message."""
+    from otlt.config import load_config
+    from otlt.errors import OtltError
+    assert issubclass(OtltError, ValueError)
+    with pytest.raises(ValueError, match="must be a list"):
+        load_config(None, ["optim.milestones=3"])

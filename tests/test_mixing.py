@@ -399,3 +399,18 @@ def test_saliencymix_pastes_partner_box_and_corrects_lam():
     assert torch.allclose(out.lam, torch.full((6,), 1 - (y1 - y0) * (x1 - x0) / 1024))
     p = out.plan.partner
     assert torch.equal(out.images[:, :, y0:y1, x0:x1], x[p][:, :, y0:y1, x0:x1])
+
+
+def test_base_mixer_hooks_are_documented_no_ops():
+    """The engine calls every hook on every mixer; a mixer that defines only ``plan`` works."""
+    from otlt.mixing import Mixer
+    mixer = Mixer()
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert mixer.set_epoch(3, 10, generator=gen) is False
+    assert torch.equal(gen.get_state(), state)  # draws nothing
+    assert mixer.end_epoch(torch.eye(3)) == {} and mixer.pop_artifacts() == {}
+    assert mixer.state_dict() == {}
+    mixer.load_state_dict({})
+    mixer.update_confusion(torch.eye(3))
+    assert not mixer.needs_confusion

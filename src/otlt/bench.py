@@ -313,7 +313,7 @@ def reweight_step(bench: Bench, work: Path) -> Callable[[], None] | None:
                               reweight=dataclasses.replace(t.cfg.reweight, stage1=str(stage1)))
     s2 = Stage2Trainer(cfg, run_dir=work / "stage2", data=t.data)
     # What Stage2Trainer.train_one_epoch does before its first step.
-    s2._prepare_meta()
+    s2.prepare_meta()
     s2._sums, s2._steps = torch.zeros(4, device=s2.device), 0
     for group in s2.optimizer.param_groups:
         group["lr"] = t.optimizer.param_groups[0]["lr"]

@@ -365,6 +365,8 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
             require(isinstance(value, dict), f"config key {where} must be a mapping, "
                                              f"got {value!r}")
             return dict(value)
+    except OtltError:
+        raise
     except (TypeError, ValueError):
         kind = {"int": "an integer", "float": "a number"}.get(base, base)
         raise OtltError(f"config key {where} must be {kind}, got {value!r}") from None

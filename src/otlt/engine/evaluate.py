@@ -104,7 +104,7 @@ def load_into(trainer: Trainer, weights: WeightsFile) -> None:
     except RuntimeError as exc:
         raise OtltError(f"weights do not fit the model of {trainer.run_dir} "
                         f"({str(exc).splitlines()[0][:160]})") from None
-    if trainer.mixer is not None and weights.mixer and hasattr(trainer.mixer, "load_state_dict"):
+    if trainer.mixer is not None and weights.mixer :
         trainer.mixer.load_state_dict(weights.mixer)
 
 

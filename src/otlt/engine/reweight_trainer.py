@@ -134,7 +134,7 @@ class Stage2Trainer(Trainer):
 
     # ---- training ----------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        self._prepare_meta()
+        self.prepare_meta()
         # OT loss, meta loss, ||dOT/dw_B||, L1 change of softmax(w_B) per step
         self._sums = torch.zeros(4, device=self.device)
         self._steps = 0
@@ -145,27 +145,28 @@ class Stage2Trainer(Trainer):
         return {**record, "ot_loss": ot_loss, "meta_loss": meta_loss, "ot_grad_norm": grad_norm,
                 "weight_step_change": change, **self.reweighter.class_stats()}
 
-    def _prepare_meta(self) -> None:
+    def prepare_meta(self) -> None:
         """Draw this epoch's augmented meta set and give its features to the re-weighter."""
         x = self.augment(self.meta_split.images, self.generator)
         y = self.meta_split.labels
-        self.meta_x = self._layout(x)
-        self.meta_z = self._frozen_features(self.meta_x)
+        self.meta_x = self.layout(x)
+        self.meta_z = self.frozen_features(self.meta_x)
         mode = self.cfg.reweight.meta
         if mode == "pixel_prototype":
             images, labels = class_prototypes(x, y, self.num_classes)
-            self.reweighter.set_meta(self._frozen_features(self._layout(images)), labels,
+            self.reweighter.set_meta(self.frozen_features(self.layout(images)), labels,
                                      prototypes=False)
         else:
             self.reweighter.set_meta(self.meta_z, y, prototypes=mode == "prototype")
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the run's memory format (``train.channels_last``)."""
         if self.cfg.train.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()
 
     @torch.no_grad()
-    def _frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features ``(N, D)`` in eval mode, float32, without gradients."""
         was_training = self.model.training
         self.model.eval()
@@ -178,17 +179,17 @@ class Stage2Trainer(Trainer):
     def _train_step(self, idx: torch.Tensor, mixing: bool) -> tuple[float, float, int]:
         """Weight step, then classifier step; returns (summed loss, correct, batch size)."""
         idx = idx.to(self.device)
-        x = self._layout(self.augment(self.train.images[idx], self.generator))
+        x = self.layout(self.augment(self.train.images[idx], self.generator))
         y = self.train.labels[idx]
         if self.train_all:
             with autocast(self.device, self.amp_dtype):
                 z = self.model.features(x)
                 logits = self.model.fc(z)
         elif self.cfg.reweight.bn == "train_meta":
-            z = self._frozen_features(x)  # the official weight step runs in eval mode
+            z = self.frozen_features(x)  # the official weight step runs in eval mode
             logits = self.model.fc(self._train_mode_features(x))
         else:
-            z = self._frozen_features(x)
+            z = self.frozen_features(x)
             logits = self.model.fc(z)
         if self.cfg.reweight.ot_step:
             weights = self.reweighter.step(z.detach().float(), y, idx)

@@ -176,8 +176,7 @@ class StreamTrainer(Trainer):
             for images, labels, coin, foreground in steps:
                 x, y = model_input(images, self.device), labels.to(self.device)
                 if coin:
-                    if hasattr(mixer, "set_epoch"):
-                        mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=g)
+                    mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=g)
                     x = self._apply_mixer(mixer, x, y, g,
                                           lambda _n, f=foreground: self._on_device(f)).images
                 yield x

@@ -278,7 +278,7 @@ class Trainer:
                  "world_size": world_size()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        if self.mixer is not None and hasattr(self.mixer, "state_dict"):
+        if self.mixer is not None and self.mixer.state_dict():
             state["mixer"] = self.mixer.state_dict()
         return state
 
@@ -407,7 +407,7 @@ class Trainer:
         self.model.train()
         self.loss.set_epoch(epoch)
         mixing = self._mixing_on(epoch)
-        if self.mixer is not None and hasattr(self.mixer, "set_epoch"):
+        if self.mixer is not None:
             self.mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=self.generator)
         batches = self._epoch_batches(epoch)
         total_loss = torch.zeros((), device=self.device)
@@ -463,8 +463,7 @@ class Trainer:
                 idx = idx.to(self.device)
                 x = self.augment(self.train.images[idx], g)
                 if mixer is not None and torch.rand((), generator=g).item() < self.cfg.mix.prob:
-                    if hasattr(mixer, "set_epoch"):
-                        mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=g)
+                    mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=g)
                     x = self._apply_mixer(mixer, x, self.train.labels[idx], g,
                                           lambda k: self._draw_foreground(k, g)).images
                 yield x
@@ -581,7 +580,7 @@ class Trainer:
             record.update(_split_record("test_diag", self.summarize(
                 self.confusion_on("test", model))))
         self._select(epoch, record, model, trained_mixer)
-        if self.mixer is not None and hasattr(self.mixer, "end_epoch"):
+        if self.mixer is not None:
             record.update(self.mixer.end_epoch(val_confusion))
             self._write_artifacts(self.mixer.pop_artifacts())
         record["epoch_seconds"] = time.perf_counter() - start
@@ -603,7 +602,7 @@ class Trainer:
 
     def _mixer_state(self) -> dict[str, Any] | None:
         """The mixer's state as the epoch trained with it (before validation updates it)."""
-        if self.mixer is None or not hasattr(self.mixer, "state_dict"):
+        if self.mixer is None or not self.mixer.state_dict():
             return None
         return dict(self.mixer.state_dict())
 

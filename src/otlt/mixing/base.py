@@ -58,6 +58,11 @@ def draw_pairs(batch_size: int, num_partners: int, *, alpha: float, prob: float,
 class Mixer:
     """Base class: ``plan`` draws a :class:`MixPlan`, ``apply`` executes it, ``__call__`` both.
 
+    The engine calls the hooks below on every mixer (each a documented no-op here, like a
+    Lightning ``Callback``): :meth:`set_epoch` before an epoch, :meth:`end_epoch` and
+    :meth:`pop_artifacts` after it, :meth:`state_dict` / :meth:`load_state_dict` with
+    checkpoints, :meth:`update_confusion` when a validation confusion matrix is known.
+
     Subclasses set ``name``, ``needs_partner_batch`` (True when the mixer takes a second,
     separately sampled batch, e.g. CMO's class-weighted foreground batch) and ``uses_context``
     (True when ``plan`` takes extra keyword inputs, e.g. OTMix's ``model`` for features).
@@ -66,6 +71,33 @@ class Mixer:
     name: ClassVar[str] = ""
     needs_partner_batch: ClassVar[bool] = False
     uses_context: ClassVar[bool] = False
+    needs_confusion: ClassVar[bool] = False  # reads update_confusion (OTMix)
+
+    # ---- hooks: documented no-ops that stateful mixers (OTMix) override ----------------
+    def set_epoch(self, epoch: int, total_epochs: int, generator: torch.Generator) -> bool:
+        """Called before each training epoch (and before each recalibration batch that
+        mixes); may draw per-epoch randomness from ``generator``. Returns whether the epoch
+        uses the mixer's special mode (OTMix: the OT pairing); the base draws nothing."""
+        return False
+
+    def update_confusion(self, confusion: torch.Tensor) -> None:
+        """Take a validation confusion matrix ``(K, K)``; the base ignores it."""
+
+    def end_epoch(self, val_confusion: torch.Tensor | None) -> dict[str, Any]:
+        """Close the epoch: return statistics for ``metrics.jsonl`` (here none) and take the
+        epoch's validation confusion ``(K, K)`` (or ``None``)."""
+        return {}
+
+    def pop_artifacts(self) -> dict[str, Any]:
+        """JSON artifacts to write into the run directory since the last call (name -> obj)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that a checkpoint must carry for an exact resume (the base has none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
 
     def _check_partner(self, x_partner: torch.Tensor | None,
                        y_partner: torch.Tensor | None) -> None:

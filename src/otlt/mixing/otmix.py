@@ -122,6 +122,7 @@ class OTMix(Mixer):
 
     needs_partner_batch: ClassVar[bool] = True
     uses_context: ClassVar[bool] = True
+    needs_confusion: ClassVar[bool] = True
 
     class_counts: Sequence[int] = ()
     num_classes: int = 0

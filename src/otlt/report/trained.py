@@ -99,12 +99,11 @@ def _trained_mixer(cfg, train_counts: Sequence[int], model: torch.nn.Module, dat
     if cfg.mix.name == "otmix":
         params["ot_probability"] = 1.0
     mixer = create_mixer(cfg.mix.name, class_counts=train_counts, **params)
-    if hasattr(mixer, "update_confusion") and len(data.val):
+    if mixer.needs_confusion and len(data.val):
         confusion = evaluate(model, DeviceSplit(data.val, torch.device(device)), cfg.num_classes,
                              cfg.train.eval_batch_size, None, channels_last=False)
         mixer.update_confusion(confusion)
-    if hasattr(mixer, "set_epoch"):
-        mixer.set_epoch(cfg.optim.epochs - 1, cfg.optim.epochs, generator=generator)
+    mixer.set_epoch(cfg.optim.epochs - 1, cfg.optim.epochs, generator=generator)
     return mixer
 
 
