@@ -1,7 +1,8 @@
 """User-facing errors.
 
 Anything a user can get wrong (a path, a config key, a value out of range) raises
-:class:`OtltError` (a ``ValueError``); the CLI turns it into one line ``otlt: error: ...`` and exit code 2.
+:class:`OtltError` (a ``ValueError``); the CLI turns it into one line
+``otlt: error: ...`` and exit code 2.
 Programming errors stay ordinary exceptions with tracebacks.
 """
 
