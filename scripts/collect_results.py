@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from otlt.engine.evaluate import kept_weights
+from otlt.engine.posthoc import kept_weights
 from otlt.engine.weights import SUFFIX, read_weights, save_weights
 
 SMALL_FILES = ("config.yaml", "splits.json", "metrics.jsonl", "eval.json")

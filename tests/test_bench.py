@@ -164,11 +164,11 @@ def test_threads_follow_the_request_else_one_on_a_busy_cpu(monkeypatch):
 
     cpu = torch.device("cpu")
     assert bench.choose_threads(3, cpu) == (3, "requested")
-    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(bench, "_load", lambda: 4.0)
+    monkeypatch.setattr(bench.timing.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(bench.timing, "load_average", lambda: 4.0)
     threads, why = bench.choose_threads(None, cpu)
     assert threads == 1 and "busy" in why
-    monkeypatch.setattr(bench, "_load", lambda: 0.2)
+    monkeypatch.setattr(bench.timing, "load_average", lambda: 0.2)
     assert bench.choose_threads(None, cpu) == (torch.get_num_threads(), "torch default")
     with pytest.raises(OtltError, match="threads"):
         bench.choose_threads(0, cpu)

@@ -290,7 +290,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def cmd_eval(args) -> int:
-    from otlt.engine.evaluate import evaluate_run
+    from otlt.engine.posthoc import evaluate_run
 
     result, path = evaluate_run(Path(args.target), checkpoint=args.checkpoint,
                                 bn_stats=args.bn_stats, split=args.split, data_path=args.data,
@@ -305,7 +305,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from otlt.engine.evaluate import probe_kept, write_result
+    from otlt.engine.posthoc import probe_kept, write_result
 
     run = Path(args.target)
     modes = [m.strip() for m in args.bn_stats.split(",") if m.strip()]

@@ -44,7 +44,8 @@ from otlt.config import RunConfig, to_dict
 from otlt.data.prepare import LongTailedData
 from otlt.engine.checkpoint import load_checkpoint, write_atomic
 from otlt.engine.distributed import is_main_process, launched_world_size, unwrap
-from otlt.engine.trainer import DeviceSplit, Trainer
+from otlt.engine.runtime import DeviceSplit
+from otlt.engine.trainer import Trainer
 from otlt.errors import OtltError, require
 from otlt.reweight import OTReweighter, class_prototypes
 
@@ -134,16 +135,21 @@ class Stage2Trainer(Trainer):
 
     # ---- training ----------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        self.prepare_meta()
-        # OT loss, meta loss, ||dOT/dw_B||, L1 change of softmax(w_B) per step
-        self._sums = torch.zeros(4, device=self.device)
-        self._steps = 0
+        self.start_epoch_stage2()
         record = super().train_one_epoch(epoch)
         ot_loss, meta_loss, grad_norm, change = (self._sums / max(self._steps, 1)).tolist()
         if not self.cfg.reweight.ot_step:  # nothing measured: no OT problem was solved
             ot_loss = grad_norm = change = None
         return {**record, "ot_loss": ot_loss, "meta_loss": meta_loss, "ot_grad_norm": grad_norm,
                 "weight_step_change": change, **self.reweighter.class_stats()}
+
+    def start_epoch_stage2(self) -> None:
+        """What an epoch does before its first step: draw the meta set
+        (:meth:`prepare_meta`) and zero the per-step sums of the OT loss, the meta loss,
+        ``||dOT/dw_B||`` and the L1 change of ``softmax(w_B)``."""
+        self.prepare_meta()
+        self._sums = torch.zeros(4, device=self.device)
+        self._steps = 0
 
     def prepare_meta(self) -> None:
         """Draw this epoch's augmented meta set and give its features to the re-weighter."""
@@ -176,7 +182,7 @@ class Stage2Trainer(Trainer):
         self.model.train(was_training)
         return z
 
-    def _train_step(self, idx: torch.Tensor, mixing: bool) -> tuple[float, float, int]:
+    def train_step(self, idx: torch.Tensor, mixing: bool) -> tuple[float, float, int]:
         """Weight step, then classifier step; returns (summed loss, correct, batch size)."""
         idx = idx.to(self.device)
         x = self.layout(self.augment(self.train.images[idx], self.generator))

@@ -41,7 +41,8 @@ from otlt.engine.distributed import (
     unwrap,
     world_size,
 )
-from otlt.engine.trainer import Trainer, evaluate_batches
+from otlt.engine.evaluation import evaluate_batches
+from otlt.engine.trainer import Trainer
 from otlt.errors import require
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -109,7 +110,7 @@ class StreamTrainer(Trainer):
     def _loader(self, dataset: ListFileDataset, batches: list[list[int]]) -> DataLoader:
         return batch_loader(dataset, batches, self.cfg.train.workers, self.device)
 
-    def _epoch_batches(self, epoch: int) -> _Lockstep:
+    def epoch_batches(self, epoch: int) -> _Lockstep:
         self.train.set_epoch(epoch)
         self.fore_set.set_epoch(epoch)
         order = torch.randperm(len(self.train), generator=self.generator)
@@ -129,11 +130,11 @@ class StreamTrainer(Trainer):
                                                     for d in draws.split(sizes)])
         return _Lockstep(self._loader(self.train, batches), coins, fore)
 
-    def _train_step(self, item: Step, mixing: bool) -> tuple[float, float, int]:
+    def train_step(self, item: Step, mixing: bool) -> tuple[float, float, int]:
         """One step on a lockstep item: its coin and foreground were drawn at epoch start
-        (:meth:`_epoch_batches`) and go to the base step as arguments."""
+        (:meth:`epoch_batches`) and go to the base step as arguments."""
         images, labels, coin, foreground = item
-        return self._sgd_step(model_input(images, self.device), labels.to(self.device), mixing,
+        return self.sgd_step(model_input(images, self.device), labels.to(self.device), mixing,
                               coin=coin, foreground=None if foreground is None
                               else self._on_device(foreground))
 

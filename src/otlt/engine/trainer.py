@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from otlt.amp import autocast
 from otlt.config import BN_STATS, RunConfig, dump_config, to_dict
-from otlt.data.augment import GPUAugment, eval_transform
+from otlt.data.augment import GPUAugment
 from otlt.data.prepare import LongTailedData, prepare_data
 from otlt.data.samplers import permutation_batches, sample_weights
 from otlt.engine.batchnorm import batchnorm_state, preserved_batchnorm, recalibrate_batchnorm
@@ -41,124 +40,17 @@ from otlt.engine.distributed import (
     unwrap,
     world_size,
 )
+from otlt.engine.evaluation import evaluate
 from otlt.engine.logging import MetricsLogger, log_final
+from otlt.engine.runtime import DeviceSplit, autocast_dtype, open_run_dir, resolve_device
+from otlt.engine.schedule import step_lr
 from otlt.engine.weights import SUFFIX, load_weights, save_weights
 from otlt.errors import OtltError, require
 from otlt.losses import batch_loss, create_loss
-from otlt.metrics import confusion_matrix, select_value, summarize
+from otlt.metrics import select_value, summarize
 from otlt.mixing import create_mixer
 from otlt.models import create_model
 from otlt.models.features import feature_fn
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for CUDA without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise OtltError(f"train.device={name} but no CUDA device is available (use cpu or auto)")
-    return torch.device(name)
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CUDA and on CPUs with native bf16; fp16 only when asked; None for off."""
-    if amp == "off":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
-
-
-class DeviceSplit:
-    """One split as uint8 ``(N, H, W, 3)`` images and ``(N,)`` labels on the device."""
-
-    def __init__(self, arrays, device: torch.device):
-        self.images = torch.from_numpy(arrays.images).to(device)
-        self.labels = torch.from_numpy(arrays.labels).long().to(device)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def step_lr(cfg, epoch: int, step: int, steps_per_epoch: int) -> float:
-    """Learning rate at a step: linear warm-up, then the step or cosine schedule."""
-    o = cfg.optim
-    progress = epoch + step / steps_per_epoch
-    if o.warmup_epochs and progress < o.warmup_epochs:
-        return o.lr * (progress + 1 / steps_per_epoch) / o.warmup_epochs
-    if o.schedule == "cosine":
-        span = max(o.epochs - o.warmup_epochs, 1)
-        return 0.5 * o.lr * (1 + math.cos(math.pi * (progress - o.warmup_epochs) / span))
-    factor = 1.0
-    for milestone, gamma in zip(o.milestones, o.gammas, strict=True):
-        if epoch >= milestone:
-            factor = gamma
-    return o.lr * factor
-
-
-def evaluate(model: torch.nn.Module, split: DeviceSplit, num_classes: int, batch_size: int,
-             amp_dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
-    """Confusion matrix ``(K, K)`` (rows: true class) of ``model`` on a split. Under
-    ``torch.distributed`` each rank evaluates every ``world``-th image and the matrices are
-    summed, so every rank holds the whole split's matrix."""
-    mine = torch.arange(rank(), len(split), world_size(), device=split.labels.device)
-    batches = ((eval_transform(split.images[idx]), split.labels[idx])
-               for idx in mine.split(batch_size))
-    return all_reduce_sum(evaluate_batches(model, batches, num_classes, amp_dtype,
-                                           channels_last))
-
-
-@torch.no_grad()
-def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                     num_classes: int, amp_dtype: torch.dtype | None,
-                     channels_last: bool) -> torch.Tensor:
-    """Confusion matrix ``(K, K)`` of ``model`` over ``(x (B, 3, H, W) float, y (B,))``
-    batches already on the model's device, in eval mode (train mode is restored)."""
-    model.eval()
-    preds, labels = [], []
-    for x, y in batches:
-        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-        with autocast(x.device, amp_dtype):
-            preds.append(model(x).argmax(1))
-        labels.append(y)
-    model.train()
-    return confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes).cpu()
-
-
-def open_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool,
-                 evaluate_only: bool = False) -> Path:
-    """Create (or, for resume, check) the run directory without touching an existing run;
-    ``evaluate_only`` only checks that it exists (post-hoc evaluation writes nothing here)."""
-    run_dir = Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name
-    if evaluate_only:
-        if not run_dir.is_dir():
-            raise OtltError(f"run directory {run_dir} does not exist")
-        return run_dir
-    if resume:
-        if not (run_dir / "last.pt").is_file() and not (run_dir / "config.yaml").is_file():
-            raise OtltError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
-        return run_dir  # config.yaml without last.pt: it died in epoch 1; start it afresh
-    if (run_dir / "last.pt").exists():
-        raise OtltError(f"run directory {run_dir} already holds a run; resume it with "
-                        f"'otlt train --resume {run_dir}' or choose another name "
-                        "(--set name=...)")
-    if (run_dir / "config.yaml").exists():
-        raise OtltError(f"run directory {run_dir} holds a run that stopped before its first "
-                        f"epoch ended (no last.pt); start it afresh with 'otlt train --resume "
-                        f"{run_dir}', or remove it with 'rm -r {run_dir}'")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        reason = exc.strerror or exc
-        raise OtltError(f"run directory {run_dir} is not writable ({reason})") from None
-    return run_dir
 
 
 class Trainer:
@@ -315,8 +207,8 @@ class Trainer:
         order = torch.randperm(len(self.train), generator=self.generator)
         return global_batches(order, self.cfg.optim.batch_size, world_size())
 
-    def _epoch_batches(self, epoch: int) -> Sized:
-        """What :meth:`_train_step` takes, one item per step (here: index tensors)."""
+    def epoch_batches(self, epoch: int) -> Sized:
+        """What :meth:`train_step` takes, one item per step (here: index tensors)."""
         return self._batches()
 
     def _mixing_on(self, epoch: int) -> bool:
@@ -324,7 +216,7 @@ class Trainer:
         last = self.cfg.optim.epochs - m.skip_last
         return self.mixer is not None and m.skip_first <= epoch < last
 
-    def _train_step(self, idx: torch.Tensor, mixing: bool) -> tuple[float, float, int]:
+    def train_step(self, idx: torch.Tensor, mixing: bool) -> tuple[float, float, int]:
         """One SGD step on this rank's rows of the global batch ``idx``; returns (summed
         loss, summed correct, batch size) as floats."""
         idx = idx.to(self.device)
@@ -332,9 +224,9 @@ class Trainer:
         # stays in step; each rank keeps its rows.
         x = self.augment(self.train.images[idx], self.generator)
         mine = rank_slice(len(idx))
-        return self._sgd_step(x[mine], self.train.labels[idx][mine], mixing)
+        return self.sgd_step(x[mine], self.train.labels[idx][mine], mixing)
 
-    def _sgd_step(self, x: torch.Tensor, y: torch.Tensor, mixing: bool,
+    def sgd_step(self, x: torch.Tensor, y: torch.Tensor, mixing: bool,
                   coin: bool | None = None,
                   foreground: tuple[torch.Tensor, torch.Tensor] | None = None,
                   ) -> tuple[float, float, int]:
@@ -409,7 +301,7 @@ class Trainer:
         mixing = self._mixing_on(epoch)
         if self.mixer is not None:
             self.mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=self.generator)
-        batches = self._epoch_batches(epoch)
+        batches = self.epoch_batches(epoch)
         total_loss = torch.zeros((), device=self.device)
         total_correct = torch.zeros((), device=self.device)
         seen = 0
@@ -420,7 +312,7 @@ class Trainer:
             lr = step_lr(self.cfg, epoch, step, len(batches))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, correct, n = self._train_step(idx, mixing)
+            loss_sum, correct, n = self.train_step(idx, mixing)
             if not bar.disable and step % 10 == 0:  # .item() syncs the device: not every step
                 bar.set_postfix(loss=f"{float(loss_sum) / n:.3f}", refresh=False)
             total_loss += loss_sum

@@ -92,7 +92,8 @@ def _trained_mixer(cfg, train_counts: Sequence[int], model: torch.nn.Module, dat
                    device: str, generator: torch.Generator):
     """The run's mixer in the state of a late OT epoch: validation confusion of the trained
     model (OTmix's ``F``), ``ot_probability = 1``."""
-    from otlt.engine.trainer import DeviceSplit, evaluate
+    from otlt.engine.evaluation import evaluate
+    from otlt.engine.runtime import DeviceSplit
     from otlt.mixing import create_mixer
 
     params = dict(cfg.mix.params)
@@ -111,7 +112,7 @@ def _draw_batches(cfg, data, mixer, device: str, generator: torch.Generator):
     """A uniform background batch and, for CMO/OTmix, a class-weighted foreground batch
     (``q_k ∝ n_k^-r``, ``r = mix.sampler_r``), as uint8 ``(B, H, W, 3)`` and labels."""
     from otlt.data.samplers import sample_weights
-    from otlt.engine.trainer import DeviceSplit
+    from otlt.engine.runtime import DeviceSplit
 
     train = DeviceSplit(data.train, torch.device(device))
     size = min(cfg.optim.batch_size, len(train))

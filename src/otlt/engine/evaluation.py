@@ -1,0 +1,42 @@
+"""Confusion matrices of a model on a split or on batches (sharded under torch.distributed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from otlt.amp import autocast
+from otlt.data.augment import eval_transform
+from otlt.engine.distributed import all_reduce_sum, rank, world_size
+from otlt.engine.runtime import DeviceSplit
+from otlt.metrics import confusion_matrix
+
+
+def evaluate(model: torch.nn.Module, split: DeviceSplit, num_classes: int, batch_size: int,
+             amp_dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
+    """Confusion matrix ``(K, K)`` (rows: true class) of ``model`` on a split. Under
+    ``torch.distributed`` each rank evaluates every ``world``-th image and the matrices are
+    summed, so every rank holds the whole split's matrix."""
+    mine = torch.arange(rank(), len(split), world_size(), device=split.labels.device)
+    batches = ((eval_transform(split.images[idx]), split.labels[idx])
+               for idx in mine.split(batch_size))
+    return all_reduce_sum(evaluate_batches(model, batches, num_classes, amp_dtype,
+                                           channels_last))
+
+
+@torch.no_grad()
+def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     num_classes: int, amp_dtype: torch.dtype | None,
+                     channels_last: bool) -> torch.Tensor:
+    """Confusion matrix ``(K, K)`` of ``model`` over ``(x (B, 3, H, W) float, y (B,))``
+    batches already on the model's device, in eval mode (train mode is restored)."""
+    model.eval()
+    preds, labels = [], []
+    for x, y in batches:
+        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+        with autocast(x.device, amp_dtype):
+            preds.append(model(x).argmax(1))
+        labels.append(y)
+    model.train()
+    return confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes).cpu()

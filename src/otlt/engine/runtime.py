@@ -1,0 +1,76 @@
+"""What a run stands on: its device, its autocast precision, its data on the device, its
+run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from otlt.config import RunConfig
+from otlt.errors import OtltError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise OtltError(f"train.device={name} but no CUDA device is available (use cpu or auto)")
+    return torch.device(name)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA and on CPUs with native bf16; fp16 only when asked; None for off."""
+    if amp == "off":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
+
+
+class DeviceSplit:
+    """One split as uint8 ``(N, H, W, 3)`` images and ``(N,)`` labels on the device."""
+
+    def __init__(self, arrays, device: torch.device):
+        self.images = torch.from_numpy(arrays.images).to(device)
+        self.labels = torch.from_numpy(arrays.labels).long().to(device)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def open_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool,
+                 evaluate_only: bool = False) -> Path:
+    """Create (or, for resume, check) the run directory without touching an existing run;
+    ``evaluate_only`` only checks that it exists (post-hoc evaluation writes nothing here)."""
+    run_dir = Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name
+    if evaluate_only:
+        if not run_dir.is_dir():
+            raise OtltError(f"run directory {run_dir} does not exist")
+        return run_dir
+    if resume:
+        if not (run_dir / "last.pt").is_file() and not (run_dir / "config.yaml").is_file():
+            raise OtltError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
+        return run_dir  # config.yaml without last.pt: it died in epoch 1; start it afresh
+    if (run_dir / "last.pt").exists():
+        raise OtltError(f"run directory {run_dir} already holds a run; resume it with "
+                        f"'otlt train --resume {run_dir}' or choose another name "
+                        "(--set name=...)")
+    if (run_dir / "config.yaml").exists():
+        raise OtltError(f"run directory {run_dir} holds a run that stopped before its first "
+                        f"epoch ended (no last.pt); start it afresh with 'otlt train --resume "
+                        f"{run_dir}', or remove it with 'rm -r {run_dir}'")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or exc
+        raise OtltError(f"run directory {run_dir} is not writable ({reason})") from None
+    return run_dir
