@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import tiny_overrides
 from otlt.cli import main
-from otlt.data.sources import read_list_file
+from otlt.data.lists import read_list_file
 from otlt.engine.checkpoint import load_checkpoint, save_atomic
 from otlt.errors import OtltError
 

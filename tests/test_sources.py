@@ -18,14 +18,10 @@ from torch.utils.data import DataLoader
 
 from otlt.data import cache as cache_mod
 from otlt.data.cache import load_cached
-from otlt.data.sources import (
-    ListFileDataset,
-    find_data,
-    load_dataset,
-    read_cifar_python,
-    read_image_folder,
-    read_list_file,
-)
+from otlt.data.cifar import read_cifar_python
+from otlt.data.folders import read_image_folder
+from otlt.data.lists import ListFileDataset, read_list_file
+from otlt.data.sources import find_data, load_dataset
 from otlt.data.types import ImageArrays
 from otlt.errors import OtltError
 

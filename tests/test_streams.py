@@ -134,7 +134,7 @@ def test_stream_resume_is_exact_and_independent_of_worker_count(list_root, tmp_p
 
 def test_foreground_images_are_decoded_only_for_mixed_steps(list_root, tmp_path, monkeypatch):
     """With mix.prob 0.5 the foreground loader decodes exactly the mixed steps' rows."""
-    from otlt.data.sources import ListFileDataset
+    from otlt.data.lists import ListFileDataset
 
     decoded = {"other": 0, "fore": 0}
     plain_getitem = ListFileDataset.__getitem__

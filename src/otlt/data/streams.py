@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from otlt.config import DataConfig
-from otlt.data.sources import ListFileDataset, find_data
+from otlt.data.lists import ListFileDataset
+from otlt.data.sources import find_data
 from otlt.errors import OtltError, require
 
 __all__ = ["LIST_FILES", "StreamData", "is_list_dataset", "prepare_stream_data"]

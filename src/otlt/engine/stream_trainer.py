@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader
 
 from otlt.config import BN_STATS
 from otlt.data.augment import normalize
+from otlt.data.lists import ListFileDataset
 from otlt.data.samplers import permutation_batches, sample_weights
-from otlt.data.sources import ListFileDataset
 from otlt.data.streams import IMAGENET_MEAN, IMAGENET_STD, prepare_stream_data
 from otlt.engine.batchnorm import preserved_batchnorm
 from otlt.engine.distributed import (
