@@ -1,0 +1,47 @@
+"""Run configuration: frozen dataclasses, YAML files with inheritance, ``key=value`` overrides.
+
+A config file is YAML with the sections below. ``base: other.yaml`` (relative to the file)
+inherits another file and overrides it key by key, so a short CPU twin states only what it
+changes. Unknown keys anywhere are errors that list the valid keys.
+
+Modules: :mod:`~otlt.config.schema` (the dataclasses) <- :mod:`~otlt.config.files` (YAML,
+presets, overrides), :mod:`~otlt.config.validate` <- :mod:`~otlt.config.build`
+(``build_config``, ``load_config``). Everything is importable from ``otlt.config``.
+"""
+
+from __future__ import annotations
+
+from otlt.config.build import build_config, load_config
+from otlt.config.files import (
+    apply_overrides,
+    dump_config,
+    list_presets,
+    load_raw,
+    parse_override,
+    preset_path,
+    presets_dir,
+)
+from otlt.config.schema import (
+    BN_STATS,
+    DATASET_DEFAULTS,
+    REWEIGHT_CHOICES,
+    SELECT_METRICS,
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    MixConfig,
+    ModelConfig,
+    OptimConfig,
+    ReweightConfig,
+    RunConfig,
+    TrainConfig,
+    config_keys_markdown,
+    to_dict,
+)
+from otlt.config.validate import validate
+
+__all__ = ["BN_STATS", "DATASET_DEFAULTS", "REWEIGHT_CHOICES", "SELECT_METRICS", "DataConfig",
+           "EvalConfig", "LossConfig", "MixConfig", "ModelConfig", "OptimConfig",
+           "ReweightConfig", "RunConfig", "TrainConfig", "apply_overrides", "build_config",
+           "config_keys_markdown", "dump_config", "list_presets", "load_config", "load_raw",
+           "parse_override", "preset_path", "presets_dir", "to_dict", "validate"]

@@ -1,0 +1,118 @@
+"""Config files: YAML with ``base:`` inheritance, the packaged presets, ``key=value`` overrides,
+and writing the resolved config into a run directory."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from otlt.config.schema import RunConfig, to_dict
+from otlt.errors import OtltError, require
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise OtltError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise OtltError(f"config {path} is not valid YAML{where}: {problem}") from None
+    require(data is not None and data != {}, f"config {path} is empty (a config needs at "
+                                             "least a name; see configs/*.yaml)")
+    require(isinstance(data, dict), f"config {path} must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "params":
+            out[key] = _merge(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def presets_dir() -> Path:
+    """The folder of the packaged presets (``configs/`` of the checkout, shipped in the wheel
+    as ``otlt/presets``)."""
+    from importlib.resources import files
+
+    return Path(str(files("otlt") / "presets"))
+
+
+def list_presets() -> list[str]:
+    """Names of the packaged presets (``otlt train --preset NAME``), sorted."""
+    folder = presets_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of preset ``name`` (a one-line error lists close names)."""
+    path = presets_dir() / f"{name.removesuffix('.yaml')}.yaml"
+    if not path.is_file():
+        import difflib
+
+        close = difflib.get_close_matches(name, list_presets(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (otlt presets lists them)"
+        raise OtltError(f"unknown preset {name!r}{hint}")
+    return path
+
+
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config and resolve its ``base:`` chain (one path per file, relative to
+    the file, acyclic) into one dict."""
+    path = Path(path)
+    require(path.is_file(), f"config file {path} does not exist (expected a YAML file, "
+                            "e.g. configs/cifar10_lt_r100_erm.yaml)")
+    resolved = path.resolve()
+    if resolved in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, resolved))
+        raise OtltError(f"config {path}: the base: chain is a cycle ({cycle})")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    require(isinstance(base, str) and base.strip() != "",
+            f"config {path}: base: must be one file path (relative to the config), got {base!r}")
+    return _merge(load_raw(path.parent / base, (*_chain, resolved)), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], parsed value); the value is read as YAML."""
+    require("=" in text, f"override {text!r} must look like key=value (e.g. optim.epochs=30)")
+    key, value = text.split("=", 1)
+    require(bool(key.strip()), f"override {text!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of ``raw`` with every ``key=value`` override applied."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            require(isinstance(node, dict), f"override {text!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
