@@ -13,7 +13,6 @@ import yaml
 from PIL import Image
 
 from conftest import TINY_CLASSES, tiny_overrides
-from otlt import plots
 from otlt.cli import main
 from otlt.errors import OtltError
 from otlt.report import (
@@ -24,6 +23,7 @@ from otlt.report import (
     load_runs,
     mix_statistics,
     mixed_pairs,
+    plots,
     write_report,
 )
 from otlt.sweep import parse_values, plan_sweep, run_sweep

@@ -1,6 +1,9 @@
 """Command line: ``otlt train | eval | probe | demo | report | sweep | bench``.
 
 User mistakes end with one line ``otlt: error: ...`` and exit code 2, never a traceback.
+
+The module stays whole (over 400 lines): it is the one argparse surface of the tool; each
+command's work lives in its own module, imported lazily so ``otlt --help`` starts fast.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 from otlt.config import build_config
+from otlt.console import format_eval
+from otlt.engine.logging import read_metrics
+from otlt.engine.trainer import Trainer
 
 DEMO_EPOCHS = 6
 
@@ -35,8 +38,6 @@ def demo_config(epochs: int, out: Path, data: str | None) -> dict:
 
 def format_mixing(run_dir: Path, classes: list[str]) -> str:
     """Table of the last OT epoch's (foreground class, background class) pair counts."""
-    from otlt.engine.logging import read_metrics
-
     ot_epochs = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("ot_epoch")]
     if not ot_epochs:
         return "no OT epoch in this run (the Bernoulli((t/T)^mu) switch drew CMO pairing)"
@@ -57,9 +58,6 @@ def format_mixing(run_dir: Path, classes: list[str]) -> str:
 
 def run_demo(data: str | None = None, epochs: int | None = None,
              out: Path = Path("runs")) -> int:
-    from otlt.console import format_eval
-    from otlt.engine.trainer import Trainer
-
     epochs = epochs or DEMO_EPOCHS
     cfg = build_config(demo_config(epochs, out, data))
     print(f"otlt demo: ERM + OTmix on CIFAR-10-LT (phi=100), ResNet-32, {epochs} epochs",

@@ -17,7 +17,10 @@ from pathlib import Path
 import yaml
 
 from otlt.config import RunConfig, apply_overrides, build_config, load_raw, parse_override, to_dict
+from otlt.engine.factory import create_trainer
 from otlt.errors import OtltError, require
+from otlt.losses import create_loss
+from otlt.mixing import create_mixer
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,6 @@ def plan_sweep(config: str | Path, key: str, values: Sequence[str],
 
 def check_components(cfg: RunConfig) -> None:
     """Construct the run's loss and mixer on made-up class counts to validate their params."""
-    from otlt.losses import create_loss
-    from otlt.mixing import create_mixer
-
     counts = list(range(2 * cfg.num_classes, cfg.num_classes, -1))
     create_loss(cfg.loss.name, counts, **cfg.loss.params)
     if cfg.mix.name != "none":
@@ -95,8 +95,6 @@ def _same_config(stored: Path, cfg: RunConfig) -> bool:
 def run_sweep(runs: Sequence[SweepRun], log: Callable[[str], None] = print) -> list[Path]:
     """Train every run of a sweep in turn (skip done ones, resume partial ones); return the
     run directories."""
-    from otlt.engine.factory import create_trainer
-
     for run in runs:
         stored = run.run_dir / "config.yaml"
         if run.state != "new" and not _same_config(stored, run.config):

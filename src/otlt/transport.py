@@ -1,6 +1,8 @@
 """Optimal-transport solvers: batched entropic Sinkhorn and exact assignment.
 
-Two solvers serve the two OT methods of the library:
+Two solvers serve the two OT methods of the library (the module stays whole, over 400 lines:
+one solver family, its two numerical regimes and the math in their docstrings belong
+together, as in POT's ``ot/bregman/_sinkhorn.py``):
 
 - :func:`sinkhorn` solves the entropic OT problem of OTmix (paper 002, eq. 4, ε = 0.01) and of
   OT re-weighting (ε = 0.1) on whole batches of cost matrices, on any device, in float32 or

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from otlt.config import DATASET_DEFAULTS, DataConfig
 from otlt.data.longtail import build_splits
 from otlt.data.sources import find_data, load_dataset
+from otlt.data.streams import is_list_dataset
 from otlt.data.types import ImageArrays
 from otlt.errors import require
 
@@ -39,8 +40,6 @@ class LongTailedData:
 
 def prepare_data(cfg: DataConfig, num_classes: int) -> LongTailedData:
     """Locate and read the dataset, then carve val/meta and subsample the long tail."""
-    from otlt.data.streams import is_list_dataset
-
     require(not is_list_dataset(cfg), f"dataset {cfg.dataset!r} is a list-file dataset, "
             "streamed by the training engine; this command needs an in-memory dataset")
     path = find_data(cfg.dataset, cfg.path)

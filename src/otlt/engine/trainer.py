@@ -4,6 +4,12 @@ Small datasets live on the training device as uint8 tensors; a step gathers its 
 index, augments it with one batched gather (:mod:`otlt.data.augment`), optionally mixes it,
 and takes an SGD step under autocast. The validation split drives everything during
 training (including OTmix's confusion matrix); the test split is evaluated once, at the end.
+
+The module stays whole (over 400 lines): :class:`Trainer`'s epoch loop, its checkpoint state
+and its evaluation procedure read and write the same run state. What needs none of it lives
+below: :mod:`~otlt.engine.runtime` (device, precision, data on the device, run directory),
+:mod:`~otlt.engine.schedule`, :mod:`~otlt.engine.evaluation` (confusion matrices),
+:mod:`~otlt.engine.batchnorm` (recalibration) and :mod:`~otlt.engine.checkpoint`.
 """
 
 from __future__ import annotations

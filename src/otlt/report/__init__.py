@@ -15,7 +15,8 @@ Figures go to ``OUT/figures/`` and ``report.md`` links them with relative paths,
 folder renders on GitHub as it is.
 """
 
-from otlt.report.markdown import ReportOptions, linked_figures, slug, write_report
+from otlt.report.document import slug
+from otlt.report.markdown import ReportOptions, linked_figures, write_report
 from otlt.report.runs import (
     GROUPS,
     IGNORED_KEYS,

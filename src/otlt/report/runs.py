@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from otlt import plots
 from otlt.errors import OtltError, require
+from otlt.report import plots
 
 #: config keys that name or place a run rather than define it (ignored by sweep detection)
 IGNORED_KEYS = ("name", "out_dir", "data.path", "train.device", "train.amp", "train.progress",

@@ -6,18 +6,21 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from otlt.config import RunConfig, build_config
+from otlt.data.augment import eval_transform
+from otlt.data.prepare import LongTailedData, prepare_data
+from otlt.data.samplers import sample_weights
+from otlt.engine.checkpoint import load_checkpoint
+from otlt.engine.evaluation import evaluate
+from otlt.engine.runtime import DeviceSplit
 from otlt.errors import OtltError, require
-
-if TYPE_CHECKING:  # the engine and data modules load only for --gallery / --tsne
-    from otlt.config import RunConfig
-    from otlt.data.prepare import LongTailedData
-
-
+from otlt.mixing import create_mixer
+from otlt.models import create_model
 
 # ---------------------------------------------------------------------- from checkpoints
 
@@ -25,11 +28,6 @@ if TYPE_CHECKING:  # the engine and data modules load only for --gallery / --tsn
 def load_trained(run_dir: Path, data_path: str | None = None, device: str = "cpu"
                  ) -> tuple[RunConfig, dict[str, Any], LongTailedData, torch.nn.Module]:
     """Load a run's config, checkpoint, data and model (eval mode) for gallery and t-SNE."""
-    from otlt.config import build_config
-    from otlt.data.prepare import prepare_data
-    from otlt.engine.checkpoint import load_checkpoint
-    from otlt.models import create_model
-
     state = load_checkpoint(Path(run_dir) / "last.pt", map_location=device)
     cfg = build_config(state["config"])
     if data_path is not None:
@@ -65,8 +63,6 @@ def mixed_pairs(run_dir: Path, n: int = 8, data_path: str | None = None, seed: i
     Images are not augmented, so the pictures show the dataset's images; the plan is made
     on normalised images (what the model sees) and applied to the displayable ones.
     """
-    from otlt.data.augment import eval_transform
-
     cfg, state, data, model = load_trained(run_dir, data_path, device)
     require(cfg.mix.name != "none", f"--gallery needs a mixing run; {run_dir} has mix.name none")
     generator = torch.Generator().manual_seed(seed)
@@ -92,10 +88,6 @@ def _trained_mixer(cfg, train_counts: Sequence[int], model: torch.nn.Module, dat
                    device: str, generator: torch.Generator):
     """The run's mixer in the state of a late OT epoch: validation confusion of the trained
     model (OTmix's ``F``), ``ot_probability = 1``."""
-    from otlt.engine.evaluation import evaluate
-    from otlt.engine.runtime import DeviceSplit
-    from otlt.mixing import create_mixer
-
     params = dict(cfg.mix.params)
     if cfg.mix.name == "otmix":
         params["ot_probability"] = 1.0
@@ -111,9 +103,6 @@ def _trained_mixer(cfg, train_counts: Sequence[int], model: torch.nn.Module, dat
 def _draw_batches(cfg, data, mixer, device: str, generator: torch.Generator):
     """A uniform background batch and, for CMO/OTmix, a class-weighted foreground batch
     (``q_k ∝ n_k^-r``, ``r = mix.sampler_r``), as uint8 ``(B, H, W, 3)`` and labels."""
-    from otlt.data.samplers import sample_weights
-    from otlt.engine.runtime import DeviceSplit
-
     train = DeviceSplit(data.train, torch.device(device))
     size = min(cfg.optim.batch_size, len(train))
     back = torch.randperm(len(train), generator=generator)[:size].to(device)
@@ -156,7 +145,6 @@ def tsne_embedding(run_dir: Path, n: int = 2000, data_path: str | None = None, s
     except ImportError:
         raise OtltError("--tsne needs scikit-learn, which is not installed (pip install "
                         "scikit-learn, or install otlt with the 'report' extra)") from None
-    from otlt.data.augment import eval_transform
 
     require(n >= 5, f"--tsne-samples must be at least 5, got {n}")
     _, _, data, model = load_trained(run_dir, data_path, device)
