@@ -118,18 +118,6 @@ def trained_like_confusion(num_classes: int, generator: torch.Generator,
     return accuracy * eye + (1 - accuracy) * off / off.sum(1, keepdim=True)
 
 
-class _FixedFeatures(torch.nn.Module):
-    """A stand-in model whose ``features`` returns precomputed ``(N, D)`` features, so that
-    OTMix's call can be timed without the network."""
-
-    def __init__(self, features: torch.Tensor):
-        super().__init__()
-        self.z = features
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.z
-
-
 class Bench:
     """One trainer and the timed callables (each runs one step of its variant)."""
 
@@ -173,8 +161,7 @@ class Bench:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         fidx = self._fore_idx(len(self.y))
         self.xf, self.yf = self._augmented(fidx)
-        z = self.otmix.features(t.model, torch.cat([self.xf, self.x]), t.amp_dtype)
-        self.stub = _FixedFeatures(z)
+        self.fixed_z = t.embed_for(self.otmix)(torch.cat([self.xf, self.x]))
 
     def _fore_idx(self, batch_size: int) -> torch.Tensor:
         t = self.trainer
@@ -235,12 +222,12 @@ class Bench:
     def features(self) -> None:
         """OTmix's no-grad feature pass over the ``2B`` foreground and background images."""
         t = self.trainer
-        self.otmix.features(t.model, torch.cat([self.xf, self.x]), t.amp_dtype)
+        t.embed_for(self.otmix)(torch.cat([self.xf, self.x]))
 
     def pairing(self) -> None:
         """The OTMix call with the features given: cost, Sinkhorn, partners, paste."""
         self.otmix(self.x, self.y, self.xf, self.yf, generator=self.trainer.generator,
-                   model=self.stub, amp_dtype=self.trainer.amp_dtype)
+                   embed=lambda _images: self.fixed_z)
 
     def sync(self) -> None:
         if self.device.type == "cuda":

@@ -276,11 +276,12 @@ class Trainer:
         if not getattr(mixer, "needs_partner_batch", False):
             return mixer(x, y, generator=generator)
         xf, yf = foreground(len(y))
-        return mixer(x, y, xf, yf, generator=generator, embed=self._embed(mixer))
+        return mixer(x, y, xf, yf, generator=generator, embed=self.embed_for(mixer))
 
-    def _embed(self, mixer):
-        """The feature function handed to a context mixer (OTmix): the training model under
-        the run's autocast and memory format, in the mixer's ``feature_mode``."""
+    def embed_for(self, mixer):
+        """The feature function ``(N, 3, H, W) -> (N, D)`` handed to a context mixer (OTmix):
+        the training model under the run's autocast and memory format, in the mixer's
+        ``feature_mode`` (built once per mode)."""
         mode = getattr(mixer, "feature_mode", "pooled_eval")
         if mode not in self._embeds:
             self._embeds[mode] = feature_fn(self.model, mode, self.amp_dtype,

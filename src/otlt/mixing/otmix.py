@@ -211,8 +211,10 @@ class OTMix(Mixer):
     def features(self, model: torch.nn.Module, images: torch.Tensor,
                  amp_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Features ``(N, D)`` of ``model`` for the cost (:func:`otlt.models.feature_fn`
-        with this mixer's ``feature_mode``), without gradients."""
-        return feature_fn(model, self.feature_mode, amp_dtype, channels_last=True)(images)
+        with this mixer's ``feature_mode``), without gradients, in the memory format the
+        images come in (the engine hands :meth:`plan` its own ``embed`` instead)."""
+        return feature_fn(model, self.feature_mode, amp_dtype,
+                          channels_last=_is_channels_last(images))(images)
 
     def cost(self, z_fore: torch.Tensor, z_back: torch.Tensor, y_fore: torch.Tensor,
              y_back: torch.Tensor) -> torch.Tensor:
@@ -266,7 +268,8 @@ class OTMix(Mixer):
             plan = with_saliency_box(dataclasses.replace(plan, partner=torch.arange(len(x))),
                                      x_partner)
         if embed is None and model is not None:
-            embed = feature_fn(model, self.feature_mode, amp_dtype, channels_last=True)
+            embed = feature_fn(model, self.feature_mode, amp_dtype,
+                               channels_last=_is_channels_last(x))
         use_ot = self.ot_epoch and embed is not None
         self.stats["batches"] += 1
         if use_ot:
@@ -349,6 +352,12 @@ class OTMix(Mixer):
         if val_confusion is not None:
             self.update_confusion(val_confusion)
         return record
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D batch is laid out channels-last (and not also plain contiguous)."""
+    return (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous())
 
 
 __all__ = ["OTMix", "class_affinity", "otmix_cost", "sample_cost"]
