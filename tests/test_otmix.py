@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 
 import pytest
@@ -258,3 +260,21 @@ def test_feature_mode_official_moves_batchnorm_and_the_default_does_not(mode):
         assert z.shape == (8, 64 * 8 * 8)  # Sequential(children[:-1]) output, flattened
     else:
         assert moved == []
+
+
+def test_softmax_selection_is_in_effect_uniform_random_pairing():
+    """Plan entries are at most 1/B (uniform marginals), so softmax(T[i, :]) is within
+    e^{1/B} of uniform: at B = 128 and eps = 0.01 no row prefers any background by more
+    than 0.8%."""
+    from otlt.transport import sinkhorn
+    gen = torch.Generator().manual_seed(0)
+    b = 128
+    cost = torch.rand(b, b, generator=gen)
+    plan = sinkhorn(cost, eps=0.01, max_iter=5000, warn=False).plan
+    assert float(plan.max()) <= 1.0 / b + 1e-6
+    rows = torch.softmax(plan, dim=1)
+    ratio = float((rows.max(1).values / rows.min(1).values).max())
+    assert 1.0 < ratio <= math.exp(1.0 / b) + 1e-6 and ratio < 1.008
+    # while the plan itself concentrates: every row's largest entry is over 10 times the
+    # uniform plan's 1/B^2
+    assert float((plan.max(1).values * b * b).min()) > 10

@@ -105,7 +105,9 @@ class OTMix(Mixer):
     Options (paper defaults): ``omega = 0.05``, ``eps = 0.01``, ``alpha = 4``, ``mu = 1``;
     ``distance`` cosine/euclidean; ``keep_same_class`` keeps ``F``'s diagonal; ``selection``
     ``argmax`` (eq. 8), ``sample`` (draw ``j`` from the row ``T[i, :] / sum_j T[i, j]``),
-    ``softmax`` (draw from ``softmax(T[i, :])``, Table 4's literal wording), ``assignment``
+    ``softmax`` (draw from ``softmax(T[i, :])``, Table 4's literal wording; since every plan
+    entry is at most ``1/B``, the softmax is within ``e^{1/B}`` of uniform: in effect random
+    pairing, max/min row probability <= 1.008 at B = 128), ``assignment``
     (the exact one-to-one optimum of ``C``, our addition) or ``confusion`` (no OT: the
     background class most confused with the foreground's, Table 4); ``blend``
     cutmix/mixup/saliencymix (Table 3; saliencymix centres the box on the first mixed
