@@ -264,3 +264,62 @@ def test_tensorboard_gets_the_final_test_numbers_and_hparams(tiny_zip, tiny_conf
     result = json.loads((out_dir / "tiny" / "eval.json").read_text())
     assert events.Scalars("test/top1_error")[-1].value == pytest.approx(result["top1_error"])
     assert list((out_dir / "tiny" / "tb").glob("hparams/events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_installed_wheel_trains_a_preset_outside_the_checkout(tiny_zip, tmp_path):
+    """The wheel (with the lightning extra's import available) in a fresh virtualenv outside
+    the checkout: ``otlt presets``, ``otlt train --preset <short one> --data <zip>`` and
+    ``otlt report`` on the result. The new environment reuses this one's installed
+    dependencies through a path file (no network), but imports otlt from the wheel."""
+    import site
+    import subprocess
+    import sys
+    import sysconfig
+
+    pytest.importorskip("setuptools")
+    pytest.importorskip("lightning")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", str(root), "-w", str(tmp_path / "dist")],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("otlt-*.whl")
+    env_dir = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    python = env_dir / "bin" / "python"
+    new_site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig."
+                                    "get_paths()['purelib'])"], check=True, text=True,
+                                   capture_output=True).stdout.strip())
+    # dependencies from this environment, after the new one's own site-packages
+    deps = [p for p in site.getsitepackages() + [sysconfig.get_paths()["purelib"]]
+            if Path(p).is_dir()]
+    (new_site / "otlt_test_deps.pth").write_text("\n".join(dict.fromkeys(deps)) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--target", str(new_site), str(wheel)], check=True, capture_output=True,
+                   timeout=300)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OTLT_DATA")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def otlt(*args: str) -> str:
+        done = subprocess.run([str(python), "-m", "otlt", *args], cwd=work, env=env,
+                              text=True, capture_output=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    where = subprocess.run([str(python), "-c", "import otlt, otlt.integrations.lightning; "
+                            "print(otlt.__file__)"], cwd=work, env=env, text=True,
+                           capture_output=True, check=True).stdout
+    assert where.startswith(str(new_site)), where  # the wheel, not the checkout
+    assert "cifar10_lt_r100_erm_short" in otlt("presets", "erm_short")
+    sets = ["data.dataset=folder", "data.num_classes=10", "data.n_max=40",
+            "data.imbalance_ratio=10", "data.val_per_class=5", "model.name=resnet20",
+            "optim.batch_size=32", "optim.epochs=1", "train.progress=false",
+            "train.device=cpu", "eval.bn_probe_every=0", "train.keep_epochs=[]"]
+    otlt("train", "--preset", "cifar10_lt_r100_erm_short", "--data", str(tiny_zip),
+         *[a for s in sets for a in ("--set", s)])
+    run = work / "runs" / "cifar10_lt_r100_erm_short"
+    assert json.loads((run / "eval.json").read_text())["top1_error"] is not None
+    otlt("report", str(run), "--out", str(work / "report"))
+    assert "cifar10_lt_r100_erm_short" in (work / "report" / "report.md").read_text()
