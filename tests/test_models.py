@@ -340,3 +340,27 @@ def test_unknown_and_timm_models_are_clear_errors(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_timm)
     with pytest.raises(OtltError, match=r"timm:resnet18 needs timm \(pip install timm\)"):
         create_model("timm:resnet18", 3)
+
+
+def test_float64_models_take_float32_batches_on_every_entry_point():
+    """train.float64: parameters in float64 and float32 inputs cast on the way in, for the
+    forward and for the feature pass OTmix and recalibration use."""
+    from otlt.models import create_model
+    from otlt.models.precision import to_float64
+
+    model = to_float64(create_model("resnet20", 10, generator=torch.Generator().manual_seed(0)))
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    x = torch.rand(4, 3, 32, 32)
+    assert model(x).dtype == torch.float64 and model.features(x).dtype == torch.float64
+    model.eval()
+    ref = model(x.double())
+    torch.testing.assert_close(model(x), ref)
+
+
+def test_float64_refuses_autocast():
+    from otlt.config import load_config
+    from otlt.errors import OtltError
+
+    assert load_config(None, ["train.float64=true"]).train.float64
+    with pytest.raises(OtltError, match="train.float64 runs without autocast"):
+        load_config(None, ["train.float64=true", "train.amp=bf16"])

@@ -115,6 +115,7 @@ class TrainConfig:
     keep_epochs: tuple[int, ...] = ()
     keep_every: int = 0
     sync_bn: bool = False
+    float64: bool = False
 
 
 BN_STATS = ("running", "train", "clean", "balanced")

@@ -32,6 +32,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.keep_epochs must be epochs in [0, {o.epochs - 1}] (counted from 0), "
             f"got {list(cfg.train.keep_epochs)}")
     require(cfg.train.workers >= 0, f"train.workers must be >= 0, got {cfg.train.workers}")
+    require(not cfg.train.float64 or cfg.train.amp in ("auto", "off"),
+            f"train.float64 runs without autocast; train.amp={cfg.train.amp} asks for it "
+            "(set train.amp=off or auto)")
     require(o.batch_size > 0, f"optim.batch_size must be a positive integer, got {o.batch_size}")
     require(o.epochs > 0, f"optim.epochs must be a positive integer, got {o.epochs}")
     require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")

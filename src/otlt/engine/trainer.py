@@ -50,6 +50,7 @@ from otlt.engine.evaluation import evaluate
 from otlt.engine.logging import MetricsLogger, log_final
 from otlt.engine.runtime import DeviceSplit, autocast_dtype, open_run_dir, resolve_device
 from otlt.engine.schedule import step_lr
+from otlt.engine.syncbn import convert_global_batchnorm
 from otlt.engine.weights import SUFFIX, load_weights, save_weights
 from otlt.errors import OtltError, require
 from otlt.losses import batch_loss, create_loss
@@ -57,6 +58,7 @@ from otlt.metrics import select_value, summarize
 from otlt.mixing import create_mixer
 from otlt.models import create_model
 from otlt.models.features import feature_fn
+from otlt.models.precision import to_float64
 
 
 class Trainer:
@@ -75,12 +77,10 @@ class Trainer:
         require(cfg.optim.batch_size % world == 0,
                 f"optim.batch_size={cfg.optim.batch_size} is the global batch and must split "
                 f"evenly over the {world} processes")
-        require(not cfg.train.sync_bn or world == 1 or self.device.type == "cuda",
-                "train.sync_bn needs CUDA processes (torch's SyncBatchNorm has no CPU kernel); "
-                "without it BatchNorm buffers are averaged over ranks before each evaluation")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
+        # float64 (numerical checks) runs without autocast
+        self.amp_dtype = None if cfg.train.float64 else autocast_dtype(cfg.train.amp, self.device)
         self.num_classes = cfg.num_classes
         self.data = data or self._prepare_data()
         self.train_counts = self.data.train_counts
@@ -138,10 +138,13 @@ class Trainer:
         self.model = create_model(cfg.model.name, self.num_classes, head=cfg.model.head,
                                   generator=torch.Generator().manual_seed(cfg.seed))
         self.model.to(self.device)
+        if cfg.train.float64:
+            to_float64(self.model)
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        if is_distributed() and cfg.train.sync_bn:
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if is_distributed() and cfg.train.sync_bn:  # torch's on CUDA, ours elsewhere (gloo)
+            self.model = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                          if self.device.type == "cuda" else convert_global_batchnorm(self.model))
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
         if is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
