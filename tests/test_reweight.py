@@ -405,3 +405,31 @@ def test_gradient_check_script_on_a_trained_stage1(stage1, tmp_path, capsys):
     assert result["worst"]["bound_ratio_max"] <= 1 + 1e-6  # |dL/dw_i| <= nu_i (max g - min g)
     assert result["max_drift_over_run"] == pytest.approx(
         result["epochs"] * result["mean"]["step_abs_mean"])
+
+
+def test_stage2_starts_from_a_committed_fp16_stage1_folder(stage1, tmp_path):
+    """reweight.stage1 may name a results folder (config.yaml, splits.json, fp16
+    last.safetensors) instead of a run with last.pt: stage 2 starts from those weights."""
+    import shutil
+
+    from otlt.engine.weights import load_weights, save_weights
+    folder = tmp_path / "committed"
+    folder.mkdir()
+    for name in ("config.yaml", "splits.json"):
+        shutil.copy(stage1["run"] / name, folder / name)
+    state = load_checkpoint(stage1["run"] / "last.pt")
+    save_weights(folder / "last.safetensors", state["model"], epoch=state["epoch"],
+                 dtype=torch.float16)
+    config = tmp_path / "stage2.yaml"
+    config.write_text("name: stage2\n")
+    sets = _stage2(stage1, tmp_path, "from_fp16", ["optim.epochs=1"])
+    sets[sets.index(f"reweight.stage1={stage1['run']}")] = f"reweight.stage1={folder}"
+    assert main(["train", "--config", str(config), "--stop-after", "1", *sets]) == 0
+    assert (tmp_path / "from_fp16" / "eval.json").is_file()
+    frozen = load_checkpoint(tmp_path / "from_fp16" / "last.pt")["model"]
+    fp16 = load_weights(folder / "last.safetensors").model
+    key = "layer1.0.conv1.weight"
+    assert torch.equal(frozen[key], fp16[key])  # the backbone is the committed fp16 one
+    (folder / "splits.json").unlink()
+    sets[sets.index("name=from_fp16")] = "name=broken"
+    assert main(["train", "--config", str(config), *sets]) == 2  # one-line error

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from otlt.amp import autocast
 from otlt.config import RunConfig, to_dict
@@ -46,14 +47,34 @@ from otlt.engine.checkpoint import load_checkpoint, write_atomic
 from otlt.engine.distributed import is_main_process, launched_world_size, unwrap
 from otlt.engine.runtime import DeviceSplit
 from otlt.engine.trainer import Trainer
+from otlt.engine.weights import SUFFIX, load_weights
 from otlt.errors import OtltError, require
 from otlt.reweight import OTReweighter, class_prototypes
 
 
 def stage1_checkpoint(path: str) -> Path:
-    """The checkpoint file of ``reweight.stage1`` (a ``last.pt`` or its run directory)."""
+    """The checkpoint file of ``reweight.stage1``: a ``last.pt``, or a run directory's
+    ``last.pt``, else its committed ``last.safetensors`` (a results folder)."""
     p = Path(path)
-    return p / "last.pt" if p.is_dir() else p
+    if not p.is_dir():
+        return p
+    return p / "last.pt" if (p / "last.pt").is_file() or not (p / f"last{SUFFIX}").is_file() \
+        else p / f"last{SUFFIX}"
+
+
+def _stage1_from_weights(path: Path) -> dict[str, Any]:
+    """A committed stage-1 folder (``config.yaml``, ``splits.json``, fp16 ``last.safetensors``)
+    as the parts of a checkpoint stage 2 reads."""
+    folder = path.parent
+    for name in ("config.yaml", "splits.json"):
+        require((folder / name).is_file(), f"reweight.stage1: {folder / name} is missing; a "
+                                           "stage-1 folder needs config.yaml, splits.json and "
+                                           "last.safetensors")
+    weights = load_weights(path)
+    splits = json.loads((folder / "splits.json").read_text())
+    return {"config": yaml.safe_load((folder / "config.yaml").read_text()),
+            "epoch": weights.epoch, "model": weights.model,
+            "train_counts": splits["counts"]["train"]}
 
 
 def load_stage1(cfg: RunConfig) -> dict[str, Any]:
@@ -62,7 +83,7 @@ def load_stage1(cfg: RunConfig) -> dict[str, Any]:
     require(path.is_file(), f"reweight.stage1: {path} does not exist (train stage 1 first, "
                             "e.g. otlt train --config configs/cifar10_lt_r100_ot_reweight_stage1"
                             ".yaml, or point reweight.stage1 at its last.pt)")
-    state = load_checkpoint(path)
+    state = _stage1_from_weights(path) if path.suffix == SUFFIX else load_checkpoint(path)
     first = state["config"]
     done, total = int(state["epoch"]) + 1, int(first["optim"]["epochs"])
     require(done >= total, f"stage-1 run {path.parent} stopped after epoch {done} of {total}; "
