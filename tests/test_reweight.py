@@ -377,6 +377,17 @@ def test_stage2_without_ot_step_keeps_the_initial_weights(stage1, tmp_path):
                and r["weight_step_change"] is None and r["meta_loss"] > 0 for r in records)
     first = load_checkpoint(stage1["run"] / "last.pt")["model"]
     assert not torch.equal(first["fc.weight"], state["model"]["fc.weight"])
+    # the ablation table reads it: nothing moved, nothing measured
+    import importlib.util
+    path = Path(__file__).parents[1] / "scripts" / "reweight_ablation_table.py"
+    spec = importlib.util.spec_from_file_location("reweight_ablation_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    row = table.summary(run, run)
+    assert row["changes"] == "the preset" and row["moved"] == 0.0
+    assert row["grad_norm"] is None and row["ot_first"] is None
+    assert row["test_last"] == json.loads((run / "eval.json").read_text())["top1_error"]
+    assert "| no_ot | the preset |" in table.table([row])
 
 
 def test_gradient_check_script_on_a_trained_stage1(stage1, tmp_path, capsys):
