@@ -209,14 +209,14 @@ def test_resume_missing_or_corrupt_checkpoint(tiny_zip, tiny_config, tmp_path, c
 
 
 def test_tensorboard_tags_are_grouped():
-    from otlt.engine.logging import _scalars, tensorboard_tag
+    from otlt.engine.logging import tensorboard_scalars, tensorboard_tag
 
     assert [tensorboard_tag(k) for k in ("train_loss", "val_acc", "val_many_acc",
                                          "ot_batch_fraction", "epoch_seconds", "lr",
                                          "ot_loss", "test_diag_few_acc")] == [
         "train/loss", "val/acc", "val/many", "mix/ot_batch_fraction", "time/epoch", "lr",
         "reweight/ot_loss", "test_diag/few"]
-    scalars = _scalars({"epoch": 3, "lr": 0.1, "mix_pairs": [[1]], "val_few_acc": None,
+    scalars = tensorboard_scalars({"epoch": 3, "lr": 0.1, "mix_pairs": [[1]], "val_few_acc": None,
                         "bn_probe": {"clean": {"val_acc": 50.0, "val_many_acc": None}}})
     assert scalars == {"lr": 0.1, "probe/clean/acc": 50.0}
 

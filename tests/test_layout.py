@@ -138,3 +138,15 @@ def test_the_checks_catch_what_they_should(tmp_path, source, message):
         assert any(layer(t) > layer(fake) for t, _, _ in found)
     else:
         assert any(name.startswith("_") for _, name, _ in found)
+
+
+def test_tests_use_public_names():
+    """Tests assert public behaviour: no test imports a private otlt name."""
+    private = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("otlt"):
+                private += [(path.name, node.module, a.name) for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+    assert private == []

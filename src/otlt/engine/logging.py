@@ -37,7 +37,7 @@ def tensorboard_tag(key: str) -> str:
     return key
 
 
-def _scalars(record: dict[str, Any]) -> dict[str, float]:
+def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
     """The finite scalars of a record by TensorBoard tag (``bn_probe`` as probe/<mode>/...)."""
     out = {}
     for key, value in record.items():
@@ -76,7 +76,7 @@ class MetricsLogger:
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for tag, value in _scalars(record).items():
+            for tag, value in tensorboard_scalars(record).items():
                 self.writer.add_scalar(tag, value, record["epoch"])
             self.writer.flush()
 
