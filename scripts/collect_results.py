@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--title", default="")
     parser.add_argument("--weights", action="store_true",
                         help="commit fp16 last/best (and --keep-epochs) weights")
+    parser.add_argument("--weights-for", default="",
+                        help="with --weights: only these runs (comma-separated names)")
     parser.add_argument("--keep-epochs", default="",
                         help="comma-separated kept epochs (from 0) to commit with --weights")
     args = parser.parse_args()
@@ -128,8 +130,10 @@ def main() -> None:
     summaries = []
     for run in args.runs:
         s = run_summary(run)
+        chosen = {n for n in args.weights_for.split(",") if n}
         write_run(s, run, out / s["name"], args.command, args.hardware, args.note,
-                  weights=args.weights, keep_epochs=keep)
+                  weights=args.weights and (not chosen or s["name"] in chosen),
+                  keep_epochs=keep)
         summaries.append(s)
     text = [f"# {args.title or args.group}", "", f"Hardware: {args.hardware}", "",
             f"Command per run: `{args.command}`", "",
