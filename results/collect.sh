@@ -125,17 +125,17 @@ fi
 if wanted cifar10_lt_r100_reweight_ablation; then
 # Issue 22: one stage-1 run (fp16 weights committed) and the stage-2 ablations at phi=100 from
 # it (scripts/run_many.py --jobs 2 --threads 1, names and overrides below), plus the gradient
-# check of scripts/reweight_gradient_check.py (runs/reweight_ablation/gradient_check.json).
+# check of scripts/reweight_gradient_check.py (runs/gradient_check.json).
 G=results/cifar10_lt_r100_reweight_ablation
-A=runs/reweight_ablation
+A=runs/ablation
 N=cifar10_lt_r100_ot_reweight
-RUNS=$(pick cifar10_lt_r100_reweight_ablation $A ${N}_stage1 $N ${N}_no_ot ${N}_wlr_x100 ${N}_wlr_x10 ${N}_meta0 ${N}_uniform ${N}_raw ${N}_train_meta ${N}_all)
+RUNS="$(pick cifar10_lt_r100_reweight_ablation runs/cpu_full ${N}_stage1) $(pick cifar10_lt_r100_reweight_ablation $A $N ${N}_no_ot ${N}_wlr_x100 ${N}_wlr_x10 ${N}_meta0 ${N}_uniform ${N}_raw ${N}_train_meta ${N}_all)"
 .venv/bin/python scripts/collect_results.py cifar10_lt_r100_reweight_ablation $RUNS --weights --weights-for ${N}_stage1 \
   --title "CIFAR-10-LT phi=100, OT re-weighting: what the learned weights contribute (stage-2 ablations from one stage 1)" \
   --hardware "2-core Intel Xeon CPU with avx512_bf16, torch 2.13.0+cpu, bf16 autocast, channels-last; stage 1 with 2 torch threads, the stage-2 runs two at a time with 1 thread each" \
-  --command "stage 1: otlt train --config configs/${N}_stage1.yaml --set out_dir=runs/reweight_ablation --set train.progress=false; stage 2: python scripts/run_many.py --out runs/reweight_ablation --jobs 2 --threads 1 --set reweight.stage1=runs/reweight_ablation/${N}_stage1 configs/${N}.yaml:<name>@<overrides> (overrides in the table's 'changes' column)" \
+  --command "stage 1: otlt train --config configs/${N}_stage1.yaml --set out_dir=runs/cpu_full --set train.progress=false; stage 2: python scripts/run_many.py --out runs/ablation --jobs 2 --threads 1 --set reweight.stage1=runs/cpu_full/${N}_stage1 configs/${N}.yaml:<name>@<overrides> (overrides in the table's 'changes' column)" \
   --note "All stage-2 runs start from the same stage-1 run (seed 0, data_seed 0, 50 validation and 10 meta images per class carved first) with seed 0, so they see the same batches, crops and flips. The first table is each run's own eval.json (last epoch). The ablation table below is scripts/reweight_ablation_table.py on the run directories; the gradient check is scripts/reweight_gradient_check.py (gradient_check.json). Stage-1 fp16 weights (last.safetensors, best.safetensors) are committed: reweight.stage1=$G/${N}_stage1 starts stage 2 from them."
-[ -f $A/gradient_check.json ] && cp $A/gradient_check.json $G/
+[ -f runs/gradient_check.json ] && cp runs/gradient_check.json $G/
 {
   echo; echo "## Ablation table (last epoch and validation-selected; errors in %)"; echo
   echo "Command: \`python scripts/reweight_ablation_table.py <runs>\` (the preset first)."; echo
