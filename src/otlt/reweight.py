@@ -49,13 +49,11 @@ Use from any training loop::
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from otlt.config import REWEIGHT_CHOICES, ReweightConfig
+from otlt.config import REWEIGHT_CHOICES
 from otlt.errors import require
 from otlt.losses import class_balanced_weights
 from otlt.transport import entropic_ot_value, sinkhorn
@@ -170,16 +168,6 @@ class OTReweighter:
         self.last_loss = torch.zeros((), device=self.raw.device)
         self.last_grad_norm = torch.zeros((), device=self.raw.device)
         self.last_change = torch.zeros((), device=self.raw.device)
-
-    @classmethod
-    def from_config(cls, cfg: ReweightConfig, labels: Tensor, num_classes: int,
-                    **kwargs: Any) -> OTReweighter:
-        """Build from the ``reweight`` config section."""
-        return cls(labels, num_classes, init=cfg.init, beta=cfg.beta, cost=cfg.cost,
-                   feature_weight=cfg.feature_weight, label_distance=cfg.label_distance,
-                   eps=cfg.eps, lr=cfg.weight_lr, momentum=cfg.weight_momentum,
-                   weight_decay=cfg.weight_decay, normalize=cfg.classifier_weights == "softmax",
-                   max_iter=cfg.max_iter, **kwargs)
 
     # ---- the meta side -----------------------------------------------------------------
     def set_meta(self, features: Tensor, labels: Tensor, *, prototypes: bool = True) -> None:

@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from otlt.amp import autocast
-from otlt.config import RunConfig, to_dict
+from otlt.config import ReweightConfig, RunConfig, to_dict
 from otlt.data.prepare import LongTailedData
 from otlt.engine.checkpoint import load_checkpoint, write_atomic
 from otlt.engine.distributed import is_main_process, launched_world_size, unwrap
@@ -50,6 +50,17 @@ from otlt.engine.trainer import Trainer
 from otlt.engine.weights import SUFFIX, load_weights
 from otlt.errors import OtltError, require
 from otlt.reweight import OTReweighter, class_prototypes
+
+
+def reweighter_from_config(r: ReweightConfig, labels: torch.Tensor,
+                           num_classes: int) -> OTReweighter:
+    """The :class:`~otlt.reweight.OTReweighter` of a ``reweight`` config section (the
+    algorithm itself knows nothing of configs)."""
+    return OTReweighter(labels, num_classes, init=r.init, beta=r.beta, cost=r.cost,
+                        feature_weight=r.feature_weight, label_distance=r.label_distance,
+                        eps=r.eps, lr=r.weight_lr, momentum=r.weight_momentum,
+                        weight_decay=r.weight_decay,
+                        normalize=r.classifier_weights == "softmax", max_iter=r.max_iter)
 
 
 def stage1_checkpoint(path: str) -> Path:
@@ -120,18 +131,19 @@ class Stage2Trainer(Trainer):
                     f"run's data gives {self.train_counts}; did the dataset change?")
             unwrap(self.model).load_state_dict(stage1["model"])
 
-    def _build_components(self) -> None:
-        super()._build_components()
-        r, o = self.cfg.reweight, self.cfg.optim
-        self.train_all = r.trainable == "all"
-        if not self.train_all:
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The final layer (``reweight.trainable: fc``, the backbone frozen) or everything."""
+        if self.cfg.reweight.trainable != "all":
             for param in self.model.parameters():
                 param.requires_grad_(False)
             self.model.fc.requires_grad_(True)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum,
-                                         weight_decay=o.weight_decay, nesterov=o.nesterov)
-        self.reweighter = OTReweighter.from_config(r, self.train.labels, self.num_classes)
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _build_components(self) -> None:
+        super()._build_components()
+        r = self.cfg.reweight
+        self.train_all = r.trainable == "all"
+        self.reweighter = reweighter_from_config(r, self.train.labels, self.num_classes)
         self.meta_split = DeviceSplit(self.data.meta, self.device)
 
     # ---- state -------------------------------------------------------------------------

@@ -151,8 +151,9 @@ class Trainer:
             self.step_model = torch.nn.parallel.DistributedDataParallel(self.step_model,
                                                                         device_ids=ids)
         o = cfg.optim
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
-                                         weight_decay=o.weight_decay, nesterov=o.nesterov)
+        self.optimizer = torch.optim.SGD(self.trainable_parameters(), lr=o.lr,
+                                         momentum=o.momentum, weight_decay=o.weight_decay,
+                                         nesterov=o.nesterov)
         self.loss = create_loss(cfg.loss.name, self.train_counts, **cfg.loss.params)
         self.loss.to(self.device)
         self.mixer = None
@@ -164,6 +165,11 @@ class Trainer:
         self.fore_weights = sample_weights(self.data.train.labels, cfg.mix.sampler_r)
         self._embeds: dict[str, Any] = {}  # feature functions for context mixers, by mode
         self.augment = GPUAugment()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer steps: every parameter of the model (a subclass may freeze
+        some first, e.g. OT re-weighting's backbone)."""
+        return list(self.model.parameters())
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self, epoch: int) -> dict[str, Any]:
