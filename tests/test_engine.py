@@ -1,0 +1,79 @@
+"""The engine's stateless parts: runtime (device, precision, run directory), the learning-rate
+schedule, the confusion-matrix evaluation. The epoch loop itself is tested end to end in
+test_cli (train, resume, eval), test_protocol (the evaluation procedure) and
+test_distributed (torchrun)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from otlt.config import load_config
+from otlt.engine.evaluation import evaluate_batches
+from otlt.engine.runtime import autocast_dtype, open_run_dir, resolve_device
+from otlt.engine.schedule import step_lr
+from otlt.errors import OtltError
+
+
+def test_warmup_then_steps():
+    cfg = load_config(None, ["optim.lr=0.1", "optim.warmup_epochs=2", "optim.epochs=10",
+                             "optim.milestones=[5, 8]", "optim.gammas=[0.1, 0.01]"])
+    # linear warm-up over 2 epochs of 4 steps: lr * (progress + 1/steps) / warmup
+    assert step_lr(cfg, 0, 0, 4) == pytest.approx(0.1 * 0.25 / 2)
+    assert step_lr(cfg, 1, 3, 4) == pytest.approx(0.1 * 2.0 / 2)
+    assert [step_lr(cfg, e, 0, 4) for e in (2, 4, 5, 7, 8, 9)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_cosine_schedule_closed_form():
+    cfg = load_config(None, ["optim.lr=0.2", "optim.schedule=cosine", "optim.epochs=10",
+                             "optim.warmup_epochs=0", "optim.milestones=[]",
+                             "optim.gammas=[]"])
+    for epoch, step in ((0, 0), (2, 1), (5, 0), (9, 3)):
+        progress = epoch + step / 4
+        assert step_lr(cfg, epoch, step, 4) == pytest.approx(
+            0.1 * (1 + math.cos(math.pi * progress / 10)))
+
+
+def test_autocast_dtype_and_device():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("off", cpu) is None
+    assert autocast_dtype("fp16", cpu) is torch.float16
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported()
+    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if native else None)
+    assert resolve_device("cpu") == cpu
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == cpu
+        with pytest.raises(OtltError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+def test_run_directory_is_created_once(tmp_path):
+    cfg = load_config(None, [f"out_dir={tmp_path}", "name=r"])
+    run = open_run_dir(cfg, None, resume=False)
+    assert run == tmp_path / "r" and run.is_dir() and not list(run.iterdir())
+    (run / "last.pt").write_bytes(b"")
+    with pytest.raises(OtltError, match="already holds a run"):
+        open_run_dir(cfg, None, resume=False)
+    assert open_run_dir(cfg, None, resume=True) == run
+    with pytest.raises(OtltError, match="does not exist"):
+        open_run_dir(cfg, tmp_path / "missing", resume=False, evaluate_only=True)
+
+
+def test_confusion_of_batches_and_train_mode_restored():
+    class Fixed(nn.Module):  # predicts class (sum of pixels > 0)
+        def forward(self, x):
+            s = x.flatten(1).sum(1)
+            return torch.stack([-s, s], 1)
+
+    model = Fixed().train()
+    x = torch.tensor([1.0, -1.0, 2.0, -3.0]).view(4, 1, 1, 1).expand(4, 3, 2, 2)
+    y = torch.tensor([1, 1, 0, 0])
+    confusion = evaluate_batches(model, [(x[:2], y[:2]), (x[2:], y[2:])], 2, None,
+                                 channels_last=False)
+    assert confusion.tolist() == [[1, 1], [1, 1]]  # rows: true class
+    assert model.training
