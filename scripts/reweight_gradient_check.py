@@ -14,7 +14,7 @@ the first ``--batches`` batches at the initial (class-balanced) weights ``w_B``:
 * the official code's gradient (autograd of the plan's transport cost ``<T, C>`` through at
   most 200 iterations, ``OT_train.py``): its cosine and norm ratio to ours;
 * the official optimiser, ``SGD([w], lr, momentum=0.9, weight_decay)`` created afresh for
-  every batch: its step equals plain SGD's (momentum never acts), checked to the last bit;
+  every batch: its step equals plain SGD's (momentum never acts), up to float32 rounding;
 * what bounds the step: ``∂L/∂w_i = ν_i (g_i − <ν, g>)`` with ``ν = softmax(w_B)`` and
   ``g`` the column potential, so ``|∂L/∂w_i| <= ν_i (max g − min g)``; the weights' scale.
 

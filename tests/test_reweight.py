@@ -412,7 +412,7 @@ def test_gradient_check_script_on_a_trained_stage1(stage1, tmp_path, capsys):
     assert result["batches"] == 2 and result["batch_size"] == 16
     assert result["worst"]["fd_rel_error_potentials_float32"] < 1e-3
     assert result["worst"]["fd_rel_error_unrolled_float32"] < 1e-3
-    assert result["worst"]["official_optimizer_max_abs_diff"] == 0.0
+    assert result["worst"]["official_optimizer_max_abs_diff"] < 1e-6  # float32 rounding
     assert result["worst"]["bound_ratio_max"] <= 1 + 1e-6  # |dL/dw_i| <= nu_i (max g - min g)
     assert result["max_drift_over_run"] == pytest.approx(
         result["epochs"] * result["mean"]["step_abs_mean"])
