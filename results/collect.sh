@@ -129,7 +129,7 @@ if wanted cifar10_lt_r100_reweight_ablation; then
 G=results/cifar10_lt_r100_reweight_ablation
 A=runs/ablation
 N=cifar10_lt_r100_ot_reweight
-RUNS="$(pick cifar10_lt_r100_reweight_ablation runs/cpu_full ${N}_stage1) $(pick cifar10_lt_r100_reweight_ablation $A $N ${N}_no_ot ${N}_wlr_x100 ${N}_wlr_x10 ${N}_meta0 ${N}_uniform ${N}_raw ${N}_train_meta ${N}_all)"
+RUNS="$(pick cifar10_lt_r100_reweight_ablation runs/cpu_full ${N}_stage1) $(pick cifar10_lt_r100_reweight_ablation $A $N ${N}_no_ot ${N}_wlr_x100 ${N}_wlr_x2000 ${N}_wlr_x10 ${N}_meta0 ${N}_uniform ${N}_raw)"
 .venv/bin/python scripts/collect_results.py cifar10_lt_r100_reweight_ablation $RUNS --weights --weights-for ${N}_stage1 \
   --title "CIFAR-10-LT phi=100, OT re-weighting: what the learned weights contribute (stage-2 ablations from one stage 1)" \
   --hardware "2-core Intel Xeon CPU with avx512_bf16, torch 2.13.0+cpu, bf16 autocast, channels-last; stage 1 with 2 torch threads, the stage-2 runs two at a time with 1 thread each" \
@@ -139,7 +139,7 @@ RUNS="$(pick cifar10_lt_r100_reweight_ablation runs/cpu_full ${N}_stage1) $(pick
 {
   echo; echo "## Ablation table (last epoch and validation-selected; errors in %)"; echo
   echo "Command: \`python scripts/reweight_ablation_table.py <runs>\` (the preset first)."; echo
-  .venv/bin/python scripts/reweight_ablation_table.py $(for n in $N ${N}_no_ot ${N}_wlr_x100 ${N}_wlr_x10 ${N}_meta0 ${N}_uniform ${N}_raw ${N}_train_meta ${N}_all; do [ -d $G/$n ] && echo $G/$n; done)
+  .venv/bin/python scripts/reweight_ablation_table.py $(for n in $N ${N}_no_ot ${N}_wlr_x100 ${N}_wlr_x2000 ${N}_wlr_x10 ${N}_meta0 ${N}_uniform ${N}_raw; do [ -d $G/$n ] && echo $G/$n; done)
 } >> $G/README.md
 .venv/bin/otlt report $(dirname $G/*/config.yaml) --out $G/report
 fi
