@@ -243,7 +243,7 @@ def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path):
 
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_zip, tmp_path, config):
     """ERM with train.sync_bn and train.float64: 2 processes x 16 rows follow the 1-process
-    run with batch 32 to 1e-9 after 2 epochs at lr 0.1 (measured: ~1e-12 after one). Crops,
+    run with batch 32 to 1e-9 after 2 epochs at lr 0.1. Crops,
     flips and the epoch order are drawn for the global batch, so augmentation stays on;
     BatchNorm statistics cover the global batch and DDP averages the per-rank mean
     gradients. (In float32 the runs part at ~1e-6 per step and lr 0.1 on 80 images

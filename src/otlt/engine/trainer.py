@@ -185,8 +185,9 @@ class Trainer:
                  "world_size": world_size()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        if self.mixer is not None and self.mixer.state_dict():
-            state["mixer"] = self.mixer.state_dict()
+        mixer_state = self.mixer.state_dict() if self.mixer is not None else {}
+        if mixer_state:
+            state["mixer"] = mixer_state
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -510,9 +511,8 @@ class Trainer:
 
     def _mixer_state(self) -> dict[str, Any] | None:
         """The mixer's state as the epoch trained with it (before validation updates it)."""
-        if self.mixer is None or not self.mixer.state_dict():
-            return None
-        return dict(self.mixer.state_dict())
+        state = self.mixer.state_dict() if self.mixer is not None else {}
+        return dict(state) if state else None
 
     def _keep_weights(self, epoch: int, mixer_state: dict[str, Any] | None) -> None:
         """Keep the weights (BN buffers as trained) at ``train.keep_epochs`` and every
