@@ -198,6 +198,93 @@ def test_detect_sweep_needs_exactly_one_differing_numeric_key(tmp_path):
     assert detect_sweep(load_runs(runs[:1])) is None
 
 
+def _protocol_run(root: Path, name: str, seed: int, last: float, selected: float, *,
+                  mix: str = "none", lr: float = 0.1, paper: float | None = None,
+                  diag: list[float] | None = None) -> Path:
+    """A run as the protocol-era trainer leaves it: ``seed`` in config.yaml, ``eval.json``
+    with ``bn_stats`` and ``selected``, and optionally ``test_diag_acc`` per epoch."""
+    run = make_run(root, name, seed, mix=mix, lr=lr, paper=paper)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["seed"] = seed
+    config["eval"] = {"bn_stats": "running"}
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    e = json.loads((run / "eval.json").read_text())
+    e.update(top1_error=last, bn_stats="running",
+             selected={"checkpoint": "best", "epoch": 3, "top1_error": selected})
+    (run / "eval.json").write_text(json.dumps(e))
+    if diag is not None:
+        records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        for r, acc in zip(records, diag, strict=True):
+            r["test_diag_acc"] = acc
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def test_rows_pool_seeds_with_mean_and_sample_std(tmp_path):
+    from otlt.report.rows import base_of, mean_std, row_summary, seed_rows
+
+    root = tmp_path / "runs"
+    erm = [_protocol_run(root, "erm" + ("" if s == 0 else f"_seed{s}"), s, last, last - 1,
+                         paper=26.9)
+           for s, last in [(2, 34.0), (0, 30.0), (1, 32.0)]]
+    ot = _protocol_run(root, "erm_otmix", 0, 29.5, 27.0, mix="otmix", paper=21.7,
+                       diag=[50.0, 70.0, 75.5, 75.5, 74.0, 73.0])
+    other_lr = _protocol_run(root, "erm_lr", 0, 40.0, 39.0, lr=0.05)
+    runs = load_runs([*erm, ot, other_lr])
+    rows = seed_rows(runs)
+    assert [r.label for r in rows] == ["erm", "erm_otmix", "erm_lr"]  # lr makes a new row
+    assert rows[0].seeds == [0, 1, 2]
+    s = row_summary(rows[0])
+    assert s["per_seed"]["last"] == [30.0, 32.0, 34.0]
+    assert s["stats"]["last"] == (32.0, pytest.approx(2.0), 3)  # sample std (n - 1)
+    assert mean_std([1.0, None]) == (1.0, None, 1)
+    assert base_of(rows[1], rows) is rows[0] and base_of(rows[0], rows) is None
+    assert base_of(rows[2], rows) is None
+    # best test epoch: highest accuracy, the earlier of two equal epochs (the official `>`)
+    assert row_summary(rows[1])["per_seed"]["best_test"] == [pytest.approx(24.5)]
+
+    text = write_report([*erm, ot, other_lr], tmp_path / "out").read_text()
+    section = text.split("## Rows (seeds pooled)")[1].split("\n## ")[0]
+    assert "| erm | 0, 1, 2 | running | 32.00 ± 2.00 | 31.00 ± 2.00 | – | 26.90 | +5.10 |" \
+        in section
+    assert "| erm_otmix | 0 | running | 29.50 | 27.00 | 24.50 | 21.70 | +7.80 |" in section
+    assert "- erm, per seed (last / selected): seed 0: 30.00 / 29.00; seed 1: 32.00 / " \
+        "31.00; seed 2: 34.00 / 33.00" in section
+    # mixing minus its base, ours and the paper's
+    assert "| erm_otmix | erm | -2.50 | -4.00 | -5.20 |" in section
+    assert "each BatchNorm procedure" not in section  # no probe files yet
+
+
+def test_rows_read_other_procedures_from_post_hoc_files(tmp_path):
+    from otlt.report.rows import procedure_error
+
+    root = tmp_path / "runs"
+    runs = [_protocol_run(root, "mix" + ("" if s == 0 else f"_seed{s}"), s, 30.0 + s, 29.0,
+                          mix="otmix") for s in (0, 1)]
+    last = 5  # make_run's eval.json epoch
+    (runs[0] / "probe_test.json").write_text(json.dumps({"split": "test", "records": [
+        {"epoch": last - 1, "bn_stats": "train", "top1_error": 99.0},  # another epoch
+        {"epoch": last, "bn_stats": "train", "top1_error": 27.0},
+        {"epoch": last, "bn_stats": "clean", "top1_error": 28.0}]}))
+    (runs[1] / "eval_last_train.json").write_text(json.dumps(
+        {"split": "test", "bn_stats": "train", "top1_error": 29.0}))
+    (runs[1] / "eval_last_balanced.json").write_text(json.dumps(
+        {"split": "val", "bn_stats": "balanced", "top1_error": 1.0}))  # not test: ignored
+    data = load_runs(runs)
+    assert procedure_error(data[0], "train") == 27.0
+    assert procedure_error(data[0], "running") == 30.0  # eval.json's own procedure
+    assert procedure_error(data[1], "train") == 29.0
+    assert procedure_error(data[1], "balanced") is None
+    text = write_report(runs, tmp_path / "out").read_text()
+    table = text.split("### Last epoch under each BatchNorm procedure")[1].split("\n\n")[2]
+    assert table.splitlines()[2] == \
+        "| mix | **30.50 ± 0.71** | 28.00 (1 of 2) | 28.00 ± 1.41 | – |"
+
+
+def test_rows_section_needs_protocol_era_runs(synthetic):
+    assert "## Rows (seeds pooled)" not in synthetic[1].read_text()
+
+
 # ---------------------------------------------------------------------- figures
 
 

@@ -14,6 +14,7 @@ from otlt.report.document import Report
 from otlt.report.runs import (
     GROUPS,
     RunData,
+    best_test_epoch,
     cell,
     fmt,
     read_json,
@@ -130,9 +131,7 @@ def section_batchnorm(report: Report, runs: Sequence[RunData]) -> None:
                    "| run | best test epoch | its test error | ours: last epoch |",
                    "|---|---:|---:|---:|")
         for run in diagnostic:
-            points = [(m["test_diag_acc"], m["epoch"]) for m in run.metrics
-                      if plots.is_number(m.get("test_diag_acc"))]
-            acc, epoch = max(points)
-            report.add(f"| {cell(run.label)} | {epoch + 1} | {fmt(100.0 - acc)} | "
+            epoch, error = best_test_epoch(run)
+            report.add(f"| {cell(run.label)} | {epoch + 1} | {fmt(error)} | "
                        f"{fmt((run.eval or {}).get('top1_error'))} |")
         report.add("")

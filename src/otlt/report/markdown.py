@@ -20,6 +20,7 @@ from otlt.report import plots
 from otlt.report.bn_sections import section_batchnorm
 from otlt.report.document import Report, by_dataset, slug, wrap
 from otlt.report.method_sections import section_otmix, section_weights
+from otlt.report.rows import section_rows
 from otlt.report.runs import (
     GROUPS,
     RunData,
@@ -65,6 +66,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path,
                "epoch (lower is better), read from each run's `eval.json`; "
                f"{_groups_sentence(runs)}", "")
     _section_table(report, runs)
+    section_rows(report, runs)
     _section_sweep(report, runs)
     _section_curves(report, runs)
     datasets = by_dataset([r for r in runs if r.eval and r.eval.get("per_class_accuracy")])

@@ -159,6 +159,17 @@ def comparison_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
     return rows
 
 
+def best_test_epoch(run: RunData) -> tuple[int, float] | None:
+    """``(epoch, test error)`` of the best ``test_diag_acc`` (ties to the earlier epoch),
+    None without the diagnostic."""
+    points = [(-m["test_diag_acc"], int(m["epoch"])) for m in run.metrics
+              if plots.is_number(m.get("test_diag_acc"))]
+    if not points:
+        return None
+    neg_acc, epoch = min(points)
+    return epoch, 100.0 + neg_acc
+
+
 def paper_name(paper: dict[str, Any]) -> str | None:
     if not paper.get("row") and not paper.get("table"):
         return None

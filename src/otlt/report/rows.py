@@ -1,0 +1,228 @@
+"""The paper-table view of a group of runs: one row per method, seeds pooled.
+
+Runs whose configs agree on every key but ``seed`` (names, folders, device settings and
+``paper:`` ignored, as in sweep detection) are one *row*; its numbers are the mean and the
+sample standard deviation over the seeds,
+
+    mean = (1/n) sum_s e_s,    std = sqrt(sum_s (e_s - mean)^2 / (n - 1))    (n >= 2),
+
+of each seed's own file: ``eval.json`` (the last epoch under the run's ``eval.bn_stats``, and
+``selected``, the validation-selected epoch), the opt-in ``test_diag_acc`` of
+``metrics.jsonl`` (best test epoch: the official protocol, optimistic), and the post-hoc
+``probe_test.json`` / ``eval_last_<mode>.json`` for the other BatchNorm procedures. A mixing
+row is paired with its *base*: the row whose config equals it once every ``mix.*`` key is
+dropped and ``mix.name`` is ``none``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from otlt.report import plots
+from otlt.report.document import Report
+from otlt.report.runs import (
+    IGNORED_KEYS,
+    RunData,
+    best_test_epoch,
+    cell,
+    flatten,
+    fmt,
+    read_json,
+)
+
+PROCEDURES = ("running", "clean", "train", "balanced")
+_SEED_SUFFIX = re.compile(r"_seed\d+$")
+
+
+@dataclass
+class Row:
+    """The runs of one method that differ only in ``seed``, seed order."""
+
+    label: str
+    runs: list[RunData]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(r.config.get("seed", 0)) for r in self.runs]
+
+    @property
+    def is_mixing(self) -> bool:
+        return (self.runs[0].config.get("mix") or {}).get("name", "none") not in (None, "none")
+
+
+def _identity(run: RunData, drop_mix: bool = False) -> str:
+    """The config as a key: everything but ``seed``, the ignored keys and ``paper``
+    (and, with ``drop_mix``, every ``mix.*`` key)."""
+    flat = {k: v for k, v in flatten(run.config).items()
+            if k != "seed" and k not in IGNORED_KEYS and k != "paper"
+            and not k.startswith("paper.") and not (drop_mix and k.startswith("mix."))}
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def seed_rows(runs: Sequence[RunData]) -> list[Row]:
+    """Group runs into rows (configs equal but for ``seed``), in first-appearance order;
+    the label is the first run's with a trailing ``_seed<k>`` removed."""
+    rows: dict[str, Row] = {}
+    for run in runs:
+        key = _identity(run)
+        if key not in rows:
+            rows[key] = Row(_SEED_SUFFIX.sub("", run.label), [])
+        rows[key].runs.append(run)
+    for row in rows.values():
+        row.runs.sort(key=lambda r: int(r.config.get("seed", 0)))
+    return list(rows.values())
+
+
+def base_of(row: Row, rows: Sequence[Row]) -> Row | None:
+    """The row ``row`` mixes on top of (same config without ``mix.*``, no mixer)."""
+    if not row.is_mixing:
+        return None
+    key = _identity(row.runs[0], drop_mix=True)
+    for other in rows:
+        if not other.is_mixing and _identity(other.runs[0], drop_mix=True) == key:
+            return other
+    return None
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
+    """``(mean, sample std or None for one value, n)`` of the values present."""
+    xs = [float(v) for v in values if plots.is_number(v)]
+    if not xs:
+        return None, None, 0
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, None, len(xs)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)), len(xs)
+
+
+def last_error(run: RunData) -> float | None:
+    return (run.eval or {}).get("top1_error")
+
+
+def selected_error(run: RunData) -> float | None:
+    return ((run.eval or {}).get("selected") or {}).get("top1_error")
+
+
+def procedure_error(run: RunData, mode: str) -> float | None:
+    """Test error of the last epoch under ``mode``: ``eval.json`` when it used ``mode``,
+    else ``probe_test.json`` at the last epoch, else ``eval_last_<mode>.json``."""
+    e = run.eval or {}
+    last = e.get("epoch", (run.total_epochs or 0) - 1)
+    if e.get("bn_stats") == mode and e.get("split") == "test":
+        return e.get("top1_error")
+    for r in (read_json(run.path / "probe_test.json") or {}).get("records", []):
+        if r.get("bn_stats") == mode and int(r.get("epoch", -1)) == int(last):
+            return r.get("top1_error")
+    posthoc = read_json(run.path / f"eval_last_{mode}.json") or {}
+    return posthoc.get("top1_error") if posthoc.get("split", "test") == "test" else None
+
+
+def row_summary(row: Row) -> dict[str, Any]:
+    """The row's numbers: per-seed lists and their (mean, std, n)."""
+    per_seed = {"last": [last_error(r) for r in row.runs],
+                "selected": [selected_error(r) for r in row.runs],
+                "best_test": [(b or (None, None))[1] for b in map(best_test_epoch, row.runs)]}
+    for mode in PROCEDURES:
+        per_seed[f"bn_{mode}"] = [procedure_error(r, mode) for r in row.runs]
+    paper = row.runs[0].paper.get("top1_error")
+    return {"label": row.label, "seeds": row.seeds, "per_seed": per_seed,
+            "stats": {k: mean_std(v) for k, v in per_seed.items()},
+            "bn_stats": (row.runs[0].config.get("eval") or {}).get("bn_stats", "running"),
+            "paper": None if paper is None else float(paper),
+            "selected_epochs": [None if ((r.eval or {}).get("selected") or {}).get("epoch")
+                                is None else int(r.eval["selected"]["epoch"]) + 1
+                                for r in row.runs]}
+
+
+def format_stat(stat: tuple[float | None, float | None, int], n_seeds: int) -> str:
+    """``12.34``, ``12.34 ± 0.56`` or, when some seeds lack it, ``12.34 (2 of 3)``."""
+    mean, std, n = stat
+    if mean is None:
+        return "–"
+    text = fmt(mean) if std is None else f"{fmt(mean)} ± {fmt(std)}"
+    return text if n == n_seeds else f"{text} ({n} of {n_seeds})"
+
+
+def section_rows(report: Report, runs: Sequence[RunData]) -> None:
+    """"Rows": last and validation-selected epoch per method over seeds, the official
+    protocol's best test epoch, the paper; then the BN procedures and mixing gains."""
+    if not any((r.eval or {}).get("selected") for r in runs):
+        return  # runs from before the protocol: the Results table says all there is
+    rows = seed_rows(runs)
+    summaries = {id(row): row_summary(row) for row in rows}
+    report.add("## Rows (seeds pooled)", "",
+               "One row per method: runs whose configs differ only in `seed`. Test error (%) "
+               "as mean ± sample std over seeds. *Last*: the last epoch, under the run's "
+               "`eval.bn_stats`; *selected*: the epoch with the best validation "
+               "`eval.select_metric`. *Best test epoch* is the official code's protocol "
+               "(test evaluated every epoch, the best reported): optimistic, a diagnostic "
+               "that nothing reads.", "",
+               "| row | seeds | BN statistics | last epoch | validation-selected | best test "
+               "epoch (optimistic) | paper | last − paper |",
+               "|---|---|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        s = summaries[id(row)]
+        n, st = len(row.runs), s["stats"]
+        delta = (None if st["last"][0] is None or s["paper"] is None
+                 else st["last"][0] - s["paper"])
+        report.add(f"| {cell(row.label)} | {', '.join(map(str, s['seeds']))} | {s['bn_stats']} | "
+                   f"{format_stat(st['last'], n)} | {format_stat(st['selected'], n)} | "
+                   f"{format_stat(st['best_test'], n)} | {fmt(s['paper'])} | "
+                   f"{'–' if delta is None else f'{delta:+.2f}'} |")
+    report.add("")
+    seeded = [row for row in rows if len(row.runs) > 1]
+    for row in seeded:
+        ps = summaries[id(row)]["per_seed"]
+        report.add(f"- {cell(row.label)}, per seed (last / selected): " + "; ".join(
+            f"seed {seed}: {fmt(a)} / {fmt(b)}"
+            for seed, a, b in zip(row.seeds, ps["last"], ps["selected"], strict=True)))
+    if seeded:
+        report.add("")
+    _procedure_table(report, rows, summaries)
+    _gains_table(report, rows, summaries)
+
+
+def _procedure_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any]) -> None:
+    if not any(summaries[id(r)]["stats"][f"bn_{m}"][0] is not None
+               for r in rows for m in PROCEDURES if m != summaries[id(r)]["bn_stats"]):
+        return
+    report.add("### Last epoch under each BatchNorm procedure", "",
+               "Test error (%) of the last epoch's weights with BatchNorm statistics from "
+               "each procedure (`otlt probe --split test` or `otlt eval --bn-stats`); the "
+               "procedure in bold is the one fixed before test was read.", "",
+               "| row | " + " | ".join(PROCEDURES) + " |", "|---|" + "---:|" * len(PROCEDURES))
+    for row in rows:
+        s = summaries[id(row)]
+        cells = []
+        for mode in PROCEDURES:
+            text = format_stat(s["stats"][f"bn_{mode}"], len(row.runs))
+            cells.append(f"**{text}**" if mode == s["bn_stats"] and text != "–" else text)
+        report.add(f"| {cell(row.label)} | " + " | ".join(cells) + " |")
+    report.add("")
+
+
+def _gains_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any]) -> None:
+    pairs = [(row, base) for row in rows if (base := base_of(row, rows)) is not None]
+    if not pairs:
+        return
+    report.add("### What mixing changes against its base row", "",
+               "Mixing row minus its base (same config without the mixer), in points of test "
+               "error (negative: mixing helps), on the means over each row's seeds.", "",
+               "| mixing row | base row | last epoch | validation-selected | paper |",
+               "|---|---|---:|---:|---:|")
+    for row, base in pairs:
+        a, b = summaries[id(row)], summaries[id(base)]
+        last, selected = (_difference(a["stats"][k][0], b["stats"][k][0])
+                          for k in ("last", "selected"))
+        report.add(f"| {cell(row.label)} | {cell(base.label)} | {last} | {selected} | "
+                   f"{_difference(a['paper'], b['paper'])} |")
+    report.add("")
+
+
+def _difference(x: float | None, y: float | None) -> str:
+    return "–" if x is None or y is None else f"{x - y:+.2f}"
