@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # conftest.write_tiny_zip: the tests' tiny dataset
 
 from conftest import write_tiny_zip  # noqa: E402
-
 from otlt.engine.checkpoint import load_checkpoint  # noqa: E402
 
 CUDA_TEST_FILES = ["tests/test_losses.py", "tests/test_metrics.py", "tests/test_mixing.py",
