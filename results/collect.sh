@@ -156,3 +156,36 @@ print(f"""
 PY
 .venv/bin/otlt report $(dirname $G/*/config.yaml) --out $G/report
 fi
+
+if wanted cifar10_lt_r100_table1; then
+# Issue 17 (the Table 1 campaign) and issue 16's experiment B (its DRW+OTmix row). Per run:
+# the in-run validation probes every 10 epochs; post-hoc, validation first (the kept last
+# mixing epoch 237 and the last epoch 240, counted from 1), then, after the presets'
+# procedure was chosen from validation and committed, test at the same epochs and the
+# validation-selected checkpoint under every procedure.
+R=runs/table1
+G=results/cifar10_lt_r100_table1
+ROWS="erm erm_cmo erm_otmix drw drw_otmix balms balms_otmix"
+NAMES=$(for r in $ROWS; do echo cifar10_lt_r100_$r; for k in 1 2; do echo cifar10_lt_r100_${r}_seed$k; done; done)
+for n in $NAMES; do
+  [ -f $R/$n/eval.json ] || continue
+  [ -f $R/$n/probe_val.json ] || .venv/bin/otlt probe $R/$n --epochs 236,239 --split val
+  [ -f $R/$n/probe_test.json ] || .venv/bin/otlt probe $R/$n --epochs 236,239 --split test
+  for m in running clean train balanced; do
+    [ -f $R/$n/eval_best_$m.json ] || .venv/bin/otlt eval $R/$n --checkpoint best --bn-stats $m
+  done
+done
+.venv/bin/python scripts/collect_results.py cifar10_lt_r100_table1 $(pick cifar10_lt_r100_table1 $R $NAMES) \
+  --weights --keep-epochs 236,239 \
+  --title "CIFAR-10-LT (phi=100), OTmix Table 1 under one protocol: 240-epoch presets, official foreground sampler (r=0), same images" \
+  --hardware "2-core Intel Xeon CPU with avx512_bf16, torch 2.13.0+cpu, bf16 autocast, channels-last, 2 torch threads, one run at a time with light development beside it (so epoch times vary)" \
+  --command "otlt train --config configs/{name}.yaml --data cifar10-jpeg.zip --set out_dir=runs/table1 --set data.meta_per_class=0 --set eval.test_every_epoch=true --set train.progress=false (seed k > 0: --set seed=k --set name={name})" \
+  --note "Protocol fixed before any test number was read (README, Honest numbers): the presets' eval.bn_stats, the last epoch and the validation-selected epoch (eval.select_metric balanced_acc), the test split read once at the end; eval.test_every_epoch logs test accuracy every epoch as the official protocol's diagnostic (optimistic; nothing reads it). The same images as every committed full-length run (data.meta_per_class=0, data_seed 0: 50 validation images per class carved from the training pool). Weights: fp16 last.safetensors, best.safetensors and kept/epoch_236, epoch_239 (the last mixing epoch and the last epoch, counted from 0), so otlt eval results/cifar10_lt_r100_table1/<run> --checkpoint epoch_236 --bn-stats train re-evaluates them."
+for n in $NAMES; do
+  [ -f $G/$n/eval.json ] || continue
+  { echo; echo "## Under every BatchNorm procedure"; echo
+    echo "Command: \`python scripts/bn_procedure_table.py $G/$n\` (errors in %; the run's own procedure in bold)."; echo
+    .venv/bin/python scripts/bn_procedure_table.py $G/$n; } >> $G/$n/README.md
+done
+.venv/bin/otlt report $(dirname $G/*/config.yaml) --out $G/report
+fi
