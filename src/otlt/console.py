@@ -1,6 +1,9 @@
-"""Text for people: the evaluation table printed by ``otlt train``, ``otlt eval`` and the demo."""
+"""Text for people: the epoch line of ``otlt train`` and the evaluation table printed by
+``otlt train``, ``otlt eval`` and the demo."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def format_percent(value: float | None) -> str:
@@ -25,4 +28,28 @@ def format_eval(result: dict, title: str = "evaluation") -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_eval", "format_percent"]
+def format_epoch(record: dict[str, Any], epochs: int) -> str:
+    """The epoch line ``otlt train`` prints, from the epoch's ``metrics.jsonl`` record."""
+    parts = [f"epoch {record['epoch'] + 1:>3}/{epochs}", f"lr {record['lr']:.4g}",
+             f"loss {record['train_loss']:.3f}", f"train {record['train_acc']:.1f}%"]
+    if "val_acc" in record:
+        parts.append(f"val {record['val_acc']:.1f}% (many {_fmt(record['val_many_acc'])} "
+                     f"med {_fmt(record['val_medium_acc'])} few {_fmt(record['val_few_acc'])})")
+    if "ot_batch_fraction" in record:
+        parts.append(f"OT pairing in {100 * record['ot_batch_fraction']:.0f}% of mixed batches")
+        if record.get("ot_converged_fraction", 1.0) < 1.0:
+            parts.append(f"Sinkhorn converged {100 * record['ot_converged_fraction']:.0f}%")
+    if "bn_seconds" in record:
+        parts.append(f"BN {record['bn_seconds']:.1f}s")
+    if "bn_probe" in record:
+        probe = " ".join(f"{mode} {v['val_acc']:.1f}" for mode, v in record["bn_probe"].items())
+        parts.append(f"probe val {probe} ({record['bn_probe_seconds']:.1f}s)")
+    parts.append(f"{record['epoch_seconds']:.1f}s")
+    return " | ".join(parts)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+__all__ = ["format_epoch", "format_eval", "format_percent"]

@@ -36,7 +36,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from otlt.amp import autocast
 from otlt.config import BN_STATS
-from otlt.engine.distributed import all_reduce_sum, is_distributed, world_size
+from otlt.data.samplers import permutation_batches, sample_weights
+from otlt.engine.distributed import all_reduce_sum, is_distributed, rank, world_size
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -113,6 +114,27 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     if is_distributed():
         _average_over_ranks(layers)
     return count
+
+
+_BN_SEED = 0xB47C4  # keeps the recalibration streams apart from seed-derived training ones
+
+
+def recalibration_generator(seed: int, epoch: int) -> torch.Generator:
+    """The recalibration generator of ``epoch``: seeded from (seed, epoch, rank) and separate
+    from the training generator, so evaluation never moves training."""
+    return torch.Generator().manual_seed(_BN_SEED + 1_000_003 * seed + 1009 * epoch + rank())
+
+
+def recalibration_indices(mode: str, labels: torch.Tensor, batch_size: int, count: int,
+                          generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """``count`` training-index batches ``(batch_size,)`` for procedure ``mode``, drawn
+    lazily from ``generator``: class-balanced draws with replacement for ``balanced``
+    (every class equally likely), else successive random permutations of the training set."""
+    if mode == "balanced":
+        weights = sample_weights(labels, 0.0)
+        return (torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+                for _ in range(count))
+    return permutation_batches(len(labels), batch_size, count, generator)
 
 
 def _average_over_ranks(layers: list[_BatchNorm]) -> None:

@@ -74,6 +74,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_counters(stats: dict[str, Any] | None, device: torch.device) -> None:
+    """Sum a per-rank counter dict over ranks in place (tensors and non-bool numbers;
+    e.g. a mixer's ``mix_pairs``); nothing outside ``torch.distributed`` or for ``None``."""
+    if not is_distributed() or not isinstance(stats, dict):
+        return
+    for key, value in stats.items():
+        if isinstance(value, torch.Tensor):
+            stats[key] = all_reduce_sum(value.to(device))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            total = all_reduce_sum(torch.tensor(float(value), device=device)).item()
+            stats[key] = type(value)(total)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -1,8 +1,10 @@
-"""Confusion matrices of a model on a split or on batches (sharded under torch.distributed)."""
+"""Confusion matrices of a model on a split or on batches (sharded under torch.distributed),
+and the per-split accuracy record the trainer logs."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -40,3 +42,15 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
         labels.append(y)
     model.train()
     return confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes).cpu()
+
+
+def split_record(prefix: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """``<prefix>_acc`` and ``<prefix>_{many,medium,few}_acc`` (percent) of a summary."""
+    return {f"{prefix}_acc": summary["top1_accuracy"],
+            f"{prefix}_many_acc": _acc(summary["many_error"]),
+            f"{prefix}_medium_acc": _acc(summary["medium_error"]),
+            f"{prefix}_few_acc": _acc(summary["few_error"])}
+
+
+def _acc(error: float | None) -> float | None:
+    return None if error is None else 100.0 - error

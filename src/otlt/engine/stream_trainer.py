@@ -30,9 +30,8 @@ from torch.utils.data import DataLoader
 from otlt.config import BN_STATS
 from otlt.data.augment import normalize
 from otlt.data.lists import ListFileDataset
-from otlt.data.samplers import permutation_batches, sample_weights
 from otlt.data.streams import IMAGENET_MEAN, IMAGENET_STD, prepare_stream_data
-from otlt.engine.batchnorm import preserved_batchnorm
+from otlt.engine.batchnorm import preserved_batchnorm, recalibration_indices
 from otlt.engine.distributed import (
     all_reduce_sum,
     global_batches,
@@ -154,13 +153,9 @@ class StreamTrainer(Trainer):
         training's, and the indices come from the (seed, epoch) recalibration generator."""
         require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
         g = self.bn_generator(epoch)
-        b, n = self.cfg.optim.batch_size // world_size(), self.cfg.eval.bn_batches
-        if mode == "balanced":
-            weights = sample_weights(self.train.labels, 0.0)
-            batches = [torch.multinomial(weights, b, replacement=True, generator=g).tolist()
-                       for _ in range(n)]
-        else:
-            batches = [c.tolist() for c in permutation_batches(len(self.train), b, n, g)]
+        batches = [c.tolist() for c in recalibration_indices(
+            mode, self.train.labels, self.cfg.optim.batch_size // world_size(),
+            self.cfg.eval.bn_batches, g)]
         mixer = copy.deepcopy(self.mixer) if mode == "train" else None
         coins = [False] * len(batches)
         fore = None

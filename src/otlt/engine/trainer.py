@@ -8,8 +8,10 @@ training (including OTmix's confusion matrix); the test split is evaluated once,
 The module stays whole (over 400 lines): :class:`Trainer`'s epoch loop, its checkpoint state
 and its evaluation procedure read and write the same run state. What needs none of it lives
 below: :mod:`~otlt.engine.runtime` (device, precision, data on the device, run directory),
-:mod:`~otlt.engine.schedule`, :mod:`~otlt.engine.evaluation` (confusion matrices),
-:mod:`~otlt.engine.batchnorm` (recalibration) and :mod:`~otlt.engine.checkpoint`.
+:mod:`~otlt.engine.schedule`, :mod:`~otlt.engine.evaluation` (confusion matrices, split
+records), :mod:`~otlt.engine.batchnorm` (recalibration, its generator and index batches),
+:mod:`~otlt.engine.distributed` (ranks, shards, counters), :mod:`~otlt.engine.checkpoint`
+and :mod:`otlt.console` (the epoch line).
 """
 
 from __future__ import annotations
@@ -27,12 +29,20 @@ from tqdm import tqdm
 
 from otlt.amp import autocast
 from otlt.config import BN_STATS, RunConfig, dump_config, to_dict
+from otlt.console import format_epoch
 from otlt.data.augment import GPUAugment
 from otlt.data.prepare import LongTailedData, prepare_data
-from otlt.data.samplers import permutation_batches, sample_weights
-from otlt.engine.batchnorm import batchnorm_state, preserved_batchnorm, recalibrate_batchnorm
+from otlt.data.samplers import sample_weights
+from otlt.engine.batchnorm import (
+    batchnorm_state,
+    preserved_batchnorm,
+    recalibrate_batchnorm,
+    recalibration_generator,
+    recalibration_indices,
+)
 from otlt.engine.checkpoint import load_checkpoint, save_atomic
 from otlt.engine.distributed import (
+    all_reduce_counters,
     all_reduce_sum,
     average_buffers,
     barrier,
@@ -40,13 +50,12 @@ from otlt.engine.distributed import (
     is_distributed,
     is_main_process,
     on_main_then_share,
-    rank,
     rank_slice,
     setup_process,
     unwrap,
     world_size,
 )
-from otlt.engine.evaluation import evaluate
+from otlt.engine.evaluation import evaluate, split_record
 from otlt.engine.logging import MetricsLogger, log_final
 from otlt.engine.runtime import DeviceSplit, autocast_dtype, open_run_dir, resolve_device
 from otlt.engine.schedule import step_lr
@@ -343,10 +352,8 @@ class Trainer:
 
     # ---- evaluation procedure (eval.bn_stats) -------------------------------------------
     def bn_generator(self, epoch: int) -> torch.Generator:
-        """The recalibration generator of ``epoch``: seeded from (seed, epoch, rank) and
-        separate from the training generator, so evaluation never moves training."""
-        return torch.Generator().manual_seed(
-            _BN_SEED + 1_000_003 * self.cfg.seed + 1009 * epoch + rank())
+        """The recalibration generator of ``epoch`` (:func:`recalibration_generator`)."""
+        return recalibration_generator(self.cfg.seed, epoch)
 
     def bn_batches(self, mode: str, epoch: int) -> Iterator[torch.Tensor]:
         """``eval.bn_batches`` float input batches ``(B, 3, H, W)`` for procedure ``mode``.
@@ -359,13 +366,9 @@ class Trainer:
         """
         require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
         g = self.bn_generator(epoch)
-        b, n = self.cfg.optim.batch_size // world_size(), self.cfg.eval.bn_batches
-        if mode == "balanced":
-            weights = sample_weights(self.data.train.labels, 0.0)
-            indices = (torch.multinomial(weights, b, replacement=True, generator=g)
-                       for _ in range(n))
-        else:
-            indices = permutation_batches(len(self.train), b, n, g)
+        indices = recalibration_indices(mode, self.data.train.labels,
+                                        self.cfg.optim.batch_size // world_size(),
+                                        self.cfg.eval.bn_batches, g)
         mixer = copy.deepcopy(self.mixer) if mode == "train" else None
         with preserved_batchnorm(unwrap(self.model)):  # a feature pass may update BN
             for idx in indices:
@@ -413,18 +416,18 @@ class Trainer:
             return {}, None
         confusion = self.confusion_on("val", model)
         summary = self.summarize(confusion)
-        record = _split_record("val", summary)
+        record = split_record("val", summary)
         record["val_select"] = select_value(summary, self.cfg.eval.select_metric)
         running = confusion
         if model is not unwrap(self.model) and self.mixer is not None:
             running = self.confusion_on("val")
-            record.update(_split_record("val_running", self.summarize(running)))
+            record.update(split_record("val_running", self.summarize(running)))
         return record, running
 
     def probe_batchnorm(self, epoch: int) -> dict[str, Any]:
         """Validation accuracy under every ``eval.bn_stats`` procedure (``bn_probe``)."""
         start = time.perf_counter()
-        probe = {mode: _split_record("val", self.summarize(
+        probe = {mode: split_record("val", self.summarize(
                      self.confusion_on("val", self.evaluation_model(epoch, mode))))
                  for mode in BN_STATS}
         return {"bn_probe": probe, "bn_probe_seconds": time.perf_counter() - start}
@@ -459,7 +462,7 @@ class Trainer:
                 record = self.run_epoch(epoch)
                 logger.log(record)
                 if is_main_process():
-                    print(_epoch_line(record, cfg.optim.epochs), flush=True)
+                    print(format_epoch(record, cfg.optim.epochs), flush=True)
         finally:
             logger.close()
         return self.final_eval() if end == cfg.optim.epochs else None
@@ -472,7 +475,7 @@ class Trainer:
         self._resume_note = {}
         if not self.cfg.train.sync_bn:
             average_buffers(unwrap(self.model))  # every rank evaluates and saves one model
-        self._reduce_mixer_stats()
+        all_reduce_counters(getattr(self.mixer, "stats", None), self.device)  # global mix_pairs
         trained_mixer = self._mixer_state()
         model = None
         if self.val is not None or self.cfg.eval.test_every_epoch:
@@ -486,7 +489,7 @@ class Trainer:
             record.update(self.probe_batchnorm(epoch))
         if self.cfg.eval.test_every_epoch:
             # Official-protocol diagnostic (optimistic): logged, never read by anything.
-            record.update(_split_record("test_diag", self.summarize(
+            record.update(split_record("test_diag", self.summarize(
                 self.confusion_on("test", model))))
         self._select(epoch, record, model, trained_mixer)
         if self.mixer is not None:
@@ -496,18 +499,6 @@ class Trainer:
         self.save(epoch)
         self._keep_weights(epoch, trained_mixer)
         return record
-
-    def _reduce_mixer_stats(self) -> None:
-        """Sum the mixer's per-epoch counters over ranks (global ``mix_pairs`` etc.)."""
-        stats = getattr(self.mixer, "stats", None)
-        if not is_distributed() or not isinstance(stats, dict):
-            return
-        for key, value in stats.items():
-            if isinstance(value, torch.Tensor):
-                stats[key] = all_reduce_sum(value.to(self.device))
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                total = all_reduce_sum(torch.tensor(float(value), device=self.device)).item()
-                stats[key] = type(value)(total)
 
     def _mixer_state(self) -> dict[str, Any] | None:
         """The mixer's state as the epoch trained with it (before validation updates it)."""
@@ -558,41 +549,3 @@ class Trainer:
             (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
             log_final(self.run_dir, to_dict(self.cfg), result)
         return result
-
-
-_BN_SEED = 0xB47C4  # keeps the recalibration streams apart from seed-derived training ones
-
-
-def _split_record(prefix: str, summary: dict[str, Any]) -> dict[str, Any]:
-    """``<prefix>_acc`` and ``<prefix>_{many,medium,few}_acc`` (percent) of a summary."""
-    return {f"{prefix}_acc": summary["top1_accuracy"],
-            f"{prefix}_many_acc": _acc(summary["many_error"]),
-            f"{prefix}_medium_acc": _acc(summary["medium_error"]),
-            f"{prefix}_few_acc": _acc(summary["few_error"])}
-
-
-def _acc(error: float | None) -> float | None:
-    return None if error is None else 100.0 - error
-
-
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {record['epoch'] + 1:>3}/{epochs}", f"lr {record['lr']:.4g}",
-             f"loss {record['train_loss']:.3f}", f"train {record['train_acc']:.1f}%"]
-    if "val_acc" in record:
-        parts.append(f"val {record['val_acc']:.1f}% (many {_fmt(record['val_many_acc'])} "
-                     f"med {_fmt(record['val_medium_acc'])} few {_fmt(record['val_few_acc'])})")
-    if "ot_batch_fraction" in record:
-        parts.append(f"OT pairing in {100 * record['ot_batch_fraction']:.0f}% of mixed batches")
-        if record.get("ot_converged_fraction", 1.0) < 1.0:
-            parts.append(f"Sinkhorn converged {100 * record['ot_converged_fraction']:.0f}%")
-    if "bn_seconds" in record:
-        parts.append(f"BN {record['bn_seconds']:.1f}s")
-    if "bn_probe" in record:
-        probe = " ".join(f"{mode} {v['val_acc']:.1f}" for mode, v in record["bn_probe"].items())
-        parts.append(f"probe val {probe} ({record['bn_probe_seconds']:.1f}s)")
-    parts.append(f"{record['epoch_seconds']:.1f}s")
-    return " | ".join(parts)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
