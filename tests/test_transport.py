@@ -11,7 +11,6 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from otlt import transport
 from otlt.errors import OtltError
 from otlt.transport import (
     OTResult,
@@ -19,7 +18,9 @@ from otlt.transport import (
     assignment,
     entropic_ot_value,
     sinkhorn,
+    solver,
 )
+from otlt.transport.solver import StabilizedSinkhorn
 
 DEVICES = [
     "cpu",
@@ -105,17 +106,17 @@ def test_sinkhorn_batch_equals_problems_solved_one_by_one(size: int) -> None:
 def test_sinkhorn_recovers_when_a_scaling_block_overflows(monkeypatch: pytest.MonkeyPatch) -> None:
     cost = _otmix_cost(48, _gen(6)).double()
     reference = sinkhorn(cost, eps=0.01, tol=1e-9, max_iter=5000)
-    original = transport._Solver._scaling_block
+    original = StabilizedSinkhorn._scaling_block
     calls = []
 
-    def overflowing(self: transport._Solver, steps: int) -> None:
+    def overflowing(self: StabilizedSinkhorn, steps: int) -> None:
         original(self, steps)
         calls.append(steps)
         if len(calls) in (1, 4):  # as if a kernel row had underflowed to zero
             self.u = self.u.clone()
             self.u[0] = math.inf
 
-    monkeypatch.setattr(transport._Solver, "_scaling_block", overflowing)
+    monkeypatch.setattr(StabilizedSinkhorn, "_scaling_block", overflowing)
     res = sinkhorn(cost, eps=0.01, tol=1e-9, max_iter=5000)
     assert len(calls) > 4 and res.converged
     torch.testing.assert_close(res.plan, reference.plan, atol=1e-10, rtol=0)
@@ -304,11 +305,11 @@ def _zero_sum_direction(n: int, gen: torch.Generator) -> torch.Tensor:
     return d - d.mean()
 
 
-@pytest.mark.parametrize("small_lse", [transport._SMALL_LSE, 0])
+@pytest.mark.parametrize("small_lse", [solver._SMALL_LSE, 0])
 def test_entropic_value_gradient_in_a_matches_finite_differences_and_autograd(
     small_lse: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(transport, "_SMALL_LSE", small_lse)  # both log-sum-exp code paths
+    monkeypatch.setattr(solver, "_SMALL_LSE", small_lse)  # both log-sum-exp code paths
     gen = _gen(51)
     cost = torch.rand(2, 9, 8, generator=gen, dtype=torch.float64)
     a, b = _simplex((2, 9), gen, torch.float64), _simplex((8,), gen, torch.float64)
