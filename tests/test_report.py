@@ -245,9 +245,9 @@ def test_rows_pool_seeds_with_mean_and_sample_std(tmp_path):
 
     text = write_report([*erm, ot, other_lr], tmp_path / "out").read_text()
     section = text.split("## Rows (seeds pooled)")[1].split("\n## ")[0]
-    assert "| erm | 0, 1, 2 | running | 32.00 ± 2.00 | 31.00 ± 2.00 | – | 26.90 | +5.10 |" \
-        in section
-    assert "| erm_otmix | 0 | running | 29.50 | 27.00 | 24.50 | 21.70 | +7.80 |" in section
+    assert ("| erm | 0, 1, 2 | running | 32.00 ± 2.00 | 31.00 ± 2.00 | 4, 4, 4 | – | 26.90 "
+            "| +5.10 |") in section
+    assert "| erm_otmix | 0 | running | 29.50 | 27.00 | 4 | 24.50 | 21.70 | +7.80 |" in section
     assert "- erm, per seed (last / selected): seed 0: 30.00 / 29.00; seed 1: 32.00 / " \
         "31.00; seed 2: 34.00 / 33.00" in section
     # mixing minus its base, ours and the paper's

@@ -162,9 +162,9 @@ def section_rows(report: Report, runs: Sequence[RunData]) -> None:
                "`eval.select_metric`. *Best test epoch* is the official code's protocol "
                "(test evaluated every epoch, the best reported): optimistic, a diagnostic "
                "that nothing reads.", "",
-               "| row | seeds | BN statistics | last epoch | validation-selected | best test "
-               "epoch (optimistic) | paper | last − paper |",
-               "|---|---|---|---:|---:|---:|---:|---:|")
+               "| row | seeds | BN statistics | last epoch | validation-selected | selected "
+               "epoch | best test epoch (optimistic) | paper | last − paper |",
+               "|---|---|---|---:|---:|---|---:|---:|---:|")
     for row in rows:
         s = summaries[id(row)]
         n, st = len(row.runs), s["stats"]
@@ -172,6 +172,7 @@ def section_rows(report: Report, runs: Sequence[RunData]) -> None:
                  else st["last"][0] - s["paper"])
         report.add(f"| {cell(row.label)} | {', '.join(map(str, s['seeds']))} | {s['bn_stats']} | "
                    f"{format_stat(st['last'], n)} | {format_stat(st['selected'], n)} | "
+                   f"{', '.join('–' if e is None else str(e) for e in s['selected_epochs'])} | "
                    f"{format_stat(st['best_test'], n)} | {fmt(s['paper'])} | "
                    f"{'–' if delta is None else f'{delta:+.2f}'} |")
     report.add("")
