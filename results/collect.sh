@@ -161,8 +161,8 @@ if wanted cifar10_lt_r100_table1; then
 # Issue 17 (the Table 1 campaign) and issue 16's experiment B (its DRW+OTmix row). Per run:
 # the in-run validation probes every 10 epochs; post-hoc, validation first (the kept last
 # mixing epoch 237 and the last epoch 240, counted from 1), then, after the presets'
-# procedure was chosen from validation and committed, test at the same epochs and the
-# validation-selected checkpoint under every procedure.
+# procedure was chosen from validation and committed (READ_TEST=1 results/collect.sh GROUP),
+# test at the same epochs and the validation-selected checkpoint under every procedure.
 R=runs/table1
 G=results/cifar10_lt_r100_table1
 ROWS="erm erm_cmo erm_otmix drw drw_otmix balms balms_otmix"
@@ -170,6 +170,8 @@ NAMES=$(for r in $ROWS; do echo cifar10_lt_r100_$r; for k in 1 2; do echo cifar1
 for n in $NAMES; do
   [ -f $R/$n/eval.json ] || continue
   [ -f $R/$n/probe_val.json ] || .venv/bin/otlt probe $R/$n --epochs 236,239 --split val
+  # The test split only once the procedure is chosen and committed: READ_TEST=1.
+  [ "${READ_TEST:-0}" = 1 ] || { echo "collect.sh: $n: test probes wait for READ_TEST=1" >&2; continue; }
   [ -f $R/$n/probe_test.json ] || .venv/bin/otlt probe $R/$n --epochs 236,239 --split test
   for m in running clean train balanced; do
     [ -f $R/$n/eval_best_$m.json ] || .venv/bin/otlt eval $R/$n --checkpoint best --bn-stats $m

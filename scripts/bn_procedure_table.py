@@ -41,7 +41,7 @@ def probe_records(run: Path, split: str) -> dict[tuple[int, str], float]:
 def table(run: Path) -> list[str]:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     last = int(cfg["optim"]["epochs"]) - 1
-    mixing_last = last - int((cfg.get("mix") or {}).get("skip_last", 0))
+    mixing_last = last - int((cfg.get("mix") or {}).get("skip_last", 3))  # schema default
     own = (cfg.get("eval") or {}).get("bn_stats", "running")
     e = read(run / "eval.json")
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]

@@ -35,13 +35,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # conftest.write_tiny_zip: the tests' tiny dataset
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]  # the checkout; tests: write_tiny_zip
 
 from conftest import write_tiny_zip  # noqa: E402
 from otlt.engine.checkpoint import load_checkpoint  # noqa: E402
 
 CUDA_TEST_FILES = ["tests/test_losses.py", "tests/test_metrics.py", "tests/test_mixing.py",
                    "tests/test_otmix.py", "tests/test_transport.py"]
+# Each step is seconds on a GPU; the limits keep the whole check inside one 10-minute command.
+STEP_TIMEOUT = 90
+TESTS_TIMEOUT = 180
 RUN = ["data.dataset=folder", "data.num_classes=10", "data.n_max=41", "data.imbalance_ratio=7",
        "data.val_per_class=5", "model.name=resnet20", "optim.epochs=3",
        "optim.batch_size=30", "optim.milestones=[2]", "optim.gammas=[0.1]",
@@ -86,23 +89,25 @@ def check_nproc(nproc: int, device: str, work: Path, out: Path, env: dict) -> di
     base = [*RUN, f"data.path={data}", f"train.device={device}", f"out_dir={runs}"]
     result: dict = {"nproc": nproc}
     result["train"] = command(torchrun(nproc, train_args(config, [*base, "name=full"])),
-                              out / f"torchrun{nproc}_train.log", 300, env)
+                              out / f"torchrun{nproc}_train.log", STEP_TIMEOUT, env)
     full = runs / "full"
     if result["train"]["rc"] != 0:
         return {**result, "passed": False}
     in_run = json.loads((full / "eval.json").read_text())
     result["alone"] = command([sys.executable, "-m", "otlt.cli", "eval", str(full),
                                "--out", str(work / f"alone{nproc}.json")],
-                              out / f"eval{nproc}.log", 300, env)
+                              out / f"eval{nproc}.log", STEP_TIMEOUT, env)
+    if result["alone"]["rc"] != 0:
+        return {**result, "passed": False}
     alone = json.loads((work / f"alone{nproc}.json").read_text())
     result["test_top1_error"] = in_run["top1_error"]
     result["confusion_equal_to_one_process_eval"] = (
         alone["confusion_matrix"] == in_run["confusion_matrix"])
     result["part"] = command(torchrun(nproc, [*train_args(config, [*base, "name=part"]),
                                               "--stop-after", "1"]),
-                             out / f"torchrun{nproc}_part.log", 300, env)
+                             out / f"torchrun{nproc}_part.log", STEP_TIMEOUT, env)
     result["resume"] = command(torchrun(nproc, ["train", "--resume", str(runs / "part")]),
-                               out / f"torchrun{nproc}_resume.log", 300, env)
+                               out / f"torchrun{nproc}_resume.log", STEP_TIMEOUT, env)
     resumed = result["part"]["rc"] == 0 and result["resume"]["rc"] == 0
     result["resume_max_weight_difference"] = (
         max_weight_difference(full / "last.pt", runs / "part" / "last.pt") if resumed else None)
@@ -142,9 +147,12 @@ def main() -> int:
     if not args.skip_tests:
         report["cuda_tests"] = command([sys.executable, "-m", "pytest", "-q", "-k", "cuda",
                                         "-p", "no:cacheprovider", *CUDA_TEST_FILES],
-                                       out / "pytest_cuda.log", 400, env)
+                                       out / "pytest_cuda.log", TESTS_TIMEOUT, env)
     counts = args.nproc or ([1, 2] if gpus >= 2 else [1])
-    report["runs"] = [check_nproc(n, args.device, work, out, env) for n in counts]
+    report["runs"] = []
+    for n in counts:  # the JSON is rewritten after every step: a killed command keeps it
+        (out / "device_check.json").write_text(json.dumps(report, indent=1))
+        report["runs"].append(check_nproc(n, args.device, work, out, env))
     passed = all(r["passed"] for r in report["runs"]) and (
         args.skip_tests or report["cuda_tests"]["rc"] == 0)
     report["passed"] = passed

@@ -16,6 +16,7 @@ from conftest import TINY_CLASSES, tiny_overrides
 from otlt.cli import main
 from otlt.errors import OtltError
 from otlt.report import (
+    best_test_epoch,
     class_weight_series,
     comparison_rows,
     detect_sweep,
@@ -239,8 +240,8 @@ def test_rows_pool_seeds_with_mean_and_sample_std(tmp_path):
     assert s["stats"]["last"] == (32.0, pytest.approx(2.0), 3)  # sample std (n - 1)
     assert mean_std([1.0, None]) == (1.0, None, 1)
     assert base_of(rows[1], rows) is rows[0] and base_of(rows[0], rows) is None
-    assert base_of(rows[2], rows) is None
     # best test epoch: highest accuracy, the earlier of two equal epochs (the official `>`)
+    assert best_test_epoch(runs[3]) == (2, pytest.approx(24.5))
     assert row_summary(rows[1])["per_seed"]["best_test"] == [pytest.approx(24.5)]
 
     text = write_report([*erm, ot, other_lr], tmp_path / "out").read_text()
@@ -250,9 +251,38 @@ def test_rows_pool_seeds_with_mean_and_sample_std(tmp_path):
     assert "| erm_otmix | 0 | running | 29.50 | 27.00 | 4 | 24.50 | 21.70 | +7.80 |" in section
     assert "- erm, per seed (last / selected): seed 0: 30.00 / 29.00; seed 1: 32.00 / " \
         "31.00; seed 2: 34.00 / 33.00" in section
-    # mixing minus its base, ours and the paper's
-    assert "| erm_otmix | erm | -2.50 | -4.00 | -5.20 |" in section
+    # mixing minus its base over the seeds both have (seed 0: 29.5 - 30.0), and the paper's
+    assert "| erm_otmix | erm | 0 | -0.50 | -2.00 | -5.20 |" in section
     assert "each BatchNorm procedure" not in section  # no probe files yet
+    assert "| 3 | 24.50 |" in text.split("### Best test epoch")[1]  # epochs counted from 1
+
+
+def test_rows_pair_a_mixing_row_with_the_base_that_shares_its_recipe(tmp_path):
+    from otlt.report.rows import base_of, seed_rows
+
+    root = tmp_path / "runs"
+    runs = load_runs([_protocol_run(root, "erm", 0, 30.0, 29.0),
+                      _protocol_run(root, "erm_lr", 0, 40.0, 39.0, lr=0.05),
+                      _protocol_run(root, "otmix_lr", 0, 35.0, 34.0, mix="otmix", lr=0.05),
+                      _protocol_run(root, "otmix_lr_seed1", 1, 36.0, 34.0, mix="otmix",
+                                    lr=0.05)])
+    rows = seed_rows(runs)
+    assert [r.label for r in rows] == ["erm", "erm_lr", "otmix_lr"]
+    assert base_of(rows[2], rows) is rows[1]  # same lr, not the first non-mixing row
+    alone = seed_rows(load_runs([root / "erm", root / "otmix_lr"]))
+    assert base_of(alone[1], alone) is None  # no row with its recipe
+    text = write_report([root / n for n in ("erm", "erm_lr", "otmix_lr", "otmix_lr_seed1")],
+                        tmp_path / "out").read_text()
+    assert "| otmix_lr | erm_lr | 0 | -5.00 | -5.00 | – |" in text  # seed 1 has no base
+
+
+def test_rows_refuse_the_same_run_given_twice(tmp_path):
+    from otlt.report.rows import seed_rows
+
+    a = _protocol_run(tmp_path / "a", "erm", 0, 30.0, 29.0)
+    b = _protocol_run(tmp_path / "b", "erm_copy", 0, 30.0, 29.0)
+    with pytest.raises(OtltError, match="same config and seed"):
+        seed_rows(load_runs([a, b]))
 
 
 def test_rows_read_other_procedures_from_post_hoc_files(tmp_path):
@@ -268,6 +298,8 @@ def test_rows_read_other_procedures_from_post_hoc_files(tmp_path):
         {"epoch": last, "bn_stats": "clean", "top1_error": 28.0}]}))
     (runs[1] / "eval_last_train.json").write_text(json.dumps(
         {"split": "test", "bn_stats": "train", "top1_error": 29.0}))
+    (runs[0] / "eval_last_train.json").write_text(json.dumps(
+        {"split": "test", "bn_stats": "train", "top1_error": 50.0}))  # the probe comes first
     (runs[1] / "eval_last_balanced.json").write_text(json.dumps(
         {"split": "val", "bn_stats": "balanced", "top1_error": 1.0}))  # not test: ignored
     data = load_runs(runs)

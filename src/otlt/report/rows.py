@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from otlt.errors import require
 from otlt.report import plots
 from otlt.report.document import Report
 from otlt.report.runs import (
@@ -55,11 +56,15 @@ class Row:
         return (self.runs[0].config.get("mix") or {}).get("name", "none") not in (None, "none")
 
 
+#: per-seed keys besides ``seed``: a stage-2 run names its own seed's stage-1 run
+PER_SEED_KEYS = ("seed", "reweight.stage1")
+
+
 def _identity(run: RunData, drop_mix: bool = False) -> str:
-    """The config as a key: everything but ``seed``, the ignored keys and ``paper``
+    """The config as a key: everything but the per-seed keys, the ignored keys and ``paper``
     (and, with ``drop_mix``, every ``mix.*`` key)."""
     flat = {k: v for k, v in flatten(run.config).items()
-            if k != "seed" and k not in IGNORED_KEYS and k != "paper"
+            if k not in PER_SEED_KEYS and k not in IGNORED_KEYS and k != "paper"
             and not k.startswith("paper.") and not (drop_mix and k.startswith("mix."))}
     return json.dumps(flat, sort_keys=True, default=str)
 
@@ -75,6 +80,10 @@ def seed_rows(runs: Sequence[RunData]) -> list[Row]:
         rows[key].runs.append(run)
     for row in rows.values():
         row.runs.sort(key=lambda r: int(r.config.get("seed", 0)))
+        seeds = row.seeds
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        require(not twice, f"runs {', '.join(r.label for r in row.runs)} have the same config "
+                           f"and seed {twice}: the same run given twice? (pass one of them)")
     return list(rows.values())
 
 
@@ -213,16 +222,32 @@ def _gains_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any])
         return
     report.add("### What mixing changes against its base row", "",
                "Mixing row minus its base (same config without the mixer), in points of test "
-               "error (negative: mixing helps), on the means over each row's seeds.", "",
-               "| mixing row | base row | last epoch | validation-selected | paper |",
-               "|---|---|---:|---:|---:|")
+               "error (negative: mixing helps): the mean over the seeds both rows have of "
+               "the per-seed differences.", "",
+               "| mixing row | base row | seeds | last epoch | validation-selected | paper |",
+               "|---|---|---|---:|---:|---:|")
     for row, base in pairs:
         a, b = summaries[id(row)], summaries[id(base)]
-        last, selected = (_difference(a["stats"][k][0], b["stats"][k][0])
-                          for k in ("last", "selected"))
-        report.add(f"| {cell(row.label)} | {cell(base.label)} | {last} | {selected} | "
+        common = [s for s in a["seeds"] if s in b["seeds"]]
+        cells = [format_stat(paired_difference(a, b, key, common), len(common))
+                 for key in ("last", "selected")]
+        report.add(f"| {cell(row.label)} | {cell(base.label)} | "
+                   f"{', '.join(map(str, common)) or '–'} | {cells[0]} | {cells[1]} | "
                    f"{_difference(a['paper'], b['paper'])} |")
     report.add("")
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any], key: str,
+                      seeds: Sequence[int]) -> tuple[float | None, float | None, int]:
+    """``mean_std`` of ``a - b`` per seed (two :func:`row_summary` results, ``key`` one of
+    their per-seed lists) over ``seeds``; a seed missing the number on either side is left
+    out."""
+    values = []
+    for seed in seeds:
+        x = a["per_seed"][key][a["seeds"].index(seed)]
+        y = b["per_seed"][key][b["seeds"].index(seed)]
+        values.append(None if x is None or y is None else x - y)
+    return mean_std(values)
 
 
 def _difference(x: float | None, y: float | None) -> str:
