@@ -110,6 +110,20 @@ def test_two_processes_train_odd_shards_with_global_mixing(tiny_zip, tmp_path, c
     assert alone["confusion_matrix"] == in_run["confusion_matrix"]
 
 
+def test_step_counts_that_would_differ_do_not_hang(tiny_zip, tmp_path, config):
+    """171 images, 17 rows per rank: sharding the epoch order as ``order[rank::2]`` gives
+    86 and 85 images, 6 and 5 steps, and the code before the fix hung (rank 0 in DDP's
+    all-reduce, rank 1 in the epoch totals; measured: killed after 60 s). Global batches
+    of 34 sliced per rank give both ranks 6 equal steps."""
+    overrides = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1) + [
+        "data.imbalance_ratio=7", "optim.batch_size=34"]
+    result = torchrun(tmp_path, cli_args(config, overrides))
+    assert result.returncode == 0, result.stderr[-3000:]
+    n = sum(json.loads((tmp_path / "runs" / "tiny" / "splits.json").read_text())
+            ["counts"]["train"])
+    assert n == 171 and -(-((n + 1) // 2) // 17) != -(-(n // 2) // 17)  # 6 != 5 per rank
+
+
 DRIVER = textwrap.dedent("""
     import sys, torch
     from otlt.config import load_config
