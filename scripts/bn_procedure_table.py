@@ -86,7 +86,7 @@ def main() -> None:
     if args.compare:
         print()
         for item in args.compare:
-            label, _, path = item.partition("=")
+            label, _, path = item.rpartition("=")  # a label may hold "="
             e = read(Path(path) / "eval.json")
             print(f"- {label}: {fmt(e.get('top1_error'))} (last epoch, "
                   f"{e.get('bn_stats', 'running')} statistics; `{path}`)")

@@ -203,8 +203,8 @@ def _procedure_table(report: Report, rows: Sequence[Row], summaries: dict[int, A
         return
     report.add("### Last epoch under each BatchNorm procedure", "",
                "Test error (%) of the last epoch's weights with BatchNorm statistics from "
-               "each procedure (`otlt probe --split test` or `otlt eval --bn-stats`); the "
-               "procedure in bold is the one fixed before test was read.", "",
+               "each procedure (`otlt probe --split test` or `otlt eval --bn-stats`); in bold the "
+               "run's own `eval.bn_stats`, the one its `eval.json` used.", "",
                "| row | " + " | ".join(PROCEDURES) + " |", "|---|" + "---:|" * len(PROCEDURES))
     for row in rows:
         s = summaries[id(row)]
