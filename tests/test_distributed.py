@@ -75,6 +75,17 @@ def test_local_rank_selects_the_cuda_device(monkeypatch):
     assert groups == ["nccl", "gloo"]
 
 
+def test_the_cli_leaves_the_process_group_it_joined(monkeypatch, capsys):
+    left = []
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: left.append(1))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    assert main(["presets"]) == 0
+    assert left == [1]
+    assert main(["train", "--config", "/nonexistent.yaml"]) == 2  # an error leaves it too
+    assert left == [1, 1]
+
+
 def test_stage2_refuses_torchrun_before_writing(tiny_zip, tmp_path, config, monkeypatch,
                                                 capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -421,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         print("otlt: interrupted; the last finished epoch is in last.pt (resume with "
               "'otlt train --resume RUN_DIR')", file=sys.stderr)
         return 130
+    finally:
+        from otlt.engine.distributed import teardown_process
+
+        teardown_process()
 
 
 if __name__ == "__main__":  # pragma: no cover

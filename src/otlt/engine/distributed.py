@@ -67,6 +67,15 @@ def setup_process(device: torch.device) -> torch.device:
     return device
 
 
+def teardown_process() -> None:
+    """Leave the process group (``destroy_process_group``) if this process joined one: its
+    communication threads then stop before the interpreter exits, instead of being torn down
+    with it (which aborted a gloo process now and then: "terminate called without an active
+    exception", SIGABRT)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (no-op when not distributed)."""
     if is_distributed():
