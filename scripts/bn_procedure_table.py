@@ -2,11 +2,13 @@
 
     python scripts/bn_procedure_table.py RUN_DIR [--compare LABEL=RUN_DIR ...]
 
-Rows: the four ``eval.bn_stats`` procedures. Columns: validation and test error (%) at the
-last epoch, at the last mixing epoch (``optim.epochs - mix.skip_last``, counted from 1), and
+Rows: the four ``eval.bn_stats`` procedures (``otlt.config.BN_STATS`` order). Columns:
+validation and test error (%) at the last epoch, at the last mixing epoch
+(``optim.epochs - mix.skip_last``, counted from 1), and
 the test error of the validation-selected checkpoint (``best.safetensors``, selected under
 the run's own procedure) re-evaluated under each procedure. Every number is read from the
-run's files, never computed here:
+run's files through the report's readers (``bn_probe_series``, ``bn_procedure_rows``),
+never computed here:
 
 - validation, last epoch: the in-run ``bn_probe`` of ``metrics.jsonl``, else ``probe_val.json``;
 - validation, other epochs: ``probe_val.json`` (``otlt probe RUN --split val``);
@@ -21,50 +23,40 @@ A missing number is ``–``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import yaml
-
-PROCEDURES = ("running", "clean", "train", "balanced")
-
-
-def read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+from otlt.config import BN_STATS
+from otlt.report import RunData, bn_probe_series, bn_procedure_rows, load_run, read_json
 
 
-def probe_records(run: Path, split: str) -> dict[tuple[int, str], float]:
-    return {(int(r["epoch"]), r["bn_stats"]): r["top1_error"]
-            for r in read(run / f"probe_{split}.json").get("records", [])}
-
-
-def table(run: Path) -> list[str]:
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
+def table(run: RunData) -> list[str]:
+    """The Markdown table of one run (rows: procedures in ``BN_STATS`` order)."""
+    cfg, e = run.config, run.eval or {}
     last = int(cfg["optim"]["epochs"]) - 1
     mixing_last = last - int((cfg.get("mix") or {}).get("skip_last", 3))  # schema default
     own = (cfg.get("eval") or {}).get("bn_stats", "running")
-    e = read(run / "eval.json")
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-    in_run = {(int(m["epoch"]), mode): 100.0 - v["val_acc"]
-              for m in metrics for mode, v in (m.get("bn_probe") or {}).items()}
-    val, test = {**probe_records(run, "val"), **in_run}, probe_records(run, "test")
+    # validation: in-run probes first, then otlt probe (epochs counted from 1 in the series)
+    val = {(epoch - 1, mode): 100.0 - acc
+           for mode, points in bn_probe_series(run).items() for epoch, acc in points}
+    test = {(r["epoch"], r["bn_stats"]): r.get("test_top1_error")
+            for r in bn_procedure_rows(run)}
 
     def test_of(epoch: int, mode: str, checkpoint: str) -> float | None:
         if mode == own and checkpoint == "last" and epoch == last:
             return e.get("top1_error")
         if mode == own and checkpoint == "best":
             return (e.get("selected") or {}).get("top1_error")
-        if checkpoint == "last" and (epoch, mode) in test:
+        if checkpoint == "last" and test.get((epoch, mode)) is not None:
             return test[(epoch, mode)]
-        return read(run / f"eval_{checkpoint}_{mode}.json").get("top1_error")
+        return (read_json(run.path / f"eval_{checkpoint}_{mode}.json") or {}).get("top1_error")
 
-    selected = (e.get("selected") or {}).get("epoch")
+    selected = e.get("selected", {}).get("epoch")
     sel = "–" if selected is None else str(int(selected) + 1)
     lines = [f"| BN statistics | val, last epoch ({last + 1}) | test, last epoch | "
              f"val, last mixing epoch ({mixing_last + 1}) | test, last mixing epoch | "
              f"test, validation-selected (epoch {sel}) |",
              "|---|---:|---:|---:|---:|---:|"]
-    for mode in PROCEDURES:
+    for mode in BN_STATS:
         cells = [val.get((last, mode)), test_of(last, mode, "last"),
                  val.get((mixing_last, mode)), test.get((mixing_last, mode)),
                  test_of(last, mode, "best")]
@@ -82,12 +74,12 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--compare", action="append", default=[], metavar="LABEL=RUN_DIR")
     args = parser.parse_args()
-    print("\n".join(table(args.run)))
+    print("\n".join(table(load_run(args.run))))
     if args.compare:
         print()
         for item in args.compare:
             label, _, path = item.rpartition("=")  # a label may hold "="
-            e = read(Path(path) / "eval.json")
+            e = read_json(Path(path) / "eval.json") or {}
             print(f"- {label}: {fmt(e.get('top1_error'))} (last epoch, "
                   f"{e.get('bn_stats', 'running')} statistics; `{path}`)")
 

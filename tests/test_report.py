@@ -310,7 +310,7 @@ def test_rows_read_other_procedures_from_post_hoc_files(tmp_path):
     text = write_report(runs, tmp_path / "out").read_text()
     table = text.split("### Last epoch under each BatchNorm procedure")[1].split("\n\n")[2]
     assert table.splitlines()[2] == \
-        "| mix | **30.50 ± 0.71** | 28.00 (1 of 2) | 28.00 ± 1.41 | – |"
+        "| mix | **30.50 ± 0.71** | 28.00 ± 1.41 | 28.00 (1 of 2) | – |"  # BN_STATS order
 
 
 def test_rows_section_needs_protocol_era_runs(synthetic):

@@ -15,7 +15,8 @@ Figures go to ``OUT/figures/`` and ``report.md`` links them with relative paths,
 folder renders on GitHub as it is.
 """
 
-from otlt.report.document import slug
+from otlt.report.bn_sections import bn_batches_rows, bn_probe_series, bn_procedure_rows
+from otlt.report.document import by_dataset, slug
 from otlt.report.markdown import ReportOptions, linked_figures, write_report
 from otlt.report.runs import (
     GROUPS,

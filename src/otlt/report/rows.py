@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from otlt.config import BN_STATS
 from otlt.errors import require
 from otlt.report import plots
 from otlt.report.document import Report
@@ -36,7 +37,6 @@ from otlt.report.runs import (
     read_json,
 )
 
-PROCEDURES = ("running", "clean", "train", "balanced")
 _SEED_SUFFIX = re.compile(r"_seed\d+$")
 
 
@@ -136,7 +136,7 @@ def row_summary(row: Row) -> dict[str, Any]:
     per_seed = {"last": [last_error(r) for r in row.runs],
                 "selected": [selected_error(r) for r in row.runs],
                 "best_test": [(b or (None, None))[1] for b in map(best_test_epoch, row.runs)]}
-    for mode in PROCEDURES:
+    for mode in BN_STATS:
         per_seed[f"bn_{mode}"] = [procedure_error(r, mode) for r in row.runs]
     paper = row.runs[0].paper.get("top1_error")
     return {"label": row.label, "seeds": row.seeds, "per_seed": per_seed,
@@ -199,17 +199,17 @@ def section_rows(report: Report, runs: Sequence[RunData]) -> None:
 
 def _procedure_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any]) -> None:
     if not any(summaries[id(r)]["stats"][f"bn_{m}"][0] is not None
-               for r in rows for m in PROCEDURES if m != summaries[id(r)]["bn_stats"]):
+               for r in rows for m in BN_STATS if m != summaries[id(r)]["bn_stats"]):
         return
     report.add("### Last epoch under each BatchNorm procedure", "",
                "Test error (%) of the last epoch's weights with BatchNorm statistics from "
                "each procedure (`otlt probe --split test` or `otlt eval --bn-stats`); in bold the "
                "run's own `eval.bn_stats`, the one its `eval.json` used.", "",
-               "| row | " + " | ".join(PROCEDURES) + " |", "|---|" + "---:|" * len(PROCEDURES))
+               "| row | " + " | ".join(BN_STATS) + " |", "|---|" + "---:|" * len(BN_STATS))
     for row in rows:
         s = summaries[id(row)]
         cells = []
-        for mode in PROCEDURES:
+        for mode in BN_STATS:
             text = format_stat(s["stats"][f"bn_{mode}"], len(row.runs))
             cells.append(f"**{text}**" if mode == s["bn_stats"] and text != "–" else text)
         report.add(f"| {cell(row.label)} | " + " | ".join(cells) + " |")
