@@ -69,10 +69,17 @@ def test_local_rank_selects_the_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(distributed.dist, "init_process_group", groups.append)
     monkeypatch.setattr(distributed, "is_distributed", lambda: False)
+    at_exit = []
+    monkeypatch.setattr(distributed.atexit, "register", at_exit.append)
     device = distributed.setup_process(torch.device("cuda"))
     assert device == torch.device("cuda", 1) and chosen == [device] and groups == ["nccl"]
     assert distributed.setup_process(torch.device("cpu")) == torch.device("cpu")
     assert groups == ["nccl", "gloo"]
+    # a group joined here is left at exit even when the caller never tears it down
+    assert at_exit == [distributed.teardown_process] * 2
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.setup_process(torch.device("cpu")) == torch.device("cpu")
+    assert len(at_exit) == 2  # nothing joined, nothing to leave
 
 
 def test_the_cli_leaves_the_process_group_it_joined(monkeypatch, capsys):
@@ -135,6 +142,9 @@ def test_step_counts_that_would_differ_do_not_hang(tiny_zip, tmp_path, config):
     assert n == 171 and -(-((n + 1) // 2) // 17) != -(-(n // 2) // 17)  # 6 != 5 per rank
 
 
+# A user's own script: it never calls teardown_process, so the atexit handler that
+# setup_process registers is what leaves the gloo group (without it this process aborted
+# at exit now and then, SIGABRT, as CI saw).
 DRIVER = textwrap.dedent("""
     import sys, torch
     from otlt.config import load_config

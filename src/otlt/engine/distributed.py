@@ -16,6 +16,7 @@ The rules (README, "Several GPUs and nodes"):
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -56,7 +57,11 @@ def is_main_process() -> bool:
 
 def setup_process(device: torch.device) -> torch.device:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1) and return
-    this process's device: ``cuda:LOCAL_RANK`` (made current) for CUDA, else ``device``."""
+    this process's device: ``cuda:LOCAL_RANK`` (made current) for CUDA, else ``device``.
+
+    A group joined here is left at interpreter exit (``atexit``) as well, so a script that
+    builds a trainer itself and never calls :func:`teardown_process` still stops the
+    group's threads while the interpreter is alive."""
     if launched_world_size() <= 1:
         return device
     if device.type == "cuda":
@@ -64,6 +69,7 @@ def setup_process(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not is_distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(teardown_process)
     return device
 
 
@@ -71,7 +77,8 @@ def teardown_process() -> None:
     """Leave the process group (``destroy_process_group``) if this process joined one: its
     communication threads then stop before the interpreter exits, instead of being torn down
     with it (which aborted a gloo process now and then: "terminate called without an active
-    exception", SIGABRT)."""
+    exception", SIGABRT: gloo's worker threads still held tensors when the interpreter was
+    finalised). Safe to call twice."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
