@@ -475,7 +475,8 @@ class Trainer:
         self._resume_note = {}
         if not self.cfg.train.sync_bn:
             average_buffers(unwrap(self.model))  # every rank evaluates and saves one model
-        all_reduce_counters(getattr(self.mixer, "stats", None), self.device)  # global mix_pairs
+        if self.mixer is not None:  # global mix_pairs
+            all_reduce_counters(self.mixer.counters(), self.device)
         trained_mixer = self._mixer_state()
         model = None
         if self.val is not None or self.cfg.eval.test_every_epoch:

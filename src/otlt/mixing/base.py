@@ -60,7 +60,8 @@ class Mixer:
 
     The engine calls the hooks below on every mixer (each a documented no-op here, like a
     Lightning ``Callback``): :meth:`set_epoch` before an epoch, :meth:`end_epoch` and
-    :meth:`pop_artifacts` after it, :meth:`state_dict` / :meth:`load_state_dict` with
+    :meth:`pop_artifacts` after it (:meth:`counters` summed over ranks before them),
+    :meth:`state_dict` / :meth:`load_state_dict` with
     checkpoints, :meth:`update_confusion` when a validation confusion matrix is known.
 
     Subclasses set ``name``, ``needs_partner_batch`` (True when the mixer takes a second,
@@ -82,6 +83,12 @@ class Mixer:
 
     def update_confusion(self, confusion: torch.Tensor) -> None:
         """Take a validation confusion matrix ``(K, K)``; the base ignores it."""
+
+    def counters(self) -> dict[str, Any]:
+        """This process's counters for the epoch so far (name -> tensor or number), which a
+        multi-process engine sums over ranks, in place, before :meth:`end_epoch` reports
+        them (OTMix: batches, OT batches, ``pairs``...); the base counts nothing."""
+        return {}
 
     def end_epoch(self, val_confusion: torch.Tensor | None) -> dict[str, Any]:
         """Close the epoch: return statistics for ``metrics.jsonl`` (here none) and take the

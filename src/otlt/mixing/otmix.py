@@ -295,6 +295,11 @@ class OTMix(Mixer):
                                       "ot_iters": 0, "ot_converged": 0,
                                       "pairs": torch.zeros(k, k, dtype=torch.long)}
 
+    def counters(self) -> dict[str, Any]:
+        """The epoch's counters, the very dict :meth:`end_epoch` reads (so a sum over ranks
+        done in place on it is what gets reported)."""
+        return self.stats
+
     def _record_ot(self, solver: dict[str, Any]) -> None:
         self.stats["ot_batches"] += 1
         if solver:
