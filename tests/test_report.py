@@ -313,6 +313,44 @@ def test_rows_read_other_procedures_from_post_hoc_files(tmp_path):
         "| mix | **30.50 ± 0.71** | 28.00 ± 1.41 | 28.00 (1 of 2) | – |"  # BN_STATS order
 
 
+def test_rows_under_one_procedure_read_reevaluated_runs_and_pair_them(tmp_path):
+    """A base evaluated under ``train`` and a mixing twin whose eval.json used ``running``:
+    by default they are different recipes (no pairing); with ``bn_stats="train"`` the twin is
+    read from its post-hoc files and the gain is train minus train."""
+    from otlt.report import ReportOptions
+
+    root = tmp_path / "runs"
+    base = _protocol_run(root, "drw", 0, 32.0, 32.5)
+    config = yaml.safe_load((base / "config.yaml").read_text())
+    config["eval"]["bn_stats"] = "train"
+    (base / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    e = json.loads((base / "eval.json").read_text())
+    (base / "eval.json").write_text(json.dumps({**e, "bn_stats": "train"}))
+    mix = _protocol_run(root, "drw_otmix", 0, 30.0, 24.5, mix="otmix")
+    last = json.loads((mix / "eval.json").read_text())["epoch"]
+    (mix / "probe_test.json").write_text(json.dumps({"split": "test", "records": [
+        {"epoch": last, "bn_stats": "train", "top1_error": 25.0}]}))
+    (mix / "eval_best_train.json").write_text(json.dumps(
+        {"split": "test", "bn_stats": "train", "top1_error": 24.0}))
+
+    def rows_section(options):
+        text = write_report([base, mix], tmp_path / "out", options).read_text()
+        return text.split("## Rows (seeds pooled)")[1].split("\n## ")[0]
+
+    default = rows_section(None)
+    assert "| drw_otmix | 0 | running | 30.00 | 24.50 |" in default
+    assert "What mixing changes" not in default and "†" not in default
+    train = rows_section(ReportOptions(bn_stats="train"))
+    assert "| drw | 0 | train | 32.00 | 32.50 |" in train
+    assert "| drw_otmix | 0 | train † | 25.00 | 24.00 |" in train
+    assert "† Re-evaluated under `train`" in train and "drw_otmix" in train.split("†")[-1]
+    assert "| drw_otmix | drw | 0 | -7.00 | -8.50 | – |" in train
+    # a run with no file under the procedure gives no number rather than its own one
+    (mix / "eval_best_train.json").unlink()
+    train = rows_section(ReportOptions(bn_stats="train"))
+    assert "| drw_otmix | 0 | train † | 25.00 | – |" in train
+
+
 def test_rows_section_needs_protocol_era_runs(synthetic):
     assert "## Rows (seeds pooled)" not in synthetic[1].read_text()
 

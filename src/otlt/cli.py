@@ -125,6 +125,10 @@ def _add_report(sub) -> None:
                    help="test images in the t-SNE (default: 2000)")
     p.add_argument("--data", help="dataset path for --gallery/--tsne, if it moved since training")
     p.add_argument("--seed", type=int, default=0, help="seed of the gallery and t-SNE draws")
+    p.add_argument("--bn-stats", choices=["running", "train", "clean", "balanced"], metavar="MODE",
+                   help="read the Rows table under this BatchNorm procedure for every run "
+                        "(runs evaluated under another one: from their otlt probe / otlt eval "
+                        "files); default: each run's own eval.bn_stats")
 
 
 def _add_data(sub) -> None:
@@ -371,7 +375,8 @@ def cmd_report(args) -> int:
     from otlt.report import ReportOptions, linked_figures, write_report
 
     options = ReportOptions(gallery=args.gallery, gallery_size=args.gallery_size, tsne=args.tsne,
-                            tsne_samples=args.tsne_samples, data_path=args.data, seed=args.seed)
+                            tsne_samples=args.tsne_samples, data_path=args.data, seed=args.seed,
+                            bn_stats=args.bn_stats)
     path = write_report(args.run_dirs, args.out, options)
     print(f"otlt: wrote {path} with {len(linked_figures(path))} figures")
     return 0

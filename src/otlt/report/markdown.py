@@ -48,6 +48,8 @@ class ReportOptions:
     data_path: str | None = None
     seed: int = 0
     device: str = "cpu"
+    #: read the Rows table under this BatchNorm procedure for every run (None: each run's own)
+    bn_stats: str | None = None
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path,
@@ -66,7 +68,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path,
                "epoch (lower is better), read from each run's `eval.json`; "
                f"{_groups_sentence(runs)}", "")
     _section_table(report, runs)
-    section_rows(report, runs)
+    section_rows(report, runs, options.bn_stats)
     _section_sweep(report, runs)
     _section_curves(report, runs)
     datasets = by_dataset([r for r in runs if r.eval and r.eval.get("per_class_accuracy")])

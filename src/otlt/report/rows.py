@@ -12,6 +12,13 @@ of each seed's own file: ``eval.json`` (the last epoch under the run's ``eval.bn
 ``probe_test.json`` / ``eval_last_<mode>.json`` for the other BatchNorm procedures. A mixing
 row is paired with its *base*: the row whose config equals it once every ``mix.*`` key is
 dropped and ``mix.name`` is ``none``.
+
+With one procedure for the whole group (``otlt report --bn-stats MODE``), every run's numbers
+are read under ``MODE``: the last epoch from ``eval.json`` when it used ``MODE``, else from the
+post-hoc files above, and the validation-selected checkpoint from ``eval_best_<MODE>.json``.
+``eval.bn_stats`` then leaves the row identity: it changes evaluation only, never training
+(the trajectory is bit-identical under every procedure), so a run evaluated under another
+procedure still pools with, and pairs with, its twins.
 """
 
 from __future__ import annotations
@@ -60,21 +67,27 @@ class Row:
 PER_SEED_KEYS = ("seed", "reweight.stage1")
 
 
-def _identity(run: RunData, drop_mix: bool = False) -> str:
-    """The config as a key: everything but the per-seed keys, the ignored keys and ``paper``
-    (and, with ``drop_mix``, every ``mix.*`` key)."""
+#: what leaves the row identity when the report reads every run under one procedure
+PROCEDURE_KEYS = ("eval.bn_stats",)
+
+
+def _identity(run: RunData, drop_mix: bool = False, ignore: Sequence[str] = ()) -> str:
+    """The config as a key: everything but the per-seed keys, the ignored keys, ``paper`` and
+    ``ignore`` (and, with ``drop_mix``, every ``mix.*`` key)."""
     flat = {k: v for k, v in flatten(run.config).items()
-            if k not in PER_SEED_KEYS and k not in IGNORED_KEYS and k != "paper"
-            and not k.startswith("paper.") and not (drop_mix and k.startswith("mix."))}
+            if k not in PER_SEED_KEYS and k not in IGNORED_KEYS and k not in ignore
+            and k != "paper" and not k.startswith("paper.")
+            and not (drop_mix and k.startswith("mix."))}
     return json.dumps(flat, sort_keys=True, default=str)
 
 
-def seed_rows(runs: Sequence[RunData]) -> list[Row]:
-    """Group runs into rows (configs equal but for ``seed``), in first-appearance order;
-    the label is the first run's with a trailing ``_seed<k>`` removed."""
+def seed_rows(runs: Sequence[RunData], ignore: Sequence[str] = ()) -> list[Row]:
+    """Group runs into rows (configs equal but for ``seed`` and the keys in ``ignore``), in
+    first-appearance order; the label is the first run's with a trailing ``_seed<k>``
+    removed."""
     rows: dict[str, Row] = {}
     for run in runs:
-        key = _identity(run)
+        key = _identity(run, ignore=ignore)
         if key not in rows:
             rows[key] = Row(_SEED_SUFFIX.sub("", run.label), [])
         rows[key].runs.append(run)
@@ -87,13 +100,14 @@ def seed_rows(runs: Sequence[RunData]) -> list[Row]:
     return list(rows.values())
 
 
-def base_of(row: Row, rows: Sequence[Row]) -> Row | None:
-    """The row ``row`` mixes on top of (same config without ``mix.*``, no mixer)."""
+def base_of(row: Row, rows: Sequence[Row], ignore: Sequence[str] = ()) -> Row | None:
+    """The row ``row`` mixes on top of (same config without ``mix.*`` and ``ignore``, no
+    mixer)."""
     if not row.is_mixing:
         return None
-    key = _identity(row.runs[0], drop_mix=True)
+    key = _identity(row.runs[0], drop_mix=True, ignore=ignore)
     for other in rows:
-        if not other.is_mixing and _identity(other.runs[0], drop_mix=True) == key:
+        if not other.is_mixing and _identity(other.runs[0], drop_mix=True, ignore=ignore) == key:
             return other
     return None
 
@@ -109,12 +123,26 @@ def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None
     return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)), len(xs)
 
 
-def last_error(run: RunData) -> float | None:
-    return (run.eval or {}).get("top1_error")
+def run_procedure(run: RunData) -> str:
+    """The BatchNorm procedure of the run's ``eval.json`` (``running`` before there was one)."""
+    return (run.eval or {}).get("bn_stats") or "running"
 
 
-def selected_error(run: RunData) -> float | None:
-    return ((run.eval or {}).get("selected") or {}).get("top1_error")
+def last_error(run: RunData, mode: str | None = None) -> float | None:
+    """Last-epoch test error: ``eval.json``'s, or under ``mode`` (:func:`procedure_error`)."""
+    if mode is None or run_procedure(run) == mode:
+        return (run.eval or {}).get("top1_error")
+    return procedure_error(run, mode)
+
+
+def selected_error(run: RunData, mode: str | None = None) -> float | None:
+    """Test error of the validation-selected checkpoint: ``eval.json``'s ``selected``, or under
+    ``mode`` from ``eval_best_<mode>.json`` (``otlt eval --checkpoint best --bn-stats mode``;
+    the checkpoint is the one selected under the run's own procedure)."""
+    if mode is None or run_procedure(run) == mode:
+        return ((run.eval or {}).get("selected") or {}).get("top1_error")
+    posthoc = read_json(run.path / f"eval_best_{mode}.json") or {}
+    return posthoc.get("top1_error") if posthoc.get("split", "test") == "test" else None
 
 
 def procedure_error(run: RunData, mode: str) -> float | None:
@@ -131,17 +159,21 @@ def procedure_error(run: RunData, mode: str) -> float | None:
     return posthoc.get("top1_error") if posthoc.get("split", "test") == "test" else None
 
 
-def row_summary(row: Row) -> dict[str, Any]:
-    """The row's numbers: per-seed lists and their (mean, std, n)."""
-    per_seed = {"last": [last_error(r) for r in row.runs],
-                "selected": [selected_error(r) for r in row.runs],
+def row_summary(row: Row, mode: str | None = None) -> dict[str, Any]:
+    """The row's numbers: per-seed lists and their (mean, std, n); ``last`` and ``selected``
+    under ``mode`` when given (else each run's own procedure). ``reevaluated``: the runs whose
+    ``eval.json`` used another procedure than ``mode``."""
+    per_seed = {"last": [last_error(r, mode) for r in row.runs],
+                "selected": [selected_error(r, mode) for r in row.runs],
                 "best_test": [(b or (None, None))[1] for b in map(best_test_epoch, row.runs)]}
-    for mode in BN_STATS:
-        per_seed[f"bn_{mode}"] = [procedure_error(r, mode) for r in row.runs]
+    for procedure in BN_STATS:
+        per_seed[f"bn_{procedure}"] = [procedure_error(r, procedure) for r in row.runs]
     paper = row.runs[0].paper.get("top1_error")
     return {"label": row.label, "seeds": row.seeds, "per_seed": per_seed,
             "stats": {k: mean_std(v) for k, v in per_seed.items()},
-            "bn_stats": (row.runs[0].config.get("eval") or {}).get("bn_stats", "running"),
+            "bn_stats": mode or (row.runs[0].config.get("eval") or {}).get("bn_stats", "running"),
+            "reevaluated": [r.label for r in row.runs
+                            if mode is not None and run_procedure(r) != mode],
             "paper": None if paper is None else float(paper),
             "selected_epochs": [None if ((r.eval or {}).get("selected") or {}).get("epoch")
                                 is None else int(r.eval["selected"]["epoch"]) + 1
@@ -157,17 +189,21 @@ def format_stat(stat: tuple[float | None, float | None, int], n_seeds: int) -> s
     return text if n == n_seeds else f"{text} ({n} of {n_seeds})"
 
 
-def section_rows(report: Report, runs: Sequence[RunData]) -> None:
+def section_rows(report: Report, runs: Sequence[RunData], bn_stats: str | None = None) -> None:
     """"Rows": last and validation-selected epoch per method over seeds, the official
-    protocol's best test epoch, the paper; then the BN procedures and mixing gains."""
+    protocol's best test epoch, the paper; then the BN procedures and mixing gains. With
+    ``bn_stats``, every run is read under that procedure (module docstring)."""
     if not any((r.eval or {}).get("selected") for r in runs):
         return  # runs from before the protocol: the Results table says all there is
-    rows = seed_rows(runs)
-    summaries = {id(row): row_summary(row) for row in rows}
+    ignore = PROCEDURE_KEYS if bn_stats else ()
+    rows = seed_rows(runs, ignore)
+    summaries = {id(row): row_summary(row, bn_stats) for row in rows}
+    under = (f"under `{bn_stats}` BatchNorm statistics for every run" if bn_stats
+             else "under the run's `eval.bn_stats`")
     report.add("## Rows (seeds pooled)", "",
                "One row per method: runs whose configs differ only in `seed`. Test error (%) "
-               "as mean ± sample std over seeds. *Last*: the last epoch, under the run's "
-               "`eval.bn_stats`; *selected*: the epoch with the best validation "
+               f"as mean ± sample std over seeds. *Last*: the last epoch, {under}; "
+               "*selected*: the epoch with the best validation "
                "`eval.select_metric`. *Best test epoch* is the official code's protocol "
                "(test evaluated every epoch, the best reported): optimistic, a diagnostic "
                "that nothing reads.", "",
@@ -179,12 +215,21 @@ def section_rows(report: Report, runs: Sequence[RunData]) -> None:
         n, st = len(row.runs), s["stats"]
         delta = (None if st["last"][0] is None or s["paper"] is None
                  else st["last"][0] - s["paper"])
-        report.add(f"| {cell(row.label)} | {', '.join(map(str, s['seeds']))} | {s['bn_stats']} | "
+        mark = " †" if s["reevaluated"] else ""
+        report.add(f"| {cell(row.label)} | {', '.join(map(str, s['seeds']))} | "
+                   f"{s['bn_stats']}{mark} | "
                    f"{format_stat(st['last'], n)} | {format_stat(st['selected'], n)} | "
                    f"{', '.join('–' if e is None else str(e) for e in s['selected_epochs'])} | "
                    f"{format_stat(st['best_test'], n)} | {fmt(s['paper'])} | "
                    f"{'–' if delta is None else f'{delta:+.2f}'} |")
     report.add("")
+    reevaluated = [name for row in rows for name in summaries[id(row)]["reevaluated"]]
+    if reevaluated:
+        report.add(f"† Re-evaluated under `{bn_stats}` after training (its `eval.json` used "
+                   f"another procedure): {', '.join(map(cell, reevaluated))}. Last epoch from "
+                   "`probe_test.json` or `eval_last_<mode>.json`; the validation-selected "
+                   "checkpoint, chosen under the run's own procedure, from "
+                   "`eval_best_<mode>.json`.", "")
     seeded = [row for row in rows if len(row.runs) > 1]
     for row in seeded:
         ps = summaries[id(row)]["per_seed"]
@@ -194,7 +239,7 @@ def section_rows(report: Report, runs: Sequence[RunData]) -> None:
     if seeded:
         report.add("")
     _procedure_table(report, rows, summaries)
-    _gains_table(report, rows, summaries)
+    _gains_table(report, rows, summaries, ignore)
 
 
 def _procedure_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any]) -> None:
@@ -216,8 +261,9 @@ def _procedure_table(report: Report, rows: Sequence[Row], summaries: dict[int, A
     report.add("")
 
 
-def _gains_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any]) -> None:
-    pairs = [(row, base) for row in rows if (base := base_of(row, rows)) is not None]
+def _gains_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any],
+                 ignore: Sequence[str] = ()) -> None:
+    pairs = [(row, base) for row in rows if (base := base_of(row, rows, ignore)) is not None]
     if not pairs:
         return
     report.add("### What mixing changes against its base row", "",
