@@ -3,7 +3,7 @@ procedure.
 
 The run is rebuilt from its ``config.yaml`` without training (:func:`create_trainer` with
 ``evaluate_only``), the weights are loaded, and the very code that evaluates during
-training (``Trainer.evaluation_model`` with the recalibration generator of the weights'
+training (``EvaluationProcedure.model_for`` with the recalibration generator of the weights'
 epoch) evaluates them, so a post-hoc number equals the in-run number for the same weights
 and procedure. Results go beside the run's others as ``eval_<checkpoint>_<bn_stats>.json``
 (``_val`` added for the validation split); an existing file with different numbers is
@@ -112,14 +112,14 @@ def evaluate_loaded(trainer: Trainer, epoch: int, mode: str, split: str) -> dict
     """The ``eval.json``-style record of the trainer's current weights (trained up to
     ``epoch``) on ``split`` under BatchNorm procedure ``mode``."""
     require(mode in BN_STATS, f"--bn-stats must be one of {', '.join(BN_STATS)}, got {mode!r}")
-    confusion = trainer.confusion_on(split, trainer.evaluation_model(epoch, mode))
+    confusion = trainer.confusion_on(split, trainer.evaluation.model_for(epoch, mode))
     if confusion is None:
         raise OtltError(f"run {trainer.run_dir} has no {split} split")
     result = {"split": split, "epoch": epoch, "bn_stats": mode,
               "classes": trainer.data.classes}
     if mode != "running":
         result["bn_batches"] = trainer.cfg.eval.bn_batches
-    return {**result, **trainer.summarize(confusion)}
+    return {**result, **trainer.evaluation.summarize(confusion)}
 
 
 def evaluate_weights(run_dir: Path, weights: WeightsFile, bn_stats: str | None = None,

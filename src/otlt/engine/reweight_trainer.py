@@ -25,7 +25,7 @@ with exact resume (it adds the raw weights and their momentum), ``metrics.jsonl`
 ``ot_loss``, ``meta_loss``, ``ot_grad_norm`` (mean per step of ``||dOT/dw_B||``),
 ``weight_step_change`` (mean per step of the L1 change of ``softmax(w_B)``) and the per-class
 ``weight_class_mean``, ``weight_class_std``, ``weight_class_mass``; the three OT entries are
-null with ``reweight.ot_step: false``, which skips step 1), ``final_eval``.
+null with ``reweight.ot_step: false``, which skips step 1), the final test evaluation.
 ``weights.json`` holds, after the last finished epoch, every training example's ``labels``,
 ``raw`` weight and ``probability`` (softmax of all raw weights: the learned training
 distribution), in training-split order.

@@ -5,13 +5,18 @@ index, augments it with one batched gather (:mod:`otlt.data.augment`), optionall
 and takes an SGD step under autocast. The validation split drives everything during
 training (including OTmix's confusion matrix); the test split is evaluated once, at the end.
 
-The module stays whole (over 400 lines): :class:`Trainer`'s epoch loop, its checkpoint state
-and its evaluation procedure read and write the same run state. What needs none of it lives
-below: :mod:`~otlt.engine.runtime` (device, precision, data on the device, run directory),
-:mod:`~otlt.engine.schedule`, :mod:`~otlt.engine.evaluation` (confusion matrices, split
-records), :mod:`~otlt.engine.batchnorm` (recalibration, its generator and index batches),
-:mod:`~otlt.engine.distributed` (ranks, shards, counters), :mod:`~otlt.engine.checkpoint`
-and :mod:`otlt.console` (the epoch line).
+The evaluation procedure (``eval.*``: which model is evaluated, the validation record, the
+probe, ``best.safetensors``, ``eval.json``) is
+:class:`~otlt.engine.procedure.EvaluationProcedure` (``self.evaluation``); the trainer gives
+it the data access, :meth:`Trainer.confusion_on` and :meth:`Trainer.bn_batches`, which the
+streaming trainer overrides. The module stays whole
+(about 470 lines): the epoch loop, the checkpoint state (``last.pt``: model, optimizer, loss,
+generator, mixer) and the data access read and write the same run state. What needs no run
+state lives below: :mod:`~otlt.engine.runtime` (device, precision, data on the device, run
+directory), :mod:`~otlt.engine.schedule`, :mod:`~otlt.engine.evaluation` (confusion matrices,
+split records), :mod:`~otlt.engine.batchnorm` (recalibration, its generator and index
+batches), :mod:`~otlt.engine.distributed` (ranks, shards, counters),
+:mod:`~otlt.engine.checkpoint` and :mod:`otlt.console` (the epoch line).
 """
 
 from __future__ import annotations
@@ -34,9 +39,7 @@ from otlt.data.augment import GPUAugment
 from otlt.data.prepare import LongTailedData, prepare_data
 from otlt.data.samplers import sample_weights
 from otlt.engine.batchnorm import (
-    batchnorm_state,
     preserved_batchnorm,
-    recalibrate_batchnorm,
     recalibration_generator,
     recalibration_indices,
 )
@@ -45,7 +48,6 @@ from otlt.engine.distributed import (
     all_reduce_counters,
     all_reduce_sum,
     average_buffers,
-    barrier,
     global_batches,
     is_distributed,
     is_main_process,
@@ -55,15 +57,15 @@ from otlt.engine.distributed import (
     unwrap,
     world_size,
 )
-from otlt.engine.evaluation import evaluate, split_record
-from otlt.engine.logging import MetricsLogger, log_final
+from otlt.engine.evaluation import evaluate
+from otlt.engine.logging import MetricsLogger
+from otlt.engine.procedure import EvaluationProcedure
 from otlt.engine.runtime import DeviceSplit, autocast_dtype, open_run_dir, resolve_device
 from otlt.engine.schedule import step_lr
 from otlt.engine.syncbn import convert_global_batchnorm
-from otlt.engine.weights import SUFFIX, load_weights, save_weights
+from otlt.engine.weights import SUFFIX, save_weights
 from otlt.errors import OtltError, require
 from otlt.losses import batch_loss, create_loss
-from otlt.metrics import select_value, summarize
 from otlt.mixing import create_mixer
 from otlt.models import create_model
 from otlt.models.features import feature_fn
@@ -100,7 +102,6 @@ class Trainer:
                   file=sys.stderr, flush=True)
         self._build_components()
         self.start_epoch = 0
-        self.best: dict[str, Any] | None = None  # {"epoch", "value"} of best.safetensors
         if evaluate_only:
             return
         self._resume_note: dict[str, Any] = {}
@@ -174,6 +175,10 @@ class Trainer:
         self.fore_weights = sample_weights(self.data.train.labels, cfg.mix.sampler_r)
         self._embeds: dict[str, Any] = {}  # feature functions for context mixers, by mode
         self.augment = GPUAugment()
+        self.evaluation = EvaluationProcedure(
+            cfg, unwrap(self.model), self.mixer, self.train_counts, self.data.classes,
+            self.run_dir, confusion_on=self.confusion_on, bn_batches=self.bn_batches,
+            amp_dtype=self.amp_dtype, has_val=self.val is not None)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer steps: every parameter of the model (a subclass may freeze
@@ -190,7 +195,7 @@ class Trainer:
                  "torch_rng": torch.get_rng_state(),
                  "train_counts": list(self.train_counts),
                  "classes": self.data.classes,
-                 "best": self.best,
+                 "best": self.evaluation.best,
                  "world_size": world_size()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
@@ -219,7 +224,7 @@ class Trainer:
             raise OtltError(f"checkpoint in {self.run_dir} does not match this run's "
                             f"config ({type(exc).__name__}: {str(exc)[:160]})") from None
         self.start_epoch = int(state["epoch"]) + 1
-        self.best = state.get("best")
+        self.evaluation.best = state.get("best")
 
     def save(self, epoch: int) -> None:
         if is_main_process():
@@ -380,23 +385,6 @@ class Trainer:
                                           lambda k: self._draw_foreground(k, g)).images
                 yield x
 
-    def evaluation_model(self, epoch: int, mode: str | None = None) -> torch.nn.Module:
-        """The model as evaluated under ``mode`` (default ``eval.bn_stats``): the training
-        model itself for ``running``, else a copy with recalibrated BatchNorm statistics."""
-        mode = mode or self.cfg.eval.bn_stats
-        model = unwrap(self.model)
-        if mode == "running":
-            return model
-        model = copy.deepcopy(model)
-        recalibrate_batchnorm(model, self.bn_batches(mode, epoch), amp_dtype=self.amp_dtype,
-                              channels_last=self.cfg.train.channels_last)
-        return model
-
-    def summarize(self, confusion: torch.Tensor) -> dict[str, Any]:
-        e = self.cfg.eval
-        return summarize(confusion, self.train_counts, many=e.many_threshold,
-                         few=e.few_threshold)
-
     def confusion_on(self, split: str,
                    model: torch.nn.Module | None = None) -> torch.Tensor | None:
         """Confusion matrix of ``model`` (default: the training model) on ``val`` or ``test``
@@ -407,49 +395,6 @@ class Trainer:
         return evaluate(model or self.model, data, self.num_classes,
                         self.cfg.train.eval_batch_size, self.amp_dtype,
                         self.cfg.train.channels_last)
-
-    def validate(self, model: torch.nn.Module) -> tuple[dict[str, Any], torch.Tensor | None]:
-        """Validation record of ``model`` (the epoch's evaluation model) and the confusion
-        under the running statistics, which OTmix's cost uses whatever ``eval.bn_stats``
-        says; ``({}, None)`` without a validation split."""
-        if self.val is None:
-            return {}, None
-        confusion = self.confusion_on("val", model)
-        summary = self.summarize(confusion)
-        record = split_record("val", summary)
-        record["val_select"] = select_value(summary, self.cfg.eval.select_metric)
-        running = confusion
-        if model is not unwrap(self.model) and self.mixer is not None:
-            running = self.confusion_on("val")
-            record.update(split_record("val_running", self.summarize(running)))
-        return record, running
-
-    def probe_batchnorm(self, epoch: int) -> dict[str, Any]:
-        """Validation accuracy under every ``eval.bn_stats`` procedure (``bn_probe``)."""
-        start = time.perf_counter()
-        probe = {mode: split_record("val", self.summarize(
-                     self.confusion_on("val", self.evaluation_model(epoch, mode))))
-                 for mode in BN_STATS}
-        return {"bn_probe": probe, "bn_probe_seconds": time.perf_counter() - start}
-
-    def _probe_due(self, epoch: int) -> bool:
-        every = self.cfg.eval.bn_probe_every
-        last = epoch == self.cfg.optim.epochs - 1
-        return bool(every) and self.val is not None and ((epoch + 1) % every == 0 or last)
-
-    def _select(self, epoch: int, record: dict[str, Any], model: torch.nn.Module,
-                mixer_state: dict[str, Any] | None) -> None:
-        """Write ``best.safetensors`` when the validation metric ties or beats the best."""
-        value = record.get("val_select")
-        if value is None or (self.best is not None and value < self.best["value"]):
-            return
-        self.best = {"epoch": epoch, "value": value}
-        if is_main_process():
-            e = self.cfg.eval
-            save_weights(self.run_dir / f"best{SUFFIX}", unwrap(self.model).state_dict(),
-                         epoch=epoch, evaluated_bn=batchnorm_state(model), mixer=mixer_state,
-                         meta={"bn_stats": e.bn_stats, "bn_batches": e.bn_batches,
-                               "select_metric": e.select_metric, "val_value": value})
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any] | None:
         """Train to the configured last epoch (or stop, resumable, after ``stop_after``
@@ -465,7 +410,7 @@ class Trainer:
                     print(format_epoch(record, cfg.optim.epochs), flush=True)
         finally:
             logger.close()
-        return self.final_eval() if end == cfg.optim.epochs else None
+        return self.evaluation.final() if end == cfg.optim.epochs else None
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch, validate under ``eval.bn_stats`` (and probe, and the opt-in test
@@ -481,18 +426,16 @@ class Trainer:
         model = None
         if self.val is not None or self.cfg.eval.test_every_epoch:
             bn_start = time.perf_counter()
-            model = self.evaluation_model(epoch)
+            model = self.evaluation.model_for(epoch)
             if self.cfg.eval.bn_stats != "running":
                 record["bn_seconds"] = time.perf_counter() - bn_start
-        val_record, val_confusion = self.validate(model)
+        val_record, val_confusion = self.evaluation.validate(model)
         record.update(val_record)
-        if self._probe_due(epoch):
-            record.update(self.probe_batchnorm(epoch))
+        if self.evaluation.probe_due(epoch):
+            record.update(self.evaluation.probe(epoch))
         if self.cfg.eval.test_every_epoch:
-            # Official-protocol diagnostic (optimistic): logged, never read by anything.
-            record.update(split_record("test_diag", self.summarize(
-                self.confusion_on("test", model))))
-        self._select(epoch, record, model, trained_mixer)
+            record.update(self.evaluation.test_diagnostic(model))
+        self.evaluation.select(epoch, record, model, trained_mixer)
         if self.mixer is not None:
             record.update(self.mixer.end_epoch(val_confusion))
             self._write_artifacts(self.mixer.pop_artifacts())
@@ -527,26 +470,3 @@ class Trainer:
             path = self.run_dir / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(obj))
-
-    def final_eval(self) -> dict[str, Any]:
-        """Evaluate on the test split, under ``eval.bn_stats``, the last epoch's weights and
-        the validation-selected ``best`` (``selected``); write ``eval.json``."""
-        e, last = self.cfg.eval, self.cfg.optim.epochs - 1
-        confusion = self.confusion_on("test", self.evaluation_model(last))
-        result = {"split": "test", "epoch": last, "checkpoint": "last", "bn_stats": e.bn_stats,
-                  "bn_batches": e.bn_batches, "classes": self.data.classes,
-                  **self.summarize(confusion)}
-        best_path = self.run_dir / f"best{SUFFIX}"
-        barrier()  # rank 0 wrote best.safetensors
-        if self.best is not None and best_path.is_file():
-            best = load_weights(best_path)
-            model = copy.deepcopy(unwrap(self.model))
-            model.load_state_dict(best.evaluated_model())
-            result["selected"] = {"checkpoint": "best", "epoch": best.epoch,
-                                  "select_metric": e.select_metric,
-                                  "val_value": best.meta.get("val_value"),
-                                  **self.summarize(self.confusion_on("test", model))}
-        if is_main_process():
-            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
-            log_final(self.run_dir, to_dict(self.cfg), result)
-        return result

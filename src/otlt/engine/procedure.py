@@ -1,0 +1,161 @@
+"""The evaluation procedure of one run (``eval.*``): which model is evaluated, what is logged
+from it, which checkpoint is kept as validation-selected, and the final test evaluation.
+
+Per epoch, after training::
+
+    model = procedure.model_for(epoch)       # eval.bn_stats: the training model (running) or a
+                                             #   copy with recalibrated BatchNorm statistics
+    record, running = procedure.validate(model)   # + the running-statistics confusion that
+                                                  #   OTmix's cost reads, whatever bn_stats says
+    procedure.probe(epoch)                   # every procedure, every eval.bn_probe_every epochs
+    procedure.select(epoch, record, model, mixer_state)   # best.safetensors (ties: the later)
+
+and once, after the last epoch, :meth:`EvaluationProcedure.final` (``eval.json``: the last
+epoch and the validation-selected checkpoint on test).
+
+The procedure reads the data only through two functions of the trainer, because they depend on
+where the data lives (tensors on the device, or streamed list files):
+``confusion_on(split, model) -> (K, K) | None`` (``split`` is ``val`` or ``test``, None when
+the run has no such split; ``model`` None means the training model) and
+``bn_batches(mode, epoch) -> iterator of (B, 3, H, W)`` (the recalibration batches of a
+procedure other than ``running``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from otlt.config import BN_STATS, RunConfig, to_dict
+from otlt.engine.batchnorm import batchnorm_state, recalibrate_batchnorm
+from otlt.engine.distributed import barrier, is_main_process
+from otlt.engine.evaluation import split_record
+from otlt.engine.logging import log_final
+from otlt.engine.weights import SUFFIX, load_weights, save_weights
+from otlt.metrics import select_value, summarize
+from otlt.mixing import Mixer
+
+ConfusionOn = Callable[[str, "torch.nn.Module | None"], "torch.Tensor | None"]
+BatchesFor = Callable[[str, int], Iterator[torch.Tensor]]
+
+
+class EvaluationProcedure:
+    """``eval.*`` for one run, over the run's (unwrapped) ``model`` and ``mixer``.
+
+    ``best`` is ``{"epoch", "value"}`` of the checkpoint in ``run_dir/best.safetensors``
+    (None before the first validation); the trainer saves and restores it with ``last.pt``.
+    """
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, mixer: Mixer | None,
+                 train_counts: Sequence[int], classes: Sequence[str], run_dir: Path, *,
+                 confusion_on: ConfusionOn, bn_batches: BatchesFor,
+                 amp_dtype: torch.dtype | None, has_val: bool):
+        self.cfg = cfg
+        self.model = model
+        self.mixer = mixer
+        self.train_counts = list(train_counts)
+        self.classes = list(classes)
+        self.run_dir = run_dir
+        self.confusion_on = confusion_on
+        self.bn_batches = bn_batches
+        self.amp_dtype = amp_dtype
+        self.has_val = has_val
+        self.best: dict[str, Any] | None = None
+
+    def model_for(self, epoch: int, mode: str | None = None) -> torch.nn.Module:
+        """The model as evaluated under ``mode`` (default ``eval.bn_stats``): the training
+        model itself for ``running``, else a copy whose BatchNorm statistics are recalibrated
+        on ``bn_batches(mode, epoch)``."""
+        mode = mode or self.cfg.eval.bn_stats
+        if mode == "running":
+            return self.model
+        model = copy.deepcopy(self.model)
+        recalibrate_batchnorm(model, self.bn_batches(mode, epoch), amp_dtype=self.amp_dtype,
+                              channels_last=self.cfg.train.channels_last)
+        return model
+
+    def summarize(self, confusion: torch.Tensor) -> dict[str, Any]:
+        """Top-1 and many / medium / few errors of a ``(K, K)`` confusion matrix."""
+        e = self.cfg.eval
+        return summarize(confusion, self.train_counts, many=e.many_threshold,
+                         few=e.few_threshold)
+
+    def validate(self, model: torch.nn.Module) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """Validation record of ``model`` (the epoch's evaluation model) and the confusion
+        under the running statistics, which OTmix's cost uses whatever ``eval.bn_stats``
+        says; ``({}, None)`` without a validation split."""
+        if not self.has_val:
+            return {}, None
+        confusion = self.confusion_on("val", model)
+        summary = self.summarize(confusion)
+        record = split_record("val", summary)
+        record["val_select"] = select_value(summary, self.cfg.eval.select_metric)
+        running = confusion
+        if model is not self.model and self.mixer is not None:
+            running = self.confusion_on("val", None)
+            record.update(split_record("val_running", self.summarize(running)))
+        return record, running
+
+    def probe_due(self, epoch: int) -> bool:
+        """``eval.bn_probe_every`` epochs and the last one (needs a validation split)."""
+        every = self.cfg.eval.bn_probe_every
+        last = epoch == self.cfg.optim.epochs - 1
+        return bool(every) and self.has_val and ((epoch + 1) % every == 0 or last)
+
+    def probe(self, epoch: int) -> dict[str, Any]:
+        """Validation accuracy under every ``eval.bn_stats`` procedure (``bn_probe``)."""
+        start = time.perf_counter()
+        probe = {mode: split_record("val", self.summarize(
+                     self.confusion_on("val", self.model_for(epoch, mode))))
+                 for mode in BN_STATS}
+        return {"bn_probe": probe, "bn_probe_seconds": time.perf_counter() - start}
+
+    def test_diagnostic(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The official protocol's per-epoch test accuracy (``eval.test_every_epoch``):
+        optimistic, logged as ``test_diag_*`` and never read by anything."""
+        return split_record("test_diag", self.summarize(self.confusion_on("test", model)))
+
+    def select(self, epoch: int, record: dict[str, Any], model: torch.nn.Module,
+               mixer_state: dict[str, Any] | None) -> None:
+        """Write ``best.safetensors`` (the model as trained, the BatchNorm buffers as
+        evaluated, the mixer as the epoch trained with it) when the validation metric ties or
+        beats the best so far."""
+        value = record.get("val_select")
+        if value is None or (self.best is not None and value < self.best["value"]):
+            return
+        self.best = {"epoch": epoch, "value": value}
+        if is_main_process():
+            e = self.cfg.eval
+            save_weights(self.run_dir / f"best{SUFFIX}", self.model.state_dict(),
+                         epoch=epoch, evaluated_bn=batchnorm_state(model), mixer=mixer_state,
+                         meta={"bn_stats": e.bn_stats, "bn_batches": e.bn_batches,
+                               "select_metric": e.select_metric, "val_value": value})
+
+    def final(self) -> dict[str, Any]:
+        """Evaluate on the test split, under ``eval.bn_stats``, the last epoch's weights and
+        the validation-selected ``best`` (``selected``); write ``eval.json``."""
+        e, last = self.cfg.eval, self.cfg.optim.epochs - 1
+        confusion = self.confusion_on("test", self.model_for(last))
+        result = {"split": "test", "epoch": last, "checkpoint": "last", "bn_stats": e.bn_stats,
+                  "bn_batches": e.bn_batches, "classes": self.classes,
+                  **self.summarize(confusion)}
+        best_path = self.run_dir / f"best{SUFFIX}"
+        barrier()  # rank 0 wrote best.safetensors
+        if self.best is not None and best_path.is_file():
+            best = load_weights(best_path)
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(best.evaluated_model())
+            result["selected"] = {"checkpoint": "best", "epoch": best.epoch,
+                                  "select_metric": e.select_metric,
+                                  "val_value": best.meta.get("val_value"),
+                                  **self.summarize(self.confusion_on("test", model))}
+        if is_main_process():
+            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+            log_final(self.run_dir, to_dict(self.cfg), result)
+        return result
