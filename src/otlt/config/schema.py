@@ -135,8 +135,8 @@ class EvalConfig:
     training generator. ``bn_probe_every: N`` logs validation accuracy under all four
     procedures every N epochs (0: off). ``select_metric`` picks ``best.safetensors`` on
     validation (ties go to the later epoch). ``test_every_epoch`` logs test accuracy each
-    epoch as a diagnostic of the official protocol (best test epoch, optimistic); nothing
-    reads it to decide anything.
+    epoch as a diagnostic of the official protocol (best test epoch, optimistic), under
+    ``bn_stats`` like validation; nothing reads it to decide anything.
     """
 
     many_threshold: int = 100
