@@ -35,8 +35,10 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
         body = PAYLOAD[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        # Counted before the write: the client may have read the whole body, and the test
+        # may read the count, before this server thread runs another line.
         type(self).sent += len(body)
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass
