@@ -84,6 +84,39 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tiny_zip, tiny_config, t
     assert ea["confusion_matrix"] == eb["confusion_matrix"]
 
 
+def test_a_run_stopped_between_log_and_checkpoint_resumes_with_every_record(
+        tiny_zip, tiny_config, tmp_path, capsys, monkeypatch):
+    """Stopped as epoch 1's record is about to be written (the process ended there): its
+    last.pt must not be written yet, so the resume redoes epoch 1 and metrics.jsonl has each
+    epoch once (saving first would lose the record of an epoch the checkpoint holds); a last
+    line cut short mid-write is dropped."""
+    from otlt.engine.logging import MetricsLogger
+
+    base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3)
+    log = MetricsLogger.log
+
+    def stop_at_epoch_1(self, record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt  # as if the session ended here
+        log(self, record)
+
+    monkeypatch.setattr(MetricsLogger, "log", stop_at_epoch_1)
+    code, _, err = run_cli(["train", "--config", str(tiny_config),
+                            *set_args([*base, "name=part"])], capsys)
+    assert code == 130 and "interrupted" in err
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    run = tmp_path / "runs" / "part"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 0
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write('{"epoch": 2, "train_lo')  # a write cut short
+    assert run_cli(["train", "--resume", str(run)], capsys)[0] == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [0, 1, 2]
+    (run / "metrics.jsonl").write_text('{"epoch": 0, "tra\n' + "\n".join(lines) + "\n")
+    code, _, err = run_cli(["train", "--resume", str(run), "--set", "optim.epochs=3"], capsys)
+    assert code == 2 and "line 1 is not JSON" in err  # damage before the end: refused
+
+
 def test_eval_command_matches_training_eval(tiny_zip, tiny_config, tmp_path, capsys):
     out_dir = tmp_path / "runs"
     run_cli(["train", "--config", str(tiny_config),

@@ -8,14 +8,26 @@ from pathlib import Path
 from typing import Any
 
 from otlt.engine.distributed import is_main_process
+from otlt.errors import OtltError
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Read every line of a ``metrics.jsonl`` file (missing file: empty list)."""
+    """Read every line of a ``metrics.jsonl`` file (missing file: empty list). A last line
+    that is not JSON is a write cut short (the process stopped mid-line) and is dropped; a bad
+    line before it is damage and raises."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i < len(lines) - 1:
+                raise OtltError(f"{path} line {i + 1} is not JSON ({exc.msg}): the file is "
+                                "damaged") from None
+    return records
 
 
 _PREFIXES = (("val_running_", "val_running/"), ("test_diag_", "test_diag/"),

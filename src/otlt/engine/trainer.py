@@ -398,7 +398,11 @@ class Trainer:
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any] | None:
         """Train to the configured last epoch (or stop, resumable, after ``stop_after``
-        epochs in total) and return the final test evaluation (None when stopped early)."""
+        epochs in total) and return the final test evaluation (None when stopped early).
+
+        An epoch's record reaches ``metrics.jsonl`` before its ``last.pt``: a run stopped
+        between the two resumes at that epoch and the logger drops the record again, whereas
+        the other order would lose the record of an epoch the checkpoint already holds."""
         cfg = self.cfg
         end = cfg.optim.epochs if stop_after is None else min(stop_after, cfg.optim.epochs)
         logger = MetricsLogger(self.run_dir, self.start_epoch)
@@ -406,6 +410,7 @@ class Trainer:
             for epoch in range(self.start_epoch, end):
                 record = self.run_epoch(epoch)
                 logger.log(record)
+                self.save(epoch)
                 if is_main_process():
                     print(format_epoch(record, cfg.optim.epochs), flush=True)
         finally:
@@ -414,7 +419,8 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch, validate under ``eval.bn_stats`` (and probe, and the opt-in test
-        diagnostic), keep ``best``, save ``last.pt``; return the epoch's metrics record."""
+        diagnostic), keep ``best`` and the kept weights; return the epoch's metrics record
+        (:meth:`fit` logs it, then saves ``last.pt``)."""
         start = time.perf_counter()
         record = {"epoch": epoch, **self._resume_note, **self.train_one_epoch(epoch)}
         self._resume_note = {}
@@ -440,7 +446,6 @@ class Trainer:
             record.update(self.mixer.end_epoch(val_confusion))
             self._write_artifacts(self.mixer.pop_artifacts())
         record["epoch_seconds"] = time.perf_counter() - start
-        self.save(epoch)
         self._keep_weights(epoch, trained_mixer)
         return record
 
