@@ -21,7 +21,7 @@ from otlt.errors import OtltError
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
-TIMEOUT = 300
+TIMEOUT = int(os.environ.get("OTLT_TEST_TIMEOUT", "300"))
 OTMIX = ["mix.name=otmix", "mix.prob=1.0", "mix.skip_first=0", "mix.skip_last=0",
          "mix.params={mu: 0.0}", "optim.batch_size=30", "data.imbalance_ratio=7"]
 
@@ -83,14 +83,17 @@ def test_local_rank_selects_the_cuda_device(monkeypatch):
 
 
 def test_the_cli_leaves_the_process_group_it_joined(monkeypatch, capsys):
-    left = []
+    calls = []
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: left.append(1))
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group",
+                        lambda: calls.append("destroy"))
     monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
-    assert main(["presets"]) == 0
-    assert left == [1]
-    assert main(["train", "--config", "/nonexistent.yaml"]) == 2  # an error leaves it too
-    assert left == [1, 1]
+    assert main(["presets"]) == 0  # finished: the ranks meet, then leave
+    assert calls == ["barrier", "destroy"]
+    # an error leaves it too, without the barrier the other ranks may never reach
+    assert main(["train", "--config", "/nonexistent.yaml"]) == 2
+    assert calls == ["barrier", "destroy", "destroy"]
 
 
 def test_stage2_refuses_torchrun_before_writing(tiny_zip, tmp_path, config, monkeypatch,
@@ -208,12 +211,14 @@ def _free_port() -> int:
 
 
 def test_two_nodes_rendezvous_on_localhost(tiny_zip, tmp_path, config):
+    """Two launchers with the c10d rendezvous, as on two machines. Node 0 hosts the store
+    (``is_host``): both match 127.0.0.1, and which one bound the port first was a race."""
     port = _free_port()
     args = cli_args(config, tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1) + OTMIX)
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
          f"--node_rank={k}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-         "--rdzv-id=otlt-test", *args],
+         "--rdzv-id=otlt-test", f"--rdzv-conf=is_host={int(k == 0)}", *args],
         env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for k in (0, 1)]
     outs = [p.communicate(timeout=TIMEOUT) for p in nodes]

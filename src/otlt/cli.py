@@ -410,9 +410,14 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "demo": cm
 
 
 def main(argv: list[str] | None = None) -> int:
+    from otlt.engine.distributed import teardown_process
+
+    finished = False
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        finished = True
+        return code
     except OtltError as exc:
         from otlt.engine.distributed import is_main_process
 
@@ -426,10 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         print("otlt: interrupted; the last finished epoch is in last.pt (resume with "
               "'otlt train --resume RUN_DIR')", file=sys.stderr)
         return 130
-    finally:
-        from otlt.engine.distributed import teardown_process
-
-        teardown_process()
+    finally:  # every rank that finished meets the others before leaving the group
+        teardown_process(synchronize=finished)
 
 
 if __name__ == "__main__":  # pragma: no cover

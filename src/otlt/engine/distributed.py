@@ -73,13 +73,21 @@ def setup_process(device: torch.device) -> torch.device:
     return device
 
 
-def teardown_process() -> None:
+def teardown_process(synchronize: bool = False) -> None:
     """Leave the process group (``destroy_process_group``) if this process joined one: its
     communication threads then stop before the interpreter exits, instead of being torn down
     with it (which aborted a gloo process now and then: "terminate called without an active
     exception", SIGABRT: gloo's worker threads still held tensors when the interpreter was
-    finalised). Safe to call twice."""
+    finalised). Safe to call twice.
+
+    ``synchronize=True`` waits at a barrier first, so no rank destroys its group while
+    another is still finishing its last collective (PyTorch's advice for a clean shutdown;
+    a destroy racing a peer can hang, pytorch/pytorch#75097). Only for a command every
+    rank finished: after an error the other ranks may never reach the barrier, so the
+    error path and the ``atexit`` handler leave without it."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
 
 
