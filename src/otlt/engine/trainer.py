@@ -399,10 +399,7 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> dict[str, Any] | None:
         """Train to the configured last epoch (or stop, resumable, after ``stop_after``
         epochs in total) and return the final test evaluation (None when stopped early).
-
-        An epoch's record reaches ``metrics.jsonl`` before its ``last.pt``: a run stopped
-        between the two resumes at that epoch and the logger drops the record again, whereas
-        the other order would lose the record of an epoch the checkpoint already holds."""
+        The record is logged before ``last.pt`` is saved, so no checkpointed epoch lacks one."""
         cfg = self.cfg
         end = cfg.optim.epochs if stop_after is None else min(stop_after, cfg.optim.epochs)
         logger = MetricsLogger(self.run_dir, self.start_epoch)
@@ -419,8 +416,7 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch, validate under ``eval.bn_stats`` (and probe, and the opt-in test
-        diagnostic), keep ``best`` and the kept weights; return the epoch's metrics record
-        (:meth:`fit` logs it, then saves ``last.pt``)."""
+        diagnostic), keep ``best`` and the kept weights; return the epoch's record."""
         start = time.perf_counter()
         record = {"epoch": epoch, **self._resume_note, **self.train_one_epoch(epoch)}
         self._resume_note = {}
