@@ -1,21 +1,32 @@
-"""The GPU check of multi-process training (issue 20) as one prepared command for a lent
-device, so that a session with a GPU spends its minutes running, not writing.
+"""The GPU check of the engine (issues 20 and 28) as one prepared command for a lent device,
+so that a session with a GPU spends its minutes running, not writing.
 
-    python3 scripts/device_check.py --out $OUT            # on the device (CUDA, NCCL)
-    python scripts/device_check.py --out /tmp/dc --device cpu --nproc 2   # dry run (gloo)
+    python3 scripts/device_check.py --out $OUT --data cifar10-jpeg   # on the device (CUDA, NCCL)
+    python scripts/device_check.py --out /tmp/dc --device cpu --skip-tests   # dry run (gloo; CI)
 
-What it runs, each step with its own timeout, and writes to ``OUT/device_check.json``
-(logs beside it):
+What it runs, each step with its own timeout, and writes to ``OUT/device_check.json`` (one
+log per step beside it; the JSON is rewritten after every step, so a killed command keeps
+what finished):
 
-1. the CUDA-parametrised tests (``pytest -k cuda`` over the test files that have them);
-2. ``torchrun --standalone --nproc_per_node=N`` of a 3-epoch OTmix run on a tiny synthetic
-   image folder (an odd image count, so the last global batch is padded), on ``cuda`` with
-   NCCL (``--device cpu``: gloo), N = 1 and, with two or more GPUs, N = 2;
-3. a 1-process ``otlt eval`` of the same weights: its test confusion matrix must equal the
-   in-run ``eval.json``'s (sharded and all-reduced under torchrun);
-4. resume under torchrun: ``--stop-after 1`` then ``--resume`` against the uninterrupted
-   run; on CUDA the largest weight difference is recorded (cuDNN's kernels need not be
-   bit-reproducible), on the CPU it must be 0.
+1. ``cuda_tests``: the CUDA-parametrised tests (``pytest -k cuda`` over the files that have them);
+2. ``runs``: ``torchrun --standalone --nproc_per_node=N`` of a 3-epoch OTmix run on a tiny
+   synthetic image folder (an odd image count, so the last global batch is padded), N = 1
+   and, with two or more GPUs, N = 2 (NCCL): the sharded test confusion equals a 1-process
+   ``otlt eval``, ``--stop-after 1`` + ``--resume`` under torchrun, the world size in the
+   checkpoint;
+3. ``one_rank_group``: the same run inside a one-process NCCL group (gloo for ``--device
+   cpu``): every collective of training, validation, BN recalibration, the probe, resume and
+   the final evaluation goes through the backend (one GPU suffices: NCCL refuses CPU
+   tensors, so a collective on the CPU fails here as on many GPUs); weights equal to the
+   same run without a group;
+4. ``kill_resume``: a real CIFAR-10-LT training (``--data``; the tiny folder without it) of a
+   few epochs with ``train.deterministic=true``, killed with SIGKILL mid-epoch and resumed:
+   its final weights must equal an uninterrupted run's bit for bit;
+5. ``cross_device``: a CPU-trained checkpoint resumed on the device (``--set
+   train.device=...``), then evaluated on the CPU (``otlt eval --device cpu``): the test
+   confusion within a few images of the in-run one (kernels differ between devices);
+6. ``nan_stops``: a run with ``optim.lr=1e30`` must stop with one ``otlt: error:`` line,
+   exit code 2, no traceback.
 
 Exit code 0 when every check passed. Needs only the checkout (``PYTHONPATH=src``) and the
 packages ``make venv`` installs or the device image holds (torch, pytest, PIL, yaml).
@@ -27,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -42,9 +54,10 @@ from otlt.engine.checkpoint import load_checkpoint  # noqa: E402
 
 CUDA_TEST_FILES = ["tests/test_losses.py", "tests/test_metrics.py", "tests/test_mixing.py",
                    "tests/test_otmix.py", "tests/test_transport.py"]
-# Each step is seconds on a GPU; the limits keep the whole check inside one 10-minute command.
+# Each step is seconds on a GPU; the limits keep the whole check inside one 8-minute command
+# (``--slow F`` multiplies them, for a dry run on a busy CPU).
 STEP_TIMEOUT = 90
-TESTS_TIMEOUT = 180
+TESTS_TIMEOUT = 150
 RUN = ["data.dataset=folder", "data.num_classes=10", "data.n_max=41", "data.imbalance_ratio=7",
        "data.val_per_class=5", "model.name=resnet20", "optim.epochs=3",
        "optim.batch_size=30", "optim.milestones=[2]", "optim.gammas=[0.1]",
@@ -82,9 +95,7 @@ def max_weight_difference(a: Path, b: Path) -> float:
 
 def check_nproc(nproc: int, device: str, work: Path, out: Path, env: dict) -> dict:
     """Train, evaluate alone and resume under ``torchrun --nproc_per_node=nproc``."""
-    data = write_tiny_zip(work / "tiny.zip")
-    config = work / "c.yaml"
-    config.write_text("name: tiny\nloss: {name: ce}\n")
+    data, config = tiny_setup(work)
     runs = work / f"runs{nproc}"
     base = [*RUN, f"data.path={data}", f"train.device={device}", f"out_dir={runs}"]
     result: dict = {"nproc": nproc}
@@ -120,14 +131,155 @@ def check_nproc(nproc: int, device: str, work: Path, out: Path, env: dict) -> di
     return result
 
 
+ONE_RANK = ("import sys, torch.distributed as dist; "
+            "dist.init_process_group(sys.argv.pop(1), store=dist.HashStore(), rank=0, "
+            "world_size=1); from otlt.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def tiny_setup(work: Path) -> tuple[Path, Path]:
+    data = work / "tiny.zip"
+    if not data.is_file():
+        write_tiny_zip(data)
+    config = work / "c.yaml"
+    config.write_text("name: tiny\nloss: {name: ce}\n")
+    return data, config
+
+
+def check_one_rank_group(device: str, work: Path, out: Path, env: dict) -> dict:
+    """The tiny OTmix run inside a one-process group of the device's backend (with SyncBN,
+    the ``train`` recalibration and the probe, so every kind of collective runs), stopped
+    after one epoch and resumed in the group; its weights against the same run alone."""
+    data, config = tiny_setup(work)
+    backend = "nccl" if device == "cuda" else "gloo"
+    runs = work / "one_rank"
+    base = [*RUN, f"data.path={data}", f"train.device={device}", f"out_dir={runs}",
+            "train.deterministic=true", "train.sync_bn=true", "eval.bn_stats=train",
+            "eval.bn_probe_every=1"]
+    grouped = [sys.executable, "-c", ONE_RANK, backend]
+    result = {"backend": backend}
+    result["part"] = command([*grouped, *train_args(config, [*base, "name=grouped"]),
+                              "--stop-after", "1"], out / "one_rank_part.log", STEP_TIMEOUT, env)
+    result["resume"] = command([*grouped, "train", "--resume", str(runs / "grouped")],
+                               out / "one_rank_resume.log", STEP_TIMEOUT, env)
+    result["alone"] = command([sys.executable, "-m", "otlt.cli",
+                               *train_args(config, [*base, "name=alone"])],
+                              out / "one_rank_alone.log", STEP_TIMEOUT, env)
+    ok = all(result[k]["rc"] == 0 for k in ("part", "resume", "alone"))
+    result["max_weight_difference"] = (max_weight_difference(
+        runs / "grouped" / "last.pt", runs / "alone" / "last.pt") if ok else None)
+    result["passed"] = ok and result["max_weight_difference"] == 0.0
+    return result
+
+
+def real_run(data: Path | None, work: Path) -> tuple[Path, list[str]]:
+    """CIFAR-10-LT (ResNet-32, OTmix, 4 epochs) on ``data``, else the tiny OTmix run."""
+    if data is None:
+        tiny, config = tiny_setup(work)
+        return config, [*RUN, f"data.path={tiny}", "optim.epochs=4"]
+    config = ROOT / "configs" / "cifar10_lt_r100_erm_otmix.yaml"
+    return config, [f"data.path={data}", "optim.epochs=4", "optim.milestones=[2, 3]",
+                    "optim.gammas=[0.1, 0.01]", "optim.warmup_epochs=1",
+                    "train.keep_epochs=[]", "mix.skip_first=1", "mix.skip_last=0",
+                    "mix.params.plan_epochs=[]", "eval.bn_probe_every=0",
+                    "data.meta_per_class=0", "train.progress=false"]
+
+
+def check_kill_resume(device: str, data: Path | None, work: Path, out: Path,
+                      env: dict) -> dict:
+    """SIGKILL mid-epoch, resume: bit-exact against the uninterrupted run
+    (``train.deterministic=true``; cuDNN's autotuned kernels need not be)."""
+    config, base = real_run(data, work)
+    runs = work / "kill"
+    base = [*base, f"train.device={device}", f"out_dir={runs}", "train.deterministic=true"]
+    train = [sys.executable, "-m", "otlt.cli"]
+    result: dict = {"data": str(data) if data else "tiny"}
+    result["full"] = command([*train, *train_args(config, [*base, "name=full"])],
+                             out / "kill_full.log", 3 * STEP_TIMEOUT, env)
+    if result["full"]["rc"] != 0:
+        return {**result, "passed": False}
+    epoch_seconds = json.loads((runs / "full" / "metrics.jsonl").read_text().splitlines()[0])[
+        "epoch_seconds"]
+    with (out / "kill_part.log").open("w") as log:
+        proc = subprocess.Popen([*train, *train_args(config, [*base, "name=part"])], cwd=ROOT,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        metrics = runs / "part" / "metrics.jsonl"
+        deadline = time.time() + 3 * STEP_TIMEOUT
+        while time.time() < deadline and proc.poll() is None and not (
+                metrics.is_file() and metrics.read_text().count("\n") >= 1):
+            time.sleep(0.05)
+        time.sleep(epoch_seconds / 2)  # into the second epoch
+        killed_at = metrics.read_text().count("\n") if metrics.is_file() else 0
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    result["killed_after_epochs"] = killed_at
+    result["resume"] = command([*train, "train", "--resume", str(runs / "part")],
+                               out / "kill_resume.log", 3 * STEP_TIMEOUT, env)
+    if result["resume"]["rc"] != 0:
+        return {**result, "passed": False}
+    result["max_weight_difference"] = max_weight_difference(runs / "full" / "last.pt",
+                                                            runs / "part" / "last.pt")
+    a, b = (json.loads((runs / r / "eval.json").read_text()) for r in ("full", "part"))
+    result["test_top1_error"] = [a["top1_error"], b["top1_error"]]
+    result["passed"] = result["max_weight_difference"] == 0.0 and killed_at >= 1
+    return result
+
+
+def check_cross_device(device: str, work: Path, out: Path, env: dict) -> dict:
+    """Trained on the CPU, resumed on ``device``, evaluated on the CPU."""
+    data, config = tiny_setup(work)
+    runs = work / "cross"
+    base = [*RUN, f"data.path={data}", "train.device=cpu", f"out_dir={runs}"]
+    cli = [sys.executable, "-m", "otlt.cli"]
+    result = {"part_cpu": command([*cli, *train_args(config, [*base, "name=moved"]),
+                                   "--stop-after", "1"], out / "cross_part.log",
+                                  STEP_TIMEOUT, env)}
+    result["resume_on_device"] = command(
+        [*cli, "train", "--resume", str(runs / "moved"), "--set", f"train.device={device}"],
+        out / "cross_resume.log", STEP_TIMEOUT, env)
+    result["eval_on_cpu"] = command(
+        [*cli, "eval", str(runs / "moved"), "--device", "cpu", "--out",
+         str(work / "cross_cpu.json")], out / "cross_eval.log", STEP_TIMEOUT, env)
+    ok = all(r["rc"] == 0 for r in result.values())
+    if ok:
+        in_run = json.loads((runs / "moved" / "eval.json").read_text())
+        on_cpu = json.loads((work / "cross_cpu.json").read_text())
+        moved = sum(abs(x - y) for ra, rb in zip(in_run["confusion_matrix"],
+                                                 on_cpu["confusion_matrix"], strict=True)
+                    for x, y in zip(ra, rb, strict=True)) // 2
+        result["test_images_classified_differently_at_most"] = moved
+        ok = moved <= 4 and (device != "cpu" or moved == 0)
+    result["passed"] = ok
+    return result
+
+
+def check_nan_stops(device: str, work: Path, out: Path, env: dict) -> dict:
+    """A diverging run stops with one ``otlt: error:`` line, exit 2, no traceback."""
+    data, config = tiny_setup(work)
+    step = command([sys.executable, "-m", "otlt.cli", *train_args(
+        config, [*RUN, f"data.path={data}", f"train.device={device}",
+                 f"out_dir={work / 'nan'}", "optim.lr=1e30", "name=nan"])],
+                   out / "nan.log", STEP_TIMEOUT, env)
+    text = (out / "nan.log").read_text()
+    step["passed"] = (step["rc"] == 2 and text.count("otlt: error:") == 1
+                      and "Traceback" not in text)
+    return step
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device_out")))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--nproc", type=int, nargs="*", default=None,
                         help="process counts to try (default: 1, and 2 with two GPUs)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="CIFAR-10 (e.g. the unpacked cifar10-jpeg folder) for the "
+                             "kill-and-resume run (default: the tiny synthetic folder)")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--slow", type=float, default=1.0,
+                        help="multiply every step's time limit (a dry run on a busy CPU)")
     args = parser.parse_args()
+    global STEP_TIMEOUT
+    STEP_TIMEOUT = int(STEP_TIMEOUT * args.slow)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = out.parent / f"{out.name}_work"
@@ -150,11 +302,26 @@ def main() -> int:
                                        out / "pytest_cuda.log", TESTS_TIMEOUT, env)
     counts = args.nproc or ([1, 2] if gpus >= 2 else [1])
     report["runs"] = []
-    for n in counts:  # the JSON is rewritten after every step: a killed command keeps it
+
+    def save() -> None:
         (out / "device_check.json").write_text(json.dumps(report, indent=1))
+
+    for n in counts:
+        save()
         report["runs"].append(check_nproc(n, args.device, work, out, env))
-    passed = all(r["passed"] for r in report["runs"]) and (
-        args.skip_tests or report["cuda_tests"]["rc"] == 0)
+    steps = {"one_rank_group": lambda: check_one_rank_group(args.device, work, out, env),
+             "kill_resume": lambda: check_kill_resume(args.device, args.data, work, out, env),
+             "cross_device": lambda: check_cross_device(args.device, work, out, env),
+             "nan_stops": lambda: check_nan_stops(args.device, work, out, env)}
+    for name, step in steps.items():
+        save()
+        start = time.perf_counter()
+        report[name] = step()
+        report[name]["step_seconds"] = round(time.perf_counter() - start, 1)
+        print(f"device_check: {name} passed={report[name]['passed']}", flush=True)
+    passed = (all(r["passed"] for r in report["runs"])
+              and all(report[name]["passed"] for name in steps)
+              and (args.skip_tests or report["cuda_tests"]["rc"] == 0))
     report["passed"] = passed
     (out / "device_check.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

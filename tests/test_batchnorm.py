@@ -1,4 +1,5 @@
-"""Precise BatchNorm: closed-form statistics, nothing else touched, ranks averaged."""
+"""Precise BatchNorm: closed-form statistics, nothing else touched, ranks averaged; the
+``train.sync_bn`` conversion."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from otlt.engine.batchnorm import (
     preserved_batchnorm,
     recalibrate_batchnorm,
 )
+from otlt.engine.syncbn import GlobalBatchNorm2d, convert_sync_batchnorm
+from otlt.errors import OtltError
 
 
 def small_net(seed: int = 0) -> nn.Sequential:
@@ -121,3 +124,65 @@ def test_statistics_are_averaged_over_ranks(tmp_path):
         mean = (expected[0][key] + expected[1][key]) / 2
         torch.testing.assert_close(states[0][key], mean)
         torch.testing.assert_close(states[1][key], mean)
+
+
+# ---- train.sync_bn: what is converted, what is refused ---------------------------------
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Like timm's: a BatchNorm2d subclass whose forward also applies an activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
+def trained_net() -> nn.Sequential:
+    """small_net with moved running statistics, a frozen first BatchNorm and a counter."""
+    net = small_net(seed=7)
+    recalibrate_batchnorm(net, batches(2, seed=8))
+    net[0].weight.requires_grad_(False)
+    return net
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
+def test_sync_bn_refuses_a_batchnorm_subclass_and_changes_nothing(device_type):
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormAct2d(3)))
+    with pytest.raises(OtltError) as info:
+        convert_sync_batchnorm(net, device_type)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "model.1.1 (BatchNormAct2d)" in message and "train.sync_bn=false" in message
+    assert type(net[0]) is nn.BatchNorm2d  # checked before anything was converted
+
+
+@pytest.mark.parametrize("device_type,kind", [("cuda", nn.SyncBatchNorm),
+                                              ("cpu", GlobalBatchNorm2d)])
+def test_sync_bn_converts_plain_batchnorm_keeping_parameters_and_buffers(device_type, kind):
+    net = trained_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    params = [net[0].weight, net[0].bias, net[3].weight]
+    net.eval()
+    x = batches(1, seed=9)[0]
+    expected = net(x)
+    converted = convert_sync_batchnorm(net, device_type)
+    assert [type(converted[i]) for i in (0, 3)] == [kind, kind]
+    state = converted.state_dict()
+    assert state.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(state[key], value), key
+    assert [converted[0].weight, converted[0].bias, converted[3].weight] == params  # the same
+    assert not converted[0].weight.requires_grad and converted[3].weight.requires_grad
+    assert not converted.training and not converted[0].training
+    torch.testing.assert_close(converted(x), expected)  # eval mode, one process: plain BN
+    assert convert_sync_batchnorm(converted, device_type) is converted  # already synchronised
+    assert type(converted[0]) is kind
+
+
+def test_sync_bn_layers_the_device_cannot_synchronise_are_refused():
+    net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    assert type(convert_sync_batchnorm(net, "cuda")[1]) is nn.SyncBatchNorm
+    for model, needle in ((nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), "(BatchNorm1d)"),
+                          (nn.Sequential(nn.BatchNorm2d(3, affine=False)), "affine=True"),
+                          (nn.Sequential(nn.SyncBatchNorm(3)), "(SyncBatchNorm)")):
+        with pytest.raises(OtltError, match="train.sync_bn cannot synchronise model.") as info:
+            convert_sync_batchnorm(model, "cpu")
+        assert needle in str(info.value)

@@ -131,6 +131,40 @@ def test_eval_command_matches_training_eval(tiny_zip, tiny_config, tmp_path, cap
     assert "few error" in out and "class0" in out
 
 
+def test_a_gpu_trained_run_is_evaluated_and_probed_on_the_cpu_with_device(
+        tiny_zip, tiny_config, tmp_path, capsys, monkeypatch):
+    """A run whose config.yaml says train.device: cuda (trained on a GPU) on a machine
+    without one: eval and probe refuse in one line, and with --device cpu give the in-run
+    numbers; config.yaml is left as it was."""
+    out_dir = tmp_path / "runs"
+    run_cli(["train", "--config", str(tiny_config),
+             *set_args(tiny_overrides(tiny_zip, out_dir, epochs=1))], capsys)
+    run = out_dir / "tiny"
+    config = run / "config.yaml"
+    text = config.read_text()
+    assert text.count("device: cpu") == 1
+    config.write_text(text.replace("device: cpu", "device: cuda"))
+    before = digest(config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for command in (["eval", str(run)], ["probe", str(run)]):
+        code, _, err = run_cli(command, capsys)
+        assert_user_error(code, err, "train.device=cuda", "no CUDA device", "--device cpu")
+    at_train = json.loads((run / "eval.json").read_text())
+    code, _, err = run_cli(["eval", str(run), "--device", "cpu"], capsys)
+    assert code == 0, err
+    again = json.loads((run / "eval_last_running.json").read_text())
+    assert again["confusion_matrix"] == at_train["confusion_matrix"]
+    assert again["top1_error"] == at_train["top1_error"]
+    code, _, err = run_cli(["probe", str(run), "--device", "cpu", "--split", "test",
+                            "--bn-stats", "running"], capsys)
+    assert code == 0, err
+    [record] = json.loads((run / "probe_test.json").read_text())["records"]
+    assert record["epoch"] == at_train["epoch"]
+    assert record["top1_error"] == at_train["top1_error"]
+    assert record["per_class_accuracy"] == at_train["per_class_accuracy"]
+    assert digest(config) == before  # --device is not written into the run's config
+
+
 # ---- bad input: one line, exit 2, nothing damaged --------------------------------------
 
 def assert_user_error(code: int, err: str, *needles: str) -> None:

@@ -67,14 +67,23 @@ def test_local_rank_selects_the_cuda_device(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    monkeypatch.setattr(distributed.dist, "init_process_group", groups.append)
+    options = []
+
+    def init_process_group(backend, **kwargs):
+        groups.append(backend)
+        options.append(kwargs)
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", init_process_group)
     monkeypatch.setattr(distributed, "is_distributed", lambda: False)
     at_exit = []
     monkeypatch.setattr(distributed.atexit, "register", at_exit.append)
-    device = distributed.setup_process(torch.device("cuda"))
+    device = distributed.setup_process(torch.device("cuda"), timeout=42)
     assert device == torch.device("cuda", 1) and chosen == [device] and groups == ["nccl"]
+    # NCCL bound to this process's GPU, and a dead peer fails the others after `timeout` s
+    assert options[0]["timeout"].total_seconds() == 42
+    assert options[0].get("device_id", device) == device  # torch >= 2.3 takes device_id
     assert distributed.setup_process(torch.device("cpu")) == torch.device("cpu")
-    assert groups == ["nccl", "gloo"]
+    assert groups == ["nccl", "gloo"] and "device_id" not in options[1]
     # a group joined here is left at exit even when the caller never tears it down
     assert at_exit == [distributed.teardown_process] * 2
     monkeypatch.setenv("WORLD_SIZE", "1")
@@ -195,13 +204,29 @@ def test_resume_under_torchrun_is_exact(tiny_zip, tmp_path, config):
                        run_dir=tmp_path / "runs" / "part", resume=True)
 
 
+def test_sync_bn_recalibration_with_feature_passes_issues_equal_collectives(
+        tiny_zip, tmp_path, config):
+    """SyncBatchNorm + OTmix's official feature pass (train-mode BN: collectives) + the
+    ``train`` recalibration and the probe: every rank draws the same coins and mixer
+    switches, so the ranks issue the same collectives (per-rank draws made gloo abort with
+    a collective mismatch; NCCL would hang)."""
+    overrides = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=2) + OTMIX + [
+        "train.sync_bn=true", "mix.params={mu: 0.0, feature_mode: official}", "mix.prob=0.5",
+        "eval.bn_stats=train", "eval.bn_probe_every=1", "eval.bn_batches=6"]
+    result = torchrun(tmp_path, cli_args(config, overrides))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(x) for x in
+               (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert set(records[-1]["bn_probe"]) == {"running", "train", "clean", "balanced"}
+
+
 def test_errors_are_printed_once(tiny_zip, tmp_path, config):
     args = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1) + ["optim.batch_size=31"]
     result = torchrun(tmp_path, cli_args(config, args))
     assert result.returncode != 0
     assert result.stderr.count("otlt: error:") == 1, result.stderr[-2000:]
     assert "must split evenly over the 2 processes" in result.stderr
-    assert not (tmp_path / "runs" / "tiny" / "config.yaml").exists()
+    assert not (tmp_path / "runs" / "tiny").exists()  # refused before the run directory
 
 
 def _free_port() -> int:
@@ -210,20 +235,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_rendezvous_on_localhost(tiny_zip, tmp_path, config):
-    """Two launchers with the c10d rendezvous, as on two machines. Node 0 hosts the store
-    (``is_host``): both match 127.0.0.1, and which one bound the port first was a race."""
+def two_nodes(tmp_path: Path, args: list[str], cwds: list[Path]) -> list[tuple[str, str]]:
+    """Two launchers with the c10d rendezvous, as on two machines, node k in ``cwds[k]``.
+    Node 0 hosts the store (``is_host``): both match 127.0.0.1, and which one bound the port
+    first was a race."""
     port = _free_port()
-    args = cli_args(config, tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1) + OTMIX)
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-         f"--node_rank={k}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
          "--rdzv-id=otlt-test", f"--rdzv-conf=is_host={int(k == 0)}", *args],
-        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for k in (0, 1)]
+        env=_env(tmp_path), cwd=cwds[k], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for k in (0, 1)]
     outs = [p.communicate(timeout=TIMEOUT) for p in nodes]
     assert all(p.returncode == 0 for p in nodes), [o[1][-2000:] for o in outs]
-    assert (tmp_path / "runs" / "tiny" / "eval.json").is_file()
+    return outs
+
+
+def test_two_nodes_without_a_shared_file_system(tiny_zip, tmp_path, config):
+    """Each node runs in its own folder with a relative ``out_dir``, so node 1 never sees
+    node 0's run directory (as on two machines without a shared file system): rank 0 alone
+    writes, and shares what the others read (``last.pt`` on resume, the validation-selected
+    weights at the end). Resume reads ``config.yaml`` on every node (README)."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in nodes:
+        folder.mkdir()
+    overrides = [o for o in tiny_overrides(tiny_zip, tmp_path, epochs=2)
+                 if not o.startswith("out_dir=")] + OTMIX + ["out_dir=runs"]
+    two_nodes(tmp_path, [*cli_args(config, overrides), "--stop-after", "1"], nodes)
+    run = nodes[0] / "runs" / "tiny"
+    assert (run / "last.pt").is_file() and not (nodes[1] / "runs").exists()
+    (nodes[1] / "runs" / "tiny").mkdir(parents=True)
+    (nodes[1] / "runs" / "tiny" / "config.yaml").write_text((run / "config.yaml").read_text())
+    outs = two_nodes(tmp_path, ["-m", "otlt.cli", "train", "--resume", "runs/tiny"], nodes)
+    assert "validation-selected epoch" in outs[0][0]
+    result = json.loads((run / "eval.json").read_text())
+    assert result["epoch"] == 1 and "selected" in result
+    assert sorted(p.name for p in (nodes[1] / "runs" / "tiny").iterdir()) == ["config.yaml"]
 
 
 def _global_bn_rank(rank: int, world: int, port: int, out: str) -> None:
@@ -289,7 +336,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_zip, tmp_path, 
     gradients. (In float32 the runs part at ~1e-6 per step and lr 0.1 on 80 images
     amplifies it: float64 is what makes the comparison exact.)"""
     base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=2) + [
-        "train.sync_bn=true", "train.float64=true", "eval.bn_probe_every=0"]
+        "train.sync_bn=true", "train.float64=true", "eval.bn_probe_every=0",
+        "eval.bn_stats=clean"]
     one = subprocess.run([sys.executable, *cli_args(config, base + ["name=one"])],
                          env=_env(tmp_path), capture_output=True, text=True, timeout=TIMEOUT)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -308,6 +356,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_zip, tmp_path, 
         else:
             assert torch.equal(value, b["model"][key]), key
     assert worst < 1e-9, worst
+    # Recalibration draws the global batches alike on every rank: the same statistics.
+    ea, eb = (json.loads((runs / r / "eval.json").read_text()) for r in ("one", "two"))
+    assert ea["confusion_matrix"] == eb["confusion_matrix"]
     ea = json.loads((runs / "one" / "eval.json").read_text())
     eb = json.loads((runs / "two" / "eval.json").read_text())
     assert ea["confusion_matrix"] == eb["confusion_matrix"]

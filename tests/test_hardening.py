@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import builtins
+import errno
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import tiny_overrides
 from otlt.cli import main
 from otlt.data.lists import read_list_file
-from otlt.engine.checkpoint import load_checkpoint, save_atomic
+from otlt.engine import rundir
+from otlt.engine.checkpoint import load_checkpoint, save_atomic, write_atomic
 from otlt.errors import OtltError
 
 
@@ -47,6 +56,10 @@ def config(tmp_path) -> Path:
     ("optim.warmup_epochs=-1", "optim.warmup_epochs must be >= 0"),
     ("mix.params={fraction: 0.5}", "set mix.fraction instead"),
     ("mix.params={prob: 0.5}", "set mix.prob instead"),
+    ("optim.gammas=[-1]", "optim.gammas must be factors > 0"),
+    ("optim.gammas=[0]", "optim.gammas must be factors > 0"),
+    ("name=../..", "name must be a plain folder name"),
+    ("name=a/b", "got 'a/b'"),
 ])
 def test_bad_values_stop_before_any_data_is_read(tiny_zip, tmp_path, config, capsys,
                                                 override, needle):
@@ -226,3 +239,198 @@ def test_user_errors_are_value_errors():
     assert issubclass(OtltError, ValueError)
     with pytest.raises(ValueError, match="must be a list"):
         load_config(None, ["optim.milestones=3"])
+
+
+# ---- a run directory that defends itself (issue 33) ------------------------------------------
+def _files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
+def _edit_config(run: Path, key: str, value) -> None:
+    """Change one key of the run's config.yaml by hand (None: delete it)."""
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    section, _, leaf = key.rpartition(".")
+    node = raw[section] if section else raw
+    if value is None:
+        del node[leaf]
+    else:
+        node[leaf] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("optim.lr", 0.5, "optim.lr 0.1 -> 0.5"),
+    ("data.data_seed", 3, "data.data_seed 0 -> 3"),
+    ("eval.bn_stats", "train", "eval.bn_stats 'running' -> 'train'"),
+])
+def test_a_hand_edited_config_is_refused_on_every_load(stopped_run, capsys, key, value,
+                                                        needle):
+    _edit_config(stopped_run, key, value)
+    _edit_config(stopped_run, "train.eval_batch_size", 7)  # a key a resume may change
+    # A checkpoint written before train.dist_timeout existed: defaults fill in on both sides.
+    state = load_checkpoint(stopped_run / "last.pt")
+    del state["config"]["train"]["dist_timeout"]
+    save_atomic(state, stopped_run / "last.pt")
+    _edit_config(stopped_run, "train.dist_timeout", None)
+    before = _files(stopped_run)
+    for command in (["train", "--resume"], ["eval"], ["probe"]):
+        assert main([*command, str(stopped_run)]) == 2, command
+        named = one_line_error(capsys, needle, "config.yaml", "last.pt", "edited").split(
+            "; a resume may")[0]
+        assert "eval_batch_size" not in named and "dist_timeout" not in named, named
+    assert _files(stopped_run) == before
+    _edit_config(stopped_run, key, load_checkpoint(stopped_run / "last.pt")["config"][
+        key.split(".")[0]][key.split(".")[1]])  # undone: the safe edit alone is fine
+    assert main(["eval", str(stopped_run)]) == 0
+
+
+def _hold_lock(folder: Path, pid: int, host: str) -> int:
+    """Take the run directory's lock through a descriptor of our own, as another process
+    would; returns the descriptor (closing it releases the lock)."""
+    import fcntl
+
+    fd = os.open(folder / rundir.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": pid, "host": host}).encode())
+    return fd
+
+
+def test_the_lock_conflicts_within_one_process_and_is_released(tmp_path):
+    """flock locks belong to open file descriptions: a second open() conflicts even here."""
+    fcntl = pytest.importorskip("fcntl")
+    rundir.lock_run_dir(tmp_path)
+    rundir.lock_run_dir(tmp_path)  # this process holds it already: a no-op
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    fd = os.open(tmp_path / ".lock", os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rundir.release_run_dir(tmp_path)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("entry", ["resume", "fresh"])
+def test_a_second_trainer_refuses_a_locked_run_directory(stopped_run, config, tiny_zip,
+                                                         tmp_path, capsys, entry):
+    pytest.importorskip("fcntl")
+    before = _files(stopped_run)
+    fd = _hold_lock(stopped_run, 4242, "elsewhere")
+    try:
+        command = (["train", "--resume", str(stopped_run)] if entry == "resume" else
+                   ["train", "--config", str(config),
+                    *sets(tiny_overrides(tiny_zip, tmp_path / "runs"))])
+        assert main(command) == 2
+        one_line_error(capsys, f"run directory {stopped_run} is in use",
+                       "PID 4242 on host elsewhere")
+        before[".lock"] = (stopped_run / ".lock").read_bytes()
+        assert _files(stopped_run) == before
+    finally:
+        os.close(fd)
+
+
+def test_a_killed_lock_holder_frees_the_run_directory(stopped_run, capsys):
+    """Two real processes: the second trainer names the first's PID and host; once the
+    first dies (SIGKILL), the operating system has released its lock."""
+    pytest.importorskip("fcntl")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from otlt.engine.rundir "
+         "import lock_run_dir; lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); "
+         "sys.stdin.read()", str(stopped_run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        metrics = (stopped_run / "metrics.jsonl").read_bytes()
+        assert main(["train", "--resume", str(stopped_run), "--stop-after", "2"]) == 2
+        one_line_error(capsys, f"PID {holder.pid} on host {socket.gethostname()}")
+        assert (stopped_run / "metrics.jsonl").read_bytes() == metrics
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", "--resume", str(stopped_run), "--stop-after", "2"]) == 0
+    epochs = [json.loads(x)["epoch"]
+              for x in (stopped_run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+
+
+def _enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_refused_atomic_write_is_one_error_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"the previous checkpoint")
+
+    def half_then_full(handle):
+        handle.write(b"half a checkpoint")
+        raise _enospc()
+
+    with pytest.raises(OtltError, match=r"cannot write .*last.pt \(No space left on device\)"):
+        write_atomic(target, half_then_full)
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(stopped_run, capsys,
+                                                             monkeypatch):
+    before = (stopped_run / "last.pt").read_bytes()
+    mkstemp, fsync, checkpoint_fds = tempfile.mkstemp, os.fsync, set()
+
+    def recording_mkstemp(*args, **kwargs):
+        fd, name = mkstemp(*args, **kwargs)
+        if Path(name).name.startswith(".last.pt."):
+            checkpoint_fds.add(fd)
+        return fd, name
+
+    def full_disk_fsync(fd):  # the payload is written; the disk refuses to keep it
+        if fd in checkpoint_fds:
+            raise _enospc()
+        fsync(fd)
+
+    monkeypatch.setattr(tempfile, "mkstemp", recording_mkstemp)
+    monkeypatch.setattr(os, "fsync", full_disk_fsync)
+    assert main(["train", "--resume", str(stopped_run), "--stop-after", "2"]) == 2
+    one_line_error(capsys, f"cannot write {stopped_run / 'last.pt'} (No space left on device)")
+    assert checkpoint_fds and (stopped_run / "last.pt").read_bytes() == before
+    assert not list(stopped_run.glob(".last.pt.*"))
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(stopped_run), "--stop-after", "2"]) == 0
+    assert load_checkpoint(stopped_run / "last.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("locking", [True, False])
+def test_resume_on_a_read_only_run_directory(stopped_run, capsys, monkeypatch, locking):
+    """As root here, chmod would not stop a write: every write into the run directory is
+    refused by patched os.open / open instead (EACCES, as a read-only folder gives)."""
+    if locking:
+        pytest.importorskip("fcntl")
+    else:
+        monkeypatch.setattr(rundir, "fcntl", None)  # as on Windows: no lock
+    folder = str(stopped_run)
+    before = _files(stopped_run)
+    os_open, io_open = os.open, io.open
+
+    def refused(path) -> bool:
+        return (isinstance(path, (str, os.PathLike))
+                and os.path.abspath(os.fspath(path)).startswith(folder))
+
+    def read_only_os_open(path, flags, *args, **kwargs):
+        if refused(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return os_open(path, flags, *args, **kwargs)
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if refused(file) and any(c in mode for c in "wax+"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return io_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_os_open)
+    monkeypatch.setattr(io, "open", read_only_open)
+    monkeypatch.setattr(builtins, "open", read_only_open)
+    assert main(["train", "--resume", str(stopped_run)]) == 2
+    one_line_error(capsys, str(stopped_run), "(Permission denied)")
+    monkeypatch.undo()
+    assert _files(stopped_run) == before

@@ -360,6 +360,17 @@ def test_step_reports_gradient_norm_and_weight_change():
     torch.testing.assert_close(rw.last_change, (after - before).abs().sum())
 
 
+def test_stage2_stops_on_a_non_finite_loss(stage1, tmp_path, capsys):
+    """Stage 2 shares the engine's epoch loop, and so its loss guard: one line, exit 2."""
+    config = tmp_path / "stage2.yaml"
+    config.write_text("name: stage2\n")
+    assert main(["train", "--config", str(config),
+                 *_stage2(stage1, tmp_path, "diverges", ["optim.lr=1e38"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training loss became inf or NaN in epoch 1/3 at step" in err[0]
+    assert not (tmp_path / "diverges" / "last.pt").exists()
+
+
 def test_stage2_without_ot_step_keeps_the_initial_weights(stage1, tmp_path):
     """``reweight.ot_step: false`` (the ablation baseline): class-balanced weights stay put,
     the classifier still trains, and the OT entries of metrics.jsonl say nothing was measured."""

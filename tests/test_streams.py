@@ -158,6 +158,16 @@ def test_foreground_images_are_decoded_only_for_mixed_steps(list_root, tmp_path,
     assert decoded["fore"] == mixed_rows  # one foreground image per mixed row, none wasted
 
 
+def test_a_non_finite_loss_stops_a_stream_run(list_root, tmp_path, capsys):
+    """The streaming trainer shares the engine's epoch loop, and so its loss guard."""
+    out = tmp_path / "runs"
+    assert main(["train", *stream_overrides(list_root, out, "nan"),
+                 "--set", "optim.lr=1e38"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training loss became inf or NaN in epoch 1/2 at step" in err[0]
+    assert not (out / "nan" / "last.pt").exists()
+
+
 def test_a_worker_error_is_one_line(tmp_path, capsys):
     """A missing image in the middle of a list, decoded by 2 workers: one line, exit 2."""
     root = write_list_dataset(tmp_path / "lists")

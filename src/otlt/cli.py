@@ -39,6 +39,10 @@ def _add_train(sub) -> None:
                    help="stop (resumable) once this many epochs are done; for time-sliced jobs")
 
 
+DEVICE_HELP = ("cpu, cuda[:N] or auto (default: the run's train.device); e.g. --device cpu for "
+               "a GPU-trained run on a machine without one")
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run's kept weights under a BatchNorm procedure")
     p.add_argument("target", help="run directory, or a weights file in one (last.pt, "
@@ -54,6 +58,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--few", type=int, help="few-shot threshold (default: the run's, 20)")
     p.add_argument("--out", help="where the JSON goes (default: "
                                  "RUN/eval_<checkpoint>_<bn-stats>[_val].json)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing result file that holds other numbers")
 
@@ -72,6 +77,7 @@ def _add_probe(sub) -> None:
     p.add_argument("--bn-batches", type=int, help="recalibration batches (default: the run's)")
     p.add_argument("--data", help="dataset path, if it moved since training")
     p.add_argument("--out", help="where the JSON goes (default: RUN/probe_<split>[_bnN].json)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing result file that holds other numbers")
 
@@ -201,12 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SAFE_ON_RESUME = ("train.progress", "train.workers", "train.device", "train.eval_batch_size",
-                  "data.path")
-"""Config keys a resume may change: how the run executes or where its data lives, never what
-it computes (``data.path``: the data must give the run's ``splits.json`` again)."""
-
-
 def cmd_train(args) -> int:
     from otlt.config import apply_overrides as _apply
     from otlt.config import build_config, load_raw, preset_path
@@ -270,30 +270,15 @@ def say(*args, **kwargs) -> None:
 
 def resume_changes(old, new, run_dir: Path) -> dict:
     """The keys ``--set``/``--data`` change on resume (``{key: [old, new]}``); any key
-    outside :data:`SAFE_ON_RESUME` is an error listing them."""
-    from otlt.config import to_dict
+    outside ``otlt.config.SAFE_ON_RESUME`` is an error listing them (the comparison is the
+    one that also checks ``config.yaml`` against ``last.pt``: ``otlt.config.compare``)."""
+    from otlt.config import config_changes, refuse_unsafe_changes
 
-    before, after = _flat(to_dict(old)), _flat(to_dict(new))
-    changed = {k: [before.get(k), after.get(k)] for k in sorted(set(before) | set(after))
-               if before.get(k) != after.get(k)}
-    unsafe = [k for k in changed if k not in SAFE_ON_RESUME]
-    if unsafe:
-        listed = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in unsafe[:5])
-        raise OtltError(f"--resume {run_dir} would change the run ({listed}); a resume may "
-                        f"only change {', '.join(SAFE_ON_RESUME)}. Start a new run instead: "
-                        f"otlt train --config {run_dir / 'config.yaml'} --set name=<new> ...")
+    changed = config_changes(old, new)
+    refuse_unsafe_changes(changed, f"--resume {run_dir} would change the run",
+                          f"Start a new run instead: otlt train --config "
+                          f"{run_dir / 'config.yaml'} --set name=<new> ...")
     return changed
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and key != "params":
-            out.update(_flat(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def cmd_eval(args) -> int:
@@ -303,7 +288,7 @@ def cmd_eval(args) -> int:
                                 bn_stats=args.bn_stats, split=args.split, data_path=args.data,
                                 many=args.many, few=args.few,
                                 out=Path(args.out) if args.out else None,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, device=args.device)
     print(format_eval(result, title=f"{args.target}: {result['checkpoint']} (epoch "
                                     f"{result['epoch'] + 1}), {result['split']} split, "
                                     f"BN {result['bn_stats']}"))
@@ -320,7 +305,7 @@ def cmd_probe(args) -> int:
     if args.bn_batches is not None and args.bn_batches < 1:
         raise OtltError(f"--bn-batches must be >= 1, got {args.bn_batches}")
     result = probe_kept(run, modes, epochs, split=args.split, data_path=args.data,
-                        bn_batches=args.bn_batches)
+                        bn_batches=args.bn_batches, device=args.device)
     suffix = f"_bn{args.bn_batches}" if args.bn_batches else ""
     out = Path(args.out) if args.out else run / f"probe_{args.split}{suffix}.json"
     write_result(out, result, args.overwrite)

@@ -3,10 +3,16 @@
 Anything a user can get wrong (a path, a config key, a value out of range) raises
 :class:`OtltError` (a ``ValueError``); the CLI turns it into one line
 ``otlt: error: ...`` and exit code 2.
-Programming errors stay ordinary exceptions with tracebacks.
+Programming errors stay ordinary exceptions with tracebacks. A write the machine refuses (a
+full disk, a read-only folder, a quota) is the environment, not a bug: :func:`writing`
+turns its ``OSError`` into an :class:`OtltError` that names the file and the reason.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 
 class OtltError(ValueError):
@@ -20,3 +26,13 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`OtltError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise OtltError(message)
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Run a write of ``path``; an ``OSError`` becomes ``OtltError("cannot write PATH
+    (reason)")`` (the reason: errno's text, e.g. "No space left on device")."""
+    try:
+        yield
+    except OSError as exc:
+        raise OtltError(f"cannot write {path} ({exc.strerror or exc})") from None

@@ -116,7 +116,7 @@ def run_sweep(runs: Sequence[SweepRun], log: Callable[[str], None] = print) -> l
 def _clear_unstarted(run_dir: Path) -> None:
     """Remove what a run killed before its first epoch wrote (no last.pt yet), so the sweep
     can start it again; a folder with anything else in it is left alone."""
-    starts = {"config.yaml", "splits.json", "metrics.jsonl", "tb"}
+    starts = {"config.yaml", "splits.json", "metrics.jsonl", "tb", ".lock"}
     if not run_dir.is_dir():
         return
     present = {p.name for p in run_dir.iterdir()}

@@ -6,12 +6,19 @@ changes. Unknown keys anywhere are errors that list the valid keys.
 
 Modules: :mod:`~otlt.config.schema` (the dataclasses) <- :mod:`~otlt.config.files` (YAML,
 presets, overrides), :mod:`~otlt.config.validate` <- :mod:`~otlt.config.build`
-(``build_config``, ``load_config``). Everything is importable from ``otlt.config``.
+(``build_config``, ``load_config``); :mod:`~otlt.config.compare` (what differs between two
+configs of one run). Everything is importable from ``otlt.config``.
 """
 
 from __future__ import annotations
 
 from otlt.config.build import build_config, load_config
+from otlt.config.compare import (
+    SAFE_ON_RESUME,
+    config_changes,
+    flat_config,
+    refuse_unsafe_changes,
+)
 from otlt.config.files import (
     apply_overrides,
     dump_config,
@@ -40,7 +47,8 @@ from otlt.config.schema import (
 )
 from otlt.config.validate import validate
 
-__all__ = ["BN_STATS", "DATASET_DEFAULTS", "REWEIGHT_CHOICES", "SELECT_METRICS", "DataConfig",
+__all__ = ["BN_STATS", "DATASET_DEFAULTS", "REWEIGHT_CHOICES", "SAFE_ON_RESUME", "SELECT_METRICS",
+           "DataConfig", "config_changes", "flat_config", "refuse_unsafe_changes",
            "EvalConfig", "LossConfig", "MixConfig", "ModelConfig", "OptimConfig",
            "ReweightConfig", "RunConfig", "TrainConfig", "apply_overrides", "build_config",
            "config_keys_markdown", "dump_config", "list_presets", "load_config", "load_raw",

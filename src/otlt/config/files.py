@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from otlt.config.schema import RunConfig, to_dict
-from otlt.errors import OtltError, require
+from otlt.errors import OtltError, require, writing
 
 
 def _read_yaml(path: Path) -> dict:
@@ -114,5 +114,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
-    """Write the resolved config as YAML."""
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (a refused write: one-line :class:`OtltError`)."""
+    with writing(path):
+        path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

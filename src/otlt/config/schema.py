@@ -116,6 +116,8 @@ class TrainConfig:
     keep_every: int = 0
     sync_bn: bool = False
     float64: bool = False
+    deterministic: bool = False
+    dist_timeout: float = 300.0
 
 
 BN_STATS = ("running", "train", "clean", "balanced")

@@ -16,6 +16,10 @@ from otlt.errors import require
 def validate(cfg: RunConfig) -> RunConfig:
     """Check value ranges that a type check cannot; return the config unchanged."""
     d, o = cfg.data, cfg.optim
+    # The run directory is out_dir/name: a name with a separator or '..' writes elsewhere.
+    require(cfg.name not in ("", ".", "..") and "/" not in cfg.name and "\\" not in cfg.name,
+            f"name must be a plain folder name (the run directory is out_dir/name; set "
+            f"out_dir for where runs go): no '/' or '\\', not '.' or '..', got {cfg.name!r}")
     require(d.imbalance_ratio >= 1, f"data.imbalance_ratio must be a number >= 1 "
                                     f"(n_max / n_min), got {d.imbalance_ratio}")
     require(d.profile in ("exp", "step"), f"data.profile must be 'exp' or 'step', "
@@ -32,6 +36,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"train.keep_epochs must be epochs in [0, {o.epochs - 1}] (counted from 0), "
             f"got {list(cfg.train.keep_epochs)}")
     require(cfg.train.workers >= 0, f"train.workers must be >= 0, got {cfg.train.workers}")
+    require(cfg.train.dist_timeout > 0, f"train.dist_timeout must be > 0 seconds, got "
+                                        f"{cfg.train.dist_timeout}")
     require(not cfg.train.float64 or cfg.train.amp in ("auto", "off"),
             f"train.float64 runs without autocast; train.amp={cfg.train.amp} asks for it "
             "(set train.amp=off or auto)")
@@ -50,6 +56,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     require(len(o.milestones) == len(o.gammas),
             f"optim.milestones {list(o.milestones)} and optim.gammas {list(o.gammas)} "
             "must have the same length")
+    require(all(g > 0 for g in o.gammas),
+            f"optim.gammas must be factors > 0 of optim.lr (a factor <= 0 gives a learning "
+            f"rate <= 0), got {list(o.gammas)}")
     require(0 <= cfg.mix.prob <= 1 and 0 <= cfg.mix.fraction <= 1,
             "mix.prob and mix.fraction must be in [0, 1]")
     for knob in ("prob", "fraction"):  # the engine owns these; one knob lives in one place

@@ -14,7 +14,8 @@ every BatchNorm layer and set, per channel ``c``,
 over ``N`` batches, which is PyTorch's cumulative average (``momentum=None``). Only the
 BatchNorm layers run in train mode; every other module stays in eval mode, nothing gets a
 gradient, and the affine parameters are untouched. Under ``torch.distributed`` each rank's
-averages are averaged over ranks (every rank recalibrates on equally many batches).
+averages are averaged over ranks (every rank recalibrates on its rows of the same global
+batches).
 
 Where the evaluation-time BatchNorm statistics come from (``eval.bn_stats``):
 
@@ -37,7 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from otlt.amp import autocast
 from otlt.config import BN_STATS
 from otlt.data.samplers import permutation_batches, sample_weights
-from otlt.engine.distributed import all_reduce_sum, is_distributed, rank, world_size
+from otlt.engine.distributed import all_reduce_sum, is_distributed, world_size
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -120,9 +121,10 @@ _BN_SEED = 0xB47C4  # keeps the recalibration streams apart from seed-derived tr
 
 
 def recalibration_generator(seed: int, epoch: int) -> torch.Generator:
-    """The recalibration generator of ``epoch``: seeded from (seed, epoch, rank) and separate
-    from the training generator, so evaluation never moves training."""
-    return torch.Generator().manual_seed(_BN_SEED + 1_000_003 * seed + 1009 * epoch + rank())
+    """The recalibration generator of ``epoch``: seeded from (seed, epoch), alike on every
+    rank (each draws the global batches and keeps its rows), and separate from the training
+    generator, so evaluation never moves training."""
+    return torch.Generator().manual_seed(_BN_SEED + 1_000_003 * seed + 1009 * epoch)
 
 
 def recalibration_indices(mode: str, labels: torch.Tensor, batch_size: int, count: int,

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -22,7 +23,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from otlt.errors import OtltError
+from otlt.errors import OtltError, writing
 
 CHECKPOINT_FORMAT = 1
 MAGIC = b"OTLTCKPT\x01"
@@ -41,20 +42,23 @@ def remove_stale_temps(path: Path) -> None:
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Call ``write(handle)`` on a temp file in ``path``'s folder, fsync, rename over ``path``:
-    readers see the old file or the whole new one, never a half-written one."""
+    readers see the old file or the whole new one, never a half-written one. A refused write
+    (``OSError``: a full disk, a read-only folder) removes the temp file and raises
+    :class:`OtltError` naming ``path`` and the reason."""
     path = Path(path)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with writing(path):  # a full disk or a read-only folder: one line, the old file kept
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:

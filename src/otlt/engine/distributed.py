@@ -17,6 +17,8 @@ The rules (README, "Several GPUs and nodes"):
 from __future__ import annotations
 
 import atexit
+import datetime
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -55,20 +57,29 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def setup_process(device: torch.device) -> torch.device:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1) and return
-    this process's device: ``cuda:LOCAL_RANK`` (made current) for CUDA, else ``device``.
+def setup_process(device: torch.device, timeout: float | None = None) -> torch.device:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1; a group the
+    caller joined already is used as it is) and return this process's device:
+    ``cuda:LOCAL_RANK`` (made current) for CUDA, else ``device``.
 
-    A group joined here is left at interpreter exit (``atexit``) as well, so a script that
-    builds a trainer itself and never calls :func:`teardown_process` still stops the
-    group's threads while the interpreter is alive."""
-    if launched_world_size() <= 1:
+    NCCL for CUDA (bound to this process's GPU, ``device_id``), gloo otherwise; ``timeout``
+    seconds (``train.dist_timeout``) bound how long a rank waits for a peer that died in a
+    collective before it fails too. A group joined here is left at interpreter exit
+    (``atexit``) as well, so a script that builds a trainer itself and never calls
+    :func:`teardown_process` still stops the group's threads while the interpreter is alive."""
+    if launched_world_size() <= 1 and not is_distributed():
         return device
-    if device.type == "cuda":
+    if device.type == "cuda":  # also in a group the caller joined (any world size)
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     if not is_distributed():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        options: dict[str, Any] = {}
+        if timeout is not None:
+            options["timeout"] = datetime.timedelta(seconds=timeout)
+        if device.type == "cuda" and "device_id" in inspect.signature(
+                dist.init_process_group).parameters:  # torch >= 2.3
+            options["device_id"] = device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **options)
         atexit.register(teardown_process)
     return device
 
@@ -91,9 +102,35 @@ def teardown_process(synchronize: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def collective_device_types() -> set[str] | None:
+    """The device types the default process group communicates on: ``{"cuda"}`` for NCCL,
+    ``{"cpu", "cuda"}`` for gloo, the named ones for a per-device backend such as
+    ``"cpu:gloo,cuda:nccl"`` (None: not distributed)."""
+    if not is_distributed():
+        return None
+    backend = str(dist.get_backend()).lower()
+    if ":" in backend:
+        return {pair.split(":")[0].strip() for pair in backend.split(",")}
+    return {"cuda"} if backend == "nccl" else {"cpu", "cuda"}
+
+
+def check_collective_device(tensor: torch.Tensor) -> None:
+    """Refuse a collective on a tensor the process group cannot communicate (a CPU tensor
+    under NCCL fails in torch with "No backend type associated with device type cpu"). The
+    engine keeps every collective on the training device; this check makes a slip fail the
+    same way under gloo on the CPU, in the tests, as it would under NCCL on GPUs."""
+    types = collective_device_types()
+    if types is not None and tensor.device.type not in types:
+        raise RuntimeError(f"collective on a {tensor.device.type} tensor, but the process "
+                           f"group ({dist.get_backend()}) communicates only on "
+                           f"{', '.join(sorted(types))}: reduce on the training device")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (no-op when not distributed)."""
+    """Sum ``tensor`` over ranks in place (no-op when not distributed); the tensor must lie
+    on a device the group communicates on (:func:`check_collective_device`)."""
     if is_distributed():
+        check_collective_device(tensor)
         dist.all_reduce(tensor)
     return tensor
 
@@ -142,8 +179,7 @@ def average_buffers(module: torch.nn.Module) -> None:
     world = world_size()
     for buf in module.buffers():
         if buf.is_floating_point():
-            dist.all_reduce(buf)
-            buf.div_(world)
+            all_reduce_sum(buf).div_(world)
 
 
 def global_batches(order: torch.Tensor, batch_size: int, world: int) -> list[torch.Tensor]:

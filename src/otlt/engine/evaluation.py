@@ -17,14 +17,15 @@ from otlt.metrics import confusion_matrix
 
 def evaluate(model: torch.nn.Module, split: DeviceSplit, num_classes: int, batch_size: int,
              amp_dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
-    """Confusion matrix ``(K, K)`` (rows: true class) of ``model`` on a split. Under
-    ``torch.distributed`` each rank evaluates every ``world``-th image and the matrices are
-    summed, so every rank holds the whole split's matrix."""
+    """Confusion matrix ``(K, K)`` on the CPU (rows: true class) of ``model`` on a split.
+    Under ``torch.distributed`` each rank evaluates every ``world``-th image and the matrices
+    are summed on the split's device (NCCL communicates only CUDA tensors), so every rank
+    holds the whole split's matrix."""
     mine = torch.arange(rank(), len(split), world_size(), device=split.labels.device)
     batches = ((eval_transform(split.images[idx]), split.labels[idx])
                for idx in mine.split(batch_size))
     return all_reduce_sum(evaluate_batches(model, batches, num_classes, amp_dtype,
-                                           channels_last))
+                                           channels_last)).cpu()
 
 
 @torch.no_grad()
@@ -32,7 +33,8 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
                      num_classes: int, amp_dtype: torch.dtype | None,
                      channels_last: bool) -> torch.Tensor:
     """Confusion matrix ``(K, K)`` of ``model`` over ``(x (B, 3, H, W) float, y (B,))``
-    batches already on the model's device, in eval mode (train mode is restored)."""
+    batches already on the model's device, in eval mode (train mode is restored); the
+    matrix stays on that device (a collective may sum it there)."""
     model.eval()
     preds, labels = [], []
     for x, y in batches:
@@ -41,7 +43,7 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
             preds.append(model(x).argmax(1))
         labels.append(y)
     model.train()
-    return confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes).cpu()
+    return confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes)
 
 
 def split_record(prefix: str, summary: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from otlt.config import RunConfig
 from otlt.data.prepare import LongTailedData
 from otlt.data.streams import is_list_dataset
 from otlt.engine.reweight_trainer import Stage2Trainer
+from otlt.engine.rundir import release_run_dir
 from otlt.engine.stream_trainer import StreamTrainer
 from otlt.engine.trainer import Trainer
 from otlt.errors import require
@@ -18,16 +19,23 @@ def create_trainer(cfg: RunConfig, run_dir: Path | None = None, resume: bool = F
     """Return the config's trainer: OT re-weighting's stage 2 if ``reweight.stage1`` is set,
     the streaming trainer for list-file datasets (ImageNet-LT, iNaturalist), else
     :class:`Trainer`. ``evaluate_only`` builds it on an existing run directory without
-    writing there or loading ``last.pt`` (post-hoc evaluation loads the weights itself)."""
+    writing there or loading ``last.pt`` (post-hoc evaluation loads the weights itself). A
+    trainer that fails while it is built (bad data, a refused resume) releases the run
+    directory's lock (:mod:`~otlt.engine.rundir`) at once; ``fit`` releases it at its end."""
     kwargs = {"run_dir": run_dir, "resume": resume, "data": data,
               "evaluate_only": evaluate_only}
     if is_list_dataset(cfg.data):
         require(cfg.reweight.stage1 is None, "OT re-weighting stage 2 needs an in-memory "
                 "dataset (CIFAR, image folders); list-file datasets are not supported yet")
-        return StreamTrainer(cfg, **kwargs)
-    if cfg.reweight.stage1 is not None:
-        return Stage2Trainer(cfg, **kwargs)
-    return Trainer(cfg, **kwargs)
+        cls: type[Trainer] = StreamTrainer
+    else:
+        cls = Trainer if cfg.reweight.stage1 is None else Stage2Trainer
+    try:
+        return cls(cfg, **kwargs)
+    except BaseException:  # one that failed while building leaves its run directory free
+        if not evaluate_only:
+            release_run_dir(Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name)
+        raise
 
 
 __all__ = ["create_trainer"]

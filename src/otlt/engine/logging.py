@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from otlt.engine.distributed import is_main_process
-from otlt.errors import OtltError
+from otlt.errors import OtltError, writing
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -76,21 +76,24 @@ class MetricsLogger:
         if not self.enabled:
             return
         kept = [r for r in read_metrics(self.path) if r.get("epoch", -1) < start_epoch]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with writing(self.path):  # a full disk or a read-only run directory: one line
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_epoch)
+            with writing(Path(run_dir) / "tb"):
+                self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_epoch)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as handle:
+        with writing(self.path), self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for tag, value in tensorboard_scalars(record).items():
-                self.writer.add_scalar(tag, value, record["epoch"])
-            self.writer.flush()
+            with writing(self.writer.get_logdir()):
+                for tag, value in tensorboard_scalars(record).items():
+                    self.writer.add_scalar(tag, value, record["epoch"])
+                self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

@@ -5,9 +5,12 @@ The run is rebuilt from its ``config.yaml`` without training (:func:`create_trai
 ``evaluate_only``), the weights are loaded, and the very code that evaluates during
 training (``EvaluationProcedure.model_for`` with the recalibration generator of the weights'
 epoch) evaluates them, so a post-hoc number equals the in-run number for the same weights
-and procedure. Results go beside the run's others as ``eval_<checkpoint>_<bn_stats>.json``
-(``_val`` added for the validation split); an existing file with different numbers is
-never overwritten silently.
+and procedure, on the same device type and world size (kernels, and bf16 autocast, differ
+between CPU and CUDA). ``device`` (``--device``) evaluates on another device than the run's
+``train.device`` (a GPU-trained run on a CPU-only machine); weights are read to the CPU and
+moved, and ``config.yaml`` is left as it is. Results go beside the run's others as
+``eval_<checkpoint>_<bn_stats>.json`` (``_val`` added for the validation split); an existing
+file with different numbers is never overwritten silently.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.distributed import unwrap
 from otlt.engine.factory import create_trainer
+from otlt.engine.rundir import check_stored_config
 from otlt.engine.trainer import Trainer
 from otlt.engine.weights import SUFFIX, WeightsFile, read_weights
 from otlt.errors import OtltError, require
@@ -66,9 +71,13 @@ def weights_path(run_dir: Path, checkpoint: str) -> Path:
 
 
 def run_config(run_dir: Path, data_path: str | None) -> RunConfig:
-    """The run's resolved config (``config.yaml``, else the one inside ``last.pt``)."""
+    """The run's resolved config (``config.yaml``, else the one inside ``last.pt``); a
+    ``config.yaml`` that differs from the config inside ``last.pt`` (edited by hand) is refused.
+    A run without ``last.pt`` (a committed result: weights only) has nothing to compare."""
     if (run_dir / "config.yaml").is_file():
         cfg = build_config(load_raw(run_dir / "config.yaml"))
+        if (run_dir / "last.pt").is_file():
+            check_stored_config(load_checkpoint(run_dir / "last.pt").get("config"), cfg, run_dir)
     elif (run_dir / "last.pt").is_file():
         cfg = build_config(load_checkpoint(run_dir / "last.pt")["config"])
     else:
@@ -85,9 +94,16 @@ def checkpoint_label(path: Path) -> str:
 
 
 def evaluation_trainer(run_dir: Path, data_path: str | None = None, many: int | None = None,
-                       few: int | None = None, bn_batches: int | None = None) -> Trainer:
-    """The run rebuilt for evaluation only (its data, model, mixer; nothing written)."""
+                       few: int | None = None, bn_batches: int | None = None,
+                       device: str | None = None) -> Trainer:
+    """The run rebuilt for evaluation only (its data, model, mixer; nothing written) on
+    ``device`` (None: the run's ``train.device``; weights are read to the CPU, then moved)."""
     cfg = run_config(run_dir, data_path)
+    if device is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
+    elif cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
+        raise OtltError(f"{run_dir} trained with train.device={cfg.train.device} but no CUDA "
+                        "device is available here; evaluate it on this machine with --device cpu")
     e = cfg.eval
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
         e, many_threshold=e.many_threshold if many is None else many,
@@ -124,10 +140,12 @@ def evaluate_loaded(trainer: Trainer, epoch: int, mode: str, split: str) -> dict
 
 def evaluate_weights(run_dir: Path, weights: WeightsFile, bn_stats: str | None = None,
                      split: str = "test", data_path: str | None = None,
-                     many: int | None = None, few: int | None = None) -> dict[str, Any]:
+                     many: int | None = None, few: int | None = None,
+                     device: str | None = None) -> dict[str, Any]:
     """Evaluate ``weights`` of the run in ``run_dir`` on ``split`` under ``bn_stats``
-    (default: the run's ``eval.bn_stats``); returns the ``eval.json``-style record."""
-    trainer = evaluation_trainer(run_dir, data_path, many, few)
+    (default: the run's ``eval.bn_stats``) on ``device`` (default: the run's); returns the
+    ``eval.json``-style record."""
+    trainer = evaluation_trainer(run_dir, data_path, many, few, device=device)
     load_into(trainer, weights)
     return evaluate_loaded(trainer, weights.epoch, bn_stats or trainer.cfg.eval.bn_stats, split)
 
@@ -144,10 +162,12 @@ def kept_weights(run_dir: Path) -> dict[int, Path]:
 
 def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
                split: str = "val", data_path: str | None = None,
-               bn_batches: int | None = None, progress: bool = True) -> dict[str, Any]:
+               bn_batches: int | None = None, progress: bool = True,
+               device: str | None = None) -> dict[str, Any]:
     """Evaluate kept weights under several procedures: ``eval.bn_probe_every`` after the
-    fact. ``epochs`` None: every kept epoch. Returns ``{"split", "bn_batches", "records"}``
-    with one compact record (errors in %, ``balanced_acc``) per (epoch, procedure)."""
+    fact. ``epochs`` None: every kept epoch; ``device`` None: the run's. Returns
+    ``{"split", "bn_batches", "records"}`` with one compact record (errors in %,
+    ``balanced_acc``) per (epoch, procedure)."""
     run_dir = Path(run_dir)
     kept = kept_weights(run_dir)
     if (run_dir / "last.pt").is_file():
@@ -159,7 +179,7 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
                          f"{sorted(kept) or 'none'}; train with train.keep_epochs or keep_every)")
     for mode in modes:
         require(mode in BN_STATS, f"--bn-stats must be among {', '.join(BN_STATS)}, got {mode!r}")
-    trainer = evaluation_trainer(run_dir, data_path, bn_batches=bn_batches)
+    trainer = evaluation_trainer(run_dir, data_path, bn_batches=bn_batches, device=device)
     records = []
     for epoch in tqdm(chosen, desc=f"probe {run_dir.name}", disable=not progress,
                       file=sys.stderr, dynamic_ncols=True):
@@ -178,13 +198,14 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
 
 def evaluate_run(target: Path, checkpoint: str = "last", bn_stats: str | None = None,
                  split: str = "test", data_path: str | None = None, many: int | None = None,
-                 few: int | None = None, out: Path | None = None,
-                 overwrite: bool = False) -> tuple[dict[str, Any], Path]:
-    """Evaluate a run's weights (``target``: run directory, or a weights file) and write
-    the record; returns ``(record, path written)``."""
+                 few: int | None = None, out: Path | None = None, overwrite: bool = False,
+                 device: str | None = None) -> tuple[dict[str, Any], Path]:
+    """Evaluate a run's weights (``target``: run directory, or a weights file) on
+    ``device`` (default: the run's) and write the record; returns ``(record, path written)``."""
     run_dir, file = resolve_run(Path(target))
     path = file or weights_path(run_dir, checkpoint)
-    result = evaluate_weights(run_dir, read_weights(path), bn_stats, split, data_path, many, few)
+    result = evaluate_weights(run_dir, read_weights(path), bn_stats, split, data_path, many, few,
+                              device)
     label = checkpoint_label(path)
     result = {**result, "checkpoint": label, "weights": str(path)}
     suffix = "" if split == "test" else f"_{split}"

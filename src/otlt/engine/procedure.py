@@ -34,10 +34,11 @@ import torch
 
 from otlt.config import BN_STATS, RunConfig, to_dict
 from otlt.engine.batchnorm import batchnorm_state, recalibrate_batchnorm
-from otlt.engine.distributed import barrier, is_main_process
+from otlt.engine.distributed import is_main_process, on_main_then_share
 from otlt.engine.evaluation import split_record
 from otlt.engine.logging import log_final
 from otlt.engine.weights import SUFFIX, load_weights, save_weights
+from otlt.errors import writing
 from otlt.metrics import select_value, summarize
 from otlt.mixing import Mixer
 
@@ -146,9 +147,12 @@ class EvaluationProcedure:
                   "bn_batches": e.bn_batches, "classes": self.classes,
                   **self.summarize(confusion)}
         best_path = self.run_dir / f"best{SUFFIX}"
-        barrier()  # rank 0 wrote best.safetensors
-        if self.best is not None and best_path.is_file():
-            best = load_weights(best_path)
+        # Rank 0 wrote best.safetensors and reads it for every rank: other nodes need not
+        # see the run directory.
+        best = on_main_then_share(
+            lambda: load_weights(best_path) if self.best is not None and best_path.is_file()
+            else None)
+        if best is not None:
             model = copy.deepcopy(self.model)
             model.load_state_dict(best.evaluated_model())
             result["selected"] = {"checkpoint": "best", "epoch": best.epoch,
@@ -156,6 +160,7 @@ class EvaluationProcedure:
                                   "val_value": best.meta.get("val_value"),
                                   **self.summarize(self.confusion_on("test", model))}
         if is_main_process():
-            (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+            with writing(self.run_dir / "eval.json"):
+                (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
             log_final(self.run_dir, to_dict(self.cfg), result)
         return result

@@ -46,6 +46,7 @@ from otlt.data.prepare import LongTailedData
 from otlt.engine.checkpoint import load_checkpoint, write_atomic
 from otlt.engine.distributed import is_main_process, launched_world_size, unwrap
 from otlt.engine.runtime import DeviceSplit
+from otlt.engine.stability import backward_step
 from otlt.engine.trainer import Trainer
 from otlt.engine.weights import SUFFIX, load_weights
 from otlt.errors import OtltError, require
@@ -236,9 +237,7 @@ class Stage2Trainer(Trainer):
             weights = self.reweighter.batch_weights(idx)
         meta_loss = self._meta_loss()
         loss = (self.loss(logits, y) * weights).sum() + self.cfg.reweight.meta_coef * meta_loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        backward_step(self.optimizer, loss, self.scaler)
         rw = self.reweighter
         self._sums += torch.stack([rw.last_loss.float(), meta_loss.detach().float(),
                                    rw.last_grad_norm.float(), rw.last_change.float()])

@@ -3,6 +3,7 @@ run directory."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -18,6 +19,23 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise OtltError(f"train.device={name} but no CUDA device is available (use cpu or auto)")
     return torch.device(name)
+
+
+def configure_kernels(device: torch.device, deterministic: bool) -> None:
+    """cuDNN's kernel choice (``train.deterministic``). Off (default): ``cudnn.benchmark``
+    picks the fastest convolution kernels, which need not be bit-reproducible, so a resumed
+    CUDA run follows the same data, augmentation and mixing draws but its weights drift from
+    an uninterrupted run's by float rounding. On: cuDNN's deterministic kernels and torch's
+    deterministic algorithms (``torch.use_deterministic_algorithms``, warning once for an op
+    that has none instead of failing), at some speed; ``scripts/device_check.py`` checks a
+    killed and resumed CUDA run against an uninterrupted one bit for bit under it. The CPU
+    kernels the engine uses are deterministic either way."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -145,7 +145,8 @@ class StreamTrainer(Trainer):
         batches = eval_loader(dataset, self.cfg.train.eval_batch_size, self.cfg.train.workers,
                               self.device, shard=True)
         return all_reduce_sum(evaluate_batches(model or self.model, batches, self.num_classes,
-                                               self.amp_dtype, self.cfg.train.channels_last))
+                                               self.amp_dtype,
+                                               self.cfg.train.channels_last)).cpu()
 
     def bn_batches(self, mode: str, epoch: int) -> Iterator[torch.Tensor]:
         """Recalibration batches as :meth:`Trainer.bn_batches` says, streamed: the images
@@ -153,20 +154,23 @@ class StreamTrainer(Trainer):
         training's, and the indices come from the (seed, epoch) recalibration generator."""
         require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
         g = self.bn_generator(epoch)
-        batches = [c.tolist() for c in recalibration_indices(
-            mode, self.train.labels, self.cfg.optim.batch_size // world_size(),
-            self.cfg.eval.bn_batches, g)]
+        # Global batches, coins and foregrounds drawn alike on every rank; each loads its rows.
+        global_steps = list(recalibration_indices(mode, self.train.labels,
+                                                  self.cfg.optim.batch_size,
+                                                  self.cfg.eval.bn_batches, g))
+        batches = [b[rank_slice(len(b))].tolist() for b in global_steps]
         mixer = copy.deepcopy(self.mixer) if mode == "train" else None
         coins = [False] * len(batches)
         fore = None
         if mixer is not None:
             coins = (torch.rand(len(batches), generator=g) < self.cfg.mix.prob).tolist()
-            sizes = [len(x) for x, coin in zip(batches, coins, strict=True) if coin]
+            sizes = [len(b) for b, coin in zip(global_steps, coins, strict=True) if coin]
             if sizes and getattr(mixer, "needs_partner_batch", False):
                 draws = torch.multinomial(self.fore_weights, sum(sizes), replacement=True,
                                           generator=g)
                 fore = self._loader(self._recalibration_set(epoch, 3),
-                                    [d.tolist() for d in draws.split(sizes)])
+                                    [d[rank_slice(len(d))].tolist()
+                                     for d in draws.split(sizes)])
         steps = _Lockstep(self._loader(self._recalibration_set(epoch, 2), batches), coins, fore)
         with preserved_batchnorm(unwrap(self.model)):
             for images, labels, coin, foreground in steps:

@@ -10,10 +10,11 @@ probe, ``best.safetensors``, ``eval.json``) is
 :class:`~otlt.engine.procedure.EvaluationProcedure` (``self.evaluation``); the trainer gives
 it the data access, :meth:`Trainer.confusion_on` and :meth:`Trainer.bn_batches`, which the
 streaming trainer overrides. The module stays whole
-(about 470 lines): the epoch loop, the checkpoint state (``last.pt``: model, optimizer, loss,
+(about 500 lines): the epoch loop, the checkpoint state (``last.pt``: model, optimizer, loss,
 generator, mixer) and the data access read and write the same run state. What needs no run
 state lives below: :mod:`~otlt.engine.runtime` (device, precision, data on the device, run
-directory), :mod:`~otlt.engine.schedule`, :mod:`~otlt.engine.evaluation` (confusion matrices,
+directory), :mod:`~otlt.engine.rundir` (the run directory's lock, its stored config),
+:mod:`~otlt.engine.schedule`, :mod:`~otlt.engine.evaluation` (confusion matrices,
 split records), :mod:`~otlt.engine.batchnorm` (recalibration, its generator and index
 batches), :mod:`~otlt.engine.distributed` (ranks, shards, counters),
 :mod:`~otlt.engine.checkpoint` and :mod:`otlt.console` (the epoch line).
@@ -60,11 +61,18 @@ from otlt.engine.distributed import (
 from otlt.engine.evaluation import evaluate
 from otlt.engine.logging import MetricsLogger
 from otlt.engine.procedure import EvaluationProcedure
-from otlt.engine.runtime import DeviceSplit, autocast_dtype, open_run_dir, resolve_device
+from otlt.engine.rundir import check_stored_config, claim_run_dir, holding
+from otlt.engine.runtime import (
+    DeviceSplit,
+    autocast_dtype,
+    configure_kernels,
+    resolve_device,
+)
 from otlt.engine.schedule import step_lr
-from otlt.engine.syncbn import convert_global_batchnorm
+from otlt.engine.stability import LossGuard, backward_step, grad_scaler
+from otlt.engine.syncbn import convert_sync_batchnorm
 from otlt.engine.weights import SUFFIX, save_weights
-from otlt.errors import OtltError, require
+from otlt.errors import OtltError, require, writing
 from otlt.losses import batch_loss, create_loss
 from otlt.mixing import create_mixer
 from otlt.models import create_model
@@ -80,18 +88,19 @@ class Trainer:
         self.cfg = cfg
         # The process group comes first: only rank 0 touches the run directory, and an error
         # there reaches every rank.
-        self.device = setup_process(resolve_device(cfg.train.device))
-        self.run_dir = on_main_then_share(
-            lambda: open_run_dir(cfg, run_dir, resume, evaluate_only))
-        resume = resume and (self.run_dir / "last.pt").is_file()
+        self.device = setup_process(resolve_device(cfg.train.device), cfg.train.dist_timeout)
         world = world_size()
         require(cfg.optim.batch_size % world == 0,
                 f"optim.batch_size={cfg.optim.batch_size} is the global batch and must split "
                 f"evenly over the {world} processes")
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        self.run_dir = on_main_then_share(  # locked for training (rundir.py)
+            lambda: claim_run_dir(cfg, run_dir, resume, evaluate_only))
+        # Rank 0's file system decides: other nodes need not see the run directory.
+        resume = resume and on_main_then_share(lambda: (self.run_dir / "last.pt").is_file())
+        configure_kernels(self.device, cfg.train.deterministic)
         # float64 (numerical checks) runs without autocast
         self.amp_dtype = None if cfg.train.float64 else autocast_dtype(cfg.train.amp, self.device)
+        self.scaler = grad_scaler(self.amp_dtype, self.device)  # fp16 only
         self.num_classes = cfg.num_classes
         self.data = data or self._prepare_data()
         self.train_counts = self.data.train_counts
@@ -105,13 +114,21 @@ class Trainer:
         if evaluate_only:
             return
         self._resume_note: dict[str, Any] = {}
-        if resume:
-            self._check_same_data()
-            self._load_state(load_checkpoint(self.run_dir / "last.pt", self.device))
+        if resume:  # rank 0 reads; tensors stay on the CPU (RNG states must)
+            self._load_state(on_main_then_share(self._read_checkpoint))
         elif is_main_process():
             dump_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "splits.json").write_text(json.dumps(
-                {"classes": self.data.classes, "counts": self.data.split_counts()}, indent=1))
+            with writing(self.run_dir / "splits.json"):
+                (self.run_dir / "splits.json").write_text(json.dumps(
+                    {"classes": self.data.classes, "counts": self.data.split_counts()}, indent=1))
+
+    def _read_checkpoint(self) -> dict[str, Any]:
+        """``last.pt`` on the CPU, after checking that ``config.yaml`` is the config ``last.pt``
+        was saved with and that the data gives the run's splits."""
+        state = load_checkpoint(self.run_dir / "last.pt")
+        check_stored_config(state.get("config"), self.cfg, self.run_dir)  # config.yaml edited?
+        self._check_same_data()
+        return state
 
     def _check_same_data(self) -> None:
         """A resumed run must see the images it started with (``splits.json``)."""
@@ -153,8 +170,7 @@ class Trainer:
         if cfg.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if is_distributed() and cfg.train.sync_bn:  # torch's on CUDA, ours elsewhere (gloo)
-            self.model = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-                          if self.device.type == "cuda" else convert_global_batchnorm(self.model))
+            self.model = convert_sync_batchnorm(self.model, self.device.type)
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
         if is_distributed():
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -202,6 +218,8 @@ class Trainer:
         mixer_state = self.mixer.state_dict() if self.mixer is not None else {}
         if mixer_state:
             state["mixer"] = mixer_state
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -214,13 +232,15 @@ class Trainer:
             unwrap(self.model).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.loss.load_state_dict(state["loss"])
-            self.generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
+            self.generator.set_state(state["generator"].cpu())
+            torch.set_rng_state(state["torch_rng"].cpu())
             if "cuda_rng" in state and self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
             if self.mixer is not None and "mixer" in state:
                 self.mixer.load_state_dict(state["mixer"])
-        except (KeyError, RuntimeError) as exc:
+            if self.scaler is not None and "scaler" in state:
+                self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, TypeError) as exc:
             raise OtltError(f"checkpoint in {self.run_dir} does not match this run's "
                             f"config ({type(exc).__name__}: {str(exc)[:160]})") from None
         self.start_epoch = int(state["epoch"]) + 1
@@ -281,9 +301,7 @@ class Trainer:
             pred = logits.argmax(1)
             correct = (mixed.lam * (pred == mixed.targets_a)
                        + (1 - mixed.lam) * (pred == mixed.targets_b)).sum()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        backward_step(self.optimizer, loss, self.scaler)
         return loss.detach() * len(y), correct.detach().float(), len(y)
 
     def _mix_coin(self) -> bool:
@@ -312,10 +330,11 @@ class Trainer:
                                             self.cfg.train.channels_last)
         return self._embeds[mode]
 
-    def _foreground(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _foreground(self, n: int, generator: torch.Generator | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's ``n`` rows of the step's global foreground batch (``n * world``
-        draws from the training generator, as every rank draws them)."""
-        x, y = self._draw_foreground(n * world_size(), self.generator)
+        draws from ``generator``, default the training one, as every rank draws them)."""
+        x, y = self._draw_foreground(n * world_size(), generator or self.generator)
         mine = rank_slice(len(y))
         return x[mine], y[mine]
 
@@ -336,6 +355,7 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         total_correct = torch.zeros((), device=self.device)
         seen = 0
+        guard = LossGuard(self.device)  # a non-finite loss stops the run, read at epoch end
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", leave=False,
                    disable=not (self.cfg.train.progress and is_main_process()),
                    file=sys.stderr, dynamic_ncols=True)
@@ -344,6 +364,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, correct, n = self.train_step(idx, mixing)
+            guard.update(step, loss_sum / n)
             if not bar.disable and step % 10 == 0:  # .item() syncs the device: not every step
                 bar.set_postfix(loss=f"{float(loss_sum) / n:.3f}", refresh=False)
             total_loss += loss_sum
@@ -353,6 +374,7 @@ class Trainer:
         totals = all_reduce_sum(torch.stack([total_loss, total_correct,
                                              torch.tensor(float(seen), device=self.device)]))
         loss_sum, correct_sum, count = totals.tolist()
+        guard.check(loss_sum, epoch, self.cfg.optim.epochs, len(batches))
         return {"lr": lr, "train_loss": loss_sum / count, "train_acc": 100.0 * correct_sum / count}
 
     # ---- evaluation procedure (eval.bn_stats) -------------------------------------------
@@ -367,22 +389,25 @@ class Trainer:
         ``balanced``: augmented class-balanced draws (every class equally likely); ``train``:
         ``clean`` batches mixed with probability ``mix.prob`` by a copy of the run's mixer
         (its state as now; each mixed batch redraws the mixer's per-epoch switch, e.g.
-        OTmix's OT-or-random coin), foregrounds from the run's foreground sampler.
+        OTmix's OT-or-random coin), foregrounds from the run's foreground sampler. As in
+        training, every rank draws the same global batches, coins and foregrounds from the
+        (seed, epoch) generator and keeps its rows, so every rank issues the same collectives
+        (SyncBatchNorm, an OTmix feature pass) and B/W-row batches.
         """
         require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
         g = self.bn_generator(epoch)
-        indices = recalibration_indices(mode, self.data.train.labels,
-                                        self.cfg.optim.batch_size // world_size(),
+        indices = recalibration_indices(mode, self.data.train.labels, self.cfg.optim.batch_size,
                                         self.cfg.eval.bn_batches, g)
         mixer = copy.deepcopy(self.mixer) if mode == "train" else None
         with preserved_batchnorm(unwrap(self.model)):  # a feature pass may update BN
             for idx in indices:
                 idx = idx.to(self.device)
-                x = self.augment(self.train.images[idx], g)
+                mine = rank_slice(len(idx))
+                x = self.augment(self.train.images[idx], g)[mine]
                 if mixer is not None and torch.rand((), generator=g).item() < self.cfg.mix.prob:
                     mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=g)
-                    x = self._apply_mixer(mixer, x, self.train.labels[idx], g,
-                                          lambda k: self._draw_foreground(k, g)).images
+                    x = self._apply_mixer(mixer, x, self.train.labels[idx][mine], g,
+                                          lambda k: self._foreground(k, g)).images
                 yield x
 
     def confusion_on(self, split: str,
@@ -402,17 +427,18 @@ class Trainer:
         The record is logged before ``last.pt`` is saved, so no checkpointed epoch lacks one."""
         cfg = self.cfg
         end = cfg.optim.epochs if stop_after is None else min(stop_after, cfg.optim.epochs)
-        logger = MetricsLogger(self.run_dir, self.start_epoch)
-        try:
-            for epoch in range(self.start_epoch, end):
-                record = self.run_epoch(epoch)
-                logger.log(record)
-                self.save(epoch)
-                if is_main_process():
-                    print(format_epoch(record, cfg.optim.epochs), flush=True)
-        finally:
-            logger.close()
-        return self.evaluation.final() if end == cfg.optim.epochs else None
+        with holding(self.run_dir):  # the run directory's lock (rundir.py) ends with fit
+            logger = MetricsLogger(self.run_dir, self.start_epoch)
+            try:
+                for epoch in range(self.start_epoch, end):
+                    record = self.run_epoch(epoch)
+                    logger.log(record)
+                    self.save(epoch)
+                    if is_main_process():
+                        print(format_epoch(record, cfg.optim.epochs), flush=True)
+            finally:
+                logger.close()
+            return self.evaluation.final() if end == cfg.optim.epochs else None
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch, validate under ``eval.bn_stats`` (and probe, and the opt-in test
@@ -469,5 +495,6 @@ class Trainer:
             return
         for name, obj in artifacts.items():
             path = self.run_dir / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(obj))
+            with writing(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(obj))

@@ -1,0 +1,143 @@
+"""A run directory that defends itself: one trainer at a time, one config.
+
+- **One owner.** A training process holds an exclusive ``fcntl.flock`` lock on
+  ``RUN/.lock`` (rank 0 only) from the moment it opens the directory until ``fit`` ends;
+  the file names the holder's PID and host. A second trainer on the same directory refuses
+  in one line naming them, instead of appending a second copy of every epoch to
+  ``metrics.jsonl``. The operating system drops the lock when the process dies (kill -9,
+  a lost node), so a stale lock never needs removing by hand. The lock is advisory and per
+  open file description: a second ``open`` + ``flock`` conflicts even inside one process,
+  which is why this process remembers the locks it holds and takes each directory once (a
+  trainer that failed while building keeps its lock until the next trainer of the same
+  process on that directory takes it over, or the process ends). Where ``fcntl`` does not
+  exist (Windows), or the file system refuses locks (``ENOLCK`` on some NFS mounts), runs
+  go unlocked, with a warning in the second case.
+- **One config.** ``last.pt`` stores the config it was trained with; a ``config.yaml`` edited
+  by hand afterwards would silently change the run (another learning rate, another data
+  seed mid-run, an ``eval.json`` that contradicts itself). :func:`check_stored_config`
+  compares the two on every load (resume, ``otlt eval``, ``otlt probe``) with the same
+  comparison and allowed keys as a resume's ``--set``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from otlt.config import RunConfig, build_config, config_changes, refuse_unsafe_changes
+from otlt.engine.runtime import open_run_dir
+from otlt.errors import OtltError, writing
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock; runs go unlocked
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".lock"
+_HELD: dict[str, int] = {}  # resolved run directory -> descriptor of this process's lock
+_BUSY = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES}  # flock's "held by another"
+
+
+def _holder(path: Path) -> str:
+    """``PID 123 on host h`` from a lock file (``an unknown process`` if it is unreadable)."""
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return f"PID {int(info['pid'])} on host {info['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an unknown process"
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Take ``run_dir``'s exclusive lock for this process (a no-op if it holds it already);
+    another process holding it is an :class:`OtltError` naming its PID and host."""
+    key = str(Path(run_dir).resolve())
+    if fcntl is None or key in _HELD:
+        return
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a read-only run directory: say so before anything else fails
+        raise OtltError(f"run directory {run_dir} is not writable ({exc.strerror or exc})"
+                        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in _BUSY:
+            raise OtltError(f"run directory {run_dir} is in use by another otlt process "
+                            f"({_holder(path)}); wait for it to end or stop it first (two "
+                            "trainers in one directory would mix their epochs)") from None
+        print(f"otlt: warning: cannot lock {path} ({exc.strerror or exc}); make sure no "
+              "other trainer uses this run directory", file=sys.stderr, flush=True)
+        return
+    _HELD[key] = fd
+    with writing(path):
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Drop this process's lock on ``run_dir`` (nothing if it holds none)."""
+    fd = _HELD.pop(str(Path(run_dir).resolve()), None)
+    if fd is None:
+        return
+    try:
+        os.ftruncate(fd, 0)  # the holder's PID and host are stale from now on
+    except OSError:
+        pass
+    os.close(fd)  # closing the last descriptor of the open file releases the flock
+
+
+@contextmanager
+def holding(run_dir: Path) -> Iterator[None]:
+    """Release this process's lock on ``run_dir`` when the block ends, however it ends (a
+    failed run leaves its directory free for the next trainer)."""
+    try:
+        yield
+    finally:
+        release_run_dir(run_dir)
+
+
+def claim_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool,
+                  evaluate_only: bool = False) -> Path:
+    """:func:`~otlt.engine.runtime.open_run_dir`, locked for training (``evaluate_only``:
+    no lock, nothing is written). An existing directory is locked before it is checked, so
+    a running trainer is reported as running, not as a run that stopped in its first epoch."""
+    if evaluate_only:
+        return open_run_dir(cfg, run_dir, resume, evaluate_only=True)
+    wanted = Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name
+    try:
+        if wanted.is_dir():
+            lock_run_dir(wanted)
+        opened = open_run_dir(cfg, run_dir, resume)
+        lock_run_dir(opened)
+    except BaseException:
+        release_run_dir(wanted)
+        raise
+    return opened
+
+
+def check_stored_config(stored: dict[str, Any] | None, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse ``cfg`` (the config a resume or an evaluation goes on with, from
+    ``config.yaml``) when it differs from ``stored`` (the one ``last.pt`` was saved with)
+    outside the keys a resume may change; every differing key is named."""
+    if stored is None:  # no config stored: nothing to compare against
+        return
+    try:
+        saved = build_config(stored)
+    except OtltError as exc:
+        raise OtltError(f"the config stored in {run_dir / 'last.pt'} is not valid for this "
+                        f"version of otlt ({exc})") from None
+    refuse_unsafe_changes(
+        config_changes(saved, cfg),
+        f"{run_dir / 'config.yaml'} differs from the config {run_dir / 'last.pt'} was saved "
+        "with (was it edited?)",
+        f"Undo the edit, or start a new run from it: otlt train --config "
+        f"{run_dir / 'config.yaml'} --set name=<new>")

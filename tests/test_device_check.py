@@ -1,0 +1,33 @@
+"""The prepared GPU check (``scripts/device_check.py``) dry-runs on the CPU with gloo, so the
+script a lent GPU runs is known to work before its minutes are spent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def test_device_check_dry_run_passes_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"),
+                             "--device", "cpu", "--skip-tests", "--slow", "4",
+                             "--out", str(out)], env=env, capture_output=True, text=True,
+                            timeout=1800)
+    report = json.loads((out / "device_check.json").read_text())
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-2000:])
+    assert report["passed"] and report["runs"][0]["confusion_equal_to_one_process_eval"]
+    for step in ("one_rank_group", "kill_resume", "cross_device", "nan_stops"):
+        assert report[step]["passed"], (step, report[step])
+    assert report["one_rank_group"]["max_weight_difference"] == 0.0
+    assert report["kill_resume"]["killed_after_epochs"] >= 1
+    assert report["cross_device"]["test_images_classified_differently_at_most"] == 0
