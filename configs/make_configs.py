@@ -148,7 +148,9 @@ def base(dataset: str, phi: float) -> dict:
     return {"seed": 0,
             "data": {"dataset": dataset, "imbalance_ratio": phi, "profile": "exp",
                      "val_per_class": 50 if dataset == "cifar10" else 10,
-                     "meta_per_class": 10, "data_seed": 0},
+                     # no meta split: the images of every committed result (OT
+                     # re-weighting's stage 1 carves its meta set, reweight_configs)
+                     "meta_per_class": 0, "data_seed": 0},
             "model": {"name": "resnet32", "head": "linear"},
             "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 2.0e-4, "batch_size": 128,
                       "epochs": FULL_EPOCHS, "schedule": "step", "milestones": [100, 160, 200],
@@ -229,6 +231,7 @@ def all_configs() -> list[dict]:
 REWEIGHT_PAPER = {"cifar10": {200: 21.54, 100: 18.13, 50: 15.54, 20: 12.50},
                   "cifar100": {200: 54.97, 100: 51.46, 50: 47.50, 20: 42.85}}
 REWEIGHT_EPOCHS = {"stage1": (160, 20), "stage2": (90, 4)}  # (full, short twin)
+REWEIGHT_META_PER_CLASS = 10  # the balanced meta set of OT re-weighting (10 images per class)
 REWEIGHT_SECTION = {"init": "class_balanced", "beta": 0.9999, "cost": "combined",
                     "feature_weight": 0.5, "label_distance": "mse", "meta": "prototype",
                     "eps": 0.1, "max_iter": 1000, "weight_lr": 0.01, "weight_momentum": 0.0,
@@ -247,6 +250,7 @@ def reweight_configs() -> list[dict]:
                      "loss": {"name": "ce"},
                      "paper": {"table": table, "row": "ERM, stage 1 of OT re-weighting",
                                "dataset": label, "top1_error": None}}
+            first["data"]["meta_per_class"] = REWEIGHT_META_PER_CLASS
             first["optim"].update(epochs=REWEIGHT_EPOCHS["stage1"][0],
                                   milestones=[100], gammas=[0.1])
             first.update(evaluation(REWEIGHT_EPOCHS["stage1"][0]))
