@@ -4,6 +4,15 @@ so that a session with a GPU spends its minutes running, not writing.
     python3 scripts/device_check.py --out $OUT --data cifar10-jpeg   # on the device (CUDA, NCCL)
     python scripts/device_check.py --out /tmp/dc --device cpu --skip-tests   # dry run (gloo; CI)
 
+With this project's device tool: ``mkdir -p .devdata && cp ../shared/data/cifar10-jpeg.tar.xz
+.devdata/`` here, then run (``carry: [".devdata"]``, ``timeout_s`` 540)::
+
+    (cd .devdata && tar xJf cifar10-jpeg.tar.xz) && PYTHONPATH=src timeout 500 python3 \
+      scripts/device_check.py --out $OUT/dc --data .devdata/cifar10-jpeg; \
+      tar czf $OUT/dc_logs.tgz -C $OUT dc && cp $OUT/dc/device_check.json $OUT/
+
+and commit ``device_check.json`` under ``benchmarks/``.
+
 What it runs, each step with its own timeout, and writes to ``OUT/device_check.json`` (one
 log per step beside it; the JSON is rewritten after every step, so a killed command keeps
 what finished):

@@ -434,3 +434,115 @@ def test_resume_on_a_read_only_run_directory(stopped_run, capsys, monkeypatch, l
     one_line_error(capsys, str(stopped_run), "(Permission denied)")
     monkeypatch.undo()
     assert _files(stopped_run) == before
+
+
+# ---- issue 33, item 5: the smaller ones --------------------------------------------------
+
+
+def test_resume_with_other_images_of_the_same_counts_is_refused(stopped_run, tiny_zip, tmp_path,
+                                                                capsys):
+    """splits.json records a digest of every split: other images behind the same images per
+    class (another noise seed) are refused; the same images elsewhere (a copy) resume."""
+    import shutil
+
+    from conftest import write_tiny_zip
+
+    splits = json.loads((stopped_run / "splits.json").read_text())
+    assert set(splits) == {"classes", "counts", "digests"}
+    assert sum(splits["counts"]["train"]) > 0 and len(splits["digests"]["train"]) == 64
+    other = write_tiny_zip(tmp_path / "other.zip", seed=1)
+    assert main(["train", "--resume", str(stopped_run), "--data", str(other)]) == 2
+    one_line_error(capsys, "but other images or order in train, val, test", "--data PATH")
+    same = shutil.copy(tiny_zip, tmp_path / "moved.zip")
+    assert main(["train", "--resume", str(stopped_run), "--data", str(same),
+                 "--stop-after", "2"]) == 0
+
+
+def test_splits_json_without_digests_resumes_on_counts(stopped_run, tmp_path, capsys):
+    """A run directory written before the digests existed still resumes (counts only)."""
+    from conftest import write_tiny_zip
+
+    path = stopped_run / "splits.json"
+    splits = json.loads(path.read_text())
+    del splits["digests"]
+    path.write_text(json.dumps(splits, indent=1))
+    other = write_tiny_zip(tmp_path / "other.zip", seed=1)
+    assert main(["train", "--resume", str(stopped_run), "--data", str(other),
+                 "--stop-after", "2"]) == 0
+    assert load_checkpoint(stopped_run / "last.pt")["epoch"] == 1
+
+
+def test_a_byte_order_mark_in_a_list_file_is_not_part_of_the_first_path(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_bytes("\ufeffa/0.jpg 1\r\nb c/1.jpg 0\r\n".encode())
+    paths, labels = read_list_file(path)
+    assert paths == ["a/0.jpg", "b c/1.jpg"] and labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("kind", ["zip", "folder"])
+def test_class_folders_in_nfd_and_nfc_are_one_class(tmp_path, kind):
+    """A test split copied from a Mac (NFD: 'e' + combining accent) matches train (NFC)."""
+    import unicodedata
+
+    from otlt.data.folders import read_image_folder
+
+    nfc, nfd = "caf\u00e9", unicodedata.normalize("NFD", "caf\u00e9")
+    assert nfc != nfd
+    files = {f"{split}/{cls}/{i}.png": _png()
+             for split, name in (("train", nfc), ("test", nfd))
+             for cls in (name, "tea") for i in range(2)}
+    data = tmp_path / "d.zip" if kind == "zip" else tmp_path / "d"
+    if kind == "zip":
+        with zipfile.ZipFile(data, "w") as zf:
+            for name, blob in files.items():
+                zf.writestr(name, blob)
+    else:
+        for name, blob in files.items():
+            (data / name).parent.mkdir(parents=True, exist_ok=True)
+            (data / name).write_bytes(blob)
+    splits = read_image_folder(data, workers=1)
+    assert splits["train"].classes == [nfc, "tea"] == splits["test"].classes
+    assert splits["test"].labels.tolist() == [0, 0, 1, 1]
+
+
+def test_a_newer_checkpoint_format_names_both_versions(tmp_path):
+    save_atomic({"format": 2, "epoch": 0}, tmp_path / "last.pt")
+    with pytest.raises(OtltError, match=r"has format version 2, newer than this build of otlt "
+                                        r"reads \(version 1\); upgrade otlt"):
+        load_checkpoint(tmp_path / "last.pt")
+    save_atomic({"format": None, "epoch": 0}, tmp_path / "last.pt")
+    with pytest.raises(OtltError, match=r"no format version; this build reads version 1"):
+        load_checkpoint(tmp_path / "last.pt")
+
+
+def test_weights_of_another_model_name_the_keys(stopped_run, capsys):
+    state = load_checkpoint(stopped_run / "last.pt")
+    model = state["model"]
+    model["head.weight"] = model.pop("fc.weight")
+    model["fc.bias"] = torch.zeros(3)
+    save_atomic(state, stopped_run / "last.pt")
+    for command in (["eval", str(stopped_run)], ["train", "--resume", str(stopped_run)]):
+        assert main(command) == 2
+        one_line_error(capsys, "missing keys fc.weight", "unexpected keys head.weight",
+                       "shapes fc.bias [3] in the file, [10] here")
+
+
+def test_quoted_reasons_are_cut_at_a_word_boundary():
+    from otlt.errors import reason
+
+    text = reason(RuntimeError("size mismatch for layer1.0.conv1.weight:\n\tcopying " * 9), 60)
+    assert text == "RuntimeError: size mismatch for layer1.0.conv1.weight: copying size ..."
+    assert reason(KeyError("model")) == "KeyError: 'model'"
+
+
+def test_eval_refuses_a_checkpoint_of_another_run(stopped_run, tmp_path, capsys):
+    """`otlt eval A --checkpoint B/last.pt` would file B's numbers under A, with A's config."""
+    import shutil
+
+    other = shutil.copytree(stopped_run, tmp_path / "runs" / "other")
+    assert main(["eval", str(stopped_run), "--checkpoint", str(other / "last.pt")]) == 2
+    one_line_error(capsys, f"belongs to run {other}, not to {stopped_run}",
+                   f"otlt eval {other / 'last.pt'}")
+    assert not list(stopped_run.glob("eval_*.json"))
+    assert main(["eval", str(stopped_run), "--checkpoint", str(stopped_run / "last.pt")]) == 0
+    assert list(stopped_run.glob("eval_last_*.json"))

@@ -79,6 +79,25 @@ def test_lists_are_used_as_given(list_root):
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == 0
 
 
+def test_stream_digests_cover_the_list_entries(list_root, tmp_path):
+    """splits.json's digest of a streamed split is over its list entries: another order
+    behind the same counts differs; the same entries in another list file do not."""
+    def digests(train_list: Path) -> dict:
+        cfg = DataConfig(dataset="list", path=str(list_root), num_classes=4, val_per_class=0,
+                         train_list=str(train_list), val_list="ImageNet_LT_val.txt",
+                         test_list="ImageNet_LT_test.txt", image_size=32)
+        return prepare_stream_data(cfg, 4, seed=0).split_digests()
+
+    lines = (list_root / "ImageNet_LT_train.txt").read_text().splitlines()
+    same, swapped = tmp_path / "same.txt", tmp_path / "swapped.txt"
+    same.write_text("\n".join(lines) + "\n")
+    swapped.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    base = digests(list_root / "ImageNet_LT_train.txt")
+    assert base == digests(same) and base["meta"] is None and base["val"] is not None
+    other = digests(swapped)
+    assert other["train"] != base["train"] and other["test"] == base["test"]
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"num_classes": 3}, "label 3.*expects 3 classes"),
     ({"meta_per_class": 10}, "meta_per_class must be 0"),

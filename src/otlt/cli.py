@@ -37,6 +37,13 @@ def _add_train(sub) -> None:
     p.add_argument("--run-dir", help="run directory (default: <out_dir>/<name>)")
     p.add_argument("--stop-after", type=int, metavar="EPOCHS",
                    help="stop (resumable) once this many epochs are done; for time-sliced jobs")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop (resumable) at the first epoch boundary where the next epoch "
+                        "(and, before the last one, the final evaluation) would not fit in "
+                        "SECONDS from the command's start")
+    p.add_argument("--time-margin", type=float, default=1.2, metavar="X",
+                   help="with --time-limit: an epoch is budgeted as the longest one seen "
+                        "times X (default 1.2)")
 
 
 DEVICE_HELP = ("cpu, cuda[:N] or auto (default: the run's train.device); e.g. --device cpu for "
@@ -211,7 +218,10 @@ def cmd_train(args) -> int:
     from otlt.config import apply_overrides as _apply
     from otlt.config import build_config, load_raw, preset_path
     from otlt.engine.factory import create_trainer
+    from otlt.engine.timelimit import TimeLimit
 
+    # The clock starts before the data is read: the limit covers the whole command.
+    limit = TimeLimit(args.time_limit, args.time_margin) if args.time_limit is not None else None
     if args.stop_after is not None and args.stop_after < 1:
         raise OtltError(f"--stop-after must be >= 1 (epochs in total), got {args.stop_after}")
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
@@ -242,10 +252,12 @@ def cmd_train(args) -> int:
     start = time.perf_counter()
     if changes:
         trainer.record_resume_changes(changes)
-    result = trainer.fit(stop_after=args.stop_after)
+    result = trainer.fit(stop_after=args.stop_after, time_limit=limit)
     if result is None:
-        say(f"otlt: stopped after epoch {args.stop_after}; continue with "
-            f"'otlt train --resume {trainer.run_dir}'")
+        timed = limit is not None and limit.stopped_at is not None
+        say(f"otlt: stopped after epoch {limit.stopped_at if timed else args.stop_after}"
+            + (f" (time limit: {max(limit.left(), 0):.0f}s left)" if timed else "")
+            + f"; continue with 'otlt train --resume {trainer.run_dir}'")
         return 0
     say(format_eval(result, title=f"{cfg.name}: last epoch, {result['split']} split, "
                                   f"BN {result['bn_stats']}"))

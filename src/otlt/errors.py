@@ -28,6 +28,15 @@ def require(condition: bool, message: str) -> None:
         raise OtltError(message)
 
 
+def reason(exc: BaseException, limit: int = 160) -> str:
+    """``Type: message`` of ``exc`` on one line, at most about ``limit`` characters, cut at
+    a word boundary (``...`` marks the cut): the part of a library's error worth quoting."""
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+    return f"{type(exc).__name__}: {text}"
+
+
 @contextmanager
 def writing(path: str | Path) -> Iterator[None]:
     """Run a write of ``path``; an ``OSError`` becomes ``OtltError("cannot write PATH

@@ -26,8 +26,9 @@ from otlt.errors import OtltError
 
 logger = logging.getLogger(__name__)
 
-# Bump when the readers or the on-disk layout change so old entries are not reused.
-FORMAT_VERSION = 1
+# Bump when the readers or the on-disk layout change so old entries are not reused
+# (2: image-folder class names are NFC).
+FORMAT_VERSION = 2
 
 ENV_CACHE = "OTLT_CACHE"
 

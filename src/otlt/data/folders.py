@@ -9,6 +9,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import unicodedata
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
@@ -82,7 +83,11 @@ def _strip_prefix(files: list[str]) -> tuple[str, list[str]]:
 
 
 def _layout(files: list[str], where: Path) -> dict[str, list[tuple[str, str]]]:
-    """Group files into ``{split: [(class, relative name)]}``, sorted by class then name."""
+    """Group files into ``{split: [(class, relative name)]}``, sorted by class then name.
+
+    Class names are Unicode NFC: macOS writes folder names decomposed (NFD: ``e`` + a
+    combining accent) where other systems write them composed, so a zip made on a Mac, or a
+    split copied from one, would otherwise hold two spellings of one class."""
     layout: dict[str, list[tuple[str, str]]] = {}
     for name in files:
         parts = name.split("/")
@@ -91,7 +96,7 @@ def _layout(files: list[str], where: Path) -> dict[str, list[tuple[str, str]]]:
         if not name.lower().endswith(IMAGE_EXTENSIONS):
             raise OtltError(f"{name!r} in {where} is not a supported image file: expected "
                             f"one of {', '.join(IMAGE_EXTENSIONS)}")
-        layout.setdefault(parts[0], []).append((parts[1], name))
+        layout.setdefault(parts[0], []).append((unicodedata.normalize("NFC", parts[1]), name))
     for split in ("train", "test"):
         if split not in layout:
             raise OtltError(f"{where} has no {split!r} images; expected the layout "

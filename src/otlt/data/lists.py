@@ -21,12 +21,14 @@ def read_list_file(list_file: str | Path) -> tuple[list[str], np.ndarray]:
     """Parse ``relative/path label`` lines into paths and ``(N,)`` int64 labels.
 
     Blank lines are ignored; the label is the last whitespace-separated field, so paths may
-    contain spaces. A malformed line raises :class:`OtltError` naming the file and line.
+    contain spaces. The file is UTF-8; a byte-order mark (as Windows editors write) is
+    dropped, not read as part of the first path. A malformed line raises
+    :class:`OtltError` naming the file and line.
     """
     list_file = Path(list_file).expanduser()
     check_readable(list_file)
     try:
-        text = list_file.read_text()
+        text = list_file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise OtltError(f"cannot read list file {list_file}: {exc}") from exc
     paths, labels = [], []
@@ -81,6 +83,16 @@ class ListFileDataset(Dataset):
     def num_classes(self) -> int:
         """Return ``max(label) + 1``."""
         return int(self.labels.max()) + 1
+
+    def digest(self) -> str:
+        """sha256 (hex) of the list's entries (paths and labels, in order), not of the images:
+        what a run directory records of a streamed split (reading every image to hash it
+        would cost an epoch of decoding on ImageNet-LT). The root is left out, so the data
+        may move."""
+        h = hashlib.sha256()
+        for path, label in zip(self.paths, self.labels.tolist(), strict=True):
+            h.update(f"{path}\t{label}\n".encode())
+        return h.hexdigest()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation draws of ``epoch``."""

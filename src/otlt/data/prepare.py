@@ -37,6 +37,11 @@ class LongTailedData:
         return {"train": list(self.train_counts), "val": count(self.val),
                 "meta": count(self.meta), "test": count(self.test)}
 
+    def split_digests(self) -> dict[str, str]:
+        """A digest of every split's images and labels (:meth:`ImageArrays.digest`)."""
+        return {"train": self.train.digest(), "val": self.val.digest(),
+                "meta": self.meta.digest(), "test": self.test.digest()}
+
 
 def prepare_data(cfg: DataConfig, num_classes: int) -> LongTailedData:
     """Locate and read the dataset, then carve val/meta and subsample the long tail."""

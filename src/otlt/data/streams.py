@@ -75,6 +75,13 @@ class StreamData:
         return {"train": list(self.train_counts), "val": count(self.val), "meta": [0] * k,
                 "test": count(self.test)}
 
+    def split_digests(self) -> dict[str, str | None]:
+        """A digest of every split's list entries (:meth:`ListFileDataset.digest`; None for
+        a split the run has not)."""
+        val = None if self.val is None else self.val.digest()
+        return {"train": self.train.digest(), "val": val, "meta": None,
+                "test": self.test.digest()}
+
 
 def _list_path(root: Path, given: str | None, default: str | None) -> Path | None:
     name = given if given is not None else default

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,18 @@ class ImageArrays:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def digest(self) -> str:
+        """sha256 (hex) of the images' bytes and the labels, in split order, with the shape.
+
+        What a run directory records of each split (``splits.json``), so a resume notices
+        other images behind the same images per class. Hashing the decoded pixels, not the
+        files, keeps a dataset moved from a zip into a folder the same split; it reads every
+        byte once (CIFAR's 60k images: about 0.1 s)."""
+        h = hashlib.sha256(repr(self.images.shape).encode())
+        h.update(np.ascontiguousarray(self.images).data)
+        h.update(self.labels.astype("<i8").tobytes())
+        return h.hexdigest()
 
     def subset(self, indices: np.ndarray) -> ImageArrays:
         """Return the images at ``indices`` (a copy), keeping the class list."""

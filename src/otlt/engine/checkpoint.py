@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from otlt.errors import OtltError, writing
+from otlt.errors import OtltError, reason, writing
 
 CHECKPOINT_FORMAT = 1
 MAGIC = b"OTLTCKPT\x01"
@@ -90,11 +90,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
-        reason = " ".join(str(exc).split())[:120]
         raise OtltError(f"checkpoint {path} is corrupt or not an otlt checkpoint, or it "
                         f"holds objects other than tensors and plain data "
-                        f"({type(exc).__name__}: {reason})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise OtltError(f"checkpoint {path} is not an otlt checkpoint "
-                        f"(format {CHECKPOINT_FORMAT} expected)")
+                        f"({reason(exc, 120)})") from None
+    version = state.get("format") if isinstance(state, dict) else None
+    if isinstance(version, int) and version > CHECKPOINT_FORMAT:
+        raise OtltError(f"checkpoint {path} has format version {version}, newer than this "
+                        f"build of otlt reads (version {CHECKPOINT_FORMAT}); upgrade otlt "
+                        "to load it")
+    if version != CHECKPOINT_FORMAT:
+        found = "no format version" if version is None else f"format version {version!r}"
+        raise OtltError(f"checkpoint {path} is not an otlt checkpoint this build reads "
+                        f"({found}; this build reads version {CHECKPOINT_FORMAT})")
     return state

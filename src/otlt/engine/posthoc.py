@@ -30,7 +30,7 @@ from otlt.engine.distributed import unwrap
 from otlt.engine.factory import create_trainer
 from otlt.engine.rundir import check_stored_config
 from otlt.engine.trainer import Trainer
-from otlt.engine.weights import SUFFIX, WeightsFile, read_weights
+from otlt.engine.weights import SUFFIX, WeightsFile, load_model_state, read_weights
 from otlt.errors import OtltError, require
 from otlt.metrics import select_value
 
@@ -114,13 +114,11 @@ def evaluation_trainer(run_dir: Path, data_path: str | None = None, many: int | 
 
 
 def load_into(trainer: Trainer, weights: WeightsFile) -> None:
-    """Put ``weights`` (model as trained, mixer state) into an evaluation trainer."""
-    try:
-        unwrap(trainer.model).load_state_dict(weights.model)
-    except RuntimeError as exc:
-        raise OtltError(f"weights do not fit the model of {trainer.run_dir} "
-                        f"({str(exc).splitlines()[0][:160]})") from None
-    if trainer.mixer is not None and weights.mixer :
+    """Put ``weights`` (model as trained, mixer state) into an evaluation trainer; weights of
+    another model are refused naming the keys that differ."""
+    load_model_state(unwrap(trainer.model), weights.model,
+                     f"weights do not fit the model of {trainer.run_dir}")
+    if trainer.mixer is not None and weights.mixer:
         trainer.mixer.load_state_dict(weights.mixer)
 
 
@@ -201,9 +199,17 @@ def evaluate_run(target: Path, checkpoint: str = "last", bn_stats: str | None = 
                  few: int | None = None, out: Path | None = None, overwrite: bool = False,
                  device: str | None = None) -> tuple[dict[str, Any], Path]:
     """Evaluate a run's weights (``target``: run directory, or a weights file) on
-    ``device`` (default: the run's) and write the record; returns ``(record, path written)``."""
+    ``device`` (default: the run's) and write the record; returns ``(record, path written)``.
+    A ``checkpoint`` path inside another run directory is refused: evaluated under this
+    run's config and filed beside its results, it would pass for this run's."""
     run_dir, file = resolve_run(Path(target))
     path = file or weights_path(run_dir, checkpoint)
+    owner = resolve_run(path)[0]
+    if owner.resolve() != run_dir.resolve() and any(
+            (owner / name).is_file() for name in ("config.yaml", "last.pt")):
+        raise OtltError(f"--checkpoint {checkpoint} belongs to run {owner}, not to {run_dir} "
+                        f"(it would be evaluated with {run_dir}'s config and filed there); "
+                        f"evaluate it in its own run: otlt eval {path}")
     result = evaluate_weights(run_dir, read_weights(path), bn_stats, split, data_path, many, few,
                               device)
     label = checkpoint_label(path)

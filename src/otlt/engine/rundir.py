@@ -17,6 +17,11 @@
   seed mid-run, an ``eval.json`` that contradicts itself). :func:`check_stored_config`
   compares the two on every load (resume, ``otlt eval``, ``otlt probe``) with the same
   comparison and allowed keys as a resume's ``--set``.
+- **One dataset.** ``splits.json`` records every split's classes, images per class and a
+  digest of its content (``digests``: the images' bytes and labels in split order; the
+  list entries for streamed list files). A resume whose data gives other splits, even with
+  the same images per class, is refused by :func:`check_splits`; files written before the
+  digests existed are checked by their counts only.
 """
 
 from __future__ import annotations
@@ -141,3 +146,36 @@ def check_stored_config(stored: dict[str, Any] | None, cfg: RunConfig, run_dir: 
         "with (was it edited?)",
         f"Undo the edit, or start a new run from it: otlt train --config "
         f"{run_dir / 'config.yaml'} --set name=<new>")
+
+
+def write_splits(run_dir: Path, data: Any) -> None:
+    """Record ``data``'s splits in ``run_dir/splits.json``: ``classes``, ``counts`` (images
+    per class of every split) and ``digests`` (``data``: ``LongTailedData`` or
+    ``StreamData``; both offer ``classes``, ``split_counts()`` and ``split_digests()``)."""
+    path = Path(run_dir) / "splits.json"
+    with writing(path):
+        path.write_text(json.dumps({"classes": data.classes, "counts": data.split_counts(),
+                                    "digests": data.split_digests()}, indent=1))
+
+
+def check_splits(run_dir: Path, data: Any) -> None:
+    """Refuse a resume whose ``data`` gives other splits than ``run_dir/splits.json``
+    records: other classes or counts, or (where the file has ``digests``) other content."""
+    path = Path(run_dir) / "splits.json"
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    hint = "resume with the dataset the run started with (--data PATH)"
+    now = json.loads(json.dumps({"classes": data.classes, "counts": data.split_counts()}))
+    if {key: saved.get(key) for key in now} != now:
+        raise OtltError(f"the data found now gives other splits than {path} records "
+                        f"(classes or images per class differ); {hint}")
+    if "digests" not in saved:  # written before digests existed: counts only
+        return
+    changed = [split for split, digest in data.split_digests().items()
+               if saved["digests"].get(split) != digest]
+    if changed:
+        raise OtltError(f"the data found now gives other splits than {path} records (the "
+                        "same images per class, but other images or order in "
+                        f"{', '.join(changed)}; the digests hash decoded pixels, so a JPEG "
+                        f"decoder that decodes differently counts as other images); {hint}")

@@ -61,7 +61,13 @@ from otlt.engine.distributed import (
 from otlt.engine.evaluation import evaluate
 from otlt.engine.logging import MetricsLogger
 from otlt.engine.procedure import EvaluationProcedure
-from otlt.engine.rundir import check_stored_config, claim_run_dir, holding
+from otlt.engine.rundir import (
+    check_splits,
+    check_stored_config,
+    claim_run_dir,
+    holding,
+    write_splits,
+)
 from otlt.engine.runtime import (
     DeviceSplit,
     autocast_dtype,
@@ -71,8 +77,9 @@ from otlt.engine.runtime import (
 from otlt.engine.schedule import step_lr
 from otlt.engine.stability import LossGuard, backward_step, grad_scaler
 from otlt.engine.syncbn import convert_sync_batchnorm
-from otlt.engine.weights import SUFFIX, save_weights
-from otlt.errors import OtltError, require, writing
+from otlt.engine.timelimit import TimeLimit
+from otlt.engine.weights import SUFFIX, load_model_state, save_weights
+from otlt.errors import OtltError, reason, require, writing
 from otlt.losses import batch_loss, create_loss
 from otlt.mixing import create_mixer
 from otlt.models import create_model
@@ -118,29 +125,15 @@ class Trainer:
             self._load_state(on_main_then_share(self._read_checkpoint))
         elif is_main_process():
             dump_config(cfg, self.run_dir / "config.yaml")
-            with writing(self.run_dir / "splits.json"):
-                (self.run_dir / "splits.json").write_text(json.dumps(
-                    {"classes": self.data.classes, "counts": self.data.split_counts()}, indent=1))
+            write_splits(self.run_dir, self.data)  # classes, counts, digests
 
     def _read_checkpoint(self) -> dict[str, Any]:
         """``last.pt`` on the CPU, after checking that ``config.yaml`` is the config ``last.pt``
         was saved with and that the data gives the run's splits."""
         state = load_checkpoint(self.run_dir / "last.pt")
         check_stored_config(state.get("config"), self.cfg, self.run_dir)  # config.yaml edited?
-        self._check_same_data()
+        check_splits(self.run_dir, self.data)  # other images behind the same counts?
         return state
-
-    def _check_same_data(self) -> None:
-        """A resumed run must see the images it started with (``splits.json``)."""
-        path = self.run_dir / "splits.json"
-        if not path.is_file():
-            return
-        saved = json.loads(path.read_text())
-        now = {"classes": self.data.classes, "counts": self.data.split_counts()}
-        if saved != json.loads(json.dumps(now)):
-            raise OtltError(f"the data found now gives other splits than {path} records "
-                            "(classes or images per class differ); resume with the dataset "
-                            "the run started with (--data PATH)")
 
     def record_resume_changes(self, changes: dict[str, Any]) -> None:
         """Note the safe keys a resume changed (``{key: [old, new]}``): written to
@@ -229,7 +222,8 @@ class Trainer:
                 f"the same number (this launch has {world_size()}): the shards, and so the "
                 "trajectory, depend on it")
         try:
-            unwrap(self.model).load_state_dict(state["model"])
+            load_model_state(unwrap(self.model), state["model"], f"checkpoint in "
+                             f"{self.run_dir} does not fit this run's model")
             self.optimizer.load_state_dict(state["optimizer"])
             self.loss.load_state_dict(state["loss"])
             self.generator.set_state(state["generator"].cpu())
@@ -242,7 +236,7 @@ class Trainer:
                 self.scaler.load_state_dict(state["scaler"])
         except (KeyError, RuntimeError, TypeError) as exc:
             raise OtltError(f"checkpoint in {self.run_dir} does not match this run's "
-                            f"config ({type(exc).__name__}: {str(exc)[:160]})") from None
+                            f"config ({reason(exc)})") from None
         self.start_epoch = int(state["epoch"]) + 1
         self.evaluation.best = state.get("best")
 
@@ -421,9 +415,11 @@ class Trainer:
                         self.cfg.train.eval_batch_size, self.amp_dtype,
                         self.cfg.train.channels_last)
 
-    def fit(self, stop_after: int | None = None) -> dict[str, Any] | None:
+    def fit(self, stop_after: int | None = None,
+            time_limit: TimeLimit | None = None) -> dict[str, Any] | None:
         """Train to the configured last epoch (or stop, resumable, after ``stop_after``
-        epochs in total) and return the final test evaluation (None when stopped early).
+        epochs in total, or where ``time_limit`` says what comes next would not fit) and
+        return the final test evaluation (None when stopped early).
         The record is logged before ``last.pt`` is saved, so no checkpointed epoch lacks one."""
         cfg = self.cfg
         end = cfg.optim.epochs if stop_after is None else min(stop_after, cfg.optim.epochs)
@@ -436,9 +432,13 @@ class Trainer:
                     self.save(epoch)
                     if is_main_process():
                         print(format_epoch(record, cfg.optim.epochs), flush=True)
+                    if time_limit is not None and time_limit.should_stop(
+                            epoch + 1, cfg.optim.epochs, record["epoch_seconds"]):
+                        break
             finally:
                 logger.close()
-            return self.evaluation.final() if end == cfg.optim.epochs else None
+            timed_out = time_limit is not None and time_limit.stopped_at is not None
+            return self.evaluation.final() if end == cfg.optim.epochs and not timed_out else None
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch, validate under ``eval.bn_stats`` (and probe, and the opt-in test

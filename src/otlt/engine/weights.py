@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from otlt.engine.checkpoint import load_checkpoint, write_atomic
-from otlt.errors import OtltError
+from otlt.errors import OtltError, reason
 
 SUFFIX = ".safetensors"
 _SECTIONS = ("model", "evaluated_bn", "mixer")
@@ -81,7 +81,7 @@ def load_weights(path: Path) -> WeightsFile:
         epoch = int(meta.pop("epoch"))
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise OtltError(f"weights file {path} is corrupt or not an otlt weights file "
-                        f"({type(exc).__name__}: {str(exc)[:120]})") from None
+                        f"({reason(exc, 120)})") from None
     sections: dict[str, dict[str, torch.Tensor]] = {s: {} for s in _SECTIONS}
     for key, value in tensors.items():
         section, _, name = key.partition("/")
@@ -102,4 +102,39 @@ def read_weights(path: Path) -> WeightsFile:
     return WeightsFile(model=state["model"], epoch=int(state["epoch"]), mixer=mixer)
 
 
-__all__ = ["SUFFIX", "WeightsFile", "load_weights", "read_weights", "save_weights"]
+def _names(keys: list[str], shown: int = 3) -> str:
+    more = f" (+{len(keys) - shown} more)" if len(keys) > shown else ""
+    return ", ".join(keys[:shown]) + more
+
+
+def state_mismatch(expected: dict[str, Any], given: dict[str, Any]) -> str:
+    """What keeps ``given`` (a saved state dict) from loading into a module whose state dict
+    is ``expected``: the first missing and unexpected keys and differing shapes, by name
+    (``""`` when they fit). Torch's own message puts the names on lines a one-line error
+    would drop."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {list(given[k].shape)} in the file, {list(v.shape)} here"
+              for k, v in expected.items()
+              if k in given and getattr(v, "shape", None) is not None
+              and getattr(given[k], "shape", v.shape) != v.shape]
+    parts = [f"{label} {_names(keys)}" for label, keys in
+             (("missing keys", missing), ("unexpected keys", unexpected),
+              ("shapes", shapes)) if keys]
+    return "; ".join(parts)
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, Any], failure: str) -> None:
+    """``model.load_state_dict(state)`` (strict); a state that does not fit raises
+    :class:`OtltError` starting with ``failure`` and naming the keys (:func:`state_mismatch`)."""
+    mismatch = state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise OtltError(f"{failure}: {mismatch}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise OtltError(f"{failure} ({reason(exc)})") from None
+
+
+__all__ = ["SUFFIX", "WeightsFile", "load_model_state", "load_weights", "read_weights",
+           "save_weights", "state_mismatch"]

@@ -1,0 +1,103 @@
+"""The prepared GPU campaign (``scripts/campaign.py``) dry-runs on the CPU with tiny settings:
+a deadline stops a run at an epoch boundary (resumable) and leaves the next one unstarted; the
+same command again resumes the first and runs the second to completion; the return is at most
+8 files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from conftest import tiny_overrides
+from otlt.engine.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def campaign(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "campaign.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=1200)
+
+
+def by_name(summary: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in summary["runs"]}
+
+
+def members(out: Path) -> set[str]:
+    names = set()
+    for archive in out.glob("*.tar.gz"):
+        with tarfile.open(archive) as tar:
+            names |= set(tar.getnames())
+    return names
+
+
+def test_campaign_dry_run_stops_resumes_and_packs(tiny_zip, tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text("name: tiny\nloss: {name: ce}\n")
+    sets = [a for o in tiny_overrides(tiny_zip, tmp_path / "unused", epochs=3)
+            if not o.startswith(("name=", "out_dir=", "data.path=")) for a in ("--set", o)]
+    work = tmp_path / "work"
+    base = ["--presets", str(config), "--seeds", "0,1", "--data", str(tiny_zip), "--work",
+            str(work), "--threads", "1", "--poll", "5", "--pack-seconds", "0", "--mps", "off",
+            *sets]
+    # 40 s, of which the children's time limits leave the last 38.5: the first run gets
+    # about a second, less than its start-up, so it stops after its first epoch (the first
+    # always runs); the second, queued behind it (--jobs 1), finds no time left and is not
+    # started.
+    first = campaign([*base, "--jobs", "1", "--deadline", "40", "--grace", "38.5",
+                      "--out", str(tmp_path / "out1")])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    summary = json.loads((tmp_path / "out1" / "summary.json").read_text())
+    runs = by_name(summary)
+    assert runs["tiny"]["state"] == "stopped" and runs["tiny"]["resumable"]
+    assert (runs["tiny"]["epochs_done"], runs["tiny"]["epochs_total"]) == (1, 3)
+    assert runs["tiny"]["top1_error"] is None and runs["tiny"]["exit_code"] == 0
+    assert runs["tiny_seed1"]["state"] == "not started"
+    assert not summary["mps"] and summary["campaign"]["left_behind"] == []
+    assert load_checkpoint(work / "runs" / "tiny" / "last.pt")["epoch"] == 0
+    assert "stopped after epoch 1 (time limit" in (work / "runs" / "tiny.log").read_text()
+    packed = members(tmp_path / "out1")
+    for name in ("summary.json", "tiny.log", "tiny/config.yaml", "tiny/metrics.jsonl",
+                 "tiny/splits.json", "tiny/last.safetensors", "tiny/last.pt"):
+        assert name in packed, (name, packed)
+
+    # The same command again, with time to spare and both at once: the stopped run resumes
+    # to its end, the unstarted one runs whole.
+    second = campaign([*base, "--jobs", "2", "--deadline", "900",
+                       "--out", str(tmp_path / "out2")])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    summary = json.loads((tmp_path / "out2" / "summary.json").read_text())
+    for name, seed in (("tiny", 0), ("tiny_seed1", 1)):
+        run = by_name(summary)[name]
+        assert run["state"] == "finished" and (run["epochs_done"], run["epochs_total"]) == (3, 3)
+        assert 0 <= run["top1_error"] <= 100
+        run_dir = work / "runs" / name
+        assert load_checkpoint(run_dir / "last.pt")["epoch"] == 2
+        epochs = [json.loads(x)["epoch"] for x in (run_dir / "metrics.jsonl").read_text()
+                  .splitlines()]
+        assert epochs == [0, 1, 2]
+        stored = (run_dir / "config.yaml").read_text()
+        assert f"seed: {seed}\n" in stored and "test_every_epoch: true" in stored
+        assert "meta_per_class: 0" in stored
+    files = sorted(p.name for p in (tmp_path / "out2").iterdir())
+    assert files == ["runs.tar.gz", "summary.json"]
+    packed = members(tmp_path / "out2")
+    for name in ("tiny", "tiny_seed1"):
+        assert {f"{name}/eval.json", f"{name}/last.safetensors", f"{name}/best.safetensors",
+                f"{name}.log"} <= packed
+        assert f"{name}/last.pt" not in packed  # finished: the fp16 weights suffice
+    with tarfile.open(tmp_path / "out2" / "runs.tar.gz") as tar:
+        tar.extract("tiny/best.safetensors", tmp_path / "x")
+    with safe_open(tmp_path / "x" / "tiny" / "best.safetensors", "pt") as f:
+        weights = [f.get_tensor(k) for k in f.keys() if k.endswith("conv1.weight")]
+    assert weights and all(str(w.dtype) == "torch.float16" for w in weights)

@@ -1,0 +1,96 @@
+"""``scripts/run_many.py``: the MPS daemon's life (with stand-in tools), the deadline's queue,
+failures in the summary. The runs themselves are tested by tests/test_campaign.py (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_tools(bin_dir: Path, gpu: bool) -> Path:
+    """Stand-ins for nvidia-smi and nvidia-cuda-mps-control that record their calls."""
+    bin_dir.mkdir()
+    calls = bin_dir / "calls.txt"
+    (bin_dir / "nvidia-smi").write_text(
+        "#!/bin/sh\n" + ("echo 'GPU 0: Fake (UUID: GPU-0)'\n" if gpu else "exit 9\n"))
+    (bin_dir / "nvidia-cuda-mps-control").write_text(
+        f"#!/bin/sh\nif [ \"$1\" = -d ]; then echo \"start $CUDA_MPS_PIPE_DIRECTORY "
+        f"$CUDA_MPS_LOG_DIRECTORY\" >> {calls}; else read line; echo \"stdin $line\" >> {calls}; "
+        "fi\n")
+    for tool in ("nvidia-smi", "nvidia-cuda-mps-control"):
+        (bin_dir / tool).chmod(0o755)
+    return calls
+
+
+def assert_daemon_started_and_stopped(calls: Path, out: Path) -> None:
+    start, stop = calls.read_text().splitlines()
+    _, pipe, log = start.split()
+    # The pipe folder is <out>/mps/pipe, or one under /tmp when that path is too long.
+    assert pipe == str((out / "mps" / "pipe").resolve()) or "otlt-mps-" in pipe
+    assert log == str((out / "mps" / "log").resolve()) and stop == "stdin quit"
+
+
+def run_many(args: list[str], bin_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "run_many.py"), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_mps_daemon_started_and_stopped_and_a_failure_reported(tmp_path):
+    calls = fake_tools(tmp_path / "bin", gpu=True)
+    out = tmp_path / "out"
+    result = run_many(["--out", str(out), "--poll", "1", str(tmp_path / "missing.yaml")],
+                      tmp_path / "bin")
+    assert result.returncode == 2, result.stdout + result.stderr  # otlt's exit code
+    assert_daemon_started_and_stopped(calls, out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mps"] and "stopped" in summary["mps_note"]
+    (run,) = summary["runs"]
+    assert run["state"] == "failed" and run["exit_code"] == 2 and run["epochs_done"] == 0
+    assert "does not exist" in (out / "missing.log").read_text()
+    assert "failed (2)" in result.stdout and "MPS: yes" in result.stdout
+
+
+def test_no_gpu_means_plain_processes_and_a_spent_deadline_starts_nothing(tmp_path):
+    calls = fake_tools(tmp_path / "bin", gpu=False)
+    out = tmp_path / "out"
+    result = run_many(["--out", str(out), "--deadline", "1", "--grace", "5",
+                       "a.yaml", "a.yaml:b@seed=1"], tmp_path / "bin")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not calls.exists()  # no daemon without a GPU
+    summary = json.loads((out / "summary.json").read_text())
+    assert not summary["mps"] and "no GPU" in summary["mps_note"]
+    assert [(r["name"], r["state"]) for r in summary["runs"]] == [("a", "not started"),
+                                                                 ("b", "not started")]
+    assert not list(out.glob("*.log"))
+
+
+def test_sigterm_stops_the_runs_and_the_daemon(tiny_zip, tmp_path):
+    calls = fake_tools(tmp_path / "bin", gpu=True)
+    out = tmp_path / "out"
+    config = tmp_path / "tiny.yaml"
+    config.write_text("name: tiny\nloss: {name: ce}\n")
+    sets = [a for o in tiny_overrides(tiny_zip, out, epochs=100) for a in ("--set", o)]
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_many.py"), "--out",
+                             str(out), *sets, str(config)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    time.sleep(2.0)  # the child is importing or training by now
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout
+    assert_daemon_started_and_stopped(calls, out)
+    summary = json.loads((out / "summary.json").read_text())
+    (run,) = summary["runs"]
+    assert summary["interrupted"] and run["state"] == "stopped" and run["terminated"]
