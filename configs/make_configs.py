@@ -38,7 +38,7 @@ MIXERS = {
     "cmo": ({"name": "cmo", "params": {"alpha": 1.0}}, "CMO"),
     "remix": ({"name": "remix", "params": {"alpha": 1.0, "kappa": 3.0, "tau": 0.5}}, "Remix"),
     "otmix": ({"name": "otmix", "params": {"omega": 0.05, "eps": 0.01, "alpha": 4.0,
-                                          "mu": 1.0, "plan_epochs": [220]}}, "OTmix"),
+                                          "mu": 1.0, "plan_epochs": [-20]}}, "OTmix"),
 }
 # (dataset, phi) -> {(loss, mixer): reported top-1 error}; Tables 1 and 6 of the OTmix paper.
 PAPER = {
@@ -137,11 +137,12 @@ SHORT_PROBE_EVERY = 5  # every epoch would add ~40% to a 30-epoch CPU run
 SKIP_LAST = 3  # the mixing schedule's clean last epochs (mix.skip_last)
 
 
-def evaluation(epochs: int, probe_every: int = BN_PROBE_EVERY) -> dict:
+def evaluation(probe_every: int = BN_PROBE_EVERY) -> dict:
     """The ``eval`` and ``train`` keys of the protocol: BN procedure, probes, and weights kept
-    at the last mixing epoch and the last epoch (for every run, so twins compare)."""
+    at the last mixing epoch and the last epoch (for every run, so twins compare), counted
+    from the end so they follow ``--set optim.epochs=N``."""
     return {"eval": {"bn_stats": BN_STATS, "bn_probe_every": probe_every},
-            "train": {"keep_epochs": [epochs - SKIP_LAST - 1, epochs - 1]}}
+            "train": {"keep_epochs": [-SKIP_LAST - 1, -1]}}
 
 
 def base(dataset: str, phi: float) -> dict:
@@ -155,7 +156,7 @@ def base(dataset: str, phi: float) -> dict:
             "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 2.0e-4, "batch_size": 128,
                       "epochs": FULL_EPOCHS, "schedule": "step", "milestones": [100, 160, 200],
                       "gammas": [0.1, 0.01, 0.0001], "warmup_epochs": 5},
-            **evaluation(FULL_EPOCHS)}
+            **evaluation()}
 
 
 def shorten(cfg: dict) -> dict:
@@ -168,8 +169,8 @@ def shorten(cfg: dict) -> dict:
                         milestones=[round(m * scale) for m in out["optim"]["milestones"]])
     if "drw_epoch" in out.get("loss", {}).get("params", {}):
         out["loss"]["params"]["drw_epoch"] = round(out["loss"]["params"]["drw_epoch"] * scale)
-    out.update(evaluation(SHORT_EPOCHS, probe_every=SHORT_PROBE_EVERY))
-    out["train"]["keep_epochs"] = [SHORT_EPOCHS - 2, SHORT_EPOCHS - 1]  # skip_last is 1 here
+    out.update(evaluation(probe_every=SHORT_PROBE_EVERY))
+    out["train"]["keep_epochs"] = [-2, -1]  # skip_last is 1 here
     if out.get("mix", {}).get("name", "none") != "none":
         out["mix"].update(skip_first=1, skip_last=1)
         params = out["mix"].get("params", {})
@@ -253,11 +254,10 @@ def reweight_configs() -> list[dict]:
             first["data"]["meta_per_class"] = REWEIGHT_META_PER_CLASS
             first["optim"].update(epochs=REWEIGHT_EPOCHS["stage1"][0],
                                   milestones=[100], gammas=[0.1])
-            first.update(evaluation(REWEIGHT_EPOCHS["stage1"][0]))
+            first.update(evaluation())
             first_short = shorten(first)
             first_short["optim"]["epochs"] = REWEIGHT_EPOCHS["stage1"][1]
-            first_short.update(evaluation(REWEIGHT_EPOCHS["stage1"][1],
-                                          probe_every=SHORT_PROBE_EVERY))
+            first_short.update(evaluation(probe_every=SHORT_PROBE_EVERY))
             for stage1, short in ((first, 0), (first_short, 1)):
                 second = {"name": stage1["name"].replace("_stage1", ""), "seed": 0,
                           "data": dict(stage1["data"]), "model": dict(stage1["model"]),
@@ -267,8 +267,7 @@ def reweight_configs() -> list[dict]:
                                     "schedule": "step", "milestones": [], "gammas": [],
                                     "warmup_epochs": 0},
                           "loss": {"name": "ce"},
-                          **evaluation(REWEIGHT_EPOCHS["stage2"][short],
-                                       probe_every=1 if short else BN_PROBE_EVERY),
+                          **evaluation(probe_every=1 if short else BN_PROBE_EVERY),
                           "reweight": {"stage1": f"runs/{stage1['name']}/last.pt",
                                        **REWEIGHT_SECTION},
                           "paper": None if short else {"table": table, "row": "OT re-weighting",
@@ -325,7 +324,7 @@ def large_configs() -> list[dict]:
                              "milestones": spec["milestones"], "gammas": spec["gammas"],
                              "warmup_epochs": 5},
                    "loss": {"name": loss_name, **({"params": params} if params else {})},
-                   **evaluation(spec["epochs"])}
+                   **evaluation()}
             cfg["train"].update(workers=8, eval_batch_size=256)
             if mix:
                 cfg["mix"] = yaml.safe_load(yaml.safe_dump(mix))

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,52 @@ def test_a_preset_trains_the_images_of_its_committed_results():
                               meta_per_class=d.meta_per_class, data_seed=d.data_seed)
         assert splits.train_counts == counts["train"], run
         assert np.bincount(labels[splits.meta], minlength=k).tolist() == counts["meta"], run
+
+
+def test_a_shortened_preset_is_refused_in_one_line_whose_fix_loads():
+    """`--set optim.epochs=60` on ERM-DRW + OTmix: milestones 100/160/200 and DRW from 160
+    would silently make it ERM at lr 0.1. One line names every knob past the run and scaled
+    values; with them the preset loads, keeping the last mixing epoch and the last."""
+    from otlt.config import mixer_params, resolve_epochs
+
+    preset = CONFIGS / "cifar100_lt_r100_drw_otmix.yaml"
+    with pytest.raises(OtltError) as info:
+        load_config(preset, ["optim.epochs=60"])
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in ("optim.milestones=[100,160,200]", "loss.params.drw_epoch=160",
+                   "optim.epochs=60", "--set optim.milestones=[25,40,50]",
+                   "--set loss.params.drw_epoch=40"):
+        assert needle in message, (needle, message)
+    cfg = load_config(preset, ["optim.epochs=60", *re.findall(r"--set (\S+)", message)])
+    assert resolve_epochs(cfg.train.keep_epochs, 60) == (56, 59)  # skip_last 3, the last
+    assert mixer_params(cfg)["plan_epochs"] == [40]
+    full = load_config(preset)  # the 240-epoch preset means what its committed runs mean
+    assert resolve_epochs(full.train.keep_epochs, 240) == (236, 239)
+    assert mixer_params(full)["plan_epochs"] == [220]
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["optim.epochs=150", "optim.milestones=[50]", "optim.gammas=[0.1]", "loss.name=drw"],
+     "loss.params.drw_epoch=160 reach past optim.epochs=150"),  # the loss's default start
+    (["optim.epochs=10", "optim.milestones=[5,10]", "optim.gammas=[0.1,0.01]"],
+     "optim.milestones=[5,10] reach past optim.epochs=10"),  # epoch 10 is never trained
+    (["optim.epochs=10", "optim.milestones=[]", "optim.gammas=[]", "train.keep_epochs=[-11]"],
+     "--set train.keep_epochs=[-10]"),
+    (["optim.epochs=10", "optim.milestones=[]", "optim.gammas=[]", "mix.name=otmix",
+      "mix.params.plan_epochs=[10]"], "mix.params.plan_epochs=[10] reach past"),
+])
+def test_epochs_past_the_run_are_refused(overrides, needle):
+    with pytest.raises(OtltError, match=re.escape(needle)):
+        load_config(None, overrides)
+
+
+def test_epochs_count_from_the_end_and_unused_milestones_pass():
+    from otlt.config import mixer_params, resolve_epochs
+
+    cfg = load_config(None, ["optim.epochs=10", "optim.schedule=cosine",  # milestones unused
+                             "train.keep_epochs=[-1, 0, 9]", "mix.name=otmix",
+                             "mix.params.plan_epochs=[-10, -2]"])
+    assert resolve_epochs(cfg.train.keep_epochs, 10) == (0, 9)
+    assert mixer_params(cfg)["plan_epochs"] == [0, 8]
+    assert cfg.train.keep_epochs == (-1, 0, 9)  # the config keeps what was written

@@ -546,3 +546,27 @@ def test_eval_refuses_a_checkpoint_of_another_run(stopped_run, tmp_path, capsys)
     assert not list(stopped_run.glob("eval_*.json"))
     assert main(["eval", str(stopped_run), "--checkpoint", str(stopped_run / "last.pt")]) == 0
     assert list(stopped_run.glob("eval_last_*.json"))
+
+
+def test_a_shortened_preset_says_how_to_shorten_its_schedule(tmp_path, capsys):
+    """`--set optim.epochs=60` on the ERM-DRW preset: one line with the scaled fix, no run."""
+    args = ["train", "--preset", "cifar10_lt_r100_drw", "--set", "optim.epochs=60",
+            "--set", f"out_dir={tmp_path / 'runs'}"]
+    assert main(args) == 2
+    one_line_error(capsys, "optim.milestones=[100,160,200], loss.params.drw_epoch=160 reach "
+                   "past optim.epochs=60", "--set optim.milestones=[25,40,50] "
+                   "--set loss.params.drw_epoch=40")
+    assert not (tmp_path / "runs" / "cifar10_lt_r100_drw" / "last.pt").exists()
+
+
+def test_kept_and_plan_epochs_count_from_the_end(tiny_zip, tmp_path):
+    """`train.keep_epochs: [-1]` and OTmix `plan_epochs: [-1]` act at the last epoch."""
+    config = tmp_path / "otmix.yaml"
+    config.write_text("name: tiny\nmix: {name: otmix, skip_first: 0, skip_last: 0, prob: 1.0,"
+                      " params: {ot_probability: 1.0, plan_epochs: [-1]}}\n")
+    args = sets(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=2) + [
+        "train.keep_epochs=[-1]", "eval.bn_probe_every=0"])
+    assert main(["train", "--config", str(config), *args]) == 0
+    run = tmp_path / "runs" / "tiny"
+    assert [p.name for p in (run / "kept").iterdir()] == ["epoch_001.safetensors"]
+    assert [p.name for p in (run / "plans").iterdir()] == ["epoch_0001.json"]

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 L = pytest.importorskip("lightning")
 
-from otlt.integrations.lightning import OTMixCallback  # noqa: E402
+from otlt.errors import OtltError  # noqa: E402
+from otlt.integrations.lightning import (  # noqa: E402
+    OTMixCallback,
+    find_network,
+    planned_epochs,
+)
 from otlt.losses import batch_loss, create_loss  # noqa: E402
 from otlt.models import create_model  # noqa: E402
+from otlt.models.features import feature_fn  # noqa: E402
 
 
 def _data():
@@ -20,19 +28,21 @@ def _data():
 
 
 class _Module(L.LightningModule):
+    """The usual module: the network in ``self.model``, ``otmix.mix(self, x, y)``."""
+
     def __init__(self, callback: OTMixCallback):
         super().__init__()
-        self.net = create_model("resnet20", 3, generator=torch.Generator().manual_seed(0))
+        self.model = create_model("resnet20", 3, generator=torch.Generator().manual_seed(0))
         self.criterion = create_loss("ce", [24, 12, 6])
         self.otmix = callback
         self.mixed_batches = 0
 
     def forward(self, x):
-        return self.net(x)
+        return self.model(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        mixed = self.otmix.mix(self.net, x, y)
+        mixed = self.otmix.mix(self, x, y)
         if mixed is None:
             return batch_loss(self.criterion, self(x), y)
         self.mixed_batches += 1
@@ -55,10 +65,11 @@ class _Spy(OTMixCallback):
         super().on_train_epoch_start(trainer, pl_module)
 
 
-def _trainer(tmp_path, callback, epochs):
+def _trainer(tmp_path, callback, epochs, **options):
     return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
                      enable_progress_bar=False, enable_model_summary=False,
-                     callbacks=[callback], default_root_dir=tmp_path, num_sanity_val_steps=0)
+                     callbacks=[callback], default_root_dir=tmp_path, num_sanity_val_steps=0,
+                     **options)
 
 
 def test_callback_mixes_builds_the_confusion_and_resumes(tmp_path):
@@ -69,6 +80,7 @@ def test_callback_mixes_builds_the_confusion_and_resumes(tmp_path):
     trainer = _trainer(tmp_path, callback, epochs=2)
     trainer.fit(module, loader, loader)
     assert module.mixed_batches == 2 * len(loader)  # every batch mixed, all OT-paired (mu=0)
+    assert callback.otmix.stats["ot_batches"] == len(loader)  # features found in self.model
     confusion = callback.otmix.confusion
     assert confusion is not None and int(confusion.sum()) == len(y)
     ckpt = tmp_path / "two.ckpt"
@@ -91,3 +103,79 @@ def test_state_round_trips():
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.otmix.confusion, a.otmix.confusion)
     assert torch.equal(torch.rand(2, generator=a.generator), torch.rand(2, generator=b.generator))
+
+
+def test_network_is_found_in_the_module_or_named_in_one_line():
+    net = create_model("resnet20", 3)
+
+    class Holder(torch.nn.Module):
+        def __init__(self, **children):
+            super().__init__()
+            for name, child in children.items():
+                setattr(self, name, child)
+
+    loss = create_loss("ce", [2, 1, 1])
+    assert find_network(net) is net
+    assert find_network(Holder(backbone=net, criterion=loss)) is net
+    assert find_network(Holder(model=net, teacher=create_model("resnet20", 3))) is net
+    with pytest.raises(OtltError, match=r"^OTMixCallback cannot find the network in Holder: "
+                                        r"several candidates \(a, b\); call mix\(self"):
+        find_network(Holder(a=net, b=create_model("resnet20", 3)))
+    with pytest.raises(OtltError, match="in Holder: no child with features.*embed=otlt.models"):
+        find_network(Holder(criterion=loss))
+
+
+def _mixing_callback(x, y, **options):
+    callback = OTMixCallback(x, y, 3, prob=1.0, ot_probability=1.0, **options)
+    callback._mixing = True
+    callback.otmix.set_epoch(0, 1, generator=callback.generator)
+    return callback
+
+
+def test_embed_is_the_function_otmix_takes():
+    """``embed=`` is ``images -> (N, D)`` as in OTMix (it was ``module -> function``)."""
+    x, y = _data()
+    net = create_model("resnet20", 3)
+    calls = []
+
+    def embed(images):
+        calls.append(images.shape)
+        return feature_fn(net)(images)
+
+    callback = _mixing_callback(x, y, embed=embed)
+    mixed = callback.mix(torch.nn.Identity(), x[:6], y[:6])  # the module is not looked at
+    assert mixed is not None and calls == [(12, 3, 16, 16)]
+    assert callback.otmix.stats["ot_batches"] == 1
+    with pytest.raises(OtltError, match="cannot find the network in Identity"):
+        _mixing_callback(x, y).mix(torch.nn.Identity(), x[:6], y[:6])
+
+
+def test_max_steps_without_max_epochs_mixes_by_the_epochs_the_steps_make(tmp_path):
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=14)
+    callback = OTMixCallback(x, y, 3, prob=1.0, skip_first=1, skip_last=1, mu=0.0)
+    module = _Module(callback)
+    trainer = _trainer(tmp_path, callback, epochs=-1, max_steps=4 * len(loader))
+    trainer.fit(module, loader, loader)
+    assert module.mixed_batches == 2 * len(loader)  # epochs 1 and 2 of 0..3
+    assert callback._epochs == 4 and trainer.current_epoch == 4
+
+
+def test_planned_epochs_and_the_refusals():
+    assert planned_epochs(240, -1, 100) == 240
+    assert planned_epochs(-1, 1000, 30) == 34  # 33 full epochs and a part
+    assert planned_epochs(-1, 1000, 30, accumulate=4) == 125  # 8 steps an epoch
+    assert planned_epochs(10, 1000, 30) == 10  # whichever ends the run first
+    for max_steps, batches in ((-1, 30), (1000, float("inf"))):
+        with pytest.raises(OtltError, match="^OTMixCallback needs the run's length"):
+            planned_epochs(-1, max_steps, batches)
+
+
+def test_a_window_with_no_epoch_warns():
+    x, y = _data()
+    callback = OTMixCallback(x, y, 3)  # skip 3 first, 3 last
+    trainer = SimpleNamespace(max_epochs=5, max_steps=-1, num_training_batches=3,
+                              accumulate_grad_batches=1)
+    with pytest.warns(UserWarning, match="mixes no batch: skip_first=3 and skip_last=3 leave "
+                                         "no epoch of the 5 this run trains"):
+        callback.on_train_start(trainer, None)

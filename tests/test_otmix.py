@@ -277,3 +277,32 @@ def test_softmax_selection_is_in_effect_uniform_random_pairing():
     # while the plan itself concentrates: every row's largest entry is over 10 times the
     # uniform plan's 1/B^2
     assert float((plan.max(1).values * b * b).min()) > 10
+
+
+def test_otmix_without_features_refuses_instead_of_pairing_at_random():
+    """Issue 32 item 5: no model= / embed= used to turn OT epochs into CMO silently."""
+    from otlt.errors import OtltError
+
+    xb, yb, xf, yf = make_batches(b=8)
+    mixer = OTMix(num_classes=4)
+    for ot in (True, False):  # a random epoch refuses too: the run fails at its first batch
+        mixer.ot_epoch = ot
+        with pytest.raises(OtltError, match="^OTMix needs features for its OT epochs: pass "
+                                             "model= or embed=, or use CMO for random pairing$"):
+            mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0))
+    never = OTMix(num_classes=4, ot_probability=0.0)  # no OT epoch ever: CMO without features
+    plan = never.plan(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0))
+    cmo = create_mixer("cmo", alpha=4.0).plan(xb, yb, xf, yf,
+                                              generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plan.partner, cmo.partner) and never.end_epoch(None)["ot_epoch"] is False
+
+
+@pytest.mark.parametrize("bad", [lambda x: x, lambda x: x.flatten(1)[:-1], lambda x: "z"])
+def test_embed_of_the_wrong_shape_is_refused_in_one_line(bad):
+    from otlt.errors import OtltError
+
+    xb, yb, xf, yf = make_batches(b=4)
+    with pytest.raises(OtltError, match=r"embed must map images \(N, C, H, W\) to features "
+                                        r"\(N, D\); for 8 images it returned"):
+        OTMix(num_classes=4)(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0),
+                             embed=bad)

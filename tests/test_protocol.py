@@ -199,7 +199,7 @@ def test_a_checkpoint_cannot_run_code(tmp_path):
     ("eval.select_metric=loss", "eval.select_metric must be one of"),
     ("eval.test_every_epoch=maybe", "eval.test_every_epoch must be true or false"),
     ("train.keep_every=-2", "train.keep_every must be >= 0"),
-    ("train.keep_epochs=[0,99]", "train.keep_epochs must be epochs in [0, 2]"),
+    ("train.keep_epochs=[0,99]", "train.keep_epochs=[0,99] reach past optim.epochs=3"),
     ("mix.params.feature_mode=gap", "feature_mode must be one of pooled_eval, official"),
     ("reweight.bn=eval", "reweight.bn must be one of frozen, train_meta"),
 ])

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from otlt.models import create_model
@@ -30,6 +31,39 @@ def test_otmix_loop_example_runs():
     assert namespace["otmix"].confusion is not None
     assert namespace["mixed"].plan.num_mixed == 8  # the mixing epochs did mix
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_lightning_example_runs(tmp_path, monkeypatch):
+    """As written: the network in ``self.model``, ``otmix.mix(self, x, y)`` (issue 32 item 4)."""
+    pytest.importorskip("lightning")
+    from otlt.integrations.lightning import OTMixCallback
+
+    text = README.read_text()
+    block = re.search(r"```python\n(import lightning\n.*?)```", text, re.S)
+    assert block, "README lost its Lightning example"
+    mixed = []
+    real_mix = OTMixCallback.mix
+
+    def counting_mix(self, module, x, y):
+        out = real_mix(self, module, x, y)
+        mixed.append(out is not None and self.otmix.ot_epoch)
+        return out
+
+    monkeypatch.setattr(OTMixCallback, "mix", counting_mix)
+    monkeypatch.chdir(tmp_path)  # Lightning's checkpoints land here
+    g = torch.Generator().manual_seed(0)
+    counts = [12, 6, 4]
+    train_labels = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
+    train_images = torch.randn(len(train_labels), 3, 16, 16, generator=g)
+    data = torch.utils.data.TensorDataset(train_images, train_labels)
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    namespace = {"train_images": train_images, "train_labels": train_labels, "num_classes": 3,
+                 "counts": counts, "model": create_model("resnet20", 3), "epochs": 8,
+                 "train_loader": loader, "val_loader": loader}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    assert namespace["trainer"].current_epoch == 8
+    assert namespace["otmix"].otmix.confusion is not None
+    assert any(mixed)  # some batch of the window (epochs 3, 4) was OT-paired
 
 
 def test_cmo_loop_example_runs():

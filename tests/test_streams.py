@@ -57,8 +57,10 @@ def stream_overrides(root: Path, out_dir: Path, name: str, epochs: int = 2) -> l
     config.write_text(f"name: {name}\n")
     sets = [f"data.path={root}", "data.dataset=imagenet_lt", "data.num_classes=4",
             "data.image_size=32", "data.val_per_class=0", "model.name=resnet20",
-            f"optim.epochs={epochs}", "optim.batch_size=8", "optim.milestones=[1]",
-            "optim.gammas=[0.1]", "optim.warmup_epochs=0", "train.progress=false",
+            f"optim.epochs={epochs}", "optim.batch_size=8",
+            f"optim.milestones={'[1]' if epochs > 1 else '[]'}",
+            f"optim.gammas={'[0.1]' if epochs > 1 else '[]'}", "optim.warmup_epochs=0",
+            "train.progress=false",
             "train.amp=off", "train.device=cpu", "train.workers=0", "train.eval_batch_size=5",
             f"out_dir={out_dir}", f"name={name}"]
     return ["--config", str(config), *[a for s in sets for a in ("--set", s)]]

@@ -5,7 +5,9 @@ inherits another file and overrides it key by key, so a short CPU twin states on
 changes. Unknown keys anywhere are errors that list the valid keys.
 
 Modules: :mod:`~otlt.config.schema` (the dataclasses) <- :mod:`~otlt.config.files` (YAML,
-presets, overrides), :mod:`~otlt.config.validate` <- :mod:`~otlt.config.build`
+presets, overrides), :mod:`~otlt.config.epochs` (epoch-valued knobs against ``optim.epochs``:
+negative kept and plan epochs, refusals of epochs past the run) <- :mod:`~otlt.config.validate`
+<- :mod:`~otlt.config.build`
 (``build_config``, ``load_config``); :mod:`~otlt.config.compare` (what differs between two
 configs of one run). Everything is importable from ``otlt.config``.
 """
@@ -19,6 +21,7 @@ from otlt.config.compare import (
     flat_config,
     refuse_unsafe_changes,
 )
+from otlt.config.epochs import check_epoch_knobs, mixer_params, resolve_epochs
 from otlt.config.files import (
     apply_overrides,
     dump_config,
@@ -51,5 +54,6 @@ __all__ = ["BN_STATS", "DATASET_DEFAULTS", "REWEIGHT_CHOICES", "SAFE_ON_RESUME",
            "DataConfig", "config_changes", "flat_config", "refuse_unsafe_changes",
            "EvalConfig", "LossConfig", "MixConfig", "ModelConfig", "OptimConfig",
            "ReweightConfig", "RunConfig", "TrainConfig", "apply_overrides", "build_config",
-           "config_keys_markdown", "dump_config", "list_presets", "load_config", "load_raw",
-           "parse_override", "preset_path", "presets_dir", "to_dict", "validate"]
+           "check_epoch_knobs", "config_keys_markdown", "dump_config", "list_presets",
+           "load_config", "load_raw", "mixer_params", "parse_override", "preset_path",
+           "presets_dir", "resolve_epochs", "to_dict", "validate"]

@@ -3,6 +3,7 @@ that names the key and the valid values."""
 
 from __future__ import annotations
 
+from otlt.config.epochs import check_epoch_knobs
 from otlt.config.schema import (
     BN_STATS,
     DATASET_DEFAULTS,
@@ -32,9 +33,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_eval(cfg)
     require(cfg.train.keep_every >= 0, f"train.keep_every must be >= 0 (0: off), "
                                        f"got {cfg.train.keep_every}")
-    require(all(0 <= e < o.epochs for e in cfg.train.keep_epochs),
-            f"train.keep_epochs must be epochs in [0, {o.epochs - 1}] (counted from 0), "
-            f"got {list(cfg.train.keep_epochs)}")
     require(cfg.train.workers >= 0, f"train.workers must be >= 0, got {cfg.train.workers}")
     require(cfg.train.dist_timeout > 0, f"train.dist_timeout must be > 0 seconds, got "
                                         f"{cfg.train.dist_timeout}")
@@ -59,6 +57,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     require(all(g > 0 for g in o.gammas),
             f"optim.gammas must be factors > 0 of optim.lr (a factor <= 0 gives a learning "
             f"rate <= 0), got {list(o.gammas)}")
+    check_epoch_knobs(cfg)  # milestones, DRW start, kept and plan epochs inside the run
     require(0 <= cfg.mix.prob <= 1 and 0 <= cfg.mix.fraction <= 1,
             "mix.prob and mix.fraction must be in [0, 1]")
     for knob in ("prob", "fraction"):  # the engine owns these; one knob lives in one place

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from otlt.amp import autocast
-from otlt.config import BN_STATS, RunConfig, dump_config, to_dict
+from otlt.config import BN_STATS, RunConfig, dump_config, mixer_params, resolve_epochs, to_dict
 from otlt.console import format_epoch
 from otlt.data.augment import GPUAugment
 from otlt.data.prepare import LongTailedData, prepare_data
@@ -180,7 +180,7 @@ class Trainer:
             # The engine flips the per-batch coin (mix.prob) itself, so a clean batch costs no
             # foreground draw or feature pass; the mixer mixes every batch it is given.
             self.mixer = create_mixer(cfg.mix.name, class_counts=self.train_counts,
-                                      fraction=cfg.mix.fraction, **cfg.mix.params)
+                                      fraction=cfg.mix.fraction, **mixer_params(cfg))
         self.fore_weights = sample_weights(self.data.train.labels, cfg.mix.sampler_r)
         self._embeds: dict[str, Any] = {}  # feature functions for context mixers, by mode
         self.augment = GPUAugment()
@@ -477,11 +477,12 @@ class Trainer:
         return dict(state) if state else None
 
     def _keep_weights(self, epoch: int, mixer_state: dict[str, Any] | None) -> None:
-        """Keep the weights (BN buffers as trained) at ``train.keep_epochs`` and every
-        ``train.keep_every`` epochs as ``kept/epoch_<NNN>.safetensors``, with the mixer state
-        the epoch trained with, so ``otlt eval`` can evaluate them under any procedure."""
+        """Keep the weights (BN buffers as trained) at ``train.keep_epochs`` (-1: the last) and
+        every ``train.keep_every`` epochs as ``kept/epoch_<NNN>.safetensors``, with the mixer
+        state the epoch trained with, so ``otlt eval`` can evaluate them under any procedure."""
         t = self.cfg.train
-        wanted = epoch in t.keep_epochs or (t.keep_every and (epoch + 1) % t.keep_every == 0)
+        kept = resolve_epochs(t.keep_epochs, self.cfg.optim.epochs)
+        wanted = epoch in kept or (t.keep_every and (epoch + 1) % t.keep_every == 0)
         if not wanted or not is_main_process():
             return
         folder = self.run_dir / "kept"

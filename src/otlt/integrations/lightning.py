@@ -21,11 +21,23 @@ as before::
             return batch_loss(self.criterion, self(mixed.images), mixed.targets_a,
                               mixed.targets_b, mixed.lam)
 
+Features for the OT cost: ``embed(images (N, C, H, W)) -> (N, D)``, the same function
+:class:`otlt.mixing.OTMix` takes (:func:`otlt.models.features.feature_fn` builds one). Give
+it as ``OTMixCallback(embed=...)``, or let :func:`find_network` find the network in the module
+handed to :meth:`OTMixCallback.mix`: the module itself when :func:`feature_fn` recognises it,
+else its one child that it recognises (``self.model``, ``self.net``, ``self.backbone``...).
+
+Length: the schedule ``(t/T)^mu`` and the window count epochs, so ``T`` is ``max_epochs``, or
+under ``max_steps`` the epochs those steps make (:func:`planned_epochs`); a run of unknown
+length (``max_epochs=-1`` and no ``max_steps``, or an iterable loader without a length) is
+refused, and a window that leaves no epoch to mix is warned about when training starts.
+
 Requires ``pip install otlt[lightning]``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -33,14 +45,51 @@ import torch
 
 try:
     from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.utilities import rank_zero_warn
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("otlt.integrations.lightning needs Lightning: pip install "
                       "'otlt[lightning]'") from exc
 
 from otlt.data.samplers import sample_weights
+from otlt.errors import OtltError, require
 from otlt.metrics import confusion_matrix
 from otlt.mixing import MixedBatch, OTMix
-from otlt.models.features import feature_fn
+from otlt.models.features import has_features
+
+NETWORK_NAMES = ("model", "net", "network", "backbone")
+
+
+def find_network(module: torch.nn.Module) -> torch.nn.Module:
+    """The network to take OTmix's features from: ``module`` itself when
+    :func:`otlt.models.features.feature_fn` recognises it, else its one direct child that it
+    recognises (among several, the one named ``model``, ``net``, ``network`` or
+    ``backbone``); otherwise a one-line :class:`OtltError` that says what to pass."""
+    if has_features(module):
+        return module
+    found = [(name, child) for name, child in module.named_children() if has_features(child)]
+    named = [(name, child) for name, child in found if name in NETWORK_NAMES]
+    if len(found) == 1 or len(named) == 1:
+        return (named or found)[0][1]
+    which = (f"several candidates ({', '.join(name for name, _ in found)})" if found else
+             "no child with features(x), timm's forward_features or a final fc/classifier/head")
+    raise OtltError(f"OTMixCallback cannot find the network in {type(module).__name__}: "
+                    f"{which}; call mix(self.<network>, x, y), or give OTMixCallback "
+                    "embed=otlt.models.features.feature_fn(<network>)")
+
+
+def planned_epochs(max_epochs: int | None, max_steps: int | None,
+                   batches_per_epoch: float, accumulate: int = 1) -> int:
+    """Epochs the run will train: ``max_epochs``, or fewer when ``max_steps`` optimizer steps
+    (``ceil(batches / accumulate)`` an epoch, as Lightning counts) end it sooner.
+
+    Raises :class:`OtltError` for a run of unknown length."""
+    limits = [max_epochs] if max_epochs is not None and max_epochs >= 0 else []
+    if max_steps is not None and max_steps >= 0 and 0 < batches_per_epoch < math.inf:
+        limits.append(math.ceil(max_steps / math.ceil(batches_per_epoch / accumulate)))
+    require(bool(limits), "OTMixCallback needs the run's length (its OT schedule and skip_last "
+                          "count epochs): set max_epochs, or max_steps with a train loader "
+                          "that has a length")
+    return max(min(limits), 1)
 
 
 class OTMixCallback(Callback):
@@ -55,7 +104,9 @@ class OTMixCallback(Callback):
         prob, skip_first, skip_last: the presets' recipe (0.5, 3, 3).
         sampler_r: foreground class probability ``q_k ∝ n_k^-r`` (0: every class alike).
         seed: the callback's generator (draws, coins, boxes, OT row sampling).
-        embed: ``(module) -> features function``; default :func:`otlt.models.features.feature_fn`.
+        embed: ``embed(images (N, C, H, W)) -> (N, D)`` features for the OT cost, as
+            :class:`otlt.mixing.OTMix` takes; default: :func:`find_network` in the module
+            given to :meth:`mix`, in OTMix's ``feature_mode``.
         **otmix_options: :class:`otlt.mixing.OTMix` options (omega, eps, alpha, mu, ...).
     """
 
@@ -64,7 +115,7 @@ class OTMixCallback(Callback):
                  skip_last: int = 3, sampler_r: float = 0.0, seed: int = 0,
                  foreground_transform: Callable[[torch.Tensor, torch.Generator],
                                                 torch.Tensor] | None = None,
-                 embed: Callable[[torch.nn.Module], Callable] | None = None,
+                 embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  **otmix_options: Any) -> None:
         super().__init__()
         self.images, self.labels = train_images, train_labels.long()
@@ -73,7 +124,9 @@ class OTMixCallback(Callback):
         self.weights = sample_weights(self.labels.cpu(), sampler_r)
         self.prob, self.skip_first, self.skip_last = prob, skip_first, skip_last
         self.transform = foreground_transform
-        self.embed = embed or (lambda module: feature_fn(module))
+        self.embed = embed
+        self._found: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        self._epochs: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
         self.num_classes = num_classes
         self._confusion: torch.Tensor | None = None
@@ -82,7 +135,11 @@ class OTMixCallback(Callback):
     # ---- what training_step calls --------------------------------------------------------
     def mix(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> MixedBatch | None:
         """Mix the batch with OTmix (with probability ``prob`` inside the mixing window), or
-        return None for a clean batch."""
+        return None for a clean batch. ``module``: your ``LightningModule`` (``self``) or the
+        network itself; the features come from ``embed`` or :func:`find_network`, checked at
+        every call so a module without one fails at its first batch."""
+        features = {"embed": self.embed} if self.embed is not None else \
+            {"model": self._network(module)}
         if not self._mixing or torch.rand((), generator=self.generator).item() >= self.prob:
             return None
         idx = torch.multinomial(self.weights, len(y), replacement=True,
@@ -91,11 +148,28 @@ class OTMixCallback(Callback):
         if self.transform is not None:
             xf = self.transform(xf, self.generator)
         yf = self.labels[idx.to(self.labels.device)].to(y.device)
-        return self.otmix(x, y, xf, yf, generator=self.generator, embed=self.embed(module))
+        return self.otmix(x, y, xf, yf, generator=self.generator, **features)
+
+    def _network(self, module: torch.nn.Module) -> torch.nn.Module:
+        if self._found is None or self._found[0] is not module:
+            self._found = (module, find_network(module))
+        return self._found[1]
 
     # ---- Lightning hooks -----------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._epochs = planned_epochs(trainer.max_epochs, trainer.max_steps,
+                                      trainer.num_training_batches,
+                                      trainer.accumulate_grad_batches)
+        if self.skip_first >= self._epochs - self.skip_last:
+            rank_zero_warn(f"OTMixCallback mixes no batch: skip_first={self.skip_first} and "
+                           f"skip_last={self.skip_last} leave no epoch of the "
+                           f"{self._epochs} this run trains")
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        epoch, total = trainer.current_epoch, trainer.max_epochs or 1
+        if self._epochs is None:
+            self.on_train_start(trainer, pl_module)
+        epoch, total = trainer.current_epoch, self._epochs
+        assert total is not None
         self._mixing = self.skip_first <= epoch < total - self.skip_last
         self.otmix.set_epoch(epoch, total, generator=self.generator)
 
@@ -130,4 +204,4 @@ class OTMixCallback(Callback):
         self.generator.set_state(state_dict["generator"])
 
 
-__all__ = ["OTMixCallback"]
+__all__ = ["NETWORK_NAMES", "OTMixCallback", "find_network", "planned_epochs"]

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from otlt.errors import require
+from otlt.errors import OtltError, require
 from otlt.metrics import row_normalized_confusion
 from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
 from otlt.mixing.plan import MixPlan, with_saliency_box
@@ -98,9 +98,11 @@ def _sample_rows(probs: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 class OTMix(Mixer):
     """OT-guided CutMix of minority foregrounds onto majority backgrounds (paper Algorithm 1).
 
-    Call it like CMO: ``mixer(x_back, y_back, x_fore, y_fore, generator=g, model=model)``.
-    Output row ``i`` holds foreground ``i`` pasted onto its background ``j*(i)``; with a
-    random-pairing epoch (or ``model=None``) it is exactly :class:`otlt.mixing.CMO`.
+    Call it like CMO, plus the features: ``mixer(x_back, y_back, x_fore, y_fore,
+    generator=g, model=model)`` or ``embed=f`` with ``f(images (N, C, H, W)) -> (N, D)``
+    (:func:`otlt.models.features.feature_fn` builds one); without either it refuses, unless
+    ``ot_probability = 0``. Output row ``i`` holds foreground ``i`` pasted onto its
+    background ``j*(i)``; a random-pairing epoch is exactly :class:`otlt.mixing.CMO`.
 
     Options (paper defaults): ``omega = 0.05``, ``eps = 0.01``, ``alpha = 4``, ``mu = 1``;
     ``distance`` cosine/euclidean; ``keep_same_class`` keeps ``F``'s diagonal; ``selection``
@@ -167,7 +169,7 @@ class OTMix(Mixer):
         self.plan_epochs = tuple(int(e) for e in self.plan_epochs)
         self._affinity: torch.Tensor | None = None
         self.epoch = 0
-        self.ot_epoch = True
+        self.ot_epoch = self.ot_probability != 0  # before set_epoch: OT unless it never is
         self._reset_stats()
         self._artifacts: dict[str, Any] = {}
 
@@ -253,9 +255,13 @@ class OTMix(Mixer):
         """Plan a batch: ``x, y`` backgrounds ``(B, C, H, W)``, ``x_partner, y_partner``
         foregrounds. The OT cost's features come from ``embed(images) -> (N, D)`` (any
         backbone; the engine passes one), else from ``model`` via
-        :func:`otlt.models.feature_fn`; with neither the plan is CMO's random pairing.
-        Random draws are the same as CMO's, so OT and random epochs consume the generator
-        identically; OT epochs then replace the pairing."""
+        :func:`otlt.models.feature_fn`; with neither it refuses (on random epochs too, so a
+        run fails at its first batch, not at its first OT epoch) unless ``ot_probability``
+        is 0. Random draws are the same as CMO's, so OT and random epochs consume the
+        generator identically; OT epochs then replace the pairing."""
+        require(embed is not None or model is not None or self.ot_probability == 0,
+                "OTMix needs features for its OT epochs: pass model= or embed=, or use CMO "
+                "for random pairing")
         self._check_partner(x_partner, y_partner)
         assert x_partner is not None and y_partner is not None
         require(x_partner.shape[0] == x.shape[0],
@@ -272,13 +278,12 @@ class OTMix(Mixer):
         if embed is None and model is not None:
             embed = feature_fn(model, self.feature_mode, amp_dtype,
                                channels_last=_is_channels_last(x))
-        use_ot = self.ot_epoch and embed is not None
         self.stats["batches"] += 1
-        if use_ot:
+        if self.ot_epoch and embed is not None:  # no embed: refused unless no OT epoch at all
             if self.feature_mode == "official":  # two train-mode passes, as the official code
-                z_back, z_fore = embed(x), embed(x_partner)
+                z_back, z_fore = _features(embed, x), _features(embed, x_partner)
             else:
-                z = embed(torch.cat([x_partner, x]))
+                z = _features(embed, torch.cat([x_partner, x]))
                 z_fore, z_back = z[: len(x_partner)], z[len(x_partner):]
             cost = self.cost(z_fore, z_back, y_partner, y)
             back, solver = self.choose_backgrounds(cost, y_partner, y, generator)
@@ -359,6 +364,17 @@ class OTMix(Mixer):
         if val_confusion is not None:
             self.update_confusion(val_confusion)
         return record
+
+
+def _features(embed: Callable[[torch.Tensor], torch.Tensor],
+              images: torch.Tensor) -> torch.Tensor:
+    """``embed(images)``, checked to be ``(N, D)`` features for the ``N`` images."""
+    z = embed(images)
+    if not (isinstance(z, torch.Tensor) and z.dim() == 2 and len(z) == len(images)):
+        got = f"shape {tuple(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise OtltError(f"embed must map images (N, C, H, W) to features (N, D); for "
+                        f"{len(images)} images it returned {got}")
+    return z
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:

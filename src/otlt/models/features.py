@@ -57,6 +57,16 @@ def _raw_features(model: nn.Module) -> Embed:
                     f"module named one of {', '.join(HEAD_NAMES)}; or pass embed= yourself")
 
 
+def has_features(model: nn.Module) -> bool:
+    """Whether :func:`feature_fn` recognises ``model`` (``features``, timm's pair, or a
+    final ``fc`` / ``classifier`` / ``head`` module); nothing is run."""
+    try:
+        _raw_features(model)
+    except OtltError:
+        return False
+    return True
+
+
 def _pooled(z: torch.Tensor) -> torch.Tensor:
     return z.mean(dim=tuple(range(2, z.dim()))) if z.dim() > 2 else z
 
@@ -97,4 +107,4 @@ def feature_fn(model: nn.Module, mode: str = "pooled_eval",
     return embed
 
 
-__all__ = ["FEATURE_MODES", "feature_fn"]
+__all__ = ["FEATURE_MODES", "Embed", "feature_fn", "has_features"]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from otlt.config import RunConfig, build_config
+from otlt.config import RunConfig, build_config, mixer_params
 from otlt.data.augment import eval_transform
 from otlt.data.prepare import LongTailedData, prepare_data
 from otlt.data.samplers import sample_weights
@@ -88,7 +88,7 @@ def _trained_mixer(cfg, train_counts: Sequence[int], model: torch.nn.Module, dat
                    device: str, generator: torch.Generator):
     """The run's mixer in the state of a late OT epoch: validation confusion of the trained
     model (OTmix's ``F``), ``ot_probability = 1``."""
-    params = dict(cfg.mix.params)
+    params = mixer_params(cfg)  # plan epochs counted from the end resolved
     if cfg.mix.name == "otmix":
         params["ot_probability"] = 1.0
     mixer = create_mixer(cfg.mix.name, class_counts=train_counts, **params)
