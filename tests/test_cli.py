@@ -301,6 +301,8 @@ def test_presets_are_packaged_listed_and_usable_by_name(tmp_path, capsys, monkey
     assert "cifar10_lt_r100_drw_otmix " in out and "OTmix + ERM-DRW" in out
     assert main(["train", "--preset", "cifar10_lt_r100_erm_otmx"]) == 2
     assert "did you mean cifar10_lt_r100_erm_otmix" in capsys.readouterr().err
+    assert main(["train", "--preset", "cifar10_lt_r100_erm", "--config", "x.yaml"]) == 2
+    assert "--config and --preset exclude each other" in capsys.readouterr().err
 
 
 def test_the_wheel_ships_the_presets(tmp_path):

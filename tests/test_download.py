@@ -73,6 +73,57 @@ def test_an_interrupted_download_resumes(server, tmp_path):
     assert _RangeHandler.sent == len(PAYLOAD) - 300_000  # only the rest was sent
 
 
+class _ShortHandler(_RangeHandler):
+    """Like _RangeHandler, but the first ``cuts`` responses close after ``CUT`` bytes of
+    the body although their Content-Length promises all of it."""
+
+    CUT = 200_000
+    cuts = 1
+    ranges: list = []
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        type(self).ranges.append(self.headers.get("Range"))
+        if type(self).cuts <= 0:
+            return super().do_GET()
+        type(self).cuts -= 1
+        start = int(self.headers["Range"].split("=")[1].rstrip("-")) if \
+            self.headers.get("Range") else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(PAYLOAD) - start))
+        self.end_headers()
+        self.wfile.write(PAYLOAD[start:start + self.CUT])
+        self.close_connection = True
+
+
+@pytest.fixture
+def short_server():
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), _ShortHandler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    _ShortHandler.ranges = []
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/cifar-10-python.tar.gz"
+    httpd.shutdown()
+
+
+def test_a_connection_closed_early_is_resumed_with_a_range(short_server, tmp_path):
+    _ShortHandler.cuts = 1
+    path = download_dataset("cifar10", tmp_path, url=short_server, md5=MD5, progress=False,
+                            backoff=0)
+    assert path.read_bytes() == PAYLOAD
+    assert _ShortHandler.ranges == [None, f"bytes={_ShortHandler.CUT}-"]
+
+
+def test_a_server_that_keeps_closing_early_gives_one_line(short_server, tmp_path):
+    _ShortHandler.cuts = 99
+    with pytest.raises(OtltError, match="stopped short 3 times .*run the same command") as err:
+        download_dataset("cifar10", tmp_path, url=short_server, md5=MD5, progress=False,
+                         retries=2, backoff=0)
+    assert "\n" not in str(err.value) and "mirror" not in str(err.value)
+    assert len(_ShortHandler.ranges) == 3
+    part = tmp_path / "cifar-10-python.tar.gz.part"
+    assert part.read_bytes() == PAYLOAD[:3 * _ShortHandler.CUT]  # kept for the next run
+
+
 def test_a_checksum_mismatch_leaves_nothing(server, tmp_path):
     with pytest.raises(OtltError, match="MD5 .* is not the expected"):
         download_dataset("cifar10", tmp_path, url=server, md5="0" * 32, progress=False)

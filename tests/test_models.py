@@ -278,6 +278,24 @@ def test_feature_fn_says_what_it_needs():
         feature_fn(torch.nn.Sequential(torch.nn.Linear(3, 2)))
 
 
+class _UnusedHead(torch.nn.Module):
+    """An ``fc`` that forward never calls (the logits come from elsewhere)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.out(x)
+
+
+def test_feature_fn_says_when_the_head_is_never_called():
+    from otlt.models.features import feature_fn
+
+    with pytest.raises(OtltError, match=r"\.fc module was never called by forward.*embed="):
+        feature_fn(_UnusedHead())(torch.randn(4, 3))
+
+
 def test_otmix_takes_any_embed_callable():
     from otlt.mixing import OTMix
 

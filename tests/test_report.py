@@ -436,6 +436,27 @@ def test_bad_run_directory_is_one_line_error(tmp_path, capsys):
     assert code == 2 and "not an otlt run directory" in err and err.count("\n") == 1
 
 
+def test_report_out_defaults_to_reports_and_the_first_run_name(synthetic, tmp_path, capsys,
+                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(synthetic[0][0]), str(synthetic[0][1])]) == 0
+    assert (tmp_path / "reports" / "erm" / "report.md").is_file()
+
+
+def test_gallery_without_checkpoints_says_why_and_fails(synthetic, tmp_path, capsys):
+    """Committed results keep no last.pt: each skipped run gets one line, and a --gallery
+    that drew nothing is an error (the rest of the report is still written)."""
+    out = tmp_path / "out"
+    code = main(["report", str(synthetic[0][0]), str(synthetic[0][1]), "--out", str(out),
+                 "--gallery"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and (out / "report.md").is_file()
+    assert err[0] == ("otlt: --gallery: skipped erm_otmix: no last.pt (committed results keep "
+                      "no checkpoint; train the run to draw it)")
+    assert len(err) == 2 and err[1].startswith("otlt: error: --gallery drew nothing"), err
+    assert "erm_otmix: skipped, no last.pt" in (out / "report.md").read_text()
+
+
 # ---------------------------------------------------------------------- real tiny runs
 
 

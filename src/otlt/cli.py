@@ -127,9 +127,11 @@ def _add_bench(sub) -> None:
 def _add_report(sub) -> None:
     p = sub.add_parser("report", help="Markdown report with figures from run directories")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories to compare")
-    p.add_argument("--out", required=True, help="output folder for report.md and figures/")
+    p.add_argument("--out", help="output folder for report.md and figures/ (default: "
+                   "reports/<first run directory's name>)")
     p.add_argument("--gallery", action="store_true",
-                   help="draw mixed image pairs with each mixing run's model (needs the data)")
+                   help="draw mixed image pairs with each mixing run's model (needs its last.pt "
+                        "and the data; fails if no run could be drawn)")
     p.add_argument("--gallery-size", type=int, default=8, metavar="N",
                    help="mixed pairs per run (default: 8)")
     p.add_argument("--tsne", action="store_true",
@@ -239,7 +241,10 @@ def cmd_train(args) -> int:
         changes = resume_changes(build_config(raw), build_config(_apply(raw, overrides)),
                                  run_dir)
     else:
-        if (args.config is None) == (args.preset is None):
+        if args.config is not None and args.preset is not None:
+            raise OtltError("otlt train: --config and --preset exclude each other (a preset is "
+                            "a packaged config file); give one of them")
+        if args.config is None and args.preset is None:
             raise OtltError("otlt train: give --config FILE or --preset NAME (or --resume "
                             "RUN_DIR)")
         raw = load_raw(args.config if args.config is not None else preset_path(args.preset))
@@ -374,7 +379,9 @@ def cmd_report(args) -> int:
     options = ReportOptions(gallery=args.gallery, gallery_size=args.gallery_size, tsne=args.tsne,
                             tsne_samples=args.tsne_samples, data_path=args.data, seed=args.seed,
                             bn_stats=args.bn_stats)
-    path = write_report(args.run_dirs, args.out, options)
+    out = args.out or Path("reports") / Path(args.run_dirs[0]).resolve().name
+    path = write_report(args.run_dirs, out, options,
+                        notice=lambda line: say(f"otlt: {line}", file=sys.stderr))
     print(f"otlt: wrote {path} with {len(linked_figures(path))} figures")
     return 0
 

@@ -2,15 +2,19 @@
 
 The official python tarballs (the format :mod:`otlt.data.sources` reads) are downloaded to
 ``<root>/<file>.part`` with a progress bar; an interrupted download resumes from where it
-stopped (an HTTP ``Range`` request), and the file gets its final name only once its MD5 is
-the published one. A mismatch removes the partial file and says so; nothing half-written is
-ever left under the final name.
+stopped (an HTTP ``Range`` request): a connection that closes early (fewer bytes than its
+``Content-Length``) is retried from the bytes already in the ``.part`` file a few times with
+a short backoff, and a killed process resumes on the next run. Only a complete file is
+hashed, and it gets its final name only once its MD5 is the published one. A mismatch
+removes the partial file and says so; nothing half-written is ever left under the final name.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -38,6 +42,8 @@ DOWNLOADS = {
                          "eb9058c3a382ffc7106e4002c42a8d85"),
 }
 CHUNK = 1 << 20
+RETRIES = 4  # further tries after a connection that closed early
+BACKOFF = 1.0  # seconds before the first retry, doubled after each
 
 
 def md5_of(path: Path) -> str:
@@ -50,12 +56,14 @@ def md5_of(path: Path) -> str:
 
 def download_dataset(name: str, root: str | Path = "data", *, url: str | None = None,
                      md5: str | None = None, progress: bool = True,
-                     timeout: float = 60.0) -> Path:
+                     timeout: float = 60.0, retries: int = RETRIES,
+                     backoff: float = BACKOFF) -> Path:
     """Download dataset ``name`` into ``root`` and return the verified file's path.
 
     ``url`` replaces the canonical address (a mirror serving the same file); ``md5``
     replaces the published checksum (for files other than the official ones). An existing,
-    verified file is not downloaded again.
+    verified file is not downloaded again. A connection that closes early is resumed with a
+    ``Range`` request up to ``retries`` times, waiting ``backoff`` seconds (doubled each time).
     """
     if name not in DOWNLOADS:
         raise OtltError(f"no download for {name!r}; known: {', '.join(DOWNLOADS)} (ImageNet-LT "
@@ -72,7 +80,15 @@ def download_dataset(name: str, root: str | Path = "data", *, url: str | None = 
     if final.is_file() and md5_of(final) == md5:
         return final
     part = final.with_name(final.name + ".part")
-    _fetch(url, part, progress, timeout)
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        have, total = _fetch(url, part, progress, timeout)
+        if total is None or have >= total:
+            break
+    else:
+        raise OtltError(f"download of {url} stopped short {retries + 1} times (at {have} of "
+                        f"{total} bytes, kept in {part}); run the same command again to resume")
     got = md5_of(part)
     if got != md5:
         part.unlink()
@@ -82,16 +98,19 @@ def download_dataset(name: str, root: str | Path = "data", *, url: str | None = 
     return final
 
 
-def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
+def _fetch(url: str, part: Path, progress: bool, timeout: float) -> tuple[int, int | None]:
     """Append ``url``'s bytes to ``part`` from its current size on (restart if the server
-    ignores the range)."""
+    ignores the range); return ``(bytes in part, expected total or None if unknown)``.
+
+    A connection that closes or fails mid-body returns a short count rather than raising:
+    the caller retries from there."""
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # nothing left to fetch: the part is complete
-            return
+            return have, None
         raise OtltError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -110,9 +129,10 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
                 for block in iter(lambda: response.read(CHUNK), b""):
                     handle.write(block)
                     bar.update(len(block))
-            except OSError as exc:
-                raise OtltError(f"download of {url} interrupted ({exc}); run the same command "
-                                "again to resume it") from None
+                    have += len(block)
+            except (OSError, http.client.HTTPException):
+                pass  # reset or timed out mid-body: a short read, retried by the caller
+    return have, total
 
 
 __all__ = ["DOWNLOADS", "download_dataset", "md5_of"]

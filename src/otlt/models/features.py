@@ -78,6 +78,11 @@ def _head_input(model: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Ten
         model(x)
     finally:
         handle.remove()
+    if not captured:
+        name = next(n for n in HEAD_NAMES if getattr(model, n, None) is head)
+        raise OtltError(f"cannot take features from {type(model).__name__}: its .{name} module "
+                        "was never called by forward(), so its input is not the features; "
+                        "give the model features(x) -> (N, D) or pass embed= yourself")
     return captured[0]
 
 

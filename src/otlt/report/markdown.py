@@ -9,7 +9,7 @@ curves, per-class accuracy, gallery, t-SNE); :mod:`~otlt.report.bn_sections` and
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +53,15 @@ class ReportOptions:
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path,
-                 options: ReportOptions | None = None) -> Path:
-    """Write ``out/report.md`` and ``out/figures/*.png`` for the given run directories."""
+                 options: ReportOptions | None = None,
+                 notice: Callable[[str], None] | None = None) -> Path:
+    """Write ``out/report.md`` and ``out/figures/*.png`` for the given run directories.
+
+    A run the gallery skips (not a mixing run, no ``last.pt`` as in committed results, its
+    data not found) gets one line in the report and one through ``notice``; when
+    ``options.gallery`` is set and no run could be drawn, the report is still written and
+    an :class:`OtltError` says why the gallery is missing.
+    """
     options = options or ReportOptions()
     runs = load_runs(run_dirs)
     out = Path(out)
@@ -77,12 +84,17 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path,
     section_batchnorm(report, runs)
     section_otmix(report, runs)
     section_weights(report, runs)
-    if options.gallery:
-        _section_gallery(report, runs, options)
+    skipped: list[str] = []
+    drawn = _section_gallery(report, runs, options, skipped) if options.gallery else 0
     if options.tsne:
         _section_tsne(report, runs, options)
     path = out / "report.md"
     path.write_text("\n".join(report.lines).rstrip() + "\n")
+    for line in skipped:
+        (notice or (lambda _line: None))(line)
+    if options.gallery and not drawn:
+        raise OtltError(f"--gallery drew nothing ({'; '.join(skipped)}); {path} was written "
+                        "without it")
     return path
 
 
@@ -188,28 +200,43 @@ def _section_per_class(report: Report, classes: list[str], group: list[RunData],
         report.image(path, "confusion matrices")
 
 
-def _section_gallery(report: Report, runs: Sequence[RunData], options: ReportOptions) -> None:
+def _section_gallery(report: Report, runs: Sequence[RunData], options: ReportOptions,
+                     skipped: list[str]) -> int:
+    """Draw each mixing run's gallery; return how many were drawn, a line per skipped run
+    appended to ``skipped``."""
     mixing = [r for r in runs if (r.config.get("mix") or {}).get("name", "none") != "none"]
     report.add("## Mixed images", "")
     if not mixing:
+        skipped.append("--gallery: no mixing run among the runs")
         report.add("No mixing run among the runs.", "")
-        return
+        return 0
     report.add("Drawn with each run's mixer and trained model (`last.pt`) as a training step "
                "would: a uniform background batch, a class-weighted foreground batch; "
                "OTmix uses an OT epoch and the validation confusion matrix. λ is the "
                "background's label weight (paper Fig. 5).", "")
+    drawn = 0
     for run in mixing:
         if not (run.path / "last.pt").is_file():
-            report.add(f"{run.label}: no `last.pt`, skipped.", "")
+            reason = "no last.pt (committed results keep no checkpoint; train the run to draw it)"
+        else:
+            try:
+                g = mixed_pairs(run.path, n=options.gallery_size, data_path=options.data_path,
+                                seed=options.seed, device=options.device)
+                reason = ""
+            except OtltError as exc:  # e.g. its dataset not found: say so, draw the others
+                reason = str(exc)
+        if reason:
+            skipped.append(f"--gallery: skipped {run.label}: {reason}")
+            report.add(f"{run.label}: skipped, {reason}.", "")
             continue
-        g = mixed_pairs(run.path, n=options.gallery_size, data_path=options.data_path,
-                        seed=options.seed, device=options.device)
+        drawn += 1
         kind = "OT-chosen backgrounds" if g.ot else "random backgrounds"
         path = plots.mixed_gallery(g.fore, g.back, g.mixed, g.fore_labels, g.back_labels,
                                    g.lams, run.classes, report.figure_path(f"gallery_{run.label}"),
                                    title=f"{run.label}: {kind}; λ = the background's share "
                                          "of the pixels and of the label")
         report.image(path, f"mixed images of {run.label}")
+    return drawn
 
 
 def _section_tsne(report: Report, runs: Sequence[RunData], options: ReportOptions) -> None:
