@@ -180,13 +180,16 @@ def check_one_rank_group(device: str, work: Path, out: Path, env: dict) -> dict:
     return result
 
 
+REAL_EPOCHS = 4
+
+
 def real_run(data: Path | None, work: Path) -> tuple[Path, list[str]]:
     """CIFAR-10-LT (ResNet-32, OTmix, 4 epochs) on ``data``, else the tiny OTmix run."""
     if data is None:
         tiny, config = tiny_setup(work)
-        return config, [*RUN, f"data.path={tiny}", "optim.epochs=4"]
+        return config, [*RUN, f"data.path={tiny}", f"optim.epochs={REAL_EPOCHS}"]
     config = ROOT / "configs" / "cifar10_lt_r100_erm_otmix.yaml"
-    return config, [f"data.path={data}", "optim.epochs=4", "optim.milestones=[2, 3]",
+    return config, [f"data.path={data}", f"optim.epochs={REAL_EPOCHS}", "optim.milestones=[2, 3]",
                     "optim.gammas=[0.1, 0.01]", "optim.warmup_epochs=1",
                     "train.keep_epochs=[]", "mix.skip_first=1", "mix.skip_last=0",
                     "mix.params.plan_epochs=[]", "eval.bn_probe_every=0",
@@ -218,9 +221,11 @@ def check_kill_resume(device: str, data: Path | None, work: Path, out: Path,
             time.sleep(0.05)
         time.sleep(epoch_seconds / 2)  # into the second epoch
         killed_at = metrics.read_text().count("\n") if metrics.is_file() else 0
+        alive = proc.poll() is None  # a run that already ended was not killed mid-run
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     result["killed_after_epochs"] = killed_at
+    result["killed_while_running"] = alive
     result["resume"] = command([*train, "train", "--resume", str(runs / "part")],
                                out / "kill_resume.log", 3 * STEP_TIMEOUT, env)
     if result["resume"]["rc"] != 0:
@@ -229,7 +234,8 @@ def check_kill_resume(device: str, data: Path | None, work: Path, out: Path,
                                                             runs / "part" / "last.pt")
     a, b = (json.loads((runs / r / "eval.json").read_text()) for r in ("full", "part"))
     result["test_top1_error"] = [a["top1_error"], b["top1_error"]]
-    result["passed"] = result["max_weight_difference"] == 0.0 and killed_at >= 1
+    result["passed"] = (result["max_weight_difference"] == 0.0 and alive
+                        and 1 <= killed_at < REAL_EPOCHS)
     return result
 
 
@@ -287,8 +293,8 @@ def main() -> int:
     parser.add_argument("--slow", type=float, default=1.0,
                         help="multiply every step's time limit (a dry run on a busy CPU)")
     args = parser.parse_args()
-    global STEP_TIMEOUT
-    STEP_TIMEOUT = int(STEP_TIMEOUT * args.slow)
+    global STEP_TIMEOUT, TESTS_TIMEOUT
+    STEP_TIMEOUT, TESTS_TIMEOUT = int(STEP_TIMEOUT * args.slow), int(TESTS_TIMEOUT * args.slow)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = out.parent / f"{out.name}_work"

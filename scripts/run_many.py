@@ -319,7 +319,6 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted):
         interrupted = True
         print("run_many: interrupted; stopping the runs", flush=True)
-        stop_children(runs)
     finally:
         signal.signal(signal.SIGTERM, previous)
         stop_children(runs)  # no-op unless an unexpected error left some running

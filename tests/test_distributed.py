@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import socket
@@ -81,7 +82,8 @@ def test_local_rank_selects_the_cuda_device(monkeypatch):
     assert device == torch.device("cuda", 1) and chosen == [device] and groups == ["nccl"]
     # NCCL bound to this process's GPU, and a dead peer fails the others after `timeout` s
     assert options[0]["timeout"].total_seconds() == 42
-    assert options[0].get("device_id", device) == device  # torch >= 2.3 takes device_id
+    if "device_id" in inspect.signature(distributed.dist.init_process_group).parameters:
+        assert options[0]["device_id"] == device  # torch >= 2.3 binds NCCL to the GPU
     assert distributed.setup_process(torch.device("cpu")) == torch.device("cpu")
     assert groups == ["nccl", "gloo"] and "device_id" not in options[1]
     # a group joined here is left at exit even when the caller never tears it down
@@ -358,7 +360,4 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_zip, tmp_path, 
     assert worst < 1e-9, worst
     # Recalibration draws the global batches alike on every rank: the same statistics.
     ea, eb = (json.loads((runs / r / "eval.json").read_text()) for r in ("one", "two"))
-    assert ea["confusion_matrix"] == eb["confusion_matrix"]
-    ea = json.loads((runs / "one" / "eval.json").read_text())
-    eb = json.loads((runs / "two" / "eval.json").read_text())
     assert ea["confusion_matrix"] == eb["confusion_matrix"]

@@ -48,10 +48,10 @@ def strict_records(path: Path) -> list[dict]:
 
 
 def test_guard_follows_the_first_bad_step_on_the_device():
-    guard = LossGuard(torch.device("cpu"))
-    for step, value in enumerate([2.5, 1.5, math.inf, 0.5, math.nan]):
-        guard.update(step, torch.tensor(value))
-    assert int(guard.first_bad) == 2 and float(guard.last_finite) == 1.5
+    guard = LossGuard()
+    for value in [2.5, 1.5, math.inf, 0.5, math.nan]:
+        guard.update(torch.tensor(value * 4), 4)
+    assert guard.first_bad_and_last_finite() == (2, 1.5)
     guard.check(12.0, epoch=0, epochs=3, steps=5)  # a finite epoch total: nothing to say
     with pytest.raises(OtltError, match=r"epoch 4/6 at step 3 of 5 \(last finite loss 1.5, "
                                         r"step 2\).*last.pt holds the run after epoch 3"):

@@ -42,7 +42,7 @@ class ImageArrays:
         What a run directory records of each split (``splits.json``), so a resume notices
         other images behind the same images per class. Hashing the decoded pixels, not the
         files, keeps a dataset moved from a zip into a folder the same split; it reads every
-        byte once (CIFAR's 60k images: about 0.1 s)."""
+        byte once."""
         h = hashlib.sha256(repr(self.images.shape).encode())
         h.update(np.ascontiguousarray(self.images).data)
         h.update(self.labels.astype("<i8").tobytes())

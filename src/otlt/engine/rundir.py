@@ -179,3 +179,13 @@ def check_splits(run_dir: Path, data: Any) -> None:
                         "same images per class, but other images or order in "
                         f"{', '.join(changed)}; the digests hash decoded pixels, so a JPEG "
                         f"decoder that decodes differently counts as other images); {hint}")
+
+
+def write_artifacts(run_dir: Path, artifacts: dict[str, Any]) -> None:
+    """Write a method's JSON artifacts (``{relative name: object}``, e.g. OTmix's sample
+    plans) into ``run_dir``; a refused write is one line (:func:`otlt.errors.writing`)."""
+    for name, obj in artifacts.items():
+        path = Path(run_dir) / name
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(obj))

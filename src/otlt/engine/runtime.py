@@ -8,8 +8,31 @@ from pathlib import Path
 
 import torch
 
-from otlt.config import RunConfig
+from otlt.config import RunConfig, TrainConfig
+from otlt.engine.distributed import is_distributed
+from otlt.engine.syncbn import convert_sync_batchnorm
 from otlt.errors import OtltError
+from otlt.models.precision import to_float64
+
+
+def place_model(model: torch.nn.Module, train: TrainConfig,
+                device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(model, step_model)``: ``model`` on ``device`` as ``train.*`` asks (float64,
+    channels-last, synchronised BatchNorm under ``torch.distributed``), and what the step
+    calls: the model itself, compiled (``train.compile``) and wrapped in
+    DistributedDataParallel under ``torch.distributed``. Checkpoints hold ``model``."""
+    model.to(device)
+    if train.float64:
+        to_float64(model)
+    if train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if is_distributed() and train.sync_bn:  # torch's on CUDA, ours elsewhere (gloo)
+        model = convert_sync_batchnorm(model, device.type)
+    step_model = torch.compile(model) if train.compile else model
+    if is_distributed():
+        ids = [device.index] if device.type == "cuda" else None
+        step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=ids)
+    return model, step_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,7 +55,7 @@ def configure_kernels(device: torch.device, deterministic: bool) -> None:
     kernels the engine uses are deterministic either way."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic

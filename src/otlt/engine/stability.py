@@ -41,23 +41,34 @@ def backward_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor,
 
 
 class LossGuard:
-    """An epoch's watch on the training loss, on the device.
+    """An epoch's watch on the training loss: the steps' summed losses, kept as the device
+    tensors they are (no kernel and no host synchronisation per step), looked at once, at
+    the end of the epoch.
 
-    ``first_bad``: the first step (0-based) whose mean loss was inf or NaN, -1 while none;
-    ``last_finite``: the mean loss of the last step before it (NaN while none).
+    ``first_bad``: the first step (0-based) whose mean loss was inf or NaN, -1 if none;
+    ``last_finite``: the mean loss of the last step before it (NaN if none).
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.last_finite = torch.full((), math.nan, device=device)
+    def __init__(self) -> None:
+        self._steps: list[tuple[torch.Tensor, int]] = []
 
-    def update(self, step: int, loss: torch.Tensor) -> None:
-        """Note step ``step``'s mean loss (a 0-dim tensor; no synchronisation)."""
-        loss = loss.detach().float()
-        clean = self.first_bad < 0
-        finite = torch.isfinite(loss)
-        self.last_finite = torch.where(clean & finite, loss, self.last_finite)
-        self.first_bad = torch.where(clean & ~finite, step, self.first_bad)
+    def update(self, loss: torch.Tensor, n: int) -> None:
+        """Note the next step's loss summed over its ``n`` rows (a 0-dim tensor)."""
+        self._steps.append((loss.detach(), n))
+
+    def total(self) -> torch.Tensor:
+        """The epoch's summed loss, on the device (0 before the first step)."""
+        if not self._steps:
+            return torch.zeros(())
+        return torch.stack([loss.float() for loss, _ in self._steps]).sum()
+
+    def first_bad_and_last_finite(self) -> tuple[int, float]:
+        """``(first_bad, last_finite)`` of the class docstring (one read of the steps)."""
+        means = torch.tensor([float(loss) / n for loss, n in self._steps])
+        bad = (~torch.isfinite(means)).nonzero()
+        first = int(bad[0]) if len(bad) else -1
+        before = means if first < 0 else means[:first]
+        return first, float(before[-1]) if len(before) else math.nan
 
     def check(self, total_loss: float, epoch: int, epochs: int, steps: int) -> None:
         """Raise :class:`OtltError` when the epoch's summed loss ``total_loss`` (over every
@@ -65,7 +76,7 @@ class LossGuard:
         step of this rank and the last finite loss before it."""
         if math.isfinite(total_loss):
             return
-        first, last = int(self.first_bad), float(self.last_finite)
+        first, last = self.first_bad_and_last_finite()
         if first < 0:
             where = "on another process (this one's stayed finite)"
         else:

@@ -106,14 +106,17 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str) -> nn.Module:
     buffer tensors (like ``SyncBatchNorm.convert_sync_batchnorm``); returns the converted
     module (in place where possible).
 
-    Layers already synchronised (``SyncBatchNorm`` on CUDA, ``GlobalBatchNorm2d``) stay as
-    they are. Any other BatchNorm subclass (timm's ``BatchNormAct2d`` adds an activation in
+    Layers already synchronised stay synchronised (``GlobalBatchNorm2d`` untouched; on CUDA,
+    after the check, the conversion is torch's own, which rebuilds ``SyncBatchNorm`` layers on
+    the same tensors). Any other BatchNorm subclass (timm's ``BatchNormAct2d`` adds an activation in
     its ``forward``, which a conversion would drop), and what the device's layer cannot do,
     raise :class:`OtltError` naming the module; the model is checked before anything changes.
     """
     for name, child in module.named_modules():
         _check_convertible(f"model.{name}" if name else "model", child, device_type)
-    return _convert(module, device_type)
+    if device_type == "cuda":  # only plain layers (or SyncBatchNorm) are left: torch's own
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _convert_global(module)
 
 
 def _check_convertible(path: str, child: nn.Module, device_type: str) -> None:
@@ -137,11 +140,11 @@ def _check_convertible(path: str, child: nn.Module, device_type: str) -> None:
                         "ranks after every epoch) or use plain BatchNorm layers")
 
 
-def _convert(module: nn.Module, device_type: str) -> nn.Module:
-    if type(module) in _PLAIN:
-        kind = nn.SyncBatchNorm if device_type == "cuda" else GlobalBatchNorm2d
-        new = kind(module.num_features, module.eps, module.momentum, module.affine,
-                   module.track_running_stats)
+def _convert_global(module: nn.Module) -> nn.Module:
+    """Every (checked) ``nn.BatchNorm2d`` to a :class:`GlobalBatchNorm2d` on the same tensors."""
+    if type(module) is nn.BatchNorm2d:
+        new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum,
+                                module.affine, module.track_running_stats)
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
         new.running_mean, new.running_var = module.running_mean, module.running_var
@@ -149,5 +152,5 @@ def _convert(module: nn.Module, device_type: str) -> nn.Module:
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        setattr(module, name, _convert(child, device_type))
+        setattr(module, name, _convert_global(child))
     return module

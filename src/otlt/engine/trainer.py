@@ -10,7 +10,7 @@ probe, ``best.safetensors``, ``eval.json``) is
 :class:`~otlt.engine.procedure.EvaluationProcedure` (``self.evaluation``); the trainer gives
 it the data access, :meth:`Trainer.confusion_on` and :meth:`Trainer.bn_batches`, which the
 streaming trainer overrides. The module stays whole
-(about 500 lines): the epoch loop, the checkpoint state (``last.pt``: model, optimizer, loss,
+(about 480 lines): the epoch loop, the checkpoint state (``last.pt``: model, optimizer, loss,
 generator, mixer) and the data access read and write the same run state. What needs no run
 state lives below: :mod:`~otlt.engine.runtime` (device, precision, data on the device, run
 directory), :mod:`~otlt.engine.rundir` (the run directory's lock, its stored config),
@@ -23,7 +23,6 @@ batches), :mod:`~otlt.engine.distributed` (ranks, shards, counters),
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from collections.abc import Iterator, Sized
@@ -50,7 +49,6 @@ from otlt.engine.distributed import (
     all_reduce_sum,
     average_buffers,
     global_batches,
-    is_distributed,
     is_main_process,
     on_main_then_share,
     rank_slice,
@@ -66,25 +64,25 @@ from otlt.engine.rundir import (
     check_stored_config,
     claim_run_dir,
     holding,
+    write_artifacts,
     write_splits,
 )
 from otlt.engine.runtime import (
     DeviceSplit,
     autocast_dtype,
     configure_kernels,
+    place_model,
     resolve_device,
 )
 from otlt.engine.schedule import step_lr
 from otlt.engine.stability import LossGuard, backward_step, grad_scaler
-from otlt.engine.syncbn import convert_sync_batchnorm
 from otlt.engine.timelimit import TimeLimit
 from otlt.engine.weights import SUFFIX, load_model_state, save_weights
-from otlt.errors import OtltError, reason, require, writing
+from otlt.errors import OtltError, reason, require
 from otlt.losses import batch_loss, create_loss
 from otlt.mixing import create_mixer
 from otlt.models import create_model
 from otlt.models.features import feature_fn
-from otlt.models.precision import to_float64
 
 
 class Trainer:
@@ -157,18 +155,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.model = create_model(cfg.model.name, self.num_classes, head=cfg.model.head,
                                   generator=torch.Generator().manual_seed(cfg.seed))
-        self.model.to(self.device)
-        if cfg.train.float64:
-            to_float64(self.model)
-        if cfg.train.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        if is_distributed() and cfg.train.sync_bn:  # torch's on CUDA, ours elsewhere (gloo)
-            self.model = convert_sync_batchnorm(self.model, self.device.type)
-        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
-        if is_distributed():
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_model = torch.nn.parallel.DistributedDataParallel(self.step_model,
-                                                                        device_ids=ids)
+        self.model, self.step_model = place_model(self.model, cfg.train, self.device)
         o = cfg.optim
         self.optimizer = torch.optim.SGD(self.trainable_parameters(), lr=o.lr,
                                          momentum=o.momentum, weight_decay=o.weight_decay,
@@ -226,10 +213,10 @@ class Trainer:
                              f"{self.run_dir} does not fit this run's model")
             self.optimizer.load_state_dict(state["optimizer"])
             self.loss.load_state_dict(state["loss"])
-            self.generator.set_state(state["generator"].cpu())
-            torch.set_rng_state(state["torch_rng"].cpu())
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
             if "cuda_rng" in state and self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             if self.mixer is not None and "mixer" in state:
                 self.mixer.load_state_dict(state["mixer"])
             if self.scaler is not None and "scaler" in state:
@@ -346,10 +333,9 @@ class Trainer:
         if self.mixer is not None:
             self.mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=self.generator)
         batches = self.epoch_batches(epoch)
-        total_loss = torch.zeros((), device=self.device)
         total_correct = torch.zeros((), device=self.device)
         seen = 0
-        guard = LossGuard(self.device)  # a non-finite loss stops the run, read at epoch end
+        guard = LossGuard()  # the steps' losses; a non-finite one stops the run (epoch end)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", leave=False,
                    disable=not (self.cfg.train.progress and is_main_process()),
                    file=sys.stderr, dynamic_ncols=True)
@@ -358,14 +344,13 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, correct, n = self.train_step(idx, mixing)
-            guard.update(step, loss_sum / n)
+            guard.update(loss_sum, n)
             if not bar.disable and step % 10 == 0:  # .item() syncs the device: not every step
                 bar.set_postfix(loss=f"{float(loss_sum) / n:.3f}", refresh=False)
-            total_loss += loss_sum
             total_correct += correct
             seen += n
         bar.close()
-        totals = all_reduce_sum(torch.stack([total_loss, total_correct,
+        totals = all_reduce_sum(torch.stack([guard.total().to(self.device), total_correct,
                                              torch.tensor(float(seen), device=self.device)]))
         loss_sum, correct_sum, count = totals.tolist()
         guard.check(loss_sum, epoch, self.cfg.optim.epochs, len(batches))
@@ -466,7 +451,9 @@ class Trainer:
         self.evaluation.select(epoch, record, model, trained_mixer)
         if self.mixer is not None:
             record.update(self.mixer.end_epoch(val_confusion))
-            self._write_artifacts(self.mixer.pop_artifacts())
+            artifacts = self.mixer.pop_artifacts()
+            if is_main_process():
+                write_artifacts(self.run_dir, artifacts)
         record["epoch_seconds"] = time.perf_counter() - start
         self._keep_weights(epoch, trained_mixer)
         return record
@@ -489,13 +476,3 @@ class Trainer:
         folder.mkdir(exist_ok=True)
         save_weights(folder / f"epoch_{epoch:03d}{SUFFIX}", unwrap(self.model).state_dict(),
                      epoch=epoch, mixer=mixer_state)
-
-    def _write_artifacts(self, artifacts: dict[str, Any]) -> None:
-        """Write a method's JSON artifacts (e.g. OTmix sample plans) into the run directory."""
-        if not is_main_process():
-            return
-        for name, obj in artifacts.items():
-            path = self.run_dir / name
-            with writing(path):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(obj))

@@ -169,7 +169,6 @@ class OTMixCallback(Callback):
         if self._epochs is None:
             self.on_train_start(trainer, pl_module)
         epoch, total = trainer.current_epoch, self._epochs
-        assert total is not None
         self._mixing = self.skip_first <= epoch < total - self.skip_last
         self.otmix.set_epoch(epoch, total, generator=self.generator)
 

@@ -90,8 +90,9 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path,
         _section_tsne(report, runs, options)
     path = out / "report.md"
     path.write_text("\n".join(report.lines).rstrip() + "\n")
-    for line in skipped:
-        (notice or (lambda _line: None))(line)
+    if notice is not None:
+        for line in skipped:
+            notice(line)
     if options.gallery and not drawn:
         raise OtltError(f"--gallery drew nothing ({'; '.join(skipped)}); {path} was written "
                         "without it")
