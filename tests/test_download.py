@@ -144,3 +144,26 @@ def test_missing_data_names_the_download_command(tmp_path, monkeypatch):
     monkeypatch.delenv("OTLT_DATA", raising=False)
     with pytest.raises(OtltError, match="otlt data download cifar10"):
         find_data("cifar10", search_dirs=[tmp_path])
+
+
+def test_a_refused_write_fails_at_once_naming_the_file(server, tmp_path, monkeypatch):
+    import errno
+    import io
+
+    import otlt.data.download as download
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    opened = Path.open
+    monkeypatch.setattr(Path, "open", lambda self, mode="r", *a, **k: FullDisk()
+                        if self.suffix == ".part" and "b" in mode and "r" not in mode
+                        else opened(self, mode, *a, **k))
+    monkeypatch.setattr(download.time, "sleep", lambda s: pytest.fail("a write was retried"))
+    with pytest.raises(OtltError) as err:
+        download_dataset("cifar10", tmp_path, url=server, md5=MD5, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and "No space left on device" in message
+    assert message.startswith(f"cannot write {tmp_path / 'cifar-10-python.tar.gz.part'}")
+    assert _RangeHandler.sent == len(PAYLOAD)  # one request, no retry

@@ -7,6 +7,8 @@ stopped (an HTTP ``Range`` request): a connection that closes early (fewer bytes
 a short backoff, and a killed process resumes on the next run. Only a complete file is
 hashed, and it gets its final name only once its MD5 is the published one. A mismatch
 removes the partial file and says so; nothing half-written is ever left under the final name.
+A write the machine refuses (a full disk, a read-only folder) is not a network error: it
+stops the download at once with one line naming the file, without retries.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from otlt.errors import OtltError
+from otlt.errors import OtltError, writing
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ def download_dataset(name: str, root: str | Path = "data", *, url: str | None = 
         part.unlink()
         raise OtltError(f"{url}: MD5 {got} is not the expected {md5}; the download was "
                         "removed (a changed or damaged file, or a wrong mirror)")
-    part.replace(final)
+    with writing(final):
+        part.replace(final)
     return final
 
 
@@ -103,7 +106,8 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> tuple[int, i
     ignores the range); return ``(bytes in part, expected total or None if unknown)``.
 
     A connection that closes or fails mid-body returns a short count rather than raising:
-    the caller retries from there."""
+    the caller retries from there. A write of ``part`` the machine refuses (a full disk, a
+    read-only folder) raises a one-line :class:`OtltError` naming it at once."""
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
@@ -122,17 +126,23 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> tuple[int, i
             have = 0
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
-        with part.open("ab" if resumed else "wb") as handle, tqdm(
+        with writing(part), part.open("ab" if resumed else "wb") as handle, tqdm(
                 total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5],
                 disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-            try:
-                for block in iter(lambda: response.read(CHUNK), b""):
-                    handle.write(block)
-                    bar.update(len(block))
-                    have += len(block)
-            except (OSError, http.client.HTTPException):
-                pass  # reset or timed out mid-body: a short read, retried by the caller
+            while block := _read(response):
+                handle.write(block)  # a refused write is no network error: never retried
+                bar.update(len(block))
+                have += len(block)
     return have, total
+
+
+def _read(response) -> bytes:
+    """The next chunk of ``response``'s body; ``b""`` at its end, and also when the
+    connection is reset or times out mid-body (a short read the caller retries)."""
+    try:
+        return response.read(CHUNK)
+    except (OSError, http.client.HTTPException):
+        return b""
 
 
 __all__ = ["DOWNLOADS", "download_dataset", "md5_of"]
