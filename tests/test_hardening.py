@@ -69,6 +69,43 @@ def test_bad_values_stop_before_any_data_is_read(tiny_zip, tmp_path, config, cap
     assert not (tmp_path / "runs" / "tiny").exists()
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("mix.params={bogus: 1}", "unknown option(s) bogus for mixer 'otmix'"),
+    ("loss.params={bogus: 1}", "loss 'ce' got unknown parameter(s) bogus"),
+    ("model.name=resnet21", "unknown model 'resnet21'"),
+])
+def test_a_bad_component_fails_before_data_or_run_directory(tiny_zip, tmp_path, config,
+                                                            capsys, monkeypatch, override,
+                                                            needle):
+    """Issue 32 item 3: the loss, mixer and model are checked before the data is read."""
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the config was checked")
+
+    monkeypatch.setattr("otlt.engine.trainer.prepare_data", no_data)
+    args = tiny_overrides(tiny_zip, tmp_path / "runs") + ["mix.name=otmix", override]
+    assert main(["train", "--config", str(config), *sets(args)]) == 2
+    one_line_error(capsys, needle)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("made", [False, True])
+def test_missing_data_leaves_no_run_directory_it_made(tmp_path, config, capsys, made):
+    """A run directory this call made is removed when the trainer cannot be built; one that
+    existed before stays (and so does what is in it)."""
+    if made:
+        (tmp_path / "runs" / "tiny").mkdir(parents=True)
+        (tmp_path / "runs" / "keep.txt").write_text("")
+    args = tiny_overrides(tmp_path / "missing.zip", tmp_path / "runs")
+    assert main(["train", "--config", str(config), *sets(args)]) == 2
+    one_line_error(capsys, "missing.zip")
+    if made:
+        left = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*")}
+        assert left - {"runs/tiny/.lock"} == {"runs/keep.txt", "runs/tiny"}
+        assert rundir._HELD == {}
+    else:
+        assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("files,needle", [
     ({"c.yaml": ""}, "is empty"),
     ({"c.yaml": "name: [unclosed\n"}, "not valid YAML at line"),

@@ -18,9 +18,9 @@ import yaml
 
 from otlt.config import RunConfig, apply_overrides, build_config, load_raw, parse_override, to_dict
 from otlt.engine.factory import create_trainer
+from otlt.engine.preflight import check_components
+from otlt.engine.runtime import run_dir_path
 from otlt.errors import OtltError, require
-from otlt.losses import create_loss
-from otlt.mixing import create_mixer
 
 
 @dataclass(frozen=True)
@@ -70,17 +70,8 @@ def plan_sweep(config: str | Path, key: str, values: Sequence[str],
         name = f"{base.name}_{key}={value}"
         cfg = build_config(apply_overrides(raw, [*overrides, f"{key}={value}", f"name={name}"]))
         check_components(cfg)
-        runs.append(SweepRun(value, cfg, Path(cfg.out_dir) / name))
+        runs.append(SweepRun(value, cfg, run_dir_path(cfg)))
     return runs
-
-
-def check_components(cfg: RunConfig) -> None:
-    """Construct the run's loss and mixer on made-up class counts to validate their params."""
-    counts = list(range(2 * cfg.num_classes, cfg.num_classes, -1))
-    create_loss(cfg.loss.name, counts, **cfg.loss.params)
-    if cfg.mix.name != "none":
-        create_mixer(cfg.mix.name, class_counts=counts, fraction=cfg.mix.fraction,
-                     **cfg.mix.params)
 
 
 def _same_config(stored: Path, cfg: RunConfig) -> bool:

@@ -8,7 +8,8 @@ from otlt.config import RunConfig
 from otlt.data.prepare import LongTailedData
 from otlt.data.streams import is_list_dataset
 from otlt.engine.reweight_trainer import Stage2Trainer
-from otlt.engine.rundir import release_run_dir
+from otlt.engine.rundir import abandon_run_dir, first_missing
+from otlt.engine.runtime import run_dir_path
 from otlt.engine.stream_trainer import StreamTrainer
 from otlt.engine.trainer import Trainer
 from otlt.errors import require
@@ -21,7 +22,9 @@ def create_trainer(cfg: RunConfig, run_dir: Path | None = None, resume: bool = F
     :class:`Trainer`. ``evaluate_only`` builds it on an existing run directory without
     writing there or loading ``last.pt`` (post-hoc evaluation loads the weights itself). A
     trainer that fails while it is built (bad data, a refused resume) releases the run
-    directory's lock (:mod:`~otlt.engine.rundir`) at once; ``fit`` releases it at its end."""
+    directory's lock (:mod:`~otlt.engine.rundir`) at once, and removes the directory if this
+    call made it and nothing but the lock is in it (a refused config leaves no empty run
+    directory behind); ``fit`` releases the lock at its end."""
     kwargs = {"run_dir": run_dir, "resume": resume, "data": data,
               "evaluate_only": evaluate_only}
     if is_list_dataset(cfg.data):
@@ -30,11 +33,13 @@ def create_trainer(cfg: RunConfig, run_dir: Path | None = None, resume: bool = F
         cls: type[Trainer] = StreamTrainer
     else:
         cls = Trainer if cfg.reweight.stage1 is None else Stage2Trainer
+    path = run_dir_path(cfg, run_dir)
+    created = None if evaluate_only else first_missing(path)
     try:
         return cls(cfg, **kwargs)
     except BaseException:  # one that failed while building leaves its run directory free
         if not evaluate_only:
-            release_run_dir(Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name)
+            abandon_run_dir(path, created)
         raise
 
 

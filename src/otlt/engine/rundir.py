@@ -8,8 +8,8 @@
   a lost node), so a stale lock never needs removing by hand. The lock is advisory and per
   open file description: a second ``open`` + ``flock`` conflicts even inside one process,
   which is why this process remembers the locks it holds and takes each directory once (a
-  trainer that failed while building keeps its lock until the next trainer of the same
-  process on that directory takes it over, or the process ends). Where ``fcntl`` does not
+  trainer that fails while it is built releases its lock at once:
+  :func:`otlt.engine.factory.create_trainer`). Where ``fcntl`` does not
   exist (Windows), or the file system refuses locks (``ENOLCK`` on some NFS mounts), runs
   go unlocked, with a warning in the second case.
 - **One config.** ``last.pt`` stores the config it was trained with; a ``config.yaml`` edited
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from otlt.config import RunConfig, build_config, config_changes, refuse_unsafe_changes
-from otlt.engine.runtime import open_run_dir
+from otlt.engine.runtime import open_run_dir, run_dir_path
 from otlt.errors import OtltError, writing
 
 try:
@@ -100,6 +100,40 @@ def release_run_dir(run_dir: Path) -> None:
     os.close(fd)  # closing the last descriptor of the open file releases the flock
 
 
+def first_missing(path: Path) -> Path | None:
+    """The topmost of ``path`` and its parents that does not exist yet (None if ``path``
+    exists): what making ``path`` would create."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def abandon_run_dir(run_dir: Path, created: Path | None) -> None:
+    """Release this process's lock on ``run_dir`` after its trainer failed while it was
+    built, and remove what building it made: if ``created`` (:func:`first_missing` before
+    the build) is ``run_dir`` or a parent of it, this process held the lock and nothing but
+    the lock file is in ``run_dir``, it goes, with the folders that became empty up to
+    ``created``. An existing run, or anything another process made, is never touched."""
+    held = fcntl is None or str(Path(run_dir).resolve()) in _HELD
+    try:
+        if not held or created not in (run_dir, *run_dir.parents) or any(
+                entry.name != LOCK_NAME for entry in run_dir.iterdir()):
+            return
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+        release_run_dir(run_dir)
+        for folder in (run_dir, *run_dir.parents):
+            folder.rmdir()  # refused when not empty: something else lives there
+            if folder == created:
+                break
+    except OSError:
+        pass
+    finally:
+        release_run_dir(run_dir)
+
+
 @contextmanager
 def holding(run_dir: Path) -> Iterator[None]:
     """Release this process's lock on ``run_dir`` when the block ends, however it ends (a
@@ -117,7 +151,7 @@ def claim_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool,
     a running trainer is reported as running, not as a run that stopped in its first epoch."""
     if evaluate_only:
         return open_run_dir(cfg, run_dir, resume, evaluate_only=True)
-    wanted = Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name
+    wanted = run_dir_path(cfg, run_dir)
     try:
         if wanted.is_dir():
             lock_run_dir(wanted)

@@ -85,11 +85,16 @@ class DeviceSplit:
         return len(self.labels)
 
 
+def run_dir_path(cfg: RunConfig, run_dir: str | Path | None = None) -> Path:
+    """The run's directory: ``run_dir`` when given, else ``cfg.out_dir/cfg.name``."""
+    return Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name
+
+
 def open_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool,
                  evaluate_only: bool = False) -> Path:
     """Create (or, for resume, check) the run directory without touching an existing run;
     ``evaluate_only`` only checks that it exists (post-hoc evaluation writes nothing here)."""
-    run_dir = Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name
+    run_dir = run_dir_path(cfg, run_dir)
     if evaluate_only:
         if not run_dir.is_dir():
             raise OtltError(f"run directory {run_dir} does not exist")

@@ -58,6 +58,7 @@ from otlt.engine.distributed import (
 )
 from otlt.engine.evaluation import evaluate
 from otlt.engine.logging import MetricsLogger
+from otlt.engine.preflight import check_components
 from otlt.engine.procedure import EvaluationProcedure
 from otlt.engine.rundir import (
     check_splits,
@@ -91,6 +92,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
                  data: LongTailedData | None = None, evaluate_only: bool = False):
         self.cfg = cfg
+        check_components(cfg)  # a typo in a loss, mixer or model fails before data is read
         # The process group comes first: only rank 0 touches the run directory, and an error
         # there reaches every rank.
         self.device = setup_process(resolve_device(cfg.train.device), cfg.train.dist_timeout)

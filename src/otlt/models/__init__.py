@@ -2,7 +2,7 @@
 
 from otlt.models.features import feature_fn
 from otlt.models.heads import NormedLinear
-from otlt.models.registry import HEADS, create_model, list_models, register_model
+from otlt.models.registry import HEADS, check_model, create_model, list_models, register_model
 from otlt.models.resnet import Bottleneck, ResNet, resnet50
 from otlt.models.resnet_cifar import (
     BasicBlock,
@@ -23,6 +23,7 @@ __all__ = [
     "NormedLinear",
     "OptionAShortcut",
     "ResNet",
+    "check_model",
     "create_model",
     "feature_fn",
     "list_models",

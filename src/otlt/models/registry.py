@@ -97,6 +97,14 @@ def create_model(
     -> (B, K)`` and its final layer as ``fc``. All initial weights are drawn from
     ``generator`` when one is given (the global RNG otherwise).
     """
+    factory = check_model(name, num_classes, head)
+    return factory(num_classes=num_classes, head=head, generator=generator)
+
+
+def check_model(name: str, num_classes: int, head: str = "linear") -> Callable[..., nn.Module]:
+    """Return model ``name``'s factory without building it; an unknown name or head, or a
+    bad ``num_classes``, is an :class:`OtltError` (what :func:`create_model` would raise
+    before any weight is drawn)."""
     key = name.strip().lower() if isinstance(name, str) else name
     if isinstance(key, str) and key.startswith("timm:"):
         factory = _timm_factory(name.strip()[5:])
@@ -110,4 +118,4 @@ def create_model(
         raise OtltError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise OtltError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return factory(num_classes=num_classes, head=head, generator=generator)
+    return factory

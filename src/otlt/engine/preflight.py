@@ -1,0 +1,30 @@
+"""Check a run's components before anything is read or written.
+
+A typo in ``loss.params``, ``mix.params`` or ``model.name`` is found by building the loss and
+the mixer on placeholder class counts and looking the model up (nothing is trained, no data
+is read), so it fails in a second with one line instead of after the dataset is decoded and
+the run directory made. The trainer calls :func:`check_components` first; ``otlt sweep``
+calls it for every point before the first run starts.
+"""
+
+from __future__ import annotations
+
+from otlt.config import RunConfig, mixer_params
+from otlt.losses import create_loss
+from otlt.mixing import create_mixer
+from otlt.models import check_model
+
+
+def check_components(cfg: RunConfig) -> None:
+    """Raise the :class:`~otlt.errors.OtltError` that building ``cfg``'s model, loss or
+    mixer would raise (an unknown name or option, a bad value), on made-up class counts."""
+    k = cfg.num_classes
+    check_model(cfg.model.name, k, cfg.model.head)
+    counts = list(range(2 * k, k, -1))  # any imbalanced counts do: the options are checked
+    create_loss(cfg.loss.name, counts, **cfg.loss.params)
+    if cfg.mix.name != "none":
+        create_mixer(cfg.mix.name, class_counts=counts, fraction=cfg.mix.fraction,
+                     **mixer_params(cfg))
+
+
+__all__ = ["check_components"]
