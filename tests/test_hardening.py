@@ -321,6 +321,19 @@ def test_a_hand_edited_config_is_refused_on_every_load(stopped_run, capsys, key,
     assert main(["eval", str(stopped_run)]) == 0
 
 
+def test_eval_and_probe_read_last_pt_once(stopped_run, monkeypatch):
+    """The config check and the weights share one read of ``last.pt`` (it holds the optimizer
+    state too: on ImageNet-LT hundreds of MB)."""
+    reads = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (
+        reads.append(self.name) if self.name == "last.pt" else None, read_bytes(self))[1])
+    for command in (["eval"], ["probe", "--bn-stats", "running"]):
+        reads.clear()
+        assert main([*command, str(stopped_run)]) == 0, command
+        assert reads == ["last.pt"], command
+
+
 def _hold_lock(folder: Path, pid: int, host: str) -> int:
     """Take the run directory's lock through a descriptor of our own, as another process
     would; returns the descriptor (closing it releases the lock)."""

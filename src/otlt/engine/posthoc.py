@@ -30,7 +30,13 @@ from otlt.engine.distributed import unwrap
 from otlt.engine.factory import create_trainer
 from otlt.engine.rundir import check_stored_config
 from otlt.engine.trainer import Trainer
-from otlt.engine.weights import SUFFIX, WeightsFile, load_model_state, read_weights
+from otlt.engine.weights import (
+    SUFFIX,
+    WeightsFile,
+    checkpoint_weights,
+    load_model_state,
+    read_weights,
+)
 from otlt.errors import OtltError, require
 from otlt.metrics import select_value
 
@@ -70,16 +76,31 @@ def weights_path(run_dir: Path, checkpoint: str) -> Path:
                     f"(looked for {', '.join(str(p) for p in candidates)})")
 
 
-def run_config(run_dir: Path, data_path: str | None) -> RunConfig:
-    """The run's resolved config (``config.yaml``, else the one inside ``last.pt``); a
-    ``config.yaml`` that differs from the config inside ``last.pt`` (edited by hand) is refused.
-    A run without ``last.pt`` (a committed result: weights only) has nothing to compare."""
+def read_last(run_dir: Path) -> dict[str, Any] | None:
+    """The state in the run's ``last.pt`` (on the CPU); None for a run without one."""
+    path = run_dir / "last.pt"
+    return load_checkpoint(path) if path.is_file() else None
+
+
+def weights_from(path: Path, run_dir: Path, last: dict[str, Any] | None) -> WeightsFile:
+    """The weights in ``path``; those of ``last.pt`` from ``last`` (:func:`read_last`), read
+    once already."""
+    if last is not None and Path(path).resolve() == (run_dir / "last.pt").resolve():
+        return checkpoint_weights(last)
+    return read_weights(path)
+
+
+def run_config(run_dir: Path, data_path: str | None, last: dict[str, Any] | None) -> RunConfig:
+    """The run's resolved config (``config.yaml``, else the one inside ``last.pt``, whose
+    state ``last`` is: :func:`read_last`); a ``config.yaml`` that differs from the config
+    inside ``last.pt`` (edited by hand) is refused. A run without ``last.pt`` (a committed
+    result: weights only) has nothing to compare."""
     if (run_dir / "config.yaml").is_file():
         cfg = build_config(load_raw(run_dir / "config.yaml"))
-        if (run_dir / "last.pt").is_file():
-            check_stored_config(load_checkpoint(run_dir / "last.pt").get("config"), cfg, run_dir)
-    elif (run_dir / "last.pt").is_file():
-        cfg = build_config(load_checkpoint(run_dir / "last.pt")["config"])
+        if last is not None:
+            check_stored_config(last.get("config"), cfg, run_dir)
+    elif last is not None:
+        cfg = build_config(last["config"])
     else:
         raise OtltError(f"{run_dir} holds no config.yaml or last.pt (is it an otlt run?)")
     if data_path is not None:
@@ -93,12 +114,13 @@ def checkpoint_label(path: Path) -> str:
     return stem if stem in CHECKPOINTS or stem.startswith("epoch_") else stem or "weights"
 
 
-def evaluation_trainer(run_dir: Path, data_path: str | None = None, many: int | None = None,
-                       few: int | None = None, bn_batches: int | None = None,
-                       device: str | None = None) -> Trainer:
+def evaluation_trainer(run_dir: Path, last: dict[str, Any] | None, data_path: str | None = None,
+                       many: int | None = None, few: int | None = None,
+                       bn_batches: int | None = None, device: str | None = None) -> Trainer:
     """The run rebuilt for evaluation only (its data, model, mixer; nothing written) on
-    ``device`` (None: the run's ``train.device``; weights are read to the CPU, then moved)."""
-    cfg = run_config(run_dir, data_path)
+    ``device`` (None: the run's ``train.device``; weights are read to the CPU, then moved);
+    ``last``: its ``last.pt`` state (:func:`read_last`)."""
+    cfg = run_config(run_dir, data_path, last)
     if device is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
     elif cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
@@ -139,11 +161,13 @@ def evaluate_loaded(trainer: Trainer, epoch: int, mode: str, split: str) -> dict
 def evaluate_weights(run_dir: Path, weights: WeightsFile, bn_stats: str | None = None,
                      split: str = "test", data_path: str | None = None,
                      many: int | None = None, few: int | None = None,
-                     device: str | None = None) -> dict[str, Any]:
+                     device: str | None = None,
+                     last: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate ``weights`` of the run in ``run_dir`` on ``split`` under ``bn_stats``
     (default: the run's ``eval.bn_stats``) on ``device`` (default: the run's); returns the
-    ``eval.json``-style record."""
-    trainer = evaluation_trainer(run_dir, data_path, many, few, device=device)
+    ``eval.json``-style record. ``last``: the run's ``last.pt`` state if read already."""
+    last = last if last is not None else read_last(run_dir)
+    trainer = evaluation_trainer(run_dir, last, data_path, many, few, device=device)
     load_into(trainer, weights)
     return evaluate_loaded(trainer, weights.epoch, bn_stats or trainer.cfg.eval.bn_stats, split)
 
@@ -168,20 +192,20 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
     ``balanced_acc``) per (epoch, procedure)."""
     run_dir = Path(run_dir)
     kept = kept_weights(run_dir)
-    if (run_dir / "last.pt").is_file():
-        last = read_weights(run_dir / "last.pt")
-        kept.setdefault(last.epoch, run_dir / "last.pt")
+    last = read_last(run_dir)
+    if last is not None:
+        kept.setdefault(int(last["epoch"]), run_dir / "last.pt")
     chosen = sorted(kept) if epochs is None else list(epochs)
     missing = [e for e in chosen if e not in kept]
     require(not missing, f"{run_dir} keeps no weights for epoch(s) {missing} (kept: "
                          f"{sorted(kept) or 'none'}; train with train.keep_epochs or keep_every)")
     for mode in modes:
         require(mode in BN_STATS, f"--bn-stats must be among {', '.join(BN_STATS)}, got {mode!r}")
-    trainer = evaluation_trainer(run_dir, data_path, bn_batches=bn_batches, device=device)
+    trainer = evaluation_trainer(run_dir, last, data_path, bn_batches=bn_batches, device=device)
     records = []
     for epoch in tqdm(chosen, desc=f"probe {run_dir.name}", disable=not progress,
                       file=sys.stderr, dynamic_ncols=True):
-        weights = read_weights(kept[epoch])
+        weights = weights_from(kept[epoch], run_dir, last)
         load_into(trainer, weights)
         for mode in modes:
             r = evaluate_loaded(trainer, weights.epoch, mode, split)
@@ -210,8 +234,9 @@ def evaluate_run(target: Path, checkpoint: str = "last", bn_stats: str | None = 
         raise OtltError(f"--checkpoint {checkpoint} belongs to run {owner}, not to {run_dir} "
                         f"(it would be evaluated with {run_dir}'s config and filed there); "
                         f"evaluate it in its own run: otlt eval {path}")
-    result = evaluate_weights(run_dir, read_weights(path), bn_stats, split, data_path, many, few,
-                              device)
+    last = read_last(run_dir)  # read once: the config check and, for last.pt, the weights
+    result = evaluate_weights(run_dir, weights_from(path, run_dir, last), bn_stats, split,
+                              data_path, many, few, device, last)
     label = checkpoint_label(path)
     result = {**result, "checkpoint": label, "weights": str(path)}
     suffix = "" if split == "test" else f"_{split}"

@@ -97,7 +97,11 @@ def read_weights(path: Path) -> WeightsFile:
     path = Path(path)
     if path.suffix == SUFFIX:
         return load_weights(path)
-    state = load_checkpoint(path)
+    return checkpoint_weights(load_checkpoint(path))
+
+
+def checkpoint_weights(state: dict[str, Any]) -> WeightsFile:
+    """The weights (model, epoch, tensor mixer state) of a checkpoint read already."""
     mixer = {k: v for k, v in (state.get("mixer") or {}).items() if isinstance(v, torch.Tensor)}
     return WeightsFile(model=state["model"], epoch=int(state["epoch"]), mixer=mixer)
 
@@ -136,5 +140,5 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], failure: str
         raise OtltError(f"{failure} ({reason(exc)})") from None
 
 
-__all__ = ["SUFFIX", "WeightsFile", "load_model_state", "load_weights", "read_weights",
-           "save_weights", "state_mismatch"]
+__all__ = ["SUFFIX", "WeightsFile", "checkpoint_weights", "load_model_state", "load_weights",
+           "read_weights", "save_weights", "state_mismatch"]
