@@ -24,6 +24,14 @@ def evaluate(model: torch.nn.Module, split: DeviceSplit, num_classes: int, batch
     mine = torch.arange(rank(), len(split), world_size(), device=split.labels.device)
     batches = ((eval_transform(split.images[idx]), split.labels[idx])
                for idx in mine.split(batch_size))
+    return summed_confusion(model, batches, num_classes, amp_dtype, channels_last)
+
+
+def summed_confusion(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                     num_classes: int, amp_dtype: torch.dtype | None,
+                     channels_last: bool) -> torch.Tensor:
+    """:func:`evaluate_batches` of this rank's ``batches``, summed over the ranks (on the
+    batches' device: NCCL communicates only CUDA tensors) and returned on the CPU."""
     return all_reduce_sum(evaluate_batches(model, batches, num_classes, amp_dtype,
                                            channels_last)).cpu()
 

@@ -33,14 +33,13 @@ from otlt.data.lists import ListFileDataset
 from otlt.data.streams import IMAGENET_MEAN, IMAGENET_STD, prepare_stream_data
 from otlt.engine.batchnorm import preserved_batchnorm, recalibration_indices
 from otlt.engine.distributed import (
-    all_reduce_sum,
     global_batches,
     rank,
     rank_slice,
     unwrap,
     world_size,
 )
-from otlt.engine.evaluation import evaluate_batches
+from otlt.engine.evaluation import summed_confusion
 from otlt.engine.trainer import Trainer
 from otlt.errors import require
 
@@ -144,9 +143,8 @@ class StreamTrainer(Trainer):
             return None
         batches = eval_loader(dataset, self.cfg.train.eval_batch_size, self.cfg.train.workers,
                               self.device, shard=True)
-        return all_reduce_sum(evaluate_batches(model or self.model, batches, self.num_classes,
-                                               self.amp_dtype,
-                                               self.cfg.train.channels_last)).cpu()
+        return summed_confusion(model or self.model, batches, self.num_classes, self.amp_dtype,
+                                self.cfg.train.channels_last)
 
     def bn_batches(self, mode: str, epoch: int) -> Iterator[torch.Tensor]:
         """Recalibration batches as :meth:`Trainer.bn_batches` says, streamed: the images
