@@ -86,6 +86,9 @@ def test_collective_device_types_follow_the_backend(monkeypatch, backend, types)
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setattr(distributed.dist, "get_backend", lambda: backend)
     assert distributed.collective_device_types() == types
+    hits = distributed.backend_device_types.cache_info().hits
+    assert distributed.collective_device_types() == types  # parsed once per backend string
+    assert distributed.backend_device_types.cache_info().hits == hits + 1
 
 
 def test_a_model_on_a_device_stays_there_for_the_collective(one_rank_group, monkeypatch):

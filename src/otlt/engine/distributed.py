@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -102,16 +103,23 @@ def teardown_process(synchronize: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def collective_device_types() -> set[str] | None:
+def collective_device_types() -> frozenset[str] | None:
     """The device types the default process group communicates on: ``{"cuda"}`` for NCCL,
     ``{"cpu", "cuda"}`` for gloo, the named ones for a per-device backend such as
     ``"cpu:gloo,cuda:nccl"`` (None: not distributed)."""
     if not is_distributed():
         return None
-    backend = str(dist.get_backend()).lower()
+    return backend_device_types(str(dist.get_backend()))
+
+
+@functools.lru_cache(maxsize=8)
+def backend_device_types(backend: str) -> frozenset[str]:
+    """The device types a backend string names (parsed once per string: every collective
+    asks)."""
+    backend = backend.lower()
     if ":" in backend:
-        return {pair.split(":")[0].strip() for pair in backend.split(",")}
-    return {"cuda"} if backend == "nccl" else {"cpu", "cuda"}
+        return frozenset(pair.split(":")[0].strip() for pair in backend.split(","))
+    return frozenset({"cuda"} if backend == "nccl" else {"cpu", "cuda"})
 
 
 def check_collective_device(tensor: torch.Tensor) -> None:
