@@ -36,9 +36,12 @@ def mixer_params(cfg: RunConfig) -> dict[str, Any]:
     return params
 
 
+def _is_epoch(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _epoch_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(
-        isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in value)
+    return isinstance(value, (list, tuple)) and all(_is_epoch(e) for e in value)
 
 
 def drw_epoch(cfg: RunConfig) -> int | None:
@@ -48,7 +51,7 @@ def drw_epoch(cfg: RunConfig) -> int | None:
     except OtltError:  # an unknown loss: building it names the valid ones
         params = dict(cfg.loss.params)
     value = params.get("drw_epoch")
-    return value if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+    return value if _is_epoch(value) else None
 
 
 def check_epoch_knobs(cfg: RunConfig) -> None:
@@ -70,12 +73,10 @@ def check_epoch_knobs(cfg: RunConfig) -> None:
         return
     ref = max([PRESET_EPOCHS] + [e + 1 for v in (*absolute.values(), *relative.values())
                                  for e in v])
-    named = [f"{k}={_show(v)}" if k != "loss.params.drw_epoch" else f"{k}={v[0]}"
-             for k, v in (*bad_abs.items(), *bad_rel.items())]
-    fixes = [f"--set {k}={_show([min(round(e * n / ref), n - 1) for e in v])}"
-             if k != "loss.params.drw_epoch" else f"--set {k}={min(round(v[0] * n / ref), n - 1)}"
+    named = [_setting(k, v) for k, v in (*bad_abs.items(), *bad_rel.items())]
+    fixes = [f"--set {_setting(k, [min(round(e * n / ref), n - 1) for e in v])}"
              for k, v in bad_abs.items()]
-    fixes += [f"--set {k}={_show(_from_end(v, n, ref))}" for k, v in bad_rel.items()]
+    fixes += [f"--set {_setting(k, _from_end(v, n, ref))}" for k, v in bad_rel.items()]
     require(False, f"{', '.join(named)} reach past optim.epochs={n} (epochs count from 0; "
                    f"kept and plan epochs may count from the end, -1 the last): shorten them "
                    f"too, e.g. {' '.join(fixes)} (scaled by {n}/{ref}; the _short presets "
@@ -92,5 +93,8 @@ def _from_end(values: list[int], n: int, ref: int) -> list[int]:
     return out
 
 
-def _show(values: list[int]) -> str:
-    return "[" + ",".join(str(e) for e in values) + "]"
+def _setting(key: str, values: list[int]) -> str:
+    """``key=[a,b]``; ``key=a`` for the one knob that is a single epoch (the DRW start)."""
+    if key == "loss.params.drw_epoch":
+        return f"{key}={values[0]}"
+    return f"{key}=[" + ",".join(str(e) for e in values) + "]"
