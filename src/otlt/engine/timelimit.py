@@ -61,10 +61,7 @@ class TimeLimit:
         """Seconds the run needs before its next stop point, ``done`` of ``total`` epochs
         done: the next epoch, plus the final evaluation when that epoch is the last; only the
         final evaluation when every epoch is done."""
-        epoch = self.longest * self.margin
-        if done >= total:
-            return epoch
-        return epoch * (2 if done + 1 == total else 1)
+        return self.longest * self.margin * (2 if done + 1 == total else 1)
 
     def should_stop(self, done: int, total: int, epoch_seconds: float) -> bool:
         """Called after every epoch (``done`` epochs done, the last one took
