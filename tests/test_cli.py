@@ -14,6 +14,7 @@ import torch
 from conftest import tiny_overrides
 from otlt.cli import main
 from otlt.engine.checkpoint import load_checkpoint
+from otlt.errors import OtltError
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -393,3 +394,49 @@ def test_installed_wheel_trains_a_preset_outside_the_checkout(tiny_zip, tmp_path
     assert json.loads((run / "eval.json").read_text())["top1_error"] is not None
     otlt("report", str(run), "--out", str(work / "report"))
     assert "cifar10_lt_r100_erm_short" in (work / "report" / "report.md").read_text()
+
+
+def test_a_users_config_and_sweep_can_start_from_a_preset(tmp_path, monkeypatch, capsys):
+    """Issue 32 item 8: outside the checkout a config's ``base:`` names a packaged preset
+    (``preset:NAME``, or a bare name when no such file is beside it), and ``otlt sweep``
+    takes ``--preset`` like ``otlt train``."""
+    from otlt.config import build_config, load_raw, preset_path
+    from otlt.sweep import plan_sweep
+
+    monkeypatch.chdir(tmp_path)
+    preset = build_config(load_raw(preset_path("cifar10_lt_r100_drw_otmix")))
+    for base in ("preset:cifar10_lt_r100_drw_otmix", "cifar10_lt_r100_drw_otmix",
+                 "cifar10_lt_r100_drw_otmix.yaml"):
+        (tmp_path / "mine.yaml").write_text(f"base: {base}\nname: mine\nseed: 3\n")
+        cfg = build_config(load_raw(tmp_path / "mine.yaml"))
+        assert (cfg.name, cfg.seed) == ("mine", 3)
+        assert (cfg.loss, cfg.mix, cfg.optim) == (preset.loss, preset.mix, preset.optim)
+    # a file of that name beside the config wins over the preset
+    (tmp_path / "cifar10_lt_r100_drw_otmix.yaml").write_text("name: local\nseed: 5\n")
+    assert build_config(load_raw(tmp_path / "mine.yaml")).mix.name == "none"
+    (tmp_path / "bad.yaml").write_text("base: preset:cifar10_lt_r100_drw_otmx\n")
+    with pytest.raises(OtltError, match="did you mean cifar10_lt_r100_drw_otmix"):
+        load_raw(tmp_path / "bad.yaml")
+
+    runs = plan_sweep(preset_path("cifar10_lt_r100_erm_otmix_short"), "mix.params.omega",
+                      ["0.0", "0.5"], out_dir=tmp_path / "runs")
+    assert [r.run_dir.name for r in runs] == ["cifar10_lt_r100_erm_otmix_short_mix.params."
+                                              f"omega={v}" for v in ("0.0", "0.5")]
+    assert main(["sweep", "--preset", "cifar10_lt_r100_erm_otmx", "--key", "seed",
+                 "--values", "1"]) == 2
+    assert "did you mean cifar10_lt_r100_erm_otmix" in capsys.readouterr().err
+    assert main(["sweep", "--preset", "a", "--config", "b.yaml", "--key", "seed",
+                 "--values", "1"]) == 2
+    assert "--config and --preset exclude each other" in capsys.readouterr().err
+    assert main(["sweep", "--key", "seed", "--values", "1"]) == 2
+    assert "give --config FILE or --preset NAME" in capsys.readouterr().err
+
+
+def test_hints_name_presets_not_the_checkouts_configs_folder(tmp_path, capsys):
+    """Issue 32 item 8: an installed wheel has no ``configs/``; its hints name presets."""
+    (tmp_path / "empty.yaml").write_text("")
+    for args in (["train", "--config", str(tmp_path / "missing.yaml")],
+                 ["train", "--config", str(tmp_path / "empty.yaml")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "configs/" not in err and "otlt presets" in err, err

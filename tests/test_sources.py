@@ -505,15 +505,21 @@ def test_find_data_default_search_order(tmp_path, monkeypatch):
     assert find_data("cifar100") == Path.cwd() / "data" / "cifar100"
 
 
-def test_find_data_nothing_found_lists_places_and_formats(tmp_path, monkeypatch):
+def test_find_data_nothing_found_is_one_short_line(tmp_path, monkeypatch):
+    """Places, names, formats and the ways out, in one line a terminal shows whole (issue 32
+    item 3: it was 700 characters)."""
     monkeypatch.delenv("OTLT_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(OtltError) as info:
         find_data("cifar10")
     msg = str(info.value)
-    assert str(tmp_path / "data") in msg and str(tmp_path.parent / "shared" / "data") in msg
+    assert msg.startswith("no cifar10 data in data or ../shared/data (")
     assert "cifar-10-python.tar.gz" in msg and "cifar10-jpeg.zip" in msg
-    assert ".zip" in msg and "<split>/<class>" in msg and "--data" in msg
+    assert ".zip" in msg and "<split>/<class>" in msg and "--data PATH" in msg
+    assert "$OTLT_DATA" in msg and msg.endswith("otlt data download cifar10")
+    assert len(msg) < 260 and "\n" not in msg
+    with pytest.raises(OtltError, match="no cifar100 data in /nowhere/data "):
+        find_data("cifar100", search_dirs=["/nowhere/data"])
 
 
 def test_find_data_explicit_errors(tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML config")
-    p.add_argument("--config", help="YAML config file (e.g. configs/*.yaml)")
+    p.add_argument("--config", help="YAML config file (its base: may name a preset)")
     p.add_argument("--preset", help="a packaged preset by name (otlt presets lists them), "
                                     "e.g. cifar10_lt_r100_erm_otmix")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -189,7 +189,8 @@ def cmd_presets(args) -> int:
 
 def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="train a config over several values of one key")
-    p.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--preset", help="a packaged preset by name (otlt presets lists them)")
     p.add_argument("--key", required=True, help="config key to vary, e.g. mix.params.omega")
     p.add_argument("--values", required=True, help="comma-separated values, e.g. 0.0,0.05,0.5")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args) -> int:
     from otlt.config import apply_overrides as _apply
-    from otlt.config import build_config, load_raw, preset_path
+    from otlt.config import build_config, config_source, load_raw
     from otlt.engine.factory import create_trainer
     from otlt.engine.timelimit import TimeLimit
 
@@ -241,13 +242,10 @@ def cmd_train(args) -> int:
         changes = resume_changes(build_config(raw), build_config(_apply(raw, overrides)),
                                  run_dir)
     else:
-        if args.config is not None and args.preset is not None:
-            raise OtltError("otlt train: --config and --preset exclude each other (a preset is "
-                            "a packaged config file); give one of them")
         if args.config is None and args.preset is None:
             raise OtltError("otlt train: give --config FILE or --preset NAME (or --resume "
-                            "RUN_DIR)")
-        raw = load_raw(args.config if args.config is not None else preset_path(args.preset))
+                            "RUN_DIR; 'otlt presets' lists the presets)")
+        raw = load_raw(config_source(args.config, args.preset))
         run_dir = Path(args.run_dir) if args.run_dir else None
     cfg = build_config(_apply(raw, overrides))
     trainer = create_trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
@@ -387,10 +385,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from otlt.config import config_source
     from otlt.sweep import parse_values, plan_sweep, run_sweep, summary
 
-    runs = plan_sweep(args.config, args.key, parse_values(args.values), args.overrides,
-                      out_dir=args.out_dir, data=args.data)
+    runs = plan_sweep(config_source(args.config, args.preset), args.key,
+                      parse_values(args.values), args.overrides, out_dir=args.out_dir,
+                      data=args.data)
     dirs = run_sweep(runs)
     print(summary(runs, args.key))
     report = ["otlt", "report", *map(str, dirs), "--out",

@@ -72,5 +72,5 @@ def run_demo(data: str | None = None, epochs: int | None = None,
     print()
     print(format_mixing(trainer.run_dir, trainer.data.classes))
     print(f"\notlt demo: finished in {time.perf_counter() - start:.0f}s. A {epochs}-epoch run "
-          "is a smoke test; the paper's numbers need the 240-epoch configs in configs/.")
+          "is a smoke test; the paper's numbers need the 240-epoch presets (otlt presets).")
     return 0

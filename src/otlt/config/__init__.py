@@ -24,6 +24,7 @@ from otlt.config.compare import (
 from otlt.config.epochs import check_epoch_knobs, mixer_params, resolve_epochs
 from otlt.config.files import (
     apply_overrides,
+    config_source,
     dump_config,
     list_presets,
     load_raw,
@@ -54,6 +55,6 @@ __all__ = ["BN_STATS", "DATASET_DEFAULTS", "REWEIGHT_CHOICES", "SAFE_ON_RESUME",
            "DataConfig", "config_changes", "flat_config", "refuse_unsafe_changes",
            "EvalConfig", "LossConfig", "MixConfig", "ModelConfig", "OptimConfig",
            "ReweightConfig", "RunConfig", "TrainConfig", "apply_overrides", "build_config",
-           "check_epoch_knobs", "config_keys_markdown", "dump_config", "list_presets",
-           "load_config", "load_raw", "mixer_params", "parse_override", "preset_path",
-           "presets_dir", "resolve_epochs", "to_dict", "validate"]
+           "check_epoch_knobs", "config_keys_markdown", "config_source", "dump_config",
+           "list_presets", "load_config", "load_raw", "mixer_params", "parse_override",
+           "preset_path", "presets_dir", "resolve_epochs", "to_dict", "validate"]

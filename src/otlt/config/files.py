@@ -26,7 +26,8 @@ def _read_yaml(path: Path) -> dict:
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise OtltError(f"config {path} is not valid YAML{where}: {problem}") from None
     require(data is not None and data != {}, f"config {path} is empty (a config needs at "
-                                             "least a name; see configs/*.yaml)")
+                                             "least a name; 'otlt presets' lists complete "
+                                             "ones)")
     require(isinstance(data, dict), f"config {path} must be a mapping, got {type(data).__name__}")
     return data
 
@@ -69,12 +70,38 @@ def preset_path(name: str) -> Path:
     return path
 
 
+PRESET_PREFIX = "preset:"
+
+
+def config_source(config: str | Path | None, preset: str | None) -> Path:
+    """The YAML file a command reads: ``--config FILE`` or ``--preset NAME`` (exactly one)."""
+    require(config is None or preset is None, "--config and --preset exclude each other (a "
+            "preset is a packaged config file); give one of them")
+    require(config is not None or preset is not None,
+            "give --config FILE or --preset NAME ('otlt presets' lists the presets)")
+    return Path(config) if config is not None else preset_path(preset)
+
+
+def base_path(config: Path, base: str) -> Path:
+    """Where ``base:`` in ``config`` points: ``preset:NAME`` is a packaged preset; anything
+    else a file relative to ``config``, or, when no such file exists and ``base`` names a
+    packaged preset (``cifar10_lt_r100_erm`` or ``cifar10_lt_r100_erm.yaml``), that preset,
+    so a config written outside the checkout can start from a preset."""
+    if base.startswith(PRESET_PREFIX):
+        return preset_path(base[len(PRESET_PREFIX):].strip())
+    relative = config.parent / base
+    if not relative.exists() and "/" not in base and "\\" not in base \
+            and base.removesuffix(".yaml") in list_presets():
+        return preset_path(base)
+    return relative
+
+
 def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
-    """Read a YAML config and resolve its ``base:`` chain (one path per file, relative to
-    the file, acyclic) into one dict."""
+    """Read a YAML config and resolve its ``base:`` chain (one file relative to the config,
+    or a packaged preset: :func:`base_path`; acyclic) into one dict."""
     path = Path(path)
-    require(path.is_file(), f"config file {path} does not exist (expected a YAML file, "
-                            "e.g. configs/cifar10_lt_r100_erm.yaml)")
+    require(path.is_file(), f"config file {path} does not exist (expected a YAML file; "
+                            "--preset NAME runs a packaged preset, 'otlt presets' lists them)")
     resolved = path.resolve()
     if resolved in _chain:
         cycle = " -> ".join(p.name for p in (*_chain, resolved))
@@ -84,8 +111,9 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if base is None:
         return data
     require(isinstance(base, str) and base.strip() != "",
-            f"config {path}: base: must be one file path (relative to the config), got {base!r}")
-    return _merge(load_raw(path.parent / base, (*_chain, resolved)), data)
+            f"config {path}: base: must be one file path (relative to the config) or "
+            f"{PRESET_PREFIX}NAME, got {base!r}")
+    return _merge(load_raw(base_path(path, base.strip()), (*_chain, resolved)), data)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -105,13 +105,19 @@ def find_data(dataset: str, explicit: str | Path | None = None,
         found = _known_child(folder, names)
         if found is not None:
             return found
-    looked = "; ".join(f"{d.resolve()}/{{{','.join(names)}}}" for d in dirs)
-    raise OtltError(f"no {dataset} data found: --data not given, ${ENV_DATA} not set, and "
-                    f"none of the known names exist in a known format in: {looked}. Accepted "
-                    "formats: "
-                    f"{ACCEPTED_FORMATS}. Pass --data PATH or set ${ENV_DATA}"
-                    + (f", or fetch it with: otlt data download {dataset}"
-                       if dataset in ("cifar10", "cifar100") else "") + ".")
+    raise OtltError(missing_data_message(dataset, dirs, names))
+
+
+def missing_data_message(dataset: str, dirs: list[Path], names: tuple[str, ...]) -> str:
+    """One short line: where it looked, for which names, and the three ways out."""
+    def shown(folder: Path) -> str:
+        relative = os.path.relpath(folder)
+        return relative if len(relative) < len(str(folder)) else str(folder)
+
+    fetch = f", or run: otlt data download {dataset}" if dataset in DATASET_CLASSES else ""
+    return (f"no {dataset} data in {' or '.join(map(shown, dirs))} ({', '.join(names[:3])}, "
+            f"...): pass --data PATH (a CIFAR python tarball, an image folder "
+            f"<split>/<class>/ or its .zip), set ${ENV_DATA}{fetch}")
 
 
 def _known_child(folder: Path, names: tuple[str, ...]) -> Path | None:

@@ -93,8 +93,8 @@ def load_stage1(cfg: RunConfig) -> dict[str, Any]:
     """Read the finished stage-1 checkpoint and check it matches this run's data and model."""
     path = stage1_checkpoint(cfg.reweight.stage1)
     require(path.is_file(), f"reweight.stage1: {path} does not exist (train stage 1 first, "
-                            "e.g. otlt train --config configs/cifar10_lt_r100_ot_reweight_stage1"
-                            ".yaml, or point reweight.stage1 at its last.pt)")
+                            "e.g. otlt train --preset cifar10_lt_r100_ot_reweight_stage1, "
+                            "or point reweight.stage1 at its last.pt)")
     state = _stage1_from_weights(path) if path.suffix == SUFFIX else load_checkpoint(path)
     first = state["config"]
     done, total = int(state["epoch"]) + 1, int(first["optim"]["epochs"])
