@@ -1,8 +1,12 @@
-"""Shared fixtures: a tiny CIFAR-like dataset written as an image-folder zip."""
+"""Shared fixtures and helpers: a tiny CIFAR-like dataset written as an image-folder zip, the
+overrides and config of a seconds-long run on it, a run stopped after its first epoch, and
+the checks of the CLI's one-line errors. Test modules import the plain functions
+(``from conftest import sets``); pytest finds the fixtures."""
 
 from __future__ import annotations
 
 import io
+import socket
 import zipfile
 from pathlib import Path
 
@@ -10,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from otlt.cli import main
 
 TINY_CLASSES = [f"class{k}" for k in range(10)]
 
@@ -52,3 +58,55 @@ def tiny_overrides(data: Path, out_dir: Path, epochs: int = 3) -> list[str]:
             f"optim.milestones={step}", f"optim.gammas={'[0.1]' if epochs > 2 else '[]'}",
             "train.progress=false", "train.amp=off", "train.device=cpu", f"out_dir={out_dir}",
             "name=tiny"]
+
+
+def sets(overrides: list[str]) -> list[str]:
+    """``--set KEY=VALUE`` arguments for ``otlt train`` from config overrides."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def error_line(err: str, *needles: str) -> str:
+    """The one line of ``err`` (stderr), an ``otlt: error: ...`` without a traceback that
+    contains every needle."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("otlt: error: "), lines
+    assert "Traceback" not in lines[0] and lines[0].count("otlt: error:") == 1, lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def one_line_error(capsys, *needles: str) -> str:
+    """:func:`error_line` of what the command wrote to stderr (captured by ``capsys``)."""
+    return error_line(capsys.readouterr().err, *needles)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a process group's store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def config(tmp_path) -> Path:
+    """The smallest config file: ``tiny_overrides`` set the rest."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: tiny\nloss: {name: ce}\n")
+    return path
+
+
+def train_stopped(config: Path, overrides: list[str]) -> Path:
+    """Train ``config`` with ``overrides`` (``tiny_overrides`` and more) and stop it,
+    resumably, after its first epoch; return its run directory (``out_dir/name``)."""
+    assert main(["train", "--config", str(config), "--stop-after", "1", *sets(overrides)]) == 0
+    values = dict(o.split("=", 1) for o in overrides)
+    return Path(values["out_dir"]) / values["name"]
+
+
+@pytest.fixture
+def stopped_run(tiny_zip, tmp_path, config, capsys) -> Path:
+    """A tiny run stopped (resumably) after 1 of 3 epochs."""
+    run = train_stopped(config, tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3))
+    capsys.readouterr()
+    return run

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import free_port
 from otlt.engine.batchnorm import (
     batchnorm_state,
     preserved_batchnorm,
@@ -91,12 +91,6 @@ def test_model_without_batchnorm_is_a_no_op():
     assert recalibrate_batchnorm(net, batches(2, seed=6)) == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -113,7 +107,7 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
 def test_statistics_are_averaged_over_ranks(tmp_path):
     """Two real gloo processes, each on its own batches: both hold the mean of the ranks'."""
     out = str(tmp_path / "bn")
-    mp.spawn(_rank_main, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), out), nprocs=2, join=True)
     states = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     expected = []
     for rank in range(2):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import error_line, sets, tiny_overrides
 from otlt.cli import main
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.errors import OtltError
@@ -23,25 +23,14 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def set_args(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def tiny_config(tmp_path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text("name: tiny\nloss: {name: ce}\n")
-    return path
-
-
-def test_train_writes_run_directory_and_eval(tiny_zip, tiny_config, tmp_path, capsys):
+def test_train_writes_run_directory_and_eval(tiny_zip, config, tmp_path, capsys):
     out_dir = tmp_path / "runs"
-    code, out, err = run_cli(["train", "--config", str(tiny_config),
-                              *set_args(tiny_overrides(tiny_zip, out_dir, epochs=2))], capsys)
+    code, out, err = run_cli(["train", "--config", str(config),
+                              *sets(tiny_overrides(tiny_zip, out_dir, epochs=2))], capsys)
     assert code == 0, err
     run = out_dir / "tiny"
     for name in ("config.yaml", "metrics.jsonl", "last.pt", "eval.json", "splits.json"):
@@ -62,14 +51,14 @@ def test_train_writes_run_directory_and_eval(tiny_zip, tiny_config, tmp_path, ca
     assert "top-1 error" in out
 
 
-def test_resume_gives_exactly_the_uninterrupted_weights(tiny_zip, tiny_config, tmp_path,
+def test_resume_gives_exactly_the_uninterrupted_weights(tiny_zip, config, tmp_path,
                                                         capsys):
     base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3)
     full = [*base, "name=full"]
     part = [*base, "name=part"]
-    assert run_cli(["train", "--config", str(tiny_config), *set_args(full)], capsys)[0] == 0
-    code, out, _ = run_cli(["train", "--config", str(tiny_config), "--stop-after", "1",
-                            *set_args(part)], capsys)
+    assert run_cli(["train", "--config", str(config), *sets(full)], capsys)[0] == 0
+    code, out, _ = run_cli(["train", "--config", str(config), "--stop-after", "1",
+                            *sets(part)], capsys)
     assert code == 0 and "resume" in out
     part_dir = tmp_path / "runs" / "part"
     assert not (part_dir / "eval.json").exists()
@@ -86,7 +75,7 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tiny_zip, tiny_config, t
 
 
 def test_a_run_stopped_between_log_and_checkpoint_resumes_with_every_record(
-        tiny_zip, tiny_config, tmp_path, capsys, monkeypatch):
+        tiny_zip, config, tmp_path, capsys, monkeypatch):
     """Stopped as epoch 1's record is about to be written (the process ended there): its
     last.pt must not be written yet, so the resume redoes epoch 1 and metrics.jsonl has each
     epoch once (saving first would lose the record of an epoch the checkpoint holds); a last
@@ -102,8 +91,8 @@ def test_a_run_stopped_between_log_and_checkpoint_resumes_with_every_record(
         log(self, record)
 
     monkeypatch.setattr(MetricsLogger, "log", stop_at_epoch_1)
-    code, _, err = run_cli(["train", "--config", str(tiny_config),
-                            *set_args([*base, "name=part"])], capsys)
+    code, _, err = run_cli(["train", "--config", str(config),
+                            *sets([*base, "name=part"])], capsys)
     assert code == 130 and "interrupted" in err
     monkeypatch.setattr(MetricsLogger, "log", log)
     run = tmp_path / "runs" / "part"
@@ -118,10 +107,10 @@ def test_a_run_stopped_between_log_and_checkpoint_resumes_with_every_record(
     assert code == 2 and "line 1 is not JSON" in err  # damage before the end: refused
 
 
-def test_eval_command_matches_training_eval(tiny_zip, tiny_config, tmp_path, capsys):
+def test_eval_command_matches_training_eval(tiny_zip, config, tmp_path, capsys):
     out_dir = tmp_path / "runs"
-    run_cli(["train", "--config", str(tiny_config),
-             *set_args(tiny_overrides(tiny_zip, out_dir, epochs=1))], capsys)
+    run_cli(["train", "--config", str(config),
+             *sets(tiny_overrides(tiny_zip, out_dir, epochs=1))], capsys)
     run = out_dir / "tiny"
     at_train = json.loads((run / "eval.json").read_text())
     code, out, err = run_cli(["eval", str(run)], capsys)
@@ -133,19 +122,19 @@ def test_eval_command_matches_training_eval(tiny_zip, tiny_config, tmp_path, cap
 
 
 def test_a_gpu_trained_run_is_evaluated_and_probed_on_the_cpu_with_device(
-        tiny_zip, tiny_config, tmp_path, capsys, monkeypatch):
+        tiny_zip, config, tmp_path, capsys, monkeypatch):
     """A run whose config.yaml says train.device: cuda (trained on a GPU) on a machine
     without one: eval and probe refuse in one line, and with --device cpu give the in-run
     numbers; config.yaml is left as it was."""
     out_dir = tmp_path / "runs"
-    run_cli(["train", "--config", str(tiny_config),
-             *set_args(tiny_overrides(tiny_zip, out_dir, epochs=1))], capsys)
+    run_cli(["train", "--config", str(config),
+             *sets(tiny_overrides(tiny_zip, out_dir, epochs=1))], capsys)
     run = out_dir / "tiny"
-    config = run / "config.yaml"
-    text = config.read_text()
+    stored = run / "config.yaml"
+    text = stored.read_text()
     assert text.count("device: cpu") == 1
-    config.write_text(text.replace("device: cpu", "device: cuda"))
-    before = digest(config)
+    stored.write_text(text.replace("device: cpu", "device: cuda"))
+    before = digest(stored)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for command in (["eval", str(run)], ["probe", str(run)]):
         code, _, err = run_cli(command, capsys)
@@ -163,18 +152,14 @@ def test_a_gpu_trained_run_is_evaluated_and_probed_on_the_cpu_with_device(
     assert record["epoch"] == at_train["epoch"]
     assert record["top1_error"] == at_train["top1_error"]
     assert record["per_class_accuracy"] == at_train["per_class_accuracy"]
-    assert digest(config) == before  # --device is not written into the run's config
+    assert digest(stored) == before  # --device is not written into the run's config
 
 
 # ---- bad input: one line, exit 2, nothing damaged --------------------------------------
 
 def assert_user_error(code: int, err: str, *needles: str) -> None:
     assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("otlt: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
+    error_line(err, *needles)
 
 
 @pytest.mark.parametrize("override,needles", [
@@ -186,28 +171,28 @@ def assert_user_error(code: int, err: str, *needles: str) -> None:
     ("optim.lr_typo=1", ["optim.lr_typo"]),
     ("data.num_classes=100", ["100", "10"]),
 ])
-def test_bad_config_values(override, needles, tiny_zip, tiny_config, tmp_path, capsys):
-    args = set_args(tiny_overrides(tiny_zip, tmp_path / "runs") + [override])
-    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+def test_bad_config_values(override, needles, tiny_zip, config, tmp_path, capsys):
+    args = sets(tiny_overrides(tiny_zip, tmp_path / "runs") + [override])
+    code, _, err = run_cli(["train", "--config", str(config), *args], capsys)
     assert_user_error(code, err, *needles)
 
 
-def test_missing_data_path(tiny_config, tmp_path, capsys):
+def test_missing_data_path(config, tmp_path, capsys):
     missing = tmp_path / "nowhere.zip"
-    args = set_args(tiny_overrides(missing, tmp_path / "runs"))
-    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    args = sets(tiny_overrides(missing, tmp_path / "runs"))
+    code, _, err = run_cli(["train", "--config", str(config), *args], capsys)
     assert_user_error(code, err, str(missing))
 
 
-def test_truncated_zip(tiny_zip, tiny_config, tmp_path, capsys):
+def test_truncated_zip(tiny_zip, config, tmp_path, capsys):
     broken = tmp_path / "broken.zip"
     broken.write_bytes(tiny_zip.read_bytes()[: tiny_zip.stat().st_size // 2])
-    args = set_args(tiny_overrides(broken, tmp_path / "runs"))
-    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    args = sets(tiny_overrides(broken, tmp_path / "runs"))
+    code, _, err = run_cli(["train", "--config", str(config), *args], capsys)
     assert_user_error(code, err, "broken.zip")
 
 
-def test_corrupt_image(tiny_zip, tiny_config, tmp_path, capsys):
+def test_corrupt_image(tiny_zip, config, tmp_path, capsys):
     bad = tmp_path / "bad.zip"
     with zipfile.ZipFile(tiny_zip) as src, zipfile.ZipFile(bad, "w") as dst:
         for item in src.infolist():
@@ -215,8 +200,8 @@ def test_corrupt_image(tiny_zip, tiny_config, tmp_path, capsys):
             if item.filename.endswith("train/class3/0001.png"):
                 data = b"not an image at all"
             dst.writestr(item, data)
-    args = set_args(tiny_overrides(bad, tmp_path / "runs"))
-    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    args = sets(tiny_overrides(bad, tmp_path / "runs"))
+    code, _, err = run_cli(["train", "--config", str(config), *args], capsys)
     assert_user_error(code, err, "class3/0001.png")
 
 
@@ -233,38 +218,38 @@ def test_unknown_command_and_missing_argument(capsys):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_run_directory(tiny_zip, tiny_config, tmp_path, capsys):
+def test_unwritable_run_directory(tiny_zip, config, tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    args = set_args(tiny_overrides(tiny_zip, locked))
-    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    args = sets(tiny_overrides(tiny_zip, locked))
+    code, _, err = run_cli(["train", "--config", str(config), *args], capsys)
     assert_user_error(code, err, "not writable")
 
 
-def test_run_directory_that_is_a_file(tiny_zip, tiny_config, tmp_path, capsys):
+def test_run_directory_that_is_a_file(tiny_zip, config, tmp_path, capsys):
     blocker = tmp_path / "runs"
     blocker.write_text("a file, not a folder")
-    args = set_args(tiny_overrides(tiny_zip, blocker))
-    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    args = sets(tiny_overrides(tiny_zip, blocker))
+    code, _, err = run_cli(["train", "--config", str(config), *args], capsys)
     assert_user_error(code, err, "not writable")
     assert blocker.read_text() == "a file, not a folder"
 
 
-def test_existing_run_is_not_overwritten(tiny_zip, tiny_config, tmp_path, capsys):
-    args = set_args(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1))
-    assert run_cli(["train", "--config", str(tiny_config), *args], capsys)[0] == 0
+def test_existing_run_is_not_overwritten(tiny_zip, config, tmp_path, capsys):
+    args = sets(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1))
+    assert run_cli(["train", "--config", str(config), *args], capsys)[0] == 0
     run = tmp_path / "runs" / "tiny"
     before = {p.name: digest(p) for p in run.iterdir() if p.is_file()}
-    code, _, err = run_cli(["train", "--config", str(tiny_config), *args], capsys)
+    code, _, err = run_cli(["train", "--config", str(config), *args], capsys)
     assert_user_error(code, err, "already holds a run", "--resume")
     assert {p.name: digest(p) for p in run.iterdir() if p.is_file()} == before
 
 
-def test_resume_missing_or_corrupt_checkpoint(tiny_zip, tiny_config, tmp_path, capsys):
+def test_resume_missing_or_corrupt_checkpoint(tiny_zip, config, tmp_path, capsys):
     code, _, err = run_cli(["train", "--resume", str(tmp_path / "absent")], capsys)
     assert_user_error(code, err, "absent")
-    args = set_args(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=2))
-    run_cli(["train", "--config", str(tiny_config), "--stop-after", "1", *args], capsys)
+    args = sets(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=2))
+    run_cli(["train", "--config", str(config), "--stop-after", "1", *args], capsys)
     run = tmp_path / "runs" / "tiny"
     (run / "last.pt").write_bytes(b"garbage")
     metrics_before = digest(run / "metrics.jsonl")
@@ -320,13 +305,13 @@ def test_the_wheel_ships_the_presets(tmp_path):
     assert "otlt/presets/cifar10_lt_r100_erm_otmix.yaml" in names
 
 
-def test_tensorboard_gets_the_final_test_numbers_and_hparams(tiny_zip, tiny_config, tmp_path,
+def test_tensorboard_gets_the_final_test_numbers_and_hparams(tiny_zip, config, tmp_path,
                                                              capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out_dir = tmp_path / "runs"
-    assert run_cli(["train", "--config", str(tiny_config),
-                    *set_args(tiny_overrides(tiny_zip, out_dir, epochs=1))], capsys)[0] == 0
+    assert run_cli(["train", "--config", str(config),
+                    *sets(tiny_overrides(tiny_zip, out_dir, epochs=1))], capsys)[0] == 0
     events = EventAccumulator(str(out_dir / "tiny" / "tb"))
     events.Reload()
     tags = events.Tags()["scalars"]

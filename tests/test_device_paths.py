@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_stopped
 from otlt.cli import main
 from otlt.config import build_config, load_raw
 from otlt.engine import distributed, runtime
@@ -25,15 +25,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "otlt"
 
 
 @pytest.fixture
-def stopped_run(tiny_zip, tmp_path, capsys) -> Path:
-    config = tmp_path / "c.yaml"
-    config.write_text("name: tiny\nloss: {name: ce}\n")
-    overrides = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3) + [
-        "mix.name=otmix", "mix.prob=1.0", "mix.skip_first=0", "mix.skip_last=0"]
-    assert main(["train", "--config", str(config), "--stop-after", "1",
-                 *[a for o in overrides for a in ("--set", o)]]) == 0
+def stopped_run(tiny_zip, tmp_path, config, capsys) -> Path:
+    """A tiny OTmix run stopped after 1 of 3 epochs (mixing from the first)."""
+    run = train_stopped(config, tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3) + [
+        "mix.name=otmix", "mix.prob=1.0", "mix.skip_first=0", "mix.skip_last=0"])
     capsys.readouterr()
-    return tmp_path / "runs" / "tiny"
+    return run
 
 
 def test_resume_on_a_device_other_than_the_cpu(stopped_run, monkeypatch):

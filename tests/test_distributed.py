@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import free_port, sets, tiny_overrides
 from otlt.cli import main
 from otlt.engine import distributed
 from otlt.engine.checkpoint import load_checkpoint
@@ -42,14 +41,7 @@ def torchrun(tmp_path: Path, args: list[str], nproc: int = 2,
 
 def cli_args(config: Path, overrides: list[str]) -> list[str]:
     return ["-m", "otlt.cli", "train", "--config", str(config),
-            *[a for o in overrides for a in ("--set", o)]]
-
-
-@pytest.fixture
-def config(tmp_path) -> Path:
-    path = tmp_path / "c.yaml"
-    path.write_text("name: tiny\nloss: {name: ce}\n")
-    return path
+            *sets(overrides)]
 
 
 def test_global_batches_are_disjoint_padded_and_cover_the_epoch():
@@ -113,7 +105,7 @@ def test_stage2_refuses_torchrun_before_writing(tiny_zip, tmp_path, config, monk
     args = tiny_overrides(tiny_zip, tmp_path / "runs") + ["data.meta_per_class=3",
                                                           f"reweight.stage1={tmp_path}"]
     assert main(["train", "--config", str(config),
-                 *[a for o in args for a in ("--set", o)]]) == 2
+                 *sets(args)]) == 2
     assert "runs in one process" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
@@ -231,17 +223,11 @@ def test_errors_are_printed_once(tiny_zip, tmp_path, config):
     assert not (tmp_path / "runs" / "tiny").exists()  # refused before the run directory
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def two_nodes(tmp_path: Path, args: list[str], cwds: list[Path]) -> list[tuple[str, str]]:
     """Two launchers with the c10d rendezvous, as on two machines, node k in ``cwds[k]``.
     Node 0 hosts the store (``is_host``): both match 127.0.0.1, and which one bound the port
     first was a race."""
-    port = _free_port()
+    port = free_port()
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
          "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
@@ -306,10 +292,7 @@ def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "gbn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_global_bn_rank, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_global_bn_rank, args=(2, free_port(), out), nprocs=2, join=True)
     r0, r1 = (torch.load(f"{out}.{r}", weights_only=True) for r in (0, 1))
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(8, 3, 4, 5, generator=gen, dtype=torch.float64) * 3 + 1).requires_grad_()

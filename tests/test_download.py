@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import one_line_error
 from otlt.cli import main
 from otlt.data.download import download_dataset
 from otlt.errors import OtltError
@@ -133,8 +134,7 @@ def test_a_checksum_mismatch_leaves_nothing(server, tmp_path):
 def test_cli_download_errors_are_one_line(tmp_path, capsys):
     assert main(["data", "download", "cifar10", "--root", str(tmp_path),
                  "--url", "http://127.0.0.1:9/none.tar.gz"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("otlt: error: cannot download"), err
+    one_line_error(capsys, "otlt: error: cannot download")
     assert not list(Path(tmp_path).glob("*.tar.gz"))
 
 

@@ -20,32 +20,12 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import tiny_overrides
+from conftest import one_line_error, sets, tiny_overrides
 from otlt.cli import main
 from otlt.data.lists import read_list_file
 from otlt.engine import rundir
 from otlt.engine.checkpoint import load_checkpoint, save_atomic, write_atomic
 from otlt.errors import OtltError
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
-def one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("otlt: error: "), err
-    assert "Traceback" not in err[0] and err[0].count("otlt: error:") == 1, err
-    for needle in needles:
-        assert needle in err[0], (needle, err[0])
-    return err[0]
-
-
-@pytest.fixture
-def config(tmp_path) -> Path:
-    path = tmp_path / "c.yaml"
-    path.write_text("name: tiny\nloss: {name: ce}\n")
-    return path
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -152,15 +132,6 @@ def test_train_and_test_must_have_the_same_classes(tmp_path, config, capsys):
                                                       "data.val_per_class=0"]
     assert main(["train", "--config", str(config), *sets(args)]) == 2
     one_line_error(capsys, "test has no images of the train classes ['c']")
-
-
-@pytest.fixture
-def stopped_run(tiny_zip, tmp_path, config, capsys) -> Path:
-    """A tiny run stopped (resumably) after 1 of 3 epochs."""
-    args = sets(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3))
-    assert main(["train", "--config", str(config), "--stop-after", "1", *args]) == 0
-    capsys.readouterr()
-    return tmp_path / "runs" / "tiny"
 
 
 @pytest.mark.parametrize("extra,needle", [

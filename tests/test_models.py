@@ -317,7 +317,7 @@ def test_otmix_takes_any_embed_callable():
 def test_a_registered_model_trains_with_otmix_through_the_cli(tiny_zip, tmp_path, capsys):
     import json
 
-    from conftest import tiny_overrides
+    from conftest import sets, tiny_overrides
     from otlt.cli import main
     from otlt.models import register_model
 
@@ -334,7 +334,7 @@ def test_a_registered_model_trains_with_otmix_through_the_cli(tiny_zip, tmp_path
         "model.name=tiny_timm_like", "mix.name=otmix", "mix.skip_first=0", "mix.skip_last=0",
         "mix.prob=1.0", "mix.params={mu: 0.0}", "train.channels_last=false"]
     assert main(["train", "--config", str(config),
-                 *[a for o in overrides for a in ("--set", o)]]) == 0
+                 *sets(overrides)]) == 0
     capsys.readouterr()
     records = [json.loads(x) for x in
                (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]

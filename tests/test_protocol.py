@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import one_line_error, sets, tiny_overrides
 from otlt.cli import main
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.weights import load_weights, read_weights, save_weights
@@ -17,10 +17,6 @@ from otlt.metrics import select_value
 
 OTMIX = ["mix.name=otmix", "mix.skip_first=0", "mix.skip_last=1", "mix.prob=0.5",
          "eval.bn_batches=3", "train.keep_every=1"]
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
 
 
 def records(run: Path) -> list[dict]:
@@ -208,8 +204,7 @@ def test_bad_protocol_keys_give_one_line(tiny_zip, tmp_path, capsys, override, n
     config.write_text("name: c\nloss: {name: ce}\nmix: {name: otmix}\n")
     args = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3) + [override]
     assert main(["train", "--config", str(config), *sets(args)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("otlt: error: ") and needle in err[0], err
+    one_line_error(capsys, needle)
     assert not (tmp_path / "runs" / "tiny" / "last.pt").exists()
 
 
@@ -217,8 +212,7 @@ def test_eval_of_missing_weights_gives_one_line(runs, capsys):
     for args in (["--checkpoint", "epoch_099"], ["--checkpoint", "nowhere.pt"],
                  ["--bn-stats", "precise"]):
         assert main(["eval", str(runs / "clean"), *args]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("otlt: error: "), err
+        one_line_error(capsys)
 
 
 def test_probe_of_kept_weights_equals_the_in_run_probe_and_feeds_the_report(runs, tmp_path,

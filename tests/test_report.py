@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import TINY_CLASSES, tiny_overrides
+from conftest import TINY_CLASSES, sets, tiny_overrides
 from otlt.cli import main
 from otlt.errors import OtltError
 from otlt.report import (
@@ -460,10 +460,6 @@ def test_gallery_without_checkpoints_says_why_and_fails(synthetic, tmp_path, cap
 # ---------------------------------------------------------------------- real tiny runs
 
 
-def _set(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
 @pytest.fixture(scope="module")
 def otmix_run(tiny_zip, tmp_path_factory) -> Path:
     """One epoch of resnet20 + OTmix on the tiny zip, mixing every batch (an OT epoch:
@@ -474,7 +470,7 @@ def otmix_run(tiny_zip, tmp_path_factory) -> Path:
                       "plan_epochs: [0], plan_size: 6}\n  skip_first: 0\n  skip_last: 0\n"
                       "  prob: 1.0\n")
     args = ["train", "--config", str(config),
-            *_set([*tiny_overrides(tiny_zip, out, epochs=1), "name=tiny_otmix"])]
+            *sets([*tiny_overrides(tiny_zip, out, epochs=1), "name=tiny_otmix"])]
     assert main(args) == 0
     return out / "tiny_otmix"
 
@@ -526,7 +522,7 @@ def test_sweep_runs_each_value_once_and_resumes(tiny_zip, tmp_path, capsys):
     config = tmp_path / "base.yaml"
     config.write_text("name: sw\n")
     args = ["sweep", "--config", str(config), "--key", "optim.lr", "--values", "0.1,0.05",
-            *_set(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1)[:-1])]
+            *sets(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=1)[:-1])]
     assert main(args) == 0, capsys.readouterr().err
     dirs = [tmp_path / "runs" / f"sw_optim.lr={v}" for v in ("0.1", "0.05")]
     for d, lr in zip(dirs, (0.1, 0.05), strict=True):

@@ -12,7 +12,7 @@ import ot
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import sets, tiny_overrides
 from otlt.cli import main
 from otlt.config import load_config, to_dict
 from otlt.data.longtail import build_splits
@@ -220,10 +220,6 @@ def test_meta_split_is_disjoint_from_every_other_split(tiny_zip, tmp_path):
 # ---- stage 2 end to end --------------------------------------------------------------------
 
 
-def _sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
 @pytest.fixture(scope="module")
 def stage1(tiny_zip, tmp_path_factory):
     """A finished 2-epoch stage-1 ERM run on the tiny data with a 3-per-class meta set."""
@@ -235,12 +231,12 @@ def stage1(tiny_zip, tmp_path_factory):
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OTLT_CACHE", str(root / "cache"))
-        assert main(["train", "--config", str(config), *_sets(base + ["name=stage1"])]) == 0
+        assert main(["train", "--config", str(config), *sets(base + ["name=stage1"])]) == 0
     return {"base": base, "run": root / "runs" / "stage1", "root": root}
 
 
 def _stage2(stage1, out_dir, name: str, extra: list[str]) -> list[str]:
-    return _sets(stage1["base"] + [
+    return sets(stage1["base"] + [
         f"name={name}", f"out_dir={out_dir}", f"reweight.stage1={stage1['run']}",
         "optim.lr=0.01", "optim.epochs=3", "optim.batch_size=16", "optim.nesterov=true",
         "optim.weight_decay=5e-4", "reweight.weight_lr=0.5", *extra])

@@ -10,32 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import one_line_error, sets, tiny_overrides
 from otlt.cli import main
 from otlt.engine import trainer as trainer_module
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.stability import LossGuard
 from otlt.errors import OtltError
-
-
-def sets(overrides: list[str]) -> list[str]:
-    return [a for o in overrides for a in ("--set", o)]
-
-
-@pytest.fixture
-def config(tmp_path) -> Path:
-    path = tmp_path / "c.yaml"
-    path.write_text("name: tiny\nloss: {name: ce}\n")
-    return path
-
-
-def one_line_error(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("otlt: error: "), err
-    assert "Traceback" not in err[0]
-    for needle in needles:
-        assert needle in err[0], (needle, err[0])
-    return err[0]
 
 
 def strict_records(path: Path) -> list[dict]:

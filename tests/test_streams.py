@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import one_line_error
 from otlt.cli import main
 from otlt.config import DataConfig
 from otlt.data.streams import prepare_stream_data
@@ -195,6 +196,4 @@ def test_a_worker_error_is_one_line(tmp_path, capsys):
     (root / "train" / CLASSES[0] / "3.jpg").unlink()
     args = stream_overrides(root, tmp_path / "runs", "broken", epochs=1)
     assert main(["train", *args, "--set", "train.workers=2"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("otlt: error: "), err
-    assert "3.jpg" in err[0] and "Traceback" not in err[0]
+    one_line_error(capsys, "3.jpg")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import sets, tiny_overrides
 from otlt.cli import main
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.timelimit import TimeLimit
@@ -67,15 +67,12 @@ def test_bad_limits_are_refused(seconds, margin, needle):
         TimeLimit(seconds, margin)
 
 
-def test_train_stops_at_an_epoch_boundary_and_resumes(tiny_zip, tmp_path, capsys):
+def test_train_stops_at_an_epoch_boundary_and_resumes(tiny_zip, tmp_path, config, capsys):
     """A limit that allows one epoch at most (the first always runs: nothing is known before
     it) stops after it like --stop-after: exit 0, last.pt at epoch 0, no eval.json; the
     resume with a generous limit finishes the run."""
-    config = tmp_path / "c.yaml"
-    config.write_text("name: tiny\nloss: {name: ce}\n")
-    sets = [a for o in tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3)
-            for a in ("--set", o)]
-    assert main(["train", "--config", str(config), "--time-limit", "0.01", *sets]) == 0
+    args = sets(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3))
+    assert main(["train", "--config", str(config), "--time-limit", "0.01", *args]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "tiny"
     assert "stopped after epoch 1 (time limit" in out and f"--resume {run}" in out
