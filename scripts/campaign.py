@@ -114,6 +114,8 @@ def pack_items(runs_dir: Path, stage: Path, keep_epochs: list[int]) -> list[tupl
     every run first, then ``last.pt`` of each run that did not finish."""
     from collect_results import export_weights
 
+    from otlt.errors import OtltError
+
     summary = json.loads((runs_dir / "summary.json").read_text())
     first, resume = [], []
     for extra in [runs_dir / "summary.json", *sorted((runs_dir / "mps" / "log").glob("*"))]:
@@ -131,7 +133,8 @@ def pack_items(runs_dir: Path, stage: Path, keep_epochs: list[int]) -> list[tupl
         try:
             for w in export_weights(run, stage / name, keep_epochs):
                 first.append((w, str(w.relative_to(stage))))
-        except (SystemExit, Exception) as exc:  # noqa: BLE001 - a weight it refuses stays behind
+        except (SystemExit, OtltError, OSError) as exc:  # refused (over 1 MB), damaged,
+            # or not writable: the run's other files still go; its weights stay behind
             print(f"campaign: {name}: fp16 weights not exported ({exc})", flush=True)
         if r["state"] != "finished" and (run / "last.pt").is_file():
             resume.append((run / "last.pt", f"{name}/last.pt"))
@@ -141,24 +144,27 @@ def pack_items(runs_dir: Path, stage: Path, keep_epochs: list[int]) -> list[tupl
 def pack(items: list[tuple[Path, str]], out: Path, max_file: int, max_total: int
          ) -> tuple[list[str], list[str]]:
     """Greedy tar.gz chunks under ``out`` (sizes bounded by the uncompressed bytes): the
-    files written and the archive names left behind."""
-    chunks: list[list[tuple[Path, str]]] = [[]]
-    sizes, left = [0], []
+    files written and the archive names left behind. A file that cannot go (over
+    ``max_file`` or the ``max_total`` left) is left behind before it can open a chunk, so
+    every chunk holds files and at most ``MAX_FILES - 1`` are written."""
+    chunks: list[list[tuple[Path, str]]] = []
+    sizes: list[int] = []
+    left = []
     for path, name in items:
         size = path.stat().st_size
-        if sizes[-1] + size > max_file and chunks[-1]:
+        if size > max_file or sum(sizes) + size > max_total:
+            left.append(name)
+            continue
+        if not chunks or sizes[-1] + size > max_file:
             if len(chunks) >= MAX_FILES - 1:  # summary.json takes the last place
                 left.append(name)
                 continue
             chunks.append([])
             sizes.append(0)
-        if size > max_file or sum(sizes) + size > max_total:
-            left.append(name)
-            continue
         chunks[-1].append((path, name))
         sizes[-1] += size
     written = []
-    for i, chunk in enumerate(c for c in chunks if c):
+    for i, chunk in enumerate(chunks):
         target = out / ("runs.tar.gz" if i == 0 else f"runs_{i + 1}.tar.gz")
         with tarfile.open(target, "w:gz") as tar:
             for path, name in chunk:

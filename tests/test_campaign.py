@@ -1,7 +1,7 @@
 """The prepared GPU campaign (``scripts/campaign.py``) dry-runs on the CPU with tiny settings:
 a deadline stops a run at an epoch boundary (resumable) and leaves the next one unstarted; the
 same command again resumes the first and runs the second to completion; the return is at most
-8 files."""
+8 files (the packing alone: fast tests of ``pack``)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,53 @@ from otlt.engine.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
+
+def load_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("campaign", ROOT / "scripts" / "campaign.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def files(folder: Path, sizes: list[int]) -> list[tuple[Path, str]]:
+    """Files ``f0``, ``f1``, ... of ``sizes`` bytes in ``folder/in``, as pack() takes them."""
+    folder = folder / "in"
+    folder.mkdir()
+    items = []
+    for i, size in enumerate(sizes):
+        path = folder / f"f{i}"
+        path.write_bytes(b"x" * size)
+        items.append((path, path.name))
+    return items
+
+
+def test_a_file_left_behind_opens_no_chunk(tmp_path):
+    """A file over the per-file limit between two that share a chunk leaves them sharing it
+    (it once opened an empty chunk first: two archives for what fits in one)."""
+    pack = load_script().pack
+    items = files(tmp_path, [40, 500, 40])
+    written, left = pack(items, tmp_path, max_file=100, max_total=1000)
+    assert written == ["runs.tar.gz"] and left == ["f1"]
+    assert members(tmp_path) == {"f0", "f2"}
+
+
+def test_at_most_seven_archives_and_nothing_empty(tmp_path):
+    """Files over the limits interleaved with ones that fill a chunk each: seven archives
+    (summary.json is the eighth file), each holding files, the rest named as left behind."""
+    campaign_script = load_script()
+    items = files(tmp_path, [90, 500] * 9)
+    written, left = campaign_script.pack(items, tmp_path, max_file=100, max_total=10_000)
+    assert len(written) == campaign_script.MAX_FILES - 1
+    assert left == ["f1", "f3", "f5", "f7", "f9", "f11", "f13", "f14", "f15", "f16", "f17"]
+    for archive in written:
+        with tarfile.open(tmp_path / archive) as tar:
+            assert len(tar.getnames()) == 1
+
+
+def test_nothing_to_pack_writes_nothing(tmp_path):
+    assert load_script().pack([], tmp_path, max_file=100, max_total=1000) == ([], [])
 
 
 def campaign(args: list[str]) -> subprocess.CompletedProcess:
@@ -41,6 +87,7 @@ def members(out: Path) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_campaign_dry_run_stops_resumes_and_packs(tiny_zip, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text("name: tiny\nloss: {name: ce}\n")
