@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import TINY_CLASSES, sets, tiny_overrides
 from otlt.cli import main
+from otlt.engine.checkpoint import load_checkpoint, save_atomic
 from otlt.errors import OtltError
 from otlt.report import (
     best_test_epoch,
@@ -485,6 +486,18 @@ def test_gallery_shows_the_pairs_the_mixer_chose(otmix_run):
         assert (from_fore | from_back).all()
         assert g.lams[i] == pytest.approx(from_back.mean(), abs=1 / 32)
     assert len(set(g.fore_labels)) > 1  # one foreground per class first
+
+
+def test_gallery_mixes_the_runs_fraction_of_rows(otmix_run, tmp_path):
+    """The gallery builds the run's mixer through its recipe, mix.fraction included (it once
+    left it out and showed every row mixed)."""
+    state = load_checkpoint(otmix_run / "last.pt")
+    state["config"]["mix"]["fraction"] = 0.25
+    quarter = tmp_path / "quarter"
+    quarter.mkdir()
+    save_atomic(state, quarter / "last.pt")
+    assert len(mixed_pairs(otmix_run, n=32, seed=0).lams) == 32  # batch 32, every row mixed
+    assert len(mixed_pairs(quarter, n=32, seed=0).lams) == 8  # round(0.25 * 32) rows
 
 
 def test_tsne_embeds_a_test_subsample(otmix_run, tmp_path):

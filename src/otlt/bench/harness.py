@@ -159,14 +159,9 @@ class Bench:
         self.x, self.y = self._augmented(self.next_idx(batch_size))
         if t.cfg.train.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
-        fidx = self._fore_idx(len(self.y))
+        fidx = t.recipe.foreground(len(self.y), t.generator)
         self.xf, self.yf = self._augmented(fidx)
         self.fixed_z = t.embed_for(self.otmix)(torch.cat([self.xf, self.x]))
-
-    def _fore_idx(self, batch_size: int) -> torch.Tensor:
-        t = self.trainer
-        return torch.multinomial(t.fore_weights, batch_size, replacement=True,
-                                 generator=t.generator)
 
     def set_batch_size(self, batch_size: int) -> None:
         """Use ``batch_size`` for the following steps (scaling study)."""
@@ -190,18 +185,21 @@ class Bench:
 
     def fore_data(self) -> None:
         """The data part CMO/OTmix add: the class-weighted draw and its augmentation."""
-        self._augmented(self._fore_idx(self.batch_size))
+        t = self.trainer
+        self._augmented(t.recipe.foreground(self.batch_size, t.generator))
 
     def erm(self) -> None:
-        self.trainer.mixer = None
+        self.trainer.recipe.mixer = None
         self.trainer.train_step(self.next_idx(), mixing=False)
 
     def cmo_step(self) -> None:
-        self.trainer.mixer = self.cmo
+        """A training step through the run's recipe (coin of ``mix.prob = 1``, class-weighted
+        foreground, plan) with CMO."""
+        self.trainer.recipe.mixer = self.cmo
         self.trainer.train_step(self.next_idx(), mixing=True)
 
     def otmix_step(self) -> None:
-        self.trainer.mixer = self.otmix
+        self.trainer.recipe.mixer = self.otmix
         self.trainer.train_step(self.next_idx(), mixing=True)
 
     def compiled(self, step: Callable[[], None]) -> Callable[[], None]:

@@ -42,6 +42,7 @@ from otlt.engine.distributed import (
 from otlt.engine.evaluation import summed_confusion
 from otlt.engine.trainer import Trainer
 from otlt.errors import require
+from otlt.mixing import MixRecipe
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -114,27 +115,34 @@ class StreamTrainer(Trainer):
         order = torch.randperm(len(self.train), generator=self.generator)
         # Global batches drawn alike on every rank; each rank loads its rows of each.
         global_steps = global_batches(order, self.cfg.optim.batch_size, world_size())
+        recipe = self.recipe if self.recipe.in_window(epoch, self.cfg.optim.epochs) else None
+        return self._lockstep(self.train, self.fore_set, global_steps, recipe, self.generator)
+
+    def _lockstep(self, dataset: ListFileDataset, fore_set: ListFileDataset,
+                  global_steps: list[torch.Tensor], recipe: MixRecipe | None,
+                  generator: torch.Generator) -> _Lockstep:
+        """This rank's rows of ``global_steps`` from ``dataset``, with the steps' coins and
+        foregrounds (from ``fore_set``) drawn now by ``recipe`` (:meth:`MixRecipe.epoch_draws`;
+        None: every step clean, nothing drawn)."""
+        sizes = [len(b) for b in global_steps]
+        coins, fores = [False] * len(sizes), []
+        if recipe is not None:
+            coins, fores = recipe.epoch_draws(sizes, generator)
+        fore = self._loader(fore_set, [d[rank_slice(len(d))].tolist() for d in fores]) \
+            if fores else None
         batches = [b[rank_slice(len(b))].tolist() for b in global_steps]
-        coins = [False] * len(batches)
-        fore = None
-        if self._mixing_on(epoch):
-            coins = (torch.rand(len(batches), generator=self.generator)
-                     < self.cfg.mix.prob).tolist()
-            sizes = [len(b) for b, coin in zip(global_steps, coins, strict=True) if coin]
-            if sizes and getattr(self.mixer, "needs_partner_batch", False):
-                draws = torch.multinomial(self.fore_weights, sum(sizes), replacement=True,
-                                          generator=self.generator)
-                fore = self._loader(self.fore_set, [d[rank_slice(len(d))].tolist()
-                                                    for d in draws.split(sizes)])
-        return _Lockstep(self._loader(self.train, batches), coins, fore)
+        return _Lockstep(self._loader(dataset, batches), coins, fore)
 
     def train_step(self, item: Step, mixing: bool) -> tuple[float, float, int]:
         """One step on a lockstep item: its coin and foreground were drawn at epoch start
-        (:meth:`epoch_batches`) and go to the base step as arguments."""
+        (:meth:`epoch_batches`); heads mixes it by the recipe."""
         images, labels, coin, foreground = item
-        return self.sgd_step(model_input(images, self.device), labels.to(self.device), mixing,
-                              coin=coin, foreground=None if foreground is None
-                              else self._on_device(foreground))
+        x, y = model_input(images, self.device), labels.to(self.device)
+        mixed = None
+        if mixing and coin:
+            mixed = self.recipe.mix(x, y, self.generator, partner=self._on_device(foreground),
+                                    embed=self.embed_for(self.mixer))
+        return self.sgd_step(x, y, mixed)
 
     def confusion_on(self, split: str,
                      model: torch.nn.Module | None = None) -> torch.Tensor | None:
@@ -156,27 +164,16 @@ class StreamTrainer(Trainer):
         global_steps = list(recalibration_indices(mode, self.train.labels,
                                                   self.cfg.optim.batch_size,
                                                   self.cfg.eval.bn_batches, g))
-        batches = [b[rank_slice(len(b))].tolist() for b in global_steps]
-        mixer = copy.deepcopy(self.mixer) if mode == "train" else None
-        coins = [False] * len(batches)
-        fore = None
-        if mixer is not None:
-            coins = (torch.rand(len(batches), generator=g) < self.cfg.mix.prob).tolist()
-            sizes = [len(b) for b, coin in zip(global_steps, coins, strict=True) if coin]
-            if sizes and getattr(mixer, "needs_partner_batch", False):
-                draws = torch.multinomial(self.fore_weights, sum(sizes), replacement=True,
-                                          generator=g)
-                fore = self._loader(self._recalibration_set(epoch, 3),
-                                    [d[rank_slice(len(d))].tolist()
-                                     for d in draws.split(sizes)])
-        steps = _Lockstep(self._loader(self._recalibration_set(epoch, 2), batches), coins, fore)
+        recipe = self.recalibration_recipe(mode, epoch)
+        embed = self.embed_for(recipe.mixer if recipe is not None else None)
+        steps = self._lockstep(self._recalibration_set(epoch, 2),
+                               self._recalibration_set(epoch, 3), global_steps, recipe, g)
         with preserved_batchnorm(unwrap(self.model)):
             for images, labels, coin, foreground in steps:
                 x, y = model_input(images, self.device), labels.to(self.device)
-                if coin:
-                    mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=g)
-                    x = self._apply_mixer(mixer, x, y, g,
-                                          lambda _n, f=foreground: self._on_device(f)).images
+                if coin and recipe is not None:
+                    x = recipe.mix(x, y, g, partner=self._on_device(foreground),
+                                   embed=embed).images
                 yield x
 
     def _recalibration_set(self, epoch: int, offset: int) -> ListFileDataset:
@@ -185,7 +182,8 @@ class StreamTrainer(Trainer):
         dataset.set_epoch(epoch)
         return dataset
 
-    def _on_device(self, batch: Batch | None) -> Batch:
-        assert batch is not None, "foreground loader not running"
+    def _on_device(self, batch: Batch | None) -> Batch | None:
+        if batch is None:  # a mixer without a partner batch
+            return None
         images, labels = batch
         return model_input(images, self.device), labels.to(self.device)

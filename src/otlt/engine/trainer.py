@@ -22,7 +22,6 @@ batches), :mod:`~otlt.engine.distributed` (ranks, shards, counters),
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from collections.abc import Iterator, Sized
@@ -33,11 +32,10 @@ import torch
 from tqdm import tqdm
 
 from otlt.amp import autocast
-from otlt.config import BN_STATS, RunConfig, dump_config, mixer_params, resolve_epochs, to_dict
+from otlt.config import BN_STATS, RunConfig, dump_config, resolve_epochs, to_dict
 from otlt.console import format_epoch
 from otlt.data.augment import GPUAugment
 from otlt.data.prepare import LongTailedData, prepare_data
-from otlt.data.samplers import sample_weights
 from otlt.engine.batchnorm import (
     preserved_batchnorm,
     recalibration_generator,
@@ -81,7 +79,7 @@ from otlt.engine.timelimit import TimeLimit
 from otlt.engine.weights import SUFFIX, load_model_state, save_weights
 from otlt.errors import OtltError, reason, require
 from otlt.losses import batch_loss, create_loss
-from otlt.mixing import create_mixer
+from otlt.mixing import MixedBatch, Mixer, MixRecipe
 from otlt.models import create_model
 from otlt.models.features import feature_fn
 
@@ -164,19 +162,20 @@ class Trainer:
                                          nesterov=o.nesterov)
         self.loss = create_loss(cfg.loss.name, self.train_counts, **cfg.loss.params)
         self.loss.to(self.device)
-        self.mixer = None
-        if cfg.mix.name != "none":
-            # The engine flips the per-batch coin (mix.prob) itself, so a clean batch costs no
-            # foreground draw or feature pass; the mixer mixes every batch it is given.
-            self.mixer = create_mixer(cfg.mix.name, class_counts=self.train_counts,
-                                      fraction=cfg.mix.fraction, **mixer_params(cfg))
-        self.fore_weights = sample_weights(self.data.train.labels, cfg.mix.sampler_r)
+        # The window, coin and foreground draw of mix.*: a clean batch costs no foreground
+        # draw or feature pass; the mixer mixes every batch it is given.
+        self.recipe = MixRecipe.from_config(cfg, self.data.train.labels, self.train_counts)
         self._embeds: dict[str, Any] = {}  # feature functions for context mixers, by mode
         self.augment = GPUAugment()
         self.evaluation = EvaluationProcedure(
             cfg, unwrap(self.model), self.mixer, self.train_counts, self.data.classes,
             self.run_dir, confusion_on=self.confusion_on, bn_batches=self.bn_batches,
             amp_dtype=self.amp_dtype, has_val=self.val is not None)
+
+    @property
+    def mixer(self) -> Mixer | None:
+        """The run's mixer (``self.recipe.mixer``; None without one)."""
+        return self.recipe.mixer
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """What the optimizer steps: every parameter of the model (a subclass may freeze
@@ -244,33 +243,37 @@ class Trainer:
         """What :meth:`train_step` takes, one item per step (here: index tensors)."""
         return self._batches()
 
-    def _mixing_on(self, epoch: int) -> bool:
-        m = self.cfg.mix
-        last = self.cfg.optim.epochs - m.skip_last
-        return self.mixer is not None and m.skip_first <= epoch < last
-
     def train_step(self, idx: torch.Tensor, mixing: bool) -> tuple[float, float, int]:
-        """One SGD step on this rank's rows of the global batch ``idx``; returns (summed
-        loss, summed correct, batch size) as floats."""
-        idx = idx.to(self.device)
-        # Crops and flips are drawn for the whole global batch, so every rank's generator
-        # stays in step; each rank keeps its rows.
-        x = self.augment(self.train.images[idx], self.generator)
-        mine = rank_slice(len(idx))
-        return self.sgd_step(x[mine], self.train.labels[idx][mine], mixing)
-
-    def sgd_step(self, x: torch.Tensor, y: torch.Tensor, mixing: bool,
-                  coin: bool | None = None,
-                  foreground: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  ) -> tuple[float, float, int]:
-        """Mix (if ``mixing`` and the coin says so) and step on augmented ``x (B, 3, H, W)``,
-        ``y (B,)``. ``coin`` and ``foreground`` are the step's coin and foreground batch when
-        the caller drew them already (the streaming trainer, at epoch start); else they are
-        drawn here from the training generator."""
+        """One SGD step on this rank's rows of the global batch ``idx``, mixed by the recipe
+        (coin, foreground, plan) when ``mixing``; returns (summed loss, summed correct, batch
+        size) as floats."""
+        x, y = self._gather(idx, self.generator)
         mixed = None
-        if mixing and (self._mix_coin() if coin is None else coin):
-            mixed = self._mix(x, y) if foreground is None else self._apply_mixer(
-                self.mixer, x, y, self.generator, lambda _n: foreground)
+        if mixing:
+            mixed = self.recipe.step(x, y, self.generator, size=len(idx),
+                                     load=self._foreground_load(self.generator),
+                                     embed=self.embed_for(self.mixer))
+        return self.sgd_step(x, y, mixed)
+
+    def _gather(self, idx: torch.Tensor, generator: torch.Generator,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of the global batch ``idx``, augmented. Crops and flips are drawn
+        for the whole global batch from ``generator``, so every rank's generator stays in
+        step; each rank keeps its rows."""
+        idx = idx.to(self.device)
+        x = self.augment(self.train.images[idx], generator)
+        mine = rank_slice(len(idx))
+        return x[mine], self.train.labels[idx][mine]
+
+    def _foreground_load(self, generator: torch.Generator):
+        """The recipe's ``load``: foreground indices to this rank's augmented rows."""
+        return lambda idx: self._gather(idx, generator)
+
+    def sgd_step(self, x: torch.Tensor, y: torch.Tensor,
+                 mixed: MixedBatch | None) -> tuple[float, float, int]:
+        """Step on augmented ``x (B, 3, H, W)``, ``y (B,)``, or on ``mixed`` (the recipe's
+        mix of them) when given."""
+        if mixed is not None:
             x = mixed.images
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -287,53 +290,22 @@ class Trainer:
         backward_step(self.optimizer, loss, self.scaler)
         return loss.detach() * len(y), correct.detach().float(), len(y)
 
-    def _mix_coin(self) -> bool:
-        """This step's mixing coin: heads (mix) with probability ``mix.prob``."""
-        return torch.rand((), generator=self.generator).item() < self.cfg.mix.prob
-
-    def _mix(self, x: torch.Tensor, y: torch.Tensor):
-        """Mix a training batch with the run's mixer and training generator."""
-        return self._apply_mixer(self.mixer, x, y, self.generator, self._foreground)
-
-    def _apply_mixer(self, mixer, x: torch.Tensor, y: torch.Tensor,
-                     generator: torch.Generator, foreground):
-        """Mix ``x, y`` with ``mixer``; CMO/OTmix take ``foreground(n)``'s batch as partner."""
-        if not getattr(mixer, "needs_partner_batch", False):
-            return mixer(x, y, generator=generator)
-        xf, yf = foreground(len(y))
-        return mixer(x, y, xf, yf, generator=generator, embed=self.embed_for(mixer))
-
-    def embed_for(self, mixer):
-        """The feature function ``(N, 3, H, W) -> (N, D)`` handed to a context mixer (OTmix):
-        the training model under the run's autocast and memory format, in the mixer's
-        ``feature_mode`` (built once per mode)."""
+    def embed_for(self, mixer: Mixer | None):
+        """The feature function ``(N, 3, H, W) -> (N, D)`` handed to a mixer that uses
+        features (OTmix; None for the others): the training model under the run's autocast
+        and memory format, in the mixer's ``feature_mode`` (built once per mode)."""
+        if mixer is None or not mixer.uses_context:
+            return None
         mode = getattr(mixer, "feature_mode", "pooled_eval")
         if mode not in self._embeds:
             self._embeds[mode] = feature_fn(self.model, mode, self.amp_dtype,
                                             self.cfg.train.channels_last)
         return self._embeds[mode]
 
-    def _foreground(self, n: int, generator: torch.Generator | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's ``n`` rows of the step's global foreground batch (``n * world``
-        draws from ``generator``, default the training one, as every rank draws them)."""
-        x, y = self._draw_foreground(n * world_size(), generator or self.generator)
-        mine = rank_slice(len(y))
-        return x[mine], y[mine]
-
-    def _draw_foreground(self, n: int,
-                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """An augmented foreground batch of ``n`` images from the class-weighted sampler."""
-        fidx = torch.multinomial(self.fore_weights, n, replacement=True,
-                                 generator=generator).to(self.device)
-        return self.augment(self.train.images[fidx], generator), self.train.labels[fidx]
-
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         self.loss.set_epoch(epoch)
-        mixing = self._mixing_on(epoch)
-        if self.mixer is not None:
-            self.mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=self.generator)
+        mixing = self.recipe.start_epoch(epoch, self.cfg.optim.epochs, self.generator)
         batches = self.epoch_batches(epoch)
         total_correct = torch.zeros((), device=self.device)
         seen = 0
@@ -379,17 +351,21 @@ class Trainer:
         g = self.bn_generator(epoch)
         indices = recalibration_indices(mode, self.data.train.labels, self.cfg.optim.batch_size,
                                         self.cfg.eval.bn_batches, g)
-        mixer = copy.deepcopy(self.mixer) if mode == "train" else None
+        recipe = self.recalibration_recipe(mode, epoch)
         with preserved_batchnorm(unwrap(self.model)):  # a feature pass may update BN
             for idx in indices:
-                idx = idx.to(self.device)
-                mine = rank_slice(len(idx))
-                x = self.augment(self.train.images[idx], g)[mine]
-                if mixer is not None and torch.rand((), generator=g).item() < self.cfg.mix.prob:
-                    mixer.set_epoch(epoch, self.cfg.optim.epochs, generator=g)
-                    x = self._apply_mixer(mixer, x, self.train.labels[idx][mine], g,
-                                          lambda k: self._foreground(k, g)).images
-                yield x
+                x, y = self._gather(idx, g)
+                mixed = None if recipe is None else recipe.step(
+                    x, y, g, load=self._foreground_load(g), size=len(idx),
+                    embed=self.embed_for(recipe.mixer))
+                yield x if mixed is None else mixed.images
+
+    def recalibration_recipe(self, mode: str, epoch: int) -> MixRecipe | None:
+        """The recipe of procedure ``mode``'s batches after ``epoch``: for ``train`` a copy
+        of the run's (:meth:`MixRecipe.for_recalibration`); None (clean batches) otherwise."""
+        if mode == "train":
+            return self.recipe.for_recalibration(epoch, self.cfg.optim.epochs)
+        return None
 
     def confusion_on(self, split: str,
                    model: torch.nn.Module | None = None) -> torch.Tensor | None:

@@ -1,13 +1,13 @@
 """OTmix in a Lightning training loop: one callback does the glue.
 
-:class:`OTMixCallback` holds the OTMix mixer, the class-weighted foreground sampler and the
-recipe of the presets (mix a batch with probability ``prob``, not in the first ``skip_first``
-and last ``skip_last`` epochs). Your ``LightningModule`` calls :meth:`OTMixCallback.mix` in
-``training_step``; the callback draws the OT-or-random switch each epoch, builds the
-validation confusion matrix from the validation batches (one extra forward pass of each),
-hands it to OTMix when the training epoch ends, logs the mixing statistics, and saves the
-confusion matrix and its generator in Lightning checkpoints, so a resumed run mixes exactly
-as before::
+:class:`OTMixCallback` holds the OTMix mixer in the presets' recipe
+(:class:`otlt.mixing.MixRecipe`: mix a batch with probability ``prob``, not in the first
+``skip_first`` and last ``skip_last`` epochs, foregrounds from the class-weighted sampler).
+Your ``LightningModule`` calls :meth:`OTMixCallback.mix` in ``training_step``; the callback
+draws the OT-or-random switch each epoch, builds the validation confusion matrix from the
+validation batches (one extra forward pass of each), hands it to OTMix when the training
+epoch ends, logs the mixing statistics, and saves the confusion matrix and its generator in
+Lightning checkpoints, so a resumed run mixes exactly as before::
 
     otmix = OTMixCallback(train_images, train_labels, num_classes=10)
     trainer = lightning.Trainer(callbacks=[otmix], max_epochs=240)
@@ -50,10 +50,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("otlt.integrations.lightning needs Lightning: pip install "
                       "'otlt[lightning]'") from exc
 
-from otlt.data.samplers import sample_weights
 from otlt.errors import OtltError, require
 from otlt.metrics import confusion_matrix
-from otlt.mixing import MixedBatch, OTMix
+from otlt.mixing import MixedBatch, MixRecipe, OTMix
 from otlt.models.features import has_features
 
 NETWORK_NAMES = ("model", "net", "network", "backbone")
@@ -121,8 +120,8 @@ class OTMixCallback(Callback):
         self.images, self.labels = train_images, train_labels.long()
         counts = torch.bincount(self.labels.cpu(), minlength=num_classes).tolist()
         self.otmix = OTMix(class_counts=counts, num_classes=num_classes, **otmix_options)
-        self.weights = sample_weights(self.labels.cpu(), sampler_r)
-        self.prob, self.skip_first, self.skip_last = prob, skip_first, skip_last
+        self.recipe = MixRecipe(self.otmix, self.labels, prob=prob, skip_first=skip_first,
+                                skip_last=skip_last, sampler_r=sampler_r)
         self.transform = foreground_transform
         self.embed = embed
         self._found: tuple[torch.nn.Module, torch.nn.Module] | None = None
@@ -140,15 +139,18 @@ class OTMixCallback(Callback):
         every call so a module without one fails at its first batch."""
         features = {"embed": self.embed} if self.embed is not None else \
             {"model": self._network(module)}
-        if not self._mixing or torch.rand((), generator=self.generator).item() >= self.prob:
+        if not self._mixing:
             return None
-        idx = torch.multinomial(self.weights, len(y), replacement=True,
-                                generator=self.generator)
+        return self.recipe.step(x, y, self.generator, load=lambda idx: self._foreground(idx, x, y),
+                                **features)
+
+    def _foreground(self, idx: torch.Tensor, x: torch.Tensor,
+                    y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The foregrounds ``idx`` (the recipe's draw) on the batch's devices, transformed."""
         xf = self.images[idx.to(self.images.device)].to(x.device)
         if self.transform is not None:
             xf = self.transform(xf, self.generator)
-        yf = self.labels[idx.to(self.labels.device)].to(y.device)
-        return self.otmix(x, y, xf, yf, generator=self.generator, **features)
+        return xf, self.labels[idx.to(self.labels.device)].to(y.device)
 
     def _network(self, module: torch.nn.Module) -> torch.nn.Module:
         if self._found is None or self._found[0] is not module:
@@ -160,17 +162,16 @@ class OTMixCallback(Callback):
         self._epochs = planned_epochs(trainer.max_epochs, trainer.max_steps,
                                       trainer.num_training_batches,
                                       trainer.accumulate_grad_batches)
-        if self.skip_first >= self._epochs - self.skip_last:
-            rank_zero_warn(f"OTMixCallback mixes no batch: skip_first={self.skip_first} and "
-                           f"skip_last={self.skip_last} leave no epoch of the "
+        if not self.recipe.window(self._epochs):
+            rank_zero_warn(f"OTMixCallback mixes no batch: skip_first={self.recipe.skip_first} "
+                           f"and skip_last={self.recipe.skip_last} leave no epoch of the "
                            f"{self._epochs} this run trains")
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self._epochs is None:
             self.on_train_start(trainer, pl_module)
-        epoch, total = trainer.current_epoch, self._epochs
-        self._mixing = self.skip_first <= epoch < total - self.skip_last
-        self.otmix.set_epoch(epoch, total, generator=self.generator)
+        self._mixing = self.recipe.start_epoch(trainer.current_epoch, self._epochs,
+                                               self.generator)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)

@@ -33,6 +33,9 @@ Layout: :mod:`~otlt.mixing.plan` (plans and applying them, no state) <- :mod:`~o
 (the :class:`Mixer` base, the random-pairing draw, the registry) <- :mod:`~otlt.mixing.random`
 (the random-pairing mixers) and :mod:`~otlt.mixing.otmix` (OTMix); this package imports them
 all, so every built-in mixer is registered once ``otlt.mixing`` is imported.
+:mod:`~otlt.mixing.recipe` (:class:`MixRecipe`) is the recipe around a mixer that every
+training loop follows: the epoch window, the per-batch coin, the class-weighted foreground
+draw and the mixer call.
 """
 
 from otlt.mixing.base import Mixer, NoMix, create_mixer, list_mixers, register_mixer
@@ -52,12 +55,14 @@ from otlt.mixing.plan import (
     with_saliency_box,
 )
 from otlt.mixing.random import CMO, CutMix, Mixup, Remix, SaliencyMix
+from otlt.mixing.recipe import MixRecipe
 
 __all__ = [
     "CMO",
     "Box",
     "CutMix",
     "MixPlan",
+    "MixRecipe",
     "MixedBatch",
     "Mixer",
     "Mixup",

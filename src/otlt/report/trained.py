@@ -11,15 +11,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from otlt.config import RunConfig, build_config, mixer_params
+from otlt.config import RunConfig, build_config
 from otlt.data.augment import eval_transform
 from otlt.data.prepare import LongTailedData, prepare_data
-from otlt.data.samplers import sample_weights
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.evaluation import evaluate
 from otlt.engine.runtime import DeviceSplit
 from otlt.errors import OtltError, require
-from otlt.mixing import create_mixer
+from otlt.mixing import MixRecipe
 from otlt.models import create_model
 
 # ---------------------------------------------------------------------- from checkpoints
@@ -58,16 +57,19 @@ def mixed_pairs(run_dir: Path, n: int = 8, data_path: str | None = None, seed: i
     the run's own mixer and trained model, as a training step would, and return ``n`` of
     the resulting (foreground, chosen background, mixed) triples.
 
-    OTmix is built from the config's ``mix.params`` with ``ot_probability = 1`` (an OT
-    epoch) and the confusion matrix of the trained model on the validation split (eq. 6).
+    The mixer and the foreground draw are the run's recipe (:meth:`MixRecipe.from_config`:
+    ``mix.params``, ``mix.fraction``, ``mix.sampler_r``); OTmix with ``ot_probability = 1``
+    (an OT epoch) and the confusion matrix of the trained model on the validation split
+    (eq. 6). Every batch drawn is mixed (no window, no coin).
     Images are not augmented, so the pictures show the dataset's images; the plan is made
     on normalised images (what the model sees) and applied to the displayable ones.
     """
     cfg, state, data, model = load_trained(run_dir, data_path, device)
     require(cfg.mix.name != "none", f"--gallery needs a mixing run; {run_dir} has mix.name none")
     generator = torch.Generator().manual_seed(seed)
-    mixer = _trained_mixer(cfg, state["train_counts"], model, data, device, generator)
-    (xb, yb), fore = _draw_batches(cfg, data, mixer, device, generator)
+    recipe = _trained_recipe(cfg, state["train_counts"], model, data, device, generator)
+    mixer = recipe.mixer
+    (xb, yb), fore = _draw_batches(cfg, data, recipe, device, generator)
     xf, yf = fore if fore is not None else (None, None)
     context = {"model": model, "amp_dtype": None} if mixer.uses_context else {}
     with torch.no_grad():
@@ -84,32 +86,31 @@ def mixed_pairs(run_dir: Path, n: int = 8, data_path: str | None = None, seed: i
                    ot=bool(getattr(mixer, "ot_epoch", False)))
 
 
-def _trained_mixer(cfg, train_counts: Sequence[int], model: torch.nn.Module, data,
-                   device: str, generator: torch.Generator):
-    """The run's mixer in the state of a late OT epoch: validation confusion of the trained
-    model (OTmix's ``F``), ``ot_probability = 1``."""
-    params = mixer_params(cfg)  # plan epochs counted from the end resolved
-    if cfg.mix.name == "otmix":
-        params["ot_probability"] = 1.0
-    mixer = create_mixer(cfg.mix.name, class_counts=train_counts, **params)
+def _trained_recipe(cfg, train_counts: Sequence[int], model: torch.nn.Module, data,
+                    device: str, generator: torch.Generator) -> MixRecipe:
+    """The run's recipe, its mixer in the state of a late OT epoch: validation confusion of
+    the trained model (OTmix's ``F``), ``ot_probability = 1``."""
+    params = {"ot_probability": 1.0} if cfg.mix.name == "otmix" else {}
+    recipe = MixRecipe.from_config(cfg, data.train.labels, train_counts, **params)
+    mixer = recipe.mixer
+    assert mixer is not None
     if mixer.needs_confusion and len(data.val):
         confusion = evaluate(model, DeviceSplit(data.val, torch.device(device)), cfg.num_classes,
                              cfg.train.eval_batch_size, None, channels_last=False)
         mixer.update_confusion(confusion)
     mixer.set_epoch(cfg.optim.epochs - 1, cfg.optim.epochs, generator=generator)
-    return mixer
+    return recipe
 
 
-def _draw_batches(cfg, data, mixer, device: str, generator: torch.Generator):
-    """A uniform background batch and, for CMO/OTmix, a class-weighted foreground batch
-    (``q_k ∝ n_k^-r``, ``r = mix.sampler_r``), as uint8 ``(B, H, W, 3)`` and labels."""
+def _draw_batches(cfg, data, recipe: MixRecipe, device: str, generator: torch.Generator):
+    """A uniform background batch and, for CMO/OTmix, the recipe's class-weighted foreground
+    batch (``q_k ∝ n_k^-r``, ``r = mix.sampler_r``), as uint8 ``(B, H, W, 3)`` and labels."""
     train = DeviceSplit(data.train, torch.device(device))
     size = min(cfg.optim.batch_size, len(train))
     back = torch.randperm(len(train), generator=generator)[:size].to(device)
-    if not getattr(mixer, "needs_partner_batch", False):
+    if not recipe.needs_foreground:
         return (train.images[back], train.labels[back]), None
-    weights = sample_weights(data.train.labels, cfg.mix.sampler_r)
-    fore = torch.multinomial(weights, size, replacement=True, generator=generator).to(device)
+    fore = recipe.foreground(size, generator).to(device)
     return (train.images[back], train.labels[back]), (train.images[fore], train.labels[fore])
 
 
