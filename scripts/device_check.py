@@ -13,9 +13,12 @@ With this project's device tool: ``mkdir -p .devdata && cp ../shared/data/cifar1
 
 and commit ``device_check.json`` under ``benchmarks/``.
 
-What it runs, each step with its own timeout, and writes to ``OUT/device_check.json`` (one
-log per step beside it; the JSON is rewritten after every step, so a killed command keeps
-what finished):
+What it runs, each step with its own timeout cut to what is left of ``--budget`` (460 s,
+inside the command's ``timeout 500`` with room for starting Python and torch: a slow step
+leaves the later ones less time, never the whole check without its JSON; a step that finds
+no time left is recorded as ``skipped``), and writes to ``OUT/device_check.json`` (one log
+per step beside it; the JSON is rewritten after every step, so a killed command keeps what
+finished):
 
 1. ``cuda_tests``: the CUDA-parametrised tests (``pytest -k cuda`` over the files that have them);
 2. ``runs``: ``torchrun --standalone --nproc_per_node=N`` of a 3-epoch OTmix run on a tiny
@@ -63,10 +66,13 @@ from otlt.engine.checkpoint import load_checkpoint  # noqa: E402
 
 CUDA_TEST_FILES = ["tests/test_losses.py", "tests/test_metrics.py", "tests/test_mixing.py",
                    "tests/test_otmix.py", "tests/test_transport.py"]
-# Each step is seconds on a GPU; the limits keep the whole check inside one 8-minute command
-# (``--slow F`` multiplies them, for a dry run on a busy CPU).
+# Each step is seconds on a GPU; a limit stops one that hangs, and the budget, which every
+# limit is cut to, keeps the whole check inside one command (``--slow F`` multiplies them all,
+# for a dry run on a busy CPU).
 STEP_TIMEOUT = 90
 TESTS_TIMEOUT = 150
+BUDGET = 460
+DEADLINE = float("inf")  # time.monotonic() at which the budget ends (set by main)
 RUN = ["data.dataset=folder", "data.num_classes=10", "data.n_max=41", "data.imbalance_ratio=7",
        "data.val_per_class=5", "model.name=resnet20", "optim.epochs=3",
        "optim.batch_size=30", "optim.milestones=[2]", "optim.gammas=[0.1]",
@@ -74,9 +80,21 @@ RUN = ["data.dataset=folder", "data.num_classes=10", "data.n_max=41", "data.imba
        "mix.skip_last=0", "eval.bn_probe_every=0", "train.keep_epochs=[]"]
 
 
+def limit(seconds: float) -> int:
+    """``seconds`` cut to what is left of the budget (0: nothing is)."""
+    return max(0, int(min(seconds, DEADLINE - time.monotonic())))
+
+
 def command(cmd: list[str], log: Path, timeout: int, env: dict) -> dict:
-    """Run ``cmd`` with output to ``log``; ``{"rc", "seconds"}`` (rc 124 on timeout)."""
+    """Run ``cmd`` with output to ``log`` for at most ``timeout`` seconds, or what is left of
+    the budget; ``{"rc", "seconds"}`` (rc 124 on timeout, and ``skipped`` without starting it
+    when no time is left)."""
     start = time.perf_counter()
+    timeout = limit(timeout)
+    if timeout < 1:
+        log.write_text("skipped: no time left in --budget\n")
+        return {"cmd": " ".join(cmd), "rc": 124, "seconds": 0.0, "log": log.name,
+                "skipped": "no time left in --budget"}
     with log.open("w") as f:
         try:
             rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -215,7 +233,7 @@ def check_kill_resume(device: str, data: Path | None, work: Path, out: Path,
         proc = subprocess.Popen([*train, *train_args(config, [*base, "name=part"])], cwd=ROOT,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         metrics = runs / "part" / "metrics.jsonl"
-        deadline = time.time() + 3 * STEP_TIMEOUT
+        deadline = time.time() + limit(3 * STEP_TIMEOUT)
         while time.time() < deadline and proc.poll() is None and not (
                 metrics.is_file() and metrics.read_text().count("\n") >= 1):
             time.sleep(0.05)
@@ -290,11 +308,16 @@ def main() -> int:
                         help="CIFAR-10 (e.g. the unpacked cifar10-jpeg folder) for the "
                              "kill-and-resume run (default: the tiny synthetic folder)")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--budget", type=float, default=BUDGET,
+                        help=f"seconds for the whole check (default {BUDGET}: inside the "
+                             "device command's 'timeout 500')")
     parser.add_argument("--slow", type=float, default=1.0,
-                        help="multiply every step's time limit (a dry run on a busy CPU)")
+                        help="multiply every step's time limit and the budget (a dry run on "
+                             "a busy CPU)")
     args = parser.parse_args()
-    global STEP_TIMEOUT, TESTS_TIMEOUT
+    global STEP_TIMEOUT, TESTS_TIMEOUT, DEADLINE
     STEP_TIMEOUT, TESTS_TIMEOUT = int(STEP_TIMEOUT * args.slow), int(TESTS_TIMEOUT * args.slow)
+    DEADLINE = time.monotonic() + args.budget * args.slow
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = out.parent / f"{out.name}_work"

@@ -32,3 +32,17 @@ def test_device_check_dry_run_passes_on_the_cpu(tmp_path):
     assert report["kill_resume"]["killed_while_running"]
     assert 1 <= report["kill_resume"]["killed_after_epochs"] < 4
     assert report["cross_device"]["test_images_classified_differently_at_most"] == 0
+
+
+def test_a_spent_budget_still_writes_the_report(tmp_path):
+    """Every step's limit is cut to what is left of --budget: with none left each step is
+    recorded as skipped (not passed) and the JSON is written, in seconds."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"),
+                             "--device", "cpu", "--budget", "0", "--out", str(out)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    report = json.loads((out / "device_check.json").read_text())
+    assert result.returncode == 1 and not report["passed"]
+    assert report["cuda_tests"]["skipped"] and report["runs"][0]["train"]["skipped"]
+    assert report["nan_stops"]["skipped"] and not report["nan_stops"]["passed"]
