@@ -5,9 +5,10 @@ Every mixer follows one calling convention::
     mixed = mixer(x, y, x_partner, y_partner, generator=g)   # == mixer.apply(mixer.plan(...), ...)
     loss = batch_loss(criterion, model(mixed.images), mixed.targets_a, mixed.targets_b, mixed.lam)
 
-*Planning* (:meth:`Mixer.plan`) draws everything random: whether the batch is mixed, the
-mixing ratio ``lam``, the CutMix box, the partner of every row and which rows are mixed. The
-result is a :class:`MixPlan`, small CPU tensors that fully determine the mix and can be logged
+*Planning* (:meth:`Mixer.plan`) draws everything random: the mixing ratio ``lam``, the
+CutMix box, the partner of every row and which rows are mixed (a mixer mixes every batch it
+is given; whether a batch is mixed at all is :class:`MixRecipe`'s coin). The result is a
+:class:`MixPlan`, small CPU tensors that fully determine the mix and can be logged
 (:meth:`MixPlan.to_dict`). *Applying* (:meth:`Mixer.apply`, :func:`apply_plan`) is
 deterministic and runs on the batch's device and dtype; it never modifies its inputs.
 
@@ -26,8 +27,8 @@ and ``partner = arange(B)``.
 
 Randomness comes only from the ``generator`` argument, a CPU :class:`torch.Generator`: plans
 are drawn on the CPU (a handful of numbers per batch, no device synchronisation) and the index
-tensors are moved to the batch's device when applied. The draws happen in a fixed order: the
-per-batch coin, ``lam``, the box centre (CutMix family), the partners, the mixed rows.
+tensors are moved to the batch's device when applied. The draws happen in a fixed order:
+``lam``, the box centre (CutMix family), the partners, the mixed rows.
 
 Layout: :mod:`~otlt.mixing.plan` (plans and applying them, no state) <- :mod:`~otlt.mixing.base`
 (the :class:`Mixer` base, the random-pairing draw, the registry) <- :mod:`~otlt.mixing.random`

@@ -24,23 +24,21 @@ from otlt.mixing.plan import (
 # ----------------------------------------------------------------------------- mixers
 
 
-def check_knobs(alpha: float, prob: float, fraction: float) -> None:
+def check_knobs(alpha: float, fraction: float) -> None:
     require(alpha > 0, f"alpha must be > 0, got {alpha}")
-    require(0.0 <= prob <= 1.0, f"prob must be in [0, 1], got {prob}")
     require(0.0 < fraction <= 1.0, f"fraction must be in (0, 1], got {fraction}")
 
 
-def draw_pairs(batch_size: int, num_partners: int, *, alpha: float, prob: float,
-                fraction: float, image_size: tuple[int, int] | None,
-                generator: torch.Generator) -> MixPlan:
-    """Draw a random-pairing plan: the coin, ``lam``, the box, the partners, the mixed rows.
+def draw_pairs(batch_size: int, num_partners: int, *, alpha: float, fraction: float,
+               image_size: tuple[int, int] | None, generator: torch.Generator) -> MixPlan:
+    """Draw a random-pairing plan: ``lam``, the box, the partners, the mixed rows.
 
     ``image_size = (H, W)`` asks for a CutMix box, ``None`` for a Mixup blend. Partners are
     ``num_partners`` rows drawn without replacement (a permutation when sizes are equal).
+    Every plan mixes (at least one row): whether a batch is mixed at all is the recipe's
+    coin (:class:`otlt.mixing.MixRecipe`, ``mix.prob``), drawn before the mixer is called.
     """
     check_generator(generator)
-    if torch.rand((), generator=generator).item() >= prob:
-        return MixPlan.identity(batch_size)
     lam = sample_lam(alpha, generator)
     box = None
     if image_size is not None:

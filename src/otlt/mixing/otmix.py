@@ -141,7 +141,6 @@ class OTMix(Mixer):
     confusion_mode: str = "adaptive"
     feature_mode: str = "pooled_eval"
     ot_probability: float | None = None
-    prob: float = 1.0
     fraction: float = 1.0
     max_iter: int = 1000
     tol: float = 1e-6
@@ -150,7 +149,7 @@ class OTMix(Mixer):
     confusion: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        check_knobs(self.alpha, self.prob, self.fraction)
+        check_knobs(self.alpha, self.fraction)
         self.class_counts = tuple(int(c) for c in self.class_counts)
         self.num_classes = self.num_classes or len(self.class_counts)
         require(self.num_classes >= 2, f"OTMix needs num_classes >= 2, got {self.num_classes}")
@@ -268,10 +267,8 @@ class OTMix(Mixer):
                 f"OTMix needs equal foreground and background batches, got "
                 f"{x_partner.shape[0]} and {x.shape[0]}")
         size = (x.shape[-2], x.shape[-1]) if self.blend == "cutmix" else None
-        plan = draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, prob=self.prob,
-                           fraction=self.fraction, image_size=size, generator=generator)
-        if not bool(plan.mixed.any()):
-            return plan
+        plan = draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, fraction=self.fraction,
+                          image_size=size, generator=generator)
         if self.blend == "saliencymix":  # the box sits on the foreground's salient region
             plan = with_saliency_box(dataclasses.replace(plan, partner=torch.arange(len(x))),
                                      x_partner)

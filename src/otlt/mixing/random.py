@@ -25,21 +25,21 @@ from otlt.mixing.plan import (
 
 @dataclass(frozen=True)
 class _RandomPairing(Mixer):
-    """Shared knobs of the random-pairing mixers: ``alpha`` of ``Beta(α, α)``, the per-batch
-    mixing probability ``prob`` and the per-sample ``fraction`` of mixed rows."""
+    """Shared knobs of the random-pairing mixers: ``alpha`` of ``Beta(α, α)`` and the
+    per-sample ``fraction`` of mixed rows (every batch given is mixed; the per-batch coin is
+    :class:`otlt.mixing.MixRecipe`'s)."""
 
     alpha: float = 1.0
-    prob: float = 1.0
     fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        check_knobs(self.alpha, self.prob, self.fraction)
+        check_knobs(self.alpha, self.fraction)
 
     def _pairs(self, x: torch.Tensor, num_partners: int, boxed: bool,
                generator: torch.Generator) -> MixPlan:
         size = (x.shape[-2], x.shape[-1]) if boxed else None
-        return draw_pairs(x.shape[0], num_partners, alpha=self.alpha, prob=self.prob,
-                           fraction=self.fraction, image_size=size, generator=generator)
+        return draw_pairs(x.shape[0], num_partners, alpha=self.alpha, fraction=self.fraction,
+                          image_size=size, generator=generator)
 
 
 @register_mixer("mixup")
@@ -47,8 +47,7 @@ class _RandomPairing(Mixer):
 class Mixup(_RandomPairing):
     """Mixup (Zhang et al., ICLR 2018): ``lam · x_i + (1 − lam) · x_perm(i)``, ``lam ~ Beta(α, α)``.
 
-    ``prob`` is the chance that a batch is mixed at all; ``fraction`` the share of its rows
-    that are mixed (OTmix Table 7).
+    ``fraction`` is the share of a batch's rows that are mixed (OTmix Table 7).
     """
 
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
@@ -138,11 +137,10 @@ class Remix(Mixer):
     kappa: float = 3.0
     tau: float = 0.5
     mode: str = "mixup"
-    prob: float = 1.0
     fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        check_knobs(self.alpha, self.prob, self.fraction)
+        check_knobs(self.alpha, self.fraction)
         counts = tuple(int(c) for c in np.asarray(self.class_counts).reshape(-1))
         require(len(counts) > 0 and min(counts) >= 0,
                 f"class_counts must be non-negative counts, one per class, got {counts}")
@@ -158,8 +156,8 @@ class Remix(Mixer):
         """Draw ``lam`` (and a box in cutmix mode) and a random permutation as partners."""
         self._check_partner(x_partner, y_partner)
         size = (x.shape[-2], x.shape[-1]) if self.mode == "cutmix" else None
-        return draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, prob=self.prob,
-                           fraction=self.fraction, image_size=size, generator=generator)
+        return draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, fraction=self.fraction,
+                          image_size=size, generator=generator)
 
     def label_weights(self, lam: torch.Tensor, targets_a: torch.Tensor,
                       targets_b: torch.Tensor) -> torch.Tensor:
