@@ -11,25 +11,37 @@ from otlt.models import create_model
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_otmix_loop_example_runs():
+def test_otmix_loop_example_runs(monkeypatch):
+    from otlt.mixing import MixRecipe
+
     text = README.read_text()
-    block = re.search(r"```python\n(import torch\nfrom otlt.data.samplers.*?)```", text, re.S)
+    block = re.search(r"```python\n(import torch\nfrom otlt import model_confusion\n.*?)```",
+                      text, re.S)
     assert block, "README lost its OTmix example"
     g = torch.Generator().manual_seed(0)
     counts = [20, 10, 5]
     train_labels = torch.repeat_interleave(torch.arange(3), torch.tensor(counts))
     train_images = torch.randn(len(train_labels), 3, 32, 32, generator=g)
     model = create_model("resnet20", 3)
+    mixed_rows = []
+    real_step = MixRecipe.step
+
+    def counting_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        mixed_rows.append(0 if out is None else out.plan.num_mixed)
+        return out
+
+    monkeypatch.setattr(MixRecipe, "step", counting_step)
     namespace = {
         "counts": counts, "train_labels": train_labels, "train_images": train_images,
         "model": model, "epochs": 8, "opt": torch.optim.SGD(model.parameters(), lr=0.01),
         "loader": [(train_images[:8], train_labels[:8]), (train_images[8:16], train_labels[8:16])],
-        "val_confusion": lambda m: torch.eye(3) * 5 + 1,
+        "val_images": train_images[::5], "val_labels": train_labels[::5],
     }
     before = [p.detach().clone() for p in model.parameters()]
     exec(compile(block.group(1), "README.md", "exec"), namespace)
     assert namespace["otmix"].confusion is not None
-    assert namespace["mixed"].plan.num_mixed == 8  # the mixing epochs did mix
+    assert len(mixed_rows) == 4 and 8 in mixed_rows  # epochs 3 and 4 mix; a batch was mixed
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 

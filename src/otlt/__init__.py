@@ -7,6 +7,7 @@ from otlt.config import RunConfig, load_config
 from otlt.data.longtail import build_splits, long_tailed_counts
 from otlt.data.samplers import ClassWeightedSampler, class_sampling_probs, sample_weights
 from otlt.engine.batchnorm import recalibrate_batchnorm
+from otlt.engine.evaluation import model_confusion
 from otlt.errors import OtltError
 from otlt.losses import batch_loss, create_loss, list_losses, mixed_loss
 from otlt.metrics import ConfusionMeter, confusion_matrix, summarize
@@ -65,6 +66,7 @@ __all__ = [
     "load_config",
     "long_tailed_counts",
     "mixed_loss",
+    "model_confusion",
     "otmix_cost",
     "recalibrate_batchnorm",
     "register_mixer",

@@ -12,6 +12,7 @@ from otlt.amp import autocast
 from otlt.data.augment import eval_transform
 from otlt.engine.distributed import all_reduce_sum, rank, world_size
 from otlt.engine.runtime import DeviceSplit
+from otlt.errors import OtltError
 from otlt.metrics import confusion_matrix
 
 
@@ -52,6 +53,31 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
         labels.append(y)
     model.train()
     return confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes)
+
+
+def model_confusion(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    num_classes: int, batch_size: int = 1000,
+                    amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Confusion matrix ``(K, K)`` (rows: true class) of ``model`` on one split, for a plain
+    loop: ``images`` as the loaders give them, uint8 ``(N, H, W, 3)`` (normalised with the
+    CIFAR statistics, :func:`~otlt.data.augment.eval_transform`), or model inputs, float
+    ``(N, C, H, W)``; ``labels`` ``(N,)``. Batches go to the model's device; the matrix comes
+    back on the CPU, for :func:`otlt.metrics.summarize` or ``OTMix.end_epoch``."""
+    device = next(model.parameters()).device
+    if images.dtype == torch.uint8:
+        if images.dim() != 4 or images.shape[-1] != 3:
+            raise OtltError(f"uint8 images must be (N, H, W, 3), got {tuple(images.shape)}")
+        prepare = eval_transform
+    elif images.is_floating_point() and images.dim() == 4:
+        def prepare(x: torch.Tensor) -> torch.Tensor:
+            return x
+    else:
+        raise OtltError(f"images must be uint8 (N, H, W, 3) or float (N, C, H, W), got "
+                        f"{images.dtype} {tuple(images.shape)}")
+    batches = ((prepare(images[i:i + batch_size].to(device)),
+                labels[i:i + batch_size].to(device)) for i in range(0, len(labels), batch_size))
+    return evaluate_batches(model, batches, num_classes, amp_dtype,
+                            channels_last=False).cpu()
 
 
 def split_record(prefix: str, summary: dict[str, Any]) -> dict[str, Any]:

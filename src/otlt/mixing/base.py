@@ -17,6 +17,7 @@ from otlt.mixing.plan import (
     apply_plan,
     box_lam,
     check_generator,
+    check_model_inputs,
     sample_cutmix_box,
     sample_lam,
 )
@@ -134,6 +135,9 @@ class Mixer:
         ``context`` (e.g. ``model=``, ``amp_dtype=``) goes to :meth:`plan` when the mixer
         ``uses_context``; the others ignore it, so an engine can call every mixer alike.
         """
+        for images in (x, x_partner):
+            if images is not None:
+                check_model_inputs(images, type(self).__name__)
         extra = context if self.uses_context else {}
         plan = self.plan(x, y, x_partner, y_partner, generator=generator, **extra)
         return self.apply(plan, x, y, x_partner, y_partner)

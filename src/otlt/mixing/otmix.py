@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from otlt.errors import OtltError, require
 from otlt.metrics import row_normalized_confusion
 from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
-from otlt.mixing.plan import MixPlan, with_saliency_box
+from otlt.mixing.plan import MixPlan, check_model_inputs, with_saliency_box
 from otlt.models.features import FEATURE_MODES, feature_fn
 from otlt.transport import assignment, sinkhorn
 
@@ -263,6 +263,8 @@ class OTMix(Mixer):
                 "for random pairing")
         self._check_partner(x_partner, y_partner)
         assert x_partner is not None and y_partner is not None
+        for images in (x, x_partner):  # features need model inputs
+            check_model_inputs(images, "OTMix", floating=True)
         require(x_partner.shape[0] == x.shape[0],
                 f"OTMix needs equal foreground and background batches, got "
                 f"{x_partner.shape[0]} and {x.shape[0]}")

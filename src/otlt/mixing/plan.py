@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from scipy.special import betaincinv
 
-from otlt.errors import require
+from otlt.errors import OtltError, require
 
 Box = tuple[int, int, int, int]
 """A box ``(y0, y1, x0, x1)``: rows ``y0:y1`` and columns ``x0:x1`` (half-open)."""
@@ -224,6 +224,20 @@ def mixup_images(base: torch.Tensor, patch: torch.Tensor, lam: float) -> torch.T
     blend = torch.lerp(patch.to(torch.float32), base.to(torch.float32), lam)
     info = torch.iinfo(base.dtype)
     return blend.round_().clamp_(info.min, info.max).to(base.dtype)
+
+
+TO_MODEL_INPUTS = ("uint8 (B, H, W, 3) images, as otlt's loaders keep them, become model inputs "
+                   "with otlt.data.augment.GPUAugment (training) or eval_transform")
+
+
+def check_model_inputs(x: torch.Tensor, what: str, floating: bool = False) -> None:
+    """Refuse images in the loaders' layout, ``(B, H, W, 3)``, where a mixer expects model
+    inputs ``(B, C, H, W)`` (a CutMix box would be cut across width and channels), and,
+    with ``floating``, integer images where features are computed (OTMix's cost)."""
+    nhwc = x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3)
+    if nhwc or (floating and not x.is_floating_point()):
+        raise OtltError(f"{what} takes model inputs, float (B, C, H, W); got {x.dtype} "
+                        f"{tuple(x.shape)}: {TO_MODEL_INPUTS}")
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
