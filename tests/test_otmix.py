@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
 import pytest
 import torch
 
+import otlt.mixing.otmix as otmix_module
 from conftest import tiny_overrides
 from otlt.cli import main
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.mixing import OTMix, create_mixer, otmix_cost
 from otlt.models import create_model
+from otlt.transport import sinkhorn
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))]
@@ -306,3 +309,37 @@ def test_embed_of_the_wrong_shape_is_refused_in_one_line(bad):
                                         r"\(N, D\); for 8 images it returned"):
         OTMix(num_classes=4)(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0),
                              embed=bad)
+
+
+@pytest.mark.parametrize("check_every", [10, 1, 7])
+def test_check_every_reaches_the_solver_and_the_epoch_statistics(check_every, monkeypatch):
+    solved, solve = [], otmix_module.sinkhorn
+
+    def spy(cost, **kw):
+        result = solve(cost, **kw)
+        solved.append((kw["check_every"], result.n_iter, result.converged))
+        return result
+
+    monkeypatch.setattr(otmix_module, "sinkhorn", spy)
+    xb, yb, xf, yf = make_batches()
+    mixer = OTMix(num_classes=4, check_every=check_every)
+    mixer.update_confusion(confusion_pointing_to())
+    for seed in range(3):
+        mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(seed), model=FeatureModel())
+    stats = mixer.end_epoch(None)
+    assert [k for k, _, _ in solved] == [check_every] * 3
+    # Convergence is tested after the two opening iterations, then every check_every.
+    assert all((n - 2) % check_every == 0 for _, n, _ in solved)
+    assert stats["ot_mean_iters"] == sum(n for _, n, _ in solved) / 3
+    assert stats["ot_converged_fraction"] == sum(c for _, _, c in solved) / 3 == 1.0
+
+
+def test_default_check_every_is_the_solvers_default():
+    default = inspect.signature(sinkhorn).parameters["check_every"].default
+    assert OTMix(num_classes=4).check_every == default == 10  # committed runs stay identical
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_check_every_is_refused(bad):
+    with pytest.raises(ValueError, match="check_every must be a positive integer"):
+        OTMix(num_classes=4, check_every=bad)

@@ -414,3 +414,20 @@ def test_result_is_a_frozen_dataclass() -> None:
     assert isinstance(res, OTResult)
     with pytest.raises(AttributeError):
         res.n_iter = 0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("k", [2, 3, 7, 10, 25])
+def test_sinkhorn_checking_every_k_iterations_meets_the_same_tolerance(k: int) -> None:
+    # A sparser convergence test (fewer host syncs on a GPU) stops at the first tested
+    # iteration within tol: never more than the k-block that holds the every-iteration count.
+    for seed, (n, eps) in enumerate([(16, 0.01), (64, 0.01), (32, 0.05), (128, 0.01)] * 2):
+        cost = _otmix_cost(n, _gen(300 + seed))
+        every = sinkhorn(cost, eps=eps, check_every=1)
+        sparse = sinkhorn(cost, eps=eps, check_every=k)
+        assert every.converged and sparse.converged
+        assert (sparse.n_iter - 2) % k == 0
+        assert sparse.n_iter <= 2 + math.ceil((every.n_iter - 2) / k) * k
+        uniform = torch.full((n,), 1 / n)
+        assert sparse.marginal_error.max() <= 1e-6
+        assert _marginal_l1(sparse.plan, uniform, uniform).max() <= 2e-6
+        torch.testing.assert_close(sparse.plan.argmax(1), every.plan.argmax(1), rtol=0, atol=0)

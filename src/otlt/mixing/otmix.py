@@ -118,7 +118,13 @@ class OTMix(Mixer):
     features in eval mode; BatchNorm untouched) or ``official`` (the official code's pass:
     ``Sequential(children[:-1])`` in train mode, flattened, backgrounds then foregrounds, so
     every OT step updates the BatchNorm running statistics with both batches);
-    ``ot_probability`` forces ``P(OT epoch)`` instead of ``(t/T)^mu``.
+    ``ot_probability`` forces ``P(OT epoch)`` instead of ``(t/T)^mu``; ``max_iter``, ``tol``
+    and ``check_every`` go to :func:`otlt.transport.sinkhorn`: the convergence test (one
+    host-device synchronisation on a GPU) comes after the two opening iterations, then every
+    ``check_every`` = 10 iterations, so a batch of about 20 iterations synchronises 3 times; a
+    larger ``check_every`` (``mix.params.check_every``) synchronises less and may run up to
+    ``check_every - 1`` iterations more than needed (same tolerance; the default keeps
+    committed results reproducible).
 
     State: the class affinity ``F`` (in :meth:`state_dict`) and per-epoch statistics read by
     :meth:`end_epoch`.
@@ -144,6 +150,7 @@ class OTMix(Mixer):
     fraction: float = 1.0
     max_iter: int = 1000
     tol: float = 1e-6
+    check_every: int = 10
     plan_epochs: Sequence[int] = ()
     plan_size: int = 10
     confusion: torch.Tensor | None = field(default=None, repr=False)
@@ -154,6 +161,9 @@ class OTMix(Mixer):
         self.num_classes = self.num_classes or len(self.class_counts)
         require(self.num_classes >= 2, f"OTMix needs num_classes >= 2, got {self.num_classes}")
         require(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        require(isinstance(self.check_every, int) and not isinstance(self.check_every, bool)
+                and self.check_every >= 1,
+                f"check_every must be a positive integer, got {self.check_every!r}")
         require(self.mu >= 0, f"mu must be >= 0, got {self.mu}")
         require(0 <= self.omega <= 1, f"omega must be in [0, 1], got {self.omega}")
         for name, value, valid in (("distance", self.distance, DISTANCES),
@@ -237,7 +247,8 @@ class OTMix(Mixer):
             return (score + 1e-6 * noise).argmax(1), {}
         # Convergence is counted per epoch (``ot_converged_fraction`` in metrics.jsonl and the
         # epoch line) instead of one warning per batch.
-        result = sinkhorn(cost, eps=self.eps, max_iter=self.max_iter, tol=self.tol, warn=False)
+        result = sinkhorn(cost, eps=self.eps, max_iter=self.max_iter, tol=self.tol,
+                          check_every=self.check_every, warn=False)
         stats = {"cost": result.cost, "n_iter": result.n_iter, "converged": result.converged}
         plan = result.plan
         if self.selection == "argmax":
@@ -331,7 +342,7 @@ class OTMix(Mixer):
             return
         m = min(self.plan_size, cost.shape[0])
         small = sinkhorn(cost[:m, :m].float(), eps=self.eps, max_iter=self.max_iter,
-                         tol=self.tol)
+                         tol=self.tol, check_every=self.check_every)
         self._artifacts[name] = {
             "epoch": self.epoch, "eps": self.eps, "omega": self.omega,
             "fore_labels": y_fore[:m].tolist(), "back_labels": y_back[:m].tolist(),
