@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from otlt.config import BN_STATS
 from otlt.console import format_eval, format_percent
 from otlt.errors import OtltError
 
@@ -56,7 +57,7 @@ def _add_eval(sub) -> None:
                                   "best.safetensors, kept/epoch_NNN.safetensors)")
     p.add_argument("--checkpoint", default="last", metavar="last|best|epoch_NNN|PATH",
                    help="which weights of the run directory (default: last)")
-    p.add_argument("--bn-stats", choices=["running", "train", "clean", "balanced"],
+    p.add_argument("--bn-stats", choices=BN_STATS,
                    help="BatchNorm statistics for evaluation (default: the run's eval.bn_stats)")
     p.add_argument("--data", help="dataset path, if it moved since training")
     p.add_argument("--split", default="test", choices=["test", "val"],
@@ -75,8 +76,9 @@ def _add_probe(sub) -> None:
                                      "(validation by default)")
     p.add_argument("target", help="run directory with kept/ weights (train.keep_every or "
                                   "train.keep_epochs)")
-    p.add_argument("--bn-stats", default="running,train,clean,balanced",
-                   help="comma-separated procedures (default: all four)")
+    p.add_argument("--bn-stats", default=",".join(BN_STATS),
+                   help=f"comma-separated procedures among {', '.join(BN_STATS)} "
+                        "(default: all)")
     p.add_argument("--epochs", help="comma-separated epochs counted from 0 (default: every "
                                     "kept epoch)")
     p.add_argument("--split", default="val", choices=["val", "test"],
@@ -140,7 +142,7 @@ def _add_report(sub) -> None:
                    help="test images in the t-SNE (default: 2000)")
     p.add_argument("--data", help="dataset path for --gallery/--tsne, if it moved since training")
     p.add_argument("--seed", type=int, default=0, help="seed of the gallery and t-SNE draws")
-    p.add_argument("--bn-stats", choices=["running", "train", "clean", "balanced"], metavar="MODE",
+    p.add_argument("--bn-stats", choices=BN_STATS, metavar="MODE",
                    help="read the Rows table under this BatchNorm procedure for every run "
                         "(runs evaluated under another one: from their otlt probe / otlt eval "
                         "files); default: each run's own eval.bn_stats")

@@ -28,6 +28,12 @@ def require(condition: bool, message: str) -> None:
         raise OtltError(message)
 
 
+def require_choice(name: str, value: object, allowed: tuple[str, ...] | list[str]) -> None:
+    """Raise ``OtltError("<name> must be one of <allowed>, got <value>")`` unless ``value``
+    is one of ``allowed`` (a table of valid values, e.g. ``otlt.config.BN_STATS``)."""
+    require(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
 def reason(exc: BaseException, limit: int = 160) -> str:
     """``Type: message`` of ``exc`` on one line, at most about ``limit`` characters, cut at
     a word boundary (``...`` marks the cut): the part of a library's error worth quoting."""

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from otlt.config import REWEIGHT_CHOICES
-from otlt.errors import require
+from otlt.errors import require, require_choice
 from otlt.losses import class_balanced_weights
 from otlt.transport import entropic_ot_value, sinkhorn
 
@@ -73,9 +73,7 @@ def reweight_cost(meta_features: Tensor, meta_labels: Tensor, features: Tensor, 
     ``d = ‖e_{y_i} − e_{y_j}‖² / K`` (``"mse"``: 0 or 2/K, the official code) or
     ``[y_i ≠ y_j]`` (``"binary"``). float64 inputs give float64, anything else float32.
     """
-    require(label_distance in REWEIGHT_CHOICES["label_distance"],
-            f"label_distance must be one of {', '.join(REWEIGHT_CHOICES['label_distance'])}, "
-            f"got {label_distance!r}")
+    require_choice("label_distance", label_distance, REWEIGHT_CHOICES["label_distance"])
     dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     cost = torch.zeros(len(meta_labels), len(labels), dtype=dtype, device=features.device)
     if feature_weight > 0:
@@ -96,8 +94,7 @@ def ot_reweight_loss(cost: Tensor, nu: Tensor, *, eps: float, max_iter: int = 10
     Differentiable in ``ν``: through the dual potentials (``"potentials"``, envelope theorem,
     ``∂/∂ν = g``) or by autograd through the Sinkhorn iterations (``"unrolled"``).
     """
-    require(gradient in GRADIENTS, f"gradient must be one of {', '.join(GRADIENTS)}, "
-                                   f"got {gradient!r}")
+    require_choice("gradient", gradient, GRADIENTS)
     if gradient == "potentials":
         return entropic_ot_value(cost, None, nu, eps=eps, max_iter=max_iter, tol=tol)
     return sinkhorn(cost, None, nu, eps=eps, max_iter=max_iter, tol=tol).objective
@@ -142,11 +139,8 @@ class OTReweighter:
                  max_iter: int = 1000, tol: float = 1e-6,
                  gradient: str = "potentials") -> None:
         for name, value in (("init", init), ("cost", cost), ("label_distance", label_distance)):
-            allowed = REWEIGHT_CHOICES[name]
-            require(value in allowed, f"{name} must be one of {', '.join(allowed)}, "
-                                      f"got {value!r}")
-        require(gradient in GRADIENTS, f"gradient must be one of {', '.join(GRADIENTS)}, "
-                                       f"got {gradient!r}")
+            require_choice(name, value, REWEIGHT_CHOICES[name])
+        require_choice("gradient", gradient, GRADIENTS)
         require(eps > 0 and lr > 0, f"eps and lr must be > 0, got eps={eps}, lr={lr}")
         require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         self.labels = labels.long()

@@ -33,9 +33,12 @@ from otlt.config.files import (
     presets_dir,
 )
 from otlt.config.schema import (
+    AMP_MODES,
     BN_STATS,
     DATASET_DEFAULTS,
+    PROFILES,
     REWEIGHT_CHOICES,
+    SCHEDULES,
     SELECT_METRICS,
     DataConfig,
     EvalConfig,
@@ -51,7 +54,8 @@ from otlt.config.schema import (
 )
 from otlt.config.validate import validate
 
-__all__ = ["BN_STATS", "DATASET_DEFAULTS", "REWEIGHT_CHOICES", "SAFE_ON_RESUME", "SELECT_METRICS",
+__all__ = ["AMP_MODES", "BN_STATS", "DATASET_DEFAULTS", "PROFILES", "REWEIGHT_CHOICES",
+           "SAFE_ON_RESUME", "SCHEDULES", "SELECT_METRICS",
            "DataConfig", "config_changes", "flat_config", "refuse_unsafe_changes",
            "EvalConfig", "LossConfig", "MixConfig", "ModelConfig", "OptimConfig",
            "ReweightConfig", "RunConfig", "TrainConfig", "apply_overrides", "build_config",

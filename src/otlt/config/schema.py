@@ -12,6 +12,16 @@ import yaml
 DATASET_DEFAULTS = {"cifar10": (10, 5000), "cifar100": (100, 500), "imagenet_lt": (1000, 1280),
                     "inat2018": (8142, 1000)}
 
+# The valid values of the string options with a fixed set: the one home that the validation,
+# the command line's choices and the engine read. Mixers, losses and models are registries
+# instead (otlt.mixing.list_mixers, otlt.losses.list_losses, otlt.models.list_models), checked
+# before any data is read (otlt.engine.preflight).
+PROFILES = ("exp", "step")
+SCHEDULES = ("step", "cosine")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+BN_STATS = ("running", "train", "clean", "balanced")
+SELECT_METRICS = ("balanced_acc", "top1_acc", "many_acc", "medium_acc", "few_acc")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -118,12 +128,6 @@ class TrainConfig:
     float64: bool = False
     deterministic: bool = False
     dist_timeout: float = 300.0
-
-
-BN_STATS = ("running", "train", "clean", "balanced")
-
-
-SELECT_METRICS = ("balanced_acc", "top1_acc", "many_acc", "medium_acc", "few_acc")
 
 
 @dataclass(frozen=True)

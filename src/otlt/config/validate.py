@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from otlt.config.epochs import check_epoch_knobs
 from otlt.config.schema import (
+    AMP_MODES,
     BN_STATS,
     DATASET_DEFAULTS,
+    PROFILES,
     REWEIGHT_CHOICES,
+    SCHEDULES,
     SELECT_METRICS,
     RunConfig,
 )
-from otlt.errors import require
+from otlt.errors import require, require_choice
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -23,8 +26,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"out_dir for where runs go): no '/' or '\\', not '.' or '..', got {cfg.name!r}")
     require(d.imbalance_ratio >= 1, f"data.imbalance_ratio must be a number >= 1 "
                                     f"(n_max / n_min), got {d.imbalance_ratio}")
-    require(d.profile in ("exp", "step"), f"data.profile must be 'exp' or 'step', "
-                                          f"got {d.profile!r}")
+    require_choice("data.profile", d.profile, PROFILES)
     require(d.val_per_class >= 0 and d.meta_per_class >= 0,
             "data.val_per_class and data.meta_per_class must be >= 0")
     require(d.num_classes is not None or d.dataset in DATASET_DEFAULTS,
@@ -49,8 +51,7 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"data.n_max must be >= 1 (the largest class's nominal size), got {d.n_max}")
     require(cfg.train.eval_batch_size > 0,
             f"train.eval_batch_size must be a positive integer, got {cfg.train.eval_batch_size}")
-    require(o.schedule in ("step", "cosine"), f"optim.schedule must be 'step' or 'cosine', "
-                                              f"got {o.schedule!r}")
+    require_choice("optim.schedule", o.schedule, SCHEDULES)
     require(len(o.milestones) == len(o.gammas),
             f"optim.milestones {list(o.milestones)} and optim.gammas {list(o.gammas)} "
             "must have the same length")
@@ -65,30 +66,24 @@ def validate(cfg: RunConfig) -> RunConfig:
                 f"the engine owns it; set mix.{knob} instead")
     require(cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:"),
             f"train.device must be auto, cpu or cuda[:N], got {cfg.train.device!r}")
-    require(cfg.train.amp in ("auto", "off", "bf16", "fp16"),
-            f"train.amp must be auto, off, bf16 or fp16, got {cfg.train.amp!r}")
+    require_choice("train.amp", cfg.train.amp, AMP_MODES)
     _validate_reweight(cfg)
     return cfg
 
 
 def _validate_eval(cfg: RunConfig) -> None:
     e = cfg.eval
-    require(e.bn_stats in BN_STATS, f"eval.bn_stats must be one of {', '.join(BN_STATS)}, "
-                                    f"got {e.bn_stats!r}")
+    require_choice("eval.bn_stats", e.bn_stats, BN_STATS)
     require(e.bn_batches >= 1, f"eval.bn_batches must be >= 1, got {e.bn_batches}")
     require(e.bn_probe_every >= 0, f"eval.bn_probe_every must be >= 0 (0: off), "
                                    f"got {e.bn_probe_every}")
-    require(e.select_metric in SELECT_METRICS, f"eval.select_metric must be one of "
-                                               f"{', '.join(SELECT_METRICS)}, "
-                                               f"got {e.select_metric!r}")
+    require_choice("eval.select_metric", e.select_metric, SELECT_METRICS)
 
 
 def _validate_reweight(cfg: RunConfig) -> None:
     r = cfg.reweight
     for key, allowed in REWEIGHT_CHOICES.items():
-        value = getattr(r, key)
-        require(value in allowed, f"reweight.{key} must be one of {', '.join(allowed)}, "
-                                  f"got {value!r}")
+        require_choice(f"reweight.{key}", getattr(r, key), allowed)
     require(0 <= r.beta < 1, f"reweight.beta must be in [0, 1), got {r.beta}")
     require(0 <= r.feature_weight <= 1,
             f"reweight.feature_weight must be in [0, 1], got {r.feature_weight}")

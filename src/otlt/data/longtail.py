@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from otlt.errors import require
+from otlt.config import PROFILES
+from otlt.errors import require, require_choice
 
 
 def long_tailed_counts(num_classes: int, n_max: int, imbalance_ratio: float,
@@ -37,15 +38,14 @@ def long_tailed_counts(num_classes: int, n_max: int, imbalance_ratio: float,
     require(num_classes >= 1, f"num_classes must be >= 1, got {num_classes}")
     require(n_max >= 1, f"n_max must be >= 1, got {n_max}")
     require(imbalance_ratio >= 1, f"imbalance ratio must be >= 1, got {imbalance_ratio}")
+    require_choice("profile", profile, PROFILES)
     if profile == "exp":
         if num_classes == 1:
             return [n_max]
         inv = 1.0 / imbalance_ratio
         return [int(n_max * inv ** (k / (num_classes - 1))) for k in range(num_classes)]
-    if profile == "step":
-        half = num_classes // 2
-        return [n_max] * half + [int(n_max / imbalance_ratio)] * (num_classes - half)
-    raise ValueError(f"profile must be 'exp' or 'step', got {profile!r}")
+    half = num_classes // 2  # "step"
+    return [n_max] * half + [int(n_max / imbalance_ratio)] * (num_classes - half)
 
 
 @dataclass

@@ -36,7 +36,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from otlt.amp import autocast
-from otlt.config import BN_STATS
 from otlt.data.samplers import permutation_batches, sample_weights
 from otlt.engine.distributed import all_reduce_sum, is_distributed, world_size
 
@@ -150,5 +149,5 @@ def _average_over_ranks(layers: list[_BatchNorm]) -> None:
         m.running_var.copy_(var)
 
 
-__all__ = ["BN_STATS", "batchnorm_layers", "batchnorm_state", "load_batchnorm_state",
+__all__ = ["batchnorm_layers", "batchnorm_state", "load_batchnorm_state",
            "preserved_batchnorm", "recalibrate_batchnorm"]

@@ -37,7 +37,7 @@ from otlt.engine.weights import (
     load_model_state,
     read_weights,
 )
-from otlt.errors import OtltError, require
+from otlt.errors import OtltError, require, require_choice
 from otlt.metrics import select_value
 
 CHECKPOINTS = ("last", "best")
@@ -147,7 +147,7 @@ def load_into(trainer: Trainer, weights: WeightsFile) -> None:
 def evaluate_loaded(trainer: Trainer, epoch: int, mode: str, split: str) -> dict[str, Any]:
     """The ``eval.json``-style record of the trainer's current weights (trained up to
     ``epoch``) on ``split`` under BatchNorm procedure ``mode``."""
-    require(mode in BN_STATS, f"--bn-stats must be one of {', '.join(BN_STATS)}, got {mode!r}")
+    require_choice("--bn-stats", mode, BN_STATS)
     confusion = trainer.confusion_on(split, trainer.evaluation.model_for(epoch, mode))
     if confusion is None:
         raise OtltError(f"run {trainer.run_dir} has no {split} split")
@@ -200,7 +200,7 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
     require(not missing, f"{run_dir} keeps no weights for epoch(s) {missing} (kept: "
                          f"{sorted(kept) or 'none'}; train with train.keep_epochs or keep_every)")
     for mode in modes:
-        require(mode in BN_STATS, f"--bn-stats must be among {', '.join(BN_STATS)}, got {mode!r}")
+        require_choice("--bn-stats", mode, BN_STATS)
     trainer = evaluation_trainer(run_dir, last, data_path, bn_batches=bn_batches, device=device)
     records = []
     for epoch in tqdm(chosen, desc=f"probe {run_dir.name}", disable=not progress,

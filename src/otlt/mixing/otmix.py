@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from otlt.errors import OtltError, require
+from otlt.errors import OtltError, require, require_choice
 from otlt.metrics import row_normalized_confusion
 from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
 from otlt.mixing.plan import MixPlan, check_model_inputs, with_saliency_box
@@ -70,7 +70,7 @@ def otmix_cost(z_fore: torch.Tensor, z_back: torch.Tensor, y_fore: torch.Tensor,
 def sample_cost(z_fore: torch.Tensor, z_back: torch.Tensor,
                 distance: str = "cosine") -> torch.Tensor:
     """Sample-level cost ``(B_f, B_b)`` in float32: ``1 - cos`` or the scaled distance."""
-    require(distance in DISTANCES, f"distance must be one of {DISTANCES}, got {distance!r}")
+    require_choice("distance", distance, DISTANCES)
     zf, zb = z_fore.float(), z_back.float()
     if distance == "cosine":
         return 1.0 - F.normalize(zf, dim=1) @ F.normalize(zb, dim=1).T
@@ -171,8 +171,7 @@ class OTMix(Mixer):
                                    ("blend", self.blend, BLENDS),
                                    ("confusion_mode", self.confusion_mode, CONFUSION_MODES),
                                    ("feature_mode", self.feature_mode, FEATURE_MODES)):
-            require(value in valid, f"OTMix {name} must be one of {', '.join(valid)}, "
-                                    f"got {value!r}")
+            require_choice(f"OTMix {name}", value, valid)
         require(self.ot_probability is None or 0 <= self.ot_probability <= 1,
                 f"ot_probability must be in [0, 1], got {self.ot_probability}")
         self.plan_epochs = tuple(int(e) for e in self.plan_epochs)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from otlt.amp import autocast
-from otlt.errors import OtltError
+from otlt.errors import OtltError, require_choice
 
 FEATURE_MODES = ("pooled_eval", "official")
 HEAD_NAMES = ("fc", "classifier", "head")
@@ -89,8 +89,7 @@ def _head_input(model: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Ten
 def feature_fn(model: nn.Module, mode: str = "pooled_eval",
                amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> Embed:
     """Return ``embed(images) -> (N, D)`` float32 features of ``model`` (module docstring)."""
-    if mode not in FEATURE_MODES:
-        raise OtltError(f"feature mode must be one of {', '.join(FEATURE_MODES)}, got {mode!r}")
+    require_choice("feature mode", mode, FEATURE_MODES)
     if mode == "official":
         body = nn.Sequential(*list(model.children())[:-1])
         raw = body
