@@ -63,6 +63,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]  # the checkout; tests: 
 
 from conftest import write_tiny_zip  # noqa: E402
 from otlt.engine.checkpoint import load_checkpoint  # noqa: E402
+from otlt.engine.runtime import sgd_options  # noqa: E402
 
 CUDA_TEST_FILES = ["tests/test_losses.py", "tests/test_metrics.py", "tests/test_mixing.py",
                    "tests/test_otmix.py", "tests/test_transport.py"]
@@ -333,7 +334,8 @@ def main() -> int:
               "device": args.device, "gpus": gpus,
               "gpu_name": torch.cuda.get_device_name(0) if gpus else None,
               "nccl": (".".join(map(str, torch.cuda.nccl.version()))
-                       if gpus and hasattr(torch.cuda, "nccl") else None)}
+                       if gpus and hasattr(torch.cuda, "nccl") else None),
+              "sgd": sgd_options(torch.device(args.device))}  # fused=True on CUDA
     if not args.skip_tests:
         report["cuda_tests"] = command([sys.executable, "-m", "pytest", "-q", "-k", "cuda",
                                         "-p", "no:cacheprovider", *CUDA_TEST_FILES],

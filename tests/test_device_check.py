@@ -46,3 +46,4 @@ def test_a_spent_budget_still_writes_the_report(tmp_path):
     assert result.returncode == 1 and not report["passed"]
     assert report["cuda_tests"]["skipped"] and report["runs"][0]["train"]["skipped"]
     assert report["nan_stops"]["skipped"] and not report["nan_stops"]["passed"]
+    assert report["sgd"] == {"fused": None}  # fused=True on CUDA only

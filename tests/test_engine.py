@@ -1,6 +1,6 @@
-"""The engine's stateless parts: runtime (device, precision, run directory), the learning-rate
-schedule, the confusion-matrix evaluation. The epoch loop itself is tested end to end in
-test_cli (train, resume, eval), test_protocol (the evaluation procedure) and
+"""The engine's stateless parts: runtime (device, precision, SGD kernel, run directory), the
+learning-rate schedule, the confusion-matrix evaluation. The epoch loop itself is tested end to
+end in test_cli (train, resume, eval), test_protocol (the evaluation procedure) and
 test_distributed (torchrun)."""
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ from torch import nn
 
 from otlt.config import load_config
 from otlt.engine.evaluation import evaluate_batches
-from otlt.engine.runtime import autocast_dtype, open_run_dir, resolve_device
+from otlt.engine.runtime import (
+    autocast_dtype,
+    load_optimizer_state,
+    open_run_dir,
+    resolve_device,
+    sgd_options,
+)
 from otlt.engine.schedule import step_lr
 from otlt.errors import OtltError
 
@@ -77,3 +83,35 @@ def test_confusion_of_batches_and_train_mode_restored():
                                  channels_last=False)
     assert confusion.tolist() == [[1, 1], [1, 1]]  # rows: true class
     assert model.training
+
+
+def test_sgd_is_fused_on_cuda_only_and_torchs_default_on_the_cpu():
+    assert sgd_options(torch.device("cuda")) == {"fused": True}
+    assert sgd_options(torch.device("cuda", 1)) == {"fused": True}
+    assert sgd_options(torch.device("cpu")) == {"fused": None}
+    params = [nn.Parameter(torch.ones(3))]
+    kw = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True}
+    on_cpu = torch.optim.SGD(params, **kw, **sgd_options(torch.device("cpu")))
+    assert on_cpu.param_groups == torch.optim.SGD(params, **kw).param_groups  # CPU unchanged
+
+
+def test_sgd_options_fall_back_on_a_torch_without_fused_sgd(monkeypatch):
+    class OldSGD:
+        def __init__(self, params, lr, momentum=0, dampening=0, weight_decay=0,
+                     nesterov=False):
+            pass
+
+    monkeypatch.setattr(torch.optim, "SGD", OldSGD)
+    assert sgd_options(torch.device("cuda")) == {}
+
+
+def test_resume_keeps_this_devices_sgd_kernel_and_the_saved_momentum():
+    params = [nn.Parameter(torch.ones(3))]
+    saved = torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True)  # as a CUDA run saves
+    params[0].grad = torch.full((3,), 2.0)
+    saved.step()
+    cpu = torch.device("cpu")
+    resumed = torch.optim.SGD(params, lr=0.1, momentum=0.9, **sgd_options(cpu))
+    load_optimizer_state(resumed, saved.state_dict(), cpu)
+    assert resumed.param_groups[0]["fused"] is None  # not the saving run's fused kernel
+    assert torch.equal(resumed.state[params[0]]["momentum_buffer"], torch.full((3,), 2.0))

@@ -1,10 +1,12 @@
-"""What a run stands on: its device, its autocast precision, its data on the device, its
-run directory."""
+"""What a run stands on: its device, its autocast precision, its optimizer's kernel, its data
+on the device, its run directory."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,6 +74,27 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
+
+
+def sgd_options(device: torch.device) -> dict[str, Any]:
+    """The run's ``torch.optim.SGD`` keyword arguments on ``device``: ``fused=True`` on CUDA
+    (the whole update, momentum and weight decay included, in one kernel launch; with fp16
+    the :class:`~torch.amp.GradScaler` hands it the inf check on the device, no host read)
+    and torch's default ``fused=None`` elsewhere, so CPU training is unchanged. Empty on a
+    torch whose SGD has no ``fused`` argument."""
+    if "fused" not in inspect.signature(torch.optim.SGD).parameters:
+        return {}
+    return {"fused": True if device.type == "cuda" else None}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                         device: torch.device) -> None:
+    """Load ``state`` into ``optimizer`` and keep this device's :func:`sgd_options`:
+    ``load_state_dict`` would carry the saving run's ``fused`` flag along (a CUDA run
+    resumed on the CPU would otherwise step with the fused CPU kernel)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(sgd_options(device))
 
 
 class DeviceSplit:

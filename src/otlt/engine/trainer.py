@@ -70,8 +70,10 @@ from otlt.engine.runtime import (
     DeviceSplit,
     autocast_dtype,
     configure_kernels,
+    load_optimizer_state,
     place_model,
     resolve_device,
+    sgd_options,
 )
 from otlt.engine.schedule import step_lr
 from otlt.engine.stability import LossGuard, backward_step, grad_scaler
@@ -159,7 +161,7 @@ class Trainer:
         o = cfg.optim
         self.optimizer = torch.optim.SGD(self.trainable_parameters(), lr=o.lr,
                                          momentum=o.momentum, weight_decay=o.weight_decay,
-                                         nesterov=o.nesterov)
+                                         nesterov=o.nesterov, **sgd_options(self.device))
         self.loss = create_loss(cfg.loss.name, self.train_counts, **cfg.loss.params)
         self.loss.to(self.device)
         # The window, coin and foreground draw of mix.*: a clean batch costs no foreground
@@ -212,7 +214,7 @@ class Trainer:
         try:
             load_model_state(unwrap(self.model), state["model"], f"checkpoint in "
                              f"{self.run_dir} does not fit this run's model")
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"], self.device)
             self.loss.load_state_dict(state["loss"])
             self.generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
