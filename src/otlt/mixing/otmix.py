@@ -328,7 +328,9 @@ class OTMix(Mixer):
         fore = y_fore.index_select(0, plan.partner.to(device))
         back = y_back.index_select(0, plan.base_index.to(device))
         k = self.num_classes
-        counts = torch.bincount(fore * k + back, weights=weights, minlength=k * k)
+        # index_add_, not bincount: CUDA's bincount reads the largest entry back to size its
+        # output (a host sync per batch); the sums are small integers, exact in float32.
+        counts = torch.zeros(k * k, device=device).index_add_(0, fore * k + back, weights)
         counts = counts.round().long().view(k, k)
         self.stats["pairs"] = self.stats["pairs"].to(device) + counts
 

@@ -1,0 +1,224 @@
+"""No host synchronisation inside the training step (issue 29): ERM, CMO and OTmix epochs on
+the in-memory path read the device once, at the end of the epoch.
+
+A host read of a CUDA tensor (``.item()``, ``float(t)``, ``if t:``, ``.tolist()``,
+``torch.nonzero``, a boolean-mask index, ``.cpu()``) makes the CPU wait for the GPU and
+breaks CUDA-graph capture. Without a GPU the reads are found by *taint*: :class:`HostReads`
+is a ``TorchDispatchMode`` that marks every tensor computed from the run's device state (the
+model's parameters and buffers, the loss's buffers, the images and labels on the device) and
+records each host read of a marked tensor. Draws from the engine's CPU generator (the coin,
+λ, the box, crop offsets) are never marked, so reading them is allowed, as it costs no sync
+on a GPU either. What the mode sees is every ATen call, forward and backward, so an added
+``loss.item()`` anywhere in the step fails the test (checked below by adding one).
+Sinkhorn's convergence tests (one read per ``check_every`` block) are counted apart.
+"""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from conftest import tiny_overrides
+from otlt.config import load_config
+from otlt.engine.trainer import Trainer
+from otlt.transport.solver import StabilizedSinkhorn
+
+aten = torch.ops.aten
+# ATen calls whose result the host must wait for (a scalar, or an output size set by the data).
+SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+           aten.equal.default, aten.bincount.default, aten.repeat_interleave.Tensor,
+           aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default}
+MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
+                 aten._index_put_impl_.default}
+
+
+class HostReads(TorchDispatchMode):
+    """Record host reads of tensors computed from ``roots`` (see the module docstring).
+
+    ``reads``: ``(what, where)`` outside Sinkhorn's convergence tests; ``solver_reads``: those
+    inside them; ``where`` is the innermost ``otlt`` frame of the read.
+    """
+
+    def __init__(self, roots) -> None:
+        super().__init__()
+        self.tainted = WeakTensorKeyDictionary()
+        for tensor in roots:
+            self.tainted[tensor] = True
+        self.reads: list[tuple[str, str]] = []
+        self.solver_reads = 0
+        self.in_solver_check = False
+
+    def is_tainted(self, tensor: torch.Tensor) -> bool:
+        return tensor in self.tainted
+
+    def record(self, what: str) -> None:
+        if self.in_solver_check:
+            self.solver_reads += 1
+            return
+        frames = [f for f in traceback.extract_stack() if "/otlt/" in f.filename]
+        where = f"{frames[-1].filename.split('/otlt/')[-1]}:{frames[-1].lineno}" if frames \
+            else "?"
+        self.reads.append((what, where))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        hot = any(self.is_tainted(t) for t in leaves)
+        if hot and (func in SYNCING or (func in MASK_INDEXING and any(
+                t.dtype in (torch.bool, torch.uint8) for t in leaves[1:]))):
+            self.record(str(func))
+        out = func(*args, **kwargs)
+        if hot:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.tainted[t] = True
+        return out
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """A factory ``host_reads(roots) -> HostReads`` whose mode also catches the reads that
+    never reach ATen on the CPU (``tolist``, ``numpy``, ``cpu``, ``to("cpu")``)."""
+    modes: list[HostReads] = []
+
+    def watch(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            host = name != "to" or "cpu" in args or kwargs.get("device") == "cpu"
+            if modes and host and modes[-1].is_tainted(self):
+                modes[-1].record(f"Tensor.{name}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("tolist", "numpy", "cpu", "to"):
+        watch(name)
+    check = StabilizedSinkhorn._health
+
+    def health(self):
+        modes[-1].in_solver_check = True
+        try:
+            return check(self)
+        finally:
+            modes[-1].in_solver_check = False
+
+    monkeypatch.setattr(StabilizedSinkhorn, "_health", health)
+
+    def make(roots) -> HostReads:
+        modes.append(HostReads(roots))
+        return modes[-1]
+
+    return make
+
+
+MIXES = {
+    "erm": "mix: {name: none}\n",
+    "cmo": "mix: {name: cmo, prob: 1.0, skip_first: 0, skip_last: 0}\n",
+    "otmix": "mix: {name: otmix, prob: 1.0, skip_first: 0, skip_last: 0,"
+             " params: {ot_probability: 1.0}}\n",
+}
+
+
+def tiny_trainer(method: str, tiny_zip, tmp_path, device: str = "cpu") -> Trainer:
+    config = tmp_path / f"{method}.yaml"
+    config.write_text(f"name: {method}\nloss: {{name: ce}}\n{MIXES[method]}")
+    overrides = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3)
+    return Trainer(load_config(config, overrides + [f"name={method}",
+                                                    f"train.device={device}"]))
+
+
+def device_state(trainer: Trainer) -> list[torch.Tensor]:
+    """What lives on the training device before the epoch."""
+    return [*trainer.model.parameters(), *trainer.model.buffers(), *trainer.loss.buffers(),
+            trainer.train.images, trainer.train.labels]
+
+
+def run_epoch(trainer: Trainer, host_reads) -> tuple[HostReads, int]:
+    steps = []
+    step = trainer.train_step
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return step(*args, **kwargs)
+
+    trainer.train_step = counted
+    mode = host_reads(device_state(trainer))
+    with mode:
+        trainer.train_one_epoch(0)
+    return mode, len(steps)
+
+
+@pytest.mark.parametrize("method", ["erm", "cmo", "otmix"])
+def test_an_epoch_reads_the_device_once_at_its_end(method, tiny_zip, tmp_path, host_reads):
+    trainer = tiny_trainer(method, tiny_zip, tmp_path)
+    mode, steps = run_epoch(trainer, host_reads)
+    assert steps >= 3
+    # The loss, accuracy and count sums, read in one .tolist() after the last step.
+    assert [what for what, _ in mode.reads] == ["Tensor.tolist"], mode.reads
+    assert mode.reads[0][1].startswith("engine/trainer.py")
+    if method == "otmix":  # one read per convergence test, ~3 per batch at check_every 10
+        assert steps <= mode.solver_reads <= 10 * steps
+    else:
+        assert mode.solver_reads == 0
+
+
+def test_an_item_added_to_the_step_is_caught(tiny_zip, tmp_path, host_reads, monkeypatch):
+    trainer = tiny_trainer("erm", tiny_zip, tmp_path)
+    sgd_step = Trainer.sgd_step
+
+    def with_item(self, x, y, mixed):
+        loss_sum, correct, n = sgd_step(self, x, y, mixed)
+        float(loss_sum)  # what a per-step log line would do
+        return loss_sum, correct, n
+
+    monkeypatch.setattr(Trainer, "sgd_step", with_item)
+    mode, steps = run_epoch(trainer, host_reads)
+    assert len(mode.reads) == steps + 1
+    assert all(what == "aten._local_scalar_dense.default" for what, _ in mode.reads[:-1])
+
+
+def test_the_detector_sees_masks_and_host_copies_but_not_generator_draws(host_reads):
+    weight = torch.randn(4, 3)
+    mode = host_reads([weight])
+    with mode:
+        g = torch.Generator().manual_seed(0)
+        assert torch.rand((), generator=g).item() < 1  # a CPU draw: no device read
+        y = weight @ torch.randn(3, generator=g)
+        y[y > 0]
+        y.cpu()
+        y.to("cpu")
+        if y.sum() > 0:  # bool()
+            pass
+        y.nonzero()
+    assert [what for what, _ in mode.reads] == [
+        "aten.index.Tensor", "Tensor.cpu", "Tensor.to", "aten._local_scalar_dense.default",
+        "aten.nonzero.default"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("method", ["erm", "cmo", "otmix"])
+def test_cuda_epoch_synchronises_only_at_its_end(method, tiny_zip, tmp_path, monkeypatch):
+    """The same on a GPU, by CUDA's own sync detector (``set_sync_debug_mode``)."""
+    trainer = tiny_trainer(method, tiny_zip, tmp_path, device="cuda")
+    trainer.train_one_epoch(0)  # warm-up: lazy initialisation and cuDNN's search synchronise
+    checks = []
+    check = StabilizedSinkhorn._health
+    monkeypatch.setattr(StabilizedSinkhorn, "_health",
+                        lambda self: checks.append(1) or check(self))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train_one_epoch(1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 1 + len(checks), [str(w.message) for w in syncs]
