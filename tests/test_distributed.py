@@ -154,12 +154,12 @@ def test_step_counts_that_would_differ_do_not_hang(tiny_zip, tmp_path, config):
 DRIVER = textwrap.dedent("""
     import sys, torch
     from otlt.config import load_config
-    from otlt.engine.distributed import rank, unwrap
+    from otlt.engine.distributed import rank
     from otlt.engine.factory import create_trainer
     cfg = load_config(sys.argv[1], sys.argv[3:])
     trainer = create_trainer(cfg)
     trainer.fit()
-    torch.save({"model": unwrap(trainer.model).state_dict(),
+    torch.save({"model": trainer.model.state_dict(),
                 "val": trainer.confusion_on("val")}, f"{sys.argv[2]}/rank{rank()}.pt")
 """)
 

@@ -206,9 +206,3 @@ def rank_slice(n: int) -> slice:
     world = world_size()
     share = n // world
     return slice(rank() * share, (rank() + 1) * share)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under DDP / torch.compile wrappers (what checkpoints hold)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)

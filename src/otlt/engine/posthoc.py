@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
 from otlt.engine.checkpoint import load_checkpoint
-from otlt.engine.distributed import unwrap
 from otlt.engine.factory import create_trainer
 from otlt.engine.rundir import check_stored_config
 from otlt.engine.trainer import Trainer
@@ -138,7 +137,7 @@ def evaluation_trainer(run_dir: Path, last: dict[str, Any] | None, data_path: st
 def load_into(trainer: Trainer, weights: WeightsFile) -> None:
     """Put ``weights`` (model as trained, mixer state) into an evaluation trainer; weights of
     another model are refused naming the keys that differ."""
-    load_model_state(unwrap(trainer.model), weights.model,
+    load_model_state(trainer.model, weights.model,
                      f"weights do not fit the model of {trainer.run_dir}")
     if trainer.mixer is not None and weights.mixer:
         trainer.mixer.load_state_dict(weights.mixer)

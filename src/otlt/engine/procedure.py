@@ -47,7 +47,8 @@ BatchesFor = Callable[[str, int], Iterator[torch.Tensor]]
 
 
 class EvaluationProcedure:
-    """``eval.*`` for one run, over the run's (unwrapped) ``model`` and ``mixer``.
+    """``eval.*`` for one run, over the run's ``model`` (the bare one, not the compiled or DDP
+    step model) and ``mixer``.
 
     ``best`` is ``{"epoch", "value"}`` of the checkpoint in ``run_dir/best.safetensors``
     (None before the first validation); the trainer saves and restores it with ``last.pt``.

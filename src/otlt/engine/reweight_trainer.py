@@ -44,7 +44,7 @@ from otlt.amp import autocast
 from otlt.config import ReweightConfig, RunConfig, to_dict
 from otlt.data.prepare import LongTailedData
 from otlt.engine.checkpoint import load_checkpoint, write_atomic
-from otlt.engine.distributed import is_main_process, launched_world_size, unwrap
+from otlt.engine.distributed import is_main_process, launched_world_size
 from otlt.engine.runtime import DeviceSplit
 from otlt.engine.stability import backward_step
 from otlt.engine.trainer import Trainer
@@ -130,7 +130,7 @@ class Stage2Trainer(Trainer):
             require(list(stage1["train_counts"]) == list(self.train_counts),
                     f"stage-1 checkpoint has training counts {stage1['train_counts']}, this "
                     f"run's data gives {self.train_counts}; did the dataset change?")
-            unwrap(self.model).load_state_dict(stage1["model"])
+            self.model.load_state_dict(stage1["model"])
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The final layer (``reweight.trainable: fc``, the backbone frozen) or everything."""

@@ -36,7 +36,6 @@ from otlt.engine.distributed import (
     global_batches,
     rank,
     rank_slice,
-    unwrap,
     world_size,
 )
 from otlt.engine.evaluation import summed_confusion
@@ -168,7 +167,7 @@ class StreamTrainer(Trainer):
         embed = self.embed_for(recipe.mixer if recipe is not None else None)
         steps = self._lockstep(self._recalibration_set(epoch, 2),
                                self._recalibration_set(epoch, 3), global_steps, recipe, g)
-        with preserved_batchnorm(unwrap(self.model)):
+        with preserved_batchnorm(self.model):
             for images, labels, coin, foreground in steps:
                 x, y = model_input(images, self.device), labels.to(self.device)
                 if coin and recipe is not None:

@@ -51,7 +51,6 @@ from otlt.engine.distributed import (
     on_main_then_share,
     rank_slice,
     setup_process,
-    unwrap,
     world_size,
 )
 from otlt.engine.evaluation import evaluate
@@ -170,7 +169,7 @@ class Trainer:
         self._embeds: dict[str, Any] = {}  # feature functions for context mixers, by mode
         self.augment = GPUAugment()
         self.evaluation = EvaluationProcedure(
-            cfg, unwrap(self.model), self.mixer, self.train_counts, self.data.classes,
+            cfg, self.model, self.mixer, self.train_counts, self.data.classes,
             self.run_dir, confusion_on=self.confusion_on, bn_batches=self.bn_batches,
             amp_dtype=self.amp_dtype, has_val=self.val is not None)
 
@@ -187,7 +186,7 @@ class Trainer:
     # ---- state -------------------------------------------------------------------------
     def state_dict(self, epoch: int) -> dict[str, Any]:
         state = {"epoch": epoch, "config": to_dict(self.cfg),
-                 "model": unwrap(self.model).state_dict(),
+                 "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(),
                  "loss": self.loss.state_dict(),
                  "generator": self.generator.get_state(),
@@ -212,7 +211,7 @@ class Trainer:
                 f"the same number (this launch has {world_size()}): the shards, and so the "
                 "trajectory, depend on it")
         try:
-            load_model_state(unwrap(self.model), state["model"], f"checkpoint in "
+            load_model_state(self.model, state["model"], f"checkpoint in "
                              f"{self.run_dir} does not fit this run's model")
             load_optimizer_state(self.optimizer, state["optimizer"], self.device)
             self.loss.load_state_dict(state["loss"])
@@ -298,7 +297,7 @@ class Trainer:
         and memory format, in the mixer's ``feature_mode`` (built once per mode)."""
         if mixer is None or not mixer.uses_context:
             return None
-        mode = getattr(mixer, "feature_mode", "pooled_eval")
+        mode = mixer.feature_mode
         if mode not in self._embeds:
             self._embeds[mode] = feature_fn(self.model, mode, self.amp_dtype,
                                             self.cfg.train.channels_last)
@@ -354,7 +353,7 @@ class Trainer:
         indices = recalibration_indices(mode, self.data.train.labels, self.cfg.optim.batch_size,
                                         self.cfg.eval.bn_batches, g)
         recipe = self.recalibration_recipe(mode, epoch)
-        with preserved_batchnorm(unwrap(self.model)):  # a feature pass may update BN
+        with preserved_batchnorm(self.model):  # a feature pass may update BN
             for idx in indices:
                 x, y = self._gather(idx, g)
                 mixed = None if recipe is None else recipe.step(
@@ -412,7 +411,7 @@ class Trainer:
         record = {"epoch": epoch, **self._resume_note, **self.train_one_epoch(epoch)}
         self._resume_note = {}
         if not self.cfg.train.sync_bn:
-            average_buffers(unwrap(self.model))  # every rank evaluates and saves one model
+            average_buffers(self.model)  # every rank evaluates and saves one model
         if self.mixer is not None:  # global mix_pairs
             all_reduce_counters(self.mixer.counters(), self.device)
         trained_mixer = self._mixer_state()
@@ -454,5 +453,5 @@ class Trainer:
             return
         folder = self.run_dir / "kept"
         folder.mkdir(exist_ok=True)
-        save_weights(folder / f"epoch_{epoch:03d}{SUFFIX}", unwrap(self.model).state_dict(),
+        save_weights(folder / f"epoch_{epoch:03d}{SUFFIX}", self.model.state_dict(),
                      epoch=epoch, mixer=mixer_state)

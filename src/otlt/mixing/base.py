@@ -65,13 +65,16 @@ class Mixer:
 
     Subclasses set ``name``, ``needs_partner_batch`` (True when the mixer takes a second,
     separately sampled batch, e.g. CMO's class-weighted foreground batch) and ``uses_context``
-    (True when ``plan`` takes extra keyword inputs, e.g. OTMix's ``model`` for features).
+    (True when ``plan`` takes extra keyword inputs, e.g. OTMix's ``model`` for features),
+    and then ``feature_mode``: which features (:data:`otlt.models.features.FEATURE_MODES`)
+    the engine's ``embed`` gives it.
     """
 
     name: ClassVar[str] = ""
     needs_partner_batch: ClassVar[bool] = False
     uses_context: ClassVar[bool] = False
     needs_confusion: ClassVar[bool] = False  # reads update_confusion (OTMix)
+    feature_mode: str = "pooled_eval"  # an OTMix option; read only when uses_context
 
     # ---- hooks: documented no-ops that stateful mixers (OTMix) override ----------------
     def set_epoch(self, epoch: int, total_epochs: int, generator: torch.Generator) -> bool:

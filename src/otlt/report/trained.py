@@ -67,7 +67,8 @@ def mixed_pairs(run_dir: Path, n: int = 8, data_path: str | None = None, seed: i
     cfg, state, data, model = load_trained(run_dir, data_path, device)
     require(cfg.mix.name != "none", f"--gallery needs a mixing run; {run_dir} has mix.name none")
     generator = torch.Generator().manual_seed(seed)
-    recipe = _trained_recipe(cfg, state["train_counts"], model, data, device, generator)
+    recipe, ot_epoch = _trained_recipe(cfg, state["train_counts"], model, data, device,
+                                       generator)
     mixer = recipe.mixer
     (xb, yb), fore = _draw_batches(cfg, data, recipe, device, generator)
     xf, yf = fore if fore is not None else (None, None)
@@ -83,13 +84,14 @@ def mixed_pairs(run_dir: Path, n: int = 8, data_path: str | None = None, seed: i
                    back=_hwc(_unit(xb)[plan.base_index[rows].to(device)]),
                    mixed=_hwc(mixed.images[take]), fore_labels=mixed.targets_b[take].tolist(),
                    back_labels=mixed.targets_a[take].tolist(), lams=mixed.lam[take].tolist(),
-                   ot=bool(getattr(mixer, "ot_epoch", False)))
+                   ot=ot_epoch)
 
 
 def _trained_recipe(cfg, train_counts: Sequence[int], model: torch.nn.Module, data,
-                    device: str, generator: torch.Generator) -> MixRecipe:
+                    device: str, generator: torch.Generator) -> tuple[MixRecipe, bool]:
     """The run's recipe, its mixer in the state of a late OT epoch: validation confusion of
-    the trained model (OTmix's ``F``), ``ot_probability = 1``."""
+    the trained model (OTmix's ``F``), ``ot_probability = 1``; and whether the mixer is in
+    its special mode (``Mixer.set_epoch``'s answer: OTmix's OT pairing)."""
     params = {"ot_probability": 1.0} if cfg.mix.name == "otmix" else {}
     recipe = MixRecipe.from_config(cfg, data.train.labels, train_counts, **params)
     mixer = recipe.mixer
@@ -98,8 +100,8 @@ def _trained_recipe(cfg, train_counts: Sequence[int], model: torch.nn.Module, da
         confusion = evaluate(model, DeviceSplit(data.val, torch.device(device)), cfg.num_classes,
                              cfg.train.eval_batch_size, None, channels_last=False)
         mixer.update_confusion(confusion)
-    mixer.set_epoch(cfg.optim.epochs - 1, cfg.optim.epochs, generator=generator)
-    return recipe
+    special = mixer.set_epoch(cfg.optim.epochs - 1, cfg.optim.epochs, generator=generator)
+    return recipe, special
 
 
 def _draw_batches(cfg, data, recipe: MixRecipe, device: str, generator: torch.Generator):
