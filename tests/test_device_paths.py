@@ -121,8 +121,7 @@ COLLECTIVES = {"all_reduce", "broadcast", "all_gather", "all_gather_into_tensor"
                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather", "scatter",
                "broadcast_object_list", "all_gather_object"}
 ALLOWED = {"engine/distributed.py",  # the checked helpers
-           "engine/syncbn.py",  # GlobalBatchNorm2d: the input's device, used off CUDA only
-           "metrics.py"}  # ConfusionMeter: the user places its matrix (documented)
+           "engine/syncbn.py"}  # GlobalBatchNorm2d: the input's device, used off CUDA only
 
 
 def test_collectives_go_through_the_checked_helpers():

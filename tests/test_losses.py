@@ -18,7 +18,6 @@ from otlt.losses import (
     ldam_margins,
     list_losses,
     loss_defaults,
-    mixed_loss,
 )
 
 COUNTS = [100, 10, 1]
@@ -226,51 +225,14 @@ def test_cb_focal_closed_form() -> None:
 # --------------------------------------------------------------------------- mixed targets
 
 
-@pytest.mark.parametrize("name", list_losses())
-def test_mixed_loss_is_lam_combination(name: str) -> None:
-    loss = create_loss(name, COUNTS)
-    loss.set_epoch(1000)  # DRW weights on
-    logits, target_a = _tensors(COSINES, COS_TARGET)
-    target_b = torch.tensor([0, 1])
-    la, lb = loss(logits, target_a), loss(logits, target_b)
-    torch.testing.assert_close(mixed_loss(loss, logits, target_a, target_b, 0.3),
-                               0.3 * la + 0.7 * lb)
-    lam = torch.tensor([0.25, 0.9])
-    torch.testing.assert_close(mixed_loss(loss, logits, target_a, target_b, lam),
-                               lam * la + (1 - lam) * lb)
-    torch.testing.assert_close(mixed_loss(loss, logits, target_a, target_b, 1.0), la)
-    torch.testing.assert_close(mixed_loss(loss, logits, target_a, target_b, 0.0), lb)
-
-
 def test_mixed_ldam_differs_from_soft_target_ce() -> None:
     # LDAM's margin belongs to each label, so the mix is not CE against soft labels.
     loss = create_loss("ldam", COUNTS)
     logits, target_a = _tensors(COSINES, COS_TARGET)
     target_b = torch.tensor([0, 1])
-    mixed = mixed_loss(loss, logits, target_a, target_b, 0.5)
+    mixed = 0.5 * loss(logits, target_a) + 0.5 * loss(logits, target_b)
     soft = 0.5 * F.one_hot(target_a, 3) + 0.5 * F.one_hot(target_b, 3)
     assert not torch.allclose(mixed, F.cross_entropy(30 * logits, soft, reduction="none"))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_mixed_loss_per_example_lam_on_device(device: str) -> None:
-    loss = create_loss("ldam_drw", COUNTS, drw_epoch=0).to(device)
-    logits, target_a = _tensors(COSINES, COS_TARGET, device)
-    target_b = torch.tensor([0, 1], device=device)
-    lam = torch.tensor([0.2, 0.6], device=device)
-    out = mixed_loss(loss, logits, target_a, target_b, lam)
-    assert out.device.type == device
-    expected = lam * loss(logits, target_a) + (1 - lam) * loss(logits, target_b)
-    torch.testing.assert_close(out, expected)
-
-
-def test_mixed_loss_rejects_bad_lam() -> None:
-    loss = create_loss("ce", COUNTS)
-    logits, target = _tensors()
-    with pytest.raises(OtltError, match="lam"):
-        mixed_loss(loss, logits, target, target, 1.5)
-    with pytest.raises(ValueError, match="lam"):
-        mixed_loss(loss, logits, target, target, torch.tensor([0.5, 0.5, 0.5]))
 
 
 # --------------------------------------------------------------------------- buffers, dtypes
@@ -418,4 +380,4 @@ def test_batch_loss_matches_weighted_cross_entropy_of_the_official_code():
     assert torch.allclose(batch_loss(loss, logits, ya, yb, lam), expected)
     plain = create_loss("ce", counts)
     mixed = batch_loss(plain, logits, ya, yb, torch.full((6,), lam))
-    assert torch.allclose(mixed, mixed_loss(plain, logits, ya, yb, lam).mean())
+    assert torch.allclose(mixed, (lam * plain(logits, ya) + (1 - lam) * plain(logits, yb)).mean())

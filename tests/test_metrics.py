@@ -7,10 +7,8 @@ import math
 import pytest
 import torch
 
-from otlt import metrics
 from otlt.errors import OtltError
 from otlt.metrics import (
-    ConfusionMeter,
     confusion_matrix,
     per_class_accuracy,
     row_normalized_confusion,
@@ -158,42 +156,3 @@ def test_row_normalized_confusion_invariants(dtype: torch.dtype):
     off = ~torch.eye(6, dtype=torch.bool)
     assert torch.equal(zeroed[off], full[off])
     assert ((full >= 0) & (full <= 1)).all()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_confusion_meter_equals_one_shot(device: str):
-    g = torch.Generator().manual_seed(2)
-    logits = torch.randn(97, 5, generator=g)
-    targets = torch.randint(0, 5, (97,), generator=g)
-    meter = ConfusionMeter(5, device)
-    for start in range(0, 97, 20):
-        chunk = slice(start, start + 20)
-        if start % 40 == 0:
-            meter.update(logits[chunk], targets[chunk])  # logits: argmax taken
-        else:
-            meter.update(logits[chunk].argmax(1), targets[chunk])
-    assert meter.matrix.device.type == device
-    expected = confusion_matrix(logits.argmax(1), targets, 5)
-    assert torch.equal(meter.matrix.cpu(), expected)
-    assert int(meter.matrix.sum()) == 97
-    meter.reset()
-    assert torch.count_nonzero(meter.matrix) == 0
-
-
-def test_confusion_meter_all_reduce(monkeypatch: pytest.MonkeyPatch):
-    meter = ConfusionMeter(3)
-    meter.update(torch.tensor([0, 1, 2]), torch.tensor([0, 2, 2]))
-    before = meter.matrix.clone()
-    assert torch.equal(meter.all_reduce(), before)  # no process group: no-op
-
-    calls = []
-
-    def fake_all_reduce(tensor: torch.Tensor, op=None) -> None:
-        calls.append(op)
-        tensor.mul_(2)  # as if a second rank held identical counts
-
-    monkeypatch.setattr(metrics.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(metrics.dist, "all_reduce", fake_all_reduce)
-    meter.all_reduce()
-    assert calls == [torch.distributed.ReduceOp.SUM]
-    assert torch.equal(meter.matrix, 2 * before)

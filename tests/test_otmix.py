@@ -241,6 +241,7 @@ def test_unconverged_sinkhorn_is_counted_per_epoch_not_warned_per_batch(recwarn)
 def test_feature_mode_official_moves_batchnorm_and_the_default_does_not(mode):
     from otlt.engine.batchnorm import batchnorm_state
     from otlt.models import create_model
+    from otlt.models.features import feature_fn
 
     model = create_model("resnet20", 4, generator=torch.Generator().manual_seed(0))
     model.train()
@@ -258,7 +259,7 @@ def test_feature_mode_official_moves_batchnorm_and_the_default_does_not(mode):
         # two train-mode passes (backgrounds, then foregrounds) through every BN layer
         assert int(after["bn1.num_batches_tracked"]) == int(before["bn1.num_batches_tracked"]) + 2
         assert len(moved) == len(before)
-        z = mixer.features(model, x, None)
+        z = feature_fn(model, "official")(x)
         assert z.shape == (8, 64 * 8 * 8)  # Sequential(children[:-1]) output, flattened
     else:
         assert moved == []

@@ -9,8 +9,8 @@ from otlt.data.samplers import ClassWeightedSampler, class_sampling_probs, sampl
 from otlt.engine.batchnorm import recalibrate_batchnorm
 from otlt.engine.evaluation import model_confusion
 from otlt.errors import OtltError
-from otlt.losses import batch_loss, create_loss, list_losses, mixed_loss
-from otlt.metrics import ConfusionMeter, confusion_matrix, summarize
+from otlt.losses import batch_loss, create_loss, list_losses
+from otlt.metrics import confusion_matrix, summarize
 from otlt.mixing import (
     CMO,
     CutMix,
@@ -36,7 +36,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CMO",
     "ClassWeightedSampler",
-    "ConfusionMeter",
     "CutMix",
     "MixPlan",
     "MixRecipe",
@@ -65,7 +64,6 @@ __all__ = [
     "list_models",
     "load_config",
     "long_tailed_counts",
-    "mixed_loss",
     "model_confusion",
     "otmix_cost",
     "recalibrate_batchnorm",

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from otlt.errors import OtltError
 
@@ -130,38 +129,6 @@ def row_normalized_confusion(
     if zero_diagonal:
         out.fill_diagonal_(0.0)
     return out
-
-
-class ConfusionMeter:
-    """Accumulate a ``(K, K)`` int64 confusion matrix over batches, on ``device``."""
-
-    def __init__(self, num_classes: int, device: torch.device | str = "cpu") -> None:
-        if num_classes < 2:
-            raise OtltError(f"num_classes must be >= 2, got {num_classes}")
-        self.num_classes = num_classes
-        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-
-    def update(self, logits_or_preds: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add a batch: logits ``(B, K)`` (argmax taken) or predicted classes ``(B,)``."""
-        preds = logits_or_preds
-        if preds.dim() == 2:
-            preds = preds.argmax(dim=1)
-        device = self.matrix.device
-        self.matrix += confusion_matrix(preds.to(device), targets.to(device), self.num_classes)
-
-    def reset(self) -> None:
-        """Zero the counts."""
-        self.matrix.zero_()
-
-    def all_reduce(self) -> torch.Tensor:
-        """Sum the counts over all processes in place (no-op without ``torch.distributed``).
-
-        Call it once, after the last :meth:`update` of an evaluation: a second call would
-        count every other process's samples again.
-        """
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.matrix, op=dist.ReduceOp.SUM)
-        return self.matrix
 
 
 def _group_error(conf: torch.Tensor, classes: list[int]) -> float | None:

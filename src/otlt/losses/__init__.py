@@ -2,7 +2,7 @@
 
 Modules: :mod:`~otlt.losses.base` (the base class, class constants, argument checks) <-
 :mod:`~otlt.losses.standard` (the losses) <- :mod:`~otlt.losses.registry`;
-:mod:`~otlt.losses.mixed` (mixed-batch losses).
+:mod:`~otlt.losses.mixed` (the mixed-batch loss).
 
 Every loss is a :class:`LongTailLoss`: ``forward(logits (B, K), target (B,)) -> (B,)``, the
 per-example loss with no reduction (the engine reduces). Class-dependent constants (counts,
@@ -36,7 +36,7 @@ reduce with ``loss.sum() / criterion.example_weights(target).sum()``.
 from __future__ import annotations
 
 from otlt.losses.base import LongTailLoss, class_balanced_weights, ldam_margins
-from otlt.losses.mixed import batch_loss, mixed_loss
+from otlt.losses.mixed import batch_loss
 from otlt.losses.registry import create_loss, list_losses, loss_defaults
 from otlt.losses.standard import (
     BalancedSoftmaxLoss,
@@ -60,6 +60,5 @@ __all__ = [
     "create_loss",
     "list_losses",
     "loss_defaults",
-    "mixed_loss",
     "batch_loss",
 ]

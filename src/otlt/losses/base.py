@@ -160,7 +160,7 @@ class LongTailLoss(nn.Module):
                              f"got {tuple(target.shape)}")
         if target.is_floating_point() or target.is_complex():
             raise ValueError(f"{self.name}: target must hold integer labels, got {target.dtype}; "
-                             "use mixed_loss for mixed labels")
+                             "use batch_loss for mixed labels")
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
         return logits, target.long()

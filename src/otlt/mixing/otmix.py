@@ -220,14 +220,6 @@ class OTMix(Mixer):
         self._affinity = None
 
     # ---- planning ----------------------------------------------------------------------
-    def features(self, model: torch.nn.Module, images: torch.Tensor,
-                 amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Features ``(N, D)`` of ``model`` for the cost (:func:`otlt.models.feature_fn`
-        with this mixer's ``feature_mode``), without gradients, in the memory format the
-        images come in (the engine hands :meth:`plan` its own ``embed`` instead)."""
-        return feature_fn(model, self.feature_mode, amp_dtype,
-                          channels_last=_is_channels_last(images))(images)
-
     def cost(self, z_fore: torch.Tensor, z_back: torch.Tensor, y_fore: torch.Tensor,
              y_back: torch.Tensor) -> torch.Tensor:
         """Eq. 7 with this mixer's options and current confusion."""

@@ -107,17 +107,6 @@ class MixedBatch:
         lam = self.lam[:, None]
         return lam * one_a + (1.0 - lam) * one_b
 
-    def mix_losses(self, loss_a: torch.Tensor, loss_b: torch.Tensor) -> torch.Tensor:
-        """Return ``lam · loss_a + (1 − lam) · loss_b`` per row (OTmix eq. 10), ``(B,)``.
-
-        ``loss_a`` and ``loss_b`` are per-example losses (``reduction="none"``) against
-        ``targets_a`` and ``targets_b``, for a criterion of your own; with an otlt loss use
-        :func:`otlt.losses.batch_loss`, which also normalises class-weighted losses as the
-        official code does.
-        """
-        lam = self.lam.to(loss_a.dtype)
-        return lam * loss_a + (1.0 - lam) * loss_b
-
 
 # ----------------------------------------------------------------------------- primitives
 
@@ -203,16 +192,6 @@ def box_lam(box: Box, height: int, width: int) -> float:
     """Return ``1 − area(box) / (H · W)``, the base image's exact share of the pixels."""
     y0, y1, x0, x1 = box
     return 1.0 - (max(y1 - y0, 0) * max(x1 - x0, 0)) / (height * width)
-
-
-def paste_box(base: torch.Tensor, patch: torch.Tensor, box: Box) -> torch.Tensor:
-    """Return a copy of ``base`` whose ``box`` region comes from ``patch``, ``(B, C, H, W)``."""
-    if base.shape != patch.shape:
-        raise ValueError(f"base {tuple(base.shape)} and patch {tuple(patch.shape)} differ")
-    y0, y1, x0, x1 = box
-    out = base.clone()
-    out[..., y0:y1, x0:x1] = patch[..., y0:y1, x0:x1]
-    return out
 
 
 def mixup_images(base: torch.Tensor, patch: torch.Tensor, lam: float) -> torch.Tensor:
