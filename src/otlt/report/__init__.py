@@ -37,7 +37,6 @@ from otlt.report.runs import (
     paper_name,
     per_class_values,
     read_json,
-    read_jsonl,
     scalar_weight_stats,
 )
 from otlt.report.trained import (
@@ -75,7 +74,6 @@ __all__ = [
     "paper_name",
     "per_class_values",
     "read_json",
-    "read_jsonl",
     "scalar_weight_stats",
     "slug",
     "tsne_embedding",

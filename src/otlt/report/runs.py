@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from otlt.engine.logging import read_metrics
 from otlt.errors import OtltError, require
 from otlt.report import plots
 
@@ -78,21 +79,6 @@ class RunData:
         return sorted((self.path / "plans").glob("epoch_*.json"))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Read ``metrics.jsonl``, skipping a line a running job is still writing."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -116,7 +102,7 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
         raise OtltError(f"{config_path} is not valid YAML: {exc}") from None
     require(isinstance(config, dict), f"{config_path} must be a mapping")
     return RunData(path=path, label=label or path.name, config=config,
-                   metrics=read_jsonl(path / "metrics.jsonl"),
+                   metrics=read_metrics(path / "metrics.jsonl"),
                    eval=read_json(path / "eval.json"),
                    splits=read_json(path / "splits.json") or {})
 
