@@ -1,7 +1,7 @@
 """OT re-weighting: learn a weight per training example by optimal transport to a meta set.
 
 Guo, Li, Zheng, Zhao, Zhou, Zha, "Learning to Re-weight Examples with Optimal Transport for
-Imbalanced Classification", NeurIPS 2022 (papers 001, 003, 004; official code ``OT_train.py``).
+Imbalanced Classification", NeurIPS 2022 (official code ``OT_train.py``).
 
 Every training example ``i`` owns a raw weight ``w_i``. For a batch ``B`` the (imbalanced)
 training distribution is ``P(w) = Σ_{j∈B} ν_j δ_{z_j}`` with ``ν = softmax(w_B)``; the balanced
@@ -22,12 +22,9 @@ through the iterations; ``gradient="unrolled"`` back-propagates through the Sink
 instead. Both give the gradient of the same converged value and agree with finite differences
 (``tests/test_reweight.py``; the two differ by ~2e-9 in float32). (The official code unrolls up
 to 200 log-domain iterations, stopped once the row potentials move by less than 0.1 in L1, and
-differentiates the plan's transport cost ``<T, C>`` without the entropy term.) Measured
-on the shared 2-core CPU, one thread, float32, ε = 0.1, tol 1e-6 (~12 iterations), one loss +
-gradient for a batch of 16 (the official batch), mean of 50: 1.1 ms through the potentials
-against 2.0 ms unrolled for 10 prototypes (CIFAR-10), 1.1 against 2.0 ms for 100 prototypes
-(CIFAR-100), 1.7 against 3.0 ms for 1,000 meta images (``whole``). The potentials are the
-default; ``gradient="unrolled"`` is kept for comparison.
+differentiates the plan's transport cost ``<T, C>`` without the entropy term.) The
+potentials are the default (the cheaper of the two: ``benchmarks/README.md``);
+``gradient="unrolled"`` is kept for comparison.
 
 Departures from the official code (options in :class:`otlt.config.ReweightConfig`):
 prototypes are feature means (the code averages pixels: ``meta: pixel_prototype``); the

@@ -214,7 +214,7 @@ def _decode_all(tree: _FileTree, names: list[str], where: Path,
     """Decode ``names`` into one ``(N, H, W, 3)`` array, requiring the size ``shape``.
 
     One image at a time: for 32x32 JPEGs PIL's per-call Python overhead dominates, and a
-    thread pool measured ~2x slower than this loop (GIL contention); processes do help.
+    thread pool measured slower than this loop (GIL contention); processes do help.
     """
     out = None
     for k, name in enumerate(names):

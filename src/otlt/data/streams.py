@@ -2,7 +2,7 @@
 
 These datasets ship their long-tailed splits as ``relative/path label`` lists under one image
 root, so nothing is subsampled or carved here: the lists are used as given, and the images
-are decoded lazily by :class:`otlt.data.sources.ListFileDataset` in DataLoader workers.
+are decoded lazily by :class:`otlt.data.lists.ListFileDataset` in DataLoader workers.
 
 Default list names (relative to the root, ``data.path``; override with ``data.train_list``,
 ``data.val_list``, ``data.test_list``):

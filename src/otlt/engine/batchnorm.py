@@ -3,10 +3,11 @@
 A network trained with BatchNorm predicts with the running mean/variance its layers kept,
 an exponential average (momentum 0.1) over roughly the last 20 training batches. For a
 mixing run those batches are partly mixed and partly clean, so what the network predicts
-at evaluation depends on which batches happened to come last (``../shared/REPRODUCTION.md``
-section 1). :func:`recalibrate_batchnorm` replaces that accident by a defined procedure
-(precise BN, Wu & Johnson 2021; MiSLAS's shifted BN is the class-balanced variant): reset
-every BatchNorm layer and set, per channel ``c``,
+at evaluation depends on which batches happened to come last (the README's "Evaluation
+protocol"). :func:`recalibrate_batchnorm` replaces that accident by a defined procedure
+(precise BN: Wu and Johnson, "Rethinking 'Batch' in BatchNorm", arXiv:2105.07576, 2021;
+MiSLAS's shifted BN is the class-balanced variant: Zhong et al., "Improving Calibration for
+Long-Tailed Recognition", CVPR 2021): reset every BatchNorm layer and set, per channel ``c``,
 
     running_mean_c = (1/N) Σ_n  mean_c(batch n)
     running_var_c  = (1/N) Σ_n  var_c(batch n)      (unbiased, as BatchNorm stores it)

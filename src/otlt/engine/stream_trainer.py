@@ -5,7 +5,7 @@ mixers (CMO and OTmix included), checkpoints, exact resume and honest evaluation
 differences:
 
 - Images are decoded and augmented (RandomResizedCrop + flip) by
-  :class:`otlt.data.sources.ListFileDataset` in ``train.workers`` DataLoader workers; the
+  :class:`otlt.data.lists.ListFileDataset` in ``train.workers`` DataLoader workers; the
   training device only normalises them (ImageNet mean and std).
 - The epoch's order is a permutation from the run's generator, as for in-memory data, and
   each item's crop is seeded by ``(seed, epoch, index)``, so a resumed run sees exactly the

@@ -5,10 +5,11 @@ directories; :mod:`otlt.report` reads the runs and calls them. Figures are built
 :class:`matplotlib.figure.Figure` directly, never through ``pyplot``: the PNG is rendered by
 the Agg canvas, so no display is needed and no global figure state leaks between calls.
 
-Figure numbers refer to the OTmix paper (``papers/002_*``): learning curves, per-class
-accuracy (Fig. 7), confusion matrices (Fig. 6), mixing statistics (Fig. 9), a sampled
-transport plan (Fig. 3), mixed-image pairs (Fig. 5), t-SNE of features (Fig. 4) and
-hyper-parameter sweeps (Fig. 8).
+Figure numbers refer to the OTmix paper (Gao et al., "Enhancing Minority Classes by Mixing:
+An Adaptative Optimal Transport Approach for Long-tailed Classification", NeurIPS 2023):
+learning curves, per-class accuracy (Fig. 7), confusion matrices (Fig. 6), mixing statistics
+(Fig. 9), a sampled transport plan (Fig. 3), mixed-image pairs (Fig. 5), t-SNE of features
+(Fig. 4) and hyper-parameter sweeps (Fig. 8).
 
 The module stays whole (over 400 lines): every function is one figure in one shared style
 (the helpers at the top), and a reader looking for a figure finds all of them here.

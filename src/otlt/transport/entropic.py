@@ -1,8 +1,11 @@
 """Entropic optimal transport on batches of cost matrices: :func:`sinkhorn` and its value.
 
-:func:`sinkhorn` solves the entropic OT problem of OTmix (paper 002, eq. 4, ε = 0.01) and of
-OT re-weighting (ε = 0.1) on whole batches of cost matrices, on any device, in float32 or
-float64. :func:`entropic_ot_value` is its value, differentiable in the marginals and the cost.
+:func:`sinkhorn` solves the entropic OT problem of OTmix (Gao et al., "Enhancing Minority
+Classes by Mixing: An Adaptative Optimal Transport Approach for Long-tailed Classification",
+NeurIPS 2023, eq. 4, ε = 0.01) and of OT re-weighting (Guo et al., "Learning to Re-weight
+Examples with Optimal Transport for Imbalanced Classification", NeurIPS 2022, ε = 0.1) on
+whole batches of cost matrices, on any device, in float32 or float64. :func:`entropic_ot_value`
+is its value, differentiable in the marginals and the cost.
 
 Notation: cost ``C`` of shape ``(..., n, m)``, marginals ``a`` ``(..., n)`` and ``b`` ``(..., m)``
 with equal total mass, regularisation ``ε > 0``. The entropic problem is
