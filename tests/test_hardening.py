@@ -81,7 +81,8 @@ def test_missing_data_leaves_no_run_directory_it_made(tmp_path, config, capsys, 
     if made:
         left = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "runs").rglob("*")}
         assert left - {"runs/tiny/.lock"} == {"runs/keep.txt", "runs/tiny"}
-        assert rundir._HELD == {}
+        # released (other tests' trainers may still hold their own directories)
+        assert str((tmp_path / "runs" / "tiny").resolve()) not in rundir._HELD
     else:
         assert not (tmp_path / "runs").exists()
 
