@@ -37,8 +37,10 @@ from otlt.models import create_model
 
 
 def learning_rate(epoch: int, epochs: int, base: float = 0.1, warmup: int = 5) -> float:
-    """The presets' schedule scaled to ``epochs``: linear warm-up, then ×0.1 after 100/240 of
-    the run, ×0.01 after 160/240, ×1e-4 after 200/240."""
+    """The presets' schedule scaled to ``epochs``, per epoch: linear warm-up, then ×0.1 after
+    100/240 of the run, ×0.01 after 160/240, ×1e-4 after 200/240 (the engine warms up per
+    step, :func:`otlt.engine.schedule.step_lr`, and rounds scaled milestones; a shortened
+    run may drop its learning rate an epoch apart from the CLI's)."""
     if epoch < warmup:
         return base * (epoch + 1) / warmup
     steps = [(200, 1e-4), (160, 1e-2), (100, 1e-1)]

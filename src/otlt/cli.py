@@ -244,10 +244,7 @@ def cmd_train(args) -> int:
         changes = resume_changes(build_config(raw), build_config(_apply(raw, overrides)),
                                  run_dir)
     else:
-        if args.config is None and args.preset is None:
-            raise OtltError("otlt train: give --config FILE or --preset NAME (or --resume "
-                            "RUN_DIR; 'otlt presets' lists the presets)")
-        raw = load_raw(config_source(args.config, args.preset))
+        raw = load_raw(config_source(args.config, args.preset, resume_hint=True))
         run_dir = Path(args.run_dir) if args.run_dir else None
     cfg = build_config(_apply(raw, overrides))
     trainer = create_trainer(cfg, run_dir=run_dir, resume=bool(args.resume))

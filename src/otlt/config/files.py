@@ -73,12 +73,15 @@ def preset_path(name: str) -> Path:
 PRESET_PREFIX = "preset:"
 
 
-def config_source(config: str | Path | None, preset: str | None) -> Path:
-    """The YAML file a command reads: ``--config FILE`` or ``--preset NAME`` (exactly one)."""
+def config_source(config: str | Path | None, preset: str | None,
+                  resume_hint: bool = False) -> Path:
+    """The YAML file a command reads: ``--config FILE`` or ``--preset NAME`` (exactly one;
+    ``resume_hint``: the command also takes ``--resume RUN_DIR``, and says so)."""
     require(config is None or preset is None, "--config and --preset exclude each other (a "
             "preset is a packaged config file); give one of them")
     require(config is not None or preset is not None,
-            "give --config FILE or --preset NAME ('otlt presets' lists the presets)")
+            "give --config FILE or --preset NAME" + (" (or --resume RUN_DIR)" if resume_hint
+                                                     else "") + "; 'otlt presets' lists them")
     return Path(config) if config is not None else preset_path(preset)
 
 

@@ -9,9 +9,9 @@ calls it for every point before the first run starts.
 
 from __future__ import annotations
 
-from otlt.config import RunConfig, mixer_params
+from otlt.config import RunConfig
 from otlt.losses import create_loss
-from otlt.mixing import create_mixer
+from otlt.mixing.recipe import build_mixer
 from otlt.models import check_model
 
 
@@ -22,9 +22,7 @@ def check_components(cfg: RunConfig) -> None:
     check_model(cfg.model.name, k, cfg.model.head)
     counts = list(range(2 * k, k, -1))  # any imbalanced counts do: the options are checked
     create_loss(cfg.loss.name, counts, **cfg.loss.params)
-    if cfg.mix.name != "none":
-        create_mixer(cfg.mix.name, class_counts=counts, fraction=cfg.mix.fraction,
-                     **mixer_params(cfg))
+    build_mixer(cfg, counts)
 
 
 __all__ = ["check_components"]

@@ -37,6 +37,24 @@ def place_model(model: torch.nn.Module, train: TrainConfig,
     return model, step_model
 
 
+def rng_states(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The random states a checkpoint carries for an exact resume: the run's ``generator``,
+    torch's global CPU state and, on CUDA, ``device``'s (CPU ByteTensors)."""
+    states = {"generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(state: dict[str, Any], generator: torch.Generator,
+                       device: torch.device) -> None:
+    """Put back :func:`rng_states`' entries of ``state`` (the CUDA one only on CUDA)."""
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for CUDA without one is a user error."""
     if name == "auto":

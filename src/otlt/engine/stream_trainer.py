@@ -33,7 +33,6 @@ from otlt.data.lists import ListFileDataset
 from otlt.data.streams import IMAGENET_MEAN, IMAGENET_STD, prepare_stream_data
 from otlt.engine.batchnorm import preserved_batchnorm, recalibration_indices
 from otlt.engine.distributed import (
-    global_batches,
     rank,
     rank_slice,
     world_size,
@@ -111,9 +110,7 @@ class StreamTrainer(Trainer):
     def epoch_batches(self, epoch: int) -> _Lockstep:
         self.train.set_epoch(epoch)
         self.fore_set.set_epoch(epoch)
-        order = torch.randperm(len(self.train), generator=self.generator)
-        # Global batches drawn alike on every rank; each rank loads its rows of each.
-        global_steps = global_batches(order, self.cfg.optim.batch_size, world_size())
+        global_steps = self._batches()  # drawn alike on every rank; each loads its rows
         recipe = self.recipe if self.recipe.in_window(epoch, self.cfg.optim.epochs) else None
         return self._lockstep(self.train, self.fore_set, global_steps, recipe, self.generator)
 

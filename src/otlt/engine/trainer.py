@@ -9,11 +9,12 @@ The evaluation procedure (``eval.*``: which model is evaluated, the validation r
 probe, ``best.safetensors``, ``eval.json``) is
 :class:`~otlt.engine.procedure.EvaluationProcedure` (``self.evaluation``); the trainer gives
 it the data access, :meth:`Trainer.confusion_on` and :meth:`Trainer.bn_batches`, which the
-streaming trainer overrides. The module stays whole
-(about 480 lines): the epoch loop, the checkpoint state (``last.pt``: model, optimizer, loss,
-generator, mixer) and the data access read and write the same run state. What needs no run
-state lives below: :mod:`~otlt.engine.runtime` (device, precision, data on the device, run
-directory), :mod:`~otlt.engine.rundir` (the run directory's lock, its stored config),
+streaming trainer overrides. The module stays whole (about 440 lines, until issue 31's
+feeds take the data access out): the epoch loop, the checkpoint state (``last.pt``: model,
+optimizer, loss, generator, mixer) and the data access read and write the same run state.
+What needs no run state lives below: :mod:`~otlt.engine.runtime` (device, precision, data
+on the device, run directory, RNG states), :mod:`~otlt.engine.rundir` (the run
+directory's lock, its stored config),
 :mod:`~otlt.engine.schedule`, :mod:`~otlt.engine.evaluation` (confusion matrices,
 split records), :mod:`~otlt.engine.batchnorm` (recalibration, its generator and index
 batches), :mod:`~otlt.engine.distributed` (ranks, shards, counters),
@@ -32,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from otlt.amp import autocast
-from otlt.config import BN_STATS, RunConfig, dump_config, resolve_epochs, to_dict
+from otlt.config import BN_STATS, RunConfig, dump_config, to_dict
 from otlt.console import format_epoch
 from otlt.data.augment import GPUAugment
 from otlt.data.prepare import LongTailedData, prepare_data
@@ -72,12 +73,14 @@ from otlt.engine.runtime import (
     load_optimizer_state,
     place_model,
     resolve_device,
+    restore_rng_states,
+    rng_states,
     sgd_options,
 )
 from otlt.engine.schedule import step_lr
 from otlt.engine.stability import LossGuard, backward_step, grad_scaler
 from otlt.engine.timelimit import TimeLimit
-from otlt.engine.weights import SUFFIX, load_model_state, save_weights
+from otlt.engine.weights import keep_epoch_weights, load_model_state
 from otlt.errors import OtltError, reason, require
 from otlt.losses import batch_loss, create_loss
 from otlt.mixing import MixedBatch, Mixer, MixRecipe
@@ -189,15 +192,12 @@ class Trainer:
                  "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(),
                  "loss": self.loss.state_dict(),
-                 "generator": self.generator.get_state(),
-                 "torch_rng": torch.get_rng_state(),
+                 **rng_states(self.generator, self.device),
                  "train_counts": list(self.train_counts),
                  "classes": self.data.classes,
                  "best": self.evaluation.best,
                  "world_size": world_size()}
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        mixer_state = self.mixer.state_dict() if self.mixer is not None else {}
+        mixer_state = self._mixer_state()
         if mixer_state:
             state["mixer"] = mixer_state
         if self.scaler is not None:
@@ -215,10 +215,7 @@ class Trainer:
                              f"{self.run_dir} does not fit this run's model")
             load_optimizer_state(self.optimizer, state["optimizer"], self.device)
             self.loss.load_state_dict(state["loss"])
-            self.generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            if "cuda_rng" in state and self.device.type == "cuda":
-                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+            restore_rng_states(state, self.generator, self.device)
             if self.mixer is not None and "mixer" in state:
                 self.mixer.load_state_dict(state["mixer"])
             if self.scaler is not None and "scaler" in state:
@@ -252,7 +249,7 @@ class Trainer:
         mixed = None
         if mixing:
             mixed = self.recipe.step(x, y, self.generator, size=len(idx),
-                                     load=self._foreground_load(self.generator),
+                                     load=lambda i: self._gather(i, self.generator),
                                      embed=self.embed_for(self.mixer))
         return self.sgd_step(x, y, mixed)
 
@@ -265,10 +262,6 @@ class Trainer:
         x = self.augment(self.train.images[idx], generator)
         mine = rank_slice(len(idx))
         return x[mine], self.train.labels[idx][mine]
-
-    def _foreground_load(self, generator: torch.Generator):
-        """The recipe's ``load``: foreground indices to this rank's augmented rows."""
-        return lambda idx: self._gather(idx, generator)
 
     def sgd_step(self, x: torch.Tensor, y: torch.Tensor,
                  mixed: MixedBatch | None) -> tuple[float, float, int]:
@@ -357,7 +350,7 @@ class Trainer:
             for idx in indices:
                 x, y = self._gather(idx, g)
                 mixed = None if recipe is None else recipe.step(
-                    x, y, g, load=self._foreground_load(g), size=len(idx),
+                    x, y, g, load=lambda i: self._gather(i, g), size=len(idx),
                     embed=self.embed_for(recipe.mixer))
                 yield x if mixed is None else mixed.images
 
@@ -434,24 +427,12 @@ class Trainer:
             if is_main_process():
                 write_artifacts(self.run_dir, artifacts)
         record["epoch_seconds"] = time.perf_counter() - start
-        self._keep_weights(epoch, trained_mixer)
+        if is_main_process():  # kept/epoch_<NNN> at train.keep_epochs / keep_every
+            keep_epoch_weights(self.run_dir, self.cfg.train, self.cfg.optim.epochs, epoch,
+                               self.model, trained_mixer)
         return record
 
     def _mixer_state(self) -> dict[str, Any] | None:
         """The mixer's state as the epoch trained with it (before validation updates it)."""
         state = self.mixer.state_dict() if self.mixer is not None else {}
         return dict(state) if state else None
-
-    def _keep_weights(self, epoch: int, mixer_state: dict[str, Any] | None) -> None:
-        """Keep the weights (BN buffers as trained) at ``train.keep_epochs`` (-1: the last) and
-        every ``train.keep_every`` epochs as ``kept/epoch_<NNN>.safetensors``, with the mixer
-        state the epoch trained with, so ``otlt eval`` can evaluate them under any procedure."""
-        t = self.cfg.train
-        kept = resolve_epochs(t.keep_epochs, self.cfg.optim.epochs)
-        wanted = epoch in kept or (t.keep_every and (epoch + 1) % t.keep_every == 0)
-        if not wanted or not is_main_process():
-            return
-        folder = self.run_dir / "kept"
-        folder.mkdir(exist_ok=True)
-        save_weights(folder / f"epoch_{epoch:03d}{SUFFIX}", self.model.state_dict(),
-                     epoch=epoch, mixer=mixer_state)

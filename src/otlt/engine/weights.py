@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from otlt.config import TrainConfig, resolve_epochs
 from otlt.engine.checkpoint import load_checkpoint, write_atomic
 from otlt.errors import OtltError, reason
 
@@ -66,6 +67,22 @@ def save_weights(path: Path, model: dict[str, torch.Tensor], *, epoch: int,
     header = {"otlt": json.dumps({"epoch": int(epoch), **(meta or {})})}
     payload = save(tensors, metadata=header)
     write_atomic(Path(path), lambda handle: handle.write(payload))
+
+
+def keep_epoch_weights(run_dir: Path, train: TrainConfig, epochs: int, epoch: int,
+                       model: torch.nn.Module, mixer_state: dict[str, Any] | None) -> None:
+    """Keep ``model``'s weights (BN buffers as trained) after ``epoch`` when ``train.keep_epochs``
+    (-1: the last of ``epochs``) or every ``train.keep_every`` epochs ask for it, as
+    ``run_dir/kept/epoch_<NNN>.safetensors`` with the mixer state the epoch trained with, so
+    ``otlt eval`` can evaluate them under any procedure."""
+    wanted = epoch in resolve_epochs(train.keep_epochs, epochs) or \
+        (train.keep_every and (epoch + 1) % train.keep_every == 0)
+    if not wanted:
+        return
+    folder = Path(run_dir) / "kept"
+    folder.mkdir(exist_ok=True)
+    save_weights(folder / f"epoch_{epoch:03d}{SUFFIX}", model.state_dict(), epoch=epoch,
+                 mixer=mixer_state)
 
 
 def load_weights(path: Path) -> WeightsFile:
@@ -140,5 +157,6 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], failure: str
         raise OtltError(f"{failure} ({reason(exc)})") from None
 
 
-__all__ = ["SUFFIX", "WeightsFile", "checkpoint_weights", "load_model_state", "load_weights",
+__all__ = ["SUFFIX", "WeightsFile", "checkpoint_weights", "keep_epoch_weights",
+           "load_model_state", "load_weights",
            "read_weights", "save_weights", "state_mismatch"]

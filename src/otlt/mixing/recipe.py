@@ -44,6 +44,17 @@ Load = Callable[[torch.Tensor], Batch]
 Embed = Callable[[torch.Tensor], torch.Tensor]
 
 
+def build_mixer(cfg: RunConfig, class_counts: Sequence[int], **params: Any) -> Mixer | None:
+    """The mixer ``mix.name`` of ``cfg`` (None for ``none``), built from ``mix.params`` (plan
+    epochs resolved against the run; ``params`` override them) and ``mix.fraction``: the one
+    place a run's mixer is built (the recipe, the preflight check)."""
+    m = cfg.mix
+    if m.name == "none":
+        return None
+    return create_mixer(m.name, class_counts=class_counts, fraction=m.fraction,
+                        **{**mixer_params(cfg), **params})
+
+
 class MixRecipe:
     """The window, the coin, the foreground draw and the mixer call of one run.
 
@@ -77,12 +88,8 @@ class MixRecipe:
         ``mix.params`` (plan epochs resolved against the run; ``params`` override them) and
         ``mix.fraction``, with the run's window, coin and foreground sampler."""
         m = cfg.mix
-        mixer = None
-        if m.name != "none":
-            mixer = create_mixer(m.name, class_counts=class_counts, fraction=m.fraction,
-                                 **{**mixer_params(cfg), **params})
-        return cls(mixer, labels, prob=m.prob, skip_first=m.skip_first, skip_last=m.skip_last,
-                   sampler_r=m.sampler_r)
+        return cls(build_mixer(cfg, class_counts, **params), labels, prob=m.prob,
+                   skip_first=m.skip_first, skip_last=m.skip_last, sampler_r=m.sampler_r)
 
     # ---- when ------------------------------------------------------------------------------
     def window(self, epochs: int) -> range:
@@ -180,4 +187,4 @@ class MixRecipe:
         return clone
 
 
-__all__ = ["MixRecipe"]
+__all__ = ["MixRecipe", "build_mixer"]
