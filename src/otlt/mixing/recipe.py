@@ -79,7 +79,6 @@ class MixRecipe:
         self.skip_first, self.skip_last = int(skip_first), int(skip_last)
         self.sampler_r = float(sampler_r)
         self.weights = sample_weights(labels, sampler_r)  # (N,) float64, sums to 1
-        self._redraw: tuple[int, int] | None = None  # (epoch, epochs): for_recalibration
 
     @classmethod
     def from_config(cls, cfg: RunConfig, labels: LabelsLike, class_counts: Sequence[int],
@@ -157,8 +156,6 @@ class MixRecipe:
         mixer = self.mixer
         require(mixer is not None, "this MixRecipe has no mixer")
         assert mixer is not None
-        if self._redraw is not None:
-            mixer.set_epoch(*self._redraw, generator=generator)
         context = {k: v for k, v in (("embed", embed), ("model", model)) if v is not None}
         if not mixer.needs_partner_batch:
             return mixer(x, y, generator=generator, **context)
@@ -181,10 +178,24 @@ class MixRecipe:
         """A copy for BatchNorm's ``train`` recalibration batches after ``epoch``: its mixer
         is a deep copy (the run's is left as it is) that redraws its per-epoch switch of
         ``epoch`` before every batch it mixes (after the coin, before the foregrounds)."""
-        clone = copy.copy(self)
+        clone = _RecalibrationRecipe.__new__(_RecalibrationRecipe)
+        clone.__dict__.update(self.__dict__)
         clone.mixer = copy.deepcopy(self.mixer)
-        clone._redraw = (epoch, epochs)
+        clone.redraw = (epoch, epochs)
         return clone
+
+
+class _RecalibrationRecipe(MixRecipe):
+    """:meth:`MixRecipe.for_recalibration`'s copy: the mixer's per-epoch switch is redrawn
+    before every mixed batch, so the training step's recipe carries no such case."""
+
+    redraw: tuple[int, int]
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+            **how: Any) -> MixedBatch:
+        if self.mixer is not None:
+            self.mixer.set_epoch(*self.redraw, generator=generator)
+        return super().mix(x, y, generator, **how)
 
 
 __all__ = ["MixRecipe", "build_mixer"]
