@@ -36,7 +36,7 @@ import torch
 
 from otlt.config import load_config
 from otlt.engine.distributed import global_batches
-from otlt.engine.reweight_trainer import Stage2Trainer
+from otlt.engine.trainer import Trainer
 from otlt.reweight import ot_reweight_loss, reweight_cost
 from otlt.transport import sinkhorn
 
@@ -122,16 +122,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.config, [*args.overrides, f"reweight.stage1={args.stage1}",
                                         f"out_dir={tmp}", "train.progress=false"])
-        trainer = Stage2Trainer(cfg)
-        trainer.prepare_meta()
-        rw, r = trainer.reweighter, cfg.reweight
-        order = torch.randperm(len(trainer.train), generator=trainer.generator)
+        trainer = Trainer(cfg)
+        stage2, feed = trainer.step, trainer.feed  # a Stage2Step: reweight.stage1 is set
+        stage2.prepare_meta(trainer.generator)
+        rw, r = stage2.reweighter, cfg.reweight
+        order = torch.randperm(len(feed), generator=trainer.generator)
         batches = global_batches(order, cfg.optim.batch_size, 1)[: args.batches]
         rows = []
         for idx in batches:
-            x = trainer.augment(trainer.train.images[idx], trainer.generator)
-            z = trainer.frozen_features(trainer.layout(x))
-            rows.append(check_batch(rw, z, trainer.train.labels[idx], rw.raw[idx],
+            x, y = feed.gather(idx, trainer.generator)
+            z = stage2.frozen_features(stage2.layout(x))
+            rows.append(check_batch(rw, z, y, rw.raw[idx],
                                     r.weight_lr, r.weight_decay))
         per_class = rw.class_stats()["weight_class_mean"]
     mean = {key: sum(row[key] for row in rows) / len(rows) for key in rows[0]}

@@ -2,6 +2,7 @@
 compared bit for bit (every metrics.jsonl entry but the timings, every weight of last.pt).
 
     python scripts/same_trajectory.py OLD_REV [NEW_REV]        # NEW_REV: the working tree
+    python scripts/same_trajectory.py OLD_REV --set eval.bn_stats=train   # more overrides
 
 The run is the OTmix short preset on 400 images per head class for 3 epochs with mixing on
 from the first epoch (an OT epoch included), one torch thread: it exercises the augment ->
@@ -31,8 +32,8 @@ OVERRIDES = ["data.n_max=400", "optim.epochs=3", "optim.milestones=[]", "optim.g
              "train.progress=false", "eval.bn_probe_every=0", "train.keep_epochs=[]"]
 
 
-def train(source: Path, out: Path, data: Path) -> Path:
-    sets = [a for o in [*OVERRIDES, f"out_dir={out}", "name=r", f"data.path={data}"]
+def train(source: Path, out: Path, data: Path, extra: list[str]) -> Path:
+    sets = [a for o in [*OVERRIDES, *extra, f"out_dir={out}", "name=r", f"data.path={data}"]
             for a in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(source / "src")}
     subprocess.run([sys.executable, "-m", "otlt", "train", "--config",
@@ -58,6 +59,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old", help="git revision before the change")
     parser.add_argument("new", nargs="?", help="git revision after (default: working tree)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="another config override for both runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="otlt-same-") as tmp:
         tmp = Path(tmp)
@@ -72,7 +75,8 @@ def main() -> int:
             trees.append(tree)
         try:
             data = find_data("cifar10").resolve()  # found from here, given to both trees
-            runs = [train(tree, tmp / f"out{i}", data) for i, tree in enumerate(trees)]
+            runs = [train(tree, tmp / f"out{i}", data, args.overrides)
+                    for i, tree in enumerate(trees)]
             found = differences(*runs)
         finally:
             for tree in trees:

@@ -160,7 +160,7 @@ DRIVER = textwrap.dedent("""
     trainer = create_trainer(cfg)
     trainer.fit()
     torch.save({"model": trainer.model.state_dict(),
-                "val": trainer.confusion_on("val")}, f"{sys.argv[2]}/rank{rank()}.pt")
+                "val": trainer.evaluation.confusion_on("val")}, f"{sys.argv[2]}/rank{rank()}.pt")
 """)
 
 

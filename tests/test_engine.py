@@ -66,8 +66,6 @@ def test_run_directory_is_created_once(tmp_path):
     with pytest.raises(OtltError, match="already holds a run"):
         open_run_dir(cfg, None, resume=False)
     assert open_run_dir(cfg, None, resume=True) == run
-    with pytest.raises(OtltError, match="does not exist"):
-        open_run_dir(cfg, tmp_path / "missing", resume=False, evaluate_only=True)
 
 
 def test_confusion_of_batches_and_train_mode_restored():

@@ -61,7 +61,7 @@ def test_a_bad_component_fails_before_data_or_run_directory(tiny_zip, tmp_path, 
     def no_data(*args, **kwargs):
         raise AssertionError("the data was read before the config was checked")
 
-    monkeypatch.setattr("otlt.engine.trainer.prepare_data", no_data)
+    monkeypatch.setattr("otlt.engine.feed.prepare_data", no_data)
     args = tiny_overrides(tiny_zip, tmp_path / "runs") + ["mix.name=otmix", override]
     assert main(["train", "--config", str(config), *sets(args)]) == 2
     one_line_error(capsys, needle)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -116,6 +119,27 @@ def test_post_hoc_eval_equals_the_in_run_numbers(runs, name, capsys):
     assert val["top1_accuracy"] == records(run)[epoch]["val_acc"]
     assert main(["eval", str(run), "--bn-stats", "clean", "--checkpoint", "best"]) == 0
     capsys.readouterr()
+
+
+def test_post_hoc_eval_builds_no_trainer_and_no_optimizer(runs, tmp_path):
+    """``otlt eval`` rebuilds model + feed + procedure only: in a fresh process the trainer
+    module is never imported and no optimizer is constructed."""
+    code = textwrap.dedent(f"""
+        import sys, torch
+        built = []
+        init = torch.optim.Optimizer.__init__
+        def counted(self, *args, **kwargs):
+            built.append(1)
+            init(self, *args, **kwargs)
+        torch.optim.Optimizer.__init__ = counted
+        from otlt.cli import main
+        assert main(["eval", {str(runs / "train")!r}, "--bn-stats", "train",
+                     "--out", {str(tmp_path / "e.json")!r}]) == 0
+        assert "otlt.engine.trainer" not in sys.modules
+        assert not built
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert json.loads((tmp_path / "e.json").read_text())["bn_stats"] == "train"
 
 
 def test_post_hoc_eval_never_overwrites_other_numbers(runs, capsys):

@@ -26,6 +26,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from conftest import tiny_overrides
 from otlt.config import load_config
+from otlt.engine.step import SGDStep
 from otlt.engine.trainer import Trainer
 from otlt.transport.solver import StabilizedSinkhorn
 
@@ -137,22 +138,29 @@ def tiny_trainer(method: str, tiny_zip, tmp_path, device: str = "cpu") -> Traine
 def device_state(trainer: Trainer) -> list[torch.Tensor]:
     """What lives on the training device before the epoch."""
     return [*trainer.model.parameters(), *trainer.model.buffers(), *trainer.loss.buffers(),
-            trainer.train.images, trainer.train.labels]
+            trainer.feed.train.images, trainer.feed.train.labels]
 
 
 def run_epoch(trainer: Trainer, host_reads) -> tuple[HostReads, int]:
-    steps = []
-    step = trainer.train_step
-
-    def counted(*args, **kwargs):
-        steps.append(1)
-        return step(*args, **kwargs)
-
-    trainer.train_step = counted
+    trainer.step = counted = Counted(trainer.step)
     mode = host_reads(device_state(trainer))
     with mode:
         trainer.train_one_epoch(0)
-    return mode, len(steps)
+    return mode, counted.calls
+
+
+class Counted:
+    """A trainer's step that counts its calls."""
+
+    def __init__(self, step) -> None:
+        self.inner, self.calls = step, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def __call__(self, batch):
+        self.calls += 1
+        return self.inner(batch)
 
 
 @pytest.mark.parametrize("method", ["erm", "cmo", "otmix"])
@@ -171,14 +179,14 @@ def test_an_epoch_reads_the_device_once_at_its_end(method, tiny_zip, tmp_path, h
 
 def test_an_item_added_to_the_step_is_caught(tiny_zip, tmp_path, host_reads, monkeypatch):
     trainer = tiny_trainer("erm", tiny_zip, tmp_path)
-    sgd_step = Trainer.sgd_step
+    sgd_step = SGDStep.__call__
 
-    def with_item(self, x, y, mixed):
-        loss_sum, correct, n = sgd_step(self, x, y, mixed)
+    def with_item(self, batch):
+        loss_sum, correct, n = sgd_step(self, batch)
         float(loss_sum)  # what a per-step log line would do
         return loss_sum, correct, n
 
-    monkeypatch.setattr(Trainer, "sgd_step", with_item)
+    monkeypatch.setattr(SGDStep, "__call__", with_item)
     mode, steps = run_epoch(trainer, host_reads)
     assert len(mode.reads) == steps + 1
     assert all(what == "aten._local_scalar_dense.default" for what, _ in mode.reads[:-1])

@@ -249,8 +249,8 @@ def cmd_train(args) -> int:
     cfg = build_config(_apply(raw, overrides))
     trainer = create_trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
     say(f"otlt: run directory {trainer.run_dir}  device {trainer.device}  "
-        f"amp {trainer.amp_dtype}  train {len(trainer.train)} images "
-        f"{trainer.train_counts}", flush=True)
+        f"amp {trainer.amp_dtype}  train {len(trainer.feed)} images "
+        f"{trainer.feed.counts}", flush=True)
     start = time.perf_counter()
     if changes:
         trainer.record_resume_changes(changes)

@@ -64,13 +64,13 @@ def run_demo(data: str | None = None, epochs: int | None = None,
           flush=True)
     start = time.perf_counter()
     trainer = Trainer(cfg)
-    print(f"otlt demo: {len(trainer.train)} training images per class {trainer.train_counts}; "
+    print(f"otlt demo: {len(trainer.feed)} training images per class {trainer.feed.counts}; "
           f"run directory {trainer.run_dir}", flush=True)
     result = trainer.fit()
     print()
     print(format_eval(result, title=f"demo: last epoch ({epochs}), test split"))
     print()
-    print(format_mixing(trainer.run_dir, trainer.data.classes))
+    print(format_mixing(trainer.run_dir, trainer.feed.classes))
     print(f"\notlt demo: finished in {time.perf_counter() - start:.0f}s. A {epochs}-epoch run "
           "is a smoke test; the paper's numbers need the 240-epoch presets (otlt presets).")
     return 0

@@ -1,8 +1,9 @@
 """Speed harness (``otlt bench``): what ERM, CMO and OTmix cost per training step, as ratios.
 
 Everything is timed through the engine's own code: a :class:`otlt.engine.trainer.Trainer` is
-built from a config and its ``train_step`` is called with mixing off (ERM) or on, with the
-mixer set to CMO or to OTMix with ``ot_probability = 1`` (an OT epoch, every batch mixed).
+built from a config and its step is called on its feed's batches with mixing off (ERM) or
+on, with the mixer set to CMO or to OTMix with ``ot_probability = 1`` (an OT epoch, every
+batch mixed).
 Beside these, the harness times the floors and parts that explain the ratios:
 
 - ``model_only``: forward + loss + backward + SGD step on a pre-made batch (the floor for this

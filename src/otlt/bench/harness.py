@@ -25,7 +25,6 @@ from otlt.data.longtail import long_tailed_counts
 from otlt.data.prepare import LongTailedData, prepare_data
 from otlt.data.types import ImageArrays
 from otlt.engine.checkpoint import save_atomic
-from otlt.engine.reweight_trainer import Stage2Trainer
 from otlt.engine.runtime import resolve_device
 from otlt.engine.schedule import step_lr
 from otlt.engine.trainer import Trainer
@@ -129,12 +128,14 @@ class Bench:
         # labels can blow up, and non-finite values would time differently on some CPUs.
         for group in t.optimizer.param_groups:
             group["lr"] = step_lr(cfg, 0, 0, 1000)
-        counts = t.train_counts
+        counts = t.feed.counts
         self.cmo = create_mixer("cmo", class_counts=counts, alpha=1.0)
         self.otmix = create_mixer("otmix", class_counts=counts, ot_probability=1.0)
         self.otmix.set_epoch(0, cfg.optim.epochs, generator=t.generator)
-        self.otmix.update_confusion(trained_like_confusion(t.num_classes, t.generator))
-        self.order = torch.cat(list(t.epoch_batches(0)))
+        self.otmix.update_confusion(trained_like_confusion(cfg.num_classes, t.generator))
+        t.recipe.mixer = self.otmix
+        self.embed = t.recipe.embed_of(t.model, t.amp_dtype, cfg.train.channels_last)
+        self.order = torch.cat(list(t.feed.epoch(0, None, t.generator, None).items))
         self.cursor = 0
         self.batch_size = cfg.optim.batch_size
         self._make_fixed_batches()
@@ -142,7 +143,7 @@ class Bench:
     def next_idx(self, batch_size: int | None = None) -> torch.Tensor:
         """The next full batch of training indices (cycling over the epoch's order)."""
         b = batch_size or self.batch_size
-        n = len(self.trainer.train)
+        n = len(self.trainer.feed)
         start = (self.cursor * b) % max(n - b + 1, 1)
         self.cursor += 1
         if n < b:
@@ -151,8 +152,7 @@ class Bench:
 
     def _augmented(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.trainer
-        idx = idx.to(self.device)
-        return t.augment(t.train.images[idx], t.generator), t.train.labels[idx]
+        return t.feed.gather(idx, t.generator)
 
     def _make_fixed_batches(self, batch_size: int | None = None) -> None:
         t = self.trainer
@@ -161,7 +161,7 @@ class Bench:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         fidx = t.recipe.foreground(len(self.y), t.generator)
         self.xf, self.yf = self._augmented(fidx)
-        self.fixed_z = t.embed_for(self.otmix)(torch.cat([self.xf, self.x]))
+        self.fixed_z = self.embed(torch.cat([self.xf, self.x]))
 
     def set_batch_size(self, batch_size: int) -> None:
         """Use ``batch_size`` for the following steps (scaling study)."""
@@ -173,14 +173,14 @@ class Bench:
         """Forward, loss, backward, SGD step on the pre-made batch: the floor."""
         t = self.trainer
         with autocast(self.device, t.amp_dtype):
-            logits = t.step_model(self.x)
+            logits = t.step.step_model(self.x)
         loss = batch_loss(t.loss, logits, self.y)
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t.optimizer.step()
 
     def data(self) -> None:
-        """The data part of ``Trainer.train_step``: gather and augment one batch."""
+        """The data part of a training step: gather and augment one batch."""
         self._augmented(self.next_idx())
 
     def fore_data(self) -> None:
@@ -188,39 +188,43 @@ class Bench:
         t = self.trainer
         self._augmented(t.recipe.foreground(self.batch_size, t.generator))
 
+    def _train_step(self, mixing: bool) -> None:
+        t = self.trainer
+        t.step(t.feed.batch(self.next_idx(), t.recipe if mixing else None, t.generator,
+                            self.embed))
+
     def erm(self) -> None:
         self.trainer.recipe.mixer = None
-        self.trainer.train_step(self.next_idx(), mixing=False)
+        self._train_step(mixing=False)
 
     def cmo_step(self) -> None:
         """A training step through the run's recipe (coin of ``mix.prob = 1``, class-weighted
         foreground, plan) with CMO."""
         self.trainer.recipe.mixer = self.cmo
-        self.trainer.train_step(self.next_idx(), mixing=True)
+        self._train_step(mixing=True)
 
     def otmix_step(self) -> None:
         self.trainer.recipe.mixer = self.otmix
-        self.trainer.train_step(self.next_idx(), mixing=True)
+        self._train_step(mixing=True)
 
     def compiled(self, step: Callable[[], None]) -> Callable[[], None]:
         """``step`` with the trainer's forward through ``torch.compile`` (same weights)."""
         t = self.trainer
-        eager = t.step_model
+        eager = t.step.step_model
         fast = torch.compile(t.model)
 
         def run() -> None:
-            t.step_model = fast
+            t.step.step_model = fast
             try:
                 step()
             finally:
-                t.step_model = eager
+                t.step.step_model = eager
 
         return run
 
     def features(self) -> None:
         """OTmix's no-grad feature pass over the ``2B`` foreground and background images."""
-        t = self.trainer
-        t.embed_for(self.otmix)(torch.cat([self.xf, self.x]))
+        self.embed(torch.cat([self.xf, self.x]))
 
     def pairing(self) -> None:
         """The OTMix call with the features given: cost, Sinkhorn, partners, paste."""
@@ -233,7 +237,7 @@ class Bench:
 
 
 def reweight_step(bench: Bench, work: Path) -> Callable[[], None]:
-    """One step of OT re-weighting's stage 2 (``Stage2Trainer.train_step``).
+    """One step of OT re-weighting's stage 2 (:class:`otlt.engine.reweight_stage.Stage2Step`).
 
     Stage 2 starts from the bench model, saved as a finished stage-1 checkpoint, on the same
     data; the step is the weight step (features, cost, Sinkhorn, SGD on ``w``) followed by the
@@ -244,11 +248,11 @@ def reweight_step(bench: Bench, work: Path) -> Callable[[], None]:
     save_atomic(t.state_dict(t.cfg.optim.epochs - 1), stage1)
     cfg = dataclasses.replace(t.cfg, name="bench-stage2",
                               reweight=dataclasses.replace(t.cfg.reweight, stage1=str(stage1)))
-    s2 = Stage2Trainer(cfg, run_dir=work / "stage2", data=t.data)
-    s2.start_epoch_stage2()
+    s2 = Trainer(cfg, run_dir=work / "stage2", data=t.feed.data)
+    s2.step.start_epoch(s2.generator)
     for group in s2.optimizer.param_groups:
         group["lr"] = t.optimizer.param_groups[0]["lr"]
-    return lambda: s2.train_step(bench.next_idx(), mixing=False)
+    return lambda: s2.step(s2.feed.batch(bench.next_idx(), None, s2.generator, None))
 
 
 def open_bench(options: BenchOptions, work: Path) -> tuple[Bench, RunConfig]:

@@ -187,7 +187,7 @@ class ReweightConfig:
     step and forwards the meta set every step (the official code). ``ot_step: false`` skips
     the OT step: the weights stay at their initial values (the ablation "class-balanced
     weights + meta term, nothing learned by OT"). See :mod:`otlt.reweight` and
-    :mod:`otlt.engine.reweight_trainer`.
+    :mod:`otlt.engine.reweight_stage`.
     """
 
     stage1: str | None = None

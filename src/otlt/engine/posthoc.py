@@ -1,10 +1,11 @@
 """``otlt eval`` and ``otlt probe``: evaluate any kept weights of a run under any BatchNorm
 procedure.
 
-The run is rebuilt from its ``config.yaml`` without training (:func:`create_trainer` with
-``evaluate_only``), the weights are loaded, and the very code that evaluates during
-training (``EvaluationProcedure.model_for`` with the recalibration generator of the weights'
-epoch) evaluates them, so a post-hoc number equals the in-run number for the same weights
+The run's model, feed, mixing recipe and evaluation procedure are rebuilt from its
+``config.yaml`` (no trainer, optimizer or process group: :func:`evaluation_procedure`), the
+weights are loaded, and the very code that evaluates during training
+(``EvaluationProcedure.model_for`` with the recalibration generator of the weights' epoch)
+evaluates them, so a post-hoc number equals the in-run number for the same weights
 and procedure, on the same device type and world size (kernels, and bf16 autocast, differ
 between CPU and CUDA). ``device`` (``--device``) evaluates on another device than the run's
 ``train.device`` (a GPU-trained run on a CPU-only machine); weights are read to the CPU and
@@ -26,9 +27,11 @@ from tqdm import tqdm
 
 from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
 from otlt.engine.checkpoint import load_checkpoint
-from otlt.engine.factory import create_trainer
+from otlt.engine.feed import create_feed
+from otlt.engine.preflight import check_components
+from otlt.engine.procedure import EvaluationProcedure
 from otlt.engine.rundir import check_stored_config
-from otlt.engine.trainer import Trainer
+from otlt.engine.runtime import autocast_dtype, build_model, configure_kernels, resolve_device
 from otlt.engine.weights import (
     SUFFIX,
     WeightsFile,
@@ -38,6 +41,7 @@ from otlt.engine.weights import (
 )
 from otlt.errors import OtltError, require, require_choice
 from otlt.metrics import select_value
+from otlt.mixing import MixRecipe
 
 CHECKPOINTS = ("last", "best")
 
@@ -113,12 +117,13 @@ def checkpoint_label(path: Path) -> str:
     return stem if stem in CHECKPOINTS or stem.startswith("epoch_") else stem or "weights"
 
 
-def evaluation_trainer(run_dir: Path, last: dict[str, Any] | None, data_path: str | None = None,
-                       many: int | None = None, few: int | None = None,
-                       bn_batches: int | None = None, device: str | None = None) -> Trainer:
-    """The run rebuilt for evaluation only (its data, model, mixer; nothing written) on
-    ``device`` (None: the run's ``train.device``; weights are read to the CPU, then moved);
-    ``last``: its ``last.pt`` state (:func:`read_last`)."""
+def evaluation_procedure(run_dir: Path, last: dict[str, Any] | None,
+                         data_path: str | None = None, many: int | None = None,
+                         few: int | None = None, bn_batches: int | None = None,
+                         device: str | None = None) -> EvaluationProcedure:
+    """The run's evaluation procedure rebuilt from its config (model, feed, mixing recipe;
+    nothing written, no optimizer) on ``device`` (None: the run's ``train.device``; weights
+    are read to the CPU, then moved); ``last``: its ``last.pt`` state (:func:`read_last`)."""
     cfg = run_config(run_dir, data_path, last)
     if device is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
@@ -126,35 +131,44 @@ def evaluation_trainer(run_dir: Path, last: dict[str, Any] | None, data_path: st
         raise OtltError(f"{run_dir} trained with train.device={cfg.train.device} but no CUDA "
                         "device is available here; evaluate it on this machine with --device cpu")
     e = cfg.eval
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+    cfg = validate(dataclasses.replace(cfg, eval=dataclasses.replace(
         e, many_threshold=e.many_threshold if many is None else many,
         few_threshold=e.few_threshold if few is None else few,
-        bn_batches=e.bn_batches if bn_batches is None else bn_batches))
-    cfg = validate(cfg)
-    return create_trainer(cfg, run_dir=run_dir, evaluate_only=True)
+        bn_batches=e.bn_batches if bn_batches is None else bn_batches)))
+    check_components(cfg)
+    where = resolve_device(cfg.train.device)
+    configure_kernels(where, cfg.train.deterministic)
+    amp_dtype = None if cfg.train.float64 else autocast_dtype(cfg.train.amp, where)
+    feed = create_feed(cfg, where)
+    torch.manual_seed(cfg.seed)  # as the trainer does before it builds the model
+    model, _ = build_model(cfg, where)
+    recipe = MixRecipe.from_config(cfg, feed.labels, feed.counts)
+    return EvaluationProcedure(cfg, model, feed, recipe, run_dir, amp_dtype=amp_dtype,
+                               embed=recipe.embed_of(model, amp_dtype, cfg.train.channels_last))
 
 
-def load_into(trainer: Trainer, weights: WeightsFile) -> None:
-    """Put ``weights`` (model as trained, mixer state) into an evaluation trainer; weights of
-    another model are refused naming the keys that differ."""
-    load_model_state(trainer.model, weights.model,
-                     f"weights do not fit the model of {trainer.run_dir}")
-    if trainer.mixer is not None and weights.mixer:
-        trainer.mixer.load_state_dict(weights.mixer)
+def load_into(procedure: EvaluationProcedure, weights: WeightsFile) -> None:
+    """Put ``weights`` (model as trained, mixer state) into an evaluation procedure; weights
+    of another model are refused naming the keys that differ."""
+    load_model_state(procedure.model, weights.model,
+                     f"weights do not fit the model of {procedure.run_dir}")
+    if procedure.mixer is not None and weights.mixer:
+        procedure.mixer.load_state_dict(weights.mixer)
 
 
-def evaluate_loaded(trainer: Trainer, epoch: int, mode: str, split: str) -> dict[str, Any]:
-    """The ``eval.json``-style record of the trainer's current weights (trained up to
+def evaluate_loaded(procedure: EvaluationProcedure, epoch: int, mode: str,
+                    split: str) -> dict[str, Any]:
+    """The ``eval.json``-style record of the procedure's current weights (trained up to
     ``epoch``) on ``split`` under BatchNorm procedure ``mode``."""
     require_choice("--bn-stats", mode, BN_STATS)
-    confusion = trainer.confusion_on(split, trainer.evaluation.model_for(epoch, mode))
+    confusion = procedure.confusion_on(split, procedure.model_for(epoch, mode))
     if confusion is None:
-        raise OtltError(f"run {trainer.run_dir} has no {split} split")
+        raise OtltError(f"run {procedure.run_dir} has no {split} split")
     result = {"split": split, "epoch": epoch, "bn_stats": mode,
-              "classes": trainer.data.classes}
+              "classes": procedure.feed.classes}
     if mode != "running":
-        result["bn_batches"] = trainer.cfg.eval.bn_batches
-    return {**result, **trainer.evaluation.summarize(confusion)}
+        result["bn_batches"] = procedure.cfg.eval.bn_batches
+    return {**result, **procedure.summarize(confusion)}
 
 
 def evaluate_weights(run_dir: Path, weights: WeightsFile, bn_stats: str | None = None,
@@ -166,9 +180,10 @@ def evaluate_weights(run_dir: Path, weights: WeightsFile, bn_stats: str | None =
     (default: the run's ``eval.bn_stats``) on ``device`` (default: the run's); returns the
     ``eval.json``-style record. ``last``: the run's ``last.pt`` state if read already."""
     last = last if last is not None else read_last(run_dir)
-    trainer = evaluation_trainer(run_dir, last, data_path, many, few, device=device)
-    load_into(trainer, weights)
-    return evaluate_loaded(trainer, weights.epoch, bn_stats or trainer.cfg.eval.bn_stats, split)
+    procedure = evaluation_procedure(run_dir, last, data_path, many, few, device=device)
+    load_into(procedure, weights)
+    return evaluate_loaded(procedure, weights.epoch, bn_stats or procedure.cfg.eval.bn_stats,
+                           split)
 
 
 def kept_weights(run_dir: Path) -> dict[int, Path]:
@@ -200,20 +215,21 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
                          f"{sorted(kept) or 'none'}; train with train.keep_epochs or keep_every)")
     for mode in modes:
         require_choice("--bn-stats", mode, BN_STATS)
-    trainer = evaluation_trainer(run_dir, last, data_path, bn_batches=bn_batches, device=device)
+    procedure = evaluation_procedure(run_dir, last, data_path, bn_batches=bn_batches,
+                                     device=device)
     records = []
     for epoch in tqdm(chosen, desc=f"probe {run_dir.name}", disable=not progress,
                       file=sys.stderr, dynamic_ncols=True):
         weights = weights_from(kept[epoch], run_dir, last)
-        load_into(trainer, weights)
+        load_into(procedure, weights)
         for mode in modes:
-            r = evaluate_loaded(trainer, weights.epoch, mode, split)
+            r = evaluate_loaded(procedure, weights.epoch, mode, split)
             records.append({"epoch": r["epoch"], "bn_stats": mode,
                             **{k: r[k] for k in ("top1_error", "many_error", "medium_error",
                                                  "few_error")},
                             "balanced_acc": select_value(r, "balanced_acc"),
                             "per_class_accuracy": r["per_class_accuracy"]})
-    return {"run": str(run_dir), "split": split, "bn_batches": trainer.cfg.eval.bn_batches,
+    return {"run": str(run_dir), "split": split, "bn_batches": procedure.cfg.eval.bn_batches,
             "records": records}
 
 

@@ -1,7 +1,7 @@
 """The evaluation procedure of one run (``eval.*``): which model is evaluated, what is logged
 from it, which checkpoint is kept as validation-selected, and the final test evaluation.
 
-Per epoch, after training::
+Per epoch, after training, :meth:`EvaluationProcedure.after_epoch` does::
 
     model = procedure.model_for(epoch)       # eval.bn_stats: the training model (running) or a
                                              #   copy with recalibrated BatchNorm statistics
@@ -13,12 +13,12 @@ Per epoch, after training::
 and once, after the last epoch, :meth:`EvaluationProcedure.final` (``eval.json``: the last
 epoch and the validation-selected checkpoint on test).
 
-The procedure reads the data only through two functions of the trainer, because they depend on
-where the data lives (tensors on the device, or streamed list files):
-``confusion_on(split, model) -> (K, K) | None`` (``split`` is ``val`` or ``test``, None when
-the run has no such split; ``model`` None means the training model) and
-``bn_batches(mode, epoch) -> iterator of (B, 3, H, W)`` (the recalibration batches of a
-procedure other than ``running``).
+The procedure reads the data only through the run's feed (:mod:`otlt.engine.feed`): the
+confusion matrix of a split and the recalibration batches of a procedure other than
+``running``, drawn from the ``(seed, epoch)`` recalibration generator
+(:func:`otlt.engine.batchnorm.recalibration_generator`), so the same weights give the same
+numbers during training and after it (``otlt eval`` builds model, feed and procedure without
+a trainer: :mod:`otlt.engine.posthoc`).
 """
 
 from __future__ import annotations
@@ -26,73 +26,122 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from otlt.config import BN_STATS, RunConfig, to_dict
-from otlt.engine.batchnorm import batchnorm_state, recalibrate_batchnorm
+from otlt.engine.batchnorm import (
+    batchnorm_state,
+    preserved_batchnorm,
+    recalibrate_batchnorm,
+    recalibration_generator,
+)
 from otlt.engine.distributed import is_main_process, on_main_then_share
 from otlt.engine.evaluation import split_record
+from otlt.engine.feed import Feed
 from otlt.engine.logging import log_final
 from otlt.engine.weights import SUFFIX, load_weights, save_weights
 from otlt.errors import writing
 from otlt.metrics import select_value, summarize
-from otlt.mixing import Mixer
-
-ConfusionOn = Callable[[str, "torch.nn.Module | None"], "torch.Tensor | None"]
-BatchesFor = Callable[[str, int], Iterator[torch.Tensor]]
+from otlt.mixing import Mixer, MixRecipe
+from otlt.models.features import Embed
 
 
 class EvaluationProcedure:
     """``eval.*`` for one run, over the run's ``model`` (the bare one, not the compiled or DDP
-    step model) and ``mixer``.
+    step model), its ``feed`` and its mixing ``recipe`` (whose mixer OTmix's cost updates
+    from the validation confusion; ``embed``: its feature function, for ``train``
+    recalibration batches).
 
     ``best`` is ``{"epoch", "value"}`` of the checkpoint in ``run_dir/best.safetensors``
     (None before the first validation); the trainer saves and restores it with ``last.pt``.
     """
 
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, mixer: Mixer | None,
-                 train_counts: Sequence[int], classes: Sequence[str], run_dir: Path, *,
-                 confusion_on: ConfusionOn, bn_batches: BatchesFor,
-                 amp_dtype: torch.dtype | None, has_val: bool):
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, feed: Feed, recipe: MixRecipe,
+                 run_dir: Path, *, embed: Embed | None, amp_dtype: torch.dtype | None):
         self.cfg = cfg
         self.model = model
-        self.mixer = mixer
-        self.train_counts = list(train_counts)
-        self.classes = list(classes)
+        self.feed = feed
+        self.recipe = recipe
         self.run_dir = run_dir
-        self.confusion_on = confusion_on
-        self.bn_batches = bn_batches
+        self.embed = embed
         self.amp_dtype = amp_dtype
-        self.has_val = has_val
         self.best: dict[str, Any] | None = None
+
+    @property
+    def mixer(self) -> Mixer | None:
+        """The run's mixer (None without one)."""
+        return self.recipe.mixer
+
+    def confusion_on(self, split: str,
+                     model: torch.nn.Module | None = None) -> torch.Tensor | None:
+        """Confusion matrix of ``model`` (default: the training model) on ``val`` or
+        ``test`` (None: the run has no such split)."""
+        return self.feed.confusion(split, model or self.model, self.amp_dtype)
+
+    def recalibration_batches(self, mode: str, epoch: int) -> Iterator[torch.Tensor]:
+        """``eval.bn_batches`` input batches ``(B, 3, H, W)`` of procedure ``mode`` after
+        ``epoch``, from the ``(seed, epoch)`` recalibration generator: ``clean`` and
+        ``balanced`` batches, or for ``train`` clean batches mixed with probability
+        ``mix.prob`` by a copy of the run's recipe whose mixer is as it is now and redraws its
+        per-epoch switch for each mixed batch (:meth:`MixRecipe.for_recalibration`)."""
+        recipe = self.recipe.for_recalibration(epoch, self.cfg.optim.epochs) \
+            if mode == "train" else None
+        return self.feed.recalibration(mode, epoch, recipe,
+                                       recalibration_generator(self.cfg.seed, epoch),
+                                       self.embed)
 
     def model_for(self, epoch: int, mode: str | None = None) -> torch.nn.Module:
         """The model as evaluated under ``mode`` (default ``eval.bn_stats``): the training
         model itself for ``running``, else a copy whose BatchNorm statistics are recalibrated
-        on ``bn_batches(mode, epoch)``."""
+        on :meth:`recalibration_batches`."""
         mode = mode or self.cfg.eval.bn_stats
         if mode == "running":
             return self.model
         model = copy.deepcopy(self.model)
-        recalibrate_batchnorm(model, self.bn_batches(mode, epoch), amp_dtype=self.amp_dtype,
-                              channels_last=self.cfg.train.channels_last)
+        with preserved_batchnorm(self.model):  # a feature pass may update the model's BN
+            recalibrate_batchnorm(model, self.recalibration_batches(mode, epoch),
+                                  amp_dtype=self.amp_dtype,
+                                  channels_last=self.cfg.train.channels_last)
         return model
+
+    def after_epoch(self, epoch: int, mixer_state: dict[str, Any] | None,
+                    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """Evaluate the weights an epoch trained: the model under ``eval.bn_stats``
+        (``bn_seconds``: its recalibration), the validation record, the probe when due, the
+        opt-in test diagnostic, ``best.safetensors`` (:meth:`select`; ``mixer_state``: the
+        mixer as the epoch trained with it). Returns the record's entries and the
+        running-statistics validation confusion (OTmix's cost; None without validation)."""
+        record: dict[str, Any] = {}
+        model = None
+        if self.feed.has_val or self.cfg.eval.test_every_epoch:
+            start = time.perf_counter()
+            model = self.model_for(epoch)
+            if self.cfg.eval.bn_stats != "running":
+                record["bn_seconds"] = time.perf_counter() - start
+        val_record, confusion = self.validate(model)
+        record.update(val_record)
+        if self.probe_due(epoch):
+            record.update(self.probe(epoch))
+        if self.cfg.eval.test_every_epoch:
+            record.update(self.test_diagnostic(model))
+        self.select(epoch, record, model, mixer_state)
+        return record, confusion
 
     def summarize(self, confusion: torch.Tensor) -> dict[str, Any]:
         """Top-1 and many / medium / few errors of a ``(K, K)`` confusion matrix."""
         e = self.cfg.eval
-        return summarize(confusion, self.train_counts, many=e.many_threshold,
+        return summarize(confusion, self.feed.counts, many=e.many_threshold,
                          few=e.few_threshold)
 
     def validate(self, model: torch.nn.Module) -> tuple[dict[str, Any], torch.Tensor | None]:
         """Validation record of ``model`` (the epoch's evaluation model) and the confusion
         under the running statistics, which OTmix's cost uses whatever ``eval.bn_stats``
         says; ``({}, None)`` without a validation split."""
-        if not self.has_val:
+        if not self.feed.has_val:
             return {}, None
         confusion = self.confusion_on("val", model)
         summary = self.summarize(confusion)
@@ -108,7 +157,7 @@ class EvaluationProcedure:
         """``eval.bn_probe_every`` epochs and the last one (needs a validation split)."""
         every = self.cfg.eval.bn_probe_every
         last = epoch == self.cfg.optim.epochs - 1
-        return bool(every) and self.has_val and ((epoch + 1) % every == 0 or last)
+        return bool(every) and self.feed.has_val and ((epoch + 1) % every == 0 or last)
 
     def probe(self, epoch: int) -> dict[str, Any]:
         """Validation accuracy under every ``eval.bn_stats`` procedure (``bn_probe``)."""
@@ -145,7 +194,7 @@ class EvaluationProcedure:
         e, last = self.cfg.eval, self.cfg.optim.epochs - 1
         confusion = self.confusion_on("test", self.model_for(last))
         result = {"split": "test", "epoch": last, "checkpoint": "last", "bn_stats": e.bn_stats,
-                  "bn_batches": e.bn_batches, "classes": self.classes,
+                  "bn_batches": e.bn_batches, "classes": self.feed.classes,
                   **self.summarize(confusion)}
         best_path = self.run_dir / f"best{SUFFIX}"
         # Rank 0 wrote best.safetensors and reads it for every rank: other nodes need not

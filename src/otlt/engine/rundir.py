@@ -144,13 +144,10 @@ def holding(run_dir: Path) -> Iterator[None]:
         release_run_dir(run_dir)
 
 
-def claim_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool,
-                  evaluate_only: bool = False) -> Path:
-    """:func:`~otlt.engine.runtime.open_run_dir`, locked for training (``evaluate_only``:
-    no lock, nothing is written). An existing directory is locked before it is checked, so
-    a running trainer is reported as running, not as a run that stopped in its first epoch."""
-    if evaluate_only:
-        return open_run_dir(cfg, run_dir, resume, evaluate_only=True)
+def claim_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool) -> Path:
+    """:func:`~otlt.engine.runtime.open_run_dir`, locked for training. An existing directory
+    is locked before it is checked, so a running trainer is reported as running, not as a run
+    that stopped in its first epoch."""
     wanted = run_dir_path(cfg, run_dir)
     try:
         if wanted.is_dir():

@@ -10,19 +10,23 @@ from typing import Any
 
 import torch
 
-from otlt.config import RunConfig, TrainConfig
+from otlt.config import RunConfig
 from otlt.engine.distributed import is_distributed
 from otlt.engine.syncbn import convert_sync_batchnorm
 from otlt.errors import OtltError
+from otlt.models import create_model
 from otlt.models.precision import to_float64
 
 
-def place_model(model: torch.nn.Module, train: TrainConfig,
-                device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``(model, step_model)``: ``model`` on ``device`` as ``train.*`` asks (float64,
-    channels-last, synchronised BatchNorm under ``torch.distributed``), and what the step
-    calls: the model itself, compiled (``train.compile``) and wrapped in
-    DistributedDataParallel under ``torch.distributed``. Checkpoints hold ``model``."""
+def build_model(cfg: RunConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(model, step_model)``: ``model.name`` initialised from ``seed`` and placed on
+    ``device`` as ``train.*`` asks (float64, channels-last, synchronised BatchNorm under
+    ``torch.distributed``), and what the step calls: the model itself, compiled
+    (``train.compile``) and wrapped in DistributedDataParallel under ``torch.distributed``.
+    Checkpoints hold ``model``."""
+    model = create_model(cfg.model.name, cfg.num_classes, head=cfg.model.head,
+                         generator=torch.Generator().manual_seed(cfg.seed))
+    train = cfg.train
     model.to(device)
     if train.float64:
         to_float64(model)
@@ -131,15 +135,9 @@ def run_dir_path(cfg: RunConfig, run_dir: str | Path | None = None) -> Path:
     return Path(run_dir) if run_dir else Path(cfg.out_dir) / cfg.name
 
 
-def open_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool,
-                 evaluate_only: bool = False) -> Path:
-    """Create (or, for resume, check) the run directory without touching an existing run;
-    ``evaluate_only`` only checks that it exists (post-hoc evaluation writes nothing here)."""
+def open_run_dir(cfg: RunConfig, run_dir: Path | None, resume: bool) -> Path:
+    """Create (or, for resume, check) the run directory without touching an existing run."""
     run_dir = run_dir_path(cfg, run_dir)
-    if evaluate_only:
-        if not run_dir.is_dir():
-            raise OtltError(f"run directory {run_dir} does not exist")
-        return run_dir
     if resume:
         if not (run_dir / "last.pt").is_file() and not (run_dir / "config.yaml").is_file():
             raise OtltError(f"cannot resume: {run_dir / 'last.pt'} does not exist")

@@ -38,6 +38,7 @@ from otlt.data.samplers import LabelsLike, draw_class_weighted, sample_weights
 from otlt.errors import require
 from otlt.mixing.base import Mixer, create_mixer
 from otlt.mixing.plan import MixedBatch
+from otlt.models.features import feature_fn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Load = Callable[[torch.Tensor], Batch]
@@ -141,6 +142,16 @@ class MixRecipe:
         return coins, list(self.foreground(sum(heads), generator).split(heads))
 
     # ---- the mixer call ------------------------------------------------------------------
+    def embed_of(self, model: torch.nn.Module, amp_dtype: torch.dtype | None = None,
+                 channels_last: bool = False) -> Embed | None:
+        """The feature function ``(N, C, H, W) -> (N, D)`` of ``model`` that this recipe's
+        mixer uses (:func:`otlt.models.features.feature_fn` in the mixer's
+        ``feature_mode``, under ``amp_dtype`` and in ``channels_last``); None for a mixer
+        that uses no features, or none."""
+        if self.mixer is None or not self.mixer.uses_context:
+            return None
+        return feature_fn(model, self.mixer.feature_mode, amp_dtype, channels_last)
+
     def mix(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *,
             load: Load | None = None, partner: Batch | None = None, size: int | None = None,
             embed: Embed | None = None, model: torch.nn.Module | None = None) -> MixedBatch:

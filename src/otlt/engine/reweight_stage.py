@@ -42,14 +42,15 @@ import yaml
 
 from otlt.amp import autocast
 from otlt.config import ReweightConfig, RunConfig, to_dict
-from otlt.data.prepare import LongTailedData
 from otlt.engine.checkpoint import load_checkpoint, write_atomic
-from otlt.engine.distributed import is_main_process, launched_world_size
+from otlt.engine.distributed import launched_world_size
+from otlt.engine.feed import DeviceFeed
 from otlt.engine.runtime import DeviceSplit
 from otlt.engine.stability import backward_step
-from otlt.engine.trainer import Trainer
+from otlt.engine.step import StepResult, TrainBatch
 from otlt.engine.weights import SUFFIX, load_weights
 from otlt.errors import OtltError, require
+from otlt.losses import LongTailLoss
 from otlt.reweight import OTReweighter, class_prototypes
 
 
@@ -111,89 +112,95 @@ def load_stage1(cfg: RunConfig) -> dict[str, Any]:
     return state
 
 
-class Stage2Trainer(Trainer):
-    """The engine's :class:`Trainer` running OT re-weighting's stage 2 (``reweight`` section)."""
+def stage1_state(cfg: RunConfig, resume: bool) -> dict[str, Any] | None:
+    """Checks of a stage-2 run before anything is built, and the stage-1 checkpoint a fresh
+    one starts from (None when resumed: the run has its own weights). Read before the run
+    directory is created, so a missing or unfinished stage 1 leaves nothing behind."""
+    require(launched_world_size() == 1, "OT re-weighting stage 2 runs in one process (the "
+                                        "example weights are not synchronised across ranks); "
+                                        "launch it without torchrun")
+    return None if resume else load_stage1(cfg)
 
-    def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
-                 data: LongTailedData | None = None, evaluate_only: bool = False):
-        require(cfg.reweight.stage1 is not None,
-                "Stage2Trainer needs reweight.stage1 (the stage-1 checkpoint)")
-        require(launched_world_size() == 1, "OT re-weighting stage 2 runs in one process (the "
-                                            "example weights are not synchronised across "
-                                            "ranks); launch it without torchrun")
-        # Read stage 1 before the run directory is created; a resumed or evaluated run has
-        # its own weights.
-        stage1 = None if resume or evaluate_only else load_stage1(cfg)
-        super().__init__(cfg, run_dir=run_dir, resume=resume, data=data,
-                         evaluate_only=evaluate_only)
-        if stage1 is not None:
-            require(list(stage1["train_counts"]) == list(self.train_counts),
-                    f"stage-1 checkpoint has training counts {stage1['train_counts']}, this "
-                    f"run's data gives {self.train_counts}; did the dataset change?")
-            self.model.load_state_dict(stage1["model"])
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The final layer (``reweight.trainable: fc``, the backbone frozen) or everything."""
-        if self.cfg.reweight.trainable != "all":
-            for param in self.model.parameters():
-                param.requires_grad_(False)
-            self.model.fc.requires_grad_(True)
-        return [p for p in self.model.parameters() if p.requires_grad]
+def stage2_parameters(model: torch.nn.Module, r: ReweightConfig) -> list[torch.nn.Parameter]:
+    """What stage 2's optimizer steps: the final layer (``reweight.trainable: fc``; the
+    backbone is frozen here) or every parameter (``all``)."""
+    if r.trainable != "all":
+        for param in model.parameters():
+            param.requires_grad_(False)
+        model.fc.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
 
-    def _build_components(self) -> None:
-        super()._build_components()
-        r = self.cfg.reweight
+
+class Stage2Step:
+    """OT re-weighting's stage-2 step (the module docstring), called by the trainer for each
+    batch of the in-memory ``feed`` (:class:`otlt.engine.step.Step`).
+
+    ``stage1``: the stage-1 state a fresh run loads into ``model`` (:func:`stage1_state`;
+    None when resumed); ``optimizer`` steps :func:`stage2_parameters`.
+    """
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, feed: DeviceFeed,
+                 loss: LongTailLoss, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler | None, amp_dtype: torch.dtype | None,
+                 stage1: dict[str, Any] | None) -> None:
+        self.cfg, self.model, self.feed, self.loss = cfg, model, feed, loss
+        self.optimizer, self.scaler, self.amp_dtype = optimizer, scaler, amp_dtype
+        self.device = feed.device
+        r = cfg.reweight
         self.train_all = r.trainable == "all"
-        self.reweighter = reweighter_from_config(r, self.train.labels, self.num_classes)
-        self.meta_split = DeviceSplit(self.data.meta, self.device)
+        self.reweighter = reweighter_from_config(r, feed.train.labels, cfg.num_classes)
+        self.meta_split = DeviceSplit(feed.data.meta, self.device)
+        if stage1 is not None:
+            require(list(stage1["train_counts"]) == list(feed.counts),
+                    f"stage-1 checkpoint has training counts {stage1['train_counts']}, this "
+                    f"run's data gives {feed.counts}; did the dataset change?")
+            model.load_state_dict(stage1["model"])
 
     # ---- state -------------------------------------------------------------------------
-    def state_dict(self, epoch: int) -> dict[str, Any]:
-        return {**super().state_dict(epoch), "reweighter": self.reweighter.state_dict()}
+    def state_dict(self) -> dict[str, Any]:
+        return {"reweighter": self.reweighter.state_dict()}
 
-    def _load_state(self, state: dict[str, Any]) -> None:
-        super()._load_state(state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             self.reweighter.load_state_dict(state["reweighter"])
         except (KeyError, RuntimeError) as exc:
-            raise OtltError(f"checkpoint in {self.run_dir} is not an OT re-weighting stage-2 "
-                            f"checkpoint of this run ({type(exc).__name__}: {exc})") from None
+            raise OtltError(f"checkpoint is not an OT re-weighting stage-2 checkpoint of this "
+                            f"run ({type(exc).__name__}: {exc})") from None
 
-    def save(self, epoch: int) -> None:
-        super().save(epoch)
-        if is_main_process():
-            raw = self.reweighter.raw
-            _write_json_atomic(self.run_dir / "weights.json", {
-                "epoch": epoch, "labels": self.train.labels.tolist(), "raw": raw.tolist(),
-                "probability": torch.softmax(raw.double(), 0).tolist()})
+    def write(self, run_dir: Path, epoch: int) -> None:
+        """``weights.json``: every training example's label, raw weight and probability."""
+        raw = self.reweighter.raw
+        _write_json_atomic(run_dir / "weights.json", {
+            "epoch": epoch, "labels": self.feed.train.labels.tolist(), "raw": raw.tolist(),
+            "probability": torch.softmax(raw.double(), 0).tolist()})
 
     # ---- training ----------------------------------------------------------------------
-    def train_one_epoch(self, epoch: int) -> dict[str, float]:
-        self.start_epoch_stage2()
-        record = super().train_one_epoch(epoch)
-        ot_loss, meta_loss, grad_norm, change = (self._sums / max(self._steps, 1)).tolist()
-        if not self.cfg.reweight.ot_step:  # nothing measured: no OT problem was solved
-            ot_loss = grad_norm = change = None
-        return {**record, "ot_loss": ot_loss, "meta_loss": meta_loss, "ot_grad_norm": grad_norm,
-                "weight_step_change": change, **self.reweighter.class_stats()}
-
-    def start_epoch_stage2(self) -> None:
+    def start_epoch(self, generator: torch.Generator) -> None:
         """What an epoch does before its first step: draw the meta set
         (:meth:`prepare_meta`) and zero the per-step sums of the OT loss, the meta loss,
         ``||dOT/dw_B||`` and the L1 change of ``softmax(w_B)``."""
-        self.prepare_meta()
+        self.prepare_meta(generator)
         self._sums = torch.zeros(4, device=self.device)
         self._steps = 0
 
-    def prepare_meta(self) -> None:
+    def end_epoch(self) -> dict[str, Any]:
+        """The epoch's means of the per-step sums and the re-weighter's class statistics."""
+        ot_loss, meta_loss, grad_norm, change = (self._sums / max(self._steps, 1)).tolist()
+        if not self.cfg.reweight.ot_step:  # nothing measured: no OT problem was solved
+            ot_loss = grad_norm = change = None
+        return {"ot_loss": ot_loss, "meta_loss": meta_loss, "ot_grad_norm": grad_norm,
+                "weight_step_change": change, **self.reweighter.class_stats()}
+
+    def prepare_meta(self, generator: torch.Generator) -> None:
         """Draw this epoch's augmented meta set and give its features to the re-weighter."""
-        x = self.augment(self.meta_split.images, self.generator)
+        x = self.feed.augment(self.meta_split.images, generator)
         y = self.meta_split.labels
         self.meta_x = self.layout(x)
         self.meta_z = self.frozen_features(self.meta_x)
         mode = self.cfg.reweight.meta
         if mode == "pixel_prototype":
-            images, labels = class_prototypes(x, y, self.num_classes)
+            images, labels = class_prototypes(x, y, self.cfg.num_classes)
             self.reweighter.set_meta(self.frozen_features(self.layout(images)), labels,
                                      prototypes=False)
         else:
@@ -216,11 +223,10 @@ class Stage2Trainer(Trainer):
         self.model.train(was_training)
         return z
 
-    def train_step(self, idx: torch.Tensor, mixing: bool) -> tuple[float, float, int]:
+    def __call__(self, batch: TrainBatch) -> StepResult:
         """Weight step, then classifier step; returns (summed loss, correct, batch size)."""
-        idx = idx.to(self.device)
-        x = self.layout(self.augment(self.train.images[idx], self.generator))
-        y = self.train.labels[idx]
+        idx, x, y = batch.indices, self.layout(batch.images), batch.labels
+        assert idx is not None  # an in-memory feed gives the indices
         if self.train_all:
             with autocast(self.device, self.amp_dtype):
                 z = self.model.features(x)

@@ -1,8 +1,8 @@
-"""The engine for list-file datasets (ImageNet-LT, iNaturalist 2018): images streamed from disk.
+"""The feed of list-file datasets (ImageNet-LT, iNaturalist 2018): images streamed from disk.
 
-Everything but the data path is :class:`otlt.engine.trainer.Trainer`: the schedule, losses,
-mixers (CMO and OTmix included), checkpoints, exact resume and honest evaluation. The
-differences:
+It answers what :class:`otlt.engine.feed.DeviceFeed` answers (the module docstring of
+:mod:`otlt.engine.feed`), so the trainer, its schedule, losses, mixers (CMO and OTmix
+included), checkpoints, exact resume and evaluation procedure are the same. The differences:
 
 - Images are decoded and augmented (RandomResizedCrop + flip) by
   :class:`otlt.data.lists.ListFileDataset` in ``train.workers`` DataLoader workers; the
@@ -22,27 +22,24 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from otlt.config import BN_STATS
+from otlt.config import BN_STATS, RunConfig
 from otlt.data.augment import normalize
 from otlt.data.lists import ListFileDataset
 from otlt.data.streams import IMAGENET_MEAN, IMAGENET_STD, prepare_stream_data
-from otlt.engine.batchnorm import preserved_batchnorm, recalibration_indices
-from otlt.engine.distributed import (
-    rank,
-    rank_slice,
-    world_size,
-)
+from otlt.engine.batchnorm import recalibration_indices
+from otlt.engine.distributed import global_batches, rank, rank_slice, world_size
 from otlt.engine.evaluation import summed_confusion
-from otlt.engine.trainer import Trainer
+from otlt.engine.step import Steps, TrainBatch
 from otlt.errors import require
 from otlt.mixing import MixRecipe
+from otlt.models.features import Embed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Item = tuple[torch.Tensor, torch.Tensor, bool, Batch | None]
 
 
 def model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -69,11 +66,8 @@ def eval_loader(dataset: ListFileDataset, batch_size: int, workers: int,
             for x, y in batch_loader(dataset, batches, workers, device))
 
 
-Step = tuple[torch.Tensor, torch.Tensor, bool, Batch | None]
-
-
 class _Lockstep:
-    """Sized iterable of steps ``(images uint8 (B, 3, S, S), labels (B,), coin, foreground)``.
+    """Sized iterable of items ``(images uint8 (B, 3, S, S), labels (B,), coin, foreground)``.
 
     ``coins[i]`` is step i's mixing coin; ``fore`` yields one batch per heads coin, in order
     (None when no step needs one), and a tails step gets ``None`` as its foreground.
@@ -85,34 +79,52 @@ class _Lockstep:
     def __len__(self) -> int:
         return len(self.main)
 
-    def __iter__(self) -> Iterator[Step]:
+    def __iter__(self) -> Iterator[Item]:
         fore = iter(self.fore) if self.fore is not None else None
         for (x, y), coin in zip(self.main, self.coins, strict=True):
             yield x, y, coin, (next(fore) if coin and fore is not None else None)
 
 
-class StreamTrainer(Trainer):
-    """:class:`Trainer` over streamed list-file splits (see the module docstring)."""
+class StreamFeed:
+    """The streamed splits of ``cfg.data`` (a list-file dataset) for a run on ``device``."""
 
-    def _prepare_data(self) -> Any:
-        return prepare_stream_data(self.cfg.data, self.num_classes, self.cfg.seed)
-
-    def _place_data(self) -> None:
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.data = prepare_stream_data(cfg.data, cfg.num_classes, cfg.seed)
         self.train: ListFileDataset = self.data.train
         self.val: ListFileDataset | None = self.data.val
         self.test: ListFileDataset = self.data.test
-        self.fore_set = copy.copy(self.train)
-        self.fore_set.seed = self.train.seed + 1
+        self.counts = list(self.data.train_counts)
+        self.classes = list(self.data.classes)
+        self.labels = self.train.labels
+        self.has_val = self.val is not None
+        self.fore_set = self._copy(seed_offset=1)
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def _copy(self, seed_offset: int, epoch: int | None = None) -> ListFileDataset:
+        """The training list whose augmentation seeds are training's plus ``seed_offset``."""
+        dataset = copy.copy(self.train)
+        dataset.seed = self.train.seed + seed_offset
+        if epoch is not None:
+            dataset.set_epoch(epoch)
+        return dataset
 
     def _loader(self, dataset: ListFileDataset, batches: list[list[int]]) -> DataLoader:
         return batch_loader(dataset, batches, self.cfg.train.workers, self.device)
 
-    def epoch_batches(self, epoch: int) -> _Lockstep:
+    def epoch(self, epoch: int, recipe: MixRecipe | None, generator: torch.Generator,
+              embed: Embed | None) -> Steps:
+        """The epoch's steps: the global batches of a permutation from ``generator``, and
+        (with ``recipe``) the coins and foregrounds of the whole epoch, drawn now; each rank
+        loads its rows."""
         self.train.set_epoch(epoch)
         self.fore_set.set_epoch(epoch)
-        global_steps = self._batches()  # drawn alike on every rank; each loads its rows
-        recipe = self.recipe if self.recipe.in_window(epoch, self.cfg.optim.epochs) else None
-        return self._lockstep(self.train, self.fore_set, global_steps, recipe, self.generator)
+        global_steps = global_batches(torch.randperm(len(self.train), generator=generator),
+                                      self.cfg.optim.batch_size, world_size())
+        items = self._lockstep(self.train, self.fore_set, global_steps, recipe, generator)
+        return Steps(items, lambda item: self._step(item, recipe, generator, embed))
 
     def _lockstep(self, dataset: ListFileDataset, fore_set: ListFileDataset,
                   global_steps: list[torch.Tensor], recipe: MixRecipe | None,
@@ -129,57 +141,49 @@ class StreamTrainer(Trainer):
         batches = [b[rank_slice(len(b))].tolist() for b in global_steps]
         return _Lockstep(self._loader(dataset, batches), coins, fore)
 
-    def train_step(self, item: Step, mixing: bool) -> tuple[float, float, int]:
-        """One step on a lockstep item: its coin and foreground were drawn at epoch start
-        (:meth:`epoch_batches`); heads mixes it by the recipe."""
+    def _step(self, item: Item, recipe: MixRecipe | None, generator: torch.Generator,
+              embed: Embed | None) -> TrainBatch:
+        """A lockstep item on the device; heads (its coin, drawn at epoch start) mixes it."""
         images, labels, coin, foreground = item
         x, y = model_input(images, self.device), labels.to(self.device)
         mixed = None
-        if mixing and coin:
-            mixed = self.recipe.mix(x, y, self.generator, partner=self._on_device(foreground),
-                                    embed=self.embed_for(self.mixer))
-        return self.sgd_step(x, y, mixed)
+        if coin and recipe is not None:
+            mixed = recipe.mix(x, y, generator, partner=self._on_device(foreground),
+                               embed=embed)
+        return TrainBatch(x, y, None, mixed)
 
-    def confusion_on(self, split: str,
-                     model: torch.nn.Module | None = None) -> torch.Tensor | None:
+    def recalibration(self, mode: str, epoch: int, recipe: MixRecipe | None,
+                      generator: torch.Generator, embed: Embed | None,
+                      ) -> Iterator[torch.Tensor]:
+        """Recalibration batches as :meth:`otlt.engine.feed.DeviceFeed.recalibration` says,
+        streamed: the images are decoded by copies of the training list whose augmentation
+        seeds differ from training's; the global batches, coins and foregrounds are drawn from
+        ``generator`` alike on every rank, and each rank loads its rows."""
+        require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
+        global_steps = list(recalibration_indices(mode, self.labels, self.cfg.optim.batch_size,
+                                                  self.cfg.eval.bn_batches, generator))
+        steps = self._lockstep(self._copy(2, epoch), self._copy(3, epoch), global_steps,
+                               recipe, generator)
+        for item in steps:
+            batch = self._step(item, recipe, generator, embed)
+            yield batch.images if batch.mixed is None else batch.mixed.images
+
+    def confusion(self, split: str, model: torch.nn.Module,
+                  amp_dtype: torch.dtype | None) -> torch.Tensor | None:
+        """Confusion matrix of ``model`` on ``val`` or ``test`` (None: no such split), each
+        rank evaluating every ``world``-th image, summed."""
         dataset = self.val if split == "val" else self.test
         if dataset is None:
             return None
-        batches = eval_loader(dataset, self.cfg.train.eval_batch_size, self.cfg.train.workers,
-                              self.device, shard=True)
-        return summed_confusion(model or self.model, batches, self.num_classes, self.amp_dtype,
-                                self.cfg.train.channels_last)
-
-    def bn_batches(self, mode: str, epoch: int) -> Iterator[torch.Tensor]:
-        """Recalibration batches as :meth:`Trainer.bn_batches` says, streamed: the images
-        are decoded by copies of the training list whose augmentation seeds differ from
-        training's, and the indices come from the (seed, epoch) recalibration generator."""
-        require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
-        g = self.bn_generator(epoch)
-        # Global batches, coins and foregrounds drawn alike on every rank; each loads its rows.
-        global_steps = list(recalibration_indices(mode, self.train.labels,
-                                                  self.cfg.optim.batch_size,
-                                                  self.cfg.eval.bn_batches, g))
-        recipe = self.recalibration_recipe(mode, epoch)
-        embed = self.embed_for(recipe.mixer if recipe is not None else None)
-        steps = self._lockstep(self._recalibration_set(epoch, 2),
-                               self._recalibration_set(epoch, 3), global_steps, recipe, g)
-        with preserved_batchnorm(self.model):
-            for images, labels, coin, foreground in steps:
-                x, y = model_input(images, self.device), labels.to(self.device)
-                if coin and recipe is not None:
-                    x = recipe.mix(x, y, g, partner=self._on_device(foreground),
-                                   embed=embed).images
-                yield x
-
-    def _recalibration_set(self, epoch: int, offset: int) -> ListFileDataset:
-        dataset = copy.copy(self.train)
-        dataset.seed = self.train.seed + offset
-        dataset.set_epoch(epoch)
-        return dataset
+        t = self.cfg.train
+        batches = eval_loader(dataset, t.eval_batch_size, t.workers, self.device, shard=True)
+        return summed_confusion(model, batches, len(self.classes), amp_dtype, t.channels_last)
 
     def _on_device(self, batch: Batch | None) -> Batch | None:
         if batch is None:  # a mixer without a partner batch
             return None
         images, labels = batch
         return model_input(images, self.device), labels.to(self.device)
+
+
+__all__ = ["StreamFeed", "batch_loader", "eval_loader", "model_input"]

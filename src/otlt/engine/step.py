@@ -1,0 +1,123 @@
+"""What one training step takes and does: the batch a feed yields and the step that the trainer
+calls on it.
+
+A step object is what the trainer composes instead of being subclassed: :class:`SGDStep` (one
+SGD step of the classifier on a clean or mixed batch, every method but OT re-weighting's stage 2)
+and :class:`otlt.engine.reweight_stage.Stage2Step`. Both answer the :class:`Step` protocol:
+``start_epoch`` before an epoch's first batch, ``__call__`` per batch, ``end_epoch`` for the
+epoch's record, ``state_dict``/``load_state_dict`` for what ``last.pt`` must carry beyond the
+model and optimizer, and ``write`` for files beside ``last.pt``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from otlt.amp import autocast
+from otlt.engine.stability import backward_step
+from otlt.losses import LongTailLoss, batch_loss
+from otlt.mixing import MixedBatch
+
+StepResult = tuple[torch.Tensor, torch.Tensor, int]
+
+
+@dataclass
+class TrainBatch:
+    """One training step's input on this rank.
+
+    ``images (B, 3, H, W)`` float, augmented; ``labels (B,)``; ``indices (B,)`` their
+    training-split indices (None when streamed); ``mixed`` the recipe's mix of them (None: a
+    clean step).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor | None = None
+    mixed: MixedBatch | None = None
+
+
+class Steps:
+    """A sized iterable of an epoch's batches: ``make(item)`` for each item, called lazily,
+    after the previous batch's step was taken (a feature pass sees the model as stepped)."""
+
+    def __init__(self, items: Sequence[Any], make: Callable[[Any], TrainBatch]) -> None:
+        self.items, self.make = items, make
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        return (self.make(item) for item in self.items)
+
+
+class Step(Protocol):
+    """What the trainer calls (see the module docstring). ``__call__`` returns the batch's
+    summed loss and summed correct predictions as device tensors (no host synchronisation)
+    and its size."""
+
+    def start_epoch(self, generator: torch.Generator) -> None: ...
+
+    def __call__(self, batch: TrainBatch) -> StepResult: ...
+
+    def end_epoch(self) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def write(self, run_dir: Path, epoch: int) -> None: ...
+
+
+class SGDStep:
+    """One SGD step of ``step_model`` (the model, compiled or wrapped in DDP) on a batch:
+    ``loss`` on the clean labels, or on a mixed batch
+    ``L = Σ λ_i ℓ(f(x̃_i), a_i) + (1 - λ_i) ℓ(f(x̃_i), b_i)`` normalised as
+    :func:`otlt.losses.batch_loss` says; its accuracy counts a mixed row as
+    ``λ_i [pred = a_i] + (1 - λ_i) [pred = b_i]``."""
+
+    def __init__(self, step_model: torch.nn.Module, loss: LongTailLoss,
+                 optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                 amp_dtype: torch.dtype | None, channels_last: bool) -> None:
+        self.step_model, self.loss, self.optimizer = step_model, loss, optimizer
+        self.scaler, self.amp_dtype, self.channels_last = scaler, amp_dtype, channels_last
+
+    def start_epoch(self, generator: torch.Generator) -> None:
+        """Nothing to do before an epoch."""
+
+    def __call__(self, batch: TrainBatch) -> StepResult:
+        mixed, y = batch.mixed, batch.labels
+        x = batch.images if mixed is None else mixed.images
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(x.device, self.amp_dtype):
+            logits = self.step_model(x)
+        if mixed is None:
+            loss = batch_loss(self.loss, logits, y)
+            correct = (logits.argmax(1) == y).sum()
+        else:
+            loss = batch_loss(self.loss, logits, mixed.targets_a, mixed.targets_b, mixed.lam)
+            pred = logits.argmax(1)
+            correct = (mixed.lam * (pred == mixed.targets_a)
+                       + (1 - mixed.lam) * (pred == mixed.targets_b)).sum()
+        backward_step(self.optimizer, loss, self.scaler)
+        return loss.detach() * len(y), correct.detach().float(), len(y)
+
+    def end_epoch(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing beyond the trainer's model, optimizer and loss."""
+
+    def write(self, run_dir: Path, epoch: int) -> None:
+        """No files of its own."""
+
+
+__all__ = ["SGDStep", "Step", "StepResult", "Steps", "TrainBatch"]
