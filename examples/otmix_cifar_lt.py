@@ -6,7 +6,8 @@
 The recipe of ``otlt train --preset cifar10_lt_r100_erm_otmix`` written out with otlt's parts,
 for readers who put OTmix into their own loop: the long-tailed split (φ = 100, 50 validation
 images per class carved out first), batched crop+flip augmentation of uint8 images on the
-device, a class-balanced foreground draw, OT pairing with probability ((t+1)/T)^μ per epoch,
+device, the preset's SGD and learning-rate schedule (:func:`otlt.engine.schedule.step_lr`), a
+class-balanced foreground draw, OT pairing with probability ((t+1)/T)^μ per epoch,
 no mixing in the first and last 3 epochs, half the batches mixed, the validation confusion
 matrix feeding OTmix's class cost after every epoch, and the test split read once, at the end.
 What it leaves out (the CLI has them): checkpoints and resume, the validation-selected epoch,
@@ -21,30 +22,35 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from otlt.config import DataConfig
+from otlt.config import DataConfig, RunConfig, load_config, preset_path
 from otlt.console import format_eval
 from otlt.data.augment import GPUAugment
 from otlt.data.prepare import prepare_data
 from otlt.engine.evaluation import model_confusion
+from otlt.engine.schedule import step_lr
 from otlt.losses import batch_loss, create_loss
 from otlt.metrics import summarize
 from otlt.mixing import MixRecipe, OTMix
 from otlt.models import create_model
 
+PRESET = "cifar10_lt_r100_erm_otmix"
 
-def learning_rate(epoch: int, epochs: int, base: float = 0.1, warmup: int = 5) -> float:
-    """The presets' schedule scaled to ``epochs``, per epoch: linear warm-up, then ×0.1 after
-    100/240 of the run, ×0.01 after 160/240, ×1e-4 after 200/240 (the engine warms up per
-    step, :func:`otlt.engine.schedule.step_lr`, and rounds scaled milestones; a shortened
-    run may drop its learning rate an epoch apart from the CLI's)."""
-    if epoch < warmup:
-        return base * (epoch + 1) / warmup
-    steps = [(200, 1e-4), (160, 1e-2), (100, 1e-1)]
-    return base * next((gamma for at, gamma in steps if epoch >= at * epochs // 240), 1.0)
+
+def preset_schedule(epochs: int) -> RunConfig:
+    """The preset's SGD settings and learning-rate schedule, for
+    :func:`otlt.engine.schedule.step_lr`: linear warm-up per step, then ×0.1, ×0.01, ×1e-4
+    from epochs 100, 160, 200 of 240. A shorter run scales them as the ``_short`` presets do
+    (30 epochs: 1 warm-up epoch, milestones 12, 20, 25)."""
+    cfg = load_config(preset_path(PRESET))
+    o, scale = cfg.optim, epochs / cfg.optim.epochs
+    milestones = tuple(round(m * scale) for m in o.milestones)
+    return replace(cfg, optim=replace(o, epochs=epochs, milestones=milestones,
+                                      warmup_epochs=max(1, round(o.warmup_epochs * scale))))
 
 
 def main() -> None:
@@ -81,7 +87,9 @@ def main() -> None:
 
     # 2. The method: model, loss, OTmix, the class-balanced foreground draw.
     model = create_model(args.model, num_classes).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=2e-4)
+    cfg = preset_schedule(epochs)                   # the preset's SGD and lr schedule
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                          weight_decay=cfg.optim.weight_decay)
     criterion = create_loss("ce", counts)
     otmix = OTMix(class_counts=counts)              # omega=0.05, eps=0.01, alpha=4, mu=1
     recipe = MixRecipe(otmix, train_y.cpu())        # the presets' recipe: no mixing in the
@@ -94,11 +102,12 @@ def main() -> None:
 
     # 3. Training.
     for epoch in range(epochs):
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(epoch, epochs)
         mixing = recipe.start_epoch(epoch, epochs, g)   # OT pairing: probability ((t+1)/T)^μ
-        total, steps = 0.0, 0
-        for idx in torch.randperm(len(train_y), generator=g).split(args.batch_size):
+        total = 0.0
+        batches = torch.randperm(len(train_y), generator=g).split(args.batch_size)
+        for step, idx in enumerate(batches):
+            for group in opt.param_groups:              # warm-up per step, then the steps
+                group["lr"] = step_lr(cfg, epoch, step, len(batches))
             x, y = load(idx)
             mixed = recipe.step(x, y, g, load=load, model=model) if mixing else None
             if mixed is None:                           # a clean batch
@@ -109,11 +118,11 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total, steps = total + loss.item(), steps + 1
+            total += loss.item()
         val = model_confusion(model, val_x, val_y, num_classes)
         otmix.end_epoch(val)                        # the class cost of the next OT epochs
         val_acc = 100.0 * val.diagonal().sum().item() / val.sum().item()
-        print(f"epoch {epoch + 1}/{epochs}  loss {total / steps:.3f}  val {val_acc:.1f}%"
+        print(f"epoch {epoch + 1}/{epochs}  loss {total / len(batches):.3f}  val {val_acc:.1f}%"
               f"{'  OT pairing' if mixing and otmix.ot_epoch else ''}", flush=True)
 
     # 4. The report: the test split, read once, for the last epoch.

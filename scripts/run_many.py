@@ -36,7 +36,8 @@ last ``last.pt``.
 
 **The summary.** At the end it prints, and writes to ``<out>/summary.json``, per run: its
 state (``finished``, ``stopped`` resumable, ``failed`` with the exit code, ``not started``),
-epochs done / total (lines of ``metrics.jsonl`` / ``optim.epochs`` of its ``config.yaml``),
+epochs done / total (lines of ``metrics.jsonl`` / ``optim.epochs`` of its ``config.yaml``;
+a damaged line before the last is named instead of counted past),
 the test top-1 error of ``eval.json`` when finished, the seconds its process ran here and
 the training seconds logged over all its sessions; and whether MPS was used. The exit code
 is 0 unless a run failed (then the largest failing code, 1 for a signal) or the script was
@@ -61,6 +62,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from otlt.engine.logging import read_metrics
+from otlt.errors import OtltError
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
 MAX_PIPE_PATH = 80  # unix socket paths end at 108 bytes; the daemon adds its own names
@@ -109,21 +113,24 @@ def launch(run: Run, out: Path, env: dict[str, str], time_limit: float | None) -
     run.started = time.monotonic()
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            pass
-    return records
+def run_metrics(run_dir: Path) -> tuple[list[dict], str | None]:
+    """``run_dir``'s ``metrics.jsonl`` records (:func:`otlt.engine.logging.read_metrics`: a
+    torn last line, a write a kill cut short, is dropped) and None; or, when a line before the
+    last is damaged, no records and the error, so the run is reported damaged (its epoch count
+    unknown) while the other runs go on."""
+    try:
+        return read_metrics(run_dir / "metrics.jsonl"), None
+    except OtltError as exc:
+        return [], str(exc)
 
 
 def progress(out: Path, names: list[str]) -> str:
     parts = []
     for name in names:
-        records = read_metrics(out / name)
+        records, damaged = run_metrics(out / name)
+        if damaged:
+            parts.append(f"{name}: {damaged}")
+            continue
         done = (out / name / "eval.json").exists()
         last = records[-1] if records else {}
         parts.append(f"{name}: {len(records)} ep" + (" done" if done else "")
@@ -199,7 +206,7 @@ def stop_children(runs: list[Run], grace: float = 15.0) -> None:
 def run_summary(run: Run, out: Path) -> dict:
     """One run's line of the summary, read from its run directory and its process."""
     run_dir = out / run.name
-    records = read_metrics(run_dir)
+    records, damaged = run_metrics(run_dir)
     total = None
     if (run_dir / "config.yaml").exists():
         total = (yaml.safe_load((run_dir / "config.yaml").read_text()).get("optim") or {}
@@ -216,7 +223,8 @@ def run_summary(run: Run, out: Path) -> dict:
         state = "failed"
     error = json.loads((run_dir / "eval.json").read_text()).get("top1_error") if finished else None
     return {"name": run.name, "config": str(run.config), "state": state, "exit_code": code,
-            "terminated": run.terminated, "epochs_done": len(records),
+            "terminated": run.terminated,
+            "epochs_done": None if damaged else len(records), "metrics_error": damaged,
             "epochs_total": total, "top1_error": error,
             "resumable": state == "stopped" and (run_dir / "last.pt").exists(),
             "seconds": (round(run.ended - run.started, 1)
@@ -229,10 +237,12 @@ def format_summary(summary: dict) -> str:
     lines = [f"{'run':40s} {'state':12s} {'epochs':>9s} {'top-1 err':>9s} {'seconds':>8s}"]
     for r in summary["runs"]:
         state = r["state"] + (f" ({r['exit_code']})" if r["state"] == "failed" else "")
-        epochs = f"{r['epochs_done']}/{r['epochs_total'] if r['epochs_total'] else '?'}"
+        done = r["epochs_done"] if r["epochs_done"] is not None else "?"
+        epochs = f"{done}/{r['epochs_total'] if r['epochs_total'] else '?'}"
         error = f"{r['top1_error']:.2f}" if r["top1_error"] is not None else "-"
         seconds = f"{r['seconds']:.0f}" if r["seconds"] is not None else "-"
         lines.append(f"{r['name']:40s} {state:12s} {epochs:>9s} {error:>9s} {seconds:>8s}")
+    lines += [f"{r['name']}: {r['metrics_error']}" for r in summary["runs"] if r["metrics_error"]]
     lines.append(f"MPS: {'yes' if summary['mps'] else 'no'} ({summary['mps_note']}); "
                  f"{summary['seconds']:.0f}s in all" + ("; interrupted" if summary["interrupted"]
                                                        else ""))

@@ -152,8 +152,8 @@ def test_a_shortened_preset_is_refused_in_one_line_whose_fix_loads():
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["optim.epochs=150", "optim.milestones=[50]", "optim.gammas=[0.1]", "loss.name=drw"],
-     "loss.params.drw_epoch=160 reach past optim.epochs=150"),  # the loss's default start
+    (["optim.epochs=150", "optim.milestones=[50]", "optim.gammas=[0.1]", "loss.name=drw",
+      "loss.params.drw_epoch=160"], "loss.params.drw_epoch=160 reach past optim.epochs=150"),
     (["optim.epochs=10", "optim.milestones=[5,10]", "optim.gammas=[0.1,0.01]"],
      "optim.milestones=[5,10] reach past optim.epochs=10"),  # epoch 10 is never trained
     (["optim.epochs=10", "optim.milestones=[]", "optim.gammas=[]", "train.keep_epochs=[-11]"],
@@ -164,6 +164,29 @@ def test_a_shortened_preset_is_refused_in_one_line_whose_fix_loads():
 def test_epochs_past_the_run_are_refused(overrides, needle):
     with pytest.raises(OtltError, match=re.escape(needle)):
         load_config(None, overrides)
+
+
+def test_the_losses_default_drw_start_is_checked_by_the_preflight_not_the_config():
+    """The config does not import the losses: ``loss.name=drw`` with its default start (160)
+    loads, and the engine's preflight, which builds the loss before any data is read, refuses
+    the start past the run in the config's one line."""
+    from otlt.engine.preflight import check_components
+
+    cfg = load_config(None, ["optim.epochs=150", "optim.milestones=[50]", "optim.gammas=[0.1]",
+                             "loss.name=drw"])
+    with pytest.raises(OtltError) as info:
+        check_components(cfg)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        "loss.params.drw_epoch=160 reach past optim.epochs=150 (epochs count from 0;")
+    assert "--set loss.params.drw_epoch=100 (scaled by 150/240;" in message
+    check_components(load_config(None, ["optim.epochs=150", "optim.milestones=[50]",
+                                        "optim.gammas=[0.1]", "loss.name=drw",
+                                        "loss.params.drw_epoch=100"]))
+    ldam = load_config(None, ["optim.epochs=150", "optim.milestones=[50]",
+                              "optim.gammas=[0.1]", "loss.name=ldam_drw"])
+    with pytest.raises(OtltError, match=re.escape("loss.params.drw_epoch=160 reach past")):
+        check_components(ldam)
 
 
 def test_epochs_count_from_the_end_and_unused_milestones_pass():

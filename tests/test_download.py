@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import threading
+import urllib.error
 from pathlib import Path
 
 import pytest
 
+import otlt.data.download as download
 from conftest import one_line_error
 from otlt.cli import main
 from otlt.data.download import download_dataset
@@ -123,6 +126,90 @@ def test_a_server_that_keeps_closing_early_gives_one_line(short_server, tmp_path
     assert len(_ShortHandler.ranges) == 3
     part = tmp_path / "cifar-10-python.tar.gz.part"
     assert part.read_bytes() == PAYLOAD[:3 * _ShortHandler.CUT]  # kept for the next run
+
+
+class _Response:
+    """A fake opener's response: PAYLOAD from ``start`` to ``stop`` with no Content-Length,
+    ending there quietly (an end of body, as far as the client can tell) or with a reset."""
+
+    def __init__(self, start: int, stop: int, reset: bool):
+        self.status, self.headers = (206 if start else 200), {}
+        self.body, self.reset = io.BytesIO(PAYLOAD[start:stop]), reset
+
+    def read(self, n: int) -> bytes:
+        block = self.body.read(n)
+        if not block and self.reset:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return block
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def lengthless_server(monkeypatch, cuts: list[tuple[int, bool]], size: int = len(PAYLOAD)):
+    """``urlopen`` serving a file of ``size`` bytes (PAYLOAD's first) without Content-Length:
+    response i stops at ``cuts[i] = (byte, reset)``, later ones send the rest; a range past
+    the end is HTTP 416. Returns the Range headers asked for."""
+    ranges = []
+
+    def urlopen(request, timeout):
+        ranges.append(request.get_header("Range"))
+        start = int(ranges[-1].split("=")[1].rstrip("-")) if ranges[-1] else 0
+        if start >= size:
+            raise urllib.error.HTTPError(request.full_url, 416, "Range Not Satisfiable", {}, None)
+        stop, reset = cuts[len(ranges) - 1] if len(ranges) <= len(cuts) else (size, False)
+        return _Response(start, min(stop, size), reset)
+
+    monkeypatch.setattr(download.urllib.request, "urlopen", urlopen)
+    return ranges
+
+
+URL = "http://mirror.invalid/cifar-10-python.tar.gz"
+
+
+def test_a_reset_without_content_length_is_resumed(tmp_path, monkeypatch):
+    ranges = lengthless_server(monkeypatch, [(300_000, True)])
+    path = download_dataset("cifar10", tmp_path, url=URL, md5=MD5, progress=False, backoff=0)
+    assert path.read_bytes() == PAYLOAD and ranges == [None, "bytes=300000-"]
+
+
+def test_a_quiet_close_before_the_known_size_is_resumed(tmp_path, monkeypatch):
+    monkeypatch.setitem(download.DOWNLOADS, "cifar10", download.Download(URL, MD5, len(PAYLOAD)))
+    ranges = lengthless_server(monkeypatch, [(300_000, False)])
+    path = download_dataset("cifar10", tmp_path, progress=False, backoff=0)
+    assert path.read_bytes() == PAYLOAD and ranges == [None, "bytes=300000-"]
+
+
+def test_a_known_size_is_a_hint_the_checksum_decides(tmp_path, monkeypatch):
+    """A file the server ends before the known size (a 416 for the rest) is hashed: it is
+    kept when its MD5 is right, and a wrong one names the sizes, not a cut connection."""
+    monkeypatch.setitem(download.DOWNLOADS, "cifar10",
+                        download.Download(URL, MD5, len(PAYLOAD) + 10))
+    ranges = lengthless_server(monkeypatch, [])
+    assert download_dataset("cifar10", tmp_path, progress=False, backoff=0).read_bytes() == PAYLOAD
+    assert ranges == [None, f"bytes={len(PAYLOAD)}-"]
+    (tmp_path / "cifar-10-python.tar.gz").unlink()
+    monkeypatch.setitem(download.DOWNLOADS, "cifar10",
+                        download.Download(URL, "0" * 32, len(PAYLOAD) + 10))
+    with pytest.raises(OtltError, match=f"the server's file has {len(PAYLOAD)} bytes, not the "
+                                        f"official {len(PAYLOAD) + 10}: a changed file"):
+        download_dataset("cifar10", tmp_path, progress=False, backoff=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_short_body_of_unknown_length_names_the_cut_too(tmp_path, monkeypatch):
+    """No Content-Length, no known size (an own ``md5``) and a quiet close: the client cannot
+    tell a cut, so the mismatch does not blame the mirror alone."""
+    lengthless_server(monkeypatch, [(300_000, False)])
+    with pytest.raises(OtltError) as err:
+        download_dataset("cifar10", tmp_path, url=URL, md5=MD5, progress=False, backoff=0)
+    message = str(err.value)
+    assert "\n" not in message and "of its 300000 bytes is not the expected" in message
+    assert "a connection closed early by a server that sent no length" in message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_checksum_mismatch_leaves_nothing(server, tmp_path):

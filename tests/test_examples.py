@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from otlt.config import OptimConfig, RunConfig
 from otlt.engine.evaluation import model_confusion
+from otlt.engine.schedule import step_lr
 from otlt.errors import OtltError
 from otlt.metrics import confusion_matrix
 from otlt.mixing import OTMix
@@ -32,6 +34,14 @@ def test_the_plain_loop_example_trains_mixes_and_reports(tiny_zip, tmp_path, mon
         return real_call(self, x, y, *args, **kwargs)
 
     monkeypatch.setattr(OTMix, "__call__", spy)
+    lrs = []
+    real_step = torch.optim.SGD.step
+
+    def record_lr(self, *args, **kwargs):  # the learning rate each step trains with
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", record_lr)
     runpy.run_path(str(EXAMPLES / "otmix_cifar_lt.py"), run_name="__main__")
     text = capsys.readouterr().out
     assert "train 154 images per class [35, 30, 23, 18, 14, 11, 8, 6, 5, 4]" in text
@@ -41,6 +51,13 @@ def test_the_plain_loop_example_trains_mixes_and_reports(tiny_zip, tmp_path, mon
     assert report["num_samples"] == 80 and sum(map(sum, report["confusion_matrix"])) == 80
     assert report["class_counts_train"] == [35, 30, 23, 18, 14, 11, 8, 6, 5, 4]
     assert seen and all(dtype == torch.float32 and channels == 3 for dtype, channels in seen)
+    # the engine's schedule (per-step warm-up), the preset's scaled to 8 epochs as the _short
+    # presets scale theirs: 1 warm-up epoch, milestones round(8/240 * (100, 160, 200))
+    cfg = RunConfig(optim=OptimConfig(epochs=8, milestones=(3, 5, 7), warmup_epochs=1))
+    steps = 5  # 154 images in batches of 32
+    assert lrs == pytest.approx([step_lr(cfg, e, s, steps) for e in range(8) for s in range(steps)])
+    assert lrs[:steps] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
+    assert lrs[-1] == pytest.approx(1e-5)
 
 
 def test_model_confusion_takes_uint8_nhwc_or_float_nchw_and_refuses_the_rest():

@@ -581,6 +581,19 @@ def test_a_shortened_preset_says_how_to_shorten_its_schedule(tmp_path, capsys):
     assert not (tmp_path / "runs" / "cifar10_lt_r100_drw" / "last.pt").exists()
 
 
+def test_a_default_drw_start_past_the_run_is_refused_before_data_or_directory(config, tmp_path,
+                                                                              capsys):
+    """ERM-DRW's default start (160) in a 150-epoch run: one line, before the data (here a
+    path that does not exist) is looked for or the run directory is made."""
+    args = ["train", "--config", str(config), "--set", "loss.name=drw", "--set", "optim.epochs=150",
+            "--set", "optim.milestones=[50]", "--set", "optim.gammas=[0.1]",
+            "--set", f"data.path={tmp_path / 'no-data'}", "--set", f"out_dir={tmp_path / 'runs'}"]
+    assert main(args) == 2
+    one_line_error(capsys, "loss.params.drw_epoch=160 reach past optim.epochs=150",
+                   "--set loss.params.drw_epoch=100")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_kept_and_plan_epochs_count_from_the_end(tiny_zip, tmp_path):
     """`train.keep_epochs: [-1]` and OTmix `plan_epochs: [-1]` act at the last epoch."""
     config = tmp_path / "otmix.yaml"

@@ -344,3 +344,40 @@ def test_default_check_every_is_the_solvers_default():
 def test_bad_check_every_is_refused(bad):
     with pytest.raises(ValueError, match="check_every must be a positive integer"):
         OTMix(num_classes=4, check_every=bad)
+
+
+def test_inputs_are_checked_once_per_call_and_by_a_direct_plan(monkeypatch):
+    """``__call__`` checks the batch and the partner batch once (not again in ``plan``); a
+    direct ``plan`` call checks them itself, integer images included (features need floats)."""
+    import otlt.mixing.base as base_module
+    from otlt.errors import OtltError
+
+    checked = []
+    real_check = base_module.check_model_inputs
+
+    def counting(images, *args, **kwargs):
+        checked.append(images.data_ptr())
+        return real_check(images, *args, **kwargs)
+
+    monkeypatch.setattr(base_module, "check_model_inputs", counting)
+    monkeypatch.setattr(otmix_module, "check_model_inputs", counting, raising=False)
+    torch.manual_seed(0)
+    model = create_model("resnet20", 3)
+    x, xp = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 0])
+    g = torch.Generator().manual_seed(0)
+    otmix = OTMix(class_counts=[5, 3, 2], ot_probability=1.0)
+    otmix.set_epoch(0, 1, generator=g)
+    otmix(x, y, xp, y, generator=g, model=model)
+    assert checked == [x.data_ptr(), xp.data_ptr()]
+    checked.clear()
+    create_mixer("cmo")(x, y, xp, y, generator=g)
+    assert checked == [x.data_ptr(), xp.data_ptr()]
+    checked.clear()
+    otmix.plan(x, y, xp, y, generator=g, model=model)
+    assert checked == [x.data_ptr(), xp.data_ptr()]
+    ints = (xp * 50).clamp(0, 255).to(torch.uint8)  # (B, C, H, W), integer
+    with pytest.raises(OtltError, match="OTMix takes model inputs, float"):
+        otmix.plan(x, y, ints, y, generator=g, model=model)
+    with pytest.raises(OtltError, match="OTMix takes model inputs, float"):
+        otmix(x, y, ints, y, generator=g, model=model)

@@ -3,6 +3,7 @@ failures in the summary. The runs themselves are tested by tests/test_campaign.p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -86,6 +87,10 @@ def test_sigterm_stops_the_runs_and_the_daemon(tiny_zip, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_many.py"), "--out",
                              str(out), *sets, str(config)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    log = out / "tiny.log"  # written once the handler is set and the child is launched
+    waited = time.monotonic()
+    while not log.exists() and time.monotonic() - waited < 120 and proc.poll() is None:
+        time.sleep(0.1)  # the script imports torch (otlt's metrics reader) first
     time.sleep(2.0)  # the child is importing or training by now
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
@@ -94,3 +99,34 @@ def test_sigterm_stops_the_runs_and_the_daemon(tiny_zip, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     (run,) = summary["runs"]
     assert summary["interrupted"] and run["state"] == "stopped" and run["terminated"]
+
+
+def load_run_many(monkeypatch):
+    spec = importlib.util.spec_from_file_location("run_many", ROOT / "scripts" / "run_many.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "run_many", module)  # its dataclass looks itself up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_torn_last_line_is_dropped_and_a_damaged_middle_line_is_reported(tmp_path,
+                                                                           monkeypatch):
+    """The progress and the summary read metrics.jsonl as otlt does: a last line a kill cut
+    short is not an epoch, a bad line before it is damage, named, not skipped and counted past;
+    the other runs are read as before."""
+    rm = load_run_many(monkeypatch)
+    epoch = json.dumps({"epoch": 1, "epoch_seconds": 2.0})
+    for name, text in (("torn", f"{epoch}\n{epoch}\n{{\"epoch\": 3, \"ep"),
+                       ("damaged", f"{epoch}\n{{\"epo\n{epoch}\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(text)
+    lines = rm.progress(tmp_path, ["torn", "damaged"]).splitlines()
+    assert lines[0] == "torn: 2 ep 2.0s/ep"
+    assert lines[1].startswith("damaged: ") and "line 2 is not JSON" in lines[1]
+    runs = [rm.run_summary(rm.Run(Path("c.yaml"), name, []), tmp_path)
+            for name in ("torn", "damaged")]
+    assert [(r["epochs_done"], r["metrics_error"]) for r in runs[:1]] == [(2, None)]
+    assert runs[1]["epochs_done"] is None and "damaged" in runs[1]["metrics_error"]
+    text = rm.format_summary({"runs": runs, "mps": False, "mps_note": "--mps off",
+                              "seconds": 1.0, "interrupted": False})
+    assert " 2/? " in text and " ?/? " in text and "damaged: " in text

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import sets, tiny_overrides
+from conftest import one_line_error, sets, tiny_overrides
 from otlt.cli import main
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.timelimit import TimeLimit
@@ -87,5 +87,4 @@ def test_train_stops_at_an_epoch_boundary_and_resumes(tiny_zip, tmp_path, config
 
 def test_bad_time_limit_is_one_line(capsys):
     assert main(["train", "--preset", "cifar10_lt_r100_erm", "--time-limit", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--time-limit must be > 0" in err[0]
+    one_line_error(capsys, "--time-limit must be > 0")

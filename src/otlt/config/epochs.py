@@ -5,7 +5,10 @@ epoch, ``-4`` the last mixing epoch of the presets' ``skip_last: 3``), so they f
 ``--set optim.epochs=N`` shortens; :func:`resolve_epochs` is the one place they become 0-based
 epochs. The step milestones and the DRW start are absolute epochs: one the run never reaches
 would leave the learning rate or the loss silently unchanged, so :func:`check_epoch_knobs`
-refuses every such knob in one line that gives values which fit.
+refuses every such knob in one line that gives values which fit. The config knows the DRW
+start that ``loss.params`` gives; a loss's default start (``drw``: 160) is the loss's to know,
+so :func:`otlt.engine.preflight.check_components` checks it with the built loss's
+``drw_epoch``, before any data is read.
 """
 
 from __future__ import annotations
@@ -15,8 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from otlt.config.schema import OptimConfig, RunConfig
-from otlt.errors import OtltError, require
-from otlt.losses.registry import loss_defaults
+from otlt.errors import require
 
 PRESET_EPOCHS = OptimConfig().epochs
 """The length the CIFAR presets' schedule is written for (240): the scale of the suggested fix."""
@@ -44,24 +46,17 @@ def _epoch_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(_is_epoch(e) for e in value)
 
 
-def drw_epoch(cfg: RunConfig) -> int | None:
-    """The run's DRW start (``loss.params.drw_epoch`` or the loss's default), None without DRW."""
-    try:
-        params = {**loss_defaults(cfg.loss.name), **cfg.loss.params}
-    except OtltError:  # an unknown loss: building it names the valid ones
-        params = dict(cfg.loss.params)
-    value = params.get("drw_epoch")
-    return value if _is_epoch(value) else None
-
-
-def check_epoch_knobs(cfg: RunConfig) -> None:
+def check_epoch_knobs(cfg: RunConfig, drw_epoch: int | None = None) -> None:
     """Refuse, in one line with a fix, every milestone (``schedule: step``), DRW start, kept or
-    plan epoch that a run of ``optim.epochs`` never reaches."""
+    plan epoch that a run of ``optim.epochs`` never reaches.
+
+    The DRW start is ``drw_epoch`` when given (the built loss's, its default included), else
+    ``loss.params.drw_epoch``."""
     n = cfg.optim.epochs
     absolute = {"optim.milestones": list(cfg.optim.milestones)
                 if cfg.optim.schedule == "step" else []}
-    start = drw_epoch(cfg)
-    if start is not None:
+    start = drw_epoch if drw_epoch is not None else cfg.loss.params.get("drw_epoch")
+    if _is_epoch(start):
         absolute["loss.params.drw_epoch"] = [start]
     relative = {"train.keep_epochs": list(cfg.train.keep_epochs)}
     plan = cfg.mix.params.get("plan_epochs")

@@ -115,8 +115,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     ``load_state_dict`` would carry the saving run's ``fused`` flag along (a CUDA run
     resumed on the CPU would otherwise step with the fused CPU kernel)."""
     optimizer.load_state_dict(state)
+    options = sgd_options(device)
     for group in optimizer.param_groups:
-        group.update(sgd_options(device))
+        group.update(options)
 
 
 class DeviceSplit:

@@ -67,13 +67,15 @@ class Mixer:
     separately sampled batch, e.g. CMO's class-weighted foreground batch) and ``uses_context``
     (True when ``plan`` takes extra keyword inputs, e.g. OTMix's ``model`` for features),
     and then ``feature_mode``: which features (:data:`otlt.models.features.FEATURE_MODES`)
-    the engine's ``embed`` gives it.
+    the engine's ``embed`` gives it. ``floating_inputs`` (True when ``plan`` computes features
+    from the images, OTMix) refuses integer images in :meth:`check_inputs` too.
     """
 
     name: ClassVar[str] = ""
     needs_partner_batch: ClassVar[bool] = False
     uses_context: ClassVar[bool] = False
     needs_confusion: ClassVar[bool] = False  # reads update_confusion (OTMix)
+    floating_inputs: ClassVar[bool] = False  # plan computes features from the images (OTMix)
     feature_mode: str = "pooled_eval"  # an OTMix option; read only when uses_context
 
     # ---- hooks: documented no-ops that stateful mixers (OTMix) override ----------------
@@ -117,11 +119,26 @@ class Mixer:
             raise ValueError(f"{type(self).__name__} mixes within one batch; "
                              "got an unexpected partner batch")
 
+    def check_inputs(self, x: torch.Tensor, x_partner: torch.Tensor | None = None) -> None:
+        """Refuse images that are not model inputs ``(B, C, H, W)``: the loaders' uint8
+        ``(B, H, W, 3)`` and, with ``floating_inputs``, integer images of any layout."""
+        for images in (x, x_partner):
+            if images is not None:
+                check_model_inputs(images, type(self).__name__, floating=self.floating_inputs)
+
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
              y_partner: torch.Tensor | None = None, *,
              generator: torch.Generator) -> MixPlan:
         """Draw the plan for mixing ``x`` (and ``x_partner``) from ``generator``."""
         raise NotImplementedError
+
+    def _plan_checked(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None,
+                      y_partner: torch.Tensor | None, *, generator: torch.Generator,
+                      **context: Any) -> MixPlan:
+        """:meth:`plan` of inputs that :meth:`check_inputs` has passed (``__call__`` checks
+        once per call). A mixer whose public ``plan`` checks its inputs itself (OTMix)
+        overrides this with its plan minus that check; the others plan as they are."""
+        return self.plan(x, y, x_partner, y_partner, generator=generator, **context)
 
     def apply(self, plan: MixPlan, x: torch.Tensor, y: torch.Tensor,
               x_partner: torch.Tensor | None = None,
@@ -138,11 +155,9 @@ class Mixer:
         ``context`` (e.g. ``model=``, ``amp_dtype=``) goes to :meth:`plan` when the mixer
         ``uses_context``; the others ignore it, so an engine can call every mixer alike.
         """
-        for images in (x, x_partner):
-            if images is not None:
-                check_model_inputs(images, type(self).__name__)
+        self.check_inputs(x, x_partner)
         extra = context if self.uses_context else {}
-        plan = self.plan(x, y, x_partner, y_partner, generator=generator, **extra)
+        plan = self._plan_checked(x, y, x_partner, y_partner, generator=generator, **extra)
         return self.apply(plan, x, y, x_partner, y_partner)
 
 

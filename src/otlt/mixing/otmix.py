@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from otlt.errors import OtltError, require, require_choice
 from otlt.metrics import row_normalized_confusion
 from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
-from otlt.mixing.plan import MixPlan, check_model_inputs, with_saliency_box
+from otlt.mixing.plan import MixPlan, with_saliency_box
 from otlt.models.features import FEATURE_MODES, feature_fn
 from otlt.transport import assignment, sinkhorn
 
@@ -133,6 +133,7 @@ class OTMix(Mixer):
     needs_partner_batch: ClassVar[bool] = True
     uses_context: ClassVar[bool] = True
     needs_confusion: ClassVar[bool] = True
+    floating_inputs: ClassVar[bool] = True  # the cost's features need float model inputs
 
     class_counts: Sequence[int] = ()
     num_classes: int = 0
@@ -260,13 +261,21 @@ class OTMix(Mixer):
         run fails at its first batch, not at its first OT epoch) unless ``ot_probability``
         is 0. Random draws are the same as CMO's, so OT and random epochs consume the
         generator identically; OT epochs then replace the pairing."""
+        self.check_inputs(x, x_partner)  # features need model inputs
+        return self._plan_checked(x, y, x_partner, y_partner, generator=generator,
+                                  embed=embed, model=model, amp_dtype=amp_dtype)
+
+    def _plan_checked(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None,
+                      y_partner: torch.Tensor | None, *, generator: torch.Generator,
+                      embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      model: torch.nn.Module | None = None,
+                      amp_dtype: torch.dtype | None = None) -> MixPlan:
+        """:meth:`plan` once :meth:`check_inputs` has passed (``__call__`` checked them)."""
         require(embed is not None or model is not None or self.ot_probability == 0,
                 "OTMix needs features for its OT epochs: pass model= or embed=, or use CMO "
                 "for random pairing")
         self._check_partner(x_partner, y_partner)
         assert x_partner is not None and y_partner is not None
-        for images in (x, x_partner):  # features need model inputs
-            check_model_inputs(images, "OTMix", floating=True)
         require(x_partner.shape[0] == x.shape[0],
                 f"OTMix needs equal foreground and background batches, got "
                 f"{x_partner.shape[0]} and {x.shape[0]}")
