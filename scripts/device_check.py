@@ -38,7 +38,11 @@ finished):
    train.device=...``), then evaluated on the CPU (``otlt eval --device cpu``): the test
    confusion within a few images of the in-run one (kernels differ between devices);
 6. ``nan_stops``: a run with ``optim.lr=1e30`` must stop with one ``otlt: error:`` line,
-   exit code 2, no traceback.
+   exit code 2, no traceback;
+7. ``graphs``: ``train.cuda_graphs`` (issue 29): ``otlt bench --compile --cuda-graphs``
+   (eager, compiled and graphed ms/step for ERM, CMO and OTmix, paired in one run) and an
+   eager and a graphed run of the kill-and-resume config, which must agree within the
+   stated tolerance (first-epoch loss, final test error); their epoch seconds.
 
 Exit code 0 when every check passed. Needs only the checkout (``PYTHONPATH=src``) and the
 packages ``make venv`` installs or the device image holds (torch, pytest, PIL, yaml).
@@ -73,6 +77,8 @@ CUDA_TEST_FILES = ["tests/test_losses.py", "tests/test_metrics.py", "tests/test_
 STEP_TIMEOUT = 90
 TESTS_TIMEOUT = 150
 BUDGET = 460
+ONLY_CHOICES = ("cuda_tests", "runs", "one_rank_group", "kill_resume", "cross_device",
+                "nan_stops", "graphs")
 DEADLINE = float("inf")  # time.monotonic() at which the budget ends (set by main)
 RUN = ["data.dataset=folder", "data.num_classes=10", "data.n_max=41", "data.imbalance_ratio=7",
        "data.val_per_class=5", "model.name=resnet20", "optim.epochs=3",
@@ -299,6 +305,58 @@ def check_nan_stops(device: str, work: Path, out: Path, env: dict) -> dict:
     return step
 
 
+# A graphed and an eager run of the same config agree when their first epoch's mean training
+# loss differs by at most this fraction and their final test top-1 errors by at most this
+# many points: bf16 rounding and compiled kernels differ, so a few epochs of SGD cannot be
+# bit-equal, and a real bug (a graph replaying stale inputs or weights) misses both by far.
+GRAPHS_LOSS_RTOL = 0.02
+GRAPHS_ERROR_POINTS = 3.0
+
+
+def check_graphs(device: str, data: Path | None, work: Path, out: Path, env: dict) -> dict:
+    """``train.cuda_graphs``: the bench's graphed step against the eager one (ERM, CMO, OTmix,
+    paired in one run), and an eager and a graphed run of the same few epochs (agreement
+    within :data:`GRAPHS_LOSS_RTOL` and :data:`GRAPHS_ERROR_POINTS`; epoch seconds of both).
+    CUDA only: a CPU dry run records it as not applicable."""
+    if device != "cuda":
+        return {"passed": True, "skipped": "CUDA graphs need a CUDA device"}
+    cli = [sys.executable, "-m", "otlt.cli"]
+    bench_json = out / "bench_graphs.json"
+    where = ["--data", str(data)] if data else ["--synthetic"]
+    result = {"bench": command([*cli, "bench", "--quick", "--device", device, "--compile",
+                                "--cuda-graphs", *where, "--json", str(bench_json)],
+                               out / "bench_graphs.log", 2 * STEP_TIMEOUT, env)}
+    if result["bench"]["rc"] == 0:
+        bench = json.loads(bench_json.read_text())
+        result["bench_ms"] = {k: round(1e3 * v["median_s"], 3)
+                              for k, v in bench["times"].items()}
+        result["bench_ratios"] = {k: bench.get(k) for k in (
+            "ratio_cmo_erm", "ratio_otmix_erm", "ratio_erm_model_only", "ratio_compiled_erm",
+            "ratio_graphed_erm", "ratio_graphed_cmo_erm", "ratio_graphed_otmix_erm")}
+    config, base = real_run(data, work)
+    runs = work / "graphs"
+    base = [*base, f"train.device={device}", f"out_dir={runs}"]
+    for name, graphs in (("eager", "false"), ("graphed", "true")):
+        result[name] = command([*cli, *train_args(config, [*base, f"name={name}",
+                                                           f"train.cuda_graphs={graphs}"])],
+                               out / f"graphs_{name}.log", 3 * STEP_TIMEOUT, env)
+    if any(result[n]["rc"] != 0 for n in ("bench", "eager", "graphed")):
+        return {**result, "passed": False}
+    logs = {n: [json.loads(x) for x in (runs / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("eager", "graphed")}
+    errors = [json.loads((runs / n / "eval.json").read_text())["top1_error"]
+              for n in ("eager", "graphed")]
+    loss = [logs[n][0]["train_loss"] for n in ("eager", "graphed")]
+    result["epoch_seconds"] = {n: [round(r["epoch_seconds"], 3) for r in logs[n]]
+                               for n in logs}
+    result["first_epoch_train_loss"] = loss
+    result["test_top1_error"] = errors
+    result["tolerance"] = {"loss_rtol": GRAPHS_LOSS_RTOL, "error_points": GRAPHS_ERROR_POINTS}
+    result["passed"] = (abs(loss[1] - loss[0]) <= GRAPHS_LOSS_RTOL * abs(loss[0])
+                        and abs(errors[1] - errors[0]) <= GRAPHS_ERROR_POINTS)
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device_out")))
@@ -309,6 +367,9 @@ def main() -> int:
                         help="CIFAR-10 (e.g. the unpacked cifar10-jpeg folder) for the "
                              "kill-and-resume run (default: the tiny synthetic folder)")
     parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=ONLY_CHOICES, default=None,
+                        help="run only these steps (e.g. --only graphs in a second command "
+                             "when the first spent its budget)")
     parser.add_argument("--budget", type=float, default=BUDGET,
                         help=f"seconds for the whole check (default {BUDGET}: inside the "
                              "device command's 'timeout 500')")
@@ -336,11 +397,12 @@ def main() -> int:
               "nccl": (".".join(map(str, torch.cuda.nccl.version()))
                        if gpus and hasattr(torch.cuda, "nccl") else None),
               "sgd": sgd_options(torch.device(args.device))}  # fused=True on CUDA
-    if not args.skip_tests:
+    chosen = set(args.only or ONLY_CHOICES)
+    if not args.skip_tests and "cuda_tests" in chosen:
         report["cuda_tests"] = command([sys.executable, "-m", "pytest", "-q", "-k", "cuda",
                                         "-p", "no:cacheprovider", *CUDA_TEST_FILES],
                                        out / "pytest_cuda.log", TESTS_TIMEOUT, env)
-    counts = args.nproc or ([1, 2] if gpus >= 2 else [1])
+    counts = (args.nproc or ([1, 2] if gpus >= 2 else [1])) if "runs" in chosen else []
     report["runs"] = []
 
     def save() -> None:
@@ -352,7 +414,9 @@ def main() -> int:
     steps = {"one_rank_group": lambda: check_one_rank_group(args.device, work, out, env),
              "kill_resume": lambda: check_kill_resume(args.device, args.data, work, out, env),
              "cross_device": lambda: check_cross_device(args.device, work, out, env),
-             "nan_stops": lambda: check_nan_stops(args.device, work, out, env)}
+             "nan_stops": lambda: check_nan_stops(args.device, work, out, env),
+             "graphs": lambda: check_graphs(args.device, args.data, work, out, env)}
+    steps = {name: step for name, step in steps.items() if name in chosen}
     for name, step in steps.items():
         save()
         start = time.perf_counter()
@@ -361,7 +425,7 @@ def main() -> int:
         print(f"device_check: {name} passed={report[name]['passed']}", flush=True)
     passed = (all(r["passed"] for r in report["runs"])
               and all(report[name]["passed"] for name in steps)
-              and (args.skip_tests or report["cuda_tests"]["rc"] == 0))
+              and ("cuda_tests" not in report or report["cuda_tests"]["rc"] == 0))
     report["passed"] = passed
     (out / "device_check.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

@@ -85,6 +85,14 @@ def test_bad_steps_is_a_one_line_user_error(tmp_path, capsys):
     assert not (tmp_path / "b.json").exists()
 
 
+def test_cuda_graphs_off_cuda_is_a_one_line_user_error(tmp_path, capsys):
+    args = ["bench", "--quick", "--synthetic", "--config", str(CONFIG), "--batch-size", "8",
+            "--device", "cpu", "--cuda-graphs", "--json", str(tmp_path / "b.json")]
+    assert main(args + [a for item in TINY for a in ("--set", item)]) == 2
+    assert "--cuda-graphs needs --device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_variants_are_interleaved_after_warmup():
     calls: list[str] = []
     variants = {name: (lambda n=name: calls.append(n)) for name in "ABC"}

@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import one_line_error, sets, tiny_overrides
+from otlt.cli import main
 from otlt.config import load_config
 from otlt.engine.evaluation import evaluate_batches
 from otlt.engine.runtime import (
@@ -19,9 +21,12 @@ from otlt.engine.runtime import (
     open_run_dir,
     resolve_device,
     sgd_options,
+    step_model_for,
 )
 from otlt.engine.schedule import step_lr
+from otlt.engine.step import SGDStep, TrainBatch
 from otlt.errors import OtltError
+from otlt.losses import create_loss
 
 
 def test_warmup_then_steps():
@@ -113,3 +118,50 @@ def test_resume_keeps_this_devices_sgd_kernel_and_the_saved_momentum():
     load_optimizer_state(resumed, saved.state_dict(), cpu)
     assert resumed.param_groups[0]["fused"] is None  # not the saving run's fused kernel
     assert torch.equal(resumed.state[params[0]]["momentum_buffer"], torch.full((3,), 2.0))
+
+
+# ---- train.cuda_graphs ---------------------------------------------------------------------
+
+
+def test_cuda_graphs_are_refused_off_cuda_before_any_data_or_run_directory(tmp_path, config,
+                                                                           capsys):
+    args = tiny_overrides(tmp_path / "never-read.zip", tmp_path / "runs") + [
+        "train.cuda_graphs=true"]
+    assert main(["train", "--config", str(config), *sets(args)]) == 2
+    one_line_error(capsys, "train.cuda_graphs needs a CUDA device (this run's is cpu)")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("graphs,compiled,mode", [(True, False, "reduce-overhead"),
+                                                  (True, True, "reduce-overhead"),
+                                                  (False, True, None), (False, False, "eager")])
+def test_the_step_model_is_compiled_in_the_mode_the_config_asks(monkeypatch, graphs,
+                                                                compiled, mode):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or "compiled")
+    cfg = load_config(None, [f"train.cuda_graphs={str(graphs).lower()}",
+                             f"train.compile={str(compiled).lower()}"])
+    model = nn.Linear(2, 2)
+    step_model = step_model_for(model, cfg.train, torch.device("cuda"))  # nothing moves
+    if mode == "eager":
+        assert step_model is model and calls == []
+    else:
+        assert step_model == "compiled" and calls == [{"mode": mode} if mode else {}]
+    if graphs:
+        with pytest.raises(OtltError, match="needs a CUDA device"):
+            step_model_for(model, cfg.train, torch.device("cpu"))
+
+
+def test_a_graphed_step_begins_a_new_graph_iteration_every_step(monkeypatch):
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    for graphs in (False, True):
+        step = SGDStep(model, create_loss("ce", [2, 1, 1]), optimizer, None, None,
+                       channels_last=False, graphs=graphs)
+        for _ in range(3):
+            loss_sum, correct, n = step(TrainBatch(x, y))
+            assert n == 4 and torch.isfinite(loss_sum)
+    assert len(marks) == 3

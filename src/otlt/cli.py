@@ -121,6 +121,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, help="warm-up steps per variant")
     p.add_argument("--compile", action="store_true",
                    help="also time ERM and OTmix steps through torch.compile (ratio to eager)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time ERM, CMO and OTmix steps with CUDA graphs "
+                        "(train.cuda_graphs: torch.compile's reduce-overhead mode; CUDA only)")
     p.add_argument("--json", default="bench.json", help="where the JSON result goes")
     p.add_argument("--markdown", default="bench_scaling.md",
                    help="where --scaling writes its Markdown tables")

@@ -42,7 +42,9 @@ class BenchOptions:
     ``steps``, ``repeats`` and ``warmup`` default to 1 / 3 / 1 with ``quick`` and
     3 / 7 / 2 otherwise. ``overrides`` are ``key=value`` config overrides. ``compile`` adds
     ``erm_compiled`` and ``otmix_compiled``: the same steps through ``torch.compile`` of the
-    same model, interleaved with the eager ones (ratio ``ratio_compiled_erm``).
+    same model, interleaved with the eager ones (ratio ``ratio_compiled_erm``);
+    ``cuda_graphs`` adds ``erm_graphed``, ``cmo_graphed`` and ``otmix_graphed``: the steps of
+    ``train.cuda_graphs`` (CUDA only).
     """
 
     config: str | None = None  # None: the packaged preset DEFAULT_PRESET
@@ -57,6 +59,7 @@ class BenchOptions:
     repeats: int | None = None
     warmup: int | None = None
     compile: bool = False
+    cuda_graphs: bool = False
 
     def resolved(self) -> tuple[int, int, int]:
         """``(steps, repeats, warmup)`` after the quick/default presets."""
@@ -207,18 +210,22 @@ class Bench:
         self.trainer.recipe.mixer = self.otmix
         self._train_step(mixing=True)
 
-    def compiled(self, step: Callable[[], None]) -> Callable[[], None]:
-        """``step`` with the trainer's forward through ``torch.compile`` (same weights)."""
+    def compiled(self, step: Callable[[], None], graphs: bool = False) -> Callable[[], None]:
+        """``step`` with the trainer's forward through ``torch.compile`` (same weights);
+        ``graphs``: in ``reduce-overhead`` mode, as ``train.cuda_graphs`` runs it."""
         t = self.trainer
-        eager = t.step.step_model
-        fast = torch.compile(t.model)
+        eager, was_graphed = t.step.step_model, t.step.graphs
+        if graphs:
+            require(self.device.type == "cuda", "--cuda-graphs needs --device cuda")
+        fast = torch.compile(t.model, mode="reduce-overhead") if graphs else \
+            torch.compile(t.model)
 
         def run() -> None:
-            t.step.step_model = fast
+            t.step.step_model, t.step.graphs = fast, graphs
             try:
                 step()
             finally:
-                t.step.step_model = eager
+                t.step.step_model, t.step.graphs = eager, was_graphed
 
         return run
 

@@ -46,6 +46,10 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         if options.compile:
             variants["erm_compiled"] = bench.compiled(bench.erm)
             variants["otmix_compiled"] = bench.compiled(bench.otmix_step)
+        if options.cuda_graphs:
+            variants["erm_graphed"] = bench.compiled(bench.erm, graphs=True)
+            variants["cmo_graphed"] = bench.compiled(bench.cmo_step, graphs=True)
+            variants["otmix_graphed"] = bench.compiled(bench.otmix_step, graphs=True)
         env = {**environment(bench.device), "threads_reason": bench.threads_reason}
         samples = interleaved_times(variants, steps=steps, repeats=repeats, warmup=warmup,
                                     sync=bench.sync)
@@ -79,7 +83,10 @@ def derived_ratios(samples: dict[str, list[float]], mix_prob: float) -> dict[str
              "data_share_of_erm_step": ("data", "erm"),
              "ratio_reweight_erm": ("reweight", "erm"),
              "ratio_compiled_erm": ("erm_compiled", "erm"),
-             "ratio_compiled_otmix": ("otmix_compiled", "otmix")}
+             "ratio_compiled_otmix": ("otmix_compiled", "otmix"),
+             "ratio_graphed_erm": ("erm_graphed", "erm"),
+             "ratio_graphed_cmo_erm": ("cmo_graphed", "erm_graphed"),
+             "ratio_graphed_otmix_erm": ("otmix_graphed", "erm_graphed")}
     out: dict[str, Any] = {"spread": {}}
     for key, (num, den) in pairs.items():
         if num not in samples:
@@ -126,7 +133,8 @@ def format_table(result: dict[str, Any]) -> str:
     for key in ("ratio_cmo_erm", "ratio_otmix_erm", "ratio_cmo_erm_epoch",
                 "ratio_otmix_erm_epoch", "ratio_erm_model_only", "pairing_share_of_otmix_step",
                 "feature_share_of_otmix_step", "data_share_of_erm_step", "ratio_reweight_erm",
-                "ratio_compiled_erm", "ratio_compiled_otmix"):
+                "ratio_compiled_erm", "ratio_compiled_otmix", "ratio_graphed_erm",
+                "ratio_graphed_cmo_erm", "ratio_graphed_otmix_erm"):
         spread = result["spread"].get(key)
         target = result["targets"].get(key)
         spread_text = "" if spread is None else f"[{spread[0]:.3f}, {spread[1]:.3f}]"
@@ -153,7 +161,8 @@ def cli_main(args: Any) -> int:
                            data=args.data, synthetic=args.synthetic, quick=args.quick,
                            batch_size=args.batch_size, device=args.device,
                            threads=args.threads, steps=args.steps, repeats=args.repeats,
-                           warmup=args.warmup, compile=args.compile)
+                           warmup=args.warmup, compile=args.compile,
+                           cuda_graphs=args.cuda_graphs)
     if args.scaling:
         result = run_scaling(options)
         text = scaling_markdown(result)

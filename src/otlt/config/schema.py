@@ -119,6 +119,7 @@ class TrainConfig:
     amp: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    cuda_graphs: bool = False  # CUDA only: torch.compile's reduce-overhead mode (CUDA graphs)
     eval_batch_size: int = 1000
     progress: bool = True
     workers: int = 8

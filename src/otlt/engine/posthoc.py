@@ -141,7 +141,7 @@ def evaluation_procedure(run_dir: Path, last: dict[str, Any] | None,
     amp_dtype = None if cfg.train.float64 else autocast_dtype(cfg.train.amp, where)
     feed = create_feed(cfg, where)
     torch.manual_seed(cfg.seed)  # as the trainer does before it builds the model
-    model, _ = build_model(cfg, where)
+    model = build_model(cfg, where)
     recipe = MixRecipe.from_config(cfg, feed.labels, feed.counts)
     return EvaluationProcedure(cfg, model, feed, recipe, run_dir, amp_dtype=amp_dtype,
                                embed=recipe.embed_of(model, amp_dtype, cfg.train.channels_last))

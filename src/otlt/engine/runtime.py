@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from otlt.config import RunConfig
+from otlt.config import RunConfig, TrainConfig
 from otlt.engine.distributed import is_distributed
 from otlt.engine.syncbn import convert_sync_batchnorm
 from otlt.errors import OtltError
@@ -18,12 +18,10 @@ from otlt.models import create_model
 from otlt.models.precision import to_float64
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``(model, step_model)``: ``model.name`` initialised from ``seed`` and placed on
-    ``device`` as ``train.*`` asks (float64, channels-last, synchronised BatchNorm under
-    ``torch.distributed``), and what the step calls: the model itself, compiled
-    (``train.compile``) and wrapped in DistributedDataParallel under ``torch.distributed``.
-    Checkpoints hold ``model``."""
+def build_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """``model.name`` initialised from ``seed`` and placed on ``device`` as ``train.*`` asks
+    (float64, channels-last, synchronised BatchNorm under ``torch.distributed``): the model
+    checkpoints hold and evaluation runs."""
     model = create_model(cfg.model.name, cfg.num_classes, head=cfg.model.head,
                          generator=torch.Generator().manual_seed(cfg.seed))
     train = cfg.train
@@ -34,11 +32,33 @@ def build_model(cfg: RunConfig, device: torch.device) -> tuple[torch.nn.Module, 
         model.to(memory_format=torch.channels_last)
     if is_distributed() and train.sync_bn:  # torch's on CUDA, ours elsewhere (gloo)
         model = convert_sync_batchnorm(model, device.type)
-    step_model = torch.compile(model) if train.compile else model
+    return model
+
+
+def check_step_options(train: TrainConfig, device: torch.device) -> None:
+    """``train.cuda_graphs`` needs a CUDA device (graph capture is CUDA's)."""
+    if train.cuda_graphs and device.type != "cuda":
+        raise OtltError(f"train.cuda_graphs needs a CUDA device (this run's is {device.type}); "
+                        "drop it, or use train.compile")
+
+
+def step_model_for(model: torch.nn.Module, train: TrainConfig,
+                   device: torch.device) -> torch.nn.Module:
+    """What the training step calls: ``model`` itself; compiled (``train.compile``); or
+    compiled in ``reduce-overhead`` mode (``train.cuda_graphs``: forward and backward
+    replayed as CUDA graphs, one graph per batch shape, so the partial last batch has its
+    own); wrapped in DistributedDataParallel under ``torch.distributed``. It shares
+    ``model``'s parameters and buffers."""
+    check_step_options(train, device)
+    step_model = model
+    if train.cuda_graphs:
+        step_model = torch.compile(model, mode="reduce-overhead")
+    elif train.compile:
+        step_model = torch.compile(model)
     if is_distributed():
         ids = [device.index] if device.type == "cuda" else None
         step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=ids)
-    return model, step_model
+    return step_model
 
 
 def rng_states(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:

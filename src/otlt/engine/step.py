@@ -78,13 +78,17 @@ class SGDStep:
     ``loss`` on the clean labels, or on a mixed batch
     ``L = Σ λ_i ℓ(f(x̃_i), a_i) + (1 - λ_i) ℓ(f(x̃_i), b_i)`` normalised as
     :func:`otlt.losses.batch_loss` says; its accuracy counts a mixed row as
-    ``λ_i [pred = a_i] + (1 - λ_i) [pred = b_i]``."""
+    ``λ_i [pred = a_i] + (1 - λ_i) [pred = b_i]``. ``graphs``: ``step_model`` replays CUDA
+    graphs (``train.cuda_graphs``); each step begins a new graph iteration, so no output of
+    the previous one is read after it is overwritten."""
 
     def __init__(self, step_model: torch.nn.Module, loss: LongTailLoss,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                 amp_dtype: torch.dtype | None, channels_last: bool) -> None:
+                 amp_dtype: torch.dtype | None, channels_last: bool,
+                 graphs: bool = False) -> None:
         self.step_model, self.loss, self.optimizer = step_model, loss, optimizer
         self.scaler, self.amp_dtype, self.channels_last = scaler, amp_dtype, channels_last
+        self.graphs = graphs
 
     def start_epoch(self, generator: torch.Generator) -> None:
         """Nothing to do before an epoch."""
@@ -94,6 +98,8 @@ class SGDStep:
         x = batch.images if mixed is None else mixed.images
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(x.device, self.amp_dtype):
             logits = self.step_model(x)
         if mixed is None:

@@ -51,12 +51,14 @@ from otlt.engine.rundir import (
 from otlt.engine.runtime import (
     autocast_dtype,
     build_model,
+    check_step_options,
     configure_kernels,
     load_optimizer_state,
     resolve_device,
     restore_rng_states,
     rng_states,
     sgd_options,
+    step_model_for,
 )
 from otlt.engine.schedule import step_lr
 from otlt.engine.stability import LossGuard, grad_scaler
@@ -83,6 +85,7 @@ class Trainer:
         # The process group comes first: only rank 0 touches the run directory, and an error
         # there reaches every rank.
         self.device = setup_process(resolve_device(cfg.train.device), cfg.train.dist_timeout)
+        check_step_options(cfg.train, self.device)
         world = world_size()
         require(cfg.optim.batch_size % world == 0,
                 f"optim.batch_size={cfg.optim.batch_size} is the global batch and must split "
@@ -101,7 +104,7 @@ class Trainer:
                   file=sys.stderr, flush=True)
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.model, step_model = build_model(cfg, self.device)
+        self.model = build_model(cfg, self.device)
         o = cfg.optim
         params = stage2_parameters(self.model, cfg.reweight) if stage2 else \
             list(self.model.parameters())
@@ -116,8 +119,9 @@ class Trainer:
         self.embed = self.recipe.embed_of(self.model, self.amp_dtype, cfg.train.channels_last)
         self.step: Step = Stage2Step(cfg, self.model, self.feed, self.loss, self.optimizer,
                                      self.scaler, self.amp_dtype, stage1) if stage2 else \
-            SGDStep(step_model, self.loss, self.optimizer, self.scaler, self.amp_dtype,
-                    cfg.train.channels_last)
+            SGDStep(step_model_for(self.model, cfg.train, self.device), self.loss,
+                    self.optimizer, self.scaler, self.amp_dtype, cfg.train.channels_last,
+                    graphs=cfg.train.cuda_graphs)
         self.evaluation = EvaluationProcedure(cfg, self.model, self.feed, self.recipe,
                                               self.run_dir, embed=self.embed,
                                               amp_dtype=self.amp_dtype)
