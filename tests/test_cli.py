@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -51,9 +52,18 @@ def test_train_writes_run_directory_and_eval(tiny_zip, config, tmp_path, capsys)
     assert "top-1 error" in out
 
 
+COMPILED = pytest.param(["train.compile=true"], id="compiled", marks=[
+    pytest.mark.slow, pytest.mark.skipif(shutil.which("g++") is None and
+                                         shutil.which("c++") is None,
+                                         reason="torch.compile on the CPU needs a C++ compiler")])
+
+
+@pytest.mark.parametrize("extra", [pytest.param([], id="eager"), COMPILED])
 def test_resume_gives_exactly_the_uninterrupted_weights(tiny_zip, config, tmp_path,
-                                                        capsys):
-    base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3)
+                                                        capsys, extra):
+    """Also for a compiled step model (the CPU stand-in for train.cuda_graphs, which compiles
+    the same way in another mode): its resume is exact too."""
+    base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3) + extra
     full = [*base, "name=full"]
     part = [*base, "name=part"]
     assert run_cli(["train", "--config", str(config), *sets(full)], capsys)[0] == 0

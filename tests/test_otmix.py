@@ -381,3 +381,19 @@ def test_inputs_are_checked_once_per_call_and_by_a_direct_plan(monkeypatch):
         otmix.plan(x, y, ints, y, generator=g, model=model)
     with pytest.raises(OtltError, match="OTMix takes model inputs, float"):
         otmix(x, y, ints, y, generator=g, model=model)
+
+
+def test_a_subclass_plan_is_what_call_runs():
+    """``__call__`` plans through the public ``plan``, so a user's override is honoured."""
+    seen = []
+
+    class Logged(OTMix):
+        def plan(self, *args, **kwargs):
+            seen.append(1)
+            return super().plan(*args, **kwargs)
+
+    x, xp = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 0])
+    mixer = Logged(class_counts=[5, 3, 2], ot_probability=0.0)
+    mixer(x, y, xp, y, generator=torch.Generator().manual_seed(0))
+    assert seen == [1]

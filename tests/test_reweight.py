@@ -314,7 +314,27 @@ def test_stage2_user_errors(stage1, tmp_path, capsys):
     state["epoch"] = 0
     torch.save(state, tmp_path / "half.pt")
     assert "stopped after epoch 1 of 2" in error([f"reweight.stage1={tmp_path / 'half.pt'}"])
+    assert "steps its model eagerly: drop train.compile" in error(["train.compile=true"])
+    assert "needs an in-memory dataset" in error(["data.dataset=imagenet_lt"])
     assert not (tmp_path / "bad").exists()  # nothing written on bad input
+
+
+def test_stage2_that_died_in_its_first_epoch_restarts_from_stage1(stage1, tmp_path, capsys):
+    """``otlt train --resume`` of a stage-2 directory without ``last.pt`` (what the run
+    directory's own message suggests) starts afresh: from the stage-1 weights, not from a
+    random backbone."""
+    config = tmp_path / "stage2.yaml"
+    config.write_text("name: stage2\n")
+    args = _stage2(stage1, tmp_path, "died", [])
+    assert main(["train", "--config", str(config), "--stop-after", "1", *args]) == 0
+    run = tmp_path / "died"
+    for name in ("last.pt", "metrics.jsonl", "weights.json", "best.safetensors"):
+        (run / name).unlink(missing_ok=True)
+    assert main(["train", "--resume", str(run)]) == 0
+    capsys.readouterr()
+    first = load_checkpoint(stage1["run"] / "last.pt")["model"]
+    last = load_checkpoint(run / "last.pt")["model"]
+    assert all(torch.equal(first[k], last[k]) for k in first if not k.startswith("fc."))
 
 
 def test_presets_pair_each_stage2_with_its_stage1():

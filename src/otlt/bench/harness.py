@@ -140,6 +140,7 @@ class Bench:
         self.embed = t.recipe.embed_of(t.model, t.amp_dtype, cfg.train.channels_last)
         self.order = torch.cat(list(t.feed.epoch(0, None, t.generator, None).items))
         self.cursor = 0
+        self._compiled: dict[bool, torch.nn.Module] = {}
         self.batch_size = cfg.optim.batch_size
         self._make_fixed_batches()
 
@@ -217,8 +218,10 @@ class Bench:
         eager, was_graphed = t.step.step_model, t.step.graphs
         if graphs:
             require(self.device.type == "cuda", "--cuda-graphs needs --device cuda")
-        fast = torch.compile(t.model, mode="reduce-overhead") if graphs else \
-            torch.compile(t.model)
+        if graphs not in self._compiled:  # one compiled module per mode, for every variant
+            self._compiled[graphs] = torch.compile(t.model, mode="reduce-overhead") \
+                if graphs else torch.compile(t.model)
+        fast = self._compiled[graphs]
 
         def run() -> None:
             t.step.step_model, t.step.graphs = fast, graphs

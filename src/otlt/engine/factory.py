@@ -6,11 +6,9 @@ from pathlib import Path
 
 from otlt.config import RunConfig
 from otlt.data.prepare import LongTailedData
-from otlt.data.streams import is_list_dataset
 from otlt.engine.rundir import abandon_run_dir, first_missing
 from otlt.engine.runtime import run_dir_path
 from otlt.engine.trainer import Trainer
-from otlt.errors import require
 
 
 def create_trainer(cfg: RunConfig, run_dir: Path | None = None, resume: bool = False,
@@ -21,9 +19,6 @@ def create_trainer(cfg: RunConfig, run_dir: Path | None = None, resume: bool = F
     (:mod:`~otlt.engine.rundir`) at once, and removes the directory if this call made it and
     nothing but the lock is in it (a refused config leaves no empty run directory behind);
     ``fit`` releases the lock at its end."""
-    require(not (is_list_dataset(cfg.data) and cfg.reweight.stage1 is not None),
-            "OT re-weighting stage 2 needs an in-memory dataset (CIFAR, image folders); "
-            "list-file datasets are not supported yet")
     path = run_dir_path(cfg, run_dir)
     created = first_missing(path)
     try:

@@ -17,10 +17,12 @@ gathers its batch by index and augments it with one batched gather
 (:class:`otlt.data.augment.GPUAugment`). :class:`otlt.engine.stream_feed.StreamFeed` streams
 list-file datasets (ImageNet-LT, iNaturalist 2018) through DataLoader workers.
 
-Both draw in one fixed order from the caller's generator, which the committed results depend
-on: the epoch's permutation, then per step the augmentation of the batch, the coin, the
-foreground indices (and their augmentation), the mixer's plan. Every rank draws the same
-global batches, coins and foregrounds and keeps its own rows
+Each draws in one fixed order from the caller's generator, which the committed results depend
+on. In memory: the epoch's permutation, then per step the augmentation of the batch, the
+coin, the foreground indices (and their augmentation), the mixer's plan. Streamed: the
+permutation, then every step's coin and foreground indices at once (the crops are seeded per
+item by the datasets, not drawn from the generator), then per mixed step the plan. Every
+rank draws the same global batches, coins and foregrounds and keeps its own rows
 (:func:`otlt.engine.distributed.rank_slice`), so every rank issues the same collectives.
 """
 
@@ -39,7 +41,7 @@ from otlt.engine.batchnorm import recalibration_indices
 from otlt.engine.distributed import global_batches, rank_slice, world_size
 from otlt.engine.evaluation import evaluate
 from otlt.engine.runtime import DeviceSplit
-from otlt.engine.step import Steps, TrainBatch
+from otlt.engine.step import EpochBatches, TrainBatch
 from otlt.engine.stream_feed import StreamFeed
 from otlt.errors import require
 from otlt.mixing import MixRecipe
@@ -52,13 +54,13 @@ class Feed(Protocol):
     data: Any
     counts: list[int]
     classes: list[str]
-    labels: torch.Tensor
+    labels: Any  # (N,) training labels: a numpy array or a tensor
     has_val: bool
 
     def __len__(self) -> int: ...
 
     def epoch(self, epoch: int, recipe: MixRecipe | None, generator: torch.Generator,
-              embed: Embed | None) -> Steps: ...
+              embed: Embed | None) -> EpochBatches: ...
 
     def recalibration(self, mode: str, epoch: int, recipe: MixRecipe | None,
                       generator: torch.Generator, embed: Embed | None,
@@ -98,24 +100,25 @@ class DeviceFeed:
         return x[mine], self.train.labels[idx][mine]
 
     def epoch(self, epoch: int, recipe: MixRecipe | None, generator: torch.Generator,
-              embed: Embed | None) -> Steps:
+              embed: Embed | None) -> EpochBatches:
         """The epoch's steps: a seeded permutation every rank draws alike, cut into
         ``optim.batch_size`` global batches (the last one padded to split over the ranks);
         each step mixed by ``recipe`` (coin, foreground, plan) when given."""
         order = torch.randperm(len(self.train), generator=generator)
         batches = global_batches(order, self.cfg.optim.batch_size, world_size())
-        return Steps(batches, lambda idx: self.batch(idx, recipe, generator, embed))
+        return EpochBatches(batches, lambda idx: self.batch(idx, recipe, generator, embed))
 
     def batch(self, idx: torch.Tensor, recipe: MixRecipe | None, generator: torch.Generator,
               embed: Embed | None) -> TrainBatch:
         """The step of global batch ``idx``: this rank's rows, augmented, and (with
         ``recipe``) its coin and on heads its mix."""
+        idx = idx.to(self.device)  # once: gather's move is then a no-op
         x, y = self.gather(idx, generator)
         mixed = None
         if recipe is not None:
             mixed = recipe.step(x, y, generator, size=len(idx), embed=embed,
                                 load=lambda i: self.gather(i, generator))
-        return TrainBatch(x, y, idx.to(self.device)[rank_slice(len(idx))], mixed)
+        return TrainBatch(x, y, idx[rank_slice(len(idx))], mixed)
 
     def recalibration(self, mode: str, epoch: int, recipe: MixRecipe | None,
                       generator: torch.Generator, embed: Embed | None,

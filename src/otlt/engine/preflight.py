@@ -25,7 +25,7 @@ def check_components(cfg: RunConfig) -> None:
     check_model(cfg.model.name, k, cfg.model.head)
     counts = list(range(2 * k, k, -1))  # any imbalanced counts do: the options are checked
     loss = create_loss(cfg.loss.name, counts, **cfg.loss.params)
-    check_epoch_knobs(cfg, drw_epoch=loss.drw_epoch)
+    check_epoch_knobs(cfg, drw_epoch=getattr(loss, "drw_epoch", None))
     build_mixer(cfg, counts)
 
 

@@ -42,6 +42,7 @@ import yaml
 
 from otlt.amp import autocast
 from otlt.config import ReweightConfig, RunConfig, to_dict
+from otlt.data.streams import is_list_dataset
 from otlt.engine.checkpoint import load_checkpoint, write_atomic
 from otlt.engine.distributed import launched_world_size
 from otlt.engine.feed import DeviceFeed
@@ -112,14 +113,20 @@ def load_stage1(cfg: RunConfig) -> dict[str, Any]:
     return state
 
 
-def stage1_state(cfg: RunConfig, resume: bool) -> dict[str, Any] | None:
+def stage1_state(cfg: RunConfig, resumed: bool) -> dict[str, Any] | None:
     """Checks of a stage-2 run before anything is built, and the stage-1 checkpoint a fresh
-    one starts from (None when resumed: the run has its own weights). Read before the run
+    run starts from (None when ``resumed`` from its own ``last.pt``). Read before the run
     directory is created, so a missing or unfinished stage 1 leaves nothing behind."""
     require(launched_world_size() == 1, "OT re-weighting stage 2 runs in one process (the "
                                         "example weights are not synchronised across ranks); "
                                         "launch it without torchrun")
-    return None if resume else load_stage1(cfg)
+    require(not is_list_dataset(cfg.data), "OT re-weighting stage 2 needs an in-memory "
+                                           "dataset (CIFAR, image folders); list-file datasets "
+                                           "are not supported yet")
+    require(not (cfg.train.compile or cfg.train.cuda_graphs),
+            "OT re-weighting stage 2 steps its model eagerly: drop train.compile and "
+            "train.cuda_graphs")
+    return None if resumed else load_stage1(cfg)
 
 
 def stage2_parameters(model: torch.nn.Module, r: ReweightConfig) -> list[torch.nn.Parameter]:
@@ -162,11 +169,8 @@ class Stage2Step:
         return {"reweighter": self.reweighter.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            self.reweighter.load_state_dict(state["reweighter"])
-        except (KeyError, RuntimeError) as exc:
-            raise OtltError(f"checkpoint is not an OT re-weighting stage-2 checkpoint of this "
-                            f"run ({type(exc).__name__}: {exc})") from None
+        """The re-weighter's raw weights and momentum (a KeyError: not a stage-2 checkpoint)."""
+        self.reweighter.load_state_dict(state["reweighter"])
 
     def write(self, run_dir: Path, epoch: int) -> None:
         """``weights.json``: every training example's label, raw weight and probability."""

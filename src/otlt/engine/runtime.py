@@ -36,10 +36,17 @@ def build_model(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
 
 
 def check_step_options(train: TrainConfig, device: torch.device) -> None:
-    """``train.cuda_graphs`` needs a CUDA device (graph capture is CUDA's)."""
-    if train.cuda_graphs and device.type != "cuda":
+    """``train.cuda_graphs`` needs a CUDA device (graph capture is CUDA's) and one process
+    (under ``torch.distributed`` its DDP and SyncBatchNorm collectives inside the graphs
+    have not been checked on GPUs yet)."""
+    if not train.cuda_graphs:
+        return
+    if device.type != "cuda":
         raise OtltError(f"train.cuda_graphs needs a CUDA device (this run's is {device.type}); "
-                        "drop it, or use train.compile")
+                        "drop it (--set train.cuda_graphs=false), or use train.compile")
+    if is_distributed():
+        raise OtltError("train.cuda_graphs is not checked under torchrun yet (DDP and "
+                        "SyncBatchNorm inside CUDA graphs); drop it, or use train.compile")
 
 
 def step_model_for(model: torch.nn.Module, train: TrainConfig,

@@ -30,7 +30,7 @@ StepResult = tuple[torch.Tensor, torch.Tensor, int]
 class TrainBatch:
     """One training step's input on this rank.
 
-    ``images (B, 3, H, W)`` float, augmented; ``labels (B,)``; ``indices (B,)`` their
+    ``images (B, 3, H, W)`` float, augmented; ``labels (B,)`` long; ``indices (B,)`` their
     training-split indices (None when streamed); ``mixed`` the recipe's mix of them (None: a
     clean step).
     """
@@ -41,9 +41,10 @@ class TrainBatch:
     mixed: MixedBatch | None = None
 
 
-class Steps:
-    """A sized iterable of an epoch's batches: ``make(item)`` for each item, called lazily,
-    after the previous batch's step was taken (a feature pass sees the model as stepped)."""
+class EpochBatches:
+    """A sized iterable of an epoch's batches: ``make(item)`` for each of ``items`` (the
+    epoch's global index batches, or a streaming loader's items), called lazily, after the
+    previous batch's step was taken (a feature pass sees the model as stepped)."""
 
     def __init__(self, items: Sequence[Any], make: Callable[[Any], TrainBatch]) -> None:
         self.items, self.make = items, make
@@ -126,4 +127,4 @@ class SGDStep:
         """No files of its own."""
 
 
-__all__ = ["SGDStep", "Step", "StepResult", "Steps", "TrainBatch"]
+__all__ = ["EpochBatches", "SGDStep", "Step", "StepResult", "TrainBatch"]

@@ -33,7 +33,7 @@ from otlt.data.streams import IMAGENET_MEAN, IMAGENET_STD, prepare_stream_data
 from otlt.engine.batchnorm import recalibration_indices
 from otlt.engine.distributed import global_batches, rank, rank_slice, world_size
 from otlt.engine.evaluation import summed_confusion
-from otlt.engine.step import Steps, TrainBatch
+from otlt.engine.step import EpochBatches, TrainBatch
 from otlt.errors import require
 from otlt.mixing import MixRecipe
 from otlt.models.features import Embed
@@ -115,7 +115,7 @@ class StreamFeed:
         return batch_loader(dataset, batches, self.cfg.train.workers, self.device)
 
     def epoch(self, epoch: int, recipe: MixRecipe | None, generator: torch.Generator,
-              embed: Embed | None) -> Steps:
+              embed: Embed | None) -> EpochBatches:
         """The epoch's steps: the global batches of a permutation from ``generator``, and
         (with ``recipe``) the coins and foregrounds of the whole epoch, drawn now; each rank
         loads its rows."""
@@ -124,7 +124,7 @@ class StreamFeed:
         global_steps = global_batches(torch.randperm(len(self.train), generator=generator),
                                       self.cfg.optim.batch_size, world_size())
         items = self._lockstep(self.train, self.fore_set, global_steps, recipe, generator)
-        return Steps(items, lambda item: self._step(item, recipe, generator, embed))
+        return EpochBatches(items, lambda item: self._batch(item, recipe, generator, embed))
 
     def _lockstep(self, dataset: ListFileDataset, fore_set: ListFileDataset,
                   global_steps: list[torch.Tensor], recipe: MixRecipe | None,
@@ -141,7 +141,7 @@ class StreamFeed:
         batches = [b[rank_slice(len(b))].tolist() for b in global_steps]
         return _Lockstep(self._loader(dataset, batches), coins, fore)
 
-    def _step(self, item: Item, recipe: MixRecipe | None, generator: torch.Generator,
+    def _batch(self, item: Item, recipe: MixRecipe | None, generator: torch.Generator,
               embed: Embed | None) -> TrainBatch:
         """A lockstep item on the device; heads (its coin, drawn at epoch start) mixes it."""
         images, labels, coin, foreground = item
@@ -165,7 +165,7 @@ class StreamFeed:
         steps = self._lockstep(self._copy(2, epoch), self._copy(3, epoch), global_steps,
                                recipe, generator)
         for item in steps:
-            batch = self._step(item, recipe, generator, embed)
+            batch = self._batch(item, recipe, generator, embed)
             yield batch.images if batch.mixed is None else batch.mixed.images
 
     def confusion(self, split: str, model: torch.nn.Module,

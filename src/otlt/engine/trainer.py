@@ -57,6 +57,7 @@ from otlt.engine.runtime import (
     resolve_device,
     restore_rng_states,
     rng_states,
+    run_dir_path,
     sgd_options,
     step_model_for,
 )
@@ -81,7 +82,10 @@ class Trainer:
         self.cfg = cfg
         check_components(cfg)  # a typo in a loss, mixer or model fails before data is read
         stage2 = cfg.reweight.stage1 is not None
-        stage1 = stage1_state(cfg, resume) if stage2 else None  # before the run directory
+        # Read before the run directory is made; a run that died in its first epoch (no
+        # last.pt) starts afresh, so from stage 1 again.
+        resumed = resume and (run_dir_path(cfg, run_dir) / "last.pt").is_file()
+        stage1 = stage1_state(cfg, resumed) if stage2 else None
         # The process group comes first: only rank 0 touches the run directory, and an error
         # there reaches every rank.
         self.device = setup_process(resolve_device(cfg.train.device), cfg.train.dist_timeout)
@@ -188,10 +192,10 @@ class Trainer:
                 self.mixer.load_state_dict(state["mixer"])
             if self.scaler is not None and "scaler" in state:
                 self.scaler.load_state_dict(state["scaler"])
+            self.step.load_state_dict(state)
         except (KeyError, RuntimeError, TypeError) as exc:
             raise OtltError(f"checkpoint in {self.run_dir} does not match this run's "
                             f"config ({reason(exc)})") from None
-        self.step.load_state_dict(state)
         self.start_epoch = int(state["epoch"]) + 1
         self.evaluation.best = state.get("best")
 
@@ -218,13 +222,13 @@ class Trainer:
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                    disable=not (self.cfg.train.progress and is_main_process()),
                    file=sys.stderr, dynamic_ncols=True)
-        for step, batch in enumerate(bar):
-            lr = step_lr(self.cfg, epoch, step, len(batches))
+        for i, batch in enumerate(bar):
+            lr = step_lr(self.cfg, epoch, i, len(batches))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, correct, n = self.step(batch)
             guard.update(loss_sum, n)
-            if not bar.disable and step % 10 == 0:  # .item() syncs the device: not every step
+            if not bar.disable and i % 10 == 0:  # .item() syncs the device: not every step
                 bar.set_postfix(loss=f"{float(loss_sum) / n:.3f}", refresh=False)
             total_correct += correct
             seen += n

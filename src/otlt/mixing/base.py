@@ -74,6 +74,9 @@ class Mixer:
     name: ClassVar[str] = ""
     needs_partner_batch: ClassVar[bool] = False
     uses_context: ClassVar[bool] = False
+    # A mixer whose public ``plan`` checks its inputs itself (OTMix: a direct ``plan`` call
+    # must be refused too) sets this, so ``__call__`` does not check the same tensors twice.
+    plan_checks_inputs: ClassVar[bool] = False
     needs_confusion: ClassVar[bool] = False  # reads update_confusion (OTMix)
     floating_inputs: ClassVar[bool] = False  # plan computes features from the images (OTMix)
     feature_mode: str = "pooled_eval"  # an OTMix option; read only when uses_context
@@ -132,14 +135,6 @@ class Mixer:
         """Draw the plan for mixing ``x`` (and ``x_partner``) from ``generator``."""
         raise NotImplementedError
 
-    def _plan_checked(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None,
-                      y_partner: torch.Tensor | None, *, generator: torch.Generator,
-                      **context: Any) -> MixPlan:
-        """:meth:`plan` of inputs that :meth:`check_inputs` has passed (``__call__`` checks
-        once per call). A mixer whose public ``plan`` checks its inputs itself (OTMix)
-        overrides this with its plan minus that check; the others plan as they are."""
-        return self.plan(x, y, x_partner, y_partner, generator=generator, **context)
-
     def apply(self, plan: MixPlan, x: torch.Tensor, y: torch.Tensor,
               x_partner: torch.Tensor | None = None,
               y_partner: torch.Tensor | None = None) -> MixedBatch:
@@ -155,9 +150,10 @@ class Mixer:
         ``context`` (e.g. ``model=``, ``amp_dtype=``) goes to :meth:`plan` when the mixer
         ``uses_context``; the others ignore it, so an engine can call every mixer alike.
         """
-        self.check_inputs(x, x_partner)
+        if not self.plan_checks_inputs:
+            self.check_inputs(x, x_partner)
         extra = context if self.uses_context else {}
-        plan = self._plan_checked(x, y, x_partner, y_partner, generator=generator, **extra)
+        plan = self.plan(x, y, x_partner, y_partner, generator=generator, **extra)
         return self.apply(plan, x, y, x_partner, y_partner)
 
 

@@ -132,6 +132,7 @@ class OTMix(Mixer):
 
     needs_partner_batch: ClassVar[bool] = True
     uses_context: ClassVar[bool] = True
+    plan_checks_inputs: ClassVar[bool] = True
     needs_confusion: ClassVar[bool] = True
     floating_inputs: ClassVar[bool] = True  # the cost's features need float model inputs
 
@@ -262,15 +263,6 @@ class OTMix(Mixer):
         is 0. Random draws are the same as CMO's, so OT and random epochs consume the
         generator identically; OT epochs then replace the pairing."""
         self.check_inputs(x, x_partner)  # features need model inputs
-        return self._plan_checked(x, y, x_partner, y_partner, generator=generator,
-                                  embed=embed, model=model, amp_dtype=amp_dtype)
-
-    def _plan_checked(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None,
-                      y_partner: torch.Tensor | None, *, generator: torch.Generator,
-                      embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                      model: torch.nn.Module | None = None,
-                      amp_dtype: torch.dtype | None = None) -> MixPlan:
-        """:meth:`plan` once :meth:`check_inputs` has passed (``__call__`` checked them)."""
         require(embed is not None or model is not None or self.ot_probability == 0,
                 "OTMix needs features for its OT epochs: pass model= or embed=, or use CMO "
                 "for random pairing")
