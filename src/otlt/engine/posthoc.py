@@ -27,11 +27,10 @@ from tqdm import tqdm
 
 from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
 from otlt.engine.checkpoint import load_checkpoint
-from otlt.engine.feed import create_feed
 from otlt.engine.preflight import check_components
 from otlt.engine.procedure import EvaluationProcedure
 from otlt.engine.rundir import check_stored_config
-from otlt.engine.runtime import autocast_dtype, build_model, configure_kernels, resolve_device
+from otlt.engine.runtime import autocast_dtype, configure_kernels, resolve_device
 from otlt.engine.weights import (
     SUFFIX,
     WeightsFile,
@@ -41,7 +40,6 @@ from otlt.engine.weights import (
 )
 from otlt.errors import OtltError, require, require_choice
 from otlt.metrics import select_value
-from otlt.mixing import MixRecipe
 
 CHECKPOINTS = ("last", "best")
 
@@ -139,12 +137,7 @@ def evaluation_procedure(run_dir: Path, last: dict[str, Any] | None,
     where = resolve_device(cfg.train.device)
     configure_kernels(where, cfg.train.deterministic)
     amp_dtype = None if cfg.train.float64 else autocast_dtype(cfg.train.amp, where)
-    feed = create_feed(cfg, where)
-    torch.manual_seed(cfg.seed)  # as the trainer does before it builds the model
-    model = build_model(cfg, where)
-    recipe = MixRecipe.from_config(cfg, feed.labels, feed.counts)
-    return EvaluationProcedure(cfg, model, feed, recipe, run_dir, amp_dtype=amp_dtype,
-                               embed=recipe.embed_of(model, amp_dtype, cfg.train.channels_last))
+    return EvaluationProcedure.build(cfg, where, run_dir, amp_dtype)
 
 
 def load_into(procedure: EvaluationProcedure, weights: WeightsFile) -> None:

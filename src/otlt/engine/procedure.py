@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from otlt.config import BN_STATS, RunConfig, to_dict
+from otlt.data.prepare import LongTailedData
 from otlt.engine.batchnorm import (
     batchnorm_state,
     preserved_batchnorm,
@@ -41,8 +42,9 @@ from otlt.engine.batchnorm import (
 )
 from otlt.engine.distributed import is_main_process, on_main_then_share
 from otlt.engine.evaluation import split_record
-from otlt.engine.feed import Feed
+from otlt.engine.feed import Feed, create_feed
 from otlt.engine.logging import log_final
+from otlt.engine.runtime import build_model
 from otlt.engine.weights import SUFFIX, load_weights, save_weights
 from otlt.errors import writing
 from otlt.metrics import select_value, summarize
@@ -70,6 +72,22 @@ class EvaluationProcedure:
         self.embed = embed
         self.amp_dtype = amp_dtype
         self.best: dict[str, Any] | None = None
+
+    @classmethod
+    def build(cls, cfg: RunConfig, device: torch.device, run_dir: Path,
+              amp_dtype: torch.dtype | None,
+              data: LongTailedData | None = None) -> EvaluationProcedure:
+        """The procedure of a run with its parts built from ``cfg``: the feed on ``device``
+        (``data``: splits prepared already), the model initialised from ``seed`` (torch's
+        global seed set first, as every run has it), the mixing recipe of ``mix.*`` (window,
+        coin, foreground draw, mixer: a clean batch costs no foreground draw or feature pass)
+        and its feature function. The trainer and ``otlt eval`` build it alike."""
+        feed = create_feed(cfg, device, data)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, device)
+        recipe = MixRecipe.from_config(cfg, feed.labels, feed.counts)
+        return cls(cfg, model, feed, recipe, run_dir, amp_dtype=amp_dtype,
+                   embed=recipe.embed_of(model, amp_dtype, cfg.train.channels_last))
 
     @property
     def mixer(self) -> Mixer | None:

@@ -35,7 +35,6 @@ from otlt.engine.distributed import (
     setup_process,
     world_size,
 )
-from otlt.engine.feed import create_feed
 from otlt.engine.logging import MetricsLogger
 from otlt.engine.preflight import check_components
 from otlt.engine.procedure import EvaluationProcedure
@@ -50,7 +49,6 @@ from otlt.engine.rundir import (
 )
 from otlt.engine.runtime import (
     autocast_dtype,
-    build_model,
     check_step_options,
     configure_kernels,
     load_optimizer_state,
@@ -68,7 +66,7 @@ from otlt.engine.timelimit import TimeLimit
 from otlt.engine.weights import keep_epoch_weights, load_model_state
 from otlt.errors import OtltError, reason, require
 from otlt.losses import create_loss
-from otlt.mixing import Mixer, MixRecipe
+from otlt.mixing import Mixer
 
 
 class Trainer:
@@ -101,14 +99,17 @@ class Trainer:
         # float64 (numerical checks) runs without autocast
         self.amp_dtype = None if cfg.train.float64 else autocast_dtype(cfg.train.amp, self.device)
         self.scaler = grad_scaler(self.amp_dtype, self.device)  # fp16 only
-        self.feed = create_feed(cfg, self.device, data)
+        # The feed, the model, the mixing recipe and the evaluation procedure, as otlt eval
+        # builds them (no drift between the in-run and the post-hoc numbers).
+        self.evaluation = EvaluationProcedure.build(cfg, self.device, self.run_dir,
+                                                    self.amp_dtype, data)
+        self.feed, self.model = self.evaluation.feed, self.evaluation.model
+        self.recipe, self.embed = self.evaluation.recipe, self.evaluation.embed
         if cfg.optim.batch_size > len(self.feed) and is_main_process():
             print(f"otlt: warning: optim.batch_size={cfg.optim.batch_size} is larger than the "
                   f"training set ({len(self.feed)} images): one step per epoch",
                   file=sys.stderr, flush=True)
-        torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.model = build_model(cfg, self.device)
         o = cfg.optim
         params = stage2_parameters(self.model, cfg.reweight) if stage2 else \
             list(self.model.parameters())
@@ -117,18 +118,11 @@ class Trainer:
                                          **sgd_options(self.device))
         self.loss = create_loss(cfg.loss.name, self.feed.counts, **cfg.loss.params)
         self.loss.to(self.device)
-        # The window, coin and foreground draw of mix.*: a clean batch costs no foreground
-        # draw or feature pass; the mixer mixes every batch it is given.
-        self.recipe = MixRecipe.from_config(cfg, self.feed.labels, self.feed.counts)
-        self.embed = self.recipe.embed_of(self.model, self.amp_dtype, cfg.train.channels_last)
         self.step: Step = Stage2Step(cfg, self.model, self.feed, self.loss, self.optimizer,
                                      self.scaler, self.amp_dtype, stage1) if stage2 else \
             SGDStep(step_model_for(self.model, cfg.train, self.device), self.loss,
                     self.optimizer, self.scaler, self.amp_dtype, cfg.train.channels_last,
                     graphs=cfg.train.cuda_graphs)
-        self.evaluation = EvaluationProcedure(cfg, self.model, self.feed, self.recipe,
-                                              self.run_dir, embed=self.embed,
-                                              amp_dtype=self.amp_dtype)
         self.start_epoch = 0
         self._resume_note: dict[str, Any] = {}
         if resume:  # rank 0 reads; tensors stay on the CPU (RNG states must)
