@@ -584,3 +584,24 @@ def test_sweep_refuses_a_directory_with_another_config(tiny_zip, tmp_path):
     with pytest.raises(OtltError, match="different config"):
         run_sweep(runs, log=lambda _: None)
 
+
+
+def test_a_base_row_is_found_across_execution_only_keys(tmp_path):
+    """A mixing run written by older code (no ``train.deterministic`` key, kept epochs
+    resolved) still pairs with its base: how a run executed or what it kept is no part of
+    what it trained."""
+    from otlt.report.rows import base_of, seed_rows
+
+    root = tmp_path / "runs"
+    base = _protocol_run(root, "erm", 0, 36.0, 35.9)
+    mixed = _protocol_run(root, "erm_otmix", 0, 35.4, 32.0, mix="otmix")
+    for run, train in ((base, {"keep_epochs": [-4, -1], "deterministic": False}),
+                       (mixed, {"keep_epochs": [236, 239], "workers": 2})):
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config.setdefault("train", {}).update(train)
+        (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    rows = seed_rows(load_runs([base, mixed]))
+    assert base_of(rows[1], rows) is rows[0]
+    with_lr = _protocol_run(root, "erm_otmix_lr", 0, 35.0, 32.0, mix="otmix", lr=0.05)
+    rows = seed_rows(load_runs([base, with_lr]))
+    assert base_of(rows[1], rows) is None  # what it trained differs

@@ -16,7 +16,12 @@ from otlt.report import plots
 
 #: config keys that name or place a run rather than define it (ignored by sweep detection)
 IGNORED_KEYS = ("name", "out_dir", "data.path", "train.device", "train.amp", "train.progress",
-                "train.compile", "train.channels_last", "train.eval_batch_size")
+                "train.compile", "train.cuda_graphs", "train.channels_last",
+                "train.eval_batch_size", "train.workers", "train.keep_epochs", "train.keep_every",
+                "train.deterministic", "train.dist_timeout")
+"""Keys that say how a run executed or what it kept, not what it trained: rows and their
+base rows are matched without them (a config written before a key existed lacks it, and
+``train.keep_epochs`` may be written relative, ``[-4, -1]``, or resolved, ``[236, 239]``)."""
 GROUPS = ("many", "medium", "few")
 
 # ---------------------------------------------------------------------- reading runs
