@@ -12,7 +12,7 @@ import torch
 
 from conftest import one_line_error, sets, tiny_overrides
 from otlt.cli import main
-from otlt.engine import trainer as trainer_module
+from otlt.engine import runtime as runtime_module
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.stability import LossGuard
 from otlt.errors import OtltError
@@ -55,7 +55,7 @@ def test_a_loss_diverging_in_epoch_2_stops_the_run_at_epoch_1(tiny_zip, tmp_path
 
 def test_nan_weights_stop_the_run_at_its_first_step(tiny_zip, tmp_path, config, capsys,
                                                     monkeypatch):
-    create = trainer_module.create_model
+    create = runtime_module.create_model  # what build_model calls
 
     def nan_model(*args, **kwargs):
         model = create(*args, **kwargs)
@@ -63,7 +63,7 @@ def test_nan_weights_stop_the_run_at_its_first_step(tiny_zip, tmp_path, config, 
             next(model.parameters()).fill_(math.nan)
         return model
 
-    monkeypatch.setattr(trainer_module, "create_model", nan_model)
+    monkeypatch.setattr(runtime_module, "create_model", nan_model)
     args = tiny_overrides(tiny_zip, tmp_path / "runs")
     assert main(["train", "--config", str(config), *sets(args)]) == 2
     one_line_error(capsys, "epoch 1/3 at step 1 of ", "no finite loss", "no epoch was saved")
