@@ -110,7 +110,7 @@ def sinkhorn_rows(kind: str, size: int, args: argparse.Namespace) -> list[list[s
     ms, res = timed(ours, repeats, args.device)
     iters = res.n_iter
     rows.append(_row(kind, size, "otlt sinkhorn", iters, res.converged,
-                     marginal_l1(res.plan.cpu().numpy()), ms))
+                     marginal_l1(res.coupling.cpu().numpy()), ms))
     ms, plan = timed(lambda: logsumexp_loop(cost, eps, iters), repeats, args.device)
     rows.append(_row(kind, size, "torch.logsumexp loop", iters, None,
                      marginal_l1(plan.cpu().numpy()), ms))
@@ -165,7 +165,7 @@ def agreement(args: argparse.Namespace, size: int = 128, seeds: int = 10) -> lis
     for seed in range(seeds):
         cost = make_cost("otmix", size, torch.Generator().manual_seed(1000 + seed))
         res = sinkhorn(cost.to(args.device), eps=0.01, tol=args.tol, max_iter=5000)
-        partner = res.plan.argmax(1).cpu()
+        partner = res.coupling.argmax(1).cpu()
         rates.append((partner == assignment(cost)).double().mean().item())
         iters.append(res.n_iter)
         distinct.append(partner.unique().numel() / size)
@@ -183,7 +183,7 @@ def stability(args: argparse.Namespace, size: int = 128) -> list[list[str]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = sinkhorn(cost.to(args.device), eps=0.01, tol=1e-5, max_iter=5000)
-        plans = {"otlt sinkhorn": res.plan.cpu().numpy()}
+        plans = {"otlt sinkhorn": res.coupling.cpu().numpy()}
         if ot is not None:
             for method in ["sinkhorn_log", "sinkhorn"]:
                 plans[f"POT {method}"] = ot.sinkhorn(uniform, uniform, cost.numpy(), 0.01,

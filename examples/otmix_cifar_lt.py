@@ -14,7 +14,7 @@ What it leaves out (the CLI has them): checkpoints and resume, the validation-se
 BatchNorm recalibration (``eval.bn_stats``), autocast, several processes.
 
 Shapes: the splits are uint8 ``(N, H, W, 3)`` images with ``(N,)`` int64 labels;
-``GPUAugment`` turns a batch into float ``(B, 3, H, W)`` model inputs, which is what every
+``BatchAugment`` turns a batch into float ``(B, 3, H, W)`` model inputs, which is what every
 mixer takes (OTMix refuses uint8 in one line).
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from otlt.config import DataConfig, RunConfig, load_config, preset_path
 from otlt.console import format_eval
-from otlt.data.augment import GPUAugment
+from otlt.data.augment import BatchAugment
 from otlt.data.prepare import prepare_data
 from otlt.engine.evaluation import model_confusion
 from otlt.engine.schedule import step_lr
@@ -93,10 +93,10 @@ def main() -> None:
     criterion = create_loss("ce", counts)
     otmix = OTMix(class_counts=counts)              # omega=0.05, eps=0.01, alpha=4, mu=1
     recipe = MixRecipe(otmix, train_y.cpu())        # the presets' recipe: no mixing in the
-    augment = GPUAugment()                          # first and last 3 epochs, half the
-    g = torch.Generator().manual_seed(args.seed)    # batches mixed, class-balanced foregrounds
+    augment = BatchAugment()                        # first and last 3 epochs, half the
+    g = torch.Generator().manual_seed(args.seed)    # batches mixed, class-balanced partners
 
-    def load(idx):  # foregrounds, gathered and augmented like the batch itself
+    def load(idx):  # partners, gathered and augmented like the batch itself
         idx = idx.to(device)
         return augment(train_x[idx], g), train_y[idx]
 
@@ -113,8 +113,8 @@ def main() -> None:
             if mixed is None:                           # a clean batch
                 loss = batch_loss(criterion, model(x), y)
             else:
-                loss = batch_loss(criterion, model(mixed.images), mixed.targets_a,
-                                  mixed.targets_b, mixed.lam)
+                loss = batch_loss(criterion, model(mixed.images), mixed.base_labels,
+                                  mixed.partner_labels, mixed.lam)
             opt.zero_grad()
             loss.backward()
             opt.step()

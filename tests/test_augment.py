@@ -1,6 +1,6 @@
 import torch
 
-from otlt.data.augment import CIFAR_MEAN, CIFAR_STD, GPUAugment, crop_flip, draw_crop_flip
+from otlt.data.augment import CIFAR_MEAN, CIFAR_STD, BatchAugment, crop_flip, draw_crop_flip
 
 
 def reference_one(image, oy, ox, flip, pad):
@@ -26,7 +26,7 @@ def test_batched_crop_flip_equals_per_image_reference():
 def test_augment_normalises_and_is_channels_last():
     g = torch.Generator().manual_seed(0)
     images = torch.full((4, 32, 32, 3), 255, dtype=torch.uint8)
-    out = GPUAugment(pad=0)(images, g)
+    out = BatchAugment(pad=0)(images, g)
     assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
     expected = torch.tensor([(1 - m) / s for m, s in zip(CIFAR_MEAN, CIFAR_STD, strict=True)])
@@ -35,6 +35,6 @@ def test_augment_normalises_and_is_channels_last():
 
 def test_same_generator_state_same_augmentation():
     images = torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8)
-    a = GPUAugment()(images, torch.Generator().manual_seed(3))
-    b = GPUAugment()(images, torch.Generator().manual_seed(3))
+    a = BatchAugment()(images, torch.Generator().manual_seed(3))
+    b = BatchAugment()(images, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)

@@ -94,11 +94,11 @@ def test_mixers_refuse_the_loaders_uint8_nhwc_layout_in_one_line():
              (create_mixer("cmo"), (raw, y, raw, y), {}), (create_mixer("cutmix"), (raw, y), {})]
     for mixer, args, kwargs in cases:
         with pytest.raises(OtltError, match=r"takes model inputs, float \(B, C, H, W\); got "
-                                            r"torch.uint8 .*GPUAugment"):
+                                            r"torch.uint8 .*BatchAugment"):
             mixer(*args, generator=g, **kwargs)
-    from otlt.data.augment import GPUAugment
+    from otlt.data.augment import BatchAugment
 
-    x = GPUAugment()(raw, g)  # what the message says to do, and it mixes
+    x = BatchAugment()(raw, g)  # what the message says to do, and it mixes
     assert otmix(x, y, x, y, generator=g, model=model).images.shape == (4, 3, 32, 32)
     ints = raw.permute(0, 3, 1, 2)  # integer model-layout images still paste (the gallery)
     assert create_mixer("cutmix")(ints, y, generator=g).images.dtype == torch.uint8

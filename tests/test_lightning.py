@@ -46,8 +46,8 @@ class _Module(L.LightningModule):
         if mixed is None:
             return batch_loss(self.criterion, self(x), y)
         self.mixed_batches += 1
-        return batch_loss(self.criterion, self(mixed.images), mixed.targets_a,
-                          mixed.targets_b, mixed.lam)
+        return batch_loss(self.criterion, self(mixed.images), mixed.base_labels,
+                          mixed.partner_labels, mixed.lam)
 
     def validation_step(self, batch, batch_idx):
         return None

@@ -146,24 +146,24 @@ def test_cutmix_pixels_come_from_partner_inside_box_only(mixer) -> None:
         inside = torch.zeros(16, 16, dtype=torch.bool)
         inside[y0:y1, x0:x1] = True
         for i in range(bsz):
-            b, p = int(plan.base_index[i]), int(plan.partner[i])
+            b, p = int(plan.base_index[i]), int(plan.partner_index[i])
             assert torch.all(out.images[i][:, inside] == source[p, 0, 0, 0])
             assert torch.all(out.images[i][:, ~inside] == x[b, 0, 0, 0])
-        assert torch.equal(out.targets_a, y[plan.base_index])
-        assert torch.equal(out.targets_b, src_labels[plan.partner])
+        assert torch.equal(out.base_labels, y[plan.base_index])
+        assert torch.equal(out.partner_labels, src_labels[plan.partner_index])
         assert plan.lam == box_lam(plan.box, 16, 16)
         torch.testing.assert_close(out.lam, torch.full((bsz,), plan.lam))
-        assert len(set(plan.partner.tolist())) == bsz  # partners drawn without replacement
+        assert len(set(plan.partner_index.tolist())) == bsz  # partners drawn without replacement
 
 
 def test_mixup_pixels_are_the_convex_combination() -> None:
     x = torch.rand(5, 3, 4, 4, dtype=torch.float64)
     y = torch.arange(5)
     out = Mixup(alpha=1.0)(x, y, generator=gen(4))
-    p, lam = out.plan.partner, out.plan.lam
+    p, lam = out.plan.partner_index, out.plan.lam
     assert out.plan.box is None
     torch.testing.assert_close(out.images, lam * x + (1 - lam) * x[p])
-    assert torch.equal(out.targets_b, y[p])
+    assert torch.equal(out.partner_labels, y[p])
 
 
 def test_fraction_mixes_that_many_rows_and_keeps_the_rest_clean() -> None:
@@ -199,8 +199,8 @@ def test_soft_targets_sum_to_one(mixer) -> None:
     assert soft.shape == (8, 4) and soft.dtype == torch.float32
     torch.testing.assert_close(soft.sum(1), torch.ones(8))
     assert torch.all(soft >= 0)
-    differ = out.targets_a != out.targets_b
-    torch.testing.assert_close(soft[differ, out.targets_a[differ]], out.lam[differ])
+    differ = out.base_labels != out.partner_labels
+    torch.testing.assert_close(soft[differ, out.base_labels[differ]], out.lam[differ])
 
 
 def remix_on(lam: float, base: list[int], partner: list[int], mixed=None) -> torch.Tensor:
@@ -258,7 +258,8 @@ def test_plan_then_apply_equals_call_and_plan_is_loggable() -> None:
     assert torch.equal(once.images, twice.images)
     assert torch.equal(mixer(x, y, xf, yf, generator=gen(13)).images, once.images)
     logged = json.loads(json.dumps(plan.to_dict()))
-    assert logged["box"] == list(plan.box) and logged["partner"] == plan.partner.tolist()
+    assert logged["box"] == list(plan.box)
+    assert logged["partner_index"] == plan.partner_index.tolist()
 
 
 def test_apply_plan_supports_otmix_style_pairing() -> None:
@@ -270,7 +271,7 @@ def test_apply_plan_supports_otmix_style_pairing() -> None:
     plan = MixPlan(box_lam(box, 16, 16), box, j_star, torch.arange(3),
                    torch.ones(3, dtype=torch.bool))
     out = apply_plan(plan, xb, yb, xf, yf)
-    assert torch.equal(out.targets_a, yb[j_star]) and torch.equal(out.targets_b, yf)
+    assert torch.equal(out.base_labels, yb[j_star]) and torch.equal(out.partner_labels, yf)
     assert out.images[0, 0, 0, 0] == 200 and out.images[0, 0, 15, 15] == 102
     assert out.images[2, 0, 0, 0] == 202 and out.images[2, 0, 15, 15] == 100
     assert out.lam[0] == 0.75
@@ -294,9 +295,9 @@ def test_device_dtype_preserved_and_inputs_untouched(mixer, dtype, device) -> No
         assert torch.equal(t, saved)
     assert out.images.dtype == dtype and out.images.device == x.device
     assert out.images.shape == x.shape
-    for t in (out.targets_a, out.targets_b, out.lam):
+    for t in (out.base_labels, out.partner_labels, out.lam):
         assert t.device == x.device and t.shape == (6,)
-    assert out.lam.dtype == torch.float32 and out.targets_a.dtype == torch.long
+    assert out.lam.dtype == torch.float32 and out.base_labels.dtype == torch.long
     if not isinstance(mixer, NoMix):
         assert not torch.equal(out.images, x)  # something was actually mixed
 
@@ -378,7 +379,7 @@ def test_saliencymix_pastes_partner_box_and_corrects_lam():
     out = create_mixer("saliencymix", alpha=1.0)(x, y, generator=torch.Generator().manual_seed(1))
     y0, y1, x0, x1 = out.plan.box
     assert torch.allclose(out.lam, torch.full((6,), 1 - (y1 - y0) * (x1 - x0) / 1024))
-    p = out.plan.partner
+    p = out.plan.partner_index
     assert torch.equal(out.images[:, :, y0:y1, x0:x1], x[p][:, :, y0:y1, x0:x1])
 
 

@@ -110,7 +110,7 @@ def test_mixed_images_paste_foreground_box_and_weights_match_area():
     inside[y0:y1, x0:x1] = True
     assert torch.equal(out.images[:, :, inside], xf[:, :, inside])
     assert torch.equal(out.images[:, :, ~inside], xb[plan.base_index][:, :, ~inside])
-    assert torch.equal(out.targets_a, yb[plan.base_index]) and torch.equal(out.targets_b, yf)
+    assert torch.equal(out.base_labels, yb[plan.base_index]) and torch.equal(out.partner_labels, yf)
 
 
 def test_random_epoch_is_cmo_and_inputs_untouched():
@@ -122,7 +122,7 @@ def test_random_epoch_is_cmo_and_inputs_untouched():
                       model=FeatureModel())
     cmo = create_mixer("cmo", alpha=4.0).plan(xb, yb, xf, yf,
                                               generator=torch.Generator().manual_seed(0))
-    assert plan.box == cmo.box and torch.equal(plan.partner, cmo.partner)
+    assert plan.box == cmo.box and torch.equal(plan.partner_index, cmo.partner_index)
     for before, after in zip(copies, (xb, yb, xf, yf), strict=True):
         assert torch.equal(before, after)
 
@@ -273,7 +273,7 @@ def test_softmax_selection_is_in_effect_uniform_random_pairing():
     gen = torch.Generator().manual_seed(0)
     b = 128
     cost = torch.rand(b, b, generator=gen)
-    plan = sinkhorn(cost, eps=0.01, max_iter=5000, warn=False).plan
+    plan = sinkhorn(cost, eps=0.01, max_iter=5000, warn=False).coupling
     assert float(plan.max()) <= 1.0 / b + 1e-6
     rows = torch.softmax(plan, dim=1)
     ratio = float((rows.max(1).values / rows.min(1).values).max())
@@ -298,7 +298,8 @@ def test_otmix_without_features_refuses_instead_of_pairing_at_random():
     plan = never.plan(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0))
     cmo = create_mixer("cmo", alpha=4.0).plan(xb, yb, xf, yf,
                                               generator=torch.Generator().manual_seed(0))
-    assert torch.equal(plan.partner, cmo.partner) and never.end_epoch(None)["ot_epoch"] is False
+    assert torch.equal(plan.partner_index, cmo.partner_index)
+    assert never.end_epoch(None)["ot_epoch"] is False
 
 
 @pytest.mark.parametrize("bad", [lambda x: x, lambda x: x.flatten(1)[:-1], lambda x: "z"])

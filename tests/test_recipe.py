@@ -69,7 +69,7 @@ def test_the_coin_is_heads_with_probability_prob(prob):
 def test_foreground_classes_follow_q_k_proportional_to_n_k_to_the_minus_r(r):
     recipe = MixRecipe(CMO(), LABELS, sampler_r=r)
     n = 40000
-    idx = recipe.foreground(n, torch.Generator().manual_seed(0))
+    idx = recipe.draw_partners(n, torch.Generator().manual_seed(0))
     assert idx.shape == (n,) and idx.dtype == torch.long
     assert int(idx.min()) >= 0 and int(idx.max()) < len(LABELS)  # global training indices
     freq = torch.bincount(LABELS[idx], minlength=4).double() / n
@@ -94,7 +94,7 @@ def test_epoch_draws_give_one_global_index_batch_per_heads_step():
     assert torch.equal(g.get_state(), torch.Generator().manual_seed(2).get_state())
 
 
-def test_mix_hands_embed_to_mixers_with_features_and_needs_foregrounds_for_cmo():
+def test_mix_hands_embed_to_mixers_with_features_and_needs_partners_for_cmo():
     calls = []
 
     def counting(images):
@@ -107,7 +107,7 @@ def test_mix_hands_embed_to_mixers_with_features_and_needs_foregrounds_for_cmo()
     assert calls == []
     mixed = MixRecipe(otmix(), LABELS).mix(x, y, g, load=gather, embed=counting)
     assert calls == [2 * len(y)] and mixed.plan.num_mixed == len(y)
-    with pytest.raises(OtltError, match="needs foregrounds"):
+    with pytest.raises(OtltError, match="needs a partner batch"):
         MixRecipe(CMO(), LABELS).mix(x, y, g)
     assert MixRecipe(None, LABELS).step(x, y, g) is None
 

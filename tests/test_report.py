@@ -478,14 +478,14 @@ def otmix_run(tiny_zip, tmp_path_factory) -> Path:
 
 def test_gallery_shows_the_pairs_the_mixer_chose(otmix_run):
     g = mixed_pairs(otmix_run, n=6, seed=0)
-    assert g.ot and g.fore.shape == g.back.shape == g.mixed.shape == (6, 32, 32, 3)
+    assert g.ot and g.partners.shape == g.bases.shape == g.mixed.shape == (6, 32, 32, 3)
     for i in range(6):
         # CutMix: every mixed pixel comes from the foreground or the chosen background
-        from_fore = np.isclose(g.mixed[i], g.fore[i]).all(-1)
-        from_back = np.isclose(g.mixed[i], g.back[i]).all(-1)
+        from_fore = np.isclose(g.mixed[i], g.partners[i]).all(-1)
+        from_back = np.isclose(g.mixed[i], g.bases[i]).all(-1)
         assert (from_fore | from_back).all()
         assert g.lams[i] == pytest.approx(from_back.mean(), abs=1 / 32)
-    assert len(set(g.fore_labels)) > 1  # one foreground per class first
+    assert len(set(g.partner_labels)) > 1  # one foreground per class first
 
 
 def test_gallery_mixes_the_runs_fraction_of_rows(otmix_run, tmp_path):

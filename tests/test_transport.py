@@ -66,13 +66,13 @@ def test_sinkhorn_batched_marginals_match(device: str, dtype: torch.dtype, eps: 
     b = _simplex((30,), gen, dtype).to(device)  # shared by the whole batch
     res = sinkhorn(cost, a, b, eps=eps, tol=1e-6, max_iter=5000)
     assert res.converged and res.n_iter < 5000
-    assert res.plan.shape == (2, 3, 20, 30) and res.plan.dtype == dtype
-    assert res.plan.device.type == device
+    assert res.coupling.shape == (2, 3, 20, 30) and res.coupling.dtype == dtype
+    assert res.coupling.device.type == device
     assert res.f.shape == (2, 3, 20) and res.g.shape == (2, 3, 30)
     assert res.cost.shape == res.objective.shape == res.marginal_error.shape == (2, 3)
     # Recomputed in float64 from the returned plan: float32 adds summation rounding.
     atol = 1e-6 if dtype == torch.float64 else 2e-5
-    assert _marginal_l1(res.plan, a, b.expand(2, 3, 30)).max().item() < atol
+    assert _marginal_l1(res.coupling, a, b.expand(2, 3, 30)).max().item() < atol
     assert res.marginal_error.max().item() <= 1e-6
 
 
@@ -80,17 +80,17 @@ def test_sinkhorn_batched_marginals_match(device: str, dtype: torch.dtype, eps: 
 def test_sinkhorn_float32_otmix_cost_marginals_at_small_eps(device: str) -> None:
     cost = torch.stack([_otmix_cost(96, _gen(seed)) for seed in range(3)]).to(device)
     res = sinkhorn(cost, eps=0.01, tol=1e-6, max_iter=3000)
-    assert res.converged and res.plan.dtype == torch.float32
+    assert res.converged and res.coupling.dtype == torch.float32
     uniform = torch.full((3, 96), 1 / 96)
-    assert _marginal_l1(res.plan.cpu(), uniform, uniform).max().item() < 1e-5
+    assert _marginal_l1(res.coupling.cpu(), uniform, uniform).max().item() < 1e-5
 
 
 def test_sinkhorn_defaults_to_uniform_marginals() -> None:
     cost = torch.rand(6, 8, generator=_gen(1), dtype=torch.float64)
     res = sinkhorn(cost, eps=0.05)
-    torch.testing.assert_close(res.plan.sum(1), torch.full((6,), 1 / 6, dtype=torch.float64),
+    torch.testing.assert_close(res.coupling.sum(1), torch.full((6,), 1 / 6, dtype=torch.float64),
                                atol=1e-6, rtol=0)
-    torch.testing.assert_close(res.plan.sum(0), torch.full((8,), 1 / 8, dtype=torch.float64),
+    torch.testing.assert_close(res.coupling.sum(0), torch.full((8,), 1 / 8, dtype=torch.float64),
                                atol=1e-6, rtol=0)
 
 
@@ -98,8 +98,8 @@ def test_sinkhorn_defaults_to_uniform_marginals() -> None:
 def test_sinkhorn_batch_equals_problems_solved_one_by_one(size: int) -> None:
     # At 190 the batch takes the large-input log-sum-exp path and single problems do not.
     cost = torch.rand(2, size, size + 2, generator=_gen(2), dtype=torch.float64)
-    batched = sinkhorn(cost, eps=0.1, tol=1e-10).plan
-    single = torch.stack([sinkhorn(c, eps=0.1, tol=1e-10).plan for c in cost])
+    batched = sinkhorn(cost, eps=0.1, tol=1e-10).coupling
+    single = torch.stack([sinkhorn(c, eps=0.1, tol=1e-10).coupling for c in cost])
     torch.testing.assert_close(batched, single, atol=1e-12, rtol=1e-8)
 
 
@@ -119,7 +119,7 @@ def test_sinkhorn_recovers_when_a_scaling_block_overflows(monkeypatch: pytest.Mo
     monkeypatch.setattr(StabilizedSinkhorn, "_scaling_block", overflowing)
     res = sinkhorn(cost, eps=0.01, tol=1e-9, max_iter=5000)
     assert len(calls) > 4 and res.converged
-    torch.testing.assert_close(res.plan, reference.plan, atol=1e-10, rtol=0)
+    torch.testing.assert_close(res.coupling, reference.coupling, atol=1e-10, rtol=0)
 
 
 def test_sinkhorn_plan_has_gibbs_form_of_potentials() -> None:
@@ -128,8 +128,8 @@ def test_sinkhorn_plan_has_gibbs_form_of_potentials() -> None:
     a, b = _simplex((9,), gen, torch.float64), _simplex((7,), gen, torch.float64)
     res = sinkhorn(cost, a, b, eps=0.1, tol=1e-10)
     gibbs = a[:, None] * b[None, :] * torch.exp((res.f[:, None] + res.g[None, :] - cost) / 0.1)
-    torch.testing.assert_close(res.plan, gibbs, atol=1e-12, rtol=1e-9)
-    torch.testing.assert_close(res.cost, (res.plan * cost).sum())
+    torch.testing.assert_close(res.coupling, gibbs, atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(res.cost, (res.coupling * cost).sum())
 
 
 def test_sinkhorn_massless_rows_get_no_mass() -> None:
@@ -138,15 +138,15 @@ def test_sinkhorn_massless_rows_get_no_mass() -> None:
     a = torch.tensor([0.5, 0.0, 0.25, 0.25, 0.0], dtype=torch.float64)
     res = sinkhorn(cost, a, eps=0.05, tol=1e-9)
     assert res.converged and torch.isfinite(res.objective)
-    assert res.plan[[1, 4]].abs().max().item() == 0.0
-    torch.testing.assert_close(res.plan.sum(0), torch.full((5,), 0.2, dtype=torch.float64))
+    assert res.coupling[[1, 4]].abs().max().item() == 0.0
+    torch.testing.assert_close(res.coupling.sum(0), torch.full((5,), 0.2, dtype=torch.float64))
 
 
 def test_sinkhorn_forbidden_pairs_carry_no_mass() -> None:
     cost = torch.rand(4, 4, generator=_gen(5), dtype=torch.float64)
     cost[0, 0] = math.inf
     res = sinkhorn(cost, eps=0.2, tol=1e-9)
-    assert res.plan[0, 0].item() == 0.0
+    assert res.coupling[0, 0].item() == 0.0
     assert torch.isfinite(res.cost) and torch.isfinite(res.objective)
 
 
@@ -164,7 +164,7 @@ def test_sinkhorn_plan_matches_pot_log_domain(seed: int, eps: float) -> None:
     ours = sinkhorn(cost, a, b, eps=eps, tol=1e-11, max_iter=20000)
     theirs = ot.sinkhorn(a.numpy(), b.numpy(), cost.numpy(), eps, method="sinkhorn_log",
                          stopThr=1e-13, numItermax=200000)
-    np.testing.assert_allclose(ours.plan.numpy(), theirs, atol=1e-9, rtol=0)
+    np.testing.assert_allclose(ours.coupling.numpy(), theirs, atol=1e-9, rtol=0)
     # POT's sinkhorn2 value is the transport cost <T, C> without the entropy term.
     pot_cost = ot.sinkhorn2(a.numpy(), b.numpy(), cost.numpy(), eps, method="sinkhorn_log",
                             stopThr=1e-13, numItermax=200000)
@@ -178,8 +178,8 @@ def test_sinkhorn_float32_otmix_plan_matches_pot_float64() -> None:
     theirs = ot.sinkhorn(np.full(64, 1 / 64), np.full(64, 1 / 64), cost.double().numpy(), 0.01,
                          method="sinkhorn_log", stopThr=1e-10, numItermax=100000)
     # Plan entries are at most 1/64; 2e-5 is a relative error of ~1e-3 on the largest ones.
-    np.testing.assert_allclose(ours.plan.double().numpy(), theirs, atol=2e-5, rtol=0)
-    assert (ours.plan.argmax(1).numpy() == theirs.argmax(1)).mean() > 0.95
+    np.testing.assert_allclose(ours.coupling.double().numpy(), theirs, atol=2e-5, rtol=0)
+    assert (ours.coupling.argmax(1).numpy() == theirs.argmax(1)).mean() > 0.95
 
 
 # --- sinkhorn: float32 stability -------------------------------------------------------------
@@ -198,10 +198,11 @@ def test_sinkhorn_float32_small_eps_wide_costs_is_finite(device: str) -> None:
     # range/ε); 1e-5 is reached well within the budget.
     res = sinkhorn(cost, eps=0.01, tol=1e-5, max_iter=5000)
     assert res.converged
-    for tensor in (res.plan, res.f, res.g, res.cost, res.objective):
+    for tensor in (res.coupling, res.f, res.g, res.cost, res.objective):
         assert torch.isfinite(tensor).all()
-    assert _marginal_l1(res.plan, torch.full((64,), 1 / 64), torch.full((64,), 1 / 64)).max() < 2e-5
-    torch.testing.assert_close(res.plan[2].cpu(), torch.full((64, 64), 1 / 64**2))
+    uniform = torch.full((64,), 1 / 64)
+    assert _marginal_l1(res.coupling, uniform, uniform).max() < 2e-5
+    torch.testing.assert_close(res.coupling[2].cpu(), torch.full((64, 64), 1 / 64**2))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -213,7 +214,7 @@ def test_sinkhorn_cuda_syncs_only_at_convergence_checks() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             res = sinkhorn(cost, eps=0.01, check_every=10)
-            res.plan.argmax(1)  # OTmix's pairing stays on the device
+            res.coupling.argmax(1)  # OTmix's pairing stays on the device
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
@@ -224,7 +225,7 @@ def test_sinkhorn_cuda_syncs_only_at_convergence_checks() -> None:
 def test_sinkhorn_half_precision_cost_is_solved_in_float32() -> None:
     cost = torch.rand(16, 16, generator=_gen(31)).to(torch.bfloat16)
     res = sinkhorn(cost, eps=0.05)
-    assert res.plan.dtype == torch.float32 and torch.isfinite(res.plan).all()
+    assert res.coupling.dtype == torch.float32 and torch.isfinite(res.coupling).all()
     assert res.converged
 
 
@@ -241,7 +242,7 @@ def test_sinkhorn_warns_when_max_iter_too_small() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warn=False: the caller counts convergence itself
         quiet = sinkhorn(cost, eps=0.01, max_iter=3, warn=False)
-    assert not quiet.converged and torch.equal(quiet.plan, res.plan)
+    assert not quiet.converged and torch.equal(quiet.coupling, res.coupling)
 
 
 def test_sinkhorn_no_warning_when_converged() -> None:
@@ -351,7 +352,7 @@ def test_entropic_value_gradient_in_cost_is_the_plan() -> None:
     value = entropic_ot_value(cost, None, b, eps=0.1, tol=1e-12)
     value.backward()
     res = sinkhorn(cost.detach(), None, b.detach(), eps=0.1, tol=1e-12)
-    torch.testing.assert_close(cost.grad, res.plan, atol=1e-10, rtol=0)
+    torch.testing.assert_close(cost.grad, res.coupling, atol=1e-10, rtol=0)
     torch.testing.assert_close(b.grad - b.grad.mean(), res.g - res.g.mean(), atol=1e-9, rtol=0)
 
 
@@ -429,5 +430,6 @@ def test_sinkhorn_checking_every_k_iterations_meets_the_same_tolerance(k: int) -
         assert sparse.n_iter <= 2 + math.ceil((every.n_iter - 2) / k) * k
         uniform = torch.full((n,), 1 / n)
         assert sparse.marginal_error.max() <= 1e-6
-        assert _marginal_l1(sparse.plan, uniform, uniform).max() <= 2e-6
-        torch.testing.assert_close(sparse.plan.argmax(1), every.plan.argmax(1), rtol=0, atol=0)
+        assert _marginal_l1(sparse.coupling, uniform, uniform).max() <= 2e-6
+        torch.testing.assert_close(sparse.coupling.argmax(1), every.coupling.argmax(1),
+                                   rtol=0, atol=0)

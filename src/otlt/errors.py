@@ -10,6 +10,7 @@ turns its ``OSError`` into an :class:`OtltError` that names the file and the rea
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,3 +52,9 @@ def writing(path: str | Path) -> Iterator[None]:
         yield
     except OSError as exc:
         raise OtltError(f"cannot write {path} ({exc.strerror or exc})") from None
+
+
+def warn_renamed(old: str, new: str, stacklevel: int = 3) -> None:
+    """Warn (``DeprecationWarning``) that ``old`` is now called ``new``: an old name keeps
+    working for a release, pointing its caller (``stacklevel``) at the new one."""
+    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=stacklevel)

@@ -163,7 +163,7 @@ class Bench:
         self.x, self.y = self._augmented(self.next_idx(batch_size))
         if t.cfg.train.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
-        fidx = t.recipe.foreground(len(self.y), t.generator)
+        fidx = t.recipe.draw_partners(len(self.y), t.generator)
         self.xf, self.yf = self._augmented(fidx)
         self.fixed_z = self.embed(torch.cat([self.xf, self.x]))
 
@@ -190,7 +190,7 @@ class Bench:
     def fore_data(self) -> None:
         """The data part CMO/OTmix add: the class-weighted draw and its augmentation."""
         t = self.trainer
-        self._augmented(t.recipe.foreground(self.batch_size, t.generator))
+        self._augmented(t.recipe.draw_partners(self.batch_size, t.generator))
 
     def _train_step(self, mixing: bool) -> None:
         t = self.trainer

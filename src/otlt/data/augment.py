@@ -11,7 +11,11 @@ uint8; the output ``(B, 3, H, W)`` float is a permuted view, i.e. channels-last 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from otlt.errors import warn_renamed
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
@@ -56,8 +60,9 @@ def normalize(images: torch.Tensor, mean=CIFAR_MEAN, std=CIFAR_STD,
     return out.permute(0, 3, 1, 2)
 
 
-class GPUAugment:
-    """Train-time CIFAR augmentation for uint8 batches on any device.
+class BatchAugment:
+    """Train-time CIFAR augmentation for uint8 batches on any device (its old name,
+    ``GPUAugment``, still imports, with a ``DeprecationWarning``).
 
     ``__call__(images (B, H, W, 3) uint8, generator) -> (B, 3, H, W) float32``. Randomness
     comes from ``generator`` (CPU), so a run is reproducible on any device.
@@ -76,3 +81,10 @@ class GPUAugment:
 def eval_transform(images: torch.Tensor, mean=CIFAR_MEAN, std=CIFAR_STD) -> torch.Tensor:
     """Evaluation transform: normalise only."""
     return normalize(images, mean, std)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GPUAugment":  # it runs on any device; renamed
+        warn_renamed("otlt.data.augment.GPUAugment", "otlt.data.augment.BatchAugment")
+        return BatchAugment
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

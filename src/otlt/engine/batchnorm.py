@@ -21,7 +21,7 @@ batches).
 Where the evaluation-time BatchNorm statistics come from (``eval.bn_stats``):
 
 - ``running``: as the last training batches left them (no recalibration);
-- ``train``: batches drawn as the run trains (its mixer with ``mix.prob``, its foreground
+- ``train``: batches drawn as the run trains (its mixer with ``mix.prob``, its partner
   sampler, OTmix's current confusion matrix); the same as ``clean`` for a run without mixer;
 - ``clean``: clean augmented batches of the long-tailed training set;
 - ``balanced``: clean augmented batches from the class-balanced sampler (MiSLAS's shifted BN).

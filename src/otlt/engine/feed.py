@@ -4,7 +4,7 @@ A feed owns the data access of one run, whichever way the data lives. It gives:
 
 - ``epoch(epoch, recipe, generator, embed)``: the epoch's training steps, a sized iterable
   of :class:`otlt.engine.step.TrainBatch` (this rank's rows of each global batch, augmented,
-  mixed by ``recipe`` when it is given: its coin, foreground draw and mixer call);
+  mixed by ``recipe`` when it is given: its coin, partner draw and mixer call);
 - ``recalibration(mode, epoch, recipe, generator, embed)``: the ``eval.bn_batches`` input
   batches of a BatchNorm procedure other than ``running``;
 - ``confusion(split, model, amp_dtype)``: the ``(K, K)`` confusion matrix of ``model`` on
@@ -14,15 +14,15 @@ A feed owns the data access of one run, whichever way the data lives. It gives:
 
 :class:`DeviceFeed` keeps small datasets on the training device as uint8 tensors: a step
 gathers its batch by index and augments it with one batched gather
-(:class:`otlt.data.augment.GPUAugment`). :class:`otlt.engine.stream_feed.StreamFeed` streams
+(:class:`otlt.data.augment.BatchAugment`). :class:`otlt.engine.stream_feed.StreamFeed` streams
 list-file datasets (ImageNet-LT, iNaturalist 2018) through DataLoader workers.
 
 Each draws in one fixed order from the caller's generator, which the committed results depend
 on. In memory: the epoch's permutation, then per step the augmentation of the batch, the
-coin, the foreground indices (and their augmentation), the mixer's plan. Streamed: the
-permutation, then every step's coin and foreground indices at once (the crops are seeded per
+coin, the partner indices (and their augmentation), the mixer's plan. Streamed: the
+permutation, then every step's coin and partner indices at once (the crops are seeded per
 item by the datasets, not drawn from the generator), then per mixed step the plan. Every
-rank draws the same global batches, coins and foregrounds and keeps its own rows
+rank draws the same global batches, coins and partners and keeps its own rows
 (:func:`otlt.engine.distributed.rank_slice`), so every rank issues the same collectives.
 """
 
@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from otlt.config import BN_STATS, RunConfig
-from otlt.data.augment import GPUAugment
+from otlt.data.augment import BatchAugment
 from otlt.data.prepare import LongTailedData, prepare_data
 from otlt.data.streams import is_list_dataset
 from otlt.engine.batchnorm import recalibration_indices
@@ -84,7 +84,7 @@ class DeviceFeed:
         self.test = DeviceSplit(data.test, device)
         self.labels = data.train.labels
         self.has_val = self.val is not None
-        self.augment = GPUAugment()
+        self.augment = BatchAugment()
 
     def __len__(self) -> int:
         return len(self.train)
@@ -103,7 +103,7 @@ class DeviceFeed:
               embed: Embed | None) -> EpochBatches:
         """The epoch's steps: a seeded permutation every rank draws alike, cut into
         ``optim.batch_size`` global batches (the last one padded to split over the ranks);
-        each step mixed by ``recipe`` (coin, foreground, plan) when given."""
+        each step mixed by ``recipe`` (coin, partners, plan) when given."""
         order = torch.randperm(len(self.train), generator=generator)
         batches = global_batches(order, self.cfg.optim.batch_size, world_size())
         return EpochBatches(batches, lambda idx: self.batch(idx, recipe, generator, embed))
@@ -126,16 +126,12 @@ class DeviceFeed:
         """``eval.bn_batches`` float batches ``(B, 3, H, W)`` for procedure ``mode``, drawn
         lazily from ``generator``: ``clean``, augmented batches of successive random
         permutations of the training set; ``balanced``, augmented class-balanced draws;
-        ``train``, ``clean`` batches mixed by ``recipe`` (its coin, foregrounds and mixer)."""
+        ``train``, ``clean`` batches mixed by ``recipe`` (its coin, partners and mixer)."""
         require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
         indices = recalibration_indices(mode, self.labels, self.cfg.optim.batch_size,
                                         self.cfg.eval.bn_batches, generator)
-        for idx in indices:
-            x, y = self.gather(idx, generator)
-            mixed = None if recipe is None else recipe.step(
-                x, y, generator, load=lambda i: self.gather(i, generator), size=len(idx),
-                embed=embed)
-            yield x if mixed is None else mixed.images
+        for idx in indices:  # drawn as a training step draws (augment, coin, partners, plan)
+            yield self.batch(idx, recipe, generator, embed).model_input
 
     def confusion(self, split: str, model: torch.nn.Module,
                   amp_dtype: torch.dtype | None) -> torch.Tensor | None:

@@ -80,7 +80,7 @@ class EvaluationProcedure:
         """The procedure of a run with its parts built from ``cfg``: the feed on ``device``
         (``data``: splits prepared already), the model initialised from ``seed`` (torch's
         global seed set first, as every run has it), the mixing recipe of ``mix.*`` (window,
-        coin, foreground draw, mixer: a clean batch costs no foreground draw or feature pass)
+        coin, partner draw, mixer: a clean batch costs no partner draw or feature pass)
         and its feature function. The trainer and ``otlt eval`` build it alike."""
         feed = create_feed(cfg, device, data)
         torch.manual_seed(cfg.seed)

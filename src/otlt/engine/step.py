@@ -40,6 +40,11 @@ class TrainBatch:
     indices: torch.Tensor | None = None
     mixed: MixedBatch | None = None
 
+    @property
+    def model_input(self) -> torch.Tensor:
+        """What the model sees: the mixed images, or the clean ones on a clean step."""
+        return self.images if self.mixed is None else self.mixed.images
+
 
 class EpochBatches:
     """A sized iterable of an epoch's batches: ``make(item)`` for each of ``items`` (the
@@ -95,8 +100,7 @@ class SGDStep:
         """Nothing to do before an epoch."""
 
     def __call__(self, batch: TrainBatch) -> StepResult:
-        mixed, y = batch.mixed, batch.labels
-        x = batch.images if mixed is None else mixed.images
+        mixed, y, x = batch.mixed, batch.labels, batch.model_input
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.graphs:
@@ -107,10 +111,11 @@ class SGDStep:
             loss = batch_loss(self.loss, logits, y)
             correct = (logits.argmax(1) == y).sum()
         else:
-            loss = batch_loss(self.loss, logits, mixed.targets_a, mixed.targets_b, mixed.lam)
+            loss = batch_loss(self.loss, logits, mixed.base_labels, mixed.partner_labels,
+                              mixed.lam)
             pred = logits.argmax(1)
-            correct = (mixed.lam * (pred == mixed.targets_a)
-                       + (1 - mixed.lam) * (pred == mixed.targets_b)).sum()
+            correct = (mixed.lam * (pred == mixed.base_labels)
+                       + (1 - mixed.lam) * (pred == mixed.partner_labels)).sum()
         backward_step(self.optimizer, loss, self.scaler)
         return loss.detach() * len(y), correct.detach().float(), len(y)
 

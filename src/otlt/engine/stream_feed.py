@@ -10,12 +10,12 @@ included), checkpoints, exact resume and evaluation procedure are the same. The 
 - The epoch's order is a permutation from the run's generator, as for in-memory data, and
   each item's crop is seeded by ``(seed, epoch, index)``, so a resumed run sees exactly the
   images and crops of an uninterrupted one, whatever the number of workers.
-- Mixers with a partner batch (CMO, OTmix) get their class-weighted foreground batches from
-  a second loader that runs in lockstep with the first (its items use ``seed + 1``, so an
-  image drawn as foreground is cropped independently of its background draw). The
-  epoch's mixing coins and the foreground indices of its mixed steps are drawn when the epoch
-  starts, so the workers decode foreground images only for the steps that mix (with the
-  official ``mix.prob: 0.5``, a quarter less decoding than a foreground batch every step).
+- Mixers with a partner batch (CMO, OTmix: their foregrounds) get their class-weighted
+  partner batches from a second loader that runs in lockstep with the first (its items use
+  ``seed + 1``, so an image drawn as a partner is cropped independently of its draw as a
+  base). The epoch's mixing coins and the partner indices of its mixed steps are drawn when
+  the epoch starts, so the workers decode partner images only for the steps that mix (with
+  the official ``mix.prob: 0.5``, a quarter less decoding than a partner batch every step).
 """
 
 from __future__ import annotations
@@ -67,22 +67,23 @@ def eval_loader(dataset: ListFileDataset, batch_size: int, workers: int,
 
 
 class _Lockstep:
-    """Sized iterable of items ``(images uint8 (B, 3, S, S), labels (B,), coin, foreground)``.
+    """Sized iterable of items ``(images uint8 (B, 3, S, S), labels (B,), coin, partner)``.
 
-    ``coins[i]`` is step i's mixing coin; ``fore`` yields one batch per heads coin, in order
-    (None when no step needs one), and a tails step gets ``None`` as its foreground.
+    ``coins[i]`` is step i's mixing coin; ``partners`` yields one batch per heads coin, in
+    order (None when no step needs one), and a tails step gets ``None`` as its partner batch.
     """
 
-    def __init__(self, main: DataLoader, coins: list[bool], fore: DataLoader | None) -> None:
-        self.main, self.coins, self.fore = main, coins, fore
+    def __init__(self, main: DataLoader, coins: list[bool],
+                 partners: DataLoader | None) -> None:
+        self.main, self.coins, self.partners = main, coins, partners
 
     def __len__(self) -> int:
         return len(self.main)
 
     def __iter__(self) -> Iterator[Item]:
-        fore = iter(self.fore) if self.fore is not None else None
+        partners = iter(self.partners) if self.partners is not None else None
         for (x, y), coin in zip(self.main, self.coins, strict=True):
-            yield x, y, coin, (next(fore) if coin and fore is not None else None)
+            yield x, y, coin, (next(partners) if coin and partners is not None else None)
 
 
 class StreamFeed:
@@ -98,7 +99,7 @@ class StreamFeed:
         self.classes = list(self.data.classes)
         self.labels = self.train.labels
         self.has_val = self.val is not None
-        self.fore_set = self._copy(seed_offset=1)
+        self.partner_set = self._copy(seed_offset=1)
 
     def __len__(self) -> int:
         return len(self.train)
@@ -117,38 +118,38 @@ class StreamFeed:
     def epoch(self, epoch: int, recipe: MixRecipe | None, generator: torch.Generator,
               embed: Embed | None) -> EpochBatches:
         """The epoch's steps: the global batches of a permutation from ``generator``, and
-        (with ``recipe``) the coins and foregrounds of the whole epoch, drawn now; each rank
+        (with ``recipe``) the coins and partners of the whole epoch, drawn now; each rank
         loads its rows."""
         self.train.set_epoch(epoch)
-        self.fore_set.set_epoch(epoch)
+        self.partner_set.set_epoch(epoch)
         global_steps = global_batches(torch.randperm(len(self.train), generator=generator),
                                       self.cfg.optim.batch_size, world_size())
-        items = self._lockstep(self.train, self.fore_set, global_steps, recipe, generator)
+        items = self._lockstep(self.train, self.partner_set, global_steps, recipe, generator)
         return EpochBatches(items, lambda item: self._batch(item, recipe, generator, embed))
 
-    def _lockstep(self, dataset: ListFileDataset, fore_set: ListFileDataset,
+    def _lockstep(self, dataset: ListFileDataset, partner_set: ListFileDataset,
                   global_steps: list[torch.Tensor], recipe: MixRecipe | None,
                   generator: torch.Generator) -> _Lockstep:
         """This rank's rows of ``global_steps`` from ``dataset``, with the steps' coins and
-        foregrounds (from ``fore_set``) drawn now by ``recipe`` (:meth:`MixRecipe.epoch_draws`;
+        partners (from ``partner_set``) drawn now by ``recipe`` (:meth:`MixRecipe.epoch_draws`;
         None: every step clean, nothing drawn)."""
         sizes = [len(b) for b in global_steps]
-        coins, fores = [False] * len(sizes), []
+        coins, draws = [False] * len(sizes), []
         if recipe is not None:
-            coins, fores = recipe.epoch_draws(sizes, generator)
-        fore = self._loader(fore_set, [d[rank_slice(len(d))].tolist() for d in fores]) \
-            if fores else None
+            coins, draws = recipe.epoch_draws(sizes, generator)
+        partners = self._loader(partner_set, [d[rank_slice(len(d))].tolist() for d in draws]) \
+            if draws else None
         batches = [b[rank_slice(len(b))].tolist() for b in global_steps]
-        return _Lockstep(self._loader(dataset, batches), coins, fore)
+        return _Lockstep(self._loader(dataset, batches), coins, partners)
 
     def _batch(self, item: Item, recipe: MixRecipe | None, generator: torch.Generator,
               embed: Embed | None) -> TrainBatch:
         """A lockstep item on the device; heads (its coin, drawn at epoch start) mixes it."""
-        images, labels, coin, foreground = item
+        images, labels, coin, partner = item
         x, y = model_input(images, self.device), labels.to(self.device)
         mixed = None
         if coin and recipe is not None:
-            mixed = recipe.mix(x, y, generator, partner=self._on_device(foreground),
+            mixed = recipe.mix(x, y, generator, partner=self._on_device(partner),
                                embed=embed)
         return TrainBatch(x, y, None, mixed)
 
@@ -157,7 +158,7 @@ class StreamFeed:
                       ) -> Iterator[torch.Tensor]:
         """Recalibration batches as :meth:`otlt.engine.feed.DeviceFeed.recalibration` says,
         streamed: the images are decoded by copies of the training list whose augmentation
-        seeds differ from training's; the global batches, coins and foregrounds are drawn from
+        seeds differ from training's; the global batches, coins and partners are drawn from
         ``generator`` alike on every rank, and each rank loads its rows."""
         require(mode in BN_STATS[1:], f"no recalibration batches for bn_stats={mode!r}")
         global_steps = list(recalibration_indices(mode, self.labels, self.cfg.optim.batch_size,
@@ -165,8 +166,7 @@ class StreamFeed:
         steps = self._lockstep(self._copy(2, epoch), self._copy(3, epoch), global_steps,
                                recipe, generator)
         for item in steps:
-            batch = self._batch(item, recipe, generator, embed)
-            yield batch.images if batch.mixed is None else batch.mixed.images
+            yield self._batch(item, recipe, generator, embed).model_input
 
     def confusion(self, split: str, model: torch.nn.Module,
                   amp_dtype: torch.dtype | None) -> torch.Tensor | None:

@@ -2,7 +2,8 @@
 
 :class:`OTMixCallback` holds the OTMix mixer in the presets' recipe
 (:class:`otlt.mixing.MixRecipe`: mix a batch with probability ``prob``, not in the first
-``skip_first`` and last ``skip_last`` epochs, foregrounds from the class-weighted sampler).
+``skip_first`` and last ``skip_last`` epochs, partners (OTmix's foregrounds) from the
+class-weighted sampler).
 Your ``LightningModule`` calls :meth:`OTMixCallback.mix` in ``training_step``; the callback
 draws the OT-or-random switch each epoch, builds the validation confusion matrix from the
 validation batches (one extra forward pass of each), hands it to OTMix when the training
@@ -18,8 +19,8 @@ Lightning checkpoints, so a resumed run mixes exactly as before::
             mixed = otmix.mix(self, x, y)          # None: this batch stays clean
             if mixed is None:
                 return batch_loss(self.criterion, self(x), y)
-            return batch_loss(self.criterion, self(mixed.images), mixed.targets_a,
-                              mixed.targets_b, mixed.lam)
+            return batch_loss(self.criterion, self(mixed.images), mixed.base_labels,
+                              mixed.partner_labels, mixed.lam)
 
 Features for the OT cost: ``embed(images (N, C, H, W)) -> (N, D)``, the same function
 :class:`otlt.mixing.OTMix` takes (:func:`otlt.models.features.feature_fn` builds one). Give
@@ -50,7 +51,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("otlt.integrations.lightning needs Lightning: pip install "
                       "'otlt[lightning]'") from exc
 
-from otlt.errors import OtltError, require
+from otlt.errors import OtltError, require, warn_renamed
 from otlt.metrics import confusion_matrix
 from otlt.mixing import MixedBatch, MixRecipe, OTMix
 from otlt.models.features import has_features
@@ -95,13 +96,14 @@ class OTMixCallback(Callback):
     """The OTmix recipe for a Lightning ``Trainer`` (see the module docstring).
 
     Args:
-        train_images: ``(N, C, H, W)`` foreground pool (the training images, on any device;
-            moved to the module's device per draw), already as the model takes them, or
-            raw with ``foreground_transform(images, generator)`` to augment a draw.
+        train_images: ``(N, C, H, W)`` partner (foreground) pool: the training images, on
+            any device (moved to the module's device per draw), already as the model takes
+            them, or raw with ``partner_transform(images, generator)`` to augment a draw
+            (``foreground_transform``, its old name, still works and warns).
         train_labels: ``(N,)`` their labels.
         num_classes: K.
         prob, skip_first, skip_last: the presets' recipe (0.5, 3, 3).
-        sampler_r: foreground class probability ``q_k ∝ n_k^-r`` (0: every class alike).
+        sampler_r: partner class probability ``q_k ∝ n_k^-r`` (0: every class alike).
         seed: the callback's generator (draws, coins, boxes, OT row sampling).
         embed: ``embed(images (N, C, H, W)) -> (N, D)`` features for the OT cost, as
             :class:`otlt.mixing.OTMix` takes; default: :func:`find_network` in the module
@@ -112,17 +114,20 @@ class OTMixCallback(Callback):
     def __init__(self, train_images: torch.Tensor, train_labels: torch.Tensor,
                  num_classes: int, *, prob: float = 0.5, skip_first: int = 3,
                  skip_last: int = 3, sampler_r: float = 0.0, seed: int = 0,
-                 foreground_transform: Callable[[torch.Tensor, torch.Generator],
-                                                torch.Tensor] | None = None,
+                 partner_transform: Callable[[torch.Tensor, torch.Generator],
+                                             torch.Tensor] | None = None,
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  **otmix_options: Any) -> None:
         super().__init__()
+        if "foreground_transform" in otmix_options:
+            warn_renamed("foreground_transform=", "partner_transform=")
+            partner_transform = otmix_options.pop("foreground_transform")
         self.images, self.labels = train_images, train_labels.long()
         counts = torch.bincount(self.labels.cpu(), minlength=num_classes).tolist()
         self.otmix = OTMix(class_counts=counts, num_classes=num_classes, **otmix_options)
         self.recipe = MixRecipe(self.otmix, self.labels, prob=prob, skip_first=skip_first,
                                 skip_last=skip_last, sampler_r=sampler_r)
-        self.transform = foreground_transform
+        self.transform = partner_transform
         self.embed = embed
         self._found: tuple[torch.nn.Module, torch.nn.Module] | None = None
         self._epochs: int | None = None
@@ -141,12 +146,12 @@ class OTMixCallback(Callback):
             {"model": self._network(module)}
         if not self._mixing:
             return None
-        return self.recipe.step(x, y, self.generator, load=lambda idx: self._foreground(idx, x, y),
+        return self.recipe.step(x, y, self.generator, load=lambda idx: self._partners(idx, x, y),
                                 **features)
 
-    def _foreground(self, idx: torch.Tensor, x: torch.Tensor,
-                    y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The foregrounds ``idx`` (the recipe's draw) on the batch's devices, transformed."""
+    def _partners(self, idx: torch.Tensor, x: torch.Tensor,
+                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The partners ``idx`` (the recipe's draw) on the batch's devices, transformed."""
         xf = self.images[idx.to(self.images.device)].to(x.device)
         if self.transform is not None:
             xf = self.transform(xf, self.generator)

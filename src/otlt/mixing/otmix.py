@@ -1,11 +1,13 @@
 """OTmix (Gao et al., NeurIPS 2023): minority foregrounds pasted onto OT-chosen backgrounds.
 
-For a background batch ``(x_b, y_b)`` from the uniform loader and a foreground batch
-``(x_f, y_f)`` from the class-weighted sampler (paper eqs. 2-3), each of ``B`` images:
+In the mixing package's vocabulary (:mod:`otlt.mixing`) the paper's background is the
+*base* and its foreground the *partner*. For a base batch ``(x, y)`` from the uniform
+loader and a partner batch ``(x_partner, y_partner)`` from the class-weighted sampler (paper
+eqs. 2-3), each of ``B`` images:
 
 1. features ``z = g_1(x)`` of both batches, pooled penultimate, one no-grad pass (eval mode,
    so BatchNorm running statistics are not touched);
-2. cost (eq. 7), rows = foregrounds ``i``, columns = backgrounds ``j``::
+2. cost (eq. 7), rows = partners (foregrounds) ``i``, columns = bases (backgrounds) ``j``::
 
        C_ij = omega (1 - cos(z_i, z_j)) + (1 - omega) (1 - F[y_i, y_j])
 
@@ -13,8 +15,8 @@ For a background batch ``(x_b, y_b)`` from the uniform loader and a foreground b
 3. entropic plan ``T = argmin <T, C> - eps H(T)`` with uniform marginals (eq. 4),
    log-domain Sinkhorn in float32;
 4. partner ``j*(i) = argmax_j T_ij`` (eq. 8);
-5. CutMix (eq. 9): ``x~_i = M * x_b[j*] + (1 - M) * x_f[i]``, label weight ``lam`` on
-   ``y_b[j*]`` and ``1 - lam`` on ``y_f[i]``, ``lam ~ Beta(alpha, alpha)`` corrected to the box.
+5. CutMix (eq. 9): ``x~_i = M * x[j*] + (1 - M) * x_partner[i]``, label weight ``lam`` on
+   ``y[j*]`` and ``1 - lam`` on ``y_partner[i]``, ``lam ~ Beta(alpha, alpha)`` corrected to the box.
 
 Each epoch ``t`` of ``T`` draws ``OT ~ Bernoulli((t / T)^mu)`` (Algorithm 1; Fig. 8d for
 ``mu``): OT pairing when 1, CMO's random pairing when 0.
@@ -48,14 +50,15 @@ def class_affinity(confusion: torch.Tensor, keep_same_class: bool = False) -> to
     return row_normalized_confusion(confusion.float(), zero_diagonal=not keep_same_class)
 
 
-def otmix_cost(z_fore: torch.Tensor, z_back: torch.Tensor, y_fore: torch.Tensor,
-               y_back: torch.Tensor, confusion: torch.Tensor, omega: float = 0.05,
+def otmix_cost(z_partner: torch.Tensor, z_base: torch.Tensor, y_partner: torch.Tensor,
+               y_base: torch.Tensor, confusion: torch.Tensor, omega: float = 0.05,
                distance: str = "cosine", keep_same_class: bool = False) -> torch.Tensor:
     """Return the OTmix cost ``(B_f, B_b)`` of eq. 7, in float32.
 
     Args:
-        z_fore, z_back: ``(B_f, D)``, ``(B_b, D)`` features.
-        y_fore, y_back: ``(B_f,)``, ``(B_b,)`` labels.
+        z_partner, z_base: ``(B_f, D)``, ``(B_b, D)`` features of the partners (foregrounds,
+            the rows) and the bases (backgrounds, the columns).
+        y_partner, y_base: ``(B_f,)``, ``(B_b,)`` labels.
         confusion: ``(K, K)`` validation confusion (counts or rates, rows = true class);
             row-normalised here, diagonal zeroed unless ``keep_same_class``.
         omega: weight of the sample-level term (1 = features only, 0 = classes only).
@@ -63,24 +66,25 @@ def otmix_cost(z_fore: torch.Tensor, z_back: torch.Tensor, y_fore: torch.Tensor,
             variant: ``||z_i - z_j||`` divided by its batch maximum, in [0, 1]).
     """
     require(0.0 <= omega <= 1.0, f"omega must be in [0, 1], got {omega}")
-    affinity = class_affinity(confusion.to(z_fore.device), keep_same_class)
-    return _combine(sample_cost(z_fore, z_back, distance), affinity, y_fore, y_back, omega)
+    affinity = class_affinity(confusion.to(z_partner.device), keep_same_class)
+    return _combine(sample_cost(z_partner, z_base, distance), affinity, y_partner, y_base,
+                    omega)
 
 
-def sample_cost(z_fore: torch.Tensor, z_back: torch.Tensor,
+def sample_cost(z_partner: torch.Tensor, z_base: torch.Tensor,
                 distance: str = "cosine") -> torch.Tensor:
     """Sample-level cost ``(B_f, B_b)`` in float32: ``1 - cos`` or the scaled distance."""
     require_choice("distance", distance, DISTANCES)
-    zf, zb = z_fore.float(), z_back.float()
+    zf, zb = z_partner.float(), z_base.float()
     if distance == "cosine":
         return 1.0 - F.normalize(zf, dim=1) @ F.normalize(zb, dim=1).T
     dist = torch.cdist(zf, zb)
     return dist / dist.max().clamp_min(1e-12)
 
 
-def _combine(sample: torch.Tensor, affinity: torch.Tensor, y_fore: torch.Tensor,
-             y_back: torch.Tensor, omega: float) -> torch.Tensor:
-    label = 1.0 - affinity[y_fore[:, None], y_back[None, :]]
+def _combine(sample: torch.Tensor, affinity: torch.Tensor, y_partner: torch.Tensor,
+             y_base: torch.Tensor, omega: float) -> torch.Tensor:
+    label = 1.0 - affinity[y_partner[:, None], y_base[None, :]]
     return omega * sample + (1.0 - omega) * label
 
 
@@ -98,11 +102,12 @@ def _sample_rows(probs: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 class OTMix(Mixer):
     """OT-guided CutMix of minority foregrounds onto majority backgrounds (paper Algorithm 1).
 
-    Call it like CMO, plus the features: ``mixer(x_back, y_back, x_fore, y_fore,
-    generator=g, model=model)`` or ``embed=f`` with ``f(images (N, C, H, W)) -> (N, D)``
+    Call it like CMO, plus the features: ``mixer(x, y, x_partner, y_partner, generator=g,
+    model=model)`` (bases = backgrounds ``x``, partners = foregrounds ``x_partner``) or
+    ``embed=f`` with ``f(images (N, C, H, W)) -> (N, D)``
     (:func:`otlt.models.features.feature_fn` builds one); without either it refuses, unless
-    ``ot_probability = 0``. Output row ``i`` holds foreground ``i`` pasted onto its
-    background ``j*(i)``; a random-pairing epoch is exactly :class:`otlt.mixing.CMO`.
+    ``ot_probability = 0``. Output row ``i`` holds partner ``i`` pasted onto its base
+    ``j*(i)``; a random-pairing epoch is exactly :class:`otlt.mixing.CMO`.
 
     Options (paper defaults): ``omega = 0.05``, ``eps = 0.01``, ``alpha = 4``, ``mu = 1``;
     ``distance`` cosine/euclidean; ``keep_same_class`` keeps ``F``'s diagonal; ``selection``
@@ -222,20 +227,20 @@ class OTMix(Mixer):
         self._affinity = None
 
     # ---- planning ----------------------------------------------------------------------
-    def cost(self, z_fore: torch.Tensor, z_back: torch.Tensor, y_fore: torch.Tensor,
-             y_back: torch.Tensor) -> torch.Tensor:
+    def cost(self, z_partner: torch.Tensor, z_base: torch.Tensor, y_partner: torch.Tensor,
+             y_base: torch.Tensor) -> torch.Tensor:
         """Eq. 7 with this mixer's options and current confusion."""
-        return _combine(sample_cost(z_fore, z_back, self.distance),
-                        self.affinity(z_fore.device), y_fore, y_back, self.omega)
+        return _combine(sample_cost(z_partner, z_base, self.distance),
+                        self.affinity(z_partner.device), y_partner, y_base, self.omega)
 
-    def choose_backgrounds(self, cost: torch.Tensor, y_fore: torch.Tensor,
-                           y_back: torch.Tensor,
-                           generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Background index ``j*(i)`` for every foreground row, and solver statistics."""
+    def choose_bases(self, cost: torch.Tensor, y_partner: torch.Tensor, y_base: torch.Tensor,
+                     generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Base (background) index ``j*(i)`` for every partner (foreground) row ``i``, and
+        solver statistics."""
         if self.selection == "assignment":
             return assignment(cost), {}
         if self.selection == "confusion":
-            score = self.affinity(cost.device)[y_fore[:, None], y_back[None, :]]
+            score = self.affinity(cost.device)[y_partner[:, None], y_base[None, :]]
             noise = torch.rand(score.shape, generator=generator).to(score.device)
             return (score + 1e-6 * noise).argmax(1), {}
         # Convergence is counted per epoch (``ot_converged_fraction`` in metrics.jsonl and the
@@ -243,21 +248,21 @@ class OTMix(Mixer):
         result = sinkhorn(cost, eps=self.eps, max_iter=self.max_iter, tol=self.tol,
                           check_every=self.check_every, warn=False)
         stats = {"cost": result.cost, "n_iter": result.n_iter, "converged": result.converged}
-        plan = result.plan
+        coupling = result.coupling
         if self.selection == "argmax":
-            return plan.argmax(1), stats
+            return coupling.argmax(1), stats
         if self.selection == "softmax":
-            return _sample_rows(torch.softmax(plan, dim=1), generator), stats
-        return _sample_rows(plan, generator), stats
+            return _sample_rows(torch.softmax(coupling, dim=1), generator), stats
+        return _sample_rows(coupling, generator), stats
 
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
              y_partner: torch.Tensor | None = None, *, generator: torch.Generator,
              embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
              model: torch.nn.Module | None = None,
              amp_dtype: torch.dtype | None = None) -> MixPlan:
-        """Plan a batch: ``x, y`` backgrounds ``(B, C, H, W)``, ``x_partner, y_partner``
-        foregrounds. The OT cost's features come from ``embed(images) -> (N, D)`` (any
-        backbone; the engine passes one), else from ``model`` via
+        """Plan a batch: ``x, y`` bases (backgrounds) ``(B, C, H, W)``, ``x_partner,
+        y_partner`` partners (foregrounds). The OT cost's features come from
+        ``embed(images) -> (N, D)`` (any backbone; the engine passes one), else from ``model`` via
         :func:`otlt.models.feature_fn`; with neither it refuses (on random epochs too, so a
         run fails at its first batch, not at its first OT epoch) unless ``ot_probability``
         is 0. Random draws are the same as CMO's, so OT and random epochs consume the
@@ -269,29 +274,29 @@ class OTMix(Mixer):
         self._check_partner(x_partner, y_partner)
         assert x_partner is not None and y_partner is not None
         require(x_partner.shape[0] == x.shape[0],
-                f"OTMix needs equal foreground and background batches, got "
+                f"OTMix needs equal partner (foreground) and base (background) batches, got "
                 f"{x_partner.shape[0]} and {x.shape[0]}")
         size = (x.shape[-2], x.shape[-1]) if self.blend == "cutmix" else None
         plan = draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, fraction=self.fraction,
                           image_size=size, generator=generator)
-        if self.blend == "saliencymix":  # the box sits on the foreground's salient region
-            plan = with_saliency_box(dataclasses.replace(plan, partner=torch.arange(len(x))),
-                                     x_partner)
+        if self.blend == "saliencymix":  # the box sits on the partner's salient region
+            rows = torch.arange(len(x))
+            plan = with_saliency_box(dataclasses.replace(plan, partner_index=rows), x_partner)
         if embed is None and model is not None:
             embed = feature_fn(model, self.feature_mode, amp_dtype,
                                channels_last=_is_channels_last(x))
         self.stats["batches"] += 1
         if self.ot_epoch and embed is not None:  # no embed: refused unless no OT epoch at all
             if self.feature_mode == "official":  # two train-mode passes, as the official code
-                z_back, z_fore = _features(embed, x), _features(embed, x_partner)
+                z_base, z_partner = _features(embed, x), _features(embed, x_partner)
             else:
                 z = _features(embed, torch.cat([x_partner, x]))
-                z_fore, z_back = z[: len(x_partner)], z[len(x_partner):]
-            cost = self.cost(z_fore, z_back, y_partner, y)
-            back, solver = self.choose_backgrounds(cost, y_partner, y, generator)
+                z_partner, z_base = z[: len(x_partner)], z[len(x_partner):]
+            cost = self.cost(z_partner, z_base, y_partner, y)
+            base, solver = self.choose_bases(cost, y_partner, y, generator)
             self._record_ot(solver)
             self._maybe_keep_sample(cost, y_partner, y)
-            plan = MixPlan(plan.lam, plan.box, back, torch.arange(x.shape[0]), plan.mixed)
+            plan = MixPlan(plan.lam, plan.box, base, torch.arange(x.shape[0]), plan.mixed)
         self._record_pairs(plan, y, y_partner)
         return plan
 
@@ -314,21 +319,23 @@ class OTMix(Mixer):
             self.stats["ot_iters"] += int(solver["n_iter"])
             self.stats["ot_converged"] += int(bool(solver["converged"]))
 
-    def _record_pairs(self, plan: MixPlan, y_back: torch.Tensor, y_fore: torch.Tensor) -> None:
-        """Count (foreground class, background class) of every mixed row (paper Fig. 9)."""
-        device = y_back.device
+    def _record_pairs(self, plan: MixPlan, y_base: torch.Tensor,
+                      y_partner: torch.Tensor) -> None:
+        """Count (partner class, base class) of every mixed row: ``mix_pairs[f][b]``, the
+        paper's (foreground, background) of Fig. 9."""
+        device = y_base.device
         weights = plan.mixed.to(device, torch.float32)  # weights, not a mask: no device sync
-        fore = y_fore.index_select(0, plan.partner.to(device))
-        back = y_back.index_select(0, plan.base_index.to(device))
+        partner = y_partner.index_select(0, plan.partner_index.to(device))
+        base = y_base.index_select(0, plan.base_index.to(device))
         k = self.num_classes
         # index_add_, not bincount: CUDA's bincount reads the largest entry back to size its
         # output (a host sync per batch); the sums are small integers, exact in float32.
-        counts = torch.zeros(k * k, device=device).index_add_(0, fore * k + back, weights)
+        counts = torch.zeros(k * k, device=device).index_add_(0, partner * k + base, weights)
         counts = counts.round().long().view(k, k)
         self.stats["pairs"] = self.stats["pairs"].to(device) + counts
 
-    def _maybe_keep_sample(self, cost: torch.Tensor, y_fore: torch.Tensor,
-                           y_back: torch.Tensor) -> None:
+    def _maybe_keep_sample(self, cost: torch.Tensor, y_partner: torch.Tensor,
+                           y_base: torch.Tensor) -> None:
         """At the epochs in ``plan_epochs``, keep one small plan (first ``plan_size`` rows
         and columns of the batch) with its labels, like the paper's Fig. 3."""
         name = f"plans/epoch_{self.epoch:04d}.json"
@@ -339,9 +346,10 @@ class OTMix(Mixer):
                          tol=self.tol, check_every=self.check_every)
         self._artifacts[name] = {
             "epoch": self.epoch, "eps": self.eps, "omega": self.omega,
-            "fore_labels": y_fore[:m].tolist(), "back_labels": y_back[:m].tolist(),
-            "cost": cost[:m, :m].tolist(), "plan": small.plan.tolist(),
-            "argmax": small.plan.argmax(1).tolist()}
+            # The file's keys stay as committed reports read them (foreground = partner).
+            "fore_labels": y_partner[:m].tolist(), "back_labels": y_base[:m].tolist(),
+            "cost": cost[:m, :m].tolist(), "plan": small.coupling.tolist(),
+            "argmax": small.coupling.argmax(1).tolist()}
 
     def pop_artifacts(self) -> dict[str, Any]:
         """JSON artifacts collected since the last call (file name -> object)."""

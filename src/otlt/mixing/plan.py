@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from scipy.special import betaincinv
 
-from otlt.errors import OtltError, require
+from otlt.errors import OtltError, require, warn_renamed
 
 Box = tuple[int, int, int, int]
 """A box ``(y0, y1, x0, x1)``: rows ``y0:y1`` and columns ``x0:x1`` (half-open)."""
@@ -28,24 +28,26 @@ class MixPlan:
             fraction outside the box (CutMix, ``box_lam(box, H, W)``). ``1.0`` when unmixed.
         box: CutMix box ``(y0, y1, x0, x1)`` shared by all mixed rows, or ``None`` for a
             pixel-wise blend (Mixup).
-        base_index: ``(B,)`` long, row of the base (background) batch used for output row ``i``.
-        partner: ``(B,)`` long, row of the partner batch (the patch / foreground) for row ``i``.
+        base_index: ``(B,)`` long, row of the base batch (CMO's and OTmix's background)
+            used for output row ``i``.
+        partner_index: ``(B,)`` long, row of the partner batch (the pasted patch or blended
+            image; CMO's and OTmix's foreground) for row ``i``.
         mixed: ``(B,)`` bool, which output rows are mixed; the others are the clean base image.
     """
 
     lam: float
     box: Box | None
     base_index: torch.Tensor
-    partner: torch.Tensor
+    partner_index: torch.Tensor
     mixed: torch.Tensor
 
     def __post_init__(self) -> None:
-        b = self.base_index.shape
-        if len(b) != 1 or self.partner.shape != b or self.mixed.shape != b:
-            raise ValueError("base_index, partner and mixed must be 1-D of one length, got "
-                             f"{tuple(b)}, {tuple(self.partner.shape)}, {tuple(self.mixed.shape)}")
-        if self.base_index.dtype != torch.long or self.partner.dtype != torch.long:
-            raise ValueError("base_index and partner must be int64 tensors")
+        b, p = self.base_index.shape, self.partner_index.shape
+        if len(b) != 1 or p != b or self.mixed.shape != b:
+            raise ValueError("base_index, partner_index and mixed must be 1-D of one length, "
+                             f"got {tuple(b)}, {tuple(p)}, {tuple(self.mixed.shape)}")
+        if self.base_index.dtype != torch.long or self.partner_index.dtype != torch.long:
+            raise ValueError("base_index and partner_index must be int64 tensors")
         if self.mixed.dtype != torch.bool:
             raise ValueError(f"mixed must be a bool tensor, got {self.mixed.dtype}")
         if not 0.0 <= self.lam <= 1.0:
@@ -62,6 +64,12 @@ class MixPlan:
         return cls(1.0, None, rows, rows.clone(), torch.zeros(batch_size, dtype=torch.bool))
 
     @property
+    def partner(self) -> torch.Tensor:
+        """Deprecated name of :attr:`partner_index`."""
+        warn_renamed("MixPlan.partner", "MixPlan.partner_index")
+        return self.partner_index
+
+    @property
     def batch_size(self) -> int:
         return int(self.base_index.numel())
 
@@ -75,7 +83,7 @@ class MixPlan:
             "lam": float(self.lam),
             "box": None if self.box is None else [int(v) for v in self.box],
             "base_index": self.base_index.tolist(),
-            "partner": self.partner.tolist(),
+            "partner_index": self.partner_index.tolist(),
             "mixed": self.mixed.tolist(),
         }
 
@@ -86,26 +94,41 @@ class MixedBatch:
 
     Attributes:
         images: ``(B, C, H, W)``, dtype and device of the input images.
-        targets_a: ``(B,)`` long, labels of the base (background) image of each row.
-        targets_b: ``(B,)`` long, labels of the partner (pasted patch / foreground) image.
-        lam: ``(B,)`` float32, the label weight of ``targets_a``; ``1 - lam`` goes to
-            ``targets_b``. Equals the plan's ``lam`` on mixed rows, 1 on unmixed rows, and
-            differs from it where a mixer rebalances labels (Remix).
+        base_labels: ``(B,)`` long, label of each row's base image.
+        partner_labels: ``(B,)`` long, label of each row's partner image (for an unmixed row
+            it carries label weight 0).
+        lam: ``(B,)`` float32, the label weight of ``base_labels``; ``1 - lam`` goes to
+            ``partner_labels``. Equals the plan's ``lam`` on mixed rows, 1 on unmixed rows,
+            and differs from it where a mixer rebalances labels (Remix).
         plan: the :class:`MixPlan` that produced this batch.
     """
 
     images: torch.Tensor
-    targets_a: torch.Tensor
-    targets_b: torch.Tensor
+    base_labels: torch.Tensor
+    partner_labels: torch.Tensor
     lam: torch.Tensor
     plan: MixPlan
 
+    @property
+    def targets_a(self) -> torch.Tensor:
+        """Deprecated name of :attr:`base_labels`."""
+        warn_renamed("MixedBatch.targets_a", "MixedBatch.base_labels")
+        return self.base_labels
+
+    @property
+    def targets_b(self) -> torch.Tensor:
+        """Deprecated name of :attr:`partner_labels`."""
+        warn_renamed("MixedBatch.targets_b", "MixedBatch.partner_labels")
+        return self.partner_labels
+
     def soft_targets(self, num_classes: int) -> torch.Tensor:
-        """Return ``lam · onehot(a) + (1 − lam) · onehot(b)``, ``(B, K)`` float32, rows sum to 1."""
-        one_a = torch.nn.functional.one_hot(self.targets_a, num_classes).to(torch.float32)
-        one_b = torch.nn.functional.one_hot(self.targets_b, num_classes).to(torch.float32)
+        """Return ``lam · onehot(base) + (1 − lam) · onehot(partner)``, ``(B, K)`` float32,
+        rows sum to 1."""
+        one_base = torch.nn.functional.one_hot(self.base_labels, num_classes).to(torch.float32)
+        one_partner = torch.nn.functional.one_hot(self.partner_labels,
+                                                  num_classes).to(torch.float32)
         lam = self.lam[:, None]
-        return lam * one_a + (1.0 - lam) * one_b
+        return lam * one_base + (1.0 - lam) * one_partner
 
 
 # ----------------------------------------------------------------------------- primitives
@@ -183,7 +206,7 @@ def with_saliency_box(plan: MixPlan, patches: torch.Tensor) -> MixPlan:
     """
     if not bool(plan.mixed.any()):
         return plan
-    first = int(plan.partner[int(plan.mixed.nonzero()[0])])
+    first = int(plan.partner_index[int(plan.mixed.nonzero()[0])])
     box = saliency_box(patches[first], plan.lam)
     return dataclasses.replace(plan, box=box, lam=box_lam(box, *patches.shape[-2:]))
 
@@ -206,7 +229,7 @@ def mixup_images(base: torch.Tensor, patch: torch.Tensor, lam: float) -> torch.T
 
 
 TO_MODEL_INPUTS = ("uint8 (B, H, W, 3) images, as otlt's loaders keep them, become model inputs "
-                   "with otlt.data.augment.GPUAugment (training) or eval_transform")
+                   "with otlt.data.augment.BatchAugment (training) or eval_transform")
 
 
 def check_model_inputs(x: torch.Tensor, what: str, floating: bool = False) -> None:
@@ -249,15 +272,16 @@ def apply_plan(plan: MixPlan, x: torch.Tensor, y: torch.Tensor,
                          f"{tuple(x.shape)} {x.dtype} {x.device}")
     device = x.device
     base_index = plan.base_index.to(device, non_blocking=True)
-    partner = plan.partner.to(device, non_blocking=True)
+    partner = plan.partner_index.to(device, non_blocking=True)
     row_lam = torch.where(plan.mixed, plan.lam, 1.0).to(torch.float32)
-    targets_a, targets_b = y.index_select(0, base_index), y_partner.index_select(0, partner)
+    base_labels = y.index_select(0, base_index)
+    partner_labels = y_partner.index_select(0, partner)
     lam = row_lam.to(device, non_blocking=True)
     if not bool(plan.mixed.any()):  # plan tensors of unmixed batches are on the CPU: no sync
         identity = plan.base_index.numel() == x.shape[0] and bool(
             torch.equal(plan.base_index, torch.arange(x.shape[0], device=plan.base_index.device)))
         if identity:
-            return MixedBatch(x, targets_a, targets_b, lam, plan)
+            return MixedBatch(x, base_labels, partner_labels, lam, plan)
     images = x.index_select(0, base_index)
     mixed = plan.mixed.to(device, non_blocking=True).view(-1, 1, 1, 1)
     if plan.box is not None:
@@ -268,4 +292,4 @@ def apply_plan(plan: MixPlan, x: torch.Tensor, y: torch.Tensor,
     else:
         blended = mixup_images(images, x_partner.index_select(0, partner), plan.lam)
         images = torch.where(mixed, blended, images)
-    return MixedBatch(images, targets_a, targets_b, lam, plan)
+    return MixedBatch(images, base_labels, partner_labels, lam, plan)

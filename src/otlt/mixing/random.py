@@ -94,11 +94,12 @@ class SaliencyMix(_RandomPairing):
 class CMO(_RandomPairing):
     """Context-rich Minority Oversampling (Park et al., CVPR 2022): CutMix across two batches.
 
-    ``x, y`` is the background batch (the ordinary uniform loader), ``x_partner, y_partner``
-    the foreground batch from :class:`otlt.data.samplers.ClassWeightedSampler`. Background row
-    ``i`` receives the box from a random foreground row (without replacement, so the
-    foreground batch needs at least as many rows). The background keeps label weight ``lam``
-    (its area share), the foreground gets ``1 − lam``. ``alpha = 1`` is the CMO code's default
+    The base batch ``x, y`` is CMO's background (the ordinary uniform loader), the partner
+    batch ``x_partner, y_partner`` its foreground (class-weighted:
+    :func:`otlt.data.samplers.draw_class_weighted`). Base row ``i`` receives the box from a
+    random partner row (without replacement, so the partner batch needs at least as many
+    rows). The base keeps label weight ``lam`` (its area share), the partner gets
+    ``1 − lam``. ``alpha = 1`` is the CMO code's default
     (``--beta 1``); the OTmix code mixes its CMO-style epochs with ``alpha = 4``.
     """
 
@@ -107,12 +108,12 @@ class CMO(_RandomPairing):
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
              y_partner: torch.Tensor | None = None, *,
              generator: torch.Generator) -> MixPlan:
-        """Draw ``lam``, the box and a random foreground row for every background row."""
+        """Draw ``lam``, the box and a random partner row for every base row."""
         self._check_partner(x_partner, y_partner)
         assert x_partner is not None
         if x_partner.shape[0] < x.shape[0]:
-            raise ValueError(f"foreground batch has {x_partner.shape[0]} rows, fewer than the "
-                             f"{x.shape[0]} background rows")
+            raise ValueError(f"partner batch has {x_partner.shape[0]} rows, fewer than the "
+                             f"{x.shape[0]} base rows")
         return self._pairs(x, x_partner.shape[0], boxed=True, generator=generator)
 
 
@@ -159,11 +160,11 @@ class Remix(Mixer):
         return draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, fraction=self.fraction,
                           image_size=size, generator=generator)
 
-    def label_weights(self, lam: torch.Tensor, targets_a: torch.Tensor,
-                      targets_b: torch.Tensor) -> torch.Tensor:
+    def label_weights(self, lam: torch.Tensor, base_labels: torch.Tensor,
+                      partner_labels: torch.Tensor) -> torch.Tensor:
         """Return the Remix label weights ``lam_y`` for pixel shares ``lam``, ``(B,)`` float32."""
-        counts = torch.tensor(self.class_counts, dtype=torch.float32, device=targets_a.device)
-        n_a, n_b = counts[targets_a], counts[targets_b]
+        counts = torch.tensor(self.class_counts, dtype=torch.float32, device=base_labels.device)
+        n_a, n_b = counts[base_labels], counts[partner_labels]
         # Products instead of the ratio n_a / n_b so that the boundary n_a = kappa * n_b is exact.
         to_partner = (n_a >= self.kappa * n_b) & (lam < self.tau)
         to_base = (self.kappa * n_a <= n_b) & (1.0 - lam < self.tau)
@@ -176,5 +177,5 @@ class Remix(Mixer):
         """Mix the pixels as planned, then rebalance the label weights of the mixed rows."""
         batch = super().apply(plan, x, y, x_partner, y_partner)
         mixed = plan.mixed.to(batch.lam.device)
-        rebalanced = self.label_weights(batch.lam, batch.targets_a, batch.targets_b)
+        rebalanced = self.label_weights(batch.lam, batch.base_labels, batch.partner_labels)
         return dataclasses.replace(batch, lam=torch.where(mixed, rebalanced, batch.lam))

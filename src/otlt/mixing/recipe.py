@@ -1,4 +1,4 @@
-"""The mixing recipe: which epochs mix, which batches, with which foregrounds, by which call.
+"""The mixing recipe: which epochs mix, which batches, with which partners, by which call.
 
 :class:`MixRecipe` is the one owner of the recipe every caller follows (the engine's training
 step and its BatchNorm ``train`` recalibration, the streaming path, the Lightning callback,
@@ -8,17 +8,18 @@ the report gallery, the bench, a plain loop). For a run of ``T`` epochs:
   (``mix.skip_first``, ``mix.skip_last``; the official OTmix code leaves 3 and 3 clean);
 - **coin**: inside the window a batch is mixed with probability ``prob`` (``mix.prob``): one
   draw ``u ~ U[0, 1)``, heads (mix) iff ``u < prob``;
-- **foreground**: a mixer with a partner batch (CMO, OTmix) gets ``B`` training images drawn
-  with replacement, image ``i`` with probability ``w_i = q_{y_i} / n_{y_i}``, so class ``k``
-  with probability ``q_k ∝ n_k^{-r}`` (``r = mix.sampler_r``; OTmix paper eq. 3,
+- **partners**: a mixer with a partner batch (CMO, OTmix: their foregrounds; the base batch
+  is the caller's, their backgrounds) gets ``B`` training images drawn with replacement,
+  image ``i`` with probability ``w_i = q_{y_i} / n_{y_i}``, so class ``k`` with probability
+  ``q_k ∝ n_k^{-r}`` (``r = mix.sampler_r``; OTmix paper eq. 3,
   :func:`otlt.data.samplers.sample_weights`);
-- **mixer call**: ``mixer(x, y, x_f, y_f, generator=g, embed=embed)``; the feature function
-  ``embed(images (N, C, H, W)) -> (N, D)`` reaches every mixer that uses features (OTMix's
-  cost), the others ignore it.
+- **mixer call**: ``mixer(x, y, x_partner, y_partner, generator=g, embed=embed)``; the
+  feature function ``embed(images (N, C, H, W)) -> (N, D)`` reaches every mixer that uses
+  features (OTMix's cost), the others ignore it.
 
 Every draw comes from the caller's generator in one fixed order, which the committed results
-depend on: the caller's augmentation of the batch, the coin, the foreground indices (then the
-caller's augmentation of the foregrounds, in its ``load``), the mixer's plan.
+depend on: the caller's augmentation of the batch, the coin, the partner indices (then the
+caller's augmentation of the partners, in its ``load``), the mixer's plan.
 
 Indices are global: under ``torch.distributed`` every rank draws the same ones from a
 generator in the same state and keeps its own rows of each batch (the caller's ``load``
@@ -35,7 +36,7 @@ import torch
 
 from otlt.config import RunConfig, mixer_params
 from otlt.data.samplers import LabelsLike, draw_class_weighted, sample_weights
-from otlt.errors import require
+from otlt.errors import require, warn_renamed
 from otlt.mixing.base import Mixer, create_mixer
 from otlt.mixing.plan import MixedBatch
 from otlt.models.features import feature_fn
@@ -57,14 +58,14 @@ def build_mixer(cfg: RunConfig, class_counts: Sequence[int], **params: Any) -> M
 
 
 class MixRecipe:
-    """The window, the coin, the foreground draw and the mixer call of one run.
+    """The window, the coin, the partner draw and the mixer call of one run.
 
     Args:
         mixer: the mixer (None: nothing is mixed; the recipe draws nothing).
-        labels: ``(N,)`` training labels, the foreground pool's classes.
+        labels: ``(N,)`` training labels, the partner pool's classes.
         prob: per-batch mixing probability inside the window.
         skip_first, skip_last: clean epochs at the start and at the end.
-        sampler_r: foreground class probability ``q_k ∝ n_k^-r`` (0: every class alike, as
+        sampler_r: partner class probability ``q_k ∝ n_k^-r`` (0: every class alike, as
             the official CMO/OTmix code; 1: the OTmix paper's text).
 
     The defaults are the presets' (``otlt.config.MixConfig``).
@@ -86,7 +87,7 @@ class MixRecipe:
                     **params: Any) -> MixRecipe:
         """The recipe of ``cfg.mix``: the mixer ``mix.name`` (None for ``none``) built from
         ``mix.params`` (plan epochs resolved against the run; ``params`` override them) and
-        ``mix.fraction``, with the run's window, coin and foreground sampler."""
+        ``mix.fraction``, with the run's window, coin and partner sampler."""
         m = cfg.mix
         return cls(build_mixer(cfg, class_counts, **params), labels, prob=m.prob,
                    skip_first=m.skip_first, skip_last=m.skip_last, sampler_r=m.sampler_r)
@@ -112,34 +113,46 @@ class MixRecipe:
         """One batch's coin: heads (mix) with probability ``prob``; one draw."""
         return torch.rand((), generator=generator).item() < self.prob
 
-    # ---- which foregrounds ---------------------------------------------------------------
+    # ---- which partners ------------------------------------------------------------------
     @property
-    def needs_foreground(self) -> bool:
-        """Whether the mixer takes a class-weighted foreground batch (CMO, OTmix)."""
+    def needs_partner_batch(self) -> bool:
+        """Whether the mixer takes a class-weighted partner batch (CMO, OTmix: their
+        foregrounds)."""
         return self.mixer is not None and self.mixer.needs_partner_batch
 
-    def foreground(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` global foreground indices ``(n,)`` in ``[0, N)``, with replacement,
+    def draw_partners(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` global partner indices ``(n,)`` in ``[0, N)``, with replacement,
         ``P(i) = w_i`` (:func:`otlt.data.samplers.draw_class_weighted`); one draw."""
         return draw_class_weighted(self.weights, n, generator)
 
+    @property
+    def needs_foreground(self) -> bool:
+        """Deprecated name of :attr:`needs_partner_batch`."""
+        warn_renamed("MixRecipe.needs_foreground", "MixRecipe.needs_partner_batch")
+        return self.needs_partner_batch
+
+    def foreground(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Deprecated name of :meth:`draw_partners`."""
+        warn_renamed("MixRecipe.foreground", "MixRecipe.draw_partners")
+        return self.draw_partners(n, generator)
+
     def epoch_draws(self, sizes: Sequence[int], generator: torch.Generator,
                     ) -> tuple[list[bool], list[torch.Tensor]]:
-        """Coins and foregrounds of a whole epoch at once, for a caller that must know them
-        before it loads images (the streaming path decodes foregrounds only for mixed steps).
+        """Coins and partners of a whole epoch at once, for a caller that must know them
+        before it loads images (the streaming path decodes partners only for mixed steps).
 
         ``sizes``: the steps' global batch sizes. Returns the steps' coins (one draw of
         ``len(sizes)`` uniforms) and, for a mixer with a partner batch, the global
-        foreground indices of each heads step in order (one draw of their total, split).
+        partner indices of each heads step in order (one draw of their total, split).
         Without a mixer every coin is tails and nothing is drawn.
         """
         if self.mixer is None:
             return [False] * len(sizes), []
         coins = (torch.rand(len(sizes), generator=generator) < self.prob).tolist()
         heads = [size for size, coin in zip(sizes, coins, strict=True) if coin]
-        if not heads or not self.needs_foreground:
+        if not heads or not self.needs_partner_batch:
             return coins, []
-        return coins, list(self.foreground(sum(heads), generator).split(heads))
+        return coins, list(self.draw_partners(sum(heads), generator).split(heads))
 
     # ---- the mixer call ------------------------------------------------------------------
     def embed_of(self, model: torch.nn.Module, amp_dtype: torch.dtype | None = None,
@@ -157,9 +170,9 @@ class MixRecipe:
             embed: Embed | None = None, model: torch.nn.Module | None = None) -> MixedBatch:
         """Mix ``x (B, C, H, W)``, ``y (B,)`` (this process's rows) with the recipe's mixer.
 
-        A mixer with a partner batch takes ``partner`` ``(x_f, y_f)`` when given (drawn
-        earlier, e.g. from :meth:`epoch_draws`), else ``load(idx)`` of ``size`` fresh
-        foreground indices (:meth:`foreground`; ``size`` is the global batch, default
+        A mixer with a partner batch takes ``partner`` ``(x_partner, y_partner)`` when given
+        (drawn earlier, e.g. from :meth:`epoch_draws`), else ``load(idx)`` of ``size`` fresh
+        partner indices (:meth:`draw_partners`; ``size`` is the global batch, default
         ``B``): ``load`` gathers, augments and keeps this process's rows as the caller does
         for ``x``. ``embed`` (or ``model``, whose features OTMix takes itself) reaches the
         mixers that use features.
@@ -171,10 +184,10 @@ class MixRecipe:
         if not mixer.needs_partner_batch:
             return mixer(x, y, generator=generator, **context)
         if partner is None:
-            require(load is not None, f"{type(mixer).__name__} needs foregrounds: pass "
+            require(load is not None, f"{type(mixer).__name__} needs a partner batch: pass "
                                       "load= (or partner=) to MixRecipe.mix")
             assert load is not None
-            partner = load(self.foreground(size or len(y), generator))
+            partner = load(self.draw_partners(size or len(y), generator))
         return mixer(x, y, *partner, generator=generator, **context)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
@@ -188,7 +201,7 @@ class MixRecipe:
     def for_recalibration(self, epoch: int, epochs: int) -> MixRecipe:
         """A copy for BatchNorm's ``train`` recalibration batches after ``epoch``: its mixer
         is a deep copy (the run's is left as it is) that redraws its per-epoch switch of
-        ``epoch`` before every batch it mixes (after the coin, before the foregrounds)."""
+        ``epoch`` before every batch it mixes (after the coin, before the partners)."""
         clone = _RecalibrationRecipe.__new__(_RecalibrationRecipe)
         clone.__dict__.update(self.__dict__)
         clone.mixer = copy.deepcopy(self.mixer)

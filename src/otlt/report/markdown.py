@@ -232,7 +232,7 @@ def _section_gallery(report: Report, runs: Sequence[RunData], options: ReportOpt
             continue
         drawn += 1
         kind = "OT-chosen backgrounds" if g.ot else "random backgrounds"
-        path = plots.mixed_gallery(g.fore, g.back, g.mixed, g.fore_labels, g.back_labels,
+        path = plots.mixed_gallery(g.partners, g.bases, g.mixed, g.partner_labels, g.base_labels,
                                    g.lams, run.classes, report.figure_path(f"gallery_{run.label}"),
                                    title=f"{run.label}: {kind}; λ = the background's share "
                                          "of the pixels and of the label")

@@ -307,16 +307,17 @@ def transport_plan(plan: dict, classes: Sequence[str], path: Path, title: str) -
 # ---------------------------------------------------------------------- images
 
 
-def mixed_gallery(fore: np.ndarray, back: np.ndarray, mixed: np.ndarray,
-                  fore_labels: Sequence[int], back_labels: Sequence[int],
+def mixed_gallery(partners: np.ndarray, bases: np.ndarray, mixed: np.ndarray,
+                  partner_labels: Sequence[int], base_labels: Sequence[int],
                   lams: Sequence[float], classes: Sequence[str], path: Path,
                   title: str) -> Path:
-    """Columns of (foreground, chosen background, mixed image) with class names and the
-    background's label weight ``lam`` (paper Fig. 5). Images ``(N, H, W, 3)`` in [0, 1]."""
-    n = len(fore)
+    """Columns of (partner, chosen base, mixed image), drawn with the paper's words
+    (foreground, background), with class names and the base's label weight ``lam`` (paper
+    Fig. 5). Images ``(N, H, W, 3)`` in [0, 1]."""
+    n = len(partners)
     fig = Figure(figsize=(max(1.55 * n, 6), 5.4), layout="constrained")
     axes = np.asarray(fig.subplots(3, n, squeeze=False))
-    rows = (("foreground", fore, fore_labels), ("background", back, back_labels),
+    rows = (("foreground", partners, partner_labels), ("background", bases, base_labels),
             ("mixed", mixed, None))
     for r, (row_name, images, labels) in enumerate(rows):
         for i in range(n):

@@ -40,24 +40,25 @@ def load_trained(run_dir: Path, data_path: str | None = None, device: str = "cpu
 
 @dataclass
 class Gallery:
-    """Mixed pairs drawn as in training: images ``(N, H, W, 3)`` floats in [0, 1]."""
+    """Mixed pairs drawn as in training: images ``(N, H, W, 3)`` floats in [0, 1]; the
+    partners are CMO's and OTmix's foregrounds, the bases their backgrounds."""
 
-    fore: np.ndarray
-    back: np.ndarray
+    partners: np.ndarray
+    bases: np.ndarray
     mixed: np.ndarray
-    fore_labels: list[int]
-    back_labels: list[int]
+    partner_labels: list[int]
+    base_labels: list[int]
     lams: list[float]
     ot: bool
 
 
 def mixed_pairs(run_dir: Path, n: int = 8, data_path: str | None = None, seed: int = 0,
                 device: str = "cpu") -> Gallery:
-    """Mix one background batch (uniform) with one class-weighted foreground batch through
-    the run's own mixer and trained model, as a training step would, and return ``n`` of
-    the resulting (foreground, chosen background, mixed) triples.
+    """Mix one base (background) batch (uniform) with one class-weighted partner (foreground)
+    batch through the run's own mixer and trained model, as a training step would, and
+    return ``n`` of the resulting (partner, chosen base, mixed) triples.
 
-    The mixer and the foreground draw are the run's recipe (:meth:`MixRecipe.from_config`:
+    The mixer and the partner draw are the run's recipe (:meth:`MixRecipe.from_config`:
     ``mix.params``, ``mix.fraction``, ``mix.sampler_r``); OTmix with ``ot_probability = 1``
     (an OT epoch) and the confusion matrix of the trained model on the validation split
     (eq. 6). Every batch drawn is mixed (no window, no coin).
@@ -70,20 +71,21 @@ def mixed_pairs(run_dir: Path, n: int = 8, data_path: str | None = None, seed: i
     recipe, ot_epoch = _trained_recipe(cfg, state["train_counts"], model, data, device,
                                        generator)
     mixer = recipe.mixer
-    (xb, yb), fore = _draw_batches(cfg, data, recipe, device, generator)
-    xf, yf = fore if fore is not None else (None, None)
+    (xb, yb), partner_batch = _draw_batches(cfg, data, recipe, device, generator)
+    xf, yf = partner_batch if partner_batch is not None else (None, None)
     context = {"model": model, "amp_dtype": None} if mixer.uses_context else {}
     with torch.no_grad():
         plan = mixer.plan(eval_transform(xb), yb, None if xf is None else eval_transform(xf),
                           yf, generator=generator, **context)
         mixed = mixer.apply(plan, _unit(xb), yb, None if xf is None else _unit(xf), yf)
-    rows = _pick_rows(plan.mixed, mixed.targets_b, n)
+    rows = _pick_rows(plan.mixed, mixed.partner_labels, n)
     partner = _unit(xb if xf is None else xf)
     take = rows.to(device)
-    return Gallery(fore=_hwc(partner[plan.partner[rows].to(device)]),
-                   back=_hwc(_unit(xb)[plan.base_index[rows].to(device)]),
-                   mixed=_hwc(mixed.images[take]), fore_labels=mixed.targets_b[take].tolist(),
-                   back_labels=mixed.targets_a[take].tolist(), lams=mixed.lam[take].tolist(),
+    return Gallery(partners=_hwc(partner[plan.partner_index[rows].to(device)]),
+                   bases=_hwc(_unit(xb)[plan.base_index[rows].to(device)]),
+                   mixed=_hwc(mixed.images[take]),
+                   partner_labels=mixed.partner_labels[take].tolist(),
+                   base_labels=mixed.base_labels[take].tolist(), lams=mixed.lam[take].tolist(),
                    ot=ot_epoch)
 
 
@@ -105,15 +107,17 @@ def _trained_recipe(cfg, train_counts: Sequence[int], model: torch.nn.Module, da
 
 
 def _draw_batches(cfg, data, recipe: MixRecipe, device: str, generator: torch.Generator):
-    """A uniform background batch and, for CMO/OTmix, the recipe's class-weighted foreground
-    batch (``q_k ∝ n_k^-r``, ``r = mix.sampler_r``), as uint8 ``(B, H, W, 3)`` and labels."""
+    """A uniform base (background) batch and, for CMO/OTmix, the recipe's class-weighted
+    partner (foreground) batch (``q_k ∝ n_k^-r``, ``r = mix.sampler_r``), as uint8
+    ``(B, H, W, 3)`` and labels."""
     train = DeviceSplit(data.train, torch.device(device))
     size = min(cfg.optim.batch_size, len(train))
-    back = torch.randperm(len(train), generator=generator)[:size].to(device)
-    if not recipe.needs_foreground:
-        return (train.images[back], train.labels[back]), None
-    fore = recipe.foreground(size, generator).to(device)
-    return (train.images[back], train.labels[back]), (train.images[fore], train.labels[fore])
+    base = torch.randperm(len(train), generator=generator)[:size].to(device)
+    if not recipe.needs_partner_batch:
+        return (train.images[base], train.labels[base]), None
+    partner = recipe.draw_partners(size, generator).to(device)
+    return ((train.images[base], train.labels[base]),
+            (train.images[partner], train.labels[partner]))
 
 
 def _unit(images: torch.Tensor) -> torch.Tensor:
@@ -125,10 +129,10 @@ def _hwc(images: torch.Tensor) -> np.ndarray:
     return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _pick_rows(mixed: torch.Tensor, fore_labels: torch.Tensor, n: int) -> torch.Tensor:
-    """Up to ``n`` mixed rows, one per foreground class first, so the gallery is varied."""
+def _pick_rows(mixed: torch.Tensor, partner_labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Up to ``n`` mixed rows, one per partner class first, so the gallery is varied."""
     candidates = torch.nonzero(mixed.cpu()).flatten().tolist()
-    labels = fore_labels.cpu().tolist()
+    labels = partner_labels.cpu().tolist()
     chosen, seen = [], set()
     for i in candidates:
         if labels[i] not in seen:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from otlt.errors import require
+from otlt.errors import require, warn_renamed
 
 # Absorb the scalings into the kernel once |log scaling| exceeds this: e^±30 times kernel entries
 # of at most ~n stays far from float32 overflow (e^88) over the next block of iterations.
@@ -41,9 +41,10 @@ class OTResult:
     """Solution of a batch of entropic OT problems, as returned by :func:`sinkhorn`.
 
     Attributes:
-        plan: ``(..., n, m)`` transport plan ``T``; its row and column sums equal ``a`` and ``b``
-            up to ``marginal_error``.
-        cost: ``(...,)`` transport cost of the plan ``<T, C> = Σ_ij T_ij C_ij``, *without* the
+        coupling: ``(..., n, m)`` the transport plan ``T`` (named so as not to be confused
+            with a mixing plan, :class:`otlt.mixing.MixPlan`); its row and column sums equal
+            ``a`` and ``b`` up to ``marginal_error``.
+        cost: ``(...,)`` transport cost of the coupling ``<T, C> = Σ_ij T_ij C_ij``, *without* the
             entropy term (what POT's ``ot.sinkhorn2`` returns).
         objective: ``(...,)`` entropic value ``<f, a> + <g, b>``: the dual objective, equal to
             ``<T, C> + ε KL(T ‖ a bᵀ)`` at the optimum (see :func:`entropic_ot_value`).
@@ -52,11 +53,11 @@ class OTResult:
         g: ``(..., m)`` dual potential of the columns.
         n_iter: number of Sinkhorn iterations run (one iteration updates ``f`` then ``g``).
         converged: whether every problem of the batch reached ``marginal_error <= tol``.
-        marginal_error: ``(...,)`` L1 marginal violation of ``plan``,
+        marginal_error: ``(...,)`` L1 marginal violation of ``coupling``,
             ``Σ_i |Σ_j T_ij − a_i| + Σ_j |Σ_i T_ij − b_j|``.
     """
 
-    plan: Tensor
+    coupling: Tensor
     cost: Tensor
     objective: Tensor
     f: Tensor
@@ -64,6 +65,12 @@ class OTResult:
     n_iter: int
     converged: bool
     marginal_error: Tensor
+
+    @property
+    def plan(self) -> Tensor:
+        """Deprecated name of :attr:`coupling`."""
+        warn_renamed("OTResult.plan", "OTResult.coupling")
+        return self.coupling
 
 
 def solve(
@@ -207,14 +214,15 @@ class StabilizedSinkhorn:
         return worst, drift, math.isfinite(worst) and math.isfinite(drift)
 
     def result(self) -> OTResult:
-        plan = self.u[..., :, None] * self.kernel * self.v[..., None, :]
+        coupling = self.u[..., :, None] * self.kernel * self.v[..., None, :]
         f = self.eps * (self.phi + self.alpha.log())
         g = self.eps * (self.psi + self.beta.log())
         # Forbidden pairs (C = +inf) carry no mass; 0 * inf would be NaN.
-        transport = torch.where(plan > 0, plan * self.c, torch.zeros_like(plan)).sum((-2, -1))
-        return OTResult(plan=plan, cost=transport, objective=_dot(f, self.a) + _dot(g, self.b),
-                        f=f, g=g, n_iter=self.n_iter, converged=self.converged,
-                        marginal_error=self.error)
+        transport = torch.where(coupling > 0, coupling * self.c,
+                                torch.zeros_like(coupling)).sum((-2, -1))
+        return OTResult(coupling=coupling, cost=transport,
+                        objective=_dot(f, self.a) + _dot(g, self.b), f=f, g=g,
+                        n_iter=self.n_iter, converged=self.converged, marginal_error=self.error)
 
 
 def _dot(x: Tensor, w: Tensor) -> Tensor:
