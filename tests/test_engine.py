@@ -165,3 +165,27 @@ def test_a_graphed_step_begins_a_new_graph_iteration_every_step(monkeypatch):
             loss_sum, correct, n = step(TrainBatch(x, y))
             assert n == 4 and torch.isfinite(loss_sum)
     assert len(marks) == 3
+
+
+def test_a_step_that_torch_runs_without_cuda_graphs_is_counted_and_warned(capsys):
+    """The CPU stands in for a capture that fails on a GPU: reduce-overhead mode on CPU
+    tensors falls back to plain compiled code, as a mutated input or an uncapturable op does
+    on CUDA; the record must say so instead of letting a run believe it was graphed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+    eager = SGDStep(model, create_loss("ce", [2, 1, 1]), optimizer, None, None,
+                    channels_last=False)
+    graphed = SGDStep(torch.compile(model, mode="reduce-overhead"), create_loss("ce", [2, 1, 1]),
+                      optimizer, None, None, channels_last=False, graphs=True)
+    assert graphed.end_epoch() == {"cuda_graph_skips": 0}  # nothing compiled yet
+    for _ in range(2):
+        graphed(TrainBatch(x, y))
+    first = graphed.end_epoch()["cuda_graph_skips"]
+    assert first >= 1 and eager.end_epoch() == {}
+    err = capsys.readouterr().err
+    assert err.count("warning: train.cuda_graphs: torch.compile ran") == 1
+    graphed(TrainBatch(x, y))
+    assert graphed.end_epoch()["cuda_graph_skips"] >= first  # counted since the step was built
+    assert "warning" not in capsys.readouterr().err  # said once

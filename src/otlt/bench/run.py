@@ -17,6 +17,7 @@ from otlt.bench.timing import (
     paired_ratio,
     summarize_times,
 )
+from otlt.engine.step import cudagraph_skips
 
 #: Targets of the performance issue (CPU, ResNet-32, batch 128): result key -> upper bound.
 TARGETS = {
@@ -62,6 +63,8 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
               "amp": str(bench.trainer.amp_dtype), "channels_last": cfg.train.channels_last,
               "quick": options.quick, "steps_per_sample": steps, "repeats": repeats,
               "warmup": warmup, "sinkhorn_mean_iters": iters,
+              # graphs run without CUDA graphs (engine.step.cudagraph_skips); None: not asked
+              "cudagraph_skips": cudagraph_skips() if options.cuda_graphs else None,
               "times": {name: summarize_times(s) for name, s in samples.items()}}
     result.update(derived_ratios(samples, mix_prob=0.5))
     result["targets"] = check_targets(result)

@@ -11,6 +11,7 @@ model and optimizer, and ``write`` for files beside ``last.pt``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,19 @@ class Step(Protocol):
     def write(self, run_dir: Path, epoch: int) -> None: ...
 
 
+def cudagraph_skips() -> int:
+    """How many times this process's ``torch.compile`` ran a graph without CUDA graphs
+    although asked (``mode="reduce-overhead"``): inductor's ``cudagraph_skips`` counter,
+    bumped for every fallback (a CPU tensor, a mutated input, dynamic shapes, an op that
+    cannot be captured...). Its log message goes to an artifact logger that is off by default,
+    so the counter is the reliable witness; 0 where torch keeps none."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - a torch without the counters
+        return 0
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 class SGDStep:
     """One SGD step of ``step_model`` (the model, compiled or wrapped in DDP) on a batch:
     ``loss`` on the clean labels, or on a mixed batch
@@ -86,7 +100,10 @@ class SGDStep:
     :func:`otlt.losses.batch_loss` says; its accuracy counts a mixed row as
     ``λ_i [pred = a_i] + (1 - λ_i) [pred = b_i]``. ``graphs``: ``step_model`` replays CUDA
     graphs (``train.cuda_graphs``); each step begins a new graph iteration, so no output of
-    the previous one is read after it is overwritten."""
+    the previous one is read after it is overwritten, and every epoch's record carries
+    ``cuda_graph_skips``: the graphs torch ran without CUDA graphs since the step was built
+    (:func:`cudagraph_skips`; 0 when every step is graphed), with one warning the first time
+    it is not 0."""
 
     def __init__(self, step_model: torch.nn.Module, loss: LongTailLoss,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
@@ -95,6 +112,8 @@ class SGDStep:
         self.step_model, self.loss, self.optimizer = step_model, loss, optimizer
         self.scaler, self.amp_dtype, self.channels_last = scaler, amp_dtype, channels_last
         self.graphs = graphs
+        self._skips_before = cudagraph_skips() if graphs else 0
+        self._warned = False
 
     def start_epoch(self, generator: torch.Generator) -> None:
         """Nothing to do before an epoch."""
@@ -120,7 +139,16 @@ class SGDStep:
         return loss.detach() * len(y), correct.detach().float(), len(y)
 
     def end_epoch(self) -> dict[str, Any]:
-        return {}
+        if not self.graphs:
+            return {}
+        skips = cudagraph_skips() - self._skips_before
+        if skips and not self._warned:
+            self._warned = True
+            print(f"otlt: warning: train.cuda_graphs: torch.compile ran {skips} graph(s) "
+                  "without CUDA graphs (TORCH_LOGS=cudagraphs prints why): those steps pay "
+                  "their kernel launches as eager ones do; cuda_graph_skips in metrics.jsonl "
+                  "counts them", file=sys.stderr, flush=True)
+        return {"cuda_graph_skips": skips}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -132,4 +160,4 @@ class SGDStep:
         """No files of its own."""
 
 
-__all__ = ["EpochBatches", "SGDStep", "Step", "StepResult", "TrainBatch"]
+__all__ = ["EpochBatches", "SGDStep", "Step", "StepResult", "TrainBatch", "cudagraph_skips"]
