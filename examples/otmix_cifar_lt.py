@@ -7,7 +7,7 @@ The recipe of ``otlt train --preset cifar10_lt_r100_erm_otmix`` written out with
 for readers who put OTmix into their own loop: the long-tailed split (φ = 100, 50 validation
 images per class carved out first), batched crop+flip augmentation of uint8 images on the
 device, the preset's SGD and learning-rate schedule (:func:`otlt.engine.schedule.step_lr`), a
-class-balanced foreground draw, OT pairing with probability ((t+1)/T)^μ per epoch,
+class-balanced partner (foreground) draw, OT pairing with probability ((t+1)/T)^μ per epoch,
 no mixing in the first and last 3 epochs, half the batches mixed, the validation confusion
 matrix feeding OTmix's class cost after every epoch, and the test split read once, at the end.
 What it leaves out (the CLI has them): checkpoints and resume, the validation-selected epoch,
@@ -85,7 +85,7 @@ def main() -> None:
     counts = data.train_counts
     print(f"train {len(train_y)} images per class {counts}, val {len(val_y)}, test {len(test_y)}")
 
-    # 2. The method: model, loss, OTmix, the class-balanced foreground draw.
+    # 2. The method: model, loss, OTmix, the class-balanced partner draw.
     model = create_model(args.model, num_classes).to(device)
     cfg = preset_schedule(epochs)                   # the preset's SGD and lr schedule
     opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,

@@ -6,7 +6,7 @@ compared bit for bit (every metrics.jsonl entry but the timings, every weight of
 
 The run is the OTmix short preset on 400 images per head class for 3 epochs with mixing on
 from the first epoch (an OT epoch included), one torch thread: it exercises the augment ->
-coin -> foreground -> plan draw order that every committed result depends on. Both runs use
+coin -> partners -> plan draw order that every committed result depends on. Both runs use
 this machine, so bf16 and kernel choices are the same; exit code 0 when identical.
 """
 

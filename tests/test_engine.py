@@ -175,17 +175,25 @@ def test_a_step_that_torch_runs_without_cuda_graphs_is_counted_and_warned(capsys
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])
+
+    def graphed_step(compiled):
+        return SGDStep(compiled, create_loss("ce", [2, 1, 1]), optimizer, None, None,
+                       channels_last=False, graphs=True)
+
     eager = SGDStep(model, create_loss("ce", [2, 1, 1]), optimizer, None, None,
                     channels_last=False)
-    graphed = SGDStep(torch.compile(model, mode="reduce-overhead"), create_loss("ce", [2, 1, 1]),
-                      optimizer, None, None, channels_last=False, graphs=True)
-    assert graphed.end_epoch() == {"cuda_graph_skips": 0}  # nothing compiled yet
+    graphed = graphed_step(torch.compile(model, mode="reduce-overhead"))
+    assert graphed.end_epoch()["cuda_graph_skips"] == 0  # nothing compiled yet
     for _ in range(2):
         graphed(TrainBatch(x, y))
-    first = graphed.end_epoch()["cuda_graph_skips"]
-    assert first >= 1 and eager.end_epoch() == {}
-    err = capsys.readouterr().err
-    assert err.count("warning: train.cuda_graphs: torch.compile ran") == 1
+    counts = graphed.end_epoch()
+    assert counts["cuda_graph_skips"] >= 1 and set(counts) == {"cuda_graph_skips",
+                                                               "cuda_graph_partitions"}
+    assert eager.end_epoch() == {}
+    assert capsys.readouterr().err.count("warning: train.cuda_graphs: torch.compile fell") == 1
     graphed(TrainBatch(x, y))
-    assert graphed.end_epoch()["cuda_graph_skips"] >= first  # counted since the step was built
+    assert graphed.end_epoch()["cuda_graph_skips"] >= counts["cuda_graph_skips"]
     assert "warning" not in capsys.readouterr().err  # said once
+    # Counted from the step's construction: a new step starts from 0 whatever came before.
+    assert graphed_step(torch.compile(model, mode="reduce-overhead")).end_epoch() == {
+        "cuda_graph_skips": 0, "cuda_graph_partitions": 0}

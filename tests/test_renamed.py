@@ -19,7 +19,7 @@ def _mixed():
 
 def test_mixed_batch_and_plan_old_names_warn_and_alias_the_new_ones():
     mixed = _mixed()
-    with pytest.warns(DeprecationWarning, match="targets_a is deprecated; use MixedBatch.base_"):
+    with pytest.warns(DeprecationWarning, match="targets_a is deprecated in otlt; use"):
         assert mixed.targets_a is mixed.base_labels
     with pytest.warns(DeprecationWarning, match="use MixedBatch.partner_labels"):
         assert mixed.targets_b is mixed.partner_labels
@@ -53,3 +53,31 @@ def test_gpu_augment_imports_as_batch_augment():
     assert GPUAugment is augment.BatchAugment
     with pytest.raises(AttributeError, match="no attribute 'NoSuchAugment'"):
         augment.NoSuchAugment  # noqa: B018
+
+
+def test_otmix_choose_backgrounds_is_choose_bases_and_the_warning_points_at_the_caller():
+    from otlt.mixing import OTMix
+    otmix = OTMix(num_classes=3, selection="assignment")
+    cost = torch.rand(4, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2, 0])
+    with pytest.warns(DeprecationWarning, match="use OTMix.choose_bases") as record:
+        old, _ = otmix.choose_backgrounds(cost, y, y, torch.Generator())
+    assert record[0].filename == __file__  # stacklevel: the caller's line, not otlt's
+    assert torch.equal(old, otmix.choose_bases(cost, y, y, torch.Generator())[0])
+
+
+def test_lightning_callback_takes_the_old_transform_keyword_but_not_both():
+    pytest.importorskip("lightning")
+    from otlt.errors import OtltError
+    from otlt.integrations.lightning import OTMixCallback
+
+    def flip(images, generator):
+        return images.flip(-1)
+
+    images, labels = torch.rand(6, 3, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.warns(DeprecationWarning, match="use partner_transform="):
+        callback = OTMixCallback(images, labels, 3, foreground_transform=flip)
+    assert callback.transform is flip
+    assert OTMixCallback(images, labels, 3, partner_transform=flip).transform is flip
+    with pytest.warns(DeprecationWarning), pytest.raises(OtltError, match="not both"):
+        OTMixCallback(images, labels, 3, partner_transform=flip, foreground_transform=flip)

@@ -9,8 +9,9 @@ Beside these, the harness times the floors and parts that explain the ratios:
 - ``model_only``: forward + loss + backward + SGD step on a pre-made batch (the floor for this
   model and device; ERM / model_only is the engine's overhead);
 - ``data``: one batch's sampling and augmentation (gather + pad-crop-flip + normalise);
-- ``fore_data``: the class-weighted foreground draw and its augmentation (CMO and OTmix);
-- ``features``: OTmix's no-grad feature pass over the ``2B`` foreground + background images;
+- ``fore_data`` (the key committed benchmark files use): the class-weighted partner draw and
+  its augmentation (CMO's and OTmix's foregrounds);
+- ``features``: OTmix's no-grad feature pass over the ``2B`` partner + base images;
 - ``pairing``: the OTMix call with features given (cost eq. 7, Sinkhorn eq. 4, partner choice
   eq. 8, paste eq. 9 and the mixer's statistics), i.e. OTmix minus the network;
 - ``reweight``: one stage-2 step of OT re-weighting, when :mod:`otlt.reweight` provides

@@ -203,7 +203,7 @@ class Bench:
 
     def cmo_step(self) -> None:
         """A training step through the run's recipe (coin of ``mix.prob = 1``, class-weighted
-        foreground, plan) with CMO."""
+        partners, plan) with CMO."""
         self.trainer.recipe.mixer = self.cmo
         self._train_step(mixing=True)
 
@@ -233,7 +233,7 @@ class Bench:
         return run
 
     def features(self) -> None:
-        """OTmix's no-grad feature pass over the ``2B`` foreground and background images."""
+        """OTmix's no-grad feature pass over the ``2B`` partner and base images."""
         self.embed(torch.cat([self.xf, self.x]))
 
     def pairing(self) -> None:

@@ -17,7 +17,7 @@ from otlt.bench.timing import (
     paired_ratio,
     summarize_times,
 )
-from otlt.engine.step import cudagraph_skips
+from otlt.engine.step import counters_since, cudagraph_counters
 
 #: Targets of the performance issue (CPU, ResNet-32, batch 128): result key -> upper bound.
 TARGETS = {
@@ -37,6 +37,7 @@ PAPER_TABLE9 = {"ratio_cmo_erm": 3.35 / 2.85, "ratio_otmix_erm": 4.59 / 2.85}
 def run_bench(options: BenchOptions) -> dict[str, Any]:
     """Time every variant and return the JSON-ready result (see the module docstring)."""
     steps, repeats, warmup = options.resolved()
+    graph_counters = cudagraph_counters()  # this bench's own, whatever compiled before
     with tempfile.TemporaryDirectory(prefix="otlt-bench-") as work:
         bench, cfg = open_bench(options, Path(work))
         variants = {"model_only": bench.model_only, "erm": bench.erm, "cmo": bench.cmo_step,
@@ -63,8 +64,10 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
               "amp": str(bench.trainer.amp_dtype), "channels_last": cfg.train.channels_last,
               "quick": options.quick, "steps_per_sample": steps, "repeats": repeats,
               "warmup": warmup, "sinkhorn_mean_iters": iters,
-              # graphs run without CUDA graphs (engine.step.cudagraph_skips); None: not asked
-              "cudagraph_skips": cudagraph_skips() if options.cuda_graphs else None,
+              # CUDA-graph fallbacks and split graphs of this bench (engine.step.
+              # cudagraph_counters); None: not asked
+              "cuda_graph_counters": counters_since(graph_counters)
+              if options.cuda_graphs else None,
               "times": {name: summarize_times(s) for name, s in samples.items()}}
     result.update(derived_ratios(samples, mix_prob=0.5))
     result["targets"] = check_targets(result)

@@ -6,7 +6,7 @@ The rules (README, "Several GPUs and nodes"):
   the process group before anything touches the run directory and puts each process on
   ``cuda:LOCAL_RANK`` (NCCL) or the CPU (gloo).
 - ``optim.batch_size`` is the **global** batch: every step draws one global batch (indices,
-  crops, flips, foregrounds, coins) from the generator all ranks share, and rank ``r`` takes
+  crops, flips, partners, coins) from the generator all ranks share, and rank ``r`` takes
   rows ``[r * B / W, (r + 1) * B / W)`` (:func:`rank_slice`). A last batch that does not split
   evenly is padded by wrapping around the epoch's order (:func:`global_batches`), so every
   rank takes the same number of equally shaped steps and a 2-process run follows the

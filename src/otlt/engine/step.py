@@ -80,17 +80,34 @@ class Step(Protocol):
     def write(self, run_dir: Path, epoch: int) -> None: ...
 
 
-def cudagraph_skips() -> int:
-    """How many times this process's ``torch.compile`` ran a graph without CUDA graphs
-    although asked (``mode="reduce-overhead"``): inductor's ``cudagraph_skips`` counter,
-    bumped for every fallback (a CPU tensor, a mutated input, dynamic shapes, an op that
-    cannot be captured...). Its log message goes to an artifact logger that is off by default,
-    so the counter is the reliable witness; 0 where torch keeps none."""
+def cudagraph_counters() -> dict[str, int]:
+    """This process's CUDA-graph counters of ``torch.compile`` (``mode="reduce-overhead"``),
+    inductor's own, since the process started:
+
+    - ``cuda_graph_skips``: a compiled graph ran without CUDA graphs (a CPU tensor, a mutated
+      input, an op that cannot be captured...), counted per fallback, so a graph that keeps
+      falling back (e.g. past torch's re-record limit) counts again at every call;
+    - ``cuda_graph_partitions``: graphs that inductor split into partitions (torch's graph
+      partitioning, on by default in recent releases), so that the ops between partitions
+      run outside CUDA graphs; the partitions of each split graph are counted (0: every
+      compiled graph is replayed whole).
+
+    The skip's message goes to the ``cudagraphs`` log artifact, off by default
+    (``TORCH_LOGS=cudagraphs``), so the counters are the reliable witness; both 0 where
+    torch keeps no counters."""
     try:
         from torch._dynamo.utils import counters
     except ImportError:  # pragma: no cover - a torch without the counters
-        return 0
-    return int(counters["inductor"]["cudagraph_skips"])
+        return {"cuda_graph_skips": 0, "cuda_graph_partitions": 0}
+    inductor = counters["inductor"]
+    return {"cuda_graph_skips": int(inductor["cudagraph_skips"]),
+            "cuda_graph_partitions": int(inductor["cudagraph_partitions"])}
+
+
+def counters_since(before: dict[str, int]) -> dict[str, int]:
+    """:func:`cudagraph_counters` now minus ``before`` (an earlier reading)."""
+    now = cudagraph_counters()
+    return {k: now[k] - before.get(k, 0) for k in now}
 
 
 class SGDStep:
@@ -101,9 +118,9 @@ class SGDStep:
     ``λ_i [pred = a_i] + (1 - λ_i) [pred = b_i]``. ``graphs``: ``step_model`` replays CUDA
     graphs (``train.cuda_graphs``); each step begins a new graph iteration, so no output of
     the previous one is read after it is overwritten, and every epoch's record carries
-    ``cuda_graph_skips``: the graphs torch ran without CUDA graphs since the step was built
-    (:func:`cudagraph_skips`; 0 when every step is graphed), with one warning the first time
-    it is not 0."""
+    ``cuda_graph_skips`` and ``cuda_graph_partitions`` since the step was built
+    (:func:`cudagraph_counters`; both 0 when every step replays whole graphs), with one
+    warning the first time a graph ran without CUDA graphs."""
 
     def __init__(self, step_model: torch.nn.Module, loss: LongTailLoss,
                  optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
@@ -112,7 +129,7 @@ class SGDStep:
         self.step_model, self.loss, self.optimizer = step_model, loss, optimizer
         self.scaler, self.amp_dtype, self.channels_last = scaler, amp_dtype, channels_last
         self.graphs = graphs
-        self._skips_before = cudagraph_skips() if graphs else 0
+        self._counters_before = cudagraph_counters() if graphs else {}
         self._warned = False
 
     def start_epoch(self, generator: torch.Generator) -> None:
@@ -141,14 +158,14 @@ class SGDStep:
     def end_epoch(self) -> dict[str, Any]:
         if not self.graphs:
             return {}
-        skips = cudagraph_skips() - self._skips_before
-        if skips and not self._warned:
+        counts = counters_since(self._counters_before)
+        if counts["cuda_graph_skips"] and not self._warned:
             self._warned = True
-            print(f"otlt: warning: train.cuda_graphs: torch.compile ran {skips} graph(s) "
-                  "without CUDA graphs (TORCH_LOGS=cudagraphs prints why): those steps pay "
-                  "their kernel launches as eager ones do; cuda_graph_skips in metrics.jsonl "
-                  "counts them", file=sys.stderr, flush=True)
-        return {"cuda_graph_skips": skips}
+            print(f"otlt: warning: train.cuda_graphs: torch.compile fell back from CUDA graphs "
+                  f"{counts['cuda_graph_skips']} time(s) (TORCH_LOGS=cudagraphs prints why): "
+                  "those calls pay their kernel launches as eager ones do; cuda_graph_skips "
+                  "in metrics.jsonl counts them", file=sys.stderr, flush=True)
+        return counts
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -160,4 +177,5 @@ class SGDStep:
         """No files of its own."""
 
 
-__all__ = ["EpochBatches", "SGDStep", "Step", "StepResult", "TrainBatch", "cudagraph_skips"]
+__all__ = ["EpochBatches", "SGDStep", "Step", "StepResult", "TrainBatch",
+           "counters_since", "cudagraph_counters"]

@@ -2,7 +2,7 @@
 
 A :class:`Trainer` composes its parts instead of being subclassed: the run's feed
 (:mod:`otlt.engine.feed`: where the images come from, on the device or streamed), its mixing
-recipe (:class:`otlt.mixing.MixRecipe`: window, coin, foregrounds, mixer), its step
+recipe (:class:`otlt.mixing.MixRecipe`: window, coin, partners, mixer), its step
 (:mod:`otlt.engine.step`: an SGD step of the classifier, or OT re-weighting's stage 2 from
 :mod:`otlt.engine.reweight_stage`) and its evaluation procedure
 (:class:`~otlt.engine.procedure.EvaluationProcedure`: which model is evaluated, the validation

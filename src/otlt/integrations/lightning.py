@@ -120,7 +120,9 @@ class OTMixCallback(Callback):
                  **otmix_options: Any) -> None:
         super().__init__()
         if "foreground_transform" in otmix_options:
-            warn_renamed("foreground_transform=", "partner_transform=")
+            warn_renamed("OTMixCallback(foreground_transform=)", "partner_transform=")
+            require(partner_transform is None, "OTMixCallback takes partner_transform or "
+                                               "its old name foreground_transform, not both")
             partner_transform = otmix_options.pop("foreground_transform")
         self.images, self.labels = train_images, train_labels.long()
         counts = torch.bincount(self.labels.cpu(), minlength=num_classes).tolist()

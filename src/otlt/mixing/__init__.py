@@ -46,8 +46,8 @@ Layout: :mod:`~otlt.mixing.plan` (plans and applying them, no state) <- :mod:`~o
 (the random-pairing mixers) and :mod:`~otlt.mixing.otmix` (OTMix); this package imports them
 all, so every built-in mixer is registered once ``otlt.mixing`` is imported.
 :mod:`~otlt.mixing.recipe` (:class:`MixRecipe`) is the recipe around a mixer that every
-training loop follows: the epoch window, the per-batch coin, the class-weighted foreground
-draw and the mixer call.
+training loop follows: the epoch window, the per-batch coin, the class-weighted partner draw
+and the mixer call.
 """
 
 from otlt.mixing.base import Mixer, NoMix, create_mixer, list_mixers, register_mixer

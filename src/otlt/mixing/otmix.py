@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from otlt.errors import OtltError, require, require_choice
+from otlt.errors import OtltError, require, require_choice, warn_renamed
 from otlt.metrics import row_normalized_confusion
 from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
 from otlt.mixing.plan import MixPlan, with_saliency_box
@@ -254,6 +254,13 @@ class OTMix(Mixer):
         if self.selection == "softmax":
             return _sample_rows(torch.softmax(coupling, dim=1), generator), stats
         return _sample_rows(coupling, generator), stats
+
+    def choose_backgrounds(self, cost: torch.Tensor, y_partner: torch.Tensor,
+                           y_base: torch.Tensor, generator: torch.Generator,
+                           ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Deprecated name of :meth:`choose_bases`."""
+        warn_renamed("OTMix.choose_backgrounds", "OTMix.choose_bases")
+        return self.choose_bases(cost, y_partner, y_base, generator)
 
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
              y_partner: torch.Tensor | None = None, *, generator: torch.Generator,

@@ -64,7 +64,7 @@ class RunData:
         model = (self.config.get("model") or {}).get("name", "?")
         reweight = (self.config.get("reweight") or {}).get("stage1")
         if mix not in (None, "none"):
-            # The foreground sampler changes results a lot (README: "foreground sampler").
+            # The partner (foreground) sampler changes results a lot (mix.sampler_r).
             sampler = mix_cfg.get("sampler_r")
             mix += f" (r={sampler:g})" if isinstance(sampler, (int, float)) else ""
         return (f"{model}, {loss}" + ("" if mix in (None, "none") else f" + {mix}")
