@@ -82,6 +82,14 @@ def test_resume_gives_exactly_the_uninterrupted_weights(tiny_zip, config, tmp_pa
     ea = json.loads((tmp_path / "runs" / "full" / "eval.json").read_text())
     eb = json.loads((part_dir / "eval.json").read_text())
     assert ea["confusion_matrix"] == eb["confusion_matrix"]
+    # Each sitting says where it ran: the interrupted run has two, the other one.
+    sittings = [json.loads(x) for x in (part_dir / "sittings.jsonl").read_text().splitlines()]
+    assert [s["start_epoch"] for s in sittings] == [0, 1]
+    assert len((tmp_path / "runs" / "full" / "sittings.jsonl").read_text().splitlines()) == 1
+    first = sittings[0]
+    assert first["device"] == "cpu" and first["threads"] == torch.get_num_threads()
+    assert first["world_size"] == 1 and first["torch_version"] == torch.__version__
+    assert first["started"].endswith("Z") and "git_commit" in first and first["hardware"]
 
 
 def test_a_run_stopped_between_log_and_checkpoint_resumes_with_every_record(

@@ -197,3 +197,21 @@ def test_a_step_that_torch_runs_without_cuda_graphs_is_counted_and_warned(capsys
     # Counted from the step's construction: a new step starts from 0 whatever came before.
     assert graphed_step(torch.compile(model, mode="reduce-overhead")).end_epoch() == {
         "cuda_graph_skips": 0, "cuda_graph_partitions": 0}
+
+
+def test_code_version_names_the_checkout_otlt_is_imported_from(monkeypatch):
+    import subprocess
+
+    from otlt.engine import provenance
+
+    version = provenance.code_version()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0 and version["git_commit"] is not None:  # a checkout, as in CI
+        assert version["git_commit"] == head.stdout.strip()
+        assert isinstance(version["git_dirty"], bool)
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert provenance.code_version()["git_commit"] is None  # no git: recorded as unknown

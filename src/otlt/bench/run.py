@@ -10,13 +10,8 @@ from typing import Any
 
 from otlt.bench.harness import BenchOptions, open_bench, reweight_step
 from otlt.bench.scaling import run_scaling, scaling_markdown
-from otlt.bench.timing import (
-    environment,
-    interleaved_times,
-    load_average,
-    paired_ratio,
-    summarize_times,
-)
+from otlt.bench.timing import interleaved_times, paired_ratio, summarize_times
+from otlt.engine.provenance import environment, load_average
 from otlt.engine.step import counters_since, cudagraph_counters
 
 #: Targets of the performance issue (CPU, ResNet-32, batch 128): result key -> upper bound.

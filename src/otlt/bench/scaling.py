@@ -12,13 +12,8 @@ from typing import Any
 import torch
 
 from otlt.bench.harness import BenchOptions, open_bench
-from otlt.bench.timing import (
-    environment,
-    interleaved_times,
-    load_average,
-    paired_ratio,
-    time_call,
-)
+from otlt.bench.timing import interleaved_times, paired_ratio, time_call
+from otlt.engine.provenance import environment, load_average
 from otlt.mixing import otmix_cost
 from otlt.transport import assignment, sinkhorn
 

@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from otlt.engine.provenance import load_average
 from otlt.errors import require
 
 
@@ -63,34 +62,6 @@ def time_call(fn: Callable[[], Any], repeats: int, sync: Callable[[], None]) -> 
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Device, hardware, library versions and load: what a number needs beside it."""
-    if device.type == "cuda":
-        hardware = torch.cuda.get_device_name(device)
-    else:
-        hardware = _cpu_name()
-    return {"device": str(device), "hardware": hardware, "torch_version": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "load_average_1m": load_average()}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
 
 
 def choose_threads(requested: int | None, device: torch.device) -> tuple[int, str]:

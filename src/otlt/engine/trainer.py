@@ -38,6 +38,7 @@ from otlt.engine.distributed import (
 from otlt.engine.logging import MetricsLogger
 from otlt.engine.preflight import check_components
 from otlt.engine.procedure import EvaluationProcedure
+from otlt.engine.provenance import record_sitting
 from otlt.engine.reweight_stage import Stage2Step, stage1_state, stage2_parameters
 from otlt.engine.rundir import (
     check_splits,
@@ -243,6 +244,8 @@ class Trainer:
         cfg = self.cfg
         end = cfg.optim.epochs if stop_after is None else min(stop_after, cfg.optim.epochs)
         with holding(self.run_dir):  # the run directory's lock (rundir.py) ends with fit
+            if is_main_process() and self.start_epoch < end:
+                record_sitting(self.run_dir, self.device, self.start_epoch, world_size())
             logger = MetricsLogger(self.run_dir, self.start_epoch)
             try:
                 for epoch in range(self.start_epoch, end):

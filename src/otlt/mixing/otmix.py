@@ -255,12 +255,10 @@ class OTMix(Mixer):
             return _sample_rows(torch.softmax(coupling, dim=1), generator), stats
         return _sample_rows(coupling, generator), stats
 
-    def choose_backgrounds(self, cost: torch.Tensor, y_partner: torch.Tensor,
-                           y_base: torch.Tensor, generator: torch.Generator,
-                           ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def choose_backgrounds(self, *args: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """Deprecated name of :meth:`choose_bases`."""
         warn_renamed("OTMix.choose_backgrounds", "OTMix.choose_bases")
-        return self.choose_bases(cost, y_partner, y_base, generator)
+        return self.choose_bases(*args)
 
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
              y_partner: torch.Tensor | None = None, *, generator: torch.Generator,
@@ -287,8 +285,8 @@ class OTMix(Mixer):
         plan = draw_pairs(x.shape[0], x.shape[0], alpha=self.alpha, fraction=self.fraction,
                           image_size=size, generator=generator)
         if self.blend == "saliencymix":  # the box sits on the partner's salient region
-            rows = torch.arange(len(x))
-            plan = with_saliency_box(dataclasses.replace(plan, partner_index=rows), x_partner)
+            plan = with_saliency_box(
+                dataclasses.replace(plan, partner_index=torch.arange(len(x))), x_partner)
         if embed is None and model is not None:
             embed = feature_fn(model, self.feature_mode, amp_dtype,
                                channels_last=_is_channels_last(x))
@@ -326,10 +324,8 @@ class OTMix(Mixer):
             self.stats["ot_iters"] += int(solver["n_iter"])
             self.stats["ot_converged"] += int(bool(solver["converged"]))
 
-    def _record_pairs(self, plan: MixPlan, y_base: torch.Tensor,
-                      y_partner: torch.Tensor) -> None:
-        """Count (partner class, base class) of every mixed row: ``mix_pairs[f][b]``, the
-        paper's (foreground, background) of Fig. 9."""
+    def _record_pairs(self, plan: MixPlan, y_base: torch.Tensor, y_partner: torch.Tensor) -> None:
+        """Count (partner, base) classes of every mixed row (Fig. 9's foreground, background)."""
         device = y_base.device
         weights = plan.mixed.to(device, torch.float32)  # weights, not a mask: no device sync
         partner = y_partner.index_select(0, plan.partner_index.to(device))
@@ -351,9 +347,8 @@ class OTMix(Mixer):
         m = min(self.plan_size, cost.shape[0])
         small = sinkhorn(cost[:m, :m].float(), eps=self.eps, max_iter=self.max_iter,
                          tol=self.tol, check_every=self.check_every)
-        self._artifacts[name] = {
+        self._artifacts[name] = {  # keys as committed reports read them (fore = partner)
             "epoch": self.epoch, "eps": self.eps, "omega": self.omega,
-            # The file's keys stay as committed reports read them (foreground = partner).
             "fore_labels": y_partner[:m].tolist(), "back_labels": y_base[:m].tolist(),
             "cost": cost[:m, :m].tolist(), "plan": small.coupling.tolist(),
             "argmax": small.coupling.argmax(1).tolist()}
