@@ -14,7 +14,7 @@ eval.test_every_epoch=true --set train.progress=false``, seed k > 0 as ``--set s
 the name ``<preset>_seed<k>`` (the names results/collect.sh collects), seed 0 under the
 preset's own name, plus any ``--set`` given here; run directories in ``<work>/runs``;
 (3) the return: the runs' small files (config.yaml, metrics.jsonl, eval.json, splits.json,
-the post-hoc eval_*/probe_*.json, plans/), their logs, run_many's summary and the MPS logs,
+sittings.jsonl, the post-hoc eval_*/probe_*.json, plans/), their logs, run_many's summary and the MPS logs,
 the last and validation-selected weights as fp16 safetensors (``scripts/collect_results.py``'s
 export, ``--keep-epochs`` adds kept epochs), and ``last.pt`` of every run that did not finish
 (so it can be resumed elsewhere: ``otlt train --resume``), packed into tar.gz files of at most
@@ -129,6 +129,7 @@ def pack_items(runs_dir: Path, stage: Path, keep_epochs: list[int]) -> list[tupl
             continue
         files = [run / f for f in SMALL] + sorted(run.glob("eval_*.json")) + sorted(
             run.glob("probe_*.json")) + sorted(p for p in run.glob("plans/**/*") if p.is_file())
+        files.append(run / "sittings.jsonl")  # machine and threads per sitting, if written
         first += [(f, str(f.relative_to(runs_dir))) for f in files if f.is_file()]
         try:
             for w in export_weights(run, stage / name, keep_epochs):

@@ -7,7 +7,8 @@ A RUN_DIR may also be a run folder already committed under results/ (its runs/ d
 being gone): its files are then left in place and only the READMEs are rewritten.
 
 For every run: ``results/GROUP/<name>/`` gets config.yaml, splits.json, metrics.jsonl,
-eval.json, plans/, the post-hoc ``eval_*.json`` / ``probe_*.json`` (small JSON only) and a
+eval.json, plans/, the post-hoc ``eval_*.json`` / ``probe_*.json`` (small JSON only), the
+``sittings.jsonl`` of runs that have one (machine, threads, code of each sitting) and a
 README.md with the command, the wall time (sum of the logged epoch times), the hardware and
 the last-epoch test numbers. ``--weights`` adds the last epoch's and the validation-selected
 weights as fp16 safetensors (``last.safetensors``, ``best.safetensors``; ``--keep-epochs``
@@ -91,7 +92,8 @@ def write_run(s: dict, run: Path, dest: Path, command: str, hardware: str, note:
     if run.resolve() != dest.resolve():
         for name in SMALL_FILES:
             shutil.copy2(run / name, dest / name)
-        for extra in (*run.glob("eval_*.json"), *run.glob("probe_*.json")):
+        for extra in (*run.glob("eval_*.json"), *run.glob("probe_*.json"),
+                      *run.glob("sittings.jsonl")):  # runs before it have none
             shutil.copy2(extra, dest / extra.name)
         if (run / "plans").is_dir():
             shutil.copytree(run / "plans", dest / "plans", dirs_exist_ok=True)
