@@ -14,13 +14,14 @@ eval.test_every_epoch=true --set train.progress=false``, seed k > 0 as ``--set s
 the name ``<preset>_seed<k>`` (the names results/collect.sh collects), seed 0 under the
 preset's own name, plus any ``--set`` given here; run directories in ``<work>/runs``;
 (3) the return: the runs' small files (config.yaml, metrics.jsonl, eval.json, splits.json,
-sittings.jsonl, the post-hoc eval_*/probe_*.json, plans/), their logs, run_many's summary and the MPS logs,
-the last and validation-selected weights as fp16 safetensors (``scripts/collect_results.py``'s
-export, ``--keep-epochs`` adds kept epochs), and ``last.pt`` of every run that did not finish
-(so it can be resumed elsewhere: ``otlt train --resume``), packed into tar.gz files of at most
-``--max-file-mb`` (15) each, ``--max-total-mb`` (60) in all, in that order of priority, with
-``summary.json`` beside them: at most 8 files in ``--out``. What did not fit is named in
-``summary.json`` (``left_behind``).
+sittings.jsonl, the post-hoc eval_*/probe_*.json, plans/), their logs, run_many's summary
+and the MPS logs, the last and validation-selected weights as fp16 safetensors
+(``scripts/collect_results.py``'s export, ``--keep-epochs`` adds kept epochs), and
+``last.pt`` of every run that did not finish (so it can be resumed elsewhere: ``otlt train
+--resume``), packed into tar.gz files of at most ``--max-file-mb`` (15) each,
+``--max-total-mb`` (60) in all, in that order of priority, with ``summary.json`` beside
+them: at most 8 files in ``--out``. What did not fit is named in ``summary.json``
+(``left_behind``).
 
 ``--deadline SECONDS`` is the whole command's wall-clock budget: the runs get what is left
 after the unpacking minus ``--pack-seconds`` (30) for step 3, and each stops, resumable, at
