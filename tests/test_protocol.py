@@ -286,3 +286,23 @@ def test_committed_fp16_weights_re_evaluate_close_to_the_run(runs, tmp_path, cap
     theirs = json.loads((run / "eval.json").read_text())
     assert ours["num_samples"] == theirs["num_samples"]
     assert abs(ours["top1_error"] - theirs["top1_error"]) <= 100.0 * 2 / ours["num_samples"]
+
+
+def test_logit_adjusted_diagnostic_gives_otlt_evals_number_unadjusted(runs, capsys):
+    """scripts/logit_adjusted_eval.py: its unadjusted error is the run's own (the same
+    procedure, batches and layout as otlt eval), and tau = 0 adjusts nothing."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from logit_adjusted_eval import evaluate
+
+    run = runs / "running"  # no last.safetensors: the weights of last.pt
+    record = evaluate(run, tau=1.0, bn_stats=None)
+    theirs = json.loads((run / "eval.json").read_text())
+    assert record["bn_stats"] == "running" and record["weights"].endswith("last.pt")
+    assert record["test_plain_error"] == round(theirs["top1_error"], 2)
+    assert record["test_plain_per_class_acc"] == [round(a, 1)
+                                                  for a in theirs["per_class_accuracy"]]
+    none = evaluate(run, tau=0.0, bn_stats=None)  # tau 0: no adjustment at all
+    assert none["test_adjusted_error"] == none["test_plain_error"]
+    assert set(record) >= {"val_plain_error", "val_adjusted_error", "test_adjusted_error"}
