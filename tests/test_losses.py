@@ -228,10 +228,10 @@ def test_cb_focal_closed_form() -> None:
 def test_mixed_ldam_differs_from_soft_target_ce() -> None:
     # LDAM's margin belongs to each label, so the mix is not CE against soft labels.
     loss = create_loss("ldam", COUNTS)
-    logits, target_a = _tensors(COSINES, COS_TARGET)
-    target_b = torch.tensor([0, 1])
-    mixed = 0.5 * loss(logits, target_a) + 0.5 * loss(logits, target_b)
-    soft = 0.5 * F.one_hot(target_a, 3) + 0.5 * F.one_hot(target_b, 3)
+    logits, base_labels = _tensors(COSINES, COS_TARGET)
+    partner_labels = torch.tensor([0, 1])
+    mixed = 0.5 * loss(logits, base_labels) + 0.5 * loss(logits, partner_labels)
+    soft = 0.5 * F.one_hot(base_labels, 3) + 0.5 * F.one_hot(partner_labels, 3)
     assert not torch.allclose(mixed, F.cross_entropy(30 * logits, soft, reduction="none"))
 
 

@@ -22,19 +22,20 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
 
 
 def test_cost_equals_formula_on_hand_built_case():
-    z_fore = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    z_back = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -2.0]])
-    y_fore = torch.tensor([0, 1])
-    y_back = torch.tensor([0, 1, 2])
+    z_partner = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z_base = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -2.0]])
+    y_partner = torch.tensor([0, 1])
+    y_base = torch.tensor([0, 1, 2])
     confusion = torch.tensor([[8.0, 1.0, 1.0], [2.0, 6.0, 2.0], [0.0, 5.0, 5.0]])
     # F^ rows: [0, .1, .1], [.2, 0, .2], [0, .5, 0]
     cos = torch.tensor([[1.0, 2 ** -0.5, 0.0], [0.0, 2 ** -0.5, -1.0]])
     fhat = torch.tensor([[0.0, 0.1, 0.1], [0.2, 0.0, 0.2]])
     omega = 0.3
     expected = omega * (1 - cos) + (1 - omega) * (1 - fhat)
-    got = otmix_cost(z_fore, z_back, y_fore, y_back, confusion, omega=omega)
+    got = otmix_cost(z_partner, z_base, y_partner, y_base, confusion, omega=omega)
     assert torch.allclose(got, expected, atol=1e-6)
-    kept = otmix_cost(z_fore, z_back, y_fore, y_back, confusion, omega=0.0, keep_same_class=True)
+    kept = otmix_cost(z_partner, z_base, y_partner, y_base, confusion, omega=0.0,
+                      keep_same_class=True)
     assert torch.allclose(kept[0, 0], torch.tensor(1 - 0.8)) and torch.allclose(
         kept[1, 1], torch.tensor(1 - 0.6))
 
@@ -86,12 +87,12 @@ def test_partners_avoid_own_class_and_follow_confusion(selection):
     mixer.update_confusion(confusion_pointing_to())
     g = torch.Generator().manual_seed(1)
     plan = mixer.plan(xb, yb, xf, yf, generator=g, model=FeatureModel())
-    back_classes = yb[plan.base_index]
+    base_classes = yb[plan.base_index]
     if selection == "assignment":  # one-to-one: the total optimum may accept a same-class pair
         assert sorted(plan.base_index.tolist()) == list(range(32))
     else:
-        assert not torch.any(back_classes == yf), "a foreground was paired with its own class"
-    hits = (back_classes == (yf + 1) % 4).float().mean()
+        assert not torch.any(base_classes == yf), "a partner got a base of its own class"
+    hits = (base_classes == (yf + 1) % 4).float().mean()
     assert hits > 0.5, f"only {hits:.2f} of partners come from the most confused class"
 
 

@@ -481,10 +481,10 @@ def test_gallery_shows_the_pairs_the_mixer_chose(otmix_run):
     assert g.ot and g.partners.shape == g.bases.shape == g.mixed.shape == (6, 32, 32, 3)
     for i in range(6):
         # CutMix: every mixed pixel comes from the foreground or the chosen background
-        from_fore = np.isclose(g.mixed[i], g.partners[i]).all(-1)
-        from_back = np.isclose(g.mixed[i], g.bases[i]).all(-1)
-        assert (from_fore | from_back).all()
-        assert g.lams[i] == pytest.approx(from_back.mean(), abs=1 / 32)
+        from_partner = np.isclose(g.mixed[i], g.partners[i]).all(-1)
+        from_base = np.isclose(g.mixed[i], g.bases[i]).all(-1)
+        assert (from_partner | from_base).all()
+        assert g.lams[i] == pytest.approx(from_base.mean(), abs=1 / 32)
     assert len(set(g.partner_labels)) > 1  # one foreground per class first
 
 
