@@ -10,15 +10,14 @@ from typing import Any
 
 import yaml
 
+from otlt.config.compare import SAFE_ON_RESUME
 from otlt.engine.logging import read_metrics
 from otlt.errors import OtltError, require
 from otlt.report import plots
 
 #: config keys that name or place a run rather than define it (ignored by sweep detection)
-IGNORED_KEYS = ("name", "out_dir", "data.path", "train.device", "train.amp", "train.progress",
-                "train.compile", "train.cuda_graphs", "train.channels_last",
-                "train.eval_batch_size", "train.workers", "train.keep_epochs", "train.keep_every",
-                "train.deterministic", "train.dist_timeout")
+IGNORED_KEYS = ("name", "out_dir", *SAFE_ON_RESUME, "train.amp", "train.channels_last",
+                "train.keep_epochs", "train.keep_every", "train.deterministic")
 """Keys that say how a run executed or what it kept, not what it trained: rows and their
 base rows are matched without them (a config written before a key existed lacks it, and
 ``train.keep_epochs`` may be written relative, ``[-4, -1]``, or resolved, ``[236, 239]``)."""
