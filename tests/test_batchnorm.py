@@ -57,6 +57,27 @@ def test_statistics_are_the_exact_average_over_the_batches():
     assert int(net[0].num_batches_tracked) == 4
 
 
+def test_statistics_equal_pytorchs_cumulative_average_bit_for_bit():
+    """The ``1/n`` factor is set on the host instead of read from ``num_batches_tracked``
+    (``momentum=None``, a device sync per layer and batch on a GPU): same floats, so evaluation
+    numbers of committed runs do not move. A sum divided by N would round differently."""
+    xs = batches(7, seed=2)
+    net, reference = small_net(), small_net()
+    recalibrate_batchnorm(net, xs)
+    reference.eval()
+    for m in (reference[0], reference[3]):
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    with torch.no_grad():
+        for x in xs:
+            reference(x)
+    for key, value in batchnorm_state(reference).items():
+        assert torch.equal(value, net.state_dict()[key]), key
+    summed = torch.stack([x.mean((0, 2, 3)) for x in xs]).sum(0) / len(xs)
+    assert not torch.equal(summed, net[0].running_mean)  # the test can tell the two apart
+
+
 def test_weights_mode_and_momentum_are_left_alone():
     net = small_net()
     net.train()

@@ -127,12 +127,13 @@ MIXES = {
 }
 
 
-def tiny_trainer(method: str, tiny_zip, tmp_path, device: str = "cpu") -> Trainer:
+def tiny_trainer(method: str, tiny_zip, tmp_path, device: str = "cpu",
+                 overrides: list[str] = ()) -> Trainer:
     config = tmp_path / f"{method}.yaml"
     config.write_text(f"name: {method}\nloss: {{name: ce}}\n{MIXES[method]}")
-    overrides = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3)
-    return Trainer(load_config(config, overrides + [f"name={method}",
-                                                    f"train.device={device}"]))
+    run = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3)
+    return Trainer(load_config(config, run + [f"name={method}", f"train.device={device}",
+                                              *overrides]))
 
 
 def device_state(trainer: Trainer) -> list[torch.Tensor]:
@@ -173,6 +174,27 @@ def test_an_epoch_reads_the_device_once_at_its_end(method, tiny_zip, tmp_path, h
     assert mode.reads[0][1].startswith("engine/trainer.py")
     if method == "otmix":  # one read per convergence test, ~3 per batch at check_every 10
         assert steps <= mode.solver_reads <= 10 * steps
+    else:
+        assert mode.solver_reads == 0
+
+
+@pytest.mark.parametrize("method", ["erm", "otmix"])
+@pytest.mark.parametrize("bn_stats", ["train", "balanced"])
+def test_batchnorm_recalibration_reads_nothing_from_the_device(method, bn_stats, tiny_zip,
+                                                               tmp_path, host_reads):
+    """``eval.bn_stats`` other than ``running`` recalibrates a copy of the model before every
+    evaluation: its cumulative average must not read each layer's ``num_batches_tracked``
+    (``momentum=None`` does: one read per BatchNorm layer and batch, 57 here)."""
+    trainer = tiny_trainer(method, tiny_zip, tmp_path,
+                           overrides=[f"eval.bn_stats={bn_stats}", "eval.bn_batches=3"])
+    mode = host_reads(device_state(trainer))
+    trainer.train_one_epoch(0)
+    mode = host_reads(device_state(trainer))
+    with mode:
+        trainer.evaluation.model_for(0)
+    assert mode.reads == []
+    if method == "otmix" and bn_stats == "train":  # mixed recalibration batches: OT plans
+        assert mode.solver_reads >= 3
     else:
         assert mode.solver_reads == 0
 
@@ -230,3 +252,30 @@ def test_cuda_epoch_synchronises_only_at_its_end(method, tiny_zip, tmp_path, mon
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     assert len(syncs) <= 1 + len(checks), [str(w.message) for w in syncs]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("method", ["erm", "otmix"])
+def test_cuda_batchnorm_recalibration_does_not_synchronise(method, tiny_zip, tmp_path,
+                                                           monkeypatch):
+    """The recalibration of ``eval.bn_stats: train`` on a GPU, by CUDA's sync detector: at
+    most Sinkhorn's convergence tests synchronise (``momentum=None`` would add one per
+    BatchNorm layer and batch)."""
+    trainer = tiny_trainer(method, tiny_zip, tmp_path, device="cuda",
+                           overrides=["eval.bn_stats=train", "eval.bn_batches=3"])
+    trainer.train_one_epoch(0)
+    trainer.evaluation.model_for(0)  # warm-up
+    checks = []
+    check = StabilizedSinkhorn._health
+    monkeypatch.setattr(StabilizedSinkhorn, "_health",
+                        lambda self: checks.append(1) or check(self))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.evaluation.model_for(0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= len(checks), [str(w.message) for w in syncs]

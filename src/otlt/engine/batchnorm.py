@@ -12,7 +12,11 @@ Long-Tailed Recognition", CVPR 2021): reset every BatchNorm layer and set, per c
     running_mean_c = (1/N) Σ_n  mean_c(batch n)
     running_var_c  = (1/N) Σ_n  var_c(batch n)      (unbiased, as BatchNorm stores it)
 
-over ``N`` batches, which is PyTorch's cumulative average (``momentum=None``). Only the
+over ``N`` batches, which is PyTorch's cumulative average (``momentum=None``): the ``n``-th
+batch moves the statistics by ``1/n``. That factor is set on the host from the batch count
+(``momentum = 1/n``, the same Python float), not read from each layer's
+``num_batches_tracked`` as ``momentum=None`` does, a host-device synchronisation per layer and
+batch on a GPU; the statistics are bit for bit the same. Only the
 BatchNorm layers run in train mode; every other module stays in eval mode, nothing gets a
 gradient, and the affine parameters are untouched. Under ``torch.distributed`` each rank's
 averages are averaged over ranks (every rank recalibrates on its rows of the same global
@@ -96,12 +100,13 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     model.eval()
     for m in layers:
         m.reset_running_stats()
-        m.momentum = None  # cumulative average: every batch weighs the same
         m.train()
     count = 0
     try:
         for x in batches:
             x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            for m in layers:  # cumulative average: every batch weighs the same
+                m.momentum = 1.0 / (count + 1)
             with autocast(x.device, amp_dtype):
                 model(x)
             count += 1
