@@ -232,12 +232,9 @@ def test_the_detector_sees_masks_and_host_copies_but_not_generator_draws(host_re
         "aten.nonzero.default"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
-@pytest.mark.parametrize("method", ["erm", "cmo", "otmix"])
-def test_cuda_epoch_synchronises_only_at_its_end(method, tiny_zip, tmp_path, monkeypatch):
-    """The same on a GPU, by CUDA's own sync detector (``set_sync_debug_mode``)."""
-    trainer = tiny_trainer(method, tiny_zip, tmp_path, device="cuda")
-    trainer.train_one_epoch(0)  # warm-up: lazy initialisation and cuDNN's search synchronise
+def cuda_syncs(action, monkeypatch) -> tuple[list[str], int]:
+    """The synchronisations CUDA's own detector (``set_sync_debug_mode``) reports while
+    ``action()`` runs, and how many of Sinkhorn's convergence tests ran meanwhile."""
     checks = []
     check = StabilizedSinkhorn._health
     monkeypatch.setattr(StabilizedSinkhorn, "_health",
@@ -247,11 +244,21 @@ def test_cuda_epoch_synchronises_only_at_its_end(method, tiny_zip, tmp_path, mon
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            trainer.train_one_epoch(1)
+            action()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) <= 1 + len(checks), [str(w.message) for w in syncs]
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()], \
+        len(checks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+@pytest.mark.parametrize("method", ["erm", "cmo", "otmix"])
+def test_cuda_epoch_synchronises_only_at_its_end(method, tiny_zip, tmp_path, monkeypatch):
+    """The same on a GPU, by CUDA's own sync detector."""
+    trainer = tiny_trainer(method, tiny_zip, tmp_path, device="cuda")
+    trainer.train_one_epoch(0)  # warm-up: lazy initialisation and cuDNN's search synchronise
+    syncs, checks = cuda_syncs(lambda: trainer.train_one_epoch(1), monkeypatch)
+    assert len(syncs) <= 1 + checks, syncs
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -265,17 +272,5 @@ def test_cuda_batchnorm_recalibration_does_not_synchronise(method, tiny_zip, tmp
                            overrides=["eval.bn_stats=train", "eval.bn_batches=3"])
     trainer.train_one_epoch(0)
     trainer.evaluation.model_for(0)  # warm-up
-    checks = []
-    check = StabilizedSinkhorn._health
-    monkeypatch.setattr(StabilizedSinkhorn, "_health",
-                        lambda self: checks.append(1) or check(self))
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            trainer.evaluation.model_for(0)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) <= len(checks), [str(w.message) for w in syncs]
+    syncs, checks = cuda_syncs(lambda: trainer.evaluation.model_for(0), monkeypatch)
+    assert len(syncs) <= checks, syncs
