@@ -25,27 +25,11 @@ from pathlib import Path
 
 import torch
 
-from otlt.amp import autocast
 from otlt.config import BN_STATS
-from otlt.data.augment import eval_transform
+from otlt.engine.evaluation import eval_logits, split_batches
 from otlt.engine.posthoc import evaluation_procedure, load_into, read_last
 from otlt.engine.weights import load_weights
 from otlt.metrics import confusion_matrix
-
-
-@torch.no_grad()
-def logits_of(model: torch.nn.Module, split, amp_dtype, batch_size: int,
-              channels_last: bool) -> torch.Tensor:
-    """``(N, K)`` float32 logits of ``model`` (eval mode) on a DeviceSplit, batched and laid
-    out as the engine's evaluation does (so the unadjusted error is ``otlt eval``'s)."""
-    model.eval()
-    out = []
-    for i in range(0, len(split), batch_size):
-        x = eval_transform(split.images[i:i + batch_size])
-        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-        with autocast(x.device, amp_dtype):
-            out.append(model(x).float())
-    return torch.cat(out)
 
 
 def evaluate(run_dir: Path, tau: float, bn_stats: str | None) -> dict:
@@ -75,8 +59,10 @@ def evaluate(run_dir: Path, tau: float, bn_stats: str | None) -> dict:
         split = getattr(feed, name)
         if split is None:
             continue
-        logits = logits_of(model, split, procedure.amp_dtype, cfg.train.eval_batch_size,
-                           cfg.train.channels_last)
+        # batched and laid out as otlt eval does, so the unadjusted error is its number
+        logits = torch.cat([z.float() for z, _ in eval_logits(
+            model, split_batches(split, cfg.train.eval_batch_size), procedure.amp_dtype,
+            cfg.train.channels_last)])
         labels = split.labels.cpu()
         for label, adjust in (("plain", 0.0), ("adjusted", 1.0)):
             pred = (logits.cpu() - adjust * shift).argmax(1)

@@ -3,7 +3,7 @@ and the per-split accuracy record the trainer logs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -23,9 +23,8 @@ def evaluate(model: torch.nn.Module, split: DeviceSplit, num_classes: int, batch
     are summed on the split's device (NCCL communicates only CUDA tensors), so every rank
     holds the whole split's matrix."""
     mine = torch.arange(rank(), len(split), world_size(), device=split.labels.device)
-    batches = ((eval_transform(split.images[idx]), split.labels[idx])
-               for idx in mine.split(batch_size))
-    return summed_confusion(model, batches, num_classes, amp_dtype, channels_last)
+    return summed_confusion(model, split_batches(split, batch_size, indices=mine), num_classes,
+                            amp_dtype, channels_last)
 
 
 def summed_confusion(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -37,21 +36,46 @@ def summed_confusion(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
                                            channels_last)).cpu()
 
 
-@torch.no_grad()
+def split_batches(split: DeviceSplit, batch_size: int, *, indices: torch.Tensor | None = None,
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Model inputs ``(B, 3, H, W)`` (:func:`~otlt.data.augment.eval_transform`) and labels
+    ``(B,)`` of a split on its device, ``batch_size`` at a time, in order (``indices``: only
+    those images, e.g. this rank's share)."""
+    if indices is None:
+        indices = torch.arange(len(split), device=split.labels.device)
+    return ((eval_transform(split.images[idx]), split.labels[idx])
+            for idx in indices.split(batch_size))
+
+
+def eval_logits(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                amp_dtype: torch.dtype | None, channels_last: bool,
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Logits ``(B, K)`` (autocast dtype) of ``model`` in eval mode, without gradients, with
+    each batch's labels, over ``(x (B, 3, H, W) float, y (B,))`` batches already on the
+    model's device, laid out as training lays them out; the model's train/eval mode is
+    restored when the batches are exhausted (or the iteration is abandoned)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y in batches:
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last \
+                else x.contiguous()
+            with torch.no_grad(), autocast(x.device, amp_dtype):
+                logits = model(x)
+            yield logits, y
+    finally:
+        model.train(was_training)
+
+
 def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      num_classes: int, amp_dtype: torch.dtype | None,
                      channels_last: bool) -> torch.Tensor:
-    """Confusion matrix ``(K, K)`` of ``model`` over ``(x (B, 3, H, W) float, y (B,))``
-    batches already on the model's device, in eval mode (train mode is restored); the
-    matrix stays on that device (a collective may sum it there)."""
-    model.eval()
+    """Confusion matrix ``(K, K)`` of ``model`` (:func:`eval_logits`) over ``(x, y)`` batches
+    on the model's device; the matrix stays on that device (a collective may sum it there)."""
     preds, labels = [], []
-    for x, y in batches:
-        x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-        with autocast(x.device, amp_dtype):
-            preds.append(model(x).argmax(1))
+    for logits, y in eval_logits(model, batches, amp_dtype, channels_last):
+        preds.append(logits.argmax(1))
         labels.append(y)
-    model.train()
     return confusion_matrix(torch.cat(preds), torch.cat(labels), num_classes)
 
 
