@@ -156,7 +156,22 @@ def test_post_hoc_eval_never_overwrites_other_numbers(runs, capsys):
     assert len(err) == 1 and "--overwrite" in err[0]
     assert json.loads(path.read_text())["top1_error"] == -1
     assert main(["eval", str(run), "--overwrite"]) == 0
-    assert json.loads(path.read_text())["top1_error"] != -1
+    record = json.loads(path.read_text())
+    assert record["top1_error"] != -1
+    assert record["evaluated_with"]["threads"] == torch.get_num_threads()
+    assert record["evaluated_with"]["device"] == "cpu"
+    # A file from before evaluated_with, or from another thread count, with the same numbers
+    # is left as it is; other numbers from another thread count are refused with the reason.
+    older = {k: v for k, v in record.items() if k != "evaluated_with"}
+    path.write_text(json.dumps(older))
+    assert main(["eval", str(run)]) == 0
+    assert json.loads(path.read_text()) == older
+    elsewhere = {**record, "top1_error": -1,
+                 "evaluated_with": {**record["evaluated_with"], "threads": 99}}
+    path.write_text(json.dumps(elsewhere))
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 2
+    one_line_error(capsys, "--overwrite", "threads 99; now threads")
 
 
 def test_resume_is_exact_with_recalibration_and_selection(tiny_zip, tmp_path, capsys):

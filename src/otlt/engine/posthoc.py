@@ -29,6 +29,7 @@ from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.preflight import check_components
 from otlt.engine.procedure import EvaluationProcedure
+from otlt.engine.provenance import code_version, environment
 from otlt.engine.rundir import check_stored_config
 from otlt.engine.runtime import autocast_dtype, configure_kernels, resolve_device
 from otlt.engine.weights import (
@@ -175,8 +176,20 @@ def evaluate_weights(run_dir: Path, weights: WeightsFile, bn_stats: str | None =
     last = last if last is not None else read_last(run_dir)
     procedure = evaluation_procedure(run_dir, last, data_path, many, few, device=device)
     load_into(procedure, weights)
-    return evaluate_loaded(procedure, weights.epoch, bn_stats or procedure.cfg.eval.bn_stats,
-                           split)
+    result = evaluate_loaded(procedure, weights.epoch,
+                             bn_stats or procedure.cfg.eval.bn_stats, split)
+    return {**result, PROVENANCE_KEY: evaluated_with(procedure)}
+
+
+PROVENANCE_KEY = "evaluated_with"
+
+
+def evaluated_with(procedure: EvaluationProcedure) -> dict[str, Any]:
+    """Where a post-hoc number was computed (:func:`otlt.engine.provenance.environment`: device,
+    hardware, torch threads and version; the code's commit), kept as ``evaluated_with``:
+    bf16 results on the CPU move by an image or two with the thread count."""
+    device = next(procedure.model.parameters()).device
+    return {**environment(device), **code_version()}
 
 
 def kept_weights(run_dir: Path) -> dict[int, Path]:
@@ -223,7 +236,7 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
                             "balanced_acc": select_value(r, "balanced_acc"),
                             "per_class_accuracy": r["per_class_accuracy"]})
     return {"run": str(run_dir), "split": split, "bn_batches": procedure.cfg.eval.bn_batches,
-            "records": records}
+            "records": records, PROVENANCE_KEY: evaluated_with(procedure)}
 
 
 def evaluate_run(target: Path, checkpoint: str = "last", bn_stats: str | None = None,
@@ -255,20 +268,43 @@ def evaluate_run(target: Path, checkpoint: str = "last", bn_stats: str | None = 
 
 
 def write_result(path: Path, record: dict[str, Any], overwrite: bool = False) -> None:
-    """Write a JSON result; an existing file with other content is kept unless
-    ``overwrite`` (the same content again is fine)."""
+    """Write a JSON result. An existing file is kept unless ``overwrite``: left as it is when
+    it holds the same numbers (its ``evaluated_with`` is not compared: the file keeps where it
+    was first computed), refused when it holds others."""
     if path.exists() and not overwrite:
         try:
-            same = json.loads(path.read_text()) == json.loads(json.dumps(record))
+            old = json.loads(path.read_text())
         except (OSError, ValueError):
-            same = False
-        if not same:
-            raise OtltError(f"{path} exists and holds other numbers; choose another file "
-                            "with --out or replace it with --overwrite")
+            old = None
+        new = json.loads(json.dumps(record))
+        if isinstance(old, dict) and _numbers(old) == _numbers(new):
+            return
+        raise OtltError(f"{path} exists and holds other numbers{_why_else(old, new)}; choose "
+                        "another file with --out or replace it with --overwrite")
     try:
         path.write_text(json.dumps(record, indent=1))
     except OSError as exc:
         raise OtltError(f"cannot write {path} ({exc.strerror or exc})") from None
+
+
+def _numbers(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != PROVENANCE_KEY}
+
+
+def _why_else(old: Any, new: dict[str, Any]) -> str:
+    """What may explain other numbers: the device or thread count they were computed with."""
+    mine = new.get(PROVENANCE_KEY) or {}
+    theirs = old.get(PROVENANCE_KEY) if isinstance(old, dict) else None
+    if not mine:
+        return ""
+    if not theirs:
+        return " (where they were computed is not recorded; bf16 CPU numbers depend on the " \
+               "torch thread count)"
+    keys = [k for k in ("device", "hardware", "threads") if theirs.get(k) != mine.get(k)]
+    if not keys:
+        return ""
+    return " (computed with " + ", ".join(f"{k} {theirs.get(k)}" for k in keys) + \
+        "; now " + ", ".join(f"{k} {mine.get(k)}" for k in keys) + ")"
 
 
 __all__ = ["evaluate_run", "evaluate_weights", "kept_weights", "probe_kept", "resolve_run",
