@@ -39,7 +39,8 @@ def test_train_writes_run_directory_and_eval(tiny_zip, config, tmp_path, capsys)
     assert list((run / "tb").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
-    for key in ("lr", "train_loss", "train_acc", "val_acc", "val_many_acc", "epoch_seconds"):
+    for key in ("lr", "train_loss", "train_acc", "val_acc", "val_many_acc", "epoch_seconds",
+                "steps_seconds"):
         assert key in records[0]
     result = json.loads((run / "eval.json").read_text())
     for key in ("top1_error", "many_error", "medium_error", "few_error", "per_class_accuracy",

@@ -185,9 +185,11 @@ def test_resume_is_exact_with_recalibration_and_selection(tiny_zip, tmp_path, ca
     assert main(["train", "--resume", str(tmp_path / "runs" / "part")]) == 0
     capsys.readouterr()
     full, part = tmp_path / "runs" / "full", tmp_path / "runs" / "part"
-    assert records(full) == [dict(r, epoch_seconds=f["epoch_seconds"], bn_seconds=f["bn_seconds"],
-                                  bn_probe_seconds=f["bn_probe_seconds"])
-                             for r, f in zip(records(part), records(full), strict=True)]
+    def untimed(run):
+        return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in records(run)]
+
+    assert untimed(full) == untimed(part)
+    assert all(0 < r["steps_seconds"] < r["epoch_seconds"] for r in records(full))
     a, b = load_weights(full / "best.safetensors"), load_weights(part / "best.safetensors")
     assert a.epoch == b.epoch and all(torch.equal(a.model[k], b.model[k]) for k in a.model)
     assert json.loads((full / "eval.json").read_text())["selected"] == \

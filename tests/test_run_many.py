@@ -130,3 +130,11 @@ def test_a_torn_last_line_is_dropped_and_a_damaged_middle_line_is_reported(tmp_p
     text = rm.format_summary({"runs": runs, "mps": False, "mps_note": "--mps off",
                               "seconds": 1.0, "interrupted": False})
     assert " 2/? " in text and " ?/? " in text and "damaged: " in text
+
+
+def test_evaluation_share_is_the_time_outside_the_steps(monkeypatch):
+    rm = load_run_many(monkeypatch)
+    records = [{"epoch_seconds": 2.0, "steps_seconds": 1.5},
+               {"epoch_seconds": 2.0, "steps_seconds": 1.7}, {"epoch_seconds": 3.0}]
+    assert rm.evaluation_share(records) == 0.2  # the untimed epoch is left out
+    assert rm.evaluation_share([{"epoch_seconds": 3.0}]) is None

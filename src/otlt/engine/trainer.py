@@ -267,6 +267,9 @@ class Trainer:
         diagnostic), keep ``best`` and the kept weights; return the epoch's record."""
         start = time.perf_counter()
         record = {"epoch": epoch, **self._resume_note, **self.train_one_epoch(epoch)}
+        # The steps end with the epoch's one host read, so on a GPU they are done by now; the
+        # rest of epoch_seconds is evaluation (issue 29's per-epoch overhead).
+        record["steps_seconds"] = time.perf_counter() - start
         self._resume_note = {}
         if not self.cfg.train.sync_bn:
             average_buffers(self.model)  # every rank evaluates and saves one model
