@@ -48,9 +48,9 @@ def all_mixers() -> list:
             Remix(COUNTS, mode="mixup"), Remix(COUNTS, mode="cutmix")]
 
 
-def call(mixer, x, y, xf, yf, seed: int = 0):
+def call(mixer, x, y, x_partner, y_partner, seed: int = 0):
     if mixer.needs_partner_batch:
-        return mixer(x, y, xf, yf, generator=gen(seed))
+        return mixer(x, y, x_partner, y_partner, generator=gen(seed))
     return mixer(x, y, generator=gen(seed))
 
 
@@ -133,16 +133,16 @@ def test_mixup_images_float_and_uint8() -> None:
 def test_cutmix_pixels_come_from_partner_inside_box_only(mixer) -> None:
     bsz = 6
     x = row_constant_batch([100 + i for i in range(bsz)])
-    xf = row_constant_batch([200 + i for i in range(bsz + 2)])  # foreground may be larger
+    x_partner = row_constant_batch([200 + i for i in range(bsz + 2)])  # foreground may be larger
     y = torch.arange(bsz)
-    yf = torch.arange(bsz + 2) % 4
+    y_partner = torch.arange(bsz + 2) % 4
     for seed in range(5):
-        out = call(mixer, x, y, xf, yf, seed)
+        out = call(mixer, x, y, x_partner, y_partner, seed)
         plan = out.plan
         assert plan.box is not None
         y0, y1, x0, x1 = plan.box
-        source = xf if mixer.needs_partner_batch else x
-        src_labels = yf if mixer.needs_partner_batch else y
+        source = x_partner if mixer.needs_partner_batch else x
+        src_labels = y_partner if mixer.needs_partner_batch else y
         inside = torch.zeros(16, 16, dtype=torch.bool)
         inside[y0:y1, x0:x1] = True
         for i in range(bsz):
@@ -192,9 +192,9 @@ def test_a_mixer_mixes_every_batch_it_is_given() -> None:
 
 @pytest.mark.parametrize("mixer", all_mixers(), ids=lambda m: f"{m.name}")
 def test_soft_targets_sum_to_one(mixer) -> None:
-    x, xf = torch.rand(8, 3, 8, 8), torch.rand(8, 3, 8, 8)
-    y, yf = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), torch.tensor([3, 3, 2, 2, 1, 1, 0, 0])
-    out = call(mixer, x, y, xf, yf, seed=7)
+    x, x_partner = torch.rand(8, 3, 8, 8), torch.rand(8, 3, 8, 8)
+    y, y_partner = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), torch.tensor([3, 3, 2, 2, 1, 1, 0, 0])
+    out = call(mixer, x, y, x_partner, y_partner, seed=7)
     soft = out.soft_targets(4)
     assert soft.shape == (8, 4) and soft.dtype == torch.float32
     torch.testing.assert_close(soft.sum(1), torch.ones(8))
@@ -241,22 +241,23 @@ def test_remix_pixels_are_plain_mixup() -> None:
 
 @pytest.mark.parametrize("mixer", all_mixers()[1:], ids=lambda m: f"{m.name}")
 def test_same_seed_same_mix_different_seed_different_mix(mixer) -> None:
-    x, xf = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)
-    y, yf = torch.arange(8) % 4, torch.arange(8) % 4
-    a, b = call(mixer, x, y, xf, yf, 11), call(mixer, x, y, xf, yf, 11)
-    c = call(mixer, x, y, xf, yf, 12)
+    x, x_partner = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)
+    y, y_partner = torch.arange(8) % 4, torch.arange(8) % 4
+    a, b = call(mixer, x, y, x_partner, y_partner, 11), call(mixer, x, y, x_partner, y_partner, 11)
+    c = call(mixer, x, y, x_partner, y_partner, 12)
     assert a.plan.to_dict() == b.plan.to_dict() and torch.equal(a.images, b.images)
     assert a.plan.to_dict() != c.plan.to_dict() and not torch.equal(a.images, c.images)
 
 
 def test_plan_then_apply_equals_call_and_plan_is_loggable() -> None:
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8)
-    xf, yf = torch.rand(8, 3, 16, 16), torch.arange(8)
+    x_partner, y_partner = torch.rand(8, 3, 16, 16), torch.arange(8)
     mixer = CMO(alpha=1.0, fraction=0.5)
-    plan = mixer.plan(x, y, xf, yf, generator=gen(13))
-    once, twice = mixer.apply(plan, x, y, xf, yf), mixer.apply(plan, x, y, xf, yf)
+    plan = mixer.plan(x, y, x_partner, y_partner, generator=gen(13))
+    once = mixer.apply(plan, x, y, x_partner, y_partner)
+    twice = mixer.apply(plan, x, y, x_partner, y_partner)
     assert torch.equal(once.images, twice.images)
-    assert torch.equal(mixer(x, y, xf, yf, generator=gen(13)).images, once.images)
+    assert torch.equal(mixer(x, y, x_partner, y_partner, generator=gen(13)).images, once.images)
     logged = json.loads(json.dumps(plan.to_dict()))
     assert logged["box"] == list(plan.box)
     assert logged["partner_index"] == plan.partner_index.tolist()
@@ -264,14 +265,15 @@ def test_plan_then_apply_equals_call_and_plan_is_loggable() -> None:
 
 def test_apply_plan_supports_otmix_style_pairing() -> None:
     # OTMix: output row i is foreground i pasted onto the background j*(i).
-    xb, yb = row_constant_batch([100, 101, 102]), torch.tensor([0, 1, 2])
-    xf, yf = row_constant_batch([200, 201, 202]), torch.tensor([3, 3, 2])
+    x_base, y_base = row_constant_batch([100, 101, 102]), torch.tensor([0, 1, 2])
+    x_partner, y_partner = row_constant_batch([200, 201, 202]), torch.tensor([3, 3, 2])
     j_star = torch.tensor([2, 2, 0])
     box = (0, 8, 0, 8)
     plan = MixPlan(box_lam(box, 16, 16), box, j_star, torch.arange(3),
                    torch.ones(3, dtype=torch.bool))
-    out = apply_plan(plan, xb, yb, xf, yf)
-    assert torch.equal(out.base_labels, yb[j_star]) and torch.equal(out.partner_labels, yf)
+    out = apply_plan(plan, x_base, y_base, x_partner, y_partner)
+    assert torch.equal(out.base_labels, y_base[j_star])
+    assert torch.equal(out.partner_labels, y_partner)
     assert out.images[0, 0, 0, 0] == 200 and out.images[0, 0, 15, 15] == 102
     assert out.images[2, 0, 0, 0] == 202 and out.images[2, 0, 15, 15] == 100
     assert out.lam[0] == 0.75
@@ -286,12 +288,12 @@ def test_apply_plan_supports_otmix_style_pairing() -> None:
 def test_device_dtype_preserved_and_inputs_untouched(mixer, dtype, device) -> None:
     g = gen(14)
     x = (torch.rand(6, 3, 8, 8, generator=g) * 255).to(dtype=dtype, device=device)
-    xf = (torch.rand(6, 3, 8, 8, generator=g) * 255).to(dtype=dtype, device=device)
+    x_partner = (torch.rand(6, 3, 8, 8, generator=g) * 255).to(dtype=dtype, device=device)
     y = torch.tensor([0, 1, 2, 3, 0, 1], device=device)
-    yf = torch.tensor([3, 3, 2, 2, 1, 1], device=device)
-    before = [t.clone() for t in (x, y, xf, yf)]
-    out = call(mixer, x, y, xf, yf, seed=15)
-    for t, saved in zip((x, y, xf, yf), before, strict=True):
+    y_partner = torch.tensor([3, 3, 2, 2, 1, 1], device=device)
+    before = [t.clone() for t in (x, y, x_partner, y_partner)]
+    out = call(mixer, x, y, x_partner, y_partner, seed=15)
+    for t, saved in zip((x, y, x_partner, y_partner), before, strict=True):
         assert torch.equal(t, saved)
     assert out.images.dtype == dtype and out.images.device == x.device
     assert out.images.shape == x.shape

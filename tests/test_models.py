@@ -302,14 +302,14 @@ def test_otmix_takes_any_embed_callable():
     mixer = OTMix(class_counts=[6, 2], ot_probability=1.0)
     g = torch.Generator().manual_seed(0)
     mixer.set_epoch(0, 4, generator=g)
-    x, xf = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    x, x_partner = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
     calls = []
 
     def embed(images):
         calls.append(len(images))
         return images.flatten(1)
 
-    mixer(x, torch.tensor([0, 0, 0, 1]), xf, torch.tensor([1, 1, 0, 1]), generator=g,
+    mixer(x, torch.tensor([0, 0, 0, 1]), x_partner, torch.tensor([1, 1, 0, 1]), generator=g,
           embed=embed)
     assert calls == [8] and mixer.stats["ot_batches"] == 1
 

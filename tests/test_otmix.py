@@ -42,15 +42,17 @@ def test_cost_equals_formula_on_hand_built_case():
 
 def test_euclidean_and_limits_of_omega():
     g = torch.Generator().manual_seed(0)
-    zf, zb = torch.randn(5, 4, generator=g), torch.randn(6, 4, generator=g)
-    yf, yb = torch.randint(0, 3, (5,), generator=g), torch.randint(0, 3, (6,), generator=g)
+    z_partner, z_base = torch.randn(5, 4, generator=g), torch.randn(6, 4, generator=g)
+    y_partner = torch.randint(0, 3, (5,), generator=g)
+    y_base = torch.randint(0, 3, (6,), generator=g)
     conf = torch.rand(3, 3, generator=g)
-    feat_only = otmix_cost(zf, zb, yf, yb, conf, omega=1.0, distance="euclidean")
-    dist = torch.cdist(zf, zb)
+    feat_only = otmix_cost(z_partner, z_base, y_partner, y_base, conf, omega=1.0,
+                           distance="euclidean")
+    dist = torch.cdist(z_partner, z_base)
     assert torch.allclose(feat_only, dist / dist.max(), atol=1e-6)
-    class_only = otmix_cost(zf, zb, yf, yb, conf, omega=0.0)
-    assert torch.equal(class_only[yf[:, None] == yb[None, :]],
-                       torch.ones_like(class_only[yf[:, None] == yb[None, :]]))
+    class_only = otmix_cost(z_partner, z_base, y_partner, y_base, conf, omega=0.0)
+    assert torch.equal(class_only[y_partner[:, None] == y_base[None, :]],
+                       torch.ones_like(class_only[y_partner[:, None] == y_base[None, :]]))
 
 
 class FeatureModel(torch.nn.Module):
@@ -65,11 +67,11 @@ class FeatureModel(torch.nn.Module):
 
 def make_batches(b=32, k=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    yb = torch.randint(0, k, (b,), generator=g)
-    yf = torch.randint(0, k, (b,), generator=g)
-    xb = torch.randn(b, 3, 16, 16, generator=g)
-    xf = torch.randn(b, 3, 16, 16, generator=g) + 10.0  # foregrounds are recognisable
-    return xb, yb, xf, yf
+    y_base = torch.randint(0, k, (b,), generator=g)
+    y_partner = torch.randint(0, k, (b,), generator=g)
+    x_base = torch.randn(b, 3, 16, 16, generator=g)
+    x_partner = torch.randn(b, 3, 16, 16, generator=g) + 10.0  # foregrounds are recognisable
+    return x_base, y_base, x_partner, y_partner
 
 
 def confusion_pointing_to(k=4):
@@ -82,25 +84,25 @@ def confusion_pointing_to(k=4):
 
 @pytest.mark.parametrize("selection", ["argmax", "assignment"])
 def test_partners_avoid_own_class_and_follow_confusion(selection):
-    xb, yb, xf, yf = make_batches()
+    x_base, y_base, x_partner, y_partner = make_batches()
     mixer = OTMix(num_classes=4, omega=0.05, selection=selection)
     mixer.update_confusion(confusion_pointing_to())
     g = torch.Generator().manual_seed(1)
-    plan = mixer.plan(xb, yb, xf, yf, generator=g, model=FeatureModel())
-    base_classes = yb[plan.base_index]
+    plan = mixer.plan(x_base, y_base, x_partner, y_partner, generator=g, model=FeatureModel())
+    base_classes = y_base[plan.base_index]
     if selection == "assignment":  # one-to-one: the total optimum may accept a same-class pair
         assert sorted(plan.base_index.tolist()) == list(range(32))
     else:
-        assert not torch.any(base_classes == yf), "a partner got a base of its own class"
-    hits = (base_classes == (yf + 1) % 4).float().mean()
+        assert not torch.any(base_classes == y_partner), "a partner got a base of its own class"
+    hits = (base_classes == (y_partner + 1) % 4).float().mean()
     assert hits > 0.5, f"only {hits:.2f} of partners come from the most confused class"
 
 
 def test_mixed_images_paste_foreground_box_and_weights_match_area():
-    xb, yb, xf, yf = make_batches()
+    x_base, y_base, x_partner, y_partner = make_batches()
     mixer = OTMix(num_classes=4)
     mixer.update_confusion(confusion_pointing_to())
-    out = mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(3),
+    out = mixer(x_base, y_base, x_partner, y_partner, generator=torch.Generator().manual_seed(3),
                 model=FeatureModel())
     plan = out.plan
     y0, y1, x0, x1 = plan.box
@@ -109,22 +111,24 @@ def test_mixed_images_paste_foreground_box_and_weights_match_area():
     assert torch.allclose(out.lam, torch.full((32,), 1 - area / 256.0))
     inside = torch.zeros(16, 16, dtype=torch.bool)
     inside[y0:y1, x0:x1] = True
-    assert torch.equal(out.images[:, :, inside], xf[:, :, inside])
-    assert torch.equal(out.images[:, :, ~inside], xb[plan.base_index][:, :, ~inside])
-    assert torch.equal(out.base_labels, yb[plan.base_index]) and torch.equal(out.partner_labels, yf)
+    assert torch.equal(out.images[:, :, inside], x_partner[:, :, inside])
+    assert torch.equal(out.images[:, :, ~inside], x_base[plan.base_index][:, :, ~inside])
+    assert torch.equal(out.base_labels, y_base[plan.base_index])
+    assert torch.equal(out.partner_labels, y_partner)
 
 
 def test_random_epoch_is_cmo_and_inputs_untouched():
-    xb, yb, xf, yf = make_batches()
-    copies = [t.clone() for t in (xb, yb, xf, yf)]
+    x_base, y_base, x_partner, y_partner = make_batches()
+    copies = [t.clone() for t in (x_base, y_base, x_partner, y_partner)]
     mixer = OTMix(num_classes=4)
     mixer.ot_epoch = False
-    plan = mixer.plan(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0),
+    plan = mixer.plan(x_base, y_base, x_partner, y_partner,
+                      generator=torch.Generator().manual_seed(0),
                       model=FeatureModel())
-    cmo = create_mixer("cmo", alpha=4.0).plan(xb, yb, xf, yf,
+    cmo = create_mixer("cmo", alpha=4.0).plan(x_base, y_base, x_partner, y_partner,
                                               generator=torch.Generator().manual_seed(0))
     assert plan.box == cmo.box and torch.equal(plan.partner_index, cmo.partner_index)
-    for before, after in zip(copies, (xb, yb, xf, yf), strict=True):
+    for before, after in zip(copies, (x_base, y_base, x_partner, y_partner), strict=True):
         assert torch.equal(before, after)
 
 
@@ -143,12 +147,12 @@ def test_ot_epoch_frequency_follows_power_schedule(mu):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("selection", ["argmax", "sample", "softmax", "confusion"])
 def test_selections_run_on_device(device, selection):
-    xb, yb, xf, yf = (t.to(device) for t in make_batches())
+    x_base, y_base, x_partner, y_partner = (t.to(device) for t in make_batches())
     mixer = OTMix(num_classes=4, selection=selection)
     mixer.update_confusion(confusion_pointing_to())
-    out = mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0),
+    out = mixer(x_base, y_base, x_partner, y_partner, generator=torch.Generator().manual_seed(0),
                 model=FeatureModel().to(device))
-    assert out.images.device.type == device and out.images.dtype == xb.dtype
+    assert out.images.device.type == device and out.images.dtype == x_base.dtype
     stats = mixer.end_epoch(None)
     assert sum(map(sum, stats["mix_pairs"])) == 32 and stats["ot_batch_fraction"] == 1.0
 
@@ -156,8 +160,9 @@ def test_selections_run_on_device(device, selection):
 def test_features_do_not_touch_batchnorm_statistics():
     model = create_model("resnet20", 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    xb, yb, xf, yf = make_batches(b=8)
-    OTMix(num_classes=4).plan(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0),
+    x_base, y_base, x_partner, y_partner = make_batches(b=8)
+    OTMix(num_classes=4).plan(x_base, y_base, x_partner, y_partner,
+                              generator=torch.Generator().manual_seed(0),
                               model=model)
     assert model.training
     for key, value in model.state_dict().items():
@@ -177,11 +182,12 @@ def test_confusion_modes_and_state_round_trip():
 
 
 def test_sample_plan_artifact_at_chosen_epoch():
-    xb, yb, xf, yf = make_batches()
+    x_base, y_base, x_partner, y_partner = make_batches()
     mixer = OTMix(num_classes=4, plan_epochs=[2], plan_size=5)
     mixer.set_epoch(2, 3, torch.Generator().manual_seed(0))
     mixer.ot_epoch = True
-    mixer.plan(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0), model=FeatureModel())
+    mixer.plan(x_base, y_base, x_partner, y_partner, generator=torch.Generator().manual_seed(0),
+               model=FeatureModel())
     artifacts = mixer.pop_artifacts()
     plan = artifacts["plans/epoch_0002.json"]
     rows = torch.tensor(plan["plan"]).sum(1)
@@ -214,25 +220,28 @@ def test_resume_into_ot_epoch_reproduces_uninterrupted_run(tiny_zip, tmp_path, c
 
 @pytest.mark.parametrize("blend", ["mixup", "saliencymix"])
 def test_blends_for_balanced_data(blend):
-    xb, yb, xf, yf = make_batches()
+    x_base, y_base, x_partner, y_partner = make_batches()
     mixer = OTMix(num_classes=4, blend=blend)
     mixer.update_confusion(confusion_pointing_to())
-    out = mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0), model=FeatureModel())
-    base = xb[out.plan.base_index]
+    out = mixer(x_base, y_base, x_partner, y_partner, generator=torch.Generator().manual_seed(0),
+                model=FeatureModel())
+    base = x_base[out.plan.base_index]
     if blend == "mixup":
         assert out.plan.box is None
-        assert torch.allclose(out.images, out.plan.lam * base + (1 - out.plan.lam) * xf, atol=1e-5)
+        assert torch.allclose(out.images, out.plan.lam * base + (1 - out.plan.lam) * x_partner,
+                              atol=1e-5)
     else:
         y0, y1, x0, x1 = out.plan.box
-        assert torch.equal(out.images[:, :, y0:y1, x0:x1], xf[:, :, y0:y1, x0:x1])
+        assert torch.equal(out.images[:, :, y0:y1, x0:x1], x_partner[:, :, y0:y1, x0:x1])
 
 
 def test_unconverged_sinkhorn_is_counted_per_epoch_not_warned_per_batch(recwarn):
-    xb, yb, xf, yf = make_batches()
+    x_base, y_base, x_partner, y_partner = make_batches()
     mixer = OTMix(num_classes=4, max_iter=2, tol=1e-12)
     mixer.update_confusion(confusion_pointing_to())
     for seed in range(3):
-        mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(seed), model=FeatureModel())
+        mixer(x_base, y_base, x_partner, y_partner, generator=torch.Generator().manual_seed(seed),
+              model=FeatureModel())
     stats = mixer.end_epoch(None)
     assert stats["ot_converged_fraction"] == 0.0 and stats["ot_mean_iters"] == 2
     assert not [w for w in recwarn if "did not converge" in str(w.message)]
@@ -250,9 +259,9 @@ def test_feature_mode_official_moves_batchnorm_and_the_default_does_not(mode):
     mixer = OTMix(class_counts=[8, 4, 2, 2], feature_mode=mode, ot_probability=1.0)
     g = torch.Generator().manual_seed(1)
     mixer.set_epoch(0, 10, generator=g)
-    x, xf = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
-    y, yf = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3]), torch.tensor([3, 2, 1, 0, 3, 2, 1, 0])
-    mixer(x, y, xf, yf, generator=g, model=model)
+    x, x_partner = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
+    y, y_partner = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3]), torch.tensor([3, 2, 1, 0, 3, 2, 1, 0])
+    mixer(x, y, x_partner, y_partner, generator=g, model=model)
     after = batchnorm_state(model)
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert model.training  # the caller's mode is restored either way
@@ -288,16 +297,17 @@ def test_otmix_without_features_refuses_instead_of_pairing_at_random():
     """Issue 32 item 5: no model= / embed= used to turn OT epochs into CMO silently."""
     from otlt.errors import OtltError
 
-    xb, yb, xf, yf = make_batches(b=8)
+    x_base, y_base, x_partner, y_partner = make_batches(b=8)
     mixer = OTMix(num_classes=4)
     for ot in (True, False):  # a random epoch refuses too: the run fails at its first batch
         mixer.ot_epoch = ot
         with pytest.raises(OtltError, match="^OTMix needs features for its OT epochs: pass "
                                              "model= or embed=, or use CMO for random pairing$"):
-            mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0))
+            mixer(x_base, y_base, x_partner, y_partner, generator=torch.Generator().manual_seed(0))
     never = OTMix(num_classes=4, ot_probability=0.0)  # no OT epoch ever: CMO without features
-    plan = never.plan(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0))
-    cmo = create_mixer("cmo", alpha=4.0).plan(xb, yb, xf, yf,
+    plan = never.plan(x_base, y_base, x_partner, y_partner,
+                      generator=torch.Generator().manual_seed(0))
+    cmo = create_mixer("cmo", alpha=4.0).plan(x_base, y_base, x_partner, y_partner,
                                               generator=torch.Generator().manual_seed(0))
     assert torch.equal(plan.partner_index, cmo.partner_index)
     assert never.end_epoch(None)["ot_epoch"] is False
@@ -307,10 +317,11 @@ def test_otmix_without_features_refuses_instead_of_pairing_at_random():
 def test_embed_of_the_wrong_shape_is_refused_in_one_line(bad):
     from otlt.errors import OtltError
 
-    xb, yb, xf, yf = make_batches(b=4)
+    x_base, y_base, x_partner, y_partner = make_batches(b=4)
     with pytest.raises(OtltError, match=r"embed must map images \(N, C, H, W\) to features "
                                         r"\(N, D\); for 8 images it returned"):
-        OTMix(num_classes=4)(xb, yb, xf, yf, generator=torch.Generator().manual_seed(0),
+        OTMix(num_classes=4)(x_base, y_base, x_partner, y_partner,
+                             generator=torch.Generator().manual_seed(0),
                              embed=bad)
 
 
@@ -324,11 +335,12 @@ def test_check_every_reaches_the_solver_and_the_epoch_statistics(check_every, mo
         return result
 
     monkeypatch.setattr(otmix_module, "sinkhorn", spy)
-    xb, yb, xf, yf = make_batches()
+    x_base, y_base, x_partner, y_partner = make_batches()
     mixer = OTMix(num_classes=4, check_every=check_every)
     mixer.update_confusion(confusion_pointing_to())
     for seed in range(3):
-        mixer(xb, yb, xf, yf, generator=torch.Generator().manual_seed(seed), model=FeatureModel())
+        mixer(x_base, y_base, x_partner, y_partner, generator=torch.Generator().manual_seed(seed),
+              model=FeatureModel())
     stats = mixer.end_epoch(None)
     assert [k for k, _, _ in solved] == [check_every] * 3
     # Convergence is tested after the two opening iterations, then every check_every.

@@ -133,8 +133,8 @@ def old_step(mixer, weights, x, y, g, prob):
     if torch.rand((), generator=g).item() >= prob:
         return None
     fidx = torch.multinomial(weights, len(y), replacement=True, generator=g)
-    xf, yf = gather(fidx)
-    return mixer(x, y, xf, yf, generator=g, embed=embed)
+    x_partner, y_partner = gather(fidx)
+    return mixer(x, y, x_partner, y_partner, generator=g, embed=embed)
 
 
 @pytest.mark.parametrize("r", [0.0, 1.0])

@@ -164,8 +164,8 @@ class Bench:
         if t.cfg.train.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         fidx = t.recipe.draw_partners(len(self.y), t.generator)
-        self.xf, self.yf = self._augmented(fidx)
-        self.fixed_z = self.embed(torch.cat([self.xf, self.x]))
+        self.x_partner, self.y_partner = self._augmented(fidx)
+        self.fixed_z = self.embed(torch.cat([self.x_partner, self.x]))
 
     def set_batch_size(self, batch_size: int) -> None:
         """Use ``batch_size`` for the following steps (scaling study)."""
@@ -234,11 +234,11 @@ class Bench:
 
     def features(self) -> None:
         """OTmix's no-grad feature pass over the ``2B`` partner and base images."""
-        self.embed(torch.cat([self.xf, self.x]))
+        self.embed(torch.cat([self.x_partner, self.x]))
 
     def pairing(self) -> None:
         """The OTMix call with the features given: cost, Sinkhorn, partners, paste."""
-        self.otmix(self.x, self.y, self.xf, self.yf, generator=self.trainer.generator,
+        self.otmix(self.x, self.y, self.x_partner, self.y_partner, generator=self.trainer.generator,
                    embed=lambda _images: self.fixed_z)
 
     def sync(self) -> None:

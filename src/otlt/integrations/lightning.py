@@ -154,10 +154,10 @@ class OTMixCallback(Callback):
     def _partners(self, idx: torch.Tensor, x: torch.Tensor,
                   y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The partners ``idx`` (the recipe's draw) on the batch's devices, transformed."""
-        xf = self.images[idx.to(self.images.device)].to(x.device)
+        x_partner = self.images[idx.to(self.images.device)].to(x.device)
         if self.transform is not None:
-            xf = self.transform(xf, self.generator)
-        return xf, self.labels[idx.to(self.labels.device)].to(y.device)
+            x_partner = self.transform(x_partner, self.generator)
+        return x_partner, self.labels[idx.to(self.labels.device)].to(y.device)
 
     def _network(self, module: torch.nn.Module) -> torch.nn.Module:
         if self._found is None or self._found[0] is not module:

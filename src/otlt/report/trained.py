@@ -71,18 +71,20 @@ def mixed_pairs(run_dir: Path, n: int = 8, data_path: str | None = None, seed: i
     recipe, ot_epoch = _trained_recipe(cfg, state["train_counts"], model, data, device,
                                        generator)
     mixer = recipe.mixer
-    (xb, yb), partner_batch = _draw_batches(cfg, data, recipe, device, generator)
-    xf, yf = partner_batch if partner_batch is not None else (None, None)
+    (x_base, y_base), partner_batch = _draw_batches(cfg, data, recipe, device, generator)
+    x_partner, y_partner = partner_batch if partner_batch is not None else (None, None)
     context = {"model": model, "amp_dtype": None} if mixer.uses_context else {}
     with torch.no_grad():
-        plan = mixer.plan(eval_transform(xb), yb, None if xf is None else eval_transform(xf),
-                          yf, generator=generator, **context)
-        mixed = mixer.apply(plan, _unit(xb), yb, None if xf is None else _unit(xf), yf)
+        plan = mixer.plan(eval_transform(x_base), y_base,
+                          None if x_partner is None else eval_transform(x_partner),
+                          y_partner, generator=generator, **context)
+        mixed = mixer.apply(plan, _unit(x_base), y_base,
+                            None if x_partner is None else _unit(x_partner), y_partner)
     rows = _pick_rows(plan.mixed, mixed.partner_labels, n)
-    partner = _unit(xb if xf is None else xf)
+    partner = _unit(x_base if x_partner is None else x_partner)
     take = rows.to(device)
     return Gallery(partners=_hwc(partner[plan.partner_index[rows].to(device)]),
-                   bases=_hwc(_unit(xb)[plan.base_index[rows].to(device)]),
+                   bases=_hwc(_unit(x_base)[plan.base_index[rows].to(device)]),
                    mixed=_hwc(mixed.images[take]),
                    partner_labels=mixed.partner_labels[take].tolist(),
                    base_labels=mixed.base_labels[take].tolist(), lams=mixed.lam[take].tolist(),
