@@ -9,7 +9,7 @@ sitting of a run (its start and each ``--resume``) appends, on rank 0, one JSON 
 ``<run_dir>/sittings.jsonl``::
 
     {"start_epoch": 30, "started": "2026-12-04T23:01:05Z", "device": "cpu",
-     "hardware": "Intel(R) Xeon(R) ...", "threads": 2, "cpu_count": 2, "world_size": 1,
+     "hardware": "AMD EPYC", "threads": 2, "cpu_count": 2, "world_size": 1,
      "torch_version": "2.13.0+cpu", "python": "3.11.2", "otlt_version": "0.1.0",
      "git_commit": "6e7cfe1...", "git_dirty": false, "load_average_1m": 1.9}
 
