@@ -86,6 +86,19 @@ def export_weights(run: Path, dest: Path, keep_epochs: list[int]) -> list[Path]:
     return written
 
 
+def sittings_line(path: Path) -> str | None:
+    """One README sentence from a run's ``sittings.jsonl`` (the machine's own record of each
+    sitting, so a hand-written hardware string cannot stand alone); None without the file."""
+    if not path.is_file():
+        return None
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    parts = [f"from epoch {s['start_epoch'] + 1} on {s['started'].replace('T', ' ')[:16]} UTC, "
+             f"{s['device']} {s['hardware']}, {s['threads']} torch threads, torch "
+             f"{s['torch_version']}, code {(s.get('git_commit') or 'unknown')[:7]}"
+             f"{' (uncommitted changes)' if s.get('git_dirty') else ''}" for s in lines]
+    return (f"Sittings ({len(lines)}, from `sittings.jsonl`): " + "; ".join(parts) + ".")
+
+
 def write_run(s: dict, run: Path, dest: Path, command: str, hardware: str, note: str,
               weights: bool = False, keep_epochs: list[int] | None = None) -> None:
     dest.mkdir(parents=True, exist_ok=True)
@@ -100,9 +113,10 @@ def write_run(s: dict, run: Path, dest: Path, command: str, hardware: str, note:
         if weights:
             export_weights(run, dest, keep_epochs or [])
     cfg = s["cfg"]
+    sittings = sittings_line(dest / "sittings.jsonl")
     text = [f"# {s['name']}", "",
             f"Command: `{command.format(name=s['name'])}`", "",
-            f"Hardware: {hardware}", "",
+            f"Hardware: {hardware}", "", *([sittings, ""] if sittings else []),
             f"Seeds: seed {cfg['seed']}, data_seed {cfg['data']['data_seed']}. Wall time of the "
             f"{s['epochs']} epochs (sum of logged epoch times): {s['seconds'] / 60:.1f} min.", "",
             "Last-epoch test split (no selection on the test split; `eval.json`), error in %:",

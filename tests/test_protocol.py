@@ -323,3 +323,22 @@ def test_logit_adjusted_diagnostic_gives_otlt_evals_number_unadjusted(runs, caps
     none = evaluate(run, tau=0.0, bn_stats=None)  # tau 0: no adjustment at all
     assert none["test_adjusted_error"] == none["test_plain_error"]
     assert set(record) >= {"val_plain_error", "val_adjusted_error", "test_adjusted_error"}
+
+
+def test_result_readme_quotes_the_machine_record_of_each_sitting(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from collect_results import sittings_line
+
+    assert sittings_line(tmp_path / "sittings.jsonl") is None  # runs before the file
+    common = {"device": "cpu", "hardware": "AMD EPYC", "torch_version": "2.13.0+cpu"}
+    lines = [{"start_epoch": 0, "started": "2026-12-05T01:01:15Z", "threads": 2,
+              "git_commit": "277f6ee4893b", "git_dirty": False, **common},
+             {"start_epoch": 14, "started": "2026-12-05T01:51:42Z", "threads": 1,
+              "git_commit": None, "git_dirty": None, **common}]
+    (tmp_path / "sittings.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert sittings_line(tmp_path / "sittings.jsonl") == (
+        "Sittings (2, from `sittings.jsonl`): from epoch 1 on 2026-12-05 01:01 UTC, cpu AMD "
+        "EPYC, 2 torch threads, torch 2.13.0+cpu, code 277f6ee; from epoch 15 on 2026-12-05 "
+        "01:51 UTC, cpu AMD EPYC, 1 torch threads, torch 2.13.0+cpu, code unknown.")
