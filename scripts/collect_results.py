@@ -93,7 +93,7 @@ def sittings_line(path: Path) -> str | None:
         return None
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     parts = [f"from epoch {s['start_epoch'] + 1} on {s['started'].replace('T', ' ')[:16]} UTC, "
-             f"{s['device']} {s['hardware']}, {s['threads']} torch threads, torch "
+             f"{s['device']} {s['hardware']}, torch threads {s['threads']}, torch "
              f"{s['torch_version']}, code {(s.get('git_commit') or 'unknown')[:7]}"
              f"{' (uncommitted changes)' if s.get('git_dirty') else ''}" for s in lines]
     return (f"Sittings ({len(lines)}, from `sittings.jsonl`): " + "; ".join(parts) + ".")

@@ -340,5 +340,5 @@ def test_result_readme_quotes_the_machine_record_of_each_sitting(tmp_path):
     (tmp_path / "sittings.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert sittings_line(tmp_path / "sittings.jsonl") == (
         "Sittings (2, from `sittings.jsonl`): from epoch 1 on 2026-12-05 01:01 UTC, cpu AMD "
-        "EPYC, 2 torch threads, torch 2.13.0+cpu, code 277f6ee; from epoch 15 on 2026-12-05 "
-        "01:51 UTC, cpu AMD EPYC, 1 torch threads, torch 2.13.0+cpu, code unknown.")
+        "EPYC, torch threads 2, torch 2.13.0+cpu, code 277f6ee; from epoch 15 on 2026-12-05 "
+        "01:51 UTC, cpu AMD EPYC, torch threads 1, torch 2.13.0+cpu, code unknown.")
