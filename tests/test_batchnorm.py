@@ -13,6 +13,7 @@ from torch import nn
 
 from conftest import free_port
 from otlt.engine.batchnorm import (
+    batchnorm_layers,
     batchnorm_state,
     preserved_batchnorm,
     recalibrate_batchnorm,
@@ -57,15 +58,29 @@ def test_statistics_are_the_exact_average_over_the_batches():
     assert int(net[0].num_batches_tracked) == 4
 
 
-def test_statistics_equal_pytorchs_cumulative_average_bit_for_bit():
-    """The ``1/n`` factor is set on the host instead of read from ``num_batches_tracked``
-    (``momentum=None``, a device sync per layer and batch on a GPU): same floats, so evaluation
-    numbers of committed runs do not move. A sum divided by N would round differently."""
+class TwiceApplied(nn.Module):
+    """A BatchNorm layer applied twice per forward (shared between two places)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(self.bn(x)))
+
+
+@pytest.mark.parametrize("make", [small_net, lambda: (torch.manual_seed(0), TwiceApplied())[1]],
+                         ids=["once", "twice"])
+def test_statistics_equal_pytorchs_cumulative_average_bit_for_bit(make):
+    """The ``1/n`` factor is counted per layer on the host instead of read from
+    ``num_batches_tracked`` (``momentum=None``, a device sync per layer and batch on a GPU):
+    the same floats, also for a layer called twice per forward, so evaluation numbers of
+    committed runs do not move. A sum divided by N would round differently."""
     xs = batches(7, seed=2)
-    net, reference = small_net(), small_net()
+    net, reference = make(), make()
     recalibrate_batchnorm(net, xs)
     reference.eval()
-    for m in (reference[0], reference[3]):
+    for m in batchnorm_layers(reference):
         m.reset_running_stats()
         m.momentum = None
         m.train()
@@ -74,8 +89,22 @@ def test_statistics_equal_pytorchs_cumulative_average_bit_for_bit():
             reference(x)
     for key, value in batchnorm_state(reference).items():
         assert torch.equal(value, net.state_dict()[key]), key
+    first = batchnorm_layers(net)[0]
     summed = torch.stack([x.mean((0, 2, 3)) for x in xs]).sum(0) / len(xs)
-    assert not torch.equal(summed, net[0].running_mean)  # the test can tell the two apart
+    assert not torch.equal(summed, first.running_mean)  # the test can tell the two apart
+    assert first.momentum == 0.1 and not first._forward_pre_hooks  # hooks removed
+
+
+def test_momentum_and_hooks_are_restored_when_a_batch_fails():
+    net = small_net()
+
+    def failing():
+        yield from batches(2, seed=5)
+        raise RuntimeError("a bad batch")
+
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        recalibrate_batchnorm(net, failing())
+    assert all(m.momentum == 0.1 and not m._forward_pre_hooks for m in batchnorm_layers(net))
 
 
 def test_weights_mode_and_momentum_are_left_alone():

@@ -13,10 +13,11 @@ Long-Tailed Recognition", CVPR 2021): reset every BatchNorm layer and set, per c
     running_var_c  = (1/N) Σ_n  var_c(batch n)      (unbiased, as BatchNorm stores it)
 
 over ``N`` batches, which is PyTorch's cumulative average (``momentum=None``): the ``n``-th
-batch moves the statistics by ``1/n``. That factor is set on the host from the batch count
-(``momentum = 1/n``, the same Python float), not read from each layer's
+batch moves the statistics by ``1/n``. That factor is set on the host from each layer's own
+call count (``momentum = 1/n`` by a forward pre-hook, the same Python float), not read from its
 ``num_batches_tracked`` as ``momentum=None`` does, a host-device synchronisation per layer and
-batch on a GPU; the statistics are bit for bit the same. Only the
+batch on a GPU; the statistics are bit for bit the same, also for a layer called several times
+per forward. Only the
 BatchNorm layers run in train mode; every other module stays in eval mode, nothing gets a
 gradient, and the affine parameters are untouched. Under ``torch.distributed`` each rank's
 averages are averaged over ranks (every rank recalibrates on its rows of the same global
@@ -98,19 +99,21 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     saved = batchnorm_state(model)
     momenta = [m.momentum for m in layers]
     model.eval()
+    hooks = []
     for m in layers:
         m.reset_running_stats()
         m.train()
+        hooks.append(m.register_forward_pre_hook(_cumulative_momentum(m)))
     count = 0
     try:
         for x in batches:
             x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-            for m in layers:  # cumulative average: every batch weighs the same
-                m.momentum = 1.0 / (count + 1)
             with autocast(x.device, amp_dtype):
                 model(x)
             count += 1
     finally:
+        for hook in hooks:
+            hook.remove()
         for m, momentum in zip(layers, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training)
@@ -120,6 +123,19 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     if is_distributed():
         _average_over_ranks(layers)
     return count
+
+
+def _cumulative_momentum(layer: _BatchNorm):
+    """A forward pre-hook that sets ``layer.momentum`` to ``1/n`` at its ``n``-th call: what
+    ``momentum=None`` computes from ``num_batches_tracked``, counted on the host instead."""
+    calls = 0
+
+    def hook(module: nn.Module, inputs: object) -> None:
+        nonlocal calls
+        calls += 1
+        layer.momentum = 1.0 / calls
+
+    return hook
 
 
 _BN_SEED = 0xB47C4  # keeps the recalibration streams apart from seed-derived training ones
