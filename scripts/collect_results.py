@@ -91,9 +91,15 @@ def sittings_line(path: Path) -> str | None:
     sitting, so a hand-written hardware string cannot stand alone); None without the file."""
     if not path.is_file():
         return None
-    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except ValueError:  # a line cut short by a kill: not a sitting
+            continue
     parts = [f"from epoch {s['start_epoch'] + 1} on {s['started'].replace('T', ' ')[:16]} UTC, "
-             f"{s['device']} {s['hardware']}, torch threads {s['threads']}, torch "
+             f"{s['device']} {s['hardware']}, torch threads {s['threads']}"
+             f"{f', {n} processes' if (n := s.get('world_size') or 1) > 1 else ''}, torch "
              f"{s['torch_version']}, code {(s.get('git_commit') or 'unknown')[:7]}"
              f"{' (uncommitted changes)' if s.get('git_dirty') else ''}" for s in lines]
     return (f"Sittings ({len(lines)}, from `sittings.jsonl`): " + "; ".join(parts) + ".")

@@ -229,15 +229,17 @@ def run_summary(run: Run, out: Path) -> dict:
             "resumable": state == "stopped" and (run_dir / "last.pt").exists(),
             "seconds": (round(run.ended - run.started, 1)
                         if run.started is not None and run.ended is not None else None),
-            "train_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in records), 1),
+            # every logged epoch's seconds, steps and evaluation (steps alone: steps_seconds)
+            "epochs_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in records), 1),
             "evaluation_share": evaluation_share(records),
             "log": f"{run.name}.log"}
 
 
 def evaluation_share(records: list[dict]) -> float | None:
     """The share of the epochs' time spent outside the training steps (validation,
-    BatchNorm recalibration, probes, test diagnostic, selection: ``1 - Σ steps_seconds /
-    Σ epoch_seconds``); None when the records do not time their steps."""
+    BatchNorm recalibration, probes, test diagnostic, selection, the mixer's epoch end:
+    ``1 - Σ steps_seconds / Σ epoch_seconds``); None when the records do not time their
+    steps."""
     timed = [r for r in records if "steps_seconds" in r and r.get("epoch_seconds")]
     if not timed:
         return None

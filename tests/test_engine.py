@@ -14,7 +14,7 @@ from torch import nn
 from conftest import one_line_error, sets, tiny_overrides
 from otlt.cli import main
 from otlt.config import load_config
-from otlt.engine.evaluation import evaluate_batches
+from otlt.engine.evaluation import eval_logits, evaluate_batches
 from otlt.engine.runtime import (
     autocast_dtype,
     load_optimizer_state,
@@ -73,20 +73,41 @@ def test_run_directory_is_created_once(tmp_path):
     assert open_run_dir(cfg, None, resume=True) == run
 
 
-def test_confusion_of_batches_and_train_mode_restored():
-    class Fixed(nn.Module):  # predicts class (sum of pixels > 0)
-        def forward(self, x):
-            s = x.flatten(1).sum(1)
-            return torch.stack([-s, s], 1)
+class Fixed(nn.Module):
+    """Predicts class (sum of pixels > 0); records the mode and grad mode of each call."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[bool, bool]] = []
+
+    def forward(self, x):
+        self.calls.append((self.training, torch.is_grad_enabled()))
+        s = x.flatten(1).sum(1)
+        return torch.stack([-s, s], 1)
+
+
+def test_confusion_of_batches_and_train_mode_restored():
     model = Fixed().train()
     x = torch.tensor([1.0, -1.0, 2.0, -3.0]).view(4, 1, 1, 1).expand(4, 3, 2, 2)
     y = torch.tensor([1, 1, 0, 0])
     confusion = evaluate_batches(model, [(x[:2], y[:2]), (x[2:], y[2:])], 2, None,
                                  channels_last=False)
     assert confusion.tolist() == [[1, 1], [1, 1]]  # rows: true class
-    assert model.training
+    assert model.training and model.calls == [(False, False)] * 2
 
+
+def test_eval_logits_restores_the_callers_mode_even_when_abandoned():
+    x, y = torch.ones(2, 3, 2, 2), torch.tensor([1, 1])
+    model = Fixed().eval()
+    assert [z.tolist() for z, _ in eval_logits(model, [(x, y)], None, False)] == [
+        [[-12.0, 12.0]] * 2]
+    assert not model.training  # an eval-mode model stays in eval mode
+    model.train()
+    batches = eval_logits(model, [(x, y), (x, y)], None, False)
+    next(batches)
+    assert torch.is_grad_enabled() and not model.training  # between batches: no-grad undone
+    batches.close()  # abandoned after one batch
+    assert model.training
 
 def test_sgd_is_fused_on_cuda_only_and_torchs_default_on_the_cpu():
     assert sgd_options(torch.device("cuda")) == {"fused": True}

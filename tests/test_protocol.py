@@ -146,14 +146,14 @@ def test_post_hoc_eval_never_overwrites_other_numbers(runs, capsys):
     run = runs / "clean"
     assert main(["eval", str(run)]) == 0
     assert main(["eval", str(run)]) == 0  # the same numbers again: fine
+    assert "otlt: kept " in capsys.readouterr().out
     path = run / "eval_last_clean.json"
     record = json.loads(path.read_text())
     record["top1_error"] = -1
     path.write_text(json.dumps(record))
     capsys.readouterr()
     assert main(["eval", str(run)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--overwrite" in err[0]
+    one_line_error(capsys, "--overwrite", "differing: top1_error")
     assert json.loads(path.read_text())["top1_error"] == -1
     assert main(["eval", str(run), "--overwrite"]) == 0
     record = json.loads(path.read_text())
@@ -172,6 +172,12 @@ def test_post_hoc_eval_never_overwrites_other_numbers(runs, capsys):
     capsys.readouterr()
     assert main(["eval", str(run)]) == 2
     one_line_error(capsys, "--overwrite", "threads 99; now threads")
+    path.write_text("[1, 2]")
+    assert main(["eval", str(run)]) == 2
+    one_line_error(capsys, "--overwrite", "holds no result record")
+    path.write_text("{not json")
+    assert main(["eval", str(run)]) == 2
+    one_line_error(capsys, "--overwrite", "not a readable JSON result")
 
 
 def test_resume_is_exact_with_recalibration_and_selection(tiny_zip, tmp_path, capsys):
@@ -337,7 +343,8 @@ def test_result_readme_quotes_the_machine_record_of_each_sitting(tmp_path):
               "git_commit": "277f6ee4893b", "git_dirty": False, **common},
              {"start_epoch": 14, "started": "2026-12-05T01:51:42Z", "threads": 1,
               "git_commit": None, "git_dirty": None, **common}]
-    (tmp_path / "sittings.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "sittings.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines)
+                                             + '{"start_epoch": 30, "sta')  # cut by a kill
     assert sittings_line(tmp_path / "sittings.jsonl") == (
         "Sittings (2, from `sittings.jsonl`): from epoch 1 on 2026-12-05 01:01 UTC, cpu AMD "
         "EPYC, torch threads 2, torch 2.13.0+cpu, code 277f6ee; from epoch 15 on 2026-12-05 "

@@ -128,7 +128,7 @@ MIXES = {
 
 
 def tiny_trainer(method: str, tiny_zip, tmp_path, device: str = "cpu",
-                 overrides: list[str] = ()) -> Trainer:
+                 overrides: tuple[str, ...] = ()) -> Trainer:
     config = tmp_path / f"{method}.yaml"
     config.write_text(f"name: {method}\nloss: {{name: ce}}\n{MIXES[method]}")
     run = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3)
@@ -186,7 +186,7 @@ def test_batchnorm_recalibration_reads_nothing_from_the_device(method, bn_stats,
     evaluation: its cumulative average must not read each layer's ``num_batches_tracked``
     (``momentum=None`` does: one read per BatchNorm layer and batch, 57 here)."""
     trainer = tiny_trainer(method, tiny_zip, tmp_path,
-                           overrides=[f"eval.bn_stats={bn_stats}", "eval.bn_batches=3"])
+                           overrides=(f"eval.bn_stats={bn_stats}", "eval.bn_batches=3"))
     mode = host_reads(device_state(trainer))
     trainer.train_one_epoch(0)
     mode = host_reads(device_state(trainer))
@@ -269,7 +269,7 @@ def test_cuda_batchnorm_recalibration_does_not_synchronise(method, tiny_zip, tmp
     most Sinkhorn's convergence tests synchronise (``momentum=None`` would add one per
     BatchNorm layer and batch)."""
     trainer = tiny_trainer(method, tiny_zip, tmp_path, device="cuda",
-                           overrides=["eval.bn_stats=train", "eval.bn_batches=3"])
+                           overrides=("eval.bn_stats=train", "eval.bn_batches=3"))
     trainer.train_one_epoch(0)
     trainer.evaluation.model_for(0)  # warm-up
     syncs, checks = cuda_syncs(lambda: trainer.evaluation.model_for(0), monkeypatch)

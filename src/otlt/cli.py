@@ -301,15 +301,14 @@ def resume_changes(old, new, run_dir: Path) -> dict:
 def cmd_eval(args) -> int:
     from otlt.engine.posthoc import evaluate_run
 
-    result, path = evaluate_run(Path(args.target), checkpoint=args.checkpoint,
-                                bn_stats=args.bn_stats, split=args.split, data_path=args.data,
-                                many=args.many, few=args.few,
-                                out=Path(args.out) if args.out else None,
-                                overwrite=args.overwrite, device=args.device)
+    result, path, written = evaluate_run(
+        Path(args.target), checkpoint=args.checkpoint, bn_stats=args.bn_stats, split=args.split,
+        data_path=args.data, many=args.many, few=args.few,
+        out=Path(args.out) if args.out else None, overwrite=args.overwrite, device=args.device)
     print(format_eval(result, title=f"{args.target}: {result['checkpoint']} (epoch "
                                     f"{result['epoch'] + 1}), {result['split']} split, "
                                     f"BN {result['bn_stats']}"))
-    print(f"otlt: wrote {path}")
+    print(_written(path, written))
     return 0
 
 
@@ -325,10 +324,15 @@ def cmd_probe(args) -> int:
                         bn_batches=args.bn_batches, device=args.device)
     suffix = f"_bn{args.bn_batches}" if args.bn_batches else ""
     out = Path(args.out) if args.out else run / f"probe_{args.split}{suffix}.json"
-    write_result(out, result, args.overwrite)
+    written = write_result(out, result, args.overwrite)
     print(format_probe(result))
-    print(f"otlt: wrote {out}")
+    print(_written(out, written))
     return 0
+
+
+def _written(path: Path, written: bool) -> str:
+    return f"otlt: wrote {path}" if written else \
+        f"otlt: kept {path} (it holds these numbers already)"
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -242,11 +242,12 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
 def evaluate_run(target: Path, checkpoint: str = "last", bn_stats: str | None = None,
                  split: str = "test", data_path: str | None = None, many: int | None = None,
                  few: int | None = None, out: Path | None = None, overwrite: bool = False,
-                 device: str | None = None) -> tuple[dict[str, Any], Path]:
+                 device: str | None = None) -> tuple[dict[str, Any], Path, bool]:
     """Evaluate a run's weights (``target``: run directory, or a weights file) on
-    ``device`` (default: the run's) and write the record; returns ``(record, path written)``.
+    ``device`` (default: the run's) and write the record; returns ``(record, path, written)``.
     A ``checkpoint`` path inside another run directory is refused: evaluated under this
-    run's config and filed beside its results, it would pass for this run's."""
+    run's config and filed beside its results, it would pass for this run's. ``written``:
+    False when the file held the same numbers already and was left as it is."""
     run_dir, file = resolve_run(Path(target))
     path = file or weights_path(run_dir, checkpoint)
     owner = resolve_run(path)[0]
@@ -263,48 +264,55 @@ def evaluate_run(target: Path, checkpoint: str = "last", bn_stats: str | None = 
     suffix = "" if split == "test" else f"_{split}"
     if out is None:
         out = run_dir / f"eval_{label}_{result['bn_stats']}{suffix}.json"
-    write_result(out, result, overwrite)
-    return result, out
+    written = write_result(out, result, overwrite)
+    return result, out, written
 
 
-def write_result(path: Path, record: dict[str, Any], overwrite: bool = False) -> None:
-    """Write a JSON result. An existing file is kept unless ``overwrite``: left as it is when
-    it holds the same numbers (its ``evaluated_with`` is not compared: the file keeps where it
-    was first computed), refused when it holds others."""
+def write_result(path: Path, record: dict[str, Any], overwrite: bool = False) -> bool:
+    """Write a JSON result and return True; an existing file is kept unless ``overwrite``:
+    left as it is (False) when it holds the same record but ``evaluated_with`` (the file
+    keeps where it was first computed), refused when it holds another one or cannot be read
+    as a result."""
     if path.exists() and not overwrite:
         try:
             old = json.loads(path.read_text())
-        except (OSError, ValueError):
-            old = None
+        except (OSError, ValueError) as exc:
+            raise OtltError(f"{path} exists and is not a readable JSON result ({exc}); choose "
+                            "another file with --out or replace it with --overwrite") from None
         new = json.loads(json.dumps(record))
-        if isinstance(old, dict) and _numbers(old) == _numbers(new):
-            return
-        raise OtltError(f"{path} exists and holds other numbers{_why_else(old, new)}; choose "
-                        "another file with --out or replace it with --overwrite")
+        if not isinstance(old, dict):
+            raise OtltError(f"{path} exists and holds no result record; choose another file "
+                            "with --out or replace it with --overwrite")
+        if _without_provenance(old) == _without_provenance(new):
+            return False
+        raise OtltError(f"{path} exists and holds other numbers ({_difference(old, new)}); "
+                        "choose another file with --out or replace it with --overwrite")
     try:
         path.write_text(json.dumps(record, indent=1))
     except OSError as exc:
         raise OtltError(f"cannot write {path} ({exc.strerror or exc})") from None
+    return True
 
 
-def _numbers(record: dict[str, Any]) -> dict[str, Any]:
+def _without_provenance(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k != PROVENANCE_KEY}
 
 
-def _why_else(old: Any, new: dict[str, Any]) -> str:
-    """What may explain other numbers: the device or thread count they were computed with."""
-    mine = new.get(PROVENANCE_KEY) or {}
-    theirs = old.get(PROVENANCE_KEY) if isinstance(old, dict) else None
-    if not mine:
-        return ""
-    if not theirs:
-        return " (where they were computed is not recorded; bf16 CPU numbers depend on the " \
-               "torch thread count)"
-    keys = [k for k in ("device", "hardware", "threads") if theirs.get(k) != mine.get(k)]
-    if not keys:
-        return ""
-    return " (computed with " + ", ".join(f"{k} {theirs.get(k)}" for k in keys) + \
-        "; now " + ", ".join(f"{k} {mine.get(k)}" for k in keys) + ")"
+def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """The keys whose values differ, and where each record was computed when that differs
+    too (device, hardware, threads, torch, code: CPU bf16 numbers move with the threads)."""
+    keys = sorted(k for k in set(old) | set(new)
+                  if k != PROVENANCE_KEY and old.get(k) != new.get(k))
+    text = "differing: " + ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+    theirs, mine = old.get(PROVENANCE_KEY), new.get(PROVENANCE_KEY) or {}
+    if not isinstance(theirs, dict):
+        return text + "; where the file's numbers were computed is not recorded"
+    changed = [k for k in ("device", "hardware", "threads", "torch_version", "git_commit")
+               if theirs.get(k) != mine.get(k)]
+    if changed:
+        text += ("; computed with " + ", ".join(f"{k} {theirs.get(k)}" for k in changed)
+                 + "; now " + ", ".join(f"{k} {mine.get(k)}" for k in changed))
+    return text
 
 
 __all__ = ["evaluate_run", "evaluate_weights", "kept_weights", "probe_kept", "resolve_run",

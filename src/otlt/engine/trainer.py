@@ -268,7 +268,7 @@ class Trainer:
         start = time.perf_counter()
         record = {"epoch": epoch, **self._resume_note, **self.train_one_epoch(epoch)}
         # The steps end with the epoch's one host read, so on a GPU they are done by now; the
-        # rest of epoch_seconds is evaluation (issue 29's per-epoch overhead).
+        # rest of epoch_seconds is evaluation and bookkeeping (issue 29's per-epoch overhead).
         record["steps_seconds"] = time.perf_counter() - start
         self._resume_note = {}
         if not self.cfg.train.sync_bn:

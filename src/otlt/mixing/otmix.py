@@ -75,10 +75,10 @@ def sample_cost(z_partner: torch.Tensor, z_base: torch.Tensor,
                 distance: str = "cosine") -> torch.Tensor:
     """Sample-level cost ``(B_f, B_b)`` in float32: ``1 - cos`` or the scaled distance."""
     require_choice("distance", distance, DISTANCES)
-    zf, zb = z_partner.float(), z_base.float()
+    partner, base = z_partner.float(), z_base.float()
     if distance == "cosine":
-        return 1.0 - F.normalize(zf, dim=1) @ F.normalize(zb, dim=1).T
-    dist = torch.cdist(zf, zb)
+        return 1.0 - F.normalize(partner, dim=1) @ F.normalize(base, dim=1).T
+    dist = torch.cdist(partner, base)
     return dist / dist.max().clamp_min(1e-12)
 
 
