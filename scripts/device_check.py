@@ -42,7 +42,8 @@ finished):
 7. ``graphs``: ``train.cuda_graphs`` (issue 29): ``otlt bench --compile --cuda-graphs``
    (eager, compiled and graphed ms/step for ERM, CMO and OTmix, paired in one run) and an
    eager and a graphed run of the kill-and-resume config, which must agree within the
-   stated tolerance (first-epoch loss, final test error); their epoch seconds.
+   stated tolerance (first-epoch loss, final test error); their epoch seconds and the share of
+   each epoch spent outside the training steps (evaluation, recalibration).
 
 Exit code 0 when every check passed. Needs only the checkout (``PYTHONPATH=src``) and the
 packages ``make venv`` installs or the device image holds (torch, pytest, PIL, yaml).
@@ -357,6 +358,10 @@ def check_graphs(device: str, data: Path | None, work: Path, out: Path, env: dic
     loss = [logs[n][0]["train_loss"] for n in ("eager", "graphed")]
     result["epoch_seconds"] = {n: [round(r["epoch_seconds"], 3) for r in logs[n]]
                                for n in logs}
+    # issue 29's per-epoch overhead: the share of each epoch outside the training steps
+    result["evaluation_share"] = {
+        n: [round(1 - r["steps_seconds"] / r["epoch_seconds"], 3) if "steps_seconds" in r
+            else None for r in logs[n]] for n in logs}
     result["first_epoch_train_loss"] = loss
     result["test_top1_error"] = errors
     result["tolerance"] = {"loss_rtol": GRAPHS_LOSS_RTOL, "error_points": GRAPHS_ERROR_POINTS}
