@@ -27,8 +27,14 @@ import torch
 
 from otlt.config import BN_STATS
 from otlt.engine.evaluation import eval_logits, split_batches
-from otlt.engine.posthoc import evaluation_procedure, load_into, read_last
-from otlt.engine.weights import load_weights
+from otlt.engine.posthoc import (
+    evaluation_procedure,
+    load_into,
+    read_last,
+    weights_from,
+    weights_path,
+)
+from otlt.errors import OtltError
 from otlt.metrics import confusion_matrix
 
 
@@ -36,16 +42,8 @@ def evaluate(run_dir: Path, tau: float, bn_stats: str | None) -> dict:
     """The record of one run (see the module docstring)."""
     last = read_last(run_dir)
     procedure = evaluation_procedure(run_dir, last)
-    path = run_dir / "last.safetensors"
-    weights = load_weights(path) if path.is_file() else None
-    if weights is not None:
-        load_into(procedure, weights)
-    elif last is not None:
-        procedure.model.load_state_dict(last["model"])
-        if procedure.mixer is not None and last.get("mixer"):
-            procedure.mixer.load_state_dict(last["mixer"])
-    else:
-        sys.exit(f"{run_dir}: no last.safetensors or last.pt")
+    path = weights_path(run_dir, "last")  # last.pt, else the committed last.safetensors
+    load_into(procedure, weights_from(path, run_dir, last))
     cfg, feed = procedure.cfg, procedure.feed
     epoch = cfg.optim.epochs - 1
     mode = bn_stats or cfg.eval.bn_stats
@@ -54,7 +52,7 @@ def evaluate(run_dir: Path, tau: float, bn_stats: str | None) -> dict:
     shift = tau * torch.log(counts / counts.sum())
     record = {"run": run_dir.name, "bn_stats": mode, "tau": tau,
               "threads": torch.get_num_threads(),  # bf16 results depend on it (a few images)
-              "weights": str(path if weights is not None else run_dir / "last.pt")}
+              "weights": str(path)}
     for name in ("val", "test"):
         split = getattr(feed, name)
         if split is None:
@@ -82,7 +80,10 @@ def main() -> int:
                         help="BatchNorm procedure for every run (default: each run's own)")
     parser.add_argument("--json", type=Path, default=None, help="write the records here")
     args = parser.parse_args()
-    records = [evaluate(run, args.tau, args.bn_stats) for run in args.runs]
+    try:
+        records = [evaluate(run, args.tau, args.bn_stats) for run in args.runs]
+    except OtltError as exc:
+        sys.exit(f"logit_adjusted_eval: error: {exc}")
     print("| run | bn_stats | val | val adjusted | test | test adjusted |")
     print("|---|---|---:|---:|---:|---:|")
     for r in records:

@@ -29,7 +29,7 @@ from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.preflight import check_components
 from otlt.engine.procedure import EvaluationProcedure
-from otlt.engine.provenance import code_version, environment
+from otlt.engine.provenance import provenance
 from otlt.engine.rundir import check_stored_config
 from otlt.engine.runtime import autocast_dtype, configure_kernels, resolve_device
 from otlt.engine.weights import (
@@ -185,11 +185,10 @@ PROVENANCE_KEY = "evaluated_with"
 
 
 def evaluated_with(procedure: EvaluationProcedure) -> dict[str, Any]:
-    """Where a post-hoc number was computed (:func:`otlt.engine.provenance.environment`: device,
+    """Where a post-hoc number was computed (:func:`otlt.engine.provenance.provenance`: device,
     hardware, torch threads and version; the code's commit), kept as ``evaluated_with``:
     bf16 results on the CPU move by an image or two with the thread count."""
-    device = next(procedure.model.parameters()).device
-    return {**environment(device), **code_version()}
+    return provenance(next(procedure.model.parameters()).device)
 
 
 def kept_weights(run_dir: Path) -> dict[int, Path]:

@@ -85,17 +85,23 @@ def code_version() -> dict[str, Any]:
     return out
 
 
+def provenance(device: torch.device) -> dict[str, Any]:
+    """:func:`environment` and :func:`code_version` together: what a sitting's line and a
+    post-hoc evaluation record of where they were computed."""
+    return {**environment(device), **code_version()}
+
+
 def record_sitting(run_dir: Path, device: torch.device, start_epoch: int,
                    world_size: int) -> dict[str, Any]:
     """Append this sitting's line to ``run_dir/sittings.jsonl`` (see the module docstring)
     and return it. Call it on one process (rank 0)."""
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    line = {"start_epoch": start_epoch, "started": started, **environment(device),
-            "world_size": world_size, **code_version()}
+    line = {"start_epoch": start_epoch, "started": started, **provenance(device),
+            "world_size": world_size}
     path = Path(run_dir) / "sittings.jsonl"
     with writing(path), path.open("a") as f:
         f.write(json.dumps(line) + "\n")
     return line
 
 
-__all__ = ["code_version", "environment", "load_average", "record_sitting"]
+__all__ = ["code_version", "environment", "load_average", "provenance", "record_sitting"]
