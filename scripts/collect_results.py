@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from otlt.engine.logging import read_metrics
 from otlt.engine.posthoc import kept_weights
 from otlt.engine.weights import SUFFIX, read_weights, save_weights
 
@@ -91,12 +92,7 @@ def sittings_line(path: Path) -> str | None:
     sitting, so a hand-written hardware string cannot stand alone); None without the file."""
     if not path.is_file():
         return None
-    lines = []
-    for text in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(text))
-        except ValueError:  # a line cut short by a kill: not a sitting
-            continue
+    lines = read_metrics(path)  # any JSON-lines file: a last line cut short is dropped
     parts = [f"from epoch {s['start_epoch'] + 1} on {s['started'].replace('T', ' ')[:16]} UTC, "
              f"{s['device']} {s['hardware']}, torch threads {s['threads']}"
              f"{f', {n} processes' if (n := s.get('world_size') or 1) > 1 else ''}, torch "
