@@ -36,6 +36,11 @@ On a lent GPU machine (no otlt install there: this script puts ``src`` on the pa
 ``run`` with ``carry=[".devdata"]``, ``timeout_s=600`` and the command above (a deadline
 that leaves the machine's start-up and the transfers room within the command's limit).
 
+On a GPU, ``--set train.bn_stack=20 --set train.eval_batch_size=10000`` cut each epoch's
+evaluation to a few forwards (statistics equal to rounding, not bit for bit: README, "One step
+without launch overhead") and ``--set train.cuda_graphs=true`` the step's launches, once
+``scripts/device_check.py --only graphs`` has passed there.
+
 Not run on a GPU yet: only the CPU dry run of tests/test_campaign.py has run it.
 """
 

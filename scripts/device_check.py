@@ -40,8 +40,11 @@ finished):
 6. ``nan_stops``: a run with ``optim.lr=1e30`` must stop with one ``otlt: error:`` line,
    exit code 2, no traceback;
 7. ``graphs``: ``train.cuda_graphs`` (issue 29): ``otlt bench --compile --cuda-graphs``
-   (eager, compiled and graphed ms/step for ERM, CMO and OTmix, paired in one run) and an
-   eager and a graphed run of the kill-and-resume config, which must agree within the
+   (eager, compiled and graphed ms/step for ERM, CMO and OTmix, paired in one run),
+   ``benchmarks/bench_evaluation.py`` (recalibration batch by batch and stacked, test passes
+   at two batch sizes), and an eager, a graphed, and a graphed run with the evaluation
+   passes stacked (``train.bn_stack=20``, ``train.eval_batch_size=10000``) of the
+   kill-and-resume config with the per-epoch test diagnostic, which must agree within the
    stated tolerance (first-epoch loss, final test error); their epoch seconds and the share of
    each epoch spent outside the training steps (evaluation, recalibration).
 
@@ -314,14 +317,27 @@ GRAPHS_LOSS_RTOL = 0.02
 GRAPHS_ERROR_POINTS = 3.0
 
 
+# The runs of the graphs step: the eager step, the graphed step, and the graphed step with
+# the per-epoch evaluation cut to a few forwards (recalibration batches stacked into one,
+# validation and test one batch each).
+GRAPH_RUNS = {"eager": ["train.cuda_graphs=false"],
+              "graphed": ["train.cuda_graphs=true"],
+              "graphed_stacked": ["train.cuda_graphs=true", "train.bn_stack=20",
+                                  "train.eval_batch_size=10000"]}
+
+
 def check_graphs(device: str, data: Path | None, work: Path, out: Path, env: dict) -> dict:
     """``train.cuda_graphs``: the bench's graphed step against the eager one (ERM, CMO, OTmix,
-    paired in one run), and an eager and a graphed run of the same few epochs (agreement
-    within :data:`GRAPHS_LOSS_RTOL` and :data:`GRAPHS_ERROR_POINTS`; epoch seconds of both);
-    no graph may fall back from CUDA graphs (``cuda_graph_skips``, inductor's counter: the
-    bench's ``cuda_graph_counters`` and every epoch record of the graphed run must carry 0; a
-    record without it fails too); ``cuda_graph_partitions`` (graphs split around ops that
-    run outside CUDA graphs) is reported, not judged. Inductor's messages go to the
+    paired in one run); the evaluation passes' bench (``benchmarks/bench_evaluation.py``:
+    recalibration batch by batch and stacked, test passes at two batch sizes); and the runs
+    of :data:`GRAPH_RUNS` over the same few epochs with the per-epoch test diagnostic on, as
+    the campaign runs them: each agrees with the eager run within :data:`GRAPHS_LOSS_RTOL`
+    and :data:`GRAPHS_ERROR_POINTS`, and reports its epoch seconds and the share of each
+    epoch spent outside the training steps (issue 29's per-epoch overhead). No graph may
+    fall back from CUDA graphs (``cuda_graph_skips``, inductor's counter: the bench's
+    ``cuda_graph_counters`` and every epoch record of a graphed run must carry 0; a record
+    without it fails too); ``cuda_graph_partitions`` (graphs split around ops that run
+    outside CUDA graphs) is reported, not judged. Inductor's messages go to the
     ``cudagraphs`` log artifact, on in this step's logs.
     CUDA only: a CPU dry run records it as not applicable."""
     if device != "cuda":
@@ -335,6 +351,7 @@ def check_graphs(device: str, data: Path | None, work: Path, out: Path, env: dic
     result = {"bench": command([*cli, "bench", "--quick", "--device", device, "--compile",
                                 "--cuda-graphs", *where, "--json", str(bench_json)],
                                out / "bench_graphs.log", 2 * STEP_TIMEOUT, env)}
+    bench = {}
     if result["bench"]["rc"] == 0:
         bench = json.loads(bench_json.read_text())
         result["bench_ms"] = {k: round(1e3 * v["median_s"], 3)
@@ -342,41 +359,58 @@ def check_graphs(device: str, data: Path | None, work: Path, out: Path, env: dic
         result["bench_ratios"] = {k: bench.get(k) for k in (
             "ratio_cmo_erm", "ratio_otmix_erm", "ratio_erm_model_only", "ratio_compiled_erm",
             "ratio_graphed_erm", "ratio_graphed_cmo_erm", "ratio_graphed_otmix_erm")}
+    evaluation_json = out / "bench_evaluation.json"
+    result["bench_evaluation"] = command(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_evaluation.py"), "--device", device,
+         "--json", str(evaluation_json)], out / "bench_evaluation.log", STEP_TIMEOUT, env)
+    if result["bench_evaluation"]["rc"] == 0:
+        evaluation = json.loads(evaluation_json.read_text())
+        result["evaluation_ms"] = {k: round(v["median"], 3)
+                                   for k, v in evaluation["ms"].items()}
+        result["evaluation_agreement"] = evaluation["agreement"]
     config, base = real_run(data, work)
     runs = work / "graphs"
-    base = [*base, f"train.device={device}", f"out_dir={runs}"]
-    for name, graphs in (("eager", "false"), ("graphed", "true")):
+    base = [*base, f"train.device={device}", f"out_dir={runs}", "eval.test_every_epoch=true"]
+    for name, overrides in GRAPH_RUNS.items():
         result[name] = command([*cli, *train_args(config, [*base, f"name={name}",
-                                                           f"train.cuda_graphs={graphs}"])],
+                                                           *overrides])],
                                out / f"graphs_{name}.log", 3 * STEP_TIMEOUT, env)
-    if any(result[n]["rc"] != 0 for n in ("bench", "eager", "graphed")):
+    if any(result[n]["rc"] != 0 for n in ("bench", *GRAPH_RUNS)):
         return {**result, "passed": False}
+    return {**result, **judge_graph_runs(runs, bench)}
+
+
+def judge_graph_runs(runs: Path, bench: dict) -> dict:
+    """The figures and verdict of :data:`GRAPH_RUNS` finished in ``runs`` (their
+    ``metrics.jsonl`` and ``eval.json``), with the step bench's JSON ``bench``."""
     logs = {n: [json.loads(x) for x in (runs / n / "metrics.jsonl").read_text().splitlines()]
-            for n in ("eager", "graphed")}
-    errors = [json.loads((runs / n / "eval.json").read_text())["top1_error"]
-              for n in ("eager", "graphed")]
-    loss = [logs[n][0]["train_loss"] for n in ("eager", "graphed")]
-    result["epoch_seconds"] = {n: [round(r["epoch_seconds"], 3) for r in logs[n]]
-                               for n in logs}
-    # issue 29's per-epoch overhead: the share of each epoch outside the training steps
-    result["evaluation_share"] = {
-        n: [round(1 - r["steps_seconds"] / r["epoch_seconds"], 3) if "steps_seconds" in r
-            else None for r in logs[n]] for n in logs}
-    result["first_epoch_train_loss"] = loss
-    result["test_top1_error"] = errors
-    result["tolerance"] = {"loss_rtol": GRAPHS_LOSS_RTOL, "error_points": GRAPHS_ERROR_POINTS}
-    epochs = [(r.get("cuda_graph_skips"), r.get("cuda_graph_partitions"))
-              for r in logs["graphed"]]
-    result["cuda_graph_counters"] = {
-        "bench": bench.get("cuda_graph_counters"),
+            for n in GRAPH_RUNS}
+    errors = {n: json.loads((runs / n / "eval.json").read_text())["top1_error"]
+              for n in GRAPH_RUNS}
+    loss = {n: logs[n][0]["train_loss"] for n in GRAPH_RUNS}
+    result = {"epoch_seconds": {n: [round(r["epoch_seconds"], 3) for r in logs[n]]
+                                for n in logs},
+              # issue 29's per-epoch overhead: the share of each epoch outside the steps
+              "evaluation_share": {
+                  n: [round(1 - r["steps_seconds"] / r["epoch_seconds"], 3)
+                      if "steps_seconds" in r else None for r in logs[n]] for n in logs},
+              "first_epoch_train_loss": loss, "test_top1_error": errors,
+              "tolerance": {"loss_rtol": GRAPHS_LOSS_RTOL,
+                            "error_points": GRAPHS_ERROR_POINTS}}
+    graphed = [n for n in GRAPH_RUNS if n != "eager"]
+    counters = {}
+    for n in graphed:
+        epochs = [(r.get("cuda_graph_skips"), r.get("cuda_graph_partitions")) for r in logs[n]]
         # cumulative since the run started: the last epoch's; None if any epoch lacks it
-        "graphed_run_skips": None if any(s is None for s, _ in epochs) else epochs[-1][0],
-        "graphed_run_partitions": epochs[-1][1]}
+        counters[n] = {"skips": None if any(s is None for s, _ in epochs) else epochs[-1][0],
+                       "partitions": epochs[-1][1]}
+    result["cuda_graph_counters"] = {"bench": bench.get("cuda_graph_counters"), **counters}
     bench_skips = (bench.get("cuda_graph_counters") or {}).get("cuda_graph_skips")
-    result["passed"] = (abs(loss[1] - loss[0]) <= GRAPHS_LOSS_RTOL * abs(loss[0])
-                        and abs(errors[1] - errors[0]) <= GRAPHS_ERROR_POINTS
-                        and bench_skips == 0
-                        and result["cuda_graph_counters"]["graphed_run_skips"] == 0)
+    result["passed"] = (
+        bench_skips == 0
+        and all(abs(loss[n] - loss["eager"]) <= GRAPHS_LOSS_RTOL * abs(loss["eager"])
+                and abs(errors[n] - errors["eager"]) <= GRAPHS_ERROR_POINTS
+                and counters[n]["skips"] == 0 for n in graphed))
     return result
 
 

@@ -32,6 +32,7 @@ from otlt.errors import OtltError
     ("optim.momentum=-1", "optim.momentum must be >= 0"),
     ("optim.weight_decay=-1", "optim.weight_decay must be >= 0"),
     ("train.eval_batch_size=0", "train.eval_batch_size must be a positive integer"),
+    ("train.bn_stack=0", "train.bn_stack must be >= 1"),
     ("data.n_max=0", "data.n_max must be >= 1"),
     ("optim.warmup_epochs=-1", "optim.warmup_epochs must be >= 0"),
     ("mix.params={fraction: 0.5}", "set mix.fraction instead"),

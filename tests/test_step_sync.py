@@ -179,14 +179,16 @@ def test_an_epoch_reads_the_device_once_at_its_end(method, tiny_zip, tmp_path, h
 
 
 @pytest.mark.parametrize("method", ["erm", "otmix"])
-@pytest.mark.parametrize("bn_stats", ["train", "balanced"])
-def test_batchnorm_recalibration_reads_nothing_from_the_device(method, bn_stats, tiny_zip,
-                                                               tmp_path, host_reads):
+@pytest.mark.parametrize("bn_stats,bn_stack", [("train", 1), ("balanced", 1), ("train", 3)])
+def test_batchnorm_recalibration_reads_nothing_from_the_device(method, bn_stats, bn_stack,
+                                                               tiny_zip, tmp_path, host_reads):
     """``eval.bn_stats`` other than ``running`` recalibrates a copy of the model before every
     evaluation: its cumulative average must not read each layer's ``num_batches_tracked``
-    (``momentum=None`` does: one read per BatchNorm layer and batch, 57 here)."""
+    (``momentum=None`` does: one read per BatchNorm layer and batch, 57 here), batch by batch
+    or stacked (``train.bn_stack``)."""
     trainer = tiny_trainer(method, tiny_zip, tmp_path,
-                           overrides=(f"eval.bn_stats={bn_stats}", "eval.bn_batches=3"))
+                           overrides=(f"eval.bn_stats={bn_stats}", "eval.bn_batches=3",
+                                      f"train.bn_stack={bn_stack}"))
     mode = host_reads(device_state(trainer))
     trainer.train_one_epoch(0)
     mode = host_reads(device_state(trainer))
@@ -263,13 +265,15 @@ def test_cuda_epoch_synchronises_only_at_its_end(method, tiny_zip, tmp_path, mon
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 @pytest.mark.parametrize("method", ["erm", "otmix"])
-def test_cuda_batchnorm_recalibration_does_not_synchronise(method, tiny_zip, tmp_path,
+@pytest.mark.parametrize("bn_stack", [1, 3])
+def test_cuda_batchnorm_recalibration_does_not_synchronise(method, bn_stack, tiny_zip, tmp_path,
                                                            monkeypatch):
     """The recalibration of ``eval.bn_stats: train`` on a GPU, by CUDA's sync detector: at
     most Sinkhorn's convergence tests synchronise (``momentum=None`` would add one per
-    BatchNorm layer and batch)."""
+    BatchNorm layer and batch), batch by batch or stacked."""
     trainer = tiny_trainer(method, tiny_zip, tmp_path, device="cuda",
-                           overrides=("eval.bn_stats=train", "eval.bn_batches=3"))
+                           overrides=("eval.bn_stats=train", "eval.bn_batches=3",
+                                      f"train.bn_stack={bn_stack}"))
     trainer.train_one_epoch(0)
     trainer.evaluation.model_for(0)  # warm-up
     syncs, checks = cuda_syncs(lambda: trainer.evaluation.model_for(0), monkeypatch)

@@ -16,7 +16,8 @@ from otlt.config.schema import RunConfig, to_dict
 from otlt.errors import OtltError
 
 SAFE_ON_RESUME = ("train.progress", "train.workers", "train.device", "train.eval_batch_size",
-                  "train.dist_timeout", "train.compile", "train.cuda_graphs", "data.path")
+                  "train.bn_stack", "train.dist_timeout", "train.compile", "train.cuda_graphs",
+                  "data.path")
 """Config keys a resume may change: how the run executes or where its data lives, never what
 it computes (``data.path``: the data must give the run's ``splits.json`` again)."""
 

@@ -121,6 +121,7 @@ class TrainConfig:
     compile: bool = False
     cuda_graphs: bool = False  # CUDA only: torch.compile's reduce-overhead mode (CUDA graphs)
     eval_batch_size: int = 1000
+    bn_stack: int = 1  # recalibration batches per forward (otlt.engine.stacked_bn); 1: exact
     progress: bool = True
     workers: int = 8
     keep_epochs: tuple[int, ...] = ()

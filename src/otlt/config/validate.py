@@ -67,6 +67,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     require(cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:"),
             f"train.device must be auto, cpu or cuda[:N], got {cfg.train.device!r}")
     require_choice("train.amp", cfg.train.amp, AMP_MODES)
+    require(cfg.train.bn_stack >= 1, f"train.bn_stack must be >= 1, got {cfg.train.bn_stack}")
     _validate_reweight(cfg)
     return cfg
 

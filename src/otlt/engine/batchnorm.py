@@ -44,6 +44,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from otlt.amp import autocast
 from otlt.data.samplers import permutation_batches, sample_weights
 from otlt.engine.distributed import all_reduce_sum, is_distributed, world_size
+from otlt.engine.stacked_bn import block_statistics, stackable
+from otlt.errors import require
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -83,7 +85,7 @@ def preserved_batchnorm(model: nn.Module) -> Iterator[None]:
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
                           amp_dtype: torch.dtype | None = None,
-                          channels_last: bool = False) -> int:
+                          channels_last: bool = False, stack: int = 1) -> int:
     """Set ``model``'s BatchNorm running statistics to exact averages over ``batches``.
 
     ``batches`` yields float inputs ``(B, C, H, W)`` already on the model's device. Runs
@@ -91,7 +93,13 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     Changes ``model`` in place (call it on a copy, or inside :func:`preserved_batchnorm`,
     to leave a training model alone); its train/eval mode is restored. Returns the number
     of batches seen (0 leaves the statistics as they were).
+
+    ``stack > 1`` runs up to ``stack`` successive batches of one shape as one forward
+    (:mod:`otlt.engine.stacked_bn`: the same statistics up to rounding, a ``stack``-th of
+    the kernel launches); a model with synchronised BatchNorm layers goes batch by batch.
     """
+    require(isinstance(stack, int) and stack >= 1, f"stack must be a positive integer, "
+                                                   f"got {stack!r}")
     layers = batchnorm_layers(model)
     if not layers:
         return 0
@@ -99,21 +107,15 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     saved = batchnorm_state(model)
     momenta = [m.momentum for m in layers]
     model.eval()
-    hooks = []
     for m in layers:
         m.reset_running_stats()
         m.train()
-        hooks.append(m.register_forward_pre_hook(_cumulative_momentum(m)))
-    count = 0
     try:
-        for x in batches:
-            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-            with autocast(x.device, amp_dtype):
-                model(x)
-            count += 1
+        if stack > 1 and stackable(layers):
+            count = _stacked_passes(model, layers, batches, stack, amp_dtype, channels_last)
+        else:
+            count = _batch_passes(model, layers, batches, amp_dtype, channels_last)
     finally:
-        for hook in hooks:
-            hook.remove()
         for m, momentum in zip(layers, momenta, strict=True):
             m.momentum = momentum
         model.train(was_training)
@@ -123,6 +125,54 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor], *,
     if is_distributed():
         _average_over_ranks(layers)
     return count
+
+
+def _forward(model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None,
+             channels_last: bool) -> None:
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    with autocast(x.device, amp_dtype):
+        model(x)
+
+
+def _batch_passes(model: nn.Module, layers: list[_BatchNorm], batches: Iterable[torch.Tensor],
+                  amp_dtype: torch.dtype | None, channels_last: bool) -> int:
+    """One forward per batch, each layer's momentum ``1/n`` at its ``n``-th call."""
+    hooks = [m.register_forward_pre_hook(_cumulative_momentum(m)) for m in layers]
+    count = 0
+    try:
+        for x in batches:
+            _forward(model, x, amp_dtype, channels_last)
+            count += 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return count
+
+
+def _stacked_passes(model: nn.Module, layers: list[_BatchNorm],
+                    batches: Iterable[torch.Tensor], stack: int,
+                    amp_dtype: torch.dtype | None, channels_last: bool) -> int:
+    """One forward per run of at most ``stack`` successive batches of one shape."""
+    count = 0
+    with block_statistics(layers) as blocks:
+        for group in _groups(batches, stack):
+            blocks[0] = len(group)
+            _forward(model, group[0] if len(group) == 1 else torch.cat(group), amp_dtype,
+                     channels_last)
+            count += len(group)
+    return count
+
+
+def _groups(batches: Iterable[torch.Tensor], size: int) -> Iterator[list[torch.Tensor]]:
+    """Successive batches in lists of at most ``size``, a new list at a change of shape."""
+    group: list[torch.Tensor] = []
+    for x in batches:
+        if group and (len(group) == size or x.shape != group[0].shape):
+            yield group
+            group = []
+        group.append(x)
+    if group:
+        yield group
 
 
 def _cumulative_momentum(layer: _BatchNorm):

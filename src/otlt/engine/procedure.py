@@ -123,7 +123,8 @@ class EvaluationProcedure:
         with preserved_batchnorm(self.model):  # a feature pass may update the model's BN
             recalibrate_batchnorm(model, self.recalibration_batches(mode, epoch),
                                   amp_dtype=self.amp_dtype,
-                                  channels_last=self.cfg.train.channels_last)
+                                  channels_last=self.cfg.train.channels_last,
+                                  stack=self.cfg.train.bn_stack)
         return model
 
     def after_epoch(self, epoch: int, mixer_state: dict[str, Any] | None,
