@@ -74,6 +74,7 @@ from otlt.engine.checkpoint import load_checkpoint  # noqa: E402
 from otlt.engine.runtime import sgd_options  # noqa: E402
 
 CUDA_TEST_FILES = ["tests/test_losses.py", "tests/test_metrics.py", "tests/test_mixing.py",
+                   "tests/test_models.py", "tests/test_stacked_bn.py",
                    "tests/test_otmix.py", "tests/test_step_sync.py", "tests/test_transport.py"]
 # Each step is seconds on a GPU; a limit stops one that hangs, and the budget, which every
 # limit is cut to, keeps the whole check inside one command (``--slow F`` multiplies them all,

@@ -382,3 +382,38 @@ def test_float64_refuses_autocast():
     assert load_config(None, ["train.float64=true"]).train.float64
     with pytest.raises(OtltError, match="train.float64 runs without autocast"):
         load_config(None, ["train.float64=true", "train.amp=bf16"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA not available"))])
+@pytest.mark.parametrize("mode", ["pooled_eval", "official"])
+def test_graphed_feature_fn_agrees_with_the_eager_one(mode, device):
+    """``graphs=True`` (``train.cuda_graphs``: the feature pass through ``torch.compile``'s
+    reduce-overhead mode; CUDA graphs on a GPU, compiled kernels without graphs on the CPU)
+    gives the eager features to compiled-kernel rounding, moves BatchNorm's running
+    statistics as the eager pass does (``official``: train mode) or not at all, restores the
+    mode, and returns a copy that a later call cannot overwrite (a replayed graph reuses its
+    output memory: only on CUDA can this part fail)."""
+    from otlt.engine.batchnorm import batchnorm_state
+    from otlt.models.features import feature_fn
+
+    torch.manual_seed(0)
+    eager_model = create_model("resnet20", 4).to(device)
+    graphed_model = create_model("resnet20", 4).to(device)
+    graphed_model.load_state_dict(eager_model.state_dict())
+    eager, graphed = feature_fn(eager_model, mode), feature_fn(graphed_model, mode, graphs=True)
+    x, other = torch.randn(6, 3, 16, 16, device=device), torch.randn(6, 3, 16, 16, device=device)
+    eager_model.train()
+    graphed_model.train()
+    a, b = eager(x), graphed(x)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert graphed_model.training and b.dtype == torch.float32 and not b.requires_grad
+    for key, value in batchnorm_state(eager_model).items():
+        torch.testing.assert_close(batchnorm_state(graphed_model)[key], value, rtol=1e-4,
+                                   atol=1e-4, msg=key)
+    graphed(x)  # on CUDA: recorded at the second call, replayed from the third
+    b = graphed(x)
+    kept = b.clone()
+    graphed(other)
+    assert torch.equal(b, kept)  # the first call's features are the caller's own

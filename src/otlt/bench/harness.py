@@ -31,6 +31,7 @@ from otlt.engine.trainer import Trainer
 from otlt.errors import require
 from otlt.losses import batch_loss
 from otlt.mixing import create_mixer
+from otlt.models import feature_fn
 
 DEFAULT_PRESET = "cifar10_lt_r100_erm"
 
@@ -141,6 +142,7 @@ class Bench:
         self.order = torch.cat(list(t.feed.epoch(0, None, t.generator, None).items))
         self.cursor = 0
         self._compiled: dict[bool, torch.nn.Module] = {}
+        self._graphed_embed: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.batch_size = cfg.optim.batch_size
         self._make_fixed_batches()
 
@@ -215,20 +217,25 @@ class Bench:
         """``step`` with the trainer's forward through ``torch.compile`` (same weights);
         ``graphs``: in ``reduce-overhead`` mode, as ``train.cuda_graphs`` runs it."""
         t = self.trainer
-        eager, was_graphed = t.step.step_model, t.step.graphs
+        eager, was_graphed, eager_embed = t.step.step_model, t.step.graphs, self.embed
         if graphs:
             require(self.device.type == "cuda", "--cuda-graphs needs --device cuda")
         if graphs not in self._compiled:  # one compiled module per mode, for every variant
             self._compiled[graphs] = torch.compile(t.model, mode="reduce-overhead") \
                 if graphs else torch.compile(t.model)
+            if graphs:  # OTmix's feature pass replays its own graph, as in the engine
+                self._graphed_embed = feature_fn(t.model, self.otmix.feature_mode,
+                                                 t.amp_dtype, t.cfg.train.channels_last,
+                                                 graphs=True)
         fast = self._compiled[graphs]
+        embed = self._graphed_embed if graphs else eager_embed
 
         def run() -> None:
-            t.step.step_model, t.step.graphs = fast, graphs
+            t.step.step_model, t.step.graphs, self.embed = fast, graphs, embed
             try:
                 step()
             finally:
-                t.step.step_model, t.step.graphs = eager, was_graphed
+                t.step.step_model, t.step.graphs, self.embed = eager, was_graphed, eager_embed
 
         return run
 

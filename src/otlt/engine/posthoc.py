@@ -130,6 +130,8 @@ def evaluation_procedure(run_dir: Path, last: dict[str, Any] | None,
         raise OtltError(f"{run_dir} trained with train.device={cfg.train.device} but no CUDA "
                         "device is available here; evaluate it on this machine with --device cpu")
     e = cfg.eval
+    if resolve_device(cfg.train.device).type != "cuda":  # a GPU run evaluated elsewhere
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cuda_graphs=False))
     cfg = validate(dataclasses.replace(cfg, eval=dataclasses.replace(
         e, many_threshold=e.many_threshold if many is None else many,
         few_threshold=e.few_threshold if few is None else few,

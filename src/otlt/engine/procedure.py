@@ -81,13 +81,15 @@ class EvaluationProcedure:
         (``data``: splits prepared already), the model initialised from ``seed`` (torch's
         global seed set first, as every run has it), the mixing recipe of ``mix.*`` (window,
         coin, partner draw, mixer: a clean batch costs no partner draw or feature pass)
-        and its feature function. The trainer and ``otlt eval`` build it alike."""
+        and its feature function (replayed as CUDA graphs under ``train.cuda_graphs``). The
+        trainer and ``otlt eval`` build it alike."""
         feed = create_feed(cfg, device, data)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, device)
         recipe = MixRecipe.from_config(cfg, feed.labels, feed.counts)
         return cls(cfg, model, feed, recipe, run_dir, amp_dtype=amp_dtype,
-                   embed=recipe.embed_of(model, amp_dtype, cfg.train.channels_last))
+                   embed=recipe.embed_of(model, amp_dtype, cfg.train.channels_last,
+                                         graphs=cfg.train.cuda_graphs))
 
     @property
     def mixer(self) -> Mixer | None:

@@ -156,14 +156,14 @@ class MixRecipe:
 
     # ---- the mixer call ------------------------------------------------------------------
     def embed_of(self, model: torch.nn.Module, amp_dtype: torch.dtype | None = None,
-                 channels_last: bool = False) -> Embed | None:
+                 channels_last: bool = False, graphs: bool = False) -> Embed | None:
         """The feature function ``(N, C, H, W) -> (N, D)`` of ``model`` that this recipe's
         mixer uses (:func:`otlt.models.features.feature_fn` in the mixer's
-        ``feature_mode``, under ``amp_dtype`` and in ``channels_last``); None for a mixer
-        that uses no features, or none."""
+        ``feature_mode``, under ``amp_dtype``, in ``channels_last``, replayed as CUDA graphs
+        with ``graphs``); None for a mixer that uses no features, or none."""
         if self.mixer is None or not self.mixer.uses_context:
             return None
-        return feature_fn(model, self.mixer.feature_mode, amp_dtype, channels_last)
+        return feature_fn(model, self.mixer.feature_mode, amp_dtype, channels_last, graphs)
 
     def mix(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator, *,
             load: Load | None = None, partner: Batch | None = None, size: int | None = None,

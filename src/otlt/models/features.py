@@ -13,7 +13,10 @@ features, computed without gradients. It recognises, in this order:
 alone; ``mode="official"`` is the official OTmix code's pass: ``Sequential(children[:-1])``
 in train mode, flattened (BatchNorm normalises with batch statistics and its running
 statistics move). The model's train/eval mode is restored either way; ``amp_dtype`` runs the
-pass under autocast and ``channels_last`` in that memory format.
+pass under autocast and ``channels_last`` in that memory format. ``graphs=True`` runs the pass
+through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs on a GPU, one per input shape,
+as ``train.cuda_graphs`` runs the training step): each call begins a new graph iteration and
+returns a copy, so a later replay cannot overwrite features a caller still holds.
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ def _head_input(model: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Ten
 
 
 def feature_fn(model: nn.Module, mode: str = "pooled_eval",
-               amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> Embed:
+               amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+               graphs: bool = False) -> Embed:
     """Return ``embed(images) -> (N, D)`` float32 features of ``model`` (module docstring)."""
     require_choice("feature mode", mode, FEATURE_MODES)
     if mode == "official":
@@ -95,6 +99,7 @@ def feature_fn(model: nn.Module, mode: str = "pooled_eval",
         raw = body
     else:
         raw = _raw_features(model)
+    run = torch.compile(raw, mode="reduce-overhead", dynamic=False) if graphs else raw
 
     @torch.no_grad()
     def embed(images: torch.Tensor) -> torch.Tensor:
@@ -103,8 +108,12 @@ def feature_fn(model: nn.Module, mode: str = "pooled_eval",
         x = images.contiguous(memory_format=torch.channels_last) if channels_last \
             and images.dim() == 4 else images
         try:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast(x.device, amp_dtype):
-                return raw(x).flatten(1).float()
+                z = run(x).flatten(1)
+            # a graph's output lives in its memory pool, which the next replay overwrites
+            return z.to(torch.float32, copy=True) if graphs else z.float()
         finally:
             model.train(was_training)
 
