@@ -195,6 +195,41 @@ def test_sample_plan_artifact_at_chosen_epoch():
     assert len(plan["fore_labels"]) == 5 and mixer.pop_artifacts() == {}
 
 
+def _ot_batch(mixer: OTMix, epoch: int, ot: bool) -> dict:
+    """One batch of ``epoch`` with the epoch's switch forced to ``ot``; the artifacts."""
+    x_base, y_base, x_partner, y_partner = make_batches()
+    mixer.set_epoch(epoch, 10, torch.Generator().manual_seed(epoch))
+    mixer.ot_epoch = ot
+    mixer.plan(x_base, y_base, x_partner, y_partner, generator=torch.Generator().manual_seed(0),
+               model=FeatureModel())
+    return mixer.pop_artifacts()
+
+
+def test_a_plan_asked_for_a_random_pairing_epoch_comes_from_the_next_ot_epoch():
+    """Epoch 3 draws random pairing (no plan there): epoch 4's first OT batch serves both 3
+    and 4, once; epoch 6 is served by epoch 6 itself. The served epochs survive a resume."""
+    mixer = OTMix(num_classes=4, plan_epochs=[3, 4, 6], plan_size=5)
+    assert _ot_batch(mixer, 2, ot=True) == {}
+    assert _ot_batch(mixer, 3, ot=False) == {}
+    kept = _ot_batch(mixer, 4, ot=True)
+    assert list(kept) == ["plans/epoch_0004.json"]
+    assert kept["plans/epoch_0004.json"]["requested_epochs"] == [3, 4]
+    assert _ot_batch(mixer, 4, ot=True) == {}  # once per requested epoch
+    resumed = OTMix(num_classes=4, plan_epochs=[3, 4, 6], plan_size=5)
+    resumed.load_state_dict(mixer.state_dict())
+    assert _ot_batch(resumed, 5, ot=True) == {}
+    assert list(_ot_batch(resumed, 6, ot=True)) == ["plans/epoch_0006.json"]
+
+
+def test_a_state_from_before_served_epochs_counts_earlier_requests_as_served():
+    """A ``last.pt`` written before ``plans_served`` existed: the epochs before the resume
+    are not kept again (they were kept then, or never will be)."""
+    mixer = OTMix(num_classes=4, plan_epochs=[3, 6], plan_size=5)
+    mixer.load_state_dict({"confusion": None})
+    assert _ot_batch(mixer, 5, ot=True) == {}
+    assert list(_ot_batch(mixer, 6, ot=True)) == ["plans/epoch_0006.json"]
+
+
 @pytest.mark.slow
 def test_resume_into_ot_epoch_reproduces_uninterrupted_run(tiny_zip, tmp_path, capsys):
     config = tmp_path / "otmix.yaml"

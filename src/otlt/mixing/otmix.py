@@ -36,6 +36,7 @@ from otlt.errors import OtltError, require, require_choice, warn_renamed
 from otlt.metrics import row_normalized_confusion
 from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
 from otlt.mixing.plan import MixPlan, with_saliency_box
+from otlt.mixing.plan_samples import PlanSamples
 from otlt.models.features import FEATURE_MODES, feature_fn
 from otlt.transport import assignment, sinkhorn
 
@@ -182,6 +183,7 @@ class OTMix(Mixer):
         require(self.ot_probability is None or 0 <= self.ot_probability <= 1,
                 f"ot_probability must be in [0, 1], got {self.ot_probability}")
         self.plan_epochs = tuple(int(e) for e in self.plan_epochs)
+        self._plan_samples = PlanSamples(self.plan_epochs)
         self._affinity: torch.Tensor | None = None
         self.epoch = 0
         self.ot_epoch = self.ot_probability != 0  # before set_epoch: OT unless it never is
@@ -199,6 +201,7 @@ class OTMix(Mixer):
         """Draw this epoch's switch ``OT ~ Bernoulli((t/T)^mu)``; returns it."""
         p = self.ot_epoch_probability(epoch, total_epochs)
         self.epoch = epoch
+        self._plan_samples.start_epoch(epoch)
         self.ot_epoch = bool(torch.rand((), generator=generator).item() < p)
         self._reset_stats()
         return self.ot_epoch
@@ -220,11 +223,12 @@ class OTMix(Mixer):
         return cached
 
     def state_dict(self) -> dict[str, Any]:
-        return {"confusion": self.confusion}
+        return {"confusion": self.confusion, "plans_served": self._plan_samples.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.confusion = state.get("confusion")
         self._affinity = None
+        self._plan_samples.load_state_dict(state.get("plans_served"))
 
     # ---- planning ----------------------------------------------------------------------
     def cost(self, z_partner: torch.Tensor, z_base: torch.Tensor, y_partner: torch.Tensor,
@@ -339,19 +343,14 @@ class OTMix(Mixer):
 
     def _maybe_keep_sample(self, cost: torch.Tensor, y_partner: torch.Tensor,
                            y_base: torch.Tensor) -> None:
-        """At the epochs in ``plan_epochs``, keep one small plan (first ``plan_size`` rows
-        and columns of the batch) with its labels, like the paper's Fig. 3."""
-        name = f"plans/epoch_{self.epoch:04d}.json"
-        if self.epoch not in self.plan_epochs or name in self._artifacts:
-            return
-        m = min(self.plan_size, cost.shape[0])
-        small = sinkhorn(cost[:m, :m].float(), eps=self.eps, max_iter=self.max_iter,
-                         tol=self.tol, check_every=self.check_every)
-        self._artifacts[name] = {  # keys as committed reports read them (fore = partner)
-            "epoch": self.epoch, "eps": self.eps, "omega": self.omega,
-            "fore_labels": y_partner[:m].tolist(), "back_labels": y_base[:m].tolist(),
-            "cost": cost[:m, :m].tolist(), "plan": small.coupling.tolist(),
-            "argmax": small.coupling.argmax(1).tolist()}
+        """Keep one small plan for the requested epochs this OT batch serves
+        (:mod:`otlt.mixing.plan_samples`)."""
+        if self._plan_samples.due(self.epoch):
+            name, sample = self._plan_samples.keep(
+                self.epoch, cost, y_partner, y_base, size=self.plan_size, eps=self.eps,
+                omega=self.omega, max_iter=self.max_iter, tol=self.tol,
+                check_every=self.check_every)
+            self._artifacts[name] = sample
 
     def pop_artifacts(self) -> dict[str, Any]:
         """JSON artifacts collected since the last call (file name -> object)."""

@@ -26,7 +26,8 @@ def section_otmix(report: Report, runs: Sequence[RunData]) -> None:
                "Mixing statistics: mixed images per (foreground class, background class) in "
                "one epoch, from `metrics.jsonl` `mix_pairs` (paper Fig. 9). Transport plan: "
                "one sampled batch from `plans/` (paper Fig. 3; a run writes them at the epochs "
-               "in `mix.params.plan_epochs`).", "")
+               "in `mix.params.plan_epochs`, or at the next OT epoch after one that paired "
+               "at random).", "")
     for run in otmix:
         report.add(f"### {run.label}", "")
         shown = _mix_pairs_figure(report, run) + _plan_figure(report, run)
