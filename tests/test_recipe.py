@@ -132,8 +132,8 @@ def old_step(mixer, weights, x, y, g, prob):
     """The engine's step before the recipe (engine/trainer.py at a420530)."""
     if torch.rand((), generator=g).item() >= prob:
         return None
-    fidx = torch.multinomial(weights, len(y), replacement=True, generator=g)
-    x_partner, y_partner = gather(fidx)
+    partner_idx = torch.multinomial(weights, len(y), replacement=True, generator=g)
+    x_partner, y_partner = gather(partner_idx)
     return mixer(x, y, x_partner, y_partner, generator=g, embed=embed)
 
 
@@ -184,8 +184,8 @@ def test_recalibration_copy_redraws_the_switch_after_the_coin_and_leaves_the_run
             assert new is None
             continue
         reference.set_epoch(2, 10, generator=h)
-        fidx = torch.multinomial(weights, len(y), replacement=True, generator=h)
-        old = reference(x, y, *gather(fidx), generator=h, embed=embed)
+        partner_idx = torch.multinomial(weights, len(y), replacement=True, generator=h)
+        old = reference(x, y, *gather(partner_idx), generator=h, embed=embed)
         assert new is not None and torch.equal(new.images, old.images)
         assert copy_.mixer.epoch == 2
     assert torch.equal(g.get_state(), h.get_state())

@@ -165,8 +165,8 @@ class Bench:
         self.x, self.y = self._augmented(self.next_idx(batch_size))
         if t.cfg.train.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
-        fidx = t.recipe.draw_partners(len(self.y), t.generator)
-        self.x_partner, self.y_partner = self._augmented(fidx)
+        partner_idx = t.recipe.draw_partners(len(self.y), t.generator)
+        self.x_partner, self.y_partner = self._augmented(partner_idx)
         self.fixed_z = self.embed(torch.cat([self.x_partner, self.x]))
 
     def set_batch_size(self, batch_size: int) -> None:
