@@ -13,9 +13,10 @@ presets' ``eval.bn_batches``) recalibration batches of ``--batch-size`` (128), c
 time), and ``--test-images`` (10,000) for the test pass. The variants run interleaved
 (A B C D, A B C D, ...) ``--repeats`` times after one warm-up round; times are medians (with
 min and max), ratios medians of the per-round ratios. On CUDA every timed call ends with a
-synchronisation. ``agreement`` is, over all BatchNorm buffers of the recalibrated model, the
-largest ``‖stacked − batch by batch‖ / ‖batch by batch‖`` (relative L2 norm per buffer), next
-to the same figure for two batch-by-batch recalibrations on different random batches (the
+synchronisation. ``agreement`` is :func:`otlt.engine.batchnorm.statistics_gap` of the stacked
+statistics against the batch-by-batch ones (the largest difference over layers of the means,
+in units of the channels' standard deviations, and the relative difference of the variances),
+next to the same figures for a batch-by-batch recalibration on other random batches (the
 scale of the draw's own effect).
 """
 
@@ -31,14 +32,8 @@ from collections.abc import Callable
 import torch
 
 from otlt.amp import autocast
-from otlt.engine.batchnorm import batchnorm_state, recalibrate_batchnorm
+from otlt.engine.batchnorm import batchnorm_state, recalibrate_batchnorm, statistics_gap
 from otlt.models import create_model
-
-
-def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """Largest relative L2 difference over the running mean/var buffers of two states."""
-    return max(float((a[k].float() - b[k].float()).norm() / b[k].float().norm())
-               for k in b if "running" in k)
 
 
 def main() -> None:
@@ -117,8 +112,8 @@ def main() -> None:
                    "max": 1e3 * max(v)} for k, v in times.items()},
         "ratio_stacked_by_batch": ratio(names[1], names[0]),
         "ratio_large_small_eval_batch": ratio(names[3], names[2]),
-        "agreement": {"stacked_vs_by_batch": relative_difference(stacked, by_batch),
-                      "other_draw_vs_by_batch": relative_difference(other_draw, by_batch)},
+        "agreement": {"stacked_vs_by_batch": statistics_gap(stacked, by_batch),
+                      "other_draw_vs_by_batch": statistics_gap(other_draw, by_batch)},
     }
     text = json.dumps(result, indent=1)
     print(text)

@@ -316,15 +316,18 @@ def check_nan_stops(device: str, work: Path, out: Path, env: dict) -> dict:
 # bit-equal, and a real bug (a graph replaying stale inputs or weights) misses both by far.
 GRAPHS_LOSS_RTOL = 0.02
 GRAPHS_ERROR_POINTS = 3.0
+# train.bn_stack's statistics against batch-by-batch ones (statistics_gap, bf16): 2e-4 and 9e-4
+# on the CPU, against 1.6% and 2.9% between two draws of batches.
+STACKED_GAP = 0.01
 
 
 # The runs of the graphs step: the eager step, the graphed step, and the graphed step with
 # the per-epoch evaluation cut to a few forwards (recalibration batches stacked into one,
 # validation and test one batch each).
 GRAPH_RUNS = {"eager": ["train.cuda_graphs=false"],
-              "graphed": ["train.cuda_graphs=true"],
               "graphed_stacked": ["train.cuda_graphs=true", "train.bn_stack=20",
-                                  "train.eval_batch_size=10000"]}
+                                  "train.eval_batch_size=10000"],
+              "graphed": ["train.cuda_graphs=true"]}
 
 
 def check_graphs(device: str, data: Path | None, work: Path, out: Path, env: dict) -> dict:
@@ -376,14 +379,17 @@ def check_graphs(device: str, data: Path | None, work: Path, out: Path, env: dic
         result[name] = command([*cli, *train_args(config, [*base, f"name={name}",
                                                            *overrides])],
                                out / f"graphs_{name}.log", 3 * STEP_TIMEOUT, env)
-    if any(result[n]["rc"] != 0 for n in ("bench", *GRAPH_RUNS)):
+    if any(result[n]["rc"] != 0 for n in ("bench", "bench_evaluation", *GRAPH_RUNS)):
         return {**result, "passed": False}
-    return {**result, **judge_graph_runs(runs, bench)}
+    return {**result, **judge_graph_runs(runs, bench, result["evaluation_agreement"])}
 
 
-def judge_graph_runs(runs: Path, bench: dict) -> dict:
+def judge_graph_runs(runs: Path, bench: dict, agreement: dict) -> dict:
     """The figures and verdict of :data:`GRAPH_RUNS` finished in ``runs`` (their
-    ``metrics.jsonl`` and ``eval.json``), with the step bench's JSON ``bench``."""
+    ``metrics.jsonl`` and ``eval.json``), with the step bench's JSON ``bench`` and the
+    evaluation bench's ``agreement`` (stacked recalibration against batch by batch: a
+    block-mixing bug moves the statistics by percents, far more than a few epochs' test
+    error shows, so it is judged on its own, within :data:`STACKED_GAP`)."""
     logs = {n: [json.loads(x) for x in (runs / n / "metrics.jsonl").read_text().splitlines()]
             for n in GRAPH_RUNS}
     errors = {n: json.loads((runs / n / "eval.json").read_text())["top1_error"]
@@ -407,8 +413,10 @@ def judge_graph_runs(runs: Path, bench: dict) -> dict:
                        "partitions": epochs[-1][1]}
     result["cuda_graph_counters"] = {"bench": bench.get("cuda_graph_counters"), **counters}
     bench_skips = (bench.get("cuda_graph_counters") or {}).get("cuda_graph_skips")
+    result["stacked_gap_tolerance"] = STACKED_GAP
     result["passed"] = (
         bench_skips == 0
+        and max(agreement["stacked_vs_by_batch"].values()) <= STACKED_GAP
         and all(abs(loss[n] - loss["eager"]) <= GRAPHS_LOSS_RTOL * abs(loss["eager"])
                 and abs(errors[n] - errors["eager"]) <= GRAPHS_ERROR_POINTS
                 and counters[n]["skips"] == 0 for n in graphed))

@@ -37,13 +37,15 @@ def write_run(runs: Path, name: str, loss: float, error: float, skips: int | Non
 
 
 BENCH = {"cuda_graph_counters": {"cuda_graph_skips": 0, "cuda_graph_partitions": 0}}
+AGREE = {"stacked_vs_by_batch": {"mean": 2e-4, "var": 9e-4},
+         "other_draw_vs_by_batch": {"mean": 0.016, "var": 0.029}}
 
 
 def test_agreeing_runs_without_skips_pass(device_check, tmp_path):
     write_run(tmp_path, "eager", 2.0, 40.0, None)
     write_run(tmp_path, "graphed", 2.01, 41.0, 0)
     write_run(tmp_path, "graphed_stacked", 1.99, 39.5, 0)
-    result = device_check.judge_graph_runs(tmp_path, BENCH)
+    result = device_check.judge_graph_runs(tmp_path, BENCH, AGREE)
     assert result["passed"]
     assert result["evaluation_share"]["graphed_stacked"] == [0.25, 0.25]
     assert result["test_top1_error"] == {"eager": 40.0, "graphed": 41.0,
@@ -64,11 +66,19 @@ def test_any_disagreement_or_fallback_fails(device_check, tmp_path, name, loss, 
             write_run(tmp_path, other, loss, error, skips)
         else:
             write_run(tmp_path, other, 2.0, 40.0, 0)
-    assert not device_check.judge_graph_runs(tmp_path, BENCH)["passed"]
+    assert not device_check.judge_graph_runs(tmp_path, BENCH, AGREE)["passed"]
 
 
 def test_a_bench_with_skips_fails(device_check, tmp_path):
     for name in ("eager", "graphed", "graphed_stacked"):
         write_run(tmp_path, name, 2.0, 40.0, None if name == "eager" else 0)
     bench = {"cuda_graph_counters": {"cuda_graph_skips": 1, "cuda_graph_partitions": 0}}
-    assert not device_check.judge_graph_runs(tmp_path, bench)["passed"]
+    assert not device_check.judge_graph_runs(tmp_path, bench, AGREE)["passed"]
+
+
+def test_stacked_statistics_far_from_batch_by_batch_fail(device_check, tmp_path):
+    for name in ("eager", "graphed", "graphed_stacked"):
+        write_run(tmp_path, name, 2.0, 40.0, None if name == "eager" else 0)
+    far = {**AGREE, "stacked_vs_by_batch": {"mean": 2e-4, "var": 0.03}}
+    assert device_check.judge_graph_runs(tmp_path, BENCH, AGREE)["passed"]
+    assert not device_check.judge_graph_runs(tmp_path, BENCH, far)["passed"]

@@ -396,6 +396,7 @@ def test_graphed_feature_fn_agrees_with_the_eager_one(mode, device):
     mode, and returns a copy that a later call cannot overwrite (a replayed graph reuses its
     output memory: only on CUDA can this part fail)."""
     from otlt.engine.batchnorm import batchnorm_state
+    from otlt.engine.step import counters_since, cudagraph_counters
     from otlt.models.features import feature_fn
 
     torch.manual_seed(0)
@@ -413,7 +414,10 @@ def test_graphed_feature_fn_agrees_with_the_eager_one(mode, device):
         torch.testing.assert_close(batchnorm_state(graphed_model)[key], value, rtol=1e-4,
                                    atol=1e-4, msg=key)
     graphed(x)  # on CUDA: recorded at the second call, replayed from the third
+    before = cudagraph_counters()
     b = graphed(x)
     kept = b.clone()
     graphed(other)
     assert torch.equal(b, kept)  # the first call's features are the caller's own
+    if device == "cuda":  # replayed, not fallen back (official mode mutates BN buffers)
+        assert counters_since(before)["cuda_graph_skips"] == 0

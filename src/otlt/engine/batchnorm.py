@@ -64,6 +64,25 @@ def batchnorm_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def statistics_gap(state: dict[str, torch.Tensor],
+                   reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How far two states of :func:`batchnorm_state` are apart, scale-free, as the largest
+    over layers of ``mean``: ``‖μ − μ_ref‖ / ‖σ_ref‖`` (the means' difference in units of the
+    reference's standard deviations ``σ_ref = sqrt(running_var_ref)``; a mean near 0 makes a
+    plain relative difference meaningless) and ``var``: ``‖σ² − σ²_ref‖ / ‖σ²_ref‖``."""
+    gaps = {"mean": 0.0, "var": 0.0}
+    for key, var_ref in reference.items():
+        if not key.endswith("running_var"):
+            continue
+        prefix = key[: -len("running_var")]
+        var_ref = var_ref.double()
+        mean_gap = (state[prefix + "running_mean"].double()
+                    - reference[prefix + "running_mean"].double()).norm() / var_ref.sqrt().norm()
+        var_gap = (state[key].double() - var_ref).norm() / var_ref.norm()
+        gaps = {"mean": max(gaps["mean"], float(mean_gap)), "var": max(gaps["var"], float(var_gap))}
+    return gaps
+
+
 def load_batchnorm_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy buffers saved by :func:`batchnorm_state` back into ``model`` in place."""
     buffers = dict(model.named_buffers())
@@ -222,4 +241,4 @@ def _average_over_ranks(layers: list[_BatchNorm]) -> None:
 
 
 __all__ = ["batchnorm_layers", "batchnorm_state", "load_batchnorm_state",
-           "preserved_batchnorm", "recalibrate_batchnorm"]
+           "preserved_batchnorm", "recalibrate_batchnorm", "statistics_gap"]

@@ -92,6 +92,7 @@ def _block_forward(layer: _BatchNorm, blocks: list[int], acc: _Accumulator):
     variance exactly as that kernel computes them."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        layer._check_input_dim(x)  # as the layer's own forward does
         count, channels = blocks[0], x.shape[1]
         require(x.shape[0] % count == 0,
                 f"a stacked BatchNorm input of {x.shape[0]} rows does not split into "
@@ -108,6 +109,7 @@ def _block_forward(layer: _BatchNorm, blocks: list[int], acc: _Accumulator):
         bias = None if layer.bias is None else layer.bias.repeat(count)
         y = F.batch_norm(as_channels, mean, var, weight, bias, training=True, momentum=1.0,
                          eps=layer.eps)
+        del as_channels  # a copy of the input (the stack holds N·B rows of every activation)
         if mean is not None:
             acc.add(mean.view(count, channels), var.view(count, channels))
         out = torch.empty_like(x)  # x's memory format (channels-last stays channels-last)
@@ -128,6 +130,7 @@ def block_statistics(layers: list[_BatchNorm]) -> Iterator[list[int]]:
                                "(synchronised ones read every rank's rows)")
     blocks = [1]
     accumulators = [_Accumulator() for _ in layers]
+    own = [vars(layer).get("forward") for layer in layers]  # an instance forward of its own
     for layer, acc in zip(layers, accumulators, strict=True):
         layer.forward = _block_forward(layer, blocks, acc)  # an instance attribute shadows it
     try:
@@ -136,8 +139,11 @@ def block_statistics(layers: list[_BatchNorm]) -> Iterator[list[int]]:
             for layer, acc in zip(layers, accumulators, strict=True):
                 acc.store(layer)
     finally:
-        for layer in layers:
-            del layer.forward
+        for layer, forward in zip(layers, own, strict=True):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 __all__ = ["STACKABLE", "block_statistics", "stackable"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from otlt.errors import require
 from otlt.transport import sinkhorn
 
 
@@ -22,6 +23,8 @@ class PlanSamples:
 
     def __init__(self, epochs: Sequence[int]) -> None:
         self.epochs = tuple(int(e) for e in epochs)
+        require(all(e >= 0 for e in self.epochs), f"plan_epochs must be resolved epochs >= 0 "
+                f"(the config resolves -1 to the last), got {list(self.epochs)}")
         self.served: set[int] | None = set()
 
     def start_epoch(self, epoch: int) -> None:
