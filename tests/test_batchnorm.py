@@ -141,23 +141,25 @@ def test_model_without_batchnorm_is_a_no_op():
     assert recalibrate_batchnorm(net, batches(2, seed=6)) == 0
 
 
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, out: str, stack: int = 1) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         net = small_net()
-        recalibrate_batchnorm(net, batches(3, seed=10 + rank))
+        recalibrate_batchnorm(net, batches(3, seed=10 + rank), stack=stack)
         torch.save(batchnorm_state(net), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_statistics_are_averaged_over_ranks(tmp_path):
-    """Two real gloo processes, each on its own batches: both hold the mean of the ranks'."""
+@pytest.mark.parametrize("stack", [1, 3])
+def test_statistics_are_averaged_over_ranks(tmp_path, stack):
+    """Two real gloo processes, each on its own batches: both hold the mean of the ranks',
+    batch by batch or stacked (``train.bn_stack``: to rounding)."""
     out = str(tmp_path / "bn")
-    mp.spawn(_rank_main, args=(2, free_port(), out), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), out, stack), nprocs=2, join=True)
     states = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     expected = []
     for rank in range(2):
