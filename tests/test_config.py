@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from otlt.config import apply_overrides, build_config, dump_config, load_config, load_raw
+from otlt.config import (
+    apply_overrides,
+    build_config,
+    dump_config,
+    load_config,
+    load_raw,
+    mixer_params,
+)
 from otlt.errors import OtltError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -23,9 +30,9 @@ def test_every_shipped_config_builds_its_loss_and_mixer():
         counts = [100 - 9 * k for k in range(cfg.num_classes // 10 * 10)][: cfg.num_classes]
         counts = [max(c, 1) for c in counts]
         create_loss(cfg.loss.name, counts, **cfg.loss.params)
-        if cfg.mix.name != "none":
+        if cfg.mix.name != "none":  # the params as the engine passes them (epochs resolved)
             create_mixer(cfg.mix.name, class_counts=counts, fraction=cfg.mix.fraction,
-                         **cfg.mix.params)
+                         **mixer_params(cfg))
 
 
 def test_short_twin_inherits_and_overrides():
