@@ -10,6 +10,9 @@ import importlib
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +34,8 @@ from otlt.config import load_config
 from otlt.data.longtail import long_tailed_counts
 from otlt.errors import OtltError
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar10_lt_r100_erm.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "cifar10_lt_r100_erm.yaml"
 TINY = ["model.name=resnet20", "data.n_max=40", "data.imbalance_ratio=10",
         "data.val_per_class=2"]
 REQUIRED = ("ratio_cmo_erm", "ratio_otmix_erm", "ratio_erm_model_only",
@@ -180,3 +184,22 @@ def test_threads_follow_the_request_else_one_on_a_busy_cpu(monkeypatch):
     assert bench.choose_threads(None, cpu) == (torch.get_num_threads(), "torch default")
     with pytest.raises(OtltError, match="threads"):
         bench.choose_threads(0, cpu)
+
+
+def test_evaluation_bench_runs_and_reports_agreement(tmp_path):
+    """benchmarks/bench_evaluation.py (the device check's evaluation bench) at tiny sizes:
+    every variant timed, the ratios present, the stacked statistics close to batch by batch
+    and far closer than another draw of batches."""
+    out = tmp_path / "evaluation.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_evaluation.py"),
+                    "--batches", "3", "--batch-size", "8", "--test-images", "40",
+                    "--eval-batch-sizes", "10", "40", "--repeats", "1", "--json", str(out)],
+                   env=env, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert set(result["ms"]) == {"recalibrate_by_batch", "recalibrate_stack3", "test_batch10",
+                                 "test_batch40"}
+    assert result["ratio_stacked_by_batch"]["median"] > 0
+    stacked, other = (result["agreement"][k] for k in ("stacked_vs_by_batch",
+                                                       "other_draw_vs_by_batch"))
+    assert max(stacked.values()) < 0.01 < max(other.values())
