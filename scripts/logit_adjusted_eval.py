@@ -28,6 +28,8 @@ import torch
 from otlt.config import BN_STATS
 from otlt.engine.evaluation import eval_logits, split_batches
 from otlt.engine.posthoc import (
+    PROVENANCE_KEY,
+    evaluated_with,
     evaluation_procedure,
     load_into,
     read_last,
@@ -52,7 +54,8 @@ def evaluate(run_dir: Path, tau: float, bn_stats: str | None) -> dict:
     shift = tau * torch.log(counts / counts.sum())
     record = {"run": run_dir.name, "bn_stats": mode, "tau": tau,
               "threads": torch.get_num_threads(),  # bf16 results depend on it (a few images)
-              "weights": str(path)}
+              "weights": str(path),
+              PROVENANCE_KEY: evaluated_with(procedure)}  # as otlt eval records it
     for name in ("val", "test"):
         split = getattr(feed, name)
         if split is None:

@@ -329,6 +329,8 @@ def test_logit_adjusted_diagnostic_gives_otlt_evals_number_unadjusted(runs, caps
     none = evaluate(run, tau=0.0, bn_stats=None)  # tau 0: no adjustment at all
     assert none["test_adjusted_error"] == none["test_plain_error"]
     assert set(record) >= {"val_plain_error", "val_adjusted_error", "test_adjusted_error"}
+    assert record["evaluated_with"]["threads"] == record["threads"]  # as otlt eval records it
+    assert record["evaluated_with"]["device"] == "cpu"
 
 
 def test_result_readme_quotes_the_machine_record_of_each_sitting(tmp_path):
