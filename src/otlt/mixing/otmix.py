@@ -345,12 +345,11 @@ class OTMix(Mixer):
                            y_base: torch.Tensor) -> None:
         """Keep one small plan for the requested epochs this OT batch serves
         (:mod:`otlt.mixing.plan_samples`)."""
-        if self._plan_samples.due(self.epoch):
-            name, sample = self._plan_samples.keep(
-                self.epoch, cost, y_partner, y_base, size=self.plan_size, eps=self.eps,
-                omega=self.omega, max_iter=self.max_iter, tol=self.tol,
-                check_every=self.check_every)
-            self._artifacts[name] = sample
+        kept = self._plan_samples.keep(
+            self.epoch, cost, y_partner, y_base, size=self.plan_size, eps=self.eps,
+            omega=self.omega, max_iter=self.max_iter, tol=self.tol, check_every=self.check_every)
+        if kept is not None:
+            self._artifacts[kept[0]] = kept[1]
 
     def pop_artifacts(self) -> dict[str, Any]:
         """JSON artifacts collected since the last call (file name -> object)."""

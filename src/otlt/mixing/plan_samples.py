@@ -41,12 +41,14 @@ class PlanSamples:
 
     def keep(self, epoch: int, cost: torch.Tensor, y_partner: torch.Tensor,
              y_base: torch.Tensor, *, size: int, eps: float, omega: float,
-             **solver: Any) -> tuple[str, dict[str, Any]]:
-        """The file name and object of one small plan: the first ``size`` rows and columns
-        of the batch's cost ``(B, B)``, re-solved alone (ε, Sinkhorn's ``solver`` options),
-        with their labels; marks the due epochs served."""
+             **solver: Any) -> tuple[str, dict[str, Any]] | None:
+        """The file name and object of one small plan when an epoch is due (else None): the
+        first ``size`` rows and columns of the batch's cost ``(B, B)``, re-solved alone (ε,
+        Sinkhorn's ``solver`` options), with their labels; marks the due epochs served."""
         due = self.due(epoch)
-        assert self.served is not None and due, "keep() without a due epoch"
+        if not due:
+            return None
+        assert self.served is not None  # due() is empty before start_epoch after a load
         self.served.update(due)
         m = min(size, cost.shape[0])
         small = sinkhorn(cost[:m, :m].float(), eps=eps, **solver)
