@@ -586,6 +586,23 @@ def test_sweep_refuses_a_directory_with_another_config(tiny_zip, tmp_path):
 
 
 
+def test_seeds_pool_across_plan_epochs_written_from_the_end_or_resolved(tmp_path):
+    """A seed run of today's preset writes ``plan_epochs: [-2]``; the committed seed 0 of the
+    same preset wrote it resolved, ``[4]`` in a run of 6 epochs: one row. Another plan epoch
+    is another config (a different artifact was asked for), so another row."""
+    from otlt.report.rows import seed_rows
+
+    root = tmp_path / "runs"
+    runs = [_protocol_run(root, name, seed, 30.0 + seed, 29.0, mix="otmix")
+            for name, seed in (("ot", 0), ("ot_seed1", 1), ("ot_other", 2))]
+    for run, plan in zip(runs, ([4], [-2], [3]), strict=True):
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["mix"].setdefault("params", {})["plan_epochs"] = plan
+        (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    rows = seed_rows(load_runs(runs))
+    assert [(r.label, r.seeds) for r in rows] == [("ot", [0, 1]), ("ot_other", [2])]
+
+
 def test_a_base_row_is_found_across_execution_only_keys(tmp_path):
     """A mixing run written by older code (no ``train.deterministic`` key, kept epochs
     resolved) still pairs with its base: how a run executed or what it kept is no part of
