@@ -63,7 +63,7 @@ from pathlib import Path
 
 import yaml
 
-from otlt.engine.logging import read_metrics
+from otlt.engine.logging import evaluation_share, read_metrics
 from otlt.errors import OtltError
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
@@ -233,18 +233,6 @@ def run_summary(run: Run, out: Path) -> dict:
             "epochs_seconds": round(sum(r.get("epoch_seconds", 0.0) for r in records), 1),
             "evaluation_share": evaluation_share(records),
             "log": f"{run.name}.log"}
-
-
-def evaluation_share(records: list[dict]) -> float | None:
-    """The share of the epochs' time spent outside the training steps (validation,
-    BatchNorm recalibration, probes, test diagnostic, selection, the mixer's epoch end:
-    ``1 - Σ steps_seconds / Σ epoch_seconds``); None when the records do not time their
-    steps."""
-    timed = [r for r in records if "steps_seconds" in r and r.get("epoch_seconds")]
-    if not timed:
-        return None
-    total = sum(r["epoch_seconds"] for r in timed)
-    return round(1.0 - sum(r["steps_seconds"] for r in timed) / total, 4)
 
 
 def format_summary(summary: dict) -> str:

@@ -586,6 +586,22 @@ def test_sweep_refuses_a_directory_with_another_config(tiny_zip, tmp_path):
 
 
 
+def test_the_run_table_gives_the_share_of_time_outside_the_training_steps(tmp_path):
+    """``1 - Σ steps_seconds / Σ epoch_seconds`` over the epochs that time their steps; a run
+    older than the key shows a dash."""
+    root = tmp_path / "runs"
+    timed, old = make_run(root, "timed", 0), make_run(root, "old", 1)
+    records = [json.loads(x) for x in (timed / "metrics.jsonl").read_text().splitlines()]
+    for i, r in enumerate(records):  # 6 epochs of 1.5 s; steps 1.2 s in all but the last
+        if i < len(records) - 1:
+            r["steps_seconds"] = 1.2
+    (timed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = write_report([timed, old], tmp_path / "out").read_text()
+    table = text.split("| run | directory |")[1].split("\n\n")[0]
+    assert "| 0.1 min | 20% |" in table.splitlines()[2]
+    assert table.splitlines()[3].endswith("| 0.1 min | – |")
+
+
 def test_seeds_pool_across_plan_epochs_written_from_the_end_or_resolved(tmp_path):
     """A seed run of today's preset writes ``plan_epochs: [-2]``; the committed seed 0 of the
     same preset wrote it resolved, ``[4]`` in a run of 6 epochs: one row. Another plan epoch

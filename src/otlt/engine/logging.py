@@ -30,6 +30,20 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def evaluation_share(records: list[dict[str, Any]]) -> float | None:
+    """The share of the epochs' time spent outside the training steps (validation,
+    BatchNorm recalibration, probes, the test diagnostic, selection, the mixer's epoch end),
+
+        share = 1 - Σ steps_seconds / Σ epoch_seconds    over the epochs that time their steps,
+
+    rounded to 4 digits; None when no record times its steps (runs older than the key)."""
+    timed = [r for r in records if "steps_seconds" in r and r.get("epoch_seconds")]
+    if not timed:
+        return None
+    total = sum(r["epoch_seconds"] for r in timed)
+    return round(1.0 - sum(r["steps_seconds"] for r in timed) / total, 4)
+
+
 _PREFIXES = (("val_running_", "val_running/"), ("test_diag_", "test_diag/"),
              ("val_", "val/"), ("train_", "train/"), ("ot_", "mix/ot_"),
              ("mixed_", "mix/mixed_"), ("same_class_", "mix/same_class_"))

@@ -116,13 +116,17 @@ def _section_table(report: Report, runs: Sequence[RunData]) -> None:
     unfinished = [r["label"] for r in rows if r["top1_error"] is None]
     if unfinished:
         report.add(f"No `eval.json` (unfinished or not evaluated): {', '.join(unfinished)}.", "")
-    report.add("| run | directory | evaluated | wall time (sum of epochs) |",
-               "|---|---|---|---:|")
+    report.add("| run | directory | evaluated | wall time (sum of epochs) | outside the training "
+               "steps |", "|---|---|---|---:|---:|")
     for run, r in zip(runs, rows, strict=True):
         evaluated = "–" if r["epoch"] is None else f"{r['split']} split, epoch {r['epoch']}"
+        share = r["outside_steps_share"]
         report.add(f"| {cell(run.label)} | `{run.path}` | {evaluated} | "
-                   f"{_duration(r['wall_seconds'])} |")
-    report.add("")
+                   f"{_duration(r['wall_seconds'])} | "
+                   f"{'–' if share is None else f'{100 * share:.0f}%'} |")
+    report.add("", "*Outside the training steps*: `1 − Σ steps_seconds / Σ epoch_seconds` over "
+               "the epochs of `metrics.jsonl` that time their steps (BatchNorm recalibration, "
+               "validation, probes, the per-epoch test diagnostic, the mixer's epoch end).", "")
 
 
 def _duration(seconds: float) -> str:

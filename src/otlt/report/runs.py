@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from otlt.config.compare import SAFE_ON_RESUME
-from otlt.engine.logging import read_metrics
+from otlt.engine.logging import evaluation_share, read_metrics
 from otlt.errors import OtltError, require
 from otlt.report import plots
 
@@ -145,6 +145,7 @@ def comparison_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
             "delta": None if ours is None or paper is None else ours - float(paper),
             "wall_seconds": sum(r.get("epoch_seconds", 0.0) for r in run.metrics
                                 if plots.is_number(r.get("epoch_seconds"))),
+            "outside_steps_share": evaluation_share(run.metrics),
         })
     return rows
 
