@@ -258,6 +258,29 @@ def test_rows_pool_seeds_with_mean_and_sample_std(tmp_path):
     assert "| 3 | 24.50 |" in text.split("### Best test epoch")[1]  # epochs counted from 1
 
 
+def test_otmix_rows_are_compared_with_the_other_mixers_on_their_recipe(tmp_path):
+    """OTmix minus CMO per common seed (the paper's OT-against-random-pairing gap), beside the
+    paper's difference; a CMO row on another recipe is no rival."""
+    from otlt.report.rows import rival_pairs, seed_rows
+
+    root = tmp_path / "runs"
+    paths = [_protocol_run(root, "erm", 0, 36.0, 35.0, paper=26.9),
+             _protocol_run(root, "cmo", 0, 36.5, 34.0, mix="cmo", paper=25.0),
+             _protocol_run(root, "cmo_seed1", 1, 35.5, 33.0, mix="cmo", paper=25.0),
+             _protocol_run(root, "otmix", 0, 35.0, 32.0, mix="otmix", paper=21.7),
+             _protocol_run(root, "otmix_seed1", 1, 35.0, 32.5, mix="otmix", paper=21.7),
+             _protocol_run(root, "otmix_seed2", 2, 30.0, 30.0, mix="otmix", paper=21.7),
+             _protocol_run(root, "cmo_lr", 0, 40.0, 39.0, mix="cmo", lr=0.05)]
+    rows = seed_rows(load_runs(paths))
+    assert [(a.label, b.label) for a, b in rival_pairs(rows)] == [("otmix", "cmo")]
+    text = write_report(paths, tmp_path / "out").read_text()
+    table = text.split("### OTmix against another mixer on the same recipe")[1].split("\n\n")[2]
+    # seeds 0 and 1: last -1.5 and -0.5, selected -2.0 and -0.5; seed 2 has no CMO run
+    assert table.splitlines()[2] == ("| otmix | cmo | 0, 1 | -1.00 ± 0.71 | -1.25 ± 1.06 | "
+                                     "-3.30 |")
+    assert len(table.splitlines()) == 3
+
+
 def test_rows_pair_a_mixing_row_with_the_base_that_shares_its_recipe(tmp_path):
     from otlt.report.rows import base_of, seed_rows
 

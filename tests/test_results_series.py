@@ -4,7 +4,8 @@ Seeds 1 and 2 of a Table 1 row are trained later, on later code, with the preset
 then; the report pools them with the committed seed 0 only if the preset still trains what
 seed 0 trained (configs equal but for ``seed``, execution-only keys and the BatchNorm
 procedure the report reads every run under). A preset edit that changes training would
-silently start a new row instead: this test names it first.
+silently start a new row instead: this test names it first. README's "Where we stand" table
+quotes the group's pair differences; a test recomputes every line of it from the runs.
 """
 
 from __future__ import annotations
@@ -40,3 +41,37 @@ def test_todays_preset_with_another_seed_pools_with_the_committed_seed0(tmp_path
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     rows = seed_rows([load_run(GROUP / name), load_run(run)], PROCEDURE_KEYS)
     assert [(r.label, r.seeds) for r in rows] == [(name, [0, 1])]
+
+
+def _group_summaries():
+    from otlt.report.rows import row_summary
+
+    runs = [load_run(p) for p in sorted(GROUP.glob("cifar10_lt_r100_*"))
+            if (p / "config.yaml").is_file()]
+    rows = seed_rows(runs, PROCEDURE_KEYS)
+    return {row.label: row_summary(row, "train") for row in rows}
+
+
+def _standing_table() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Where we stand\n")[1].split("\n## ")[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_the_readme_standing_table_is_the_reports():
+    """Every line of README's "Where we stand" is recomputed from the committed runs, as
+    ``otlt report --bn-stats train`` computes its pair tables: seeds both rows have, the mean
+    difference at the last and the validation-selected epoch, the paper's difference."""
+    from otlt.report.rows import format_stat, pair_differences
+
+    summaries = _group_summaries()
+    table = _standing_table()
+    assert len(table) == 5
+    for claim, rows, seeds, last, selected, paper in table:
+        first, second = (f"cifar10_lt_r100_{name.strip(' `')}" for name in rows.split("−"))
+        d = pair_differences(summaries[first], summaries[second])
+        n = len(d["seeds"])
+        assert (seeds, last, selected, paper) == (
+            ", ".join(map(str, d["seeds"])), format_stat(d["last"], n),
+            format_stat(d["selected"], n), f"{d['paper']:+.2f}".replace("+", "")), claim

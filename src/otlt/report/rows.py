@@ -273,26 +273,57 @@ def _procedure_table(report: Report, rows: Sequence[Row], summaries: dict[int, A
     report.add("")
 
 
+def mixer_name(row: Row) -> str:
+    return str((row.runs[0].config.get("mix") or {}).get("name", "none"))
+
+
+def rival_pairs(rows: Sequence[Row], ignore: Sequence[str] = ()) -> list[tuple[Row, Row]]:
+    """``(otmix_row, other)`` for every OTmix row and every row with another mixer on the
+    same recipe (configs equal once every ``mix.*`` key and ``ignore`` are dropped): OTmix
+    against random pairing (CMO) and the other mixers, as the paper's tables compare them."""
+    return [(row, other) for row in rows if mixer_name(row) == "otmix"
+            for other in rows if other.is_mixing and mixer_name(other) != "otmix"
+            and _identity(other.runs[0], drop_mix=True, ignore=ignore)
+            == _identity(row.runs[0], drop_mix=True, ignore=ignore)]
+
+
+def pair_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Row ``a`` minus row ``b`` (two :func:`row_summary` results) over the seeds both have:
+    ``last`` and ``selected`` as :func:`paired_difference`, ``paper`` as a number or None."""
+    common = [s for s in a["seeds"] if s in b["seeds"]]
+    return {"seeds": common,
+            **{key: paired_difference(a, b, key, common) for key in ("last", "selected")},
+            "paper": None if a["paper"] is None or b["paper"] is None
+            else a["paper"] - b["paper"]}
+
+
 def _gains_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any],
                  ignore: Sequence[str] = ()) -> None:
-    pairs = [(row, base) for row in rows if (base := base_of(row, rows, ignore)) is not None]
-    if not pairs:
-        return
-    report.add("### What mixing changes against its base row", "",
-               "Mixing row minus its base (same config without the mixer), in points of test "
-               "error (negative: mixing helps): the mean over the seeds both rows have of "
-               "the per-seed differences.", "",
-               "| mixing row | base row | seeds | last epoch | validation-selected | paper |",
-               "|---|---|---|---:|---:|---:|")
-    for row, base in pairs:
-        a, b = summaries[id(row)], summaries[id(base)]
-        common = [s for s in a["seeds"] if s in b["seeds"]]
-        cells = [format_stat(paired_difference(a, b, key, common), len(common))
-                 for key in ("last", "selected")]
-        report.add(f"| {cell(row.label)} | {cell(base.label)} | "
-                   f"{', '.join(map(str, common)) or '–'} | {cells[0]} | {cells[1]} | "
-                   f"{_difference(a['paper'], b['paper'])} |")
-    report.add("")
+    bases = [(row, base) for row in rows if (base := base_of(row, rows, ignore)) is not None]
+    tables = (
+        (bases, "### What mixing changes against its base row",
+         "Mixing row minus its base (same config without the mixer)", "mixing row", "base row"),
+        (rival_pairs(rows, ignore), "### OTmix against another mixer on the same recipe",
+         "OTmix row minus the row with another mixer (CMO: the same foreground sampler, box "
+         "and loss with random pairing) and otherwise the same config", "OTmix row",
+         "other mixer"))
+    for pairs, title, what, first, other in tables:
+        if not pairs:
+            continue
+        report.add(title, "", f"{what}, in points of test error (negative: the first row is "
+                   "better): the mean over the seeds both rows have of the per-seed "
+                   "differences.", "",
+                   f"| {first} | {other} | seeds | last epoch | validation-selected | paper |",
+                   "|---|---|---|---:|---:|---:|")
+        for row, base in pairs:
+            d = pair_differences(summaries[id(row)], summaries[id(base)])
+            n = len(d["seeds"])
+            paper = "–" if d["paper"] is None else f"{d['paper']:+.2f}"
+            report.add(f"| {cell(row.label)} | {cell(base.label)} | "
+                       f"{', '.join(map(str, d['seeds'])) or '–'} | "
+                       f"{format_stat(d['last'], n)} | {format_stat(d['selected'], n)} | "
+                       f"{paper} |")
+        report.add("")
 
 
 def paired_difference(a: dict[str, Any], b: dict[str, Any], key: str,
@@ -307,6 +338,3 @@ def paired_difference(a: dict[str, Any], b: dict[str, Any], key: str,
         values.append(None if x is None or y is None else x - y)
     return mean_std(values)
 
-
-def _difference(x: float | None, y: float | None) -> str:
-    return "–" if x is None or y is None else f"{x - y:+.2f}"
