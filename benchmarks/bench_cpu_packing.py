@@ -41,35 +41,56 @@ SERIES_SETTINGS = ["data.meta_per_class=0", "eval.test_every_epoch=true", "train
 
 
 def start_run(config: str, data: str, out: Path, name: str, threads: int,
-              epochs: int) -> subprocess.Popen:
-    """``otlt train`` of ``config`` for ``epochs`` epochs with ``threads`` torch threads."""
+              epochs: int, settings: list[str]) -> subprocess.Popen:
+    """``otlt train`` of ``config`` for ``epochs`` epochs with ``threads`` torch threads, the
+    series' settings, then ``settings``, then its own folder and name."""
     cmd = [sys.executable, "-m", "otlt.cli", "train", "--config", config, "--data", data,
-           "--stop-after", str(epochs), "--set", f"out_dir={out}", "--set", f"name={name}"]
-    for setting in SERIES_SETTINGS:
+           "--stop-after", str(epochs)]
+    for setting in [*SERIES_SETTINGS, *settings, f"out_dir={out}", f"name={name}"]:
         cmd += ["--set", setting]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log = open(out / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
 def epoch_seconds(run_dir: Path, warmup: int) -> list[float]:
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-               if x.strip()]
-    return [r["epoch_seconds"] for r in records[warmup:]]
+    return [r["epoch_seconds"] for r in read_jsonl(run_dir / "metrics.jsonl")[warmup:]]
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and whether it has ``avx512_bf16`` (None off Linux)."""
+    info = Path("/proc/cpuinfo")
+    text = info.read_text() if info.exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines()
+             if line.startswith("model name")]
+    return {"cpu": names[0] if names else platform.processor() or platform.machine(),
+            "avx512_bf16": ("avx512_bf16" in text) if text else None}
 
 
 def run_layout(label: str, n_runs: int, threads: int, args, out: Path) -> dict:
     """Start ``n_runs`` trainings at once, wait for all, return their epoch times."""
     started = time.perf_counter()
     names = [f"{label}_{i}" for i in range(n_runs)]
-    procs = [start_run(args.config, args.data, out, n, threads, args.epochs) for n in names]
+    procs = [start_run(args.config, args.data, out, n, threads, args.epochs, args.set)
+             for n in names]
     codes = [p.wait() for p in procs]
     if any(codes):
         logs = "\n".join((out / f"{n}.log").read_text()[-2000:] for n in names)
         raise SystemExit(f"{label}: a training failed (exit codes {codes}):\n{logs}")
     times = {n: epoch_seconds(out / n, args.warmup) for n in names}
+    # what each run recorded of itself: torch threads, torch version, commit
+    sittings = {n: read_jsonl(out / n / "sittings.jsonl")[0] for n in names}
     median = statistics.median(t for ts in times.values() for t in ts)
-    return {"runs": n_runs, "threads_per_run": threads, "epoch_seconds": times,
+    return {"runs": n_runs, "threads_per_run": threads,
+            "threads_recorded": {n: s.get("threads") for n, s in sittings.items()},
+            "torch_version": sittings[names[0]].get("torch_version"),
+            "git_commit": sittings[names[0]].get("git_commit"),
+            "git_dirty": sittings[names[0]].get("git_dirty"),
+            "epoch_seconds": times,
             "median_epoch_s": round(median, 3),
             "epochs_per_s": round(n_runs / median, 5),
             "wall_s": round(time.perf_counter() - started, 1)}
@@ -83,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads-per-run", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run")
     parser.add_argument("--warmup", type=int, default=1, help="first epochs left out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (repeatable)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.epochs <= args.warmup:
@@ -92,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tmp)
         one = run_layout("one", 1, args.threads_per_run * args.runs, args, out)
         packed = run_layout("packed", args.runs, args.threads_per_run, args, out)
-    result = {"config": args.config, "settings": SERIES_SETTINGS, "epochs": args.epochs,
+    result = {"config": args.config, "settings": [*SERIES_SETTINGS, *args.set],
+              "epochs": args.epochs,
               "warmup": args.warmup, "one": one, "packed": packed,
               "packed_gain": round(packed["epochs_per_s"] / one["epochs_per_s"], 3),
-              "machine": platform.machine(), "cores": os.cpu_count(),
+              **cpu_description(), "cores": os.cpu_count(),
               "load_before": load_before, "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d %H:%M")}
     text = json.dumps(result, indent=1)

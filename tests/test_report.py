@@ -627,19 +627,22 @@ def test_the_run_table_gives_the_share_of_time_outside_the_training_steps(tmp_pa
 
 def test_seeds_pool_across_plan_epochs_written_from_the_end_or_resolved(tmp_path):
     """A seed run of today's preset writes ``plan_epochs: [-2]``; the committed seed 0 of the
-    same preset wrote it resolved, ``[4]`` in a run of 6 epochs: one row. Another plan epoch
-    is another config (a different artifact was asked for), so another row."""
+    same preset wrote it resolved, ``[4]`` in a run of 6 epochs: one row. Which epochs' OT
+    plans a run saves is what it kept, not what it trained (as ``train.keep_epochs``), so
+    another plan epoch pools too; another ``omega`` does not."""
     from otlt.report.rows import seed_rows
 
     root = tmp_path / "runs"
     runs = [_protocol_run(root, name, seed, 30.0 + seed, 29.0, mix="otmix")
-            for name, seed in (("ot", 0), ("ot_seed1", 1), ("ot_other", 2))]
-    for run, plan in zip(runs, ([4], [-2], [3]), strict=True):
+            for name, seed in (("ot", 0), ("ot_seed1", 1), ("ot_seed2", 2), ("ot_omega", 3))]
+    for run, plan in zip(runs, ([4], [-2], [3], [4]), strict=True):
         config = yaml.safe_load((run / "config.yaml").read_text())
         config["mix"].setdefault("params", {})["plan_epochs"] = plan
+        if run.name == "ot_omega":
+            config["mix"]["params"]["omega"] = 0.5
         (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     rows = seed_rows(load_runs(runs))
-    assert [(r.label, r.seeds) for r in rows] == [("ot", [0, 1]), ("ot_other", [2])]
+    assert [(r.label, r.seeds) for r in rows] == [("ot", [0, 1, 2]), ("ot_omega", [3])]
 
 
 def test_a_base_row_is_found_across_execution_only_keys(tmp_path):

@@ -1,11 +1,13 @@
 """The committed Table 1 series against today's presets.
 
 Seeds 1 and 2 of a Table 1 row are trained later, on later code, with the preset as it is
-then; the report pools them with the committed seed 0 only if the preset still trains what
-seed 0 trained (configs equal but for ``seed``, execution-only keys and the BatchNorm
-procedure the report reads every run under). A preset edit that changes training would
-silently start a new row instead: this test names it first. README's "Where we stand" table
-quotes the group's pair differences; a test recomputes every line of it from the runs.
+then; the report pools them with the committed seed 0 only if the configs agree (but for
+``seed``, execution-only keys and the BatchNorm procedure the report reads every run under).
+A preset edit that changes training would silently start a new row instead: this test names
+it first. The code that trained each run is not part of a config: code changes between seeds
+are recorded by the runs' ``sittings.jsonl`` (git commit) and said in the group's README.
+README's "Where we stand" table quotes the group's pair differences; a test recomputes every
+line of it from the runs.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def test_the_readme_standing_table_is_the_reports():
         first, second = (f"cifar10_lt_r100_{name.strip(' `')}" for name in rows.split("−"))
         d = pair_differences(summaries[first], summaries[second])
         n = len(d["seeds"])
+        expected_paper = "–" if d["paper"] is None else f"{d['paper']:.2f}"
         assert (seeds, last, selected, paper) == (
             ", ".join(map(str, d["seeds"])), format_stat(d["last"], n),
-            format_stat(d["selected"], n), f"{d['paper']:+.2f}".replace("+", "")), claim
+            format_stat(d["selected"], n), expected_paper), claim

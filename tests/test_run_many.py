@@ -138,3 +138,6 @@ def test_evaluation_share_is_the_time_outside_the_steps(monkeypatch):
                {"epoch_seconds": 2.0, "steps_seconds": 1.7}, {"epoch_seconds": 3.0}]
     assert rm.evaluation_share(records) == 0.2  # the untimed epoch is left out
     assert rm.evaluation_share([{"epoch_seconds": 3.0}]) is None
+    # a record whose timing is null or zero is left out, not an error
+    assert rm.evaluation_share([*records, {"epoch_seconds": 2.0, "steps_seconds": None},
+                                {"epoch_seconds": 0.0, "steps_seconds": 0.0}]) == 0.2

@@ -30,6 +30,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def _is_seconds(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def evaluation_share(records: list[dict[str, Any]]) -> float | None:
     """The share of the epochs' time spent outside the training steps (validation,
     BatchNorm recalibration, probes, the test diagnostic, selection, the mixer's epoch end),
@@ -37,7 +41,8 @@ def evaluation_share(records: list[dict[str, Any]]) -> float | None:
         share = 1 - Σ steps_seconds / Σ epoch_seconds    over the epochs that time their steps,
 
     rounded to 4 digits; None when no record times its steps (runs older than the key)."""
-    timed = [r for r in records if "steps_seconds" in r and r.get("epoch_seconds")]
+    timed = [r for r in records if _is_seconds(r.get("steps_seconds"))
+             and _is_seconds(r.get("epoch_seconds")) and r["epoch_seconds"] > 0]
     if not timed:
         return None
     total = sum(r["epoch_seconds"] for r in timed)

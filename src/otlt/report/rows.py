@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from otlt.config import BN_STATS
-from otlt.config.epochs import resolve_epochs
 from otlt.errors import require
 from otlt.report import plots
 from otlt.report.document import Report
@@ -72,24 +71,13 @@ PER_SEED_KEYS = ("seed", "reweight.stage1")
 PROCEDURE_KEYS = ("eval.bn_stats",)
 
 
-#: epoch lists that may count from the end (``-20`` in a run of 240 is epoch 220)
-RELATIVE_EPOCH_KEYS = ("mix.params.plan_epochs",)
-
-
 def _identity(run: RunData, drop_mix: bool = False, ignore: Sequence[str] = ()) -> str:
     """The config as a key: everything but the per-seed keys, the ignored keys, ``paper`` and
-    ``ignore`` (and, with ``drop_mix``, every ``mix.*`` key); epoch lists that may count from
-    the end are resolved against ``optim.epochs``, so ``[-20]`` and ``[220]`` are one key."""
+    ``ignore`` (and, with ``drop_mix``, every ``mix.*`` key)."""
     flat = {k: v for k, v in flatten(run.config).items()
             if k not in PER_SEED_KEYS and k not in IGNORED_KEYS and k not in ignore
             and k != "paper" and not k.startswith("paper.")
             and not (drop_mix and k.startswith("mix."))}
-    epochs = flat.get("optim.epochs")
-    for key in RELATIVE_EPOCH_KEYS:
-        value = flat.get(key)
-        if isinstance(epochs, int) and isinstance(value, tuple) \
-                and all(isinstance(e, int) for e in value):
-            flat[key] = resolve_epochs(value, epochs)
     return json.dumps(flat, sort_keys=True, default=str)
 
 
@@ -304,8 +292,8 @@ def _gains_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any],
         (bases, "### What mixing changes against its base row",
          "Mixing row minus its base (same config without the mixer)", "mixing row", "base row"),
         (rival_pairs(rows, ignore), "### OTmix against another mixer on the same recipe",
-         "OTmix row minus the row with another mixer (CMO: the same foreground sampler, box "
-         "and loss with random pairing) and otherwise the same config", "OTmix row",
+         "OTmix row minus each row with another mixer and otherwise the same config (CMO is "
+         "OTmix's foreground sampler, box and loss with random pairing)", "OTmix row",
          "other mixer"))
     for pairs, title, what, first, other in tables:
         if not pairs:

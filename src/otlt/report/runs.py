@@ -17,10 +17,12 @@ from otlt.report import plots
 
 #: config keys that name or place a run rather than define it (ignored by sweep detection)
 IGNORED_KEYS = ("name", "out_dir", *SAFE_ON_RESUME, "train.amp", "train.channels_last",
-                "train.keep_epochs", "train.keep_every", "train.deterministic")
+                "train.keep_epochs", "train.keep_every", "train.deterministic",
+                "mix.params.plan_epochs")
 """Keys that say how a run executed or what it kept, not what it trained: rows and their
 base rows are matched without them (a config written before a key existed lacks it, and
-``train.keep_epochs`` may be written relative, ``[-4, -1]``, or resolved, ``[236, 239]``)."""
+``train.keep_epochs`` and ``mix.params.plan_epochs``, which epochs' weights and OT plans are
+saved, may be written relative, ``[-4, -1]``, or resolved, ``[236, 239]``)."""
 GROUPS = ("many", "medium", "few")
 
 # ---------------------------------------------------------------------- reading runs
