@@ -71,6 +71,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]  # the checkout; tests: 
 
 from conftest import write_tiny_zip  # noqa: E402
 from otlt.engine.checkpoint import load_checkpoint  # noqa: E402
+from otlt.engine.logging import evaluation_share  # noqa: E402
 from otlt.engine.runtime import sgd_options  # noqa: E402
 
 CUDA_TEST_FILES = ["tests/test_losses.py", "tests/test_metrics.py", "tests/test_mixing.py",
@@ -399,8 +400,8 @@ def judge_graph_runs(runs: Path, bench: dict, agreement: dict) -> dict:
                                 for n in logs},
               # issue 29's per-epoch overhead: the share of each epoch outside the steps
               "evaluation_share": {
-                  n: [round(1 - r["steps_seconds"] / r["epoch_seconds"], 3)
-                      if "steps_seconds" in r else None for r in logs[n]] for n in logs},
+                  n: [None if (share := evaluation_share([r])) is None else round(share, 3)
+                      for r in logs[n]] for n in logs},
               "first_epoch_train_loss": loss, "test_top1_error": errors,
               "tolerance": {"loss_rtol": GRAPHS_LOSS_RTOL,
                             "error_points": GRAPHS_ERROR_POINTS}}

@@ -100,16 +100,17 @@ def seed_rows(runs: Sequence[RunData], ignore: Sequence[str] = ()) -> list[Row]:
     return list(rows.values())
 
 
+def recipe(row: Row, ignore: Sequence[str] = ()) -> str:
+    """The row's config without ``mix.*`` and ``ignore``: what a mixer is added on top of."""
+    return _identity(row.runs[0], drop_mix=True, ignore=ignore)
+
+
 def base_of(row: Row, rows: Sequence[Row], ignore: Sequence[str] = ()) -> Row | None:
-    """The row ``row`` mixes on top of (same config without ``mix.*`` and ``ignore``, no
-    mixer)."""
+    """The row ``row`` mixes on top of (same :func:`recipe`, no mixer)."""
     if not row.is_mixing:
         return None
-    key = _identity(row.runs[0], drop_mix=True, ignore=ignore)
-    for other in rows:
-        if not other.is_mixing and _identity(other.runs[0], drop_mix=True, ignore=ignore) == key:
-            return other
-    return None
+    return next((other for other in rows
+                 if not other.is_mixing and recipe(other, ignore) == recipe(row, ignore)), None)
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
@@ -267,12 +268,11 @@ def mixer_name(row: Row) -> str:
 
 def rival_pairs(rows: Sequence[Row], ignore: Sequence[str] = ()) -> list[tuple[Row, Row]]:
     """``(otmix_row, other)`` for every OTmix row and every row with another mixer on the
-    same recipe (configs equal once every ``mix.*`` key and ``ignore`` are dropped): OTmix
-    against random pairing (CMO) and the other mixers, as the paper's tables compare them."""
+    same :func:`recipe`: OTmix against random pairing (CMO) and the other mixers, as the
+    paper's tables compare them."""
     return [(row, other) for row in rows if mixer_name(row) == "otmix"
             for other in rows if other.is_mixing and mixer_name(other) != "otmix"
-            and _identity(other.runs[0], drop_mix=True, ignore=ignore)
-            == _identity(row.runs[0], drop_mix=True, ignore=ignore)]
+            and recipe(other, ignore) == recipe(row, ignore)]
 
 
 def pair_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
