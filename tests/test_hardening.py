@@ -558,6 +558,33 @@ def test_quoted_reasons_are_cut_at_a_word_boundary():
     assert reason(KeyError("model")) == "KeyError: 'model'"
 
 
+def test_one_finite_number_test_for_values_records_and_reports():
+    """Every "must be a number" check and every reader of logged records shares one
+    predicate: a flag (``True`` is an ``int`` to Python) and a NaN are never numbers, a
+    NumPy scalar is one (a class count read with NumPy, a timing from ``np.mean``)."""
+    from otlt.engine.logging import evaluation_share, tensorboard_scalars
+    from otlt.errors import OtltError, is_finite_number
+    from otlt.losses.base import check_counts
+    from otlt.transport.entropic import sinkhorn
+
+    numbers = [0, -2, 1.5, np.float32(0.25), np.int64(7)]
+    others = [True, False, None, float("nan"), float("inf"), -float("inf"), "1", [1],
+              torch.ones(())]
+    assert all(is_finite_number(v) for v in numbers)
+    assert not any(is_finite_number(v) for v in others)
+    assert tensorboard_scalars({"epoch": 3, "ot_epoch": True, "train_loss": 0.5, "lr": float("nan"),
+                                "bn_probe": {"train": {"acc": 0.75, "err": float("inf")}}}) \
+        == {"train/loss": 0.5, "probe/train/acc": 0.75}
+    assert evaluation_share([{"steps_seconds": True, "epoch_seconds": 2.0},
+                             {"steps_seconds": 1.0, "epoch_seconds": 4.0}]) == 0.75
+    assert check_counts(np.array([5, 3])).tolist() == [5, 3]
+    for bad in ([5, True], [5, float("nan")]):
+        with pytest.raises(OtltError, match="positive integers"):
+            check_counts(bad)
+    with pytest.raises(OtltError, match="eps must be a positive number"):
+        sinkhorn(torch.ones(2, 2), eps=True)
+
+
 def test_eval_refuses_a_checkpoint_of_another_run(stopped_run, tmp_path, capsys):
     """`otlt eval A --checkpoint B/last.pt` would file B's numbers under A, with A's config."""
     import shutil

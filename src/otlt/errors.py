@@ -10,6 +10,8 @@ turns its ``OSError`` into an :class:`OtltError` that names the file and the rea
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +29,15 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`OtltError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise OtltError(message)
+
+
+def is_finite_number(value: object) -> bool:
+    """True for a finite real number: an ``int``, ``float`` or NumPy scalar, not a ``bool``
+    (``True`` is an ``int`` to Python, never a number to otlt), not ``None``, ``nan`` or
+    ``inf``. The one test behind every "must be a number" check and every reader of logged
+    records (a JSON field may hold ``null`` or a flag)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+        math.isfinite(value)
 
 
 def require_choice(name: str, value: object, allowed: tuple[str, ...] | list[str]) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from otlt.engine.distributed import is_main_process
-from otlt.errors import OtltError, writing
+from otlt.errors import OtltError, is_finite_number, writing
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -30,10 +29,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _is_seconds(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def evaluation_share(records: list[dict[str, Any]]) -> float | None:
     """The share of the epochs' time spent outside the training steps (validation,
     BatchNorm recalibration, probes, the test diagnostic, selection, the mixer's epoch end),
@@ -41,8 +36,8 @@ def evaluation_share(records: list[dict[str, Any]]) -> float | None:
         share = 1 - Σ steps_seconds / Σ epoch_seconds    over the epochs that time their steps,
 
     rounded to 4 digits; None when no record times its steps (runs older than the key)."""
-    timed = [r for r in records if _is_seconds(r.get("steps_seconds"))
-             and _is_seconds(r.get("epoch_seconds")) and r["epoch_seconds"] > 0]
+    timed = [r for r in records if is_finite_number(r.get("steps_seconds"))
+             and is_finite_number(r.get("epoch_seconds")) and r["epoch_seconds"] > 0]
     if not timed:
         return None
     total = sum(r["epoch_seconds"] for r in timed)
@@ -78,7 +73,7 @@ def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
                     out[f"probe/{mode}/{tensorboard_tag(k).split('/', 1)[-1]}"] = v
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
             out[tensorboard_tag(key)] = value
-    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    return {k: v for k, v in out.items() if is_finite_number(v)}
 
 
 class MetricsLogger:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from otlt.errors import OtltError, require
+from otlt.errors import OtltError, is_finite_number, require
 
 CountsLike = Sequence[int] | torch.Tensor
 
@@ -31,8 +31,7 @@ def check_counts(class_counts: CountsLike) -> torch.Tensor:
             ) from None
     require(len(values) > 0, "class_counts must name at least one class, got []")
     ok = all(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-        and float(v) == int(v) and v > 0
+        is_finite_number(v) and float(v) == int(v) and v > 0
         for v in values
     )
     require(ok, f"class_counts must be positive integers, got {values}")

@@ -27,6 +27,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from otlt.errors import is_finite_number
+
 DPI = 110
 RUN_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
               "#7f7f7f", "#bcbd22", "#17becf")
@@ -75,7 +77,7 @@ def learning_curves(title: str, records: Sequence[dict], path: Path) -> Path:
     else:
         ax_val.text(0.5, 0.5, "no validation split", ha="center", transform=ax_val.transAxes)
     _series(ax_lr, epochs, records, "lr", "lr", "-")
-    lrs = [r["lr"] for r in records if is_number(r.get("lr")) and r["lr"] > 0]
+    lrs = [r["lr"] for r in records if is_finite_number(r.get("lr")) and r["lr"] > 0]
     if lrs and max(lrs) / min(lrs) > 20:
         ax_lr.set_yscale("log")
     else:  # a constant lr must read as its value, not as an offset of 1e-16
@@ -88,16 +90,11 @@ def learning_curves(title: str, records: Sequence[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
-def is_number(value: object) -> bool:
-    """True for a finite int or float (not a bool, not None)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
-        math.isfinite(value)
-
-
 def _series(ax, epochs: Sequence[int], records: Sequence[dict], key: str, label: str,
             style: str, color: str | None = None) -> bool:
     """Plot ``records[*][key]`` where it is a finite number; return whether anything was."""
-    points = [(e, r[key]) for e, r in zip(epochs, records, strict=True) if is_number(r.get(key))]
+    points = [(e, r[key]) for e, r in zip(epochs, records, strict=True)
+              if is_finite_number(r.get(key))]
     if not points:
         return False
     xs, ys = zip(*points, strict=True)
@@ -404,7 +401,6 @@ def sweep_plot(key: str, values: Sequence[object],
 __all__ = [
     "confusion_matrices",
     "count_order",
-    "is_number",
     "learning_curves",
     "mix_pair_matrices",
     "mixed_gallery",

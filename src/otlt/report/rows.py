@@ -31,8 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from otlt.config import BN_STATS
-from otlt.errors import require
-from otlt.report import plots
+from otlt.errors import is_finite_number, require
 from otlt.report.document import Report
 from otlt.report.runs import (
     IGNORED_KEYS,
@@ -115,7 +114,7 @@ def base_of(row: Row, rows: Sequence[Row], ignore: Sequence[str] = ()) -> Row | 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
     """``(mean, sample std or None for one value, n)`` of the values present."""
-    xs = [float(v) for v in values if plots.is_number(v)]
+    xs = [float(v) for v in values if is_finite_number(v)]
     if not xs:
         return None, None, 0
     mean = sum(xs) / len(xs)

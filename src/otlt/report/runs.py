@@ -12,8 +12,7 @@ import yaml
 
 from otlt.config.compare import SAFE_ON_RESUME
 from otlt.engine.logging import evaluation_share, read_metrics
-from otlt.errors import OtltError, require
-from otlt.report import plots
+from otlt.errors import OtltError, is_finite_number, require
 
 #: config keys that name or place a run rather than define it (ignored by sweep detection)
 IGNORED_KEYS = ("name", "out_dir", *SAFE_ON_RESUME, "train.amp", "train.channels_last",
@@ -146,7 +145,7 @@ def comparison_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
             "paper_top1_error": paper, "paper_row": paper_name(run.paper),
             "delta": None if ours is None or paper is None else ours - float(paper),
             "wall_seconds": sum(r.get("epoch_seconds", 0.0) for r in run.metrics
-                                if plots.is_number(r.get("epoch_seconds"))),
+                                if is_finite_number(r.get("epoch_seconds"))),
             "outside_steps_share": evaluation_share(run.metrics),
         })
     return rows
@@ -156,7 +155,7 @@ def best_test_epoch(run: RunData) -> tuple[int, float] | None:
     """``(epoch, test error)`` of the best ``test_diag_acc`` (ties to the earlier epoch),
     None without the diagnostic."""
     points = [(-m["test_diag_acc"], int(m["epoch"])) for m in run.metrics
-              if plots.is_number(m.get("test_diag_acc"))]
+              if is_finite_number(m.get("test_diag_acc"))]
     if not points:
         return None
     neg_acc, epoch = min(points)
@@ -243,7 +242,7 @@ def per_class_values(value: Any, num_classes: int, classes: Sequence[str]) -> li
         value = [keyed.get(k) for k in range(num_classes)]
     if not isinstance(value, list) or len(value) != num_classes:
         return None
-    if not all(v is None or plots.is_number(v) for v in value):
+    if not all(v is None or is_finite_number(v) for v in value):
         return None
     return [None if v is None else float(v) for v in value]
 
@@ -252,7 +251,7 @@ def scalar_weight_stats(metrics: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Scalar ``weight_*`` entries of the last record that has any."""
     for record in reversed(metrics):
         stats = {k: float(v) for k, v in record.items()
-                 if k.startswith("weight_") and plots.is_number(v)}
+                 if k.startswith("weight_") and is_finite_number(v)}
         if stats:
             return stats
     return {}
@@ -295,7 +294,7 @@ def detect_sweep(runs: Sequence[RunData]) -> Sweep | None:
         return None
     key = differing[0]
     values = [f.get(key) for f in flat]
-    if not all(plots.is_number(v) for v in values) or len(set(values)) != len(values):
+    if not all(is_finite_number(v) for v in values) or len(set(values)) != len(values):
         return None
     order = sorted(range(len(runs)), key=lambda i: values[i])
     return Sweep(key, [values[i] for i in order], [runs[i] for i in order])

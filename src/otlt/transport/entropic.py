@@ -20,12 +20,10 @@ inputs and turns the potentials into the value.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from otlt.errors import OtltError, require
+from otlt.errors import OtltError, is_finite_number, require
 from otlt.transport.solver import OTResult, solve
 
 
@@ -145,8 +143,7 @@ def _prepare(
     """Return ``(C, a, b)`` in the compute dtype, marginals broadcast to the batch shape."""
     require(isinstance(cost, Tensor) and cost.dim() >= 2,
             f"cost must be a tensor of shape (..., n, m), got {getattr(cost, 'shape', cost)!r}")
-    require(isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps)
-            and eps > 0, f"eps must be a positive number, got {eps!r}")
+    require(is_finite_number(eps) and eps > 0, f"eps must be a positive number, got {eps!r}")
     n, m = cost.shape[-2:]
     require(n > 0 and m > 0, f"cost must have at least one row and column, got "
                              f"{tuple(cost.shape)}")
