@@ -5,8 +5,8 @@ how a per-epoch curve behaves in each learning-rate phase.
         [--phases 101-159,161-200,201-237,238-240]
 
 Epochs are counted from 1, ranges inclusive. docs/research.md's table of the Table 1 runs'
-test diagnostic by phase is this script on results/cifar10_lt_r100_table1/{erm,erm_otmix,
-drw,drw_otmix} with the defaults.
+test diagnostic by phase is this script on results/cifar10_lt_r100_table1/cifar10_lt_r100_{erm,
+erm_otmix,drw,drw_otmix} with the defaults.
 """
 
 from __future__ import annotations

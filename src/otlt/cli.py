@@ -1,4 +1,4 @@
-"""Command line: ``otlt train | eval | probe | demo | report | sweep | bench``.
+"""Command line: ``otlt train | eval | probe | presets | data | demo | report | sweep | bench``.
 
 User mistakes end with one line ``otlt: error: ...`` and exit code 2, never a traceback.
 
