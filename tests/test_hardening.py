@@ -568,15 +568,16 @@ def test_one_finite_number_test_for_values_records_and_reports():
     from otlt.transport.entropic import sinkhorn
 
     numbers = [0, -2, 1.5, np.float32(0.25), np.int64(7)]
-    others = [True, False, None, float("nan"), float("inf"), -float("inf"), "1", [1],
-              torch.ones(())]
+    others = [True, False, np.bool_(True), None, float("nan"), float("inf"), -float("inf"), "1",
+              [1], torch.ones(())]
     assert all(is_finite_number(v) for v in numbers)
     assert not any(is_finite_number(v) for v in others)
     assert tensorboard_scalars({"epoch": 3, "ot_epoch": True, "train_loss": 0.5, "lr": float("nan"),
-                                "bn_probe": {"train": {"acc": 0.75, "err": float("inf")}}}) \
-        == {"train/loss": 0.5, "probe/train/acc": 0.75}
+                                "steps": np.float32(2.0), "bn_probe": {"train": {
+                                    "acc": 0.75, "err": float("inf"), "flag": True}}}) \
+        == {"train/loss": 0.5, "steps": 2.0, "probe/train/acc": 0.75}
     assert evaluation_share([{"steps_seconds": True, "epoch_seconds": 2.0},
-                             {"steps_seconds": 1.0, "epoch_seconds": 4.0}]) == 0.75
+                             {"steps_seconds": np.float32(1.0), "epoch_seconds": 4.0}]) == 0.75
     assert check_counts(np.array([5, 3])).tolist() == [5, 3]
     for bad in ([5, True], [5, float("nan")]):
         with pytest.raises(OtltError, match="positive integers"):

@@ -34,8 +34,10 @@ def require(condition: bool, message: str) -> None:
 def is_finite_number(value: object) -> bool:
     """True for a finite real number: an ``int``, ``float`` or NumPy scalar, not a ``bool``
     (``True`` is an ``int`` to Python, never a number to otlt), not ``None``, ``nan`` or
-    ``inf``. The one test behind every "must be a number" check and every reader of logged
-    records (a JSON field may hold ``null`` or a flag)."""
+    ``inf``. The test behind the readers of logged records (a JSON field may hold ``null``
+    or a flag) and the checks of a value that must be a finite number; checks that name an
+    infinite value out of range instead (``losses.base.check_real``, the config's) keep their
+    own."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and \
         math.isfinite(value)
 

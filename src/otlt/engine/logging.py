@@ -71,7 +71,7 @@ def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
             for mode, values in value.items():
                 for k, v in values.items():
                     out[f"probe/{mode}/{tensorboard_tag(k).split('/', 1)[-1]}"] = v
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+        elif key != "epoch":
             out[tensorboard_tag(key)] = value
     return {k: v for k, v in out.items() if is_finite_number(v)}
 
