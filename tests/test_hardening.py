@@ -559,9 +559,9 @@ def test_quoted_reasons_are_cut_at_a_word_boundary():
 
 
 def test_one_finite_number_test_for_values_records_and_reports():
-    """Every "must be a number" check and every reader of logged records shares one
-    predicate: a flag (``True`` is an ``int`` to Python) and a NaN are never numbers, a
-    NumPy scalar is one (a class count read with NumPy, a timing from ``np.mean``)."""
+    """The readers of logged records and the finite-number checks share one predicate: a
+    flag (``True`` is an ``int`` to Python) and a NaN are never numbers, a NumPy scalar is one
+    (a class count read with NumPy, a timing from ``np.mean``)."""
     from otlt.engine.logging import evaluation_share, tensorboard_scalars
     from otlt.errors import OtltError, is_finite_number
     from otlt.losses.base import check_counts
