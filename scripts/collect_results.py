@@ -31,6 +31,7 @@ import yaml
 
 from otlt.engine.logging import read_metrics
 from otlt.engine.posthoc import kept_weights
+from otlt.engine.provenance import describe_cpu
 from otlt.engine.weights import SUFFIX, read_weights, save_weights
 
 SMALL_FILES = ("config.yaml", "splits.json", "metrics.jsonl", "eval.json")
@@ -87,6 +88,12 @@ def export_weights(run: Path, dest: Path, keep_epochs: list[int]) -> list[Path]:
     return written
 
 
+def cpu_part(sitting: dict) -> str:
+    """" (GenuineIntel family 6 model 167, bf16: ...)" for a sitting that recorded its CPU's
+    identity (the field came after the first runs), else nothing."""
+    return f" ({describe_cpu(sitting['cpu'])})" if sitting.get("cpu") else ""
+
+
 def sittings_line(path: Path) -> str | None:
     """One README sentence from a run's ``sittings.jsonl`` (the machine's own record of each
     sitting, so a hand-written hardware string cannot stand alone); None without the file."""
@@ -94,7 +101,7 @@ def sittings_line(path: Path) -> str | None:
         return None
     lines = read_metrics(path)  # any JSON-lines file: a last line cut short is dropped
     parts = [f"from epoch {s['start_epoch'] + 1} on {s['started'].replace('T', ' ')[:16]} UTC, "
-             f"{s['device']} {s['hardware']}, torch threads {s['threads']}"
+             f"{s['device']} {s['hardware']}{cpu_part(s)}, torch threads {s['threads']}"
              f"{f', {n} processes' if (n := s.get('world_size') or 1) > 1 else ''}, torch "
              f"{s['torch_version']}, code {(s.get('git_commit') or 'unknown')[:7]}"
              f"{' (uncommitted changes)' if s.get('git_dirty') else ''}" for s in lines]

@@ -6,6 +6,7 @@ test_distributed (torchrun)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,6 +219,31 @@ def test_a_step_that_torch_runs_without_cuda_graphs_is_counted_and_warned(capsys
     # Counted from the step's construction: a new step starts from 0 whatever came before.
     assert graphed_step(torch.compile(model, mode="reduce-overhead")).end_epoch() == {
         "cuda_graph_skips": 0, "cuda_graph_partitions": 0}
+
+
+def test_cpu_identity_names_the_model_and_bf16_instructions_a_model_name_hides():
+    from otlt.engine.provenance import cpu_identity, describe_cpu, environment
+
+    def processor(vendor, family, model, flags):
+        return (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\n"
+                f"model\t\t: {model}\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+                f"flags\t\t: {flags}\n\n")
+
+    intel = processor("GenuineIntel", 6, 167, "fpu avx512f amx_bf16 avx512_bf16 amx_tile")
+    # The first processor only; flags in BF16_FLAGS order; "model name" is not "model".
+    assert cpu_identity(intel + processor("AuthenticAMD", 25, 17, "avx512_bf16")) == {
+        "vendor": "GenuineIntel", "family": 6, "model": 167,
+        "bf16": ["avx512_bf16", "amx_bf16"]}
+    assert cpu_identity(processor("AuthenticAMD", 23, 49, "avx2"))["bf16"] == []
+    assert cpu_identity("processor\t: 0\nCPU implementer\t: 0x41\n") is None  # arm64
+    assert cpu_identity("") is None
+    assert describe_cpu(cpu_identity(intel)) == (
+        "GenuineIntel family 6 model 167, bf16: avx512_bf16 amx_bf16")
+    assert describe_cpu(None) == "not recorded"
+    record = environment(torch.device("cpu"))
+    if "cpu" in record:  # a Linux x86 host, as in CI
+        assert set(record["cpu"]) == {"vendor", "family", "model", "bf16"}
+        assert record["cpu"] == cpu_identity(Path("/proc/cpuinfo").read_text())
 
 
 def test_code_version_names_the_checkout_otlt_is_imported_from(monkeypatch):

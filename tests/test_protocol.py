@@ -172,6 +172,12 @@ def test_post_hoc_eval_never_overwrites_other_numbers(runs, capsys):
     capsys.readouterr()
     assert main(["eval", str(run)]) == 2
     one_line_error(capsys, "--overwrite", "threads 99; now threads")
+    amd = {"vendor": "AuthenticAMD", "family": 25, "model": 17, "bf16": []}
+    path.write_text(json.dumps({**elsewhere, "evaluated_with": {**record["evaluated_with"],
+                                                                "cpu": amd}}))
+    assert main(["eval", str(run)]) == 2  # another CPU model under the same thread count
+    one_line_error(capsys, "--overwrite",
+                   "computed with cpu AuthenticAMD family 25 model 17, bf16: none; now cpu ")
     path.write_text("[1, 2]")
     assert main(["eval", str(run)]) == 2
     one_line_error(capsys, "--overwrite", "holds no result record")
@@ -344,10 +350,13 @@ def test_result_readme_quotes_the_machine_record_of_each_sitting(tmp_path):
     lines = [{"start_epoch": 0, "started": "2026-12-05T01:01:15Z", "threads": 2,
               "git_commit": "277f6ee4893b", "git_dirty": False, **common},
              {"start_epoch": 14, "started": "2026-12-05T01:51:42Z", "threads": 1,
-              "git_commit": None, "git_dirty": None, **common}]
+              "git_commit": None, "git_dirty": None, **common,
+              "cpu": {"vendor": "AuthenticAMD", "family": 25, "model": 17,
+                      "bf16": ["avx512_bf16"]}}]
     (tmp_path / "sittings.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines)
                                              + '{"start_epoch": 30, "sta')  # cut by a kill
     assert sittings_line(tmp_path / "sittings.jsonl") == (
         "Sittings (2, from `sittings.jsonl`): from epoch 1 on 2026-12-05 01:01 UTC, cpu AMD "
         "EPYC, torch threads 2, torch 2.13.0+cpu, code 277f6ee; from epoch 15 on 2026-12-05 "
-        "01:51 UTC, cpu AMD EPYC, torch threads 1, torch 2.13.0+cpu, code unknown.")
+        "01:51 UTC, cpu AMD EPYC (AuthenticAMD family 25 model 17, bf16: avx512_bf16), "
+        "torch threads 1, torch 2.13.0+cpu, code unknown.")

@@ -29,7 +29,7 @@ from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.preflight import check_components
 from otlt.engine.procedure import EvaluationProcedure
-from otlt.engine.provenance import provenance
+from otlt.engine.provenance import describe_cpu, provenance
 from otlt.engine.rundir import check_stored_config
 from otlt.engine.runtime import autocast_dtype, configure_kernels, resolve_device
 from otlt.engine.weights import (
@@ -301,18 +301,22 @@ def _without_provenance(record: dict[str, Any]) -> dict[str, Any]:
 
 def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     """The keys whose values differ, and where each record was computed when that differs
-    too (device, hardware, threads, torch, code: CPU bf16 numbers move with the threads)."""
+    too (device, hardware, CPU model, threads, torch, code: CPU bf16 numbers move with the
+    threads and the bf16 instructions)."""
     keys = sorted(k for k in set(old) | set(new)
                   if k != PROVENANCE_KEY and old.get(k) != new.get(k))
     text = "differing: " + ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
     theirs, mine = old.get(PROVENANCE_KEY), new.get(PROVENANCE_KEY) or {}
     if not isinstance(theirs, dict):
         return text + "; where the file's numbers were computed is not recorded"
-    changed = [k for k in ("device", "hardware", "threads", "torch_version", "git_commit")
+    changed = [k for k in ("device", "hardware", "cpu", "threads", "torch_version", "git_commit")
                if theirs.get(k) != mine.get(k)]
     if changed:
-        text += ("; computed with " + ", ".join(f"{k} {theirs.get(k)}" for k in changed)
-                 + "; now " + ", ".join(f"{k} {mine.get(k)}" for k in changed))
+        def show(record: dict[str, Any], key: str) -> str:
+            value = record.get(key)
+            return f"{key} {describe_cpu(value) if key == 'cpu' else value}"
+        text += ("; computed with " + ", ".join(show(theirs, k) for k in changed)
+                 + "; now " + ", ".join(show(mine, k) for k in changed))
     return text
 
 

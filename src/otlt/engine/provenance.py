@@ -13,8 +13,12 @@ sitting of a run (its start and each ``--resume``) appends, on rank 0, one JSON 
      "torch_version": "2.13.0+cpu", "python": "3.11.2", "otlt_version": "0.1.0",
      "git_commit": "6e7cfe1...", "git_dirty": false, "load_average_1m": 1.9}
 
-(``git_*`` are None when otlt is not imported from a git checkout). Nothing reads the file;
-it is the record a result's README quotes.
+(``git_*`` are None when otlt is not imported from a git checkout). On the CPU the line
+also carries ``cpu``, e.g. ``{"vendor": "GenuineIntel", "family": 6, "model": 167, "bf16":
+["avx512_bf16", "amx_bf16"]}``: a virtual machine's model name ("AMD EPYC", "Intel(R)
+Xeon(R) Processor") names no model, and which bf16 instructions exist decides which kernels
+oneDNN runs, so two hosts under one name can compute different numbers. Nothing reads the
+file; it is the record a result's README quotes.
 """
 
 from __future__ import annotations
@@ -35,23 +39,61 @@ from otlt.errors import writing
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Device, hardware, library versions and load: what a number needs beside it."""
+    cpu = None
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        hardware = _cpu_name()
-    return {"device": str(device), "hardware": hardware, "torch_version": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "load_average_1m": load_average()}
+        info = _read_cpuinfo()
+        hardware = _first_value(info, "model name") or platform.processor() or "unknown CPU"
+        cpu = cpu_identity(info)
+    return {"device": str(device), "hardware": hardware, **({"cpu": cpu} if cpu else {}),
+            "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "load_average_1m": load_average()}
 
 
-def _cpu_name() -> str:
+#: The bf16 instruction sets that change which CPU kernels run (oneDNN dispatches on them).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_identity(cpuinfo: str) -> dict[str, Any] | None:
+    """The first processor's vendor, family, model and bf16 instruction sets, parsed from the
+    text of ``/proc/cpuinfo``; None where the text has no family or model (not Linux, or an
+    architecture whose cpuinfo has other fields)."""
+    family, model = _first_value(cpuinfo, "cpu family"), _first_value(cpuinfo, "model")
+    if family is None or model is None or not (family.isdigit() and model.isdigit()):
+        return None
+    flags = set((_first_value(cpuinfo, "flags") or "").split())
+    return {"vendor": _first_value(cpuinfo, "vendor_id"), "family": int(family),
+            "model": int(model), "bf16": [f for f in BF16_FLAGS if f in flags]}
+
+
+def describe_cpu(cpu: Any) -> str:
+    """:func:`cpu_identity`'s record as text, "GenuineIntel family 6 model 167, bf16:
+    avx512_bf16 amx_bf16"; "not recorded" for None (a record from before the field, or not
+    from a CPU); anything else as it is."""
+    if cpu is None:
+        return "not recorded"
+    if not isinstance(cpu, dict):
+        return str(cpu)
+    return (f"{cpu.get('vendor') or 'unknown vendor'} family {cpu.get('family')} model "
+            f"{cpu.get('model')}, bf16: {' '.join(cpu.get('bf16') or []) or 'none'}")
+
+
+def _read_cpuinfo() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return ""
+
+
+def _first_value(cpuinfo: str, key: str) -> str | None:
+    """The value of the first ``key : value`` line of cpuinfo text whose key is exactly ``key``."""
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == key:
+            return value.strip()
+    return None
 
 
 def load_average() -> float | None:
@@ -104,4 +146,5 @@ def record_sitting(run_dir: Path, device: torch.device, start_epoch: int,
     return line
 
 
-__all__ = ["code_version", "environment", "load_average", "provenance", "record_sitting"]
+__all__ = ["BF16_FLAGS", "code_version", "cpu_identity", "describe_cpu", "environment",
+           "load_average", "provenance", "record_sitting"]
