@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from otlt.engine.provenance import cpu_identity, cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 #: the Table 1 series' command (results/collect.sh), less its output folder
 SERIES_SETTINGS = ["data.meta_per_class=0", "eval.test_every_epoch=true", "train.progress=false"]
@@ -62,13 +64,11 @@ def epoch_seconds(run_dir: Path, warmup: int) -> list[float]:
 
 
 def cpu_description() -> dict:
-    """The CPU's model name and whether it has ``avx512_bf16`` (None off Linux)."""
-    info = Path("/proc/cpuinfo")
-    text = info.read_text() if info.exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in text.splitlines()
-             if line.startswith("model name")]
-    return {"cpu": names[0] if names else platform.processor() or platform.machine(),
-            "avx512_bf16": ("avx512_bf16" in text) if text else None}
+    """The CPU's model name, its identity (vendor, family, model, bf16 instruction sets) and
+    whether it has ``avx512_bf16`` (None where /proc/cpuinfo says nothing)."""
+    identity = cpu_identity()
+    return {"cpu": cpu_name(), "cpu_identity": identity,
+            "avx512_bf16": None if identity is None else "avx512_bf16" in identity["bf16"]}
 
 
 def run_layout(label: str, n_runs: int, threads: int, args, out: Path) -> dict:

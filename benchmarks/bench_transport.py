@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import time
 import warnings
@@ -37,6 +36,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from otlt.engine.provenance import cpu_name
 from otlt.transport import SinkhornConvergenceWarning, assignment, sinkhorn
 
 try:
@@ -203,14 +203,7 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def hardware(device: str) -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = f"{model}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    text = f"{cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     if ot is not None:
         text += f", POT {ot.__version__}"
     if device == "cuda":

@@ -43,9 +43,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         hardware = torch.cuda.get_device_name(device)
     else:
-        info = _read_cpuinfo()
-        hardware = _first_value(info, "model name") or platform.processor() or "unknown CPU"
-        cpu = cpu_identity(info)
+        hardware, cpu = cpu_name(), cpu_identity()
     return {"device": str(device), "hardware": hardware, **({"cpu": cpu} if cpu else {}),
             "torch_version": torch.__version__, "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(),
@@ -56,10 +54,18 @@ def environment(device: torch.device) -> dict[str, Any]:
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_identity(cpuinfo: str) -> dict[str, Any] | None:
+def cpu_name() -> str:
+    """The CPU's model name as ``/proc/cpuinfo`` gives it, else what Python's platform says."""
+    return (_first_value(_read_cpuinfo(), "model name") or platform.processor()
+            or platform.machine() or "unknown CPU")
+
+
+def cpu_identity(cpuinfo: str | None = None) -> dict[str, Any] | None:
     """The first processor's vendor, family, model and bf16 instruction sets, parsed from the
-    text of ``/proc/cpuinfo``; None where the text has no family or model (not Linux, or an
-    architecture whose cpuinfo has other fields)."""
+    text of ``/proc/cpuinfo`` (this machine's when ``cpuinfo`` is None); None where the text
+    has no family or model (not Linux, or an architecture whose cpuinfo has other fields)."""
+    if cpuinfo is None:
+        cpuinfo = _read_cpuinfo()
     family, model = _first_value(cpuinfo, "cpu family"), _first_value(cpuinfo, "model")
     if family is None or model is None or not (family.isdigit() and model.isdigit()):
         return None
@@ -146,5 +152,6 @@ def record_sitting(run_dir: Path, device: torch.device, start_epoch: int,
     return line
 
 
-__all__ = ["BF16_FLAGS", "code_version", "cpu_identity", "describe_cpu", "environment",
+__all__ = ["BF16_FLAGS", "code_version", "cpu_identity", "cpu_name", "describe_cpu",
+           "environment",
            "load_average", "provenance", "record_sitting"]
