@@ -35,8 +35,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from otlt.engine.provenance import cpu_identity, cpu_name
-
 ROOT = Path(__file__).resolve().parents[1]
 #: the Table 1 series' command (results/collect.sh), less its output folder
 SERIES_SETTINGS = ["data.meta_per_class=0", "eval.test_every_epoch=true", "train.progress=false"]
@@ -64,11 +62,15 @@ def epoch_seconds(run_dir: Path, warmup: int) -> list[float]:
 
 
 def cpu_description() -> dict:
-    """The CPU's model name, its identity (vendor, family, model, bf16 instruction sets) and
-    whether it has ``avx512_bf16`` (None where /proc/cpuinfo says nothing)."""
+    """The CPU's model name (``cpu``), its identity (``cpu_identity``: vendor, family, model,
+    bf16 instruction sets) and whether it has ``avx512_bf16``; both None where
+    :func:`otlt.engine.provenance.cpu_identity` reads no identity (off Linux x86)."""
+    from otlt.engine.provenance import cpu_identity, cpu_name  # the driver times nothing itself
+
     identity = cpu_identity()
     return {"cpu": cpu_name(), "cpu_identity": identity,
-            "avx512_bf16": None if identity is None else "avx512_bf16" in identity["bf16"]}
+            "avx512_bf16": None if identity is None or identity["bf16"] is None
+            else "avx512_bf16" in identity["bf16"]}
 
 
 def run_layout(label: str, n_runs: int, threads: int, args, out: Path) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ import torch
 
 from otlt.amp import autocast
 from otlt.engine.batchnorm import batchnorm_state, recalibrate_batchnorm, statistics_gap
+from otlt.engine.provenance import cpu_name
 from otlt.models import create_model
 
 
@@ -103,7 +103,7 @@ def main() -> None:
     result = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        else cpu_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "model": "resnet32", "amp": "bf16", "channels_last": True,
         "batches": args.batches, "batch_size": args.batch_size,

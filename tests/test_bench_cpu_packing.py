@@ -37,3 +37,5 @@ def test_the_packing_bench_compares_one_run_with_runs_side_by_side(tiny_zip, tmp
     assert result["packed_gain"] == pytest.approx(
         packed["epochs_per_s"] / one["epochs_per_s"], rel=1e-2)
     assert "eval.test_every_epoch=true" in result["settings"]
+    identity = result["cpu_identity"]  # None off Linux x86
+    assert identity is None or result["avx512_bf16"] == ("avx512_bf16" in identity["bf16"])

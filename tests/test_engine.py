@@ -6,7 +6,6 @@ test_distributed (torchrun)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -221,29 +220,41 @@ def test_a_step_that_torch_runs_without_cuda_graphs_is_counted_and_warned(capsys
         "cuda_graph_skips": 0, "cuda_graph_partitions": 0}
 
 
-def test_cpu_identity_names_the_model_and_bf16_instructions_a_model_name_hides():
-    from otlt.engine.provenance import cpu_identity, describe_cpu, environment
+def test_cpu_identity_names_the_model_and_bf16_instructions_a_model_name_hides(monkeypatch):
+    from otlt.engine import provenance
+    from otlt.engine.provenance import cpu_identity, cpu_name, describe_cpu, environment
 
     def processor(vendor, family, model, flags):
+        # "model name" before "model": a key matched by prefix would read the name as model.
         return (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\n"
-                f"model\t\t: {model}\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+                f"model name\t: Intel(R) Xeon(R) Processor\nmodel\t\t: {model}\n"
                 f"flags\t\t: {flags}\n\n")
 
     intel = processor("GenuineIntel", 6, 167, "fpu avx512f amx_bf16 avx512_bf16 amx_tile")
-    # The first processor only; flags in BF16_FLAGS order; "model name" is not "model".
+    # The first processor only; flags in BF16_FLAGS order.
     assert cpu_identity(intel + processor("AuthenticAMD", 25, 17, "avx512_bf16")) == {
         "vendor": "GenuineIntel", "family": 6, "model": 167,
         "bf16": ["avx512_bf16", "amx_bf16"]}
     assert cpu_identity(processor("AuthenticAMD", 23, 49, "avx2"))["bf16"] == []
+    no_flags = cpu_identity("vendor_id : AuthenticAMD\ncpu family : 25\nmodel : 17\n")
+    assert no_flags["bf16"] is None  # unknown, not "none"
     assert cpu_identity("processor\t: 0\nCPU implementer\t: 0x41\n") is None  # arm64
     assert cpu_identity("") is None
-    assert describe_cpu(cpu_identity(intel)) == (
-        "GenuineIntel family 6 model 167, bf16: avx512_bf16 amx_bf16")
+    assert describe_cpu({**cpu_identity(intel), "capability": "AVX512"}) == (
+        "GenuineIntel family 6 model 167, bf16: avx512_bf16 amx_bf16, kernels AVX512")
+    assert describe_cpu(no_flags) == "AuthenticAMD family 25 model 17, bf16: unknown"
+    assert describe_cpu({"capability": "AVX2"}) == "kernels AVX2"  # an arm or macOS host
     assert describe_cpu(None) == "not recorded"
+    # This machine's record: the identity where cpuinfo has one, the kernel set always.
     record = environment(torch.device("cpu"))
-    if "cpu" in record:  # a Linux x86 host, as in CI
-        assert set(record["cpu"]) == {"vendor", "family", "model", "bf16"}
-        assert record["cpu"] == cpu_identity(Path("/proc/cpuinfo").read_text())
+    assert record["cpu"] == {**(cpu_identity() or {}),
+                             "capability": torch.backends.cpu.get_cpu_capability()}
+    monkeypatch.setattr(provenance, "_read_cpuinfo", lambda: intel)
+    assert cpu_name() == "Intel(R) Xeon(R) Processor"
+    assert environment(torch.device("cpu"))["cpu"]["model"] == 167
+    monkeypatch.setattr(provenance, "_read_cpuinfo", lambda: "")  # no /proc/cpuinfo
+    assert cpu_name()  # what platform says, never empty
+    assert set(environment(torch.device("cpu"))["cpu"]) == {"capability"}
 
 
 def test_code_version_names_the_checkout_otlt_is_imported_from(monkeypatch):

@@ -172,12 +172,16 @@ def test_post_hoc_eval_never_overwrites_other_numbers(runs, capsys):
     capsys.readouterr()
     assert main(["eval", str(run)]) == 2
     one_line_error(capsys, "--overwrite", "threads 99; now threads")
-    amd = {"vendor": "AuthenticAMD", "family": 25, "model": 17, "bf16": []}
-    path.write_text(json.dumps({**elsewhere, "evaluated_with": {**record["evaluated_with"],
-                                                                "cpu": amd}}))
+    other = {"vendor": "NoSuchVendor", "family": 0, "model": 0, "bf16": []}
+    where = {**record["evaluated_with"], "cpu": other}
+    path.write_text(json.dumps({**elsewhere, "evaluated_with": where}))
     assert main(["eval", str(run)]) == 2  # another CPU model under the same thread count
     one_line_error(capsys, "--overwrite",
-                   "computed with cpu AuthenticAMD family 25 model 17, bf16: none; now cpu ")
+                   "computed with cpu NoSuchVendor family 0 model 0, bf16: none; now cpu ")
+    del where["cpu"]  # a file from before the field: its CPU is not called a difference
+    path.write_text(json.dumps({**elsewhere, "evaluated_with": where}))
+    assert main(["eval", str(run)]) == 2
+    assert "computed with" not in one_line_error(capsys, "--overwrite", "differing: top1_error")
     path.write_text("[1, 2]")
     assert main(["eval", str(run)]) == 2
     one_line_error(capsys, "--overwrite", "holds no result record")

@@ -188,8 +188,9 @@ PROVENANCE_KEY = "evaluated_with"
 
 def evaluated_with(procedure: EvaluationProcedure) -> dict[str, Any]:
     """Where a post-hoc number was computed (:func:`otlt.engine.provenance.provenance`: device,
-    hardware, torch threads and version; the code's commit), kept as ``evaluated_with``:
-    bf16 results on the CPU move by an image or two with the thread count."""
+    hardware, on the CPU its model and instruction sets, torch threads and version; the
+    code's commit), kept as ``evaluated_with``: bf16 results on the CPU move by an image or
+    two with the thread count and the CPU."""
     return provenance(next(procedure.model.parameters()).device)
 
 
@@ -309,8 +310,9 @@ def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     theirs, mine = old.get(PROVENANCE_KEY), new.get(PROVENANCE_KEY) or {}
     if not isinstance(theirs, dict):
         return text + "; where the file's numbers were computed is not recorded"
+    # A file from before the cpu field (or from a GPU) says nothing about it: not a difference.
     changed = [k for k in ("device", "hardware", "cpu", "threads", "torch_version", "git_commit")
-               if theirs.get(k) != mine.get(k)]
+               if theirs.get(k) != mine.get(k) and (k != "cpu" or k in theirs and k in mine)]
     if changed:
         def show(record: dict[str, Any], key: str) -> str:
             value = record.get(key)
