@@ -88,10 +88,16 @@ def export_weights(run: Path, dest: Path, keep_epochs: list[int]) -> list[Path]:
     return written
 
 
-def cpu_part(sitting: dict) -> str:
-    """" (GenuineIntel family 6 model 167, bf16: ...)" for a sitting that recorded its CPU's
-    identity (the field came after the first runs), else nothing."""
-    return f" ({describe_cpu(sitting['cpu'])})" if sitting.get("cpu") else ""
+def sitting_part(s: dict) -> str:
+    """One sitting of a run as a clause: when it started, the machine (with the CPU's identity
+    where the sitting recorded one; the field came after the first runs), threads, processes,
+    torch and code."""
+    cpu = f" ({describe_cpu(s['cpu'])})" if s.get("cpu") else ""
+    processes = f", {n} processes" if (n := s.get("world_size") or 1) > 1 else ""
+    dirty = " (uncommitted changes)" if s.get("git_dirty") else ""
+    return (f"from epoch {s['start_epoch'] + 1} on {s['started'].replace('T', ' ')[:16]} UTC, "
+            f"{s['device']} {s['hardware']}{cpu}, torch threads {s['threads']}{processes}, "
+            f"torch {s['torch_version']}, code {(s.get('git_commit') or 'unknown')[:7]}{dirty}")
 
 
 def sittings_line(path: Path) -> str | None:
@@ -100,12 +106,8 @@ def sittings_line(path: Path) -> str | None:
     if not path.is_file():
         return None
     lines = read_metrics(path)  # any JSON-lines file: a last line cut short is dropped
-    parts = [f"from epoch {s['start_epoch'] + 1} on {s['started'].replace('T', ' ')[:16]} UTC, "
-             f"{s['device']} {s['hardware']}{cpu_part(s)}, torch threads {s['threads']}"
-             f"{f', {n} processes' if (n := s.get('world_size') or 1) > 1 else ''}, torch "
-             f"{s['torch_version']}, code {(s.get('git_commit') or 'unknown')[:7]}"
-             f"{' (uncommitted changes)' if s.get('git_dirty') else ''}" for s in lines]
-    return (f"Sittings ({len(lines)}, from `sittings.jsonl`): " + "; ".join(parts) + ".")
+    return (f"Sittings ({len(lines)}, from `sittings.jsonl`): "
+            + "; ".join(sitting_part(s) for s in lines) + ".")
 
 
 def write_run(s: dict, run: Path, dest: Path, command: str, hardware: str, note: str,
