@@ -101,7 +101,8 @@ def _add_demo(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time ERM, CMO and OTmix training steps (ratios, JSON)")
+    p = sub.add_parser("bench", help="time ERM, CMO, OTmix and OT re-weighting training "
+                       "steps (ratios, JSON)")
     p.add_argument("--config", default=None,
                    help="YAML config whose model, data and batch size are timed (default: the "
                         "packaged preset cifar10_lt_r100_erm)")
@@ -170,7 +171,7 @@ def cmd_data(args) -> int:
 
 
 def _add_presets(sub) -> None:
-    p = sub.add_parser("presets", help="list the packaged presets (name, paper row, epochs)")
+    p = sub.add_parser("presets", help="list the packaged presets (name, epochs, paper row)")
     p.add_argument("filter", nargs="?", default="", help="only names containing this text")
 
 
