@@ -1,7 +1,13 @@
 """Copy finished run directories into results/ and write their README tables.
 
     python scripts/collect_results.py GROUP RUN_DIR [RUN_DIR ...] --hardware "..." \
-        --command "otlt train --config configs/{name}.yaml" [--note "..."]
+        --command "otlt train --config configs/{preset}.yaml{seed_settings}" [--note "..."]
+
+``--command`` is a template: ``{name}`` is the run's name, ``{preset}`` that name less a
+``_seed<k>`` suffix matching the run's seed (the preset it was trained from) and
+``{seed_settings}`` what such a run added to its preset's command (`` --set seed=k --set
+name=<name>``; empty for a run under its preset's own name), so each run's README gives the
+command that reproduces it.
 
 A RUN_DIR may also be a run folder already committed under results/ (its runs/ directory
 being gone): its files are then left in place and only the READMEs are rewritten.
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -110,6 +117,21 @@ def sittings_line(path: Path) -> str | None:
             + "; ".join(sitting_part(s) for s in lines) + ".")
 
 
+def run_command(template: str, name: str, seed: int) -> str:
+    """``template`` (module docstring) filled in for one run."""
+    preset = re.sub(rf"_seed{seed}$", "", name) if seed else name
+    seed_settings = f" --set seed={seed} --set name={name}" if preset != name else ""
+    return template.format(name=name, preset=preset, seed_settings=seed_settings)
+
+
+def group_command(template: str) -> str:
+    """``template`` for the group's README: the placeholders stay, a seeded run's additions
+    are spelled out."""
+    return template.format(name="{name}", preset="{preset}",
+                           seed_settings=" (a seed k > 0 adds --set seed=k --set "
+                           "name={preset}_seed{k})")
+
+
 def write_run(s: dict, run: Path, dest: Path, command: str, hardware: str, note: str,
               weights: bool = False, keep_epochs: list[int] | None = None) -> None:
     dest.mkdir(parents=True, exist_ok=True)
@@ -126,7 +148,7 @@ def write_run(s: dict, run: Path, dest: Path, command: str, hardware: str, note:
     cfg = s["cfg"]
     sittings = sittings_line(dest / "sittings.jsonl")
     text = [f"# {s['name']}", "",
-            f"Command: `{command.format(name=s['name'])}`", "",
+            f"Command: `{run_command(command, s['name'], int(cfg['seed']))}`", "",
             f"Hardware: {hardware}", "", *([sittings, ""] if sittings else []),
             f"Seeds: seed {cfg['seed']}, data_seed {cfg['data']['data_seed']}. Wall time of the "
             f"{s['epochs']} epochs (sum of logged epoch times): {s['seconds'] / 60:.1f} min.", "",
@@ -163,7 +185,7 @@ def main() -> None:
                   keep_epochs=keep)
         summaries.append(s)
     text = [f"# {args.title or args.group}", "", f"Hardware: {args.hardware}", "",
-            f"Command per run: `{args.command}`", "",
+            f"Command per run: `{group_command(args.command)}`", "",
             "Last-epoch test error (%), many / medium / few = classes with > 100, 20-100, "
             "< 20 training images (CIFAR-10-LT phi=100 has no few-shot class).", "",
             HEADER, *(row(s) for s in summaries), ""]

@@ -364,3 +364,28 @@ def test_result_readme_quotes_the_machine_record_of_each_sitting(tmp_path):
         "EPYC, torch threads 2, torch 2.13.0+cpu, code 277f6ee; from epoch 15 on 2026-12-05 "
         "01:51 UTC, cpu AMD EPYC (AuthenticAMD family 25 model 17, bf16: avx512_bf16), "
         "torch threads 1, torch 2.13.0+cpu, code unknown.")
+
+
+def test_result_readme_gives_each_seeded_run_the_command_that_reproduces_it():
+    """A seed-k run was trained from its preset with ``--set seed=k --set name=...``: its
+    README must name the preset's config, not a file ``configs/<name>_seed<k>.yaml`` that
+    does not exist, and carry the settings that made it that seed."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from collect_results import group_command, run_command
+
+    template = "otlt train --config configs/{preset}.yaml --set out_dir=runs{seed_settings}"
+    assert run_command(template, "cifar10_lt_r100_erm", 0) == (
+        "otlt train --config configs/cifar10_lt_r100_erm.yaml --set out_dir=runs")
+    assert run_command(template, "cifar10_lt_r100_erm_seed2", 2) == (
+        "otlt train --config configs/cifar10_lt_r100_erm.yaml --set out_dir=runs "
+        "--set seed=2 --set name=cifar10_lt_r100_erm_seed2")
+    # a name whose suffix is not its seed is a preset of its own, trained under its seed
+    assert run_command(template, "x_seed1", 3) == (
+        "otlt train --config configs/x_seed1.yaml --set out_dir=runs")
+    assert run_command("otlt train --config configs/{name}.yaml", "a_seed1", 1) == (
+        "otlt train --config configs/a_seed1.yaml")  # the older templates are unchanged
+    assert group_command(template) == (
+        "otlt train --config configs/{preset}.yaml --set out_dir=runs (a seed k > 0 adds "
+        "--set seed=k --set name={preset}_seed{k})")
