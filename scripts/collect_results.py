@@ -3,11 +3,13 @@
     python scripts/collect_results.py GROUP RUN_DIR [RUN_DIR ...] --hardware "..." \
         --command "otlt train --config configs/{preset}.yaml{seed_settings}" [--note "..."]
 
-``--command`` is a template: ``{name}`` is the run's name, ``{preset}`` that name less a
-``_seed<k>`` suffix matching the run's seed (the preset it was trained from) and
-``{seed_settings}`` what such a run added to its preset's command (`` --set seed=k --set
-name=<name>``; empty for a run under its preset's own name), so each run's README gives the
-command that reproduces it.
+``--command`` is a template: ``{name}`` is the run's name, ``{preset}`` the preset it was
+trained from (the name less a ``_seed<k>`` suffix matching the run's seed, where
+``configs/`` has that preset; else the name) and ``{seed_settings}`` what the run added to
+the preset's command: `` --set seed=k`` where its seed is not the preset's, `` --set
+name=<name>`` where its name is not the preset's. Each run's README thus gives the command
+that reproduces it; a template naming ``{preset}`` for a run without a preset in
+``configs/`` is refused. Literal braces in a template are written ``{{ }}``.
 
 A RUN_DIR may also be a run folder already committed under results/ (its runs/ directory
 being gone): its files are then left in place and only the READMEs are rewritten.
@@ -42,6 +44,8 @@ from otlt.engine.provenance import describe_cpu
 from otlt.engine.weights import SUFFIX, read_weights, save_weights
 
 SMALL_FILES = ("config.yaml", "splits.json", "metrics.jsonl", "eval.json")
+#: the packaged presets a README's command names
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def fmt(value) -> str:
@@ -117,10 +121,18 @@ def sittings_line(path: Path) -> str | None:
             + "; ".join(sitting_part(s) for s in lines) + ".")
 
 
-def run_command(template: str, name: str, seed: int) -> str:
+def run_command(template: str, name: str, seed: int, configs: Path = CONFIGS) -> str:
     """``template`` (module docstring) filled in for one run."""
-    preset = re.sub(rf"_seed{seed}$", "", name) if seed else name
-    seed_settings = f" --set seed={seed} --set name={name}" if preset != name else ""
+    if "{preset}" not in template and "{seed_settings}" not in template:
+        return template.format(name=name)
+    stripped = re.sub(rf"_seed{seed}$", "", name)
+    preset = stripped if (configs / f"{stripped}.yaml").is_file() else name
+    path = configs / f"{preset}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"{name}: no preset {path} to name in its README's command")
+    preset_seed = int((yaml.safe_load(path.read_text()) or {}).get("seed", 0))
+    seed_settings = (f" --set seed={seed}" if seed != preset_seed else "") + (
+        f" --set name={name}" if name != preset else "")
     return template.format(name=name, preset=preset, seed_settings=seed_settings)
 
 

@@ -366,7 +366,7 @@ def test_result_readme_quotes_the_machine_record_of_each_sitting(tmp_path):
         "torch threads 1, torch 2.13.0+cpu, code unknown.")
 
 
-def test_result_readme_gives_each_seeded_run_the_command_that_reproduces_it():
+def test_result_readme_gives_each_seeded_run_the_command_that_reproduces_it(tmp_path):
     """A seed-k run was trained from its preset with ``--set seed=k --set name=...``: its
     README must name the preset's config, not a file ``configs/<name>_seed<k>.yaml`` that
     does not exist, and carry the settings that made it that seed."""
@@ -375,16 +375,26 @@ def test_result_readme_gives_each_seeded_run_the_command_that_reproduces_it():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from collect_results import group_command, run_command
 
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "erm.yaml").write_text("seed: 0\nname: erm\n")
+    (configs / "x_seed1.yaml").write_text("name: x_seed1\n")  # seed from the schema: 0
     template = "otlt train --config configs/{preset}.yaml --set out_dir=runs{seed_settings}"
-    assert run_command(template, "cifar10_lt_r100_erm", 0) == (
-        "otlt train --config configs/cifar10_lt_r100_erm.yaml --set out_dir=runs")
-    assert run_command(template, "cifar10_lt_r100_erm_seed2", 2) == (
-        "otlt train --config configs/cifar10_lt_r100_erm.yaml --set out_dir=runs "
-        "--set seed=2 --set name=cifar10_lt_r100_erm_seed2")
-    # a name whose suffix is not its seed is a preset of its own, trained under its seed
-    assert run_command(template, "x_seed1", 3) == (
-        "otlt train --config configs/x_seed1.yaml --set out_dir=runs")
-    assert run_command("otlt train --config configs/{name}.yaml", "a_seed1", 1) == (
+
+    def command(name, seed):
+        return run_command(template, name, seed, configs)
+
+    assert command("erm", 0) == "otlt train --config configs/erm.yaml --set out_dir=runs"
+    assert command("erm_seed2", 2) == (
+        "otlt train --config configs/erm.yaml --set out_dir=runs --set seed=2 --set name=erm_seed2")
+    # a seed set under the preset's own name, and a preset whose name ends like a seed
+    assert command("erm", 3) == (
+        "otlt train --config configs/erm.yaml --set out_dir=runs --set seed=3")
+    assert command("x_seed1", 1) == (
+        "otlt train --config configs/x_seed1.yaml --set out_dir=runs --set seed=1")
+    with pytest.raises(SystemExit, match="no preset"):
+        command("renamed_run", 0)  # nothing in configs/ reproduces it
+    assert run_command("otlt train --config configs/{name}.yaml", "a_seed1", 1, configs) == (
         "otlt train --config configs/a_seed1.yaml")  # the older templates are unchanged
     assert group_command(template) == (
         "otlt train --config configs/{preset}.yaml --set out_dir=runs (a seed k > 0 adds "
