@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from otlt.config import load_config
 from otlt.engine.logging import read_metrics
 from otlt.engine.posthoc import kept_weights
 from otlt.engine.provenance import describe_cpu
@@ -130,7 +131,7 @@ def run_command(template: str, name: str, seed: int, configs: Path = CONFIGS) ->
     path = configs / f"{preset}.yaml"
     if not path.is_file():
         raise SystemExit(f"{name}: no preset {path} to name in its README's command")
-    preset_seed = int((yaml.safe_load(path.read_text()) or {}).get("seed", 0))
+    preset_seed = load_config(path).seed
     seed_settings = (f" --set seed={seed}" if seed != preset_seed else "") + (
         f" --set name={name}" if name != preset else "")
     return template.format(name=name, preset=preset, seed_settings=seed_settings)
