@@ -5,8 +5,10 @@ the checks of the CLI's one-line errors. Test modules import the plain functions
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import socket
+import sys
 import zipfile
 from pathlib import Path
 
@@ -18,6 +20,19 @@ from PIL import Image
 from otlt.cli import main
 
 TINY_CLASSES = [f"class{k}" for k in range(10)]
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str, monkeypatch: pytest.MonkeyPatch | None = None):
+    """``scripts/<name>.py`` as a module, without putting ``scripts/`` on ``sys.path``. With
+    ``monkeypatch`` the module is in ``sys.modules`` for the test only (a script whose
+    dataclasses look their own module up needs it)."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    if monkeypatch is not None:
+        monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -15,19 +15,10 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from conftest import tiny_overrides
+from conftest import load_script, tiny_overrides
 from otlt.engine.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("campaign", ROOT / "scripts" / "campaign.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def files(folder: Path, sizes: list[int]) -> list[tuple[Path, str]]:
@@ -42,20 +33,20 @@ def files(folder: Path, sizes: list[int]) -> list[tuple[Path, str]]:
     return items
 
 
-def test_a_file_left_behind_opens_no_chunk(tmp_path):
+def test_a_file_left_behind_opens_no_chunk(tmp_path, monkeypatch):
     """A file over the per-file limit between two that share a chunk leaves them sharing it
     (it once opened an empty chunk first: two archives for what fits in one)."""
-    pack = load_script().pack
+    pack = load_script("campaign", monkeypatch).pack
     items = files(tmp_path, [40, 500, 40])
     written, left = pack(items, tmp_path, max_file=100, max_total=1000)
     assert written == ["runs.tar.gz"] and left == ["f1"]
     assert members(tmp_path) == {"f0", "f2"}
 
 
-def test_at_most_seven_archives_and_nothing_empty(tmp_path):
+def test_at_most_seven_archives_and_nothing_empty(tmp_path, monkeypatch):
     """Files over the limits interleaved with ones that fill a chunk each: seven archives
     (summary.json is the eighth file), each holding files, the rest named as left behind."""
-    campaign_script = load_script()
+    campaign_script = load_script("campaign", monkeypatch)
     items = files(tmp_path, [90, 500] * 9)
     written, left = campaign_script.pack(items, tmp_path, max_file=100, max_total=10_000)
     assert len(written) == campaign_script.MAX_FILES - 1
@@ -65,8 +56,9 @@ def test_at_most_seven_archives_and_nothing_empty(tmp_path):
             assert len(tar.getnames()) == 1
 
 
-def test_nothing_to_pack_writes_nothing(tmp_path):
-    assert load_script().pack([], tmp_path, max_file=100, max_total=1000) == ([], [])
+def test_nothing_to_pack_writes_nothing(tmp_path, monkeypatch):
+    pack = load_script("campaign", monkeypatch).pack
+    assert pack([], tmp_path, max_file=100, max_total=1000) == ([], [])
 
 
 def campaign(args: list[str]) -> subprocess.CompletedProcess:

@@ -4,22 +4,17 @@ lent GPU's minutes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def device_check():
-    spec = importlib.util.spec_from_file_location("device_check",
-                                                  ROOT / "scripts" / "device_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("device_check")
 
 
 def write_run(runs: Path, name: str, loss: float, error: float, skips: int | None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import one_line_error, sets, tiny_overrides
+from conftest import load_script, one_line_error, sets, tiny_overrides
 from otlt.cli import main
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.weights import load_weights, read_weights, save_weights
@@ -295,14 +295,13 @@ def test_probe_of_kept_weights_equals_the_in_run_probe_and_feeds_the_report(runs
     assert (tmp_path / "rep" / "figures" / "bn_probe_train.png").is_file()
 
 
-def test_committed_fp16_weights_re_evaluate_close_to_the_run(runs, tmp_path, capsys):
+def test_committed_fp16_weights_re_evaluate_close_to_the_run(runs, tmp_path, capsys,
+                                                            monkeypatch):
     """scripts/collect_results.py --weights: fp16 safetensors under 1 MB that otlt eval reads
     from the result folder (no last.pt there), giving the run's numbers to fp16 precision."""
     import shutil
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from collect_results import export_weights
+    export_weights = load_script("collect_results", monkeypatch).export_weights
 
     run, dest = runs / "train", tmp_path / "result"
     dest.mkdir()
@@ -321,13 +320,11 @@ def test_committed_fp16_weights_re_evaluate_close_to_the_run(runs, tmp_path, cap
     assert abs(ours["top1_error"] - theirs["top1_error"]) <= 100.0 * 2 / ours["num_samples"]
 
 
-def test_logit_adjusted_diagnostic_gives_otlt_evals_number_unadjusted(runs, capsys):
+def test_logit_adjusted_diagnostic_gives_otlt_evals_number_unadjusted(runs, capsys,
+                                                                     monkeypatch):
     """scripts/logit_adjusted_eval.py: its unadjusted error is the run's own (the same
     procedure, batches and layout as otlt eval), and tau = 0 adjusts nothing."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from logit_adjusted_eval import evaluate
+    evaluate = load_script("logit_adjusted_eval", monkeypatch).evaluate
 
     run = runs / "running"  # no last.safetensors: the weights of last.pt
     record = evaluate(run, tau=1.0, bn_stats=None)
@@ -343,11 +340,8 @@ def test_logit_adjusted_diagnostic_gives_otlt_evals_number_unadjusted(runs, caps
     assert record["evaluated_with"]["device"] == "cpu"
 
 
-def test_result_readme_quotes_the_machine_record_of_each_sitting(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from collect_results import sittings_line
+def test_result_readme_quotes_the_machine_record_of_each_sitting(tmp_path, monkeypatch):
+    sittings_line = load_script("collect_results", monkeypatch).sittings_line
 
     assert sittings_line(tmp_path / "sittings.jsonl") is None  # runs before the file
     common = {"device": "cpu", "hardware": "AMD EPYC", "torch_version": "2.13.0+cpu"}
@@ -366,14 +360,13 @@ def test_result_readme_quotes_the_machine_record_of_each_sitting(tmp_path):
         "torch threads 1, torch 2.13.0+cpu, code unknown.")
 
 
-def test_result_readme_gives_each_seeded_run_the_command_that_reproduces_it(tmp_path):
+def test_result_readme_gives_each_seeded_run_the_command_that_reproduces_it(tmp_path,
+                                                                           monkeypatch):
     """A seed-k run was trained from its preset with ``--set seed=k --set name=...``: its
     README must name the preset's config, not a file ``configs/<name>_seed<k>.yaml`` that
     does not exist, and carry the settings that made it that seed."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from collect_results import group_command, run_command
+    collect = load_script("collect_results", monkeypatch)
+    group_command, run_command = collect.group_command, collect.run_command
 
     configs = tmp_path / "configs"
     configs.mkdir()

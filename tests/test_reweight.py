@@ -12,7 +12,7 @@ import ot
 import pytest
 import torch
 
-from conftest import sets, tiny_overrides
+from conftest import load_script, sets, tiny_overrides
 from otlt.cli import main
 from otlt.config import load_config, to_dict
 from otlt.data.longtail import build_splits
@@ -405,11 +405,7 @@ def test_stage2_without_ot_step_keeps_the_initial_weights(stage1, tmp_path):
     first = load_checkpoint(stage1["run"] / "last.pt")["model"]
     assert not torch.equal(first["fc.weight"], state["model"]["fc.weight"])
     # the ablation table reads it: nothing moved, nothing measured
-    import importlib.util
-    path = Path(__file__).parents[1] / "scripts" / "reweight_ablation_table.py"
-    spec = importlib.util.spec_from_file_location("reweight_ablation_table", path)
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = load_script("reweight_ablation_table")
     row = table.summary(run, run)
     assert row["changes"] == "the preset" and row["moved"] == 0.0
     assert row["grad_norm"] is None and row["ot_first"] is None
@@ -417,14 +413,10 @@ def test_stage2_without_ot_step_keeps_the_initial_weights(stage1, tmp_path):
     assert "| no_ot | the preset |" in table.table([row])
 
 
-def test_gradient_check_script_on_a_trained_stage1(stage1, tmp_path, capsys):
+def test_gradient_check_script_on_a_trained_stage1(stage1, tmp_path, capsys, monkeypatch):
     """scripts/reweight_gradient_check.py on the tiny stage-1 run: the run's gradient agrees
     with float64 finite differences, and the re-created official optimiser is plain SGD."""
-    import importlib.util
-    path = Path(__file__).parents[1] / "scripts" / "reweight_gradient_check.py"
-    spec = importlib.util.spec_from_file_location("reweight_gradient_check", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("reweight_gradient_check", monkeypatch)
     config = tmp_path / "stage2.yaml"
     config.write_text("name: stage2\n")
     out = tmp_path / "check.json"

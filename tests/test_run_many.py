@@ -3,7 +3,6 @@ failures in the summary. The runs themselves are tested by tests/test_campaign.p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import tiny_overrides
+from conftest import load_script, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,20 +100,12 @@ def test_sigterm_stops_the_runs_and_the_daemon(tiny_zip, tmp_path):
     assert summary["interrupted"] and run["state"] == "stopped" and run["terminated"]
 
 
-def load_run_many(monkeypatch):
-    spec = importlib.util.spec_from_file_location("run_many", ROOT / "scripts" / "run_many.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "run_many", module)  # its dataclass looks itself up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_torn_last_line_is_dropped_and_a_damaged_middle_line_is_reported(tmp_path,
                                                                            monkeypatch):
     """The progress and the summary read metrics.jsonl as otlt does: a last line a kill cut
     short is not an epoch, a bad line before it is damage, named, not skipped and counted past;
     the other runs are read as before."""
-    rm = load_run_many(monkeypatch)
+    rm = load_script("run_many", monkeypatch)
     epoch = json.dumps({"epoch": 1, "epoch_seconds": 2.0})
     for name, text in (("torn", f"{epoch}\n{epoch}\n{{\"epoch\": 3, \"ep"),
                        ("damaged", f"{epoch}\n{{\"epo\n{epoch}\n")):
@@ -133,7 +124,7 @@ def test_a_torn_last_line_is_dropped_and_a_damaged_middle_line_is_reported(tmp_p
 
 
 def test_evaluation_share_is_the_time_outside_the_steps(monkeypatch):
-    rm = load_run_many(monkeypatch)
+    rm = load_script("run_many", monkeypatch)
     records = [{"epoch_seconds": 2.0, "steps_seconds": 1.5},
                {"epoch_seconds": 2.0, "steps_seconds": 1.7}, {"epoch_seconds": 3.0}]
     assert rm.evaluation_share(records) == 0.2  # the untimed epoch is left out
