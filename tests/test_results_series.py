@@ -78,3 +78,24 @@ def test_the_readme_standing_table_is_the_reports():
         assert (seeds, last, selected, paper) == (
             ", ".join(map(str, d["seeds"])), format_stat(d["last"], n),
             format_stat(d["selected"], n), expected_paper), claim
+
+
+def test_the_readme_interval_for_otmix_over_erm_drw_is_the_committed_pairs():
+    """The Seeds bullet's standard error and 95% t interval of DRW+OTmix's gain over ERM-DRW
+    come from the committed per-seed differences (t quantile in closed form for two degrees
+    of freedom: t = (2p - 1) sqrt(2 / (4p(1 - p))), p = 0.975)."""
+    import math
+
+    from otlt.report.rows import pair_differences
+
+    summaries = _group_summaries()
+    mean, std, n = pair_differences(summaries["cifar10_lt_r100_drw_otmix"],
+                                    summaries["cifar10_lt_r100_drw"])["last"]
+    assert n == 3
+    gain, se = -mean, std / math.sqrt(n)
+    p = 0.975
+    t = (2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p)))
+    section = (ROOT / "README.md").read_text().split("\n## Where we stand\n")[1]
+    section = " ".join(section.split("\n## ")[0].split())
+    assert f"the mean's standard error is {se:.2f} points on two degrees of freedom" in section
+    assert f"a 95% t interval ({gain - t * se:.1f} to {gain + t * se:.1f})" in section
