@@ -99,3 +99,37 @@ def test_the_readme_interval_for_otmix_over_erm_drw_is_the_committed_pairs():
     section = " ".join(section.split("\n## ")[0].split())
     assert f"the mean's standard error is {se:.2f} points on two degrees of freedom" in section
     assert f"a 95% t interval ({gain - t * se:.1f} to {gain + t * se:.1f})" in section
+
+
+#: how README's prose names a Table 1 row
+ROW_NAMES = {"erm": "ERM", "erm_cmo": "ERM+CMO", "erm_otmix": "ERM+OTmix", "drw": "ERM-DRW",
+             "drw_otmix": "DRW+OTmix", "balms": "BALMS", "balms_otmix": "BALMS+OTmix"}
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+                "seventeen", "eighteen", "nineteen", "twenty", "twenty-one", "twenty-two"]
+
+
+def test_the_readme_validation_noise_paragraph_is_the_committed_runs():
+    """README's "How noisy the validation-selected epoch is": the number of runs, the range of
+    selected-minus-last test error, how many runs lie within 1.0 point of their last epoch,
+    and each run outside it by name, all from the committed runs under `train` statistics."""
+    summaries = _group_summaries()
+    moves = {}  # (prose name, seeds of its row, seed) -> selected - last, rounded as printed
+    for label, s in summaries.items():
+        for k, last, selected in zip(s["seeds"], s["per_seed"]["last"],
+                                     s["per_seed"]["selected"]):
+            name = ROW_NAMES[label.removeprefix("cifar10_lt_r100_")]
+            moves[name if len(s["seeds"]) == 1 else f"{name} seed {k}"] = round(
+                selected - last, 2)
+    text = (ROOT / "README.md").read_text()
+    paragraph = text.split("- **How noisy the validation-selected epoch is.**")[1]
+    paragraph = " ".join(paragraph.split("\n- ")[0].split())
+    outside = {name: d for name, d in moves.items() if abs(d) > 1.0}
+    assert f"In the {NUMBER_WORDS[len(moves)]} committed Table 1 runs" in paragraph
+    assert (f"ranges from {max(moves.values()):.2f} points worse to "
+            f"{-min(moves.values()):.2f} better") in paragraph
+    assert (f"within 1.0 point of the last in {NUMBER_WORDS[len(moves) - len(outside)]} "
+            "of them") in paragraph
+    assert f"The {NUMBER_WORDS[len(outside)]} outside are" in paragraph
+    for name, d in outside.items():
+        assert f"{name} ({abs(d):.2f} {'better' if d < 0 else 'worse'}" in paragraph, name
