@@ -114,10 +114,10 @@ def test_the_readme_validation_noise_paragraph_is_the_committed_runs():
     selected-minus-last test error, how many runs lie within 1.0 point of their last epoch,
     and each run outside it by name, all from the committed runs under `train` statistics."""
     summaries = _group_summaries()
-    moves = {}  # (prose name, seeds of its row, seed) -> selected - last, rounded as printed
+    moves = {}  # prose name of the run -> selected - last, rounded as printed
     for label, s in summaries.items():
         for k, last, selected in zip(s["seeds"], s["per_seed"]["last"],
-                                     s["per_seed"]["selected"]):
+                                     s["per_seed"]["selected"], strict=True):
             name = ROW_NAMES[label.removeprefix("cifar10_lt_r100_")]
             moves[name if len(s["seeds"]) == 1 else f"{name} seed {k}"] = round(
                 selected - last, 2)
