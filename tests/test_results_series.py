@@ -80,25 +80,35 @@ def test_the_readme_standing_table_is_the_reports():
             format_stat(d["selected"], n), expected_paper), claim
 
 
-def test_the_readme_interval_for_otmix_over_erm_drw_is_the_committed_pairs():
-    """The Seeds bullet's standard error and 95% t interval of DRW+OTmix's gain over ERM-DRW
-    come from the committed per-seed differences (t quantile in closed form for two degrees
-    of freedom: t = (2p - 1) sqrt(2 / (4p(1 - p))), p = 0.975)."""
+def _t_quantile_975(dof: int) -> float:
+    """Student's t quantile at p = 0.975 in closed form: tan(pi (p - 1/2)) for one degree of
+    freedom, (2p - 1) sqrt(2 / (4p(1 - p))) for two."""
+    import math
+
+    p = 0.975
+    return {1: math.tan(math.pi * (p - 0.5)),
+            2: (2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p)))}[dof]
+
+
+@pytest.mark.parametrize("mixed, base", [("drw_otmix", "drw"), ("erm_otmix", "erm")])
+def test_the_readme_interval_for_otmix_gains_is_the_committed_pairs(mixed, base):
+    """The Seeds bullet's standard error and 95% t interval of OTmix's gain over its base
+    row come from the committed per-seed differences."""
     import math
 
     from otlt.report.rows import pair_differences
 
     summaries = _group_summaries()
-    mean, std, n = pair_differences(summaries["cifar10_lt_r100_drw_otmix"],
-                                    summaries["cifar10_lt_r100_drw"])["last"]
-    assert n == 3
-    gain, se = -mean, std / math.sqrt(n)
-    p = 0.975
-    t = (2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p)))
+    mean, std, n = pair_differences(summaries[f"cifar10_lt_r100_{mixed}"],
+                                    summaries[f"cifar10_lt_r100_{base}"])["last"]
+    assert n in (2, 3)
+    gain, se, t = -mean, std / math.sqrt(n), _t_quantile_975(n - 1)
     section = (ROOT / "README.md").read_text().split("\n## Where we stand\n")[1]
     section = " ".join(section.split("\n## ")[0].split())
-    assert f"the mean's standard error is {se:.2f} points on two degrees of freedom" in section
-    assert f"a 95% t interval ({gain - t * se:.1f} to {gain + t * se:.1f})" in section
+    sentence = (f"OTmix over {ROW_NAMES[base]}: the mean's standard error is "
+                f"{se:.2f} points on {NUMBER_WORDS[n - 1]} degree{'s' * (n > 2)} of freedom, "
+                f"so a 95% t interval ({gain - t * se:.1f} to {gain + t * se:.1f})")
+    assert sentence in section
 
 
 #: how README's prose names a Table 1 row
