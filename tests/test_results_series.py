@@ -61,6 +61,12 @@ def _standing_table() -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
 
 
+def _standing_prose() -> str:
+    """README's "Where we stand" section with its whitespace runs made single spaces."""
+    section = (ROOT / "README.md").read_text().split("\n## Where we stand\n")[1]
+    return " ".join(section.split("\n## ")[0].split())
+
+
 def test_the_readme_standing_table_is_the_reports():
     """Every line of README's "Where we stand" is recomputed from the committed runs, as
     ``otlt report --bn-stats train`` computes its pair tables: seeds both rows have, the mean
@@ -103,8 +109,7 @@ def test_the_readme_interval_for_otmix_gains_is_the_committed_pairs(mixed, base)
                                     summaries[f"cifar10_lt_r100_{base}"])["last"]
     assert n in (2, 3)
     gain, se, t = -mean, std / math.sqrt(n), _t_quantile_975(n - 1)
-    section = (ROOT / "README.md").read_text().split("\n## Where we stand\n")[1]
-    section = " ".join(section.split("\n## ")[0].split())
+    section = _standing_prose()
     sentence = (f"OTmix over {ROW_NAMES[base]}: the mean's standard error is "
                 f"{se:.2f} points on {NUMBER_WORDS[n - 1]} degree{'s' * (n > 2)} of freedom, "
                 f"so a 95% t interval ({gain - t * se:.1f} to {gain + t * se:.1f})")
@@ -143,3 +148,28 @@ def test_the_readme_validation_noise_paragraph_is_the_committed_runs():
     assert f"The {NUMBER_WORDS[len(outside)]} outside are" in paragraph
     for name, d in outside.items():
         assert f"{name} ({abs(d):.2f} {'better' if d < 0 else 'worse'}" in paragraph, name
+
+
+def _spoken_list(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def test_the_readme_offsets_from_the_papers_absolute_errors_are_the_committed_rows():
+    """The "Absolute errors" bullet: the range of the baselines' (ERM, ERM-DRW, BALMS) row
+    mean minus the paper, and each ERM mixing row's, per seed where it has several."""
+    summaries = _group_summaries()
+
+    def offsets(row):
+        s = summaries[f"cifar10_lt_r100_{row}"]
+        return s["stats"]["last"][0] - s["paper"], [e - s["paper"] for e in s["per_seed"]["last"]]
+
+    section = _standing_prose()
+    base = [offsets(row)[0] for row in ("erm", "drw", "balms")]
+    assert (f"our baselines sit {min(base):.1f} to {max(base):.1f} points above the paper's"
+            in section)
+    for row in ("erm_cmo", "erm_otmix"):
+        mean, per_seed = offsets(row)
+        seeds = "" if len(per_seed) == 1 else (
+            f"; per seed {_spoken_list([f'{e:.1f}' for e in per_seed])}")
+        assert f"{mean:.1f} ({ROW_NAMES[row]}{seeds})" in section, row
