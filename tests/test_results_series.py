@@ -6,8 +6,8 @@ then; the report pools them with the committed seed 0 only if the configs agree 
 A preset edit that changes training would silently start a new row instead: this test names
 it first. The code that trained each run is not part of a config: code changes between seeds
 are recorded by the runs' ``sittings.jsonl`` (git commit) and said in the group's README.
-README's "Where we stand" table quotes the group's pair differences; a test recomputes every
-line of it from the runs.
+README's "Where we stand" table quotes the group's pair differences; tests recompute every
+line of it from the runs, and the numbers its prose and the validation-noise paragraph quote.
 """
 
 from __future__ import annotations
