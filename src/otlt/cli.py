@@ -240,7 +240,8 @@ def cmd_train(args) -> int:
         config_path = run_dir / "config.yaml"
         if args.config is not None or args.preset is not None or args.run_dir is not None:
             raise OtltError(f"--resume {run_dir} continues that run with its own config.yaml; "
-                            "drop --config/--preset/--run-dir (or start a new run without --resume)")
+                            "drop --config/--preset/--run-dir (or start a new run without "
+                            "--resume)")
         if not config_path.is_file():
             raise OtltError(f"cannot resume: {config_path} does not exist (is {run_dir} an "
                             "otlt run directory?)")
