@@ -67,6 +67,17 @@ def imports(module: str) -> list[tuple[str, str, bool]]:
 GRAPH = {m: {t for t, _, _ in imports(m) if t in MODULES and t != m} for m in MODULES}
 
 
+def test_the_readmes_architecture_tree_names_every_module():
+    """README's "Architecture" tree is the map a newcomer reads: each module file (by its
+    file name) and each subpackage of ``src/otlt`` appears in it."""
+    readme = (SRC.parents[1] / "README.md").read_text()
+    tree = readme.split("\n## Architecture\n")[1].split("\n## ")[0]
+    tree = tree[tree.index("src/otlt/"):]
+    files = {p.name for p in SRC.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    packages = {f"{p.name}/" for p in SRC.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert sorted(name for name in files | packages if name not in tree) == []
+
+
 def test_every_module_has_a_layer():
     for module in MODULES:
         layer(module)
