@@ -223,7 +223,8 @@ def _protocol_run(root: Path, name: str, seed: int, last: float, selected: float
 
 
 def test_rows_pool_seeds_with_mean_and_sample_std(tmp_path):
-    from otlt.report.rows import base_of, mean_std, row_summary, seed_rows
+    from otlt.report.rows import base_of, row_summary, seed_rows
+    from otlt.report.seedstats import mean_std
 
     root = tmp_path / "runs"
     erm = [_protocol_run(root, "erm" + ("" if s == 0 else f"_seed{s}"), s, last, last - 1,
@@ -253,7 +254,7 @@ def test_rows_pool_seeds_with_mean_and_sample_std(tmp_path):
     assert "- erm, per seed (last / selected): seed 0: 30.00 / 29.00; seed 1: 32.00 / " \
         "31.00; seed 2: 34.00 / 33.00" in section
     # mixing minus its base over the seeds both have (seed 0: 29.5 - 30.0), and the paper's
-    assert "| erm_otmix | erm | 0 | -0.50 | -2.00 | -5.20 |" in section
+    assert "| erm_otmix | erm | 0 | -0.50 | – | -2.00 | -5.20 |" in section  # one seed: no t
     assert "each BatchNorm procedure" not in section  # no probe files yet
     assert "| 3 | 24.50 |" in text.split("### Best test epoch")[1]  # epochs counted from 1
 
@@ -275,9 +276,10 @@ def test_otmix_rows_are_compared_with_the_other_mixers_on_their_recipe(tmp_path)
     assert [(a.label, b.label) for a, b in rival_pairs(rows)] == [("otmix", "cmo")]
     text = write_report(paths, tmp_path / "out").read_text()
     table = text.split("### OTmix against another mixer on the same recipe")[1].split("\n\n")[2]
-    # seeds 0 and 1: last -1.5 and -0.5, selected -2.0 and -0.5; seed 2 has no CMO run
-    assert table.splitlines()[2] == ("| otmix | cmo | 0, 1 | -1.00 ± 0.71 | -1.25 ± 1.06 | "
-                                     "-3.30 |")
+    # seeds 0 and 1: last -1.5 and -0.5, selected -2.0 and -0.5; seed 2 has no CMO run;
+    # the last epoch's 95% t interval: -1.0 ± tan(0.475 pi) 0.5 (one degree of freedom)
+    assert table.splitlines()[2] == ("| otmix | cmo | 0, 1 | -1.00 ± 0.71 | -7.35 to 5.35 | "
+                                     "-1.25 ± 1.06 | -3.30 |")
     assert len(table.splitlines()) == 3
 
 
@@ -297,7 +299,7 @@ def test_rows_pair_a_mixing_row_with_the_base_that_shares_its_recipe(tmp_path):
     assert base_of(alone[1], alone) is None  # no row with its recipe
     text = write_report([root / n for n in ("erm", "erm_lr", "otmix_lr", "otmix_lr_seed1")],
                         tmp_path / "out").read_text()
-    assert "| otmix_lr | erm_lr | 0 | -5.00 | -5.00 | – |" in text  # seed 1 has no base
+    assert "| otmix_lr | erm_lr | 0 | -5.00 | – | -5.00 | – |" in text  # seed 1 has no base
 
 
 def test_rows_refuse_the_same_run_given_twice(tmp_path):
@@ -368,7 +370,7 @@ def test_rows_under_one_procedure_read_reevaluated_runs_and_pair_them(tmp_path):
     assert "| drw | 0 | train | 32.00 | 32.50 |" in train
     assert "| drw_otmix | 0 | train † | 25.00 | 24.00 |" in train
     assert "† Re-evaluated under `train`" in train and "drw_otmix" in train.split("†")[-1]
-    assert "| drw_otmix | drw | 0 | -7.00 | -8.50 | – |" in train
+    assert "| drw_otmix | drw | 0 | -7.00 | – | -8.50 | – |" in train
     # a run with no file under the procedure gives no number rather than its own one
     (mix / "eval_best_train.json").unlink()
     train = rows_section(ReportOptions(bn_stats="train"))

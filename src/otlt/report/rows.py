@@ -4,9 +4,10 @@ Runs whose configs agree on every key but ``seed`` (names, folders, device setti
 ``paper:`` ignored, as in sweep detection) are one *row*; its numbers are the mean and the
 sample standard deviation over the seeds,
 
-    mean = (1/n) sum_s e_s,    std = sqrt(sum_s (e_s - mean)^2 / (n - 1))    (n >= 2),
+    mean = (1/n) sum_s e_s,    std = sqrt(sum_s (e_s - mean)^2 / (n - 1))    (n >= 2)
 
-of each seed's own file: ``eval.json`` (the last epoch under the run's ``eval.bn_stats``, and
+(:mod:`otlt.report.seedstats`, which also gives a pair's Student-t interval), of each seed's
+own file: ``eval.json`` (the last epoch under the run's ``eval.bn_stats``, and
 ``selected``, the validation-selected epoch), the opt-in ``test_diag_acc`` of
 ``metrics.jsonl`` (best test epoch: the official protocol, optimistic), and the post-hoc
 ``probe_test.json`` / ``eval_last_<mode>.json`` for the other BatchNorm procedures. A mixing
@@ -24,14 +25,13 @@ procedure still pools with, and pairs with, its twins.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from otlt.config import BN_STATS
-from otlt.errors import is_finite_number, require
+from otlt.errors import require
 from otlt.report.document import Report
 from otlt.report.runs import (
     IGNORED_KEYS,
@@ -42,6 +42,7 @@ from otlt.report.runs import (
     fmt,
     read_json,
 )
+from otlt.report.seedstats import mean_std, t_interval
 
 _SEED_SUFFIX = re.compile(r"_seed\d+$")
 
@@ -110,17 +111,6 @@ def base_of(row: Row, rows: Sequence[Row], ignore: Sequence[str] = ()) -> Row | 
         return None
     return next((other for other in rows
                  if not other.is_mixing and recipe(other, ignore) == recipe(row, ignore)), None)
-
-
-def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:
-    """``(mean, sample std or None for one value, n)`` of the values present."""
-    xs = [float(v) for v in values if is_finite_number(v)]
-    if not xs:
-        return None, None, 0
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return mean, None, len(xs)
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)), len(xs)
 
 
 def run_procedure(run: RunData) -> str:
@@ -276,10 +266,13 @@ def rival_pairs(rows: Sequence[Row], ignore: Sequence[str] = ()) -> list[tuple[R
 
 def pair_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Row ``a`` minus row ``b`` (two :func:`row_summary` results) over the seeds both have:
-    ``last`` and ``selected`` as :func:`paired_difference`, ``paper`` as a number or None."""
+    ``last`` and ``selected`` as :func:`paired_difference`, ``last_interval`` the 95% t
+    interval of the last-epoch difference (None with one seed), ``paper`` as a number or
+    None."""
     common = [s for s in a["seeds"] if s in b["seeds"]]
     return {"seeds": common,
             **{key: paired_difference(a, b, key, common) for key in ("last", "selected")},
+            "last_interval": t_interval(paired_values(a, b, "last", common)),
             "paper": None if a["paper"] is None or b["paper"] is None
             else a["paper"] - b["paper"]}
 
@@ -299,29 +292,38 @@ def _gains_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any],
             continue
         report.add(title, "", f"{what}, in points of test error (negative: the first row is "
                    "better): the mean over the seeds both rows have of the per-seed "
-                   "differences.", "",
-                   f"| {first} | {other} | seeds | last epoch | validation-selected | paper |",
-                   "|---|---|---|---:|---:|---:|")
+                   "differences; the 95% interval is Student's t over the per-seed "
+                   "differences (two or more seeds).", "",
+                   f"| {first} | {other} | seeds | last epoch | last epoch, 95% t interval | "
+                   "validation-selected | paper |",
+                   "|---|---|---|---:|---:|---:|---:|")
         for row, base in pairs:
             d = pair_differences(summaries[id(row)], summaries[id(base)])
             n = len(d["seeds"])
             paper = "–" if d["paper"] is None else f"{d['paper']:+.2f}"
+            interval = ("–" if d["last_interval"] is None
+                        else "{} to {}".format(*map(fmt, d["last_interval"])))
             report.add(f"| {cell(row.label)} | {cell(base.label)} | "
                        f"{', '.join(map(str, d['seeds'])) or '–'} | "
-                       f"{format_stat(d['last'], n)} | {format_stat(d['selected'], n)} | "
-                       f"{paper} |")
+                       f"{format_stat(d['last'], n)} | {interval} | "
+                       f"{format_stat(d['selected'], n)} | {paper} |")
         report.add("")
 
 
-def paired_difference(a: dict[str, Any], b: dict[str, Any], key: str,
-                      seeds: Sequence[int]) -> tuple[float | None, float | None, int]:
-    """``mean_std`` of ``a - b`` per seed (two :func:`row_summary` results, ``key`` one of
-    their per-seed lists) over ``seeds``; a seed missing the number on either side is left
-    out."""
+def paired_values(a: dict[str, Any], b: dict[str, Any], key: str,
+                  seeds: Sequence[int]) -> list[float | None]:
+    """``a - b`` per seed (two :func:`row_summary` results, ``key`` one of their per-seed
+    lists) over ``seeds``; ``None`` where either side lacks the number."""
     values = []
     for seed in seeds:
         x = a["per_seed"][key][a["seeds"].index(seed)]
         y = b["per_seed"][key][b["seeds"].index(seed)]
         values.append(None if x is None or y is None else x - y)
-    return mean_std(values)
+    return values
+
+
+def paired_difference(a: dict[str, Any], b: dict[str, Any], key: str,
+                      seeds: Sequence[int]) -> tuple[float | None, float | None, int]:
+    """``mean_std`` of :func:`paired_values` (a seed missing a number is left out)."""
+    return mean_std(paired_values(a, b, key, seeds))
 
