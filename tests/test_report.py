@@ -666,3 +666,19 @@ def test_a_base_row_is_found_across_execution_only_keys(tmp_path):
     with_lr = _protocol_run(root, "erm_otmix_lr", 0, 35.0, 32.0, mix="otmix", lr=0.05)
     rows = seed_rows(load_runs([base, with_lr]))
     assert base_of(rows[1], rows) is None  # what it trained differs
+
+
+def test_a_pair_interval_says_when_a_seed_lacks_its_number(tmp_path):
+    """A seed whose last-epoch error is missing leaves the mean, the std and the t interval
+    alike, and each says over how many of the pair's seeds it runs."""
+    root = tmp_path / "runs"
+    paths = [_protocol_run(root, "erm" + ("" if s == 0 else f"_seed{s}"), s, 30.0 + s, 29.0)
+             for s in range(3)]
+    paths += [_protocol_run(root, "otmix" + ("" if s == 0 else f"_seed{s}"), s, last, 27.0,
+                            mix="otmix")
+              for s, last in [(0, 28.0), (1, 30.0), (2, None)]]
+    text = write_report(paths, tmp_path / "out").read_text()
+    table = text.split("### What mixing changes against its base row")[1].split("\n\n")[2]
+    # seeds 0 and 1: -2.0 and -1.0, so -1.5 ± 0.71 and -1.5 ± tan(0.475 pi) 0.5
+    assert table.splitlines()[2] == ("| otmix | erm | 0, 1, 2 | -1.50 ± 0.71 (2 of 3) | "
+                                     "-7.85 to 4.85 (2 of 3) | -2.00 ± 0.00 | – |")

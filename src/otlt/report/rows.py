@@ -302,7 +302,8 @@ def _gains_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any],
             n = len(d["seeds"])
             paper = "–" if d["paper"] is None else f"{d['paper']:+.2f}"
             interval = ("–" if d["last_interval"] is None
-                        else "{} to {}".format(*map(fmt, d["last_interval"])))
+                        else "{} to {}".format(*map(fmt, d["last_interval"]))
+                        + ("" if d["last"][2] == n else f" ({d['last'][2]} of {n})"))
             report.add(f"| {cell(row.label)} | {cell(base.label)} | "
                        f"{', '.join(map(str, d['seeds'])) or '–'} | "
                        f"{format_stat(d['last'], n)} | {interval} | "
