@@ -71,19 +71,22 @@ def _standing_prose() -> str:
 def test_the_readme_standing_table_is_the_reports():
     """Every line of README's "Where we stand" is recomputed from the committed runs, as
     ``otlt report --bn-stats train`` computes its pair tables: seeds both rows have, the mean
-    difference at the last and the validation-selected epoch, the paper's difference."""
+    difference at the last epoch with its 95% t interval and at the validation-selected
+    epoch, the paper's difference."""
     from otlt.report.rows import format_stat, pair_differences
 
     summaries = _group_summaries()
     table = _standing_table()
     assert len(table) == 5
-    for claim, rows, seeds, last, selected, paper in table:
+    for claim, rows, seeds, last, interval, selected, paper in table:
         first, second = (f"cifar10_lt_r100_{name.strip(' `')}" for name in rows.split("−"))
         d = pair_differences(summaries[first], summaries[second])
         n = len(d["seeds"])
         expected_paper = "–" if d["paper"] is None else f"{d['paper']:.2f}"
-        assert (seeds, last, selected, paper) == (
-            ", ".join(map(str, d["seeds"])), format_stat(d["last"], n),
+        expected_interval = ("–" if d["last_interval"] is None
+                             else "{:.2f} to {:.2f}".format(*d["last_interval"]))
+        assert (seeds, last, interval, selected, paper) == (
+            ", ".join(map(str, d["seeds"])), format_stat(d["last"], n), expected_interval,
             format_stat(d["selected"], n), expected_paper), claim
 
 
