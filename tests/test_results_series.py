@@ -206,33 +206,33 @@ def test_the_readme_logit_adjusted_gains_are_the_committed_diagnostic():
 
 def test_every_two_decimal_number_in_the_standing_prose_comes_from_the_committed_runs():
     """A typo guard for the prose around the table: each number written with two decimals is
-    a run's last or selected error, a row's mean, std or seed range, a pair's per-seed
-    difference, mean, std, standard error or range (either sign), or a named research
-    diagnostic."""
+    a run's last or selected error, or, over a row's seeds or a pair's per-seed differences
+    (either sign), a value, the mean, std, standard error or range, or a named research
+    diagnostic. The statistics are the report's own (``paired_values``, ``mean_std``)."""
     import itertools
     import re
-    import statistics
+
+    from otlt.report.rows import paired_values
+    from otlt.report.seedstats import mean_std
+
+    def spread(xs: list[float]) -> set[float]:
+        mean, std, n = mean_std(xs)
+        found = {*xs, max(xs) - min(xs)} | ({mean} if n else set())
+        return found | ({std, std / n ** 0.5} if std is not None else set())
 
     summaries = _group_summaries()
     values: set[float] = set()
     for s in summaries.values():
         for key in ("last", "selected"):
-            per_seed = s["per_seed"][key]
-            values.update(per_seed)
-            values.update(v for v in s["stats"][key][:2] if v is not None)
-            values.add(max(per_seed) - min(per_seed))
+            values |= spread([v for v in s["per_seed"][key] if v is not None])
     for a, b in itertools.permutations(summaries.values(), 2):
         common = [k for k in a["seeds"] if k in b["seeds"]]
         for key in ("last", "selected"):
-            diffs = [a["per_seed"][key][a["seeds"].index(k)]
-                     - b["per_seed"][key][b["seeds"].index(k)] for k in common]
-            values.update(diffs)
-            if len(diffs) > 1:
-                std = statistics.stdev(diffs)
-                values.update((statistics.mean(diffs), std, std / len(diffs) ** 0.5,
-                               max(diffs) - min(diffs)))
+            diffs = [v for v in paired_values(a, b, key, common) if v is not None]
+            if diffs:
+                values |= spread(diffs)
     plain, adjusted = _logit_adjusted_gains()
-    values.update((*plain, *adjusted, statistics.mean(adjusted), statistics.stdev(adjusted)))
+    values |= {*plain, *spread(adjusted)}
     allowed = {f"{abs(v):.2f}" for v in values} | RESEARCH_DIAGNOSTICS
     quoted = set(re.findall(r"(?<![\d.])\d+\.\d\d(?![\d.])", _standing_prose()))
     assert quoted - allowed == set()
