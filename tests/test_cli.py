@@ -444,3 +444,61 @@ def test_hints_name_presets_not_the_checkouts_configs_folder(tmp_path, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "configs/" not in err and "otlt presets" in err, err
+
+
+def test_sigterm_stops_a_real_training_process_resumably(tiny_zip, config, tmp_path):
+    """A scheduler's preemption (or scripts/run_many.py's deadline) sends SIGTERM: the process
+    ends as on Ctrl-C, with one line and exit code 143, not silently killed by the signal,
+    and the resume picks up after the last finished epoch with every epoch logged once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "runs" / "tiny"
+    command = [sys.executable, "-m", "otlt.cli", "train", "--config", str(config),
+               *sets(tiny_overrides(tiny_zip, tmp_path / "runs", epochs=200))]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == [
+        "otlt: terminated (SIGTERM); the last finished epoch is in last.pt (resume with "
+        "'otlt train --resume RUN_DIR')"]
+    done = load_checkpoint(run / "last.pt")["epoch"]
+    assert 0 <= done < 199
+    assert main(["train", "--resume", str(run), "--stop-after", str(done + 2)]) == 0
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(done + 2))
+
+
+def test_main_leaves_the_process_sigterm_handler_as_it_found_it(capsys):
+    """main() in a caller's process (a notebook, these tests) puts SIGTERM's default back
+    when the command returns, and never replaces a handler the caller installed."""
+    import signal
+
+    from otlt import cli
+
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert main(["presets"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    def own(signum, frame):
+        pass
+
+    signal.signal(signal.SIGTERM, own)
+    try:
+        assert not cli.stop_on_sigterm()
+        assert main(["presets"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    capsys.readouterr()

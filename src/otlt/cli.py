@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -416,6 +418,28 @@ def one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``, ``scripts/run_many.py``'s deadline) turned
+    into the Ctrl-C path: the command stops where it is, every file it writes is atomic, and
+    ``last.pt`` holds the last finished epoch."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+def stop_on_sigterm() -> bool:
+    """End on SIGTERM as on Ctrl-C (one line, exit 143) instead of dying without a word.
+    Only where the process has no SIGTERM handler of its own and only from the main thread
+    (the one place Python delivers signals); True if installed (``main`` puts the default
+    back when the command returns, for a caller that runs ``main`` in its own process)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        return False
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    return True
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "demo": cmd_demo,
             "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep, "presets": cmd_presets,
             "data": cmd_data}
@@ -425,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     from otlt.engine.distributed import teardown_process
 
     finished = False
+    on_sigterm = stop_on_sigterm()
     try:
         args = build_parser().parse_args(argv)
         code = COMMANDS[args.command](args)
@@ -439,12 +464,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `otlt presets | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("otlt: interrupted; the last finished epoch is in last.pt (resume with "
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"otlt: {how}; the last finished epoch is in last.pt (resume with "
               "'otlt train --resume RUN_DIR')", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     finally:  # every rank that finished meets the others before leaving the group
         teardown_process(synchronize=finished)
+        if on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":  # pragma: no cover
