@@ -344,3 +344,36 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_zip, tmp_path, 
     # Recalibration draws the global batches alike on every rank: the same statistics.
     ea, eb = (json.loads((runs / r / "eval.json").read_text()) for r in ("one", "two"))
     assert ea["confusion_matrix"] == eb["confusion_matrix"]
+
+
+def test_sigterm_to_torchrun_stops_every_rank_resumably(tiny_zip, tmp_path, config):
+    """A scheduler preempts a torchrun job with SIGTERM: the agent forwards it to the ranks,
+    which stop as on Ctrl-C (rank 0 alone says so, once), and the run resumes under torchrun
+    from the last finished epoch with every epoch logged once."""
+    import signal
+    import time
+
+    out = tmp_path / "runs"
+    run = out / "tiny"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *cli_args(config, tiny_overrides(tiny_zip, out, epochs=200))]
+    proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (run / "last.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert stderr.count("otlt: terminated (SIGTERM)") <= 1, stderr[-3000:]
+    assert "otlt: done in" not in stdout and not (run / "eval.json").exists()
+    done = load_checkpoint(run / "last.pt")["epoch"]
+    result = torchrun(tmp_path, ["-m", "otlt.cli", "train", "--resume", str(run),
+                                 "--stop-after", str(done + 2)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(done + 2))

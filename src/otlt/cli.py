@@ -464,10 +464,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `otlt presets | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM to every rank under torchrun
+        from otlt.engine.distributed import is_main_process
+
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"otlt: {how}; the last finished epoch is in last.pt (resume with "
-              "'otlt train --resume RUN_DIR')", file=sys.stderr)
+        if is_main_process():
+            print(f"otlt: {how}; the last finished epoch is in last.pt (resume with "
+                  "'otlt train --resume RUN_DIR')", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     finally:  # every rank that finished meets the others before leaving the group
         teardown_process(synchronize=finished)
