@@ -237,22 +237,9 @@ for n in $NAMES; do
 done
 RUNS=$(pick cifar10_balanced_calibration $R $NAMES)
 if [ -n "$RUNS" ]; then
-# E of the pre-registered rule: the mean over the seeds present of the last-epoch test error
-# under the preset's train statistics (each run's eval.json), and the verdict once both exist.
-VERDICT=$(.venv/bin/python - $RUNS <<'PY'
-import json, sys
-errors = [json.load(open(f"{d}/eval.json"))["top1_error"] for d in sys.argv[1:]]
-e = sum(errors) / len(errors)
-per_seed = ", ".join(f"{x:.2f}" for x in errors)
-if len(errors) < 2:
-    print(f"Only seed 0 has finished ({per_seed}); the rule reads E, the mean of seeds 0 and 1, so no verdict yet.")
-else:
-    case = ("at or below 12.3: the JPEG re-encoding does not explain the long-tailed offset" if e <= 12.3
-            else "between 12.3 and 14.0: the data explains at most about 2 of the 7 to 9 points" if e <= 14.0
-            else "above 14.0: our pipeline, not the data, is the first suspect")
-    print(f"E = {e:.2f} (seeds {per_seed}, {abs(errors[0] - errors[1]):.2f} apart): {case}.")
-PY
-)
+# The pre-registered rule's sentence (E, the mean of the two seeds' last-epoch errors under
+# the preset's train statistics, from each run's eval.json; no verdict with one seed).
+VERDICT=$(.venv/bin/python scripts/calibration_verdict.py $RUNS)
 .venv/bin/python scripts/collect_results.py cifar10_balanced_calibration $RUNS \
   --weights --keep-epochs 236,239 \
   --title "Balanced CIFAR-10 (JPEG quality 75): the data calibration of issue 30 (240-epoch ERM, ResNet-32)" \

@@ -1,0 +1,64 @@
+"""The data calibration's reading, as pre-registered in docs/research.md (2026-12-05, 23:37 UTC)
+before either seed started: one sentence from the runs' own ``eval.json``.
+
+    G=results/cifar10_balanced_calibration
+    python scripts/calibration_verdict.py $G/cifar10_balanced_erm $G/cifar10_balanced_erm_seed1
+
+Each run's ``eval.json`` holds its last-epoch test error under the preset's ``train``
+statistics. E is the mean over the two seeds. The OTmix code's balanced ResNet-32 recipe
+reports 11.8% (its Table 3, best test epoch, the original data), and our CIFAR-10-LT baselines
+sit 7 to 9 points above the OTmix paper's:
+
+- E <= 12.3 (within half a point of 11.8, or below it): the JPEG re-encoding does not explain
+  the long-tailed offset;
+- 12.3 < E <= 14.0: the data explains at most about 2 of the 7 to 9 points;
+- E > 14.0: our pipeline (augmentation, schedule, evaluation) is the first suspect, not the
+  data.
+
+With one seed it says that no verdict is due yet (the rule reads two). results/collect.sh
+puts the sentence into the calibration group's README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+#: the rule's bounds, in % test error (docs/research.md)
+NOT_THE_DATA = 12.3
+AT_MOST_TWO_POINTS = 14.0
+
+
+def verdict(errors: list[float]) -> str:
+    """The rule's sentence for the seeds' last-epoch errors (seed 0 first)."""
+    if not errors:
+        raise ValueError("no finished run: nothing to read")
+    per_seed = ", ".join(f"{x:.2f}" for x in errors)
+    if len(errors) < 2:
+        return (f"Only seed 0 has finished ({per_seed}); the rule reads E, the mean of seeds 0 "
+                "and 1, so no verdict yet.")
+    if len(errors) > 2:
+        raise ValueError(f"the rule reads two seeds, got {len(errors)}")
+    e = sum(errors) / 2
+    if e <= NOT_THE_DATA:
+        case = (f"at or below {NOT_THE_DATA}: the JPEG re-encoding does not explain the "
+                "long-tailed offset")
+    elif e <= AT_MOST_TWO_POINTS:
+        case = (f"between {NOT_THE_DATA} and {AT_MOST_TWO_POINTS}: the data explains at most "
+                "about 2 of the 7 to 9 points")
+    else:
+        case = f"above {AT_MOST_TWO_POINTS}: our pipeline, not the data, is the first suspect"
+    return f"E = {e:.2f} (seeds {per_seed}, {abs(errors[0] - errors[1]):.2f} apart): {case}."
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="seed 0's run folder, then seed 1's")
+    args = parser.parse_args()
+    print(verdict([json.loads((run / "eval.json").read_text())["top1_error"]
+                   for run in args.runs]))
+
+
+if __name__ == "__main__":
+    main()
