@@ -28,7 +28,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model from a YAML config")
+    p = sub.add_parser("train", help="train a model from a YAML config",
+                       epilog="Ctrl-C or SIGTERM (a scheduler's preemption) stops a run "
+                       "resumably: last.pt holds the last finished epoch (exit 130 or 143).")
     p.add_argument("--config", help="YAML config file (its base: may name a preset)")
     p.add_argument("--preset", help="a packaged preset by name (otlt presets lists them), "
                                     "e.g. cifar10_lt_r100_erm_otmix")
