@@ -44,15 +44,26 @@ def test_one_seed_is_no_verdict_and_three_are_refused(verdict):
         verdict([])
 
 
-def test_the_script_reads_each_runs_eval_json(tmp_path):
+def test_the_script_reads_each_runs_eval_json_and_best_test_epoch(tmp_path):
+    """Last-epoch errors from eval.json; the best test epoch from metrics.jsonl's per-epoch
+    diagnostic (a record without it, as before eval.test_every_epoch, is skipped)."""
     runs = []
-    for name, error in (("seed0", 12.8), ("seed1", 13.4)):
+    for name, error, accs in (("seed0", 12.8, [80.0, 88.0, 87.5]),
+                              ("seed1", 13.4, [81.0, 87.2, 87.6])):
         (tmp_path / name).mkdir()
         (tmp_path / name / "eval.json").write_text(json.dumps({"top1_error": error}))
+        lines = [json.dumps({"epoch": i, "test_diag_acc": a}) for i, a in enumerate(accs)]
+        lines.insert(1, json.dumps({"epoch": 9}))
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         runs.append(str(tmp_path / name))
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "calibration_verdict.py"),
-                          *runs], capture_output=True, text=True, check=True).stdout
+    script = [sys.executable, str(ROOT / "scripts" / "calibration_verdict.py")]
+    out = subprocess.run([*script, *runs], capture_output=True, text=True, check=True).stdout
     assert out.startswith("E = 13.10 (seeds 12.80, 13.40, 0.60 apart): between 12.3 and 14.0")
+    assert out.rstrip().endswith(
+        "Data handicap: E − 11.8 = +1.30 points at the last epoch; with each seed's best test "
+        "epoch (12.00, 12.40, the reference's protocol) +0.40.")
+    one = subprocess.run([*script, runs[0]], capture_output=True, text=True, check=True).stdout
+    assert "no verdict yet" in one and "handicap" not in one
 
 
 def test_the_bounds_are_the_pre_registered_ones(monkeypatch):
