@@ -22,6 +22,8 @@ def verdict(monkeypatch):
 
 @pytest.mark.parametrize("errors, case", [
     ([12.3, 12.3], "at or below 12.3: the JPEG re-encoding does not explain"),
+    ([12.2, 12.4], "at or below 12.3"),
+    ([13.96, 14.04], "between 12.3 and 14.0"),
     ([9.1, 9.6], "at or below 12.3"),
     ([12.2, 12.42], "between 12.3 and 14.0: the data explains at most about 2"),
     ([14.0, 14.0], "between 12.3 and 14.0"),

@@ -259,7 +259,48 @@ def test_every_two_decimal_number_in_the_standing_prose_comes_from_the_committed
             if diffs:
                 values |= spread(diffs)
     plain, adjusted = _logit_adjusted_gains()
-    values |= {*plain, *spread(adjusted), *_cmo_minus_otmix_adjusted()}
+    values |= {*plain, *spread(adjusted), *_cmo_minus_otmix_adjusted(), *_calibration_numbers()}
     allowed = {f"{abs(v):.2f}" for v in values}
     quoted = set(re.findall(r"(?<![\d.])\d+\.\d\d(?![\d.])", _standing_prose()))
     assert quoted - allowed == set()
+
+
+CALIBRATION = ROOT / "results" / "cifar10_balanced_calibration"
+
+
+def _calibration_numbers() -> set[float]:
+    """The committed calibration seeds' last and best-test-epoch errors, their means, the
+    seeds' gap and both handicaps (scripts/calibration_verdict.py's numbers); empty before."""
+    import json
+
+    from conftest import load_script
+
+    script = load_script("calibration_verdict")
+    runs = [run for run in (CALIBRATION / "cifar10_balanced_erm",
+                            CALIBRATION / "cifar10_balanced_erm_seed1")
+            if (run / "eval.json").is_file()]
+    last = [json.loads((run / "eval.json").read_text())["top1_error"] for run in runs]
+    best = [script.best_test_error(run) for run in runs]
+    values = {*last, *best}
+    if len(runs) == 2:
+        e, b = sum(last) / 2, sum(best) / 2
+        values |= {e, b, last[0] - last[1], e - script.REFERENCE, b - script.REFERENCE}
+    return values
+
+
+def test_the_readme_data_handicap_is_the_committed_calibration(monkeypatch):
+    """Once both calibration seeds are committed, README's "Absolute errors" bullet quotes
+    the pre-registered verdict and handicap exactly as scripts/calibration_verdict.py reads
+    them from the runs (skipped until then: the rule reads two seeds)."""
+    import json
+
+    from conftest import load_script
+
+    runs = [CALIBRATION / name for name in ("cifar10_balanced_erm", "cifar10_balanced_erm_seed1")]
+    if not all((run / "eval.json").is_file() for run in runs):
+        pytest.skip("the data calibration has not committed both seeds yet")
+    script = load_script("calibration_verdict", monkeypatch)
+    errors = [json.loads((run / "eval.json").read_text())["top1_error"] for run in runs]
+    prose = _standing_prose()
+    assert script.verdict(errors) in prose
+    assert script.handicap(errors, [script.best_test_error(run) for run in runs]) in prose
