@@ -502,3 +502,20 @@ def test_main_leaves_the_process_sigterm_handler_as_it_found_it(capsys):
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("stop, code, line", [
+    (KeyboardInterrupt, 130, "otlt: interrupted"),
+    ("terminated", 143, "otlt: terminated (SIGTERM)")])
+def test_a_stopped_command_that_trains_nothing_does_not_speak_of_last_pt(
+        monkeypatch, capsys, stop, code, line):
+    from otlt import cli
+
+    error = cli.Terminated if stop == "terminated" else stop
+
+    def stopped(args):
+        raise error
+
+    monkeypatch.setitem(cli.COMMANDS, "presets", stopped)
+    assert main(["presets"]) == code
+    assert capsys.readouterr().err == line + "\n"

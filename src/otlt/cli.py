@@ -450,11 +450,12 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "demo": cm
 def main(argv: list[str] | None = None) -> int:
     from otlt.engine.distributed import teardown_process
 
-    finished = False
+    finished, command = False, None
     on_sigterm = stop_on_sigterm()
     try:
         args = build_parser().parse_args(argv)
-        code = COMMANDS[args.command](args)
+        command = args.command
+        code = COMMANDS[command](args)
         finished = True
         return code
     except OtltError as exc:
@@ -470,9 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         from otlt.engine.distributed import is_main_process
 
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        if command in ("train", "sweep"):
+            how += ("; the last finished epoch is in last.pt (resume with "
+                    "'otlt train --resume RUN_DIR')")
         if is_main_process():
-            print(f"otlt: {how}; the last finished epoch is in last.pt (resume with "
-                  "'otlt train --resume RUN_DIR')", file=sys.stderr)
+            print(f"otlt: {how}", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     finally:  # every rank that finished meets the others before leaving the group
         teardown_process(synchronize=finished)
