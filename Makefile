@@ -27,7 +27,7 @@ test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
 lint: venv
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks scripts examples configs
 
 bench: venv
 	$(VENV)/bin/otlt bench --quick
