@@ -254,7 +254,8 @@ def test_rows_pool_seeds_with_mean_and_sample_std(tmp_path):
     assert "- erm, per seed (last / selected): seed 0: 30.00 / 29.00; seed 1: 32.00 / " \
         "31.00; seed 2: 34.00 / 33.00" in section
     # mixing minus its base over the seeds both have (seed 0: 29.5 - 30.0), and the paper's
-    assert "| erm_otmix | erm | 0 | -0.50 | – | -2.00 | -5.20 |" in section  # one seed: no t
+    # one seed: no t; ERM logged no per-epoch test accuracy, so no best-test-epoch difference
+    assert "| erm_otmix | erm | 0 | -0.50 | – | -2.00 | – | -5.20 |" in section
     assert "each BatchNorm procedure" not in section  # no probe files yet
     assert "| 3 | 24.50 |" in text.split("### Best test epoch")[1]  # epochs counted from 1
 
@@ -265,21 +266,28 @@ def test_otmix_rows_are_compared_with_the_other_mixers_on_their_recipe(tmp_path)
     from otlt.report.rows import rival_pairs, seed_rows
 
     root = tmp_path / "runs"
+    def diag(best):  # six epochs of per-epoch test accuracy, the best one `best`
+        return [50.0, best - 2.0, best, best - 1.0, best - 1.5, best - 1.0]
+
     paths = [_protocol_run(root, "erm", 0, 36.0, 35.0, paper=26.9),
-             _protocol_run(root, "cmo", 0, 36.5, 34.0, mix="cmo", paper=25.0),
-             _protocol_run(root, "cmo_seed1", 1, 35.5, 33.0, mix="cmo", paper=25.0),
-             _protocol_run(root, "otmix", 0, 35.0, 32.0, mix="otmix", paper=21.7),
-             _protocol_run(root, "otmix_seed1", 1, 35.0, 32.5, mix="otmix", paper=21.7),
+             _protocol_run(root, "cmo", 0, 36.5, 34.0, mix="cmo", paper=25.0, diag=diag(67.0)),
+             _protocol_run(root, "cmo_seed1", 1, 35.5, 33.0, mix="cmo", paper=25.0,
+                           diag=diag(68.0)),
+             _protocol_run(root, "otmix", 0, 35.0, 32.0, mix="otmix", paper=21.7,
+                           diag=diag(68.5)),
+             _protocol_run(root, "otmix_seed1", 1, 35.0, 32.5, mix="otmix", paper=21.7,
+                           diag=diag(70.5)),
              _protocol_run(root, "otmix_seed2", 2, 30.0, 30.0, mix="otmix", paper=21.7),
              _protocol_run(root, "cmo_lr", 0, 40.0, 39.0, mix="cmo", lr=0.05)]
     rows = seed_rows(load_runs(paths))
     assert [(a.label, b.label) for a, b in rival_pairs(rows)] == [("otmix", "cmo")]
     text = write_report(paths, tmp_path / "out").read_text()
     table = text.split("### OTmix against another mixer on the same recipe")[1].split("\n\n")[2]
-    # seeds 0 and 1: last -1.5 and -0.5, selected -2.0 and -0.5; seed 2 has no CMO run;
+    # seeds 0 and 1: last -1.5 and -0.5, selected -2.0 and -0.5, best test epochs (100 - the
+    # best accuracy) 31.5 - 33.0 and 29.5 - 32.0; seed 2 has no CMO run;
     # the last epoch's 95% t interval: -1.0 ± tan(0.475 pi) 0.5 (one degree of freedom)
     assert table.splitlines()[2] == ("| otmix | cmo | 0, 1 | -1.00 ± 0.71 | -7.35 to 5.35 | "
-                                     "-1.25 ± 1.06 | -3.30 |")
+                                     "-1.25 ± 1.06 | -2.00 ± 0.71 | -3.30 |")
     assert len(table.splitlines()) == 3
 
 
@@ -681,4 +689,4 @@ def test_a_pair_interval_says_when_a_seed_lacks_its_number(tmp_path):
     table = text.split("### What mixing changes against its base row")[1].split("\n\n")[2]
     # seeds 0 and 1: -2.0 and -1.0, so -1.5 ± 0.71 and -1.5 ± tan(0.475 pi) 0.5
     assert table.splitlines()[2] == ("| otmix | erm | 0, 1, 2 | -1.50 ± 0.71 (2 of 3) | "
-                                     "-7.85 to 4.85 (2 of 3) | -2.00 ± 0.00 | – |")
+                                     "-7.85 to 4.85 (2 of 3) | -2.00 ± 0.00 | – | – |")
