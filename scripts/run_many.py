@@ -35,7 +35,8 @@ SIGKILL 15 s later): every file otlt writes is written atomically, so it resumes
 last ``last.pt``.
 
 **The summary.** At the end it prints, and writes to ``<out>/summary.json``, per run: its
-state (``finished``, ``stopped`` resumable, ``failed`` with the exit code, ``not started``),
+state (``finished``, ``stopped`` resumable (also a child that exited 130 or 143 on a signal sent
+to it from elsewhere), ``failed`` with the exit code, ``not started``),
 epochs done / total (lines of ``metrics.jsonl`` / ``optim.epochs`` of its ``config.yaml``;
 a damaged line before the last is named instead of counted past),
 the test top-1 error of ``eval.json`` when finished, the seconds its process ran here and
@@ -69,6 +70,11 @@ from otlt.errors import OtltError
 MPS_CONTROL = "nvidia-cuda-mps-control"
 MAX_PIPE_PATH = 80  # unix socket paths end at 108 bytes; the daemon adds its own names
 PIPE_PREFIX = "otlt-mps-"
+
+
+#: otlt's exit codes after Ctrl-C (130) and SIGTERM (143): stopped at a resumable point,
+#: also when the signal came from elsewhere (a cgroup-wide kill), not a failure
+STOPPED_CODES = (130, 143)
 
 
 @dataclass
@@ -217,7 +223,7 @@ def run_summary(run: Run, out: Path) -> dict:
         state = "finished" if run.skipped else "not started"
     elif code == 0:
         state = "finished" if finished else "stopped"
-    elif run.terminated:
+    elif run.terminated or code in STOPPED_CODES:
         state = "stopped"
     else:
         state = "failed"

@@ -519,3 +519,31 @@ def test_a_stopped_command_that_trains_nothing_does_not_speak_of_last_pt(
     monkeypatch.setitem(cli.COMMANDS, "presets", stopped)
     assert main(["presets"]) == code
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_a_second_sigterm_while_the_first_unwinds_ends_the_process_at_once():
+    """The handler puts SIGTERM's default back before it raises, so a repeated SIGTERM (a
+    cgroup-wide kill, then a launcher's) is not a second exception mid-cleanup."""
+    import signal
+
+    from otlt import cli
+
+    assert cli.stop_on_sigterm()
+    try:
+        with pytest.raises(cli.Terminated):
+            signal.raise_signal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_a_stopped_sweep_says_how_to_continue(monkeypatch, capsys):
+    from otlt import cli
+
+    def stopped(args):
+        raise cli.Terminated
+
+    monkeypatch.setitem(cli.COMMANDS, "sweep", stopped)
+    assert main(["sweep", "--config", "c.yaml", "--key", "seed", "--values", "0,1"]) == 143
+    assert capsys.readouterr().err == ("otlt: terminated (SIGTERM); the same otlt sweep command "
+                                       "resumes the stopped run and runs the rest\n")

@@ -132,3 +132,20 @@ def test_evaluation_share_is_the_time_outside_the_steps(monkeypatch):
     # a record whose timing is null or zero is left out, not an error
     assert rm.evaluation_share([*records, {"epoch_seconds": 2.0, "steps_seconds": None},
                                 {"epoch_seconds": 0.0, "steps_seconds": 0.0}]) == 0.2
+
+
+def test_a_child_stopped_by_a_signal_from_elsewhere_is_stopped_not_failed(tmp_path,
+                                                                          monkeypatch):
+    """otlt exits 130 (Ctrl-C) or 143 (SIGTERM) at a resumable point, also when the signal
+    did not come from run_many (a cgroup-wide kill); another non-zero code is a failure."""
+    from types import SimpleNamespace
+
+    rm = load_script("run_many", monkeypatch)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "last.pt").write_bytes(b"x")
+    states = []
+    for code in (143, 130, 1):
+        run = rm.Run(Path("c.yaml"), "a", [], proc=SimpleNamespace(returncode=code))
+        summary = rm.run_summary(run, tmp_path)
+        states.append((summary["state"], summary["resumable"]))
+    assert states == [("stopped", True), ("stopped", True), ("failed", False)]

@@ -632,3 +632,20 @@ def test_real_cifar10_jpeg_zip(tmp_path, monkeypatch):
         np.testing.assert_array_equal(cached[split].labels, got.labels)
     assert 20 < splits["train"].images.mean() < 235  # real pixels, not a blank decode
     np.testing.assert_array_equal(cached["test"].images, splits["test"].images)
+
+
+def test_a_forked_image_decoder_dies_quietly_on_sigterm(tmp_path):
+    """The decode pool is forked from a CLI that turns SIGTERM into an exception: each worker
+    puts the default back, so a process-group SIGTERM ends it without a traceback and the
+    parent alone reports the stop."""
+    import signal
+
+    from otlt import cli
+    from otlt.data import folders
+
+    assert cli.stop_on_sigterm()
+    try:
+        folders._init_decoder(tmp_path)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -427,6 +427,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame) -> None:
+    # a second SIGTERM while this one unwinds (a cgroup-wide kill, then a launcher's) ends
+    # the process at once, as SIGTERM did before: every checkpoint is already atomic
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated
 
 
@@ -471,9 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         from otlt.engine.distributed import is_main_process
 
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        if command in ("train", "sweep"):
+        if command == "train":
             how += ("; the last finished epoch is in last.pt (resume with "
                     "'otlt train --resume RUN_DIR')")
+        elif command == "sweep":
+            how += "; the same otlt sweep command resumes the stopped run and runs the rest"
         if is_main_process():
             print(f"otlt: {how}", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130

@@ -9,6 +9,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import signal
 import unicodedata
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -190,6 +191,9 @@ _WORKER_TREE: _FileTree | None = None
 def _init_decoder(path: Path) -> None:
     global _WORKER_TREE
     _WORKER_TREE = _FileTree(path)
+    # forked from a CLI that turns SIGTERM into an exception: a decoder ends silently on it,
+    # and the parent reports the stop once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _decode_chunk(names: list[str], shape: tuple[int, ...]) -> np.ndarray:
