@@ -13,13 +13,13 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 from otlt.config import BN_STATS
 from otlt.console import format_eval, format_percent
 from otlt.errors import OtltError
+from otlt.stopping import Terminated, stop_on_sigterm
 
 
 class _Parser(argparse.ArgumentParser):
@@ -418,31 +418,6 @@ def one_line(message: str) -> str:
         lines = [line for line in message.splitlines() if line.strip()]
         message = lines[-1].split(": ", 1)[-1] if lines else message
     return " ".join(message.split())
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's preemption, ``kill``, ``scripts/run_many.py``'s deadline) turned
-    into the Ctrl-C path: the command stops where it is, every file it writes is atomic, and
-    ``last.pt`` holds the last finished epoch."""
-
-
-def _raise_terminated(signum, frame) -> None:
-    # a second SIGTERM while this one unwinds (a cgroup-wide kill, then a launcher's) ends
-    # the process at once, as SIGTERM did before: every checkpoint is already atomic
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated
-
-
-def stop_on_sigterm() -> bool:
-    """End on SIGTERM as on Ctrl-C (one line, exit 143) instead of dying without a word.
-    Only where the process has no SIGTERM handler of its own and only from the main thread
-    (the one place Python delivers signals); True if installed (``main`` puts the default
-    back when the command returns, for a caller that runs ``main`` in its own process)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
-        return False
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    return True
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "demo": cmd_demo,
