@@ -21,10 +21,14 @@ import yaml
 from PIL import Image
 
 from conftest import one_line_error, sets, tiny_overrides
+from otlt.atomic import write_atomic
 from otlt.cli import main
 from otlt.data.lists import read_list_file
+from otlt.engine import procedure as procedure_module
 from otlt.engine import rundir
-from otlt.engine.checkpoint import load_checkpoint, save_atomic, write_atomic
+from otlt.engine import trainer as trainer_module
+from otlt.engine.checkpoint import load_checkpoint, save_atomic
+from otlt.engine.weights import load_weights
 from otlt.errors import OtltError
 
 
@@ -422,6 +426,52 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(stopped_run, capsys
     monkeypatch.undo()
     assert main(["train", "--resume", str(stopped_run), "--stop-after", "2"]) == 0
     assert load_checkpoint(stopped_run / "last.pt")["epoch"] == 1
+
+
+def _best_epoch(run: Path) -> int:
+    return load_weights(run / "best.safetensors").epoch
+
+
+def test_a_stop_before_last_pt_keeps_the_best_last_pt_knows(stopped_run, monkeypatch):
+    """Epoch 1 beats the best (validation patched to 100%), then the stop comes before
+    ``last.pt`` records it. Its best must not replace the one ``last.pt`` names: on a GPU the
+    redone epoch can train other weights, which here validate worse and are not selected."""
+    monkeypatch.setattr(procedure_module, "select_value", lambda summary, metric: 100.0)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module, "save_atomic", stop)
+        assert main(["train", "--resume", str(stopped_run), "--stop-after", "3"]) == 130
+    assert load_checkpoint(stopped_run / "last.pt")["epoch"] == 0
+    assert _best_epoch(stopped_run) == 0  # before the fix: 1, an epoch last.pt never saved
+    monkeypatch.setattr(procedure_module, "select_value", lambda summary, metric: 0.0)
+    assert main(["train", "--resume", str(stopped_run)]) == 0
+    assert _best_epoch(stopped_run) == 0
+    assert json.loads((stopped_run / "eval.json").read_text())["selected"]["epoch"] == 0
+    assert not (stopped_run / ".best.pending.safetensors").exists()
+
+
+def test_a_stop_after_last_pt_makes_its_best_the_best_on_resume(stopped_run, monkeypatch):
+    """The stop comes after ``last.pt`` recorded epoch 1 as best but before its weights
+    became ``best.safetensors``: the resume finishes the rename, so file and checkpoint
+    agree."""
+    monkeypatch.setattr(procedure_module, "select_value", lambda summary, metric: 100.0)
+
+    def stop(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(procedure_module.EvaluationProcedure, "commit_best", stop)
+        assert main(["train", "--resume", str(stopped_run), "--stop-after", "3"]) == 130
+    assert load_checkpoint(stopped_run / "last.pt")["best"]["epoch"] == 1
+    assert _best_epoch(stopped_run) == 0
+    monkeypatch.setattr(procedure_module, "select_value", lambda summary, metric: 0.0)
+    assert main(["train", "--resume", str(stopped_run)]) == 0
+    assert _best_epoch(stopped_run) == 1
+    assert json.loads((stopped_run / "eval.json").read_text())["selected"]["epoch"] == 1
+    assert not (stopped_run / ".best.pending.safetensors").exists()
 
 
 @pytest.mark.parametrize("locking", [True, False])

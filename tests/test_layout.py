@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "otlt"
 
 # Lower number = lower layer; a module may import its own layer or a lower one.
 LAYERS = [
-    ("errors", "console", "amp", "stopping"),
+    ("errors", "console", "amp", "stopping", "atomic"),
     ("transport", "losses", "metrics", "models", "config"),
     ("mixing", "reweight", "data"),
     ("engine", "integrations"),

@@ -417,7 +417,27 @@ def test_cache_rebuilds_when_the_source_changes_and_drops_the_stale_entry(tmp_pa
     load_cached(src, _counting_build(calls, 3), cache_dir)
     assert len(calls) == 3
     assert len(list(cache_dir.glob("*.npz"))) == 1
-    assert not list(cache_dir.glob(".tmp-*"))
+    assert not list(cache_dir.glob(".*.tmp"))
+
+
+def test_a_cache_the_disk_refuses_is_a_warning_and_leaves_no_file(tmp_path, monkeypatch,
+                                                                    caplog):
+    """A full disk while the cache entry is written: the data still comes back, one warning
+    names the entry and the reason, and neither a half entry nor a temp file is left."""
+    src, cache_dir = tmp_path / "data.zip", tmp_path / "cache"
+    src.write_bytes(b"v1")
+
+    def full_disk(fd):
+        raise OSError(28, os.strerror(28))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    calls: list = []
+    with caplog.at_level("WARNING"):
+        got = load_cached(src, _counting_build(calls, 5), cache_dir)
+    assert got["train"].images[0, 0, 0, 0] == 5 and len(calls) == 1
+    assert "No space left on device); continuing without the cache" in caplog.text
+    assert "cannot write" in caplog.text and str(cache_dir) in caplog.text
+    assert list(cache_dir.iterdir()) == []
 
 
 def test_cache_key_of_a_folder_covers_its_files(tmp_path):

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from otlt.atomic import write_text_atomic
 from otlt.bench.harness import BenchOptions, open_bench, reweight_step
 from otlt.bench.scaling import run_scaling, scaling_markdown
 from otlt.bench.timing import interleaved_times, paired_ratio, summarize_times
@@ -153,7 +154,7 @@ def format_table(result: dict[str, Any]) -> str:
 def write_json(result: dict[str, Any], path: Path) -> None:
     """Write ``result`` as indented JSON (creating the parent folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    write_text_atomic(path, json.dumps(result, indent=1))
 
 
 def cli_main(args: Any) -> int:
@@ -167,7 +168,7 @@ def cli_main(args: Any) -> int:
     if args.scaling:
         result = run_scaling(options)
         text = scaling_markdown(result)
-        Path(args.markdown).write_text(text)
+        write_text_atomic(args.markdown, text)
         print(text, end="")
         print(f"otlt: wrote {args.markdown}")
     else:

@@ -9,8 +9,9 @@ from typing import Any
 
 import yaml
 
+from otlt.atomic import write_text_atomic
 from otlt.config.schema import RunConfig, to_dict
-from otlt.errors import OtltError, require, writing
+from otlt.errors import OtltError, require
 
 
 def _read_yaml(path: Path) -> dict:
@@ -146,5 +147,4 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def dump_config(cfg: RunConfig, path: Path) -> None:
     """Write the resolved config as YAML (a refused write: one-line :class:`OtltError`)."""
-    with writing(path):
-        path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

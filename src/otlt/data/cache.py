@@ -15,14 +15,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from otlt.atomic import write_atomic
 from otlt.data.types import ImageArrays
-from otlt.errors import OtltError
+from otlt.errors import OtltError, writing
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ def _read_entry(entry: Path, key: str) -> dict[str, ImageArrays] | None:
 
 
 def _write_entry(entry: Path, key: str, data: dict[str, ImageArrays]) -> None:
-    """Write ``data`` to ``entry`` atomically (temp file + ``os.replace``); warn on failure."""
+    """Write ``data`` to ``entry`` atomically (:func:`otlt.atomic.write_atomic`); a refused
+    write is a warning: the run goes on without the cache."""
     arrays: dict[str, np.ndarray] = {
         "meta": np.array(json.dumps({"key": key, "version": FORMAT_VERSION,
                                      "splits": list(data)}))}
@@ -128,20 +129,13 @@ def _write_entry(entry: Path, key: str, data: dict[str, ImageArrays]) -> None:
         arrays[f"{split}__images"] = part.images
         arrays[f"{split}__labels"] = part.labels
         arrays[f"{split}__classes"] = np.array(part.classes, dtype=str)
-    tmp = None
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, entry)
-        tmp = None
-    except OSError as exc:
-        logger.warning("could not write cache entry %s (%s); continuing without it", entry, exc)
+        with writing(entry.parent):
+            entry.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(entry, lambda handle: np.savez(handle, **arrays))
+    except OtltError as exc:  # "cannot write PATH (reason)": a full disk, a read-only folder
+        logger.warning("%s; continuing without the cache", exc)
         return
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
     _remove_stale(entry)
 
 

@@ -1,8 +1,8 @@
 """Checkpoint files that are atomic, checksummed, and cannot run code when read.
 
-- Atomic: every write goes to a temp file in the same folder, is fsynced and renamed over
-  the target, so a crash leaves the old file or the whole new one (stale temp files of a
-  killed save are removed at the next save or load).
+- Atomic: :func:`otlt.atomic.write_atomic` (temp file, fsync, rename), so a crash leaves
+  the old file or the whole new one (stale temp files of a killed save are removed at the
+  next save or load).
 - Checksummed: ``last.pt`` is ``MAGIC + sha256(payload) + payload`` with the ``torch.save``
   payload after the header; a flipped byte is an error on load, not a silently different
   model. Files written before the header existed (a bare ``torch.save`` zip) still load.
@@ -12,53 +12,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
-from otlt.errors import OtltError, reason, writing
+from otlt.atomic import remove_stale_temps, write_atomic
+from otlt.errors import OtltError, reason
 
 CHECKPOINT_FORMAT = 1
 MAGIC = b"OTLTCKPT\x01"
 _DIGEST_BYTES = 32
-
-
-def remove_stale_temps(path: Path) -> None:
-    """Delete leftover temp files of an interrupted :func:`write_atomic` to ``path``."""
-    path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        try:
-            stale.unlink()
-        except OSError:
-            pass
-
-
-def write_atomic(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Call ``write(handle)`` on a temp file in ``path``'s folder, fsync, rename over ``path``:
-    readers see the old file or the whole new one, never a half-written one. A refused write
-    (``OSError``: a full disk, a read-only folder) removes the temp file and raises
-    :class:`OtltError` naming ``path`` and the reason."""
-    path = Path(path)
-    remove_stale_temps(path)
-    with writing(path):  # a full disk or a read-only folder: one line, the old file kept
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from otlt.atomic import write_text_atomic
 from otlt.engine.distributed import is_main_process
 from otlt.errors import OtltError, is_finite_number, writing
 
@@ -90,8 +91,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         kept = [r for r in read_metrics(self.path) if r.get("epoch", -1) < start_epoch]
-        with writing(self.path):  # a full disk or a read-only run directory: one line
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

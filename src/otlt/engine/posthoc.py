@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from otlt.atomic import write_text_atomic
 from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.preflight import check_components
@@ -289,10 +290,7 @@ def write_result(path: Path, record: dict[str, Any], overwrite: bool = False) ->
             return False
         raise OtltError(f"{path} exists and holds other numbers ({_difference(old, new)}); "
                         "choose another file with --out or replace it with --overwrite")
-    try:
-        path.write_text(json.dumps(record, indent=1))
-    except OSError as exc:
-        raise OtltError(f"cannot write {path} ({exc.strerror or exc})") from None
+    write_text_atomic(path, json.dumps(record, indent=1))
     return True
 
 

@@ -10,6 +10,12 @@ Per epoch, after training, :meth:`EvaluationProcedure.after_epoch` does::
     procedure.probe(epoch)                   # every procedure, every eval.bn_probe_every epochs
     procedure.select(epoch, record, model, mixer_state)   # best.safetensors (ties: the later)
 
+A new best is written as ``.best.pending.safetensors`` and becomes ``best.safetensors`` only
+after ``last.pt`` records it (:meth:`EvaluationProcedure.commit_best`), so a stop in between
+never leaves a best file from an epoch attempt ``last.pt`` does not know (on a GPU a redone
+epoch may train other weights); :meth:`EvaluationProcedure.recover_best` settles a pending
+file on resume.
+
 and once, after the last epoch, :meth:`EvaluationProcedure.final` (``eval.json``: the last
 epoch and the validation-selected checkpoint on test).
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +39,7 @@ from typing import Any
 
 import torch
 
+from otlt.atomic import write_text_atomic
 from otlt.config import BN_STATS, RunConfig, to_dict
 from otlt.data.prepare import LongTailedData
 from otlt.engine.batchnorm import (
@@ -46,10 +54,13 @@ from otlt.engine.feed import Feed, create_feed
 from otlt.engine.logging import log_final
 from otlt.engine.runtime import build_model
 from otlt.engine.weights import SUFFIX, load_weights, save_weights
-from otlt.errors import writing
+from otlt.errors import OtltError, writing
 from otlt.metrics import select_value, summarize
 from otlt.mixing import Mixer, MixRecipe
 from otlt.models.features import Embed
+
+BEST = f"best{SUFFIX}"
+PENDING_BEST = f".best.pending{SUFFIX}"  # a new best until last.pt records its epoch
 
 
 class EvaluationProcedure:
@@ -204,10 +215,37 @@ class EvaluationProcedure:
         self.best = {"epoch": epoch, "value": value}
         if is_main_process():
             e = self.cfg.eval
-            save_weights(self.run_dir / f"best{SUFFIX}", self.model.state_dict(),
+            save_weights(self.run_dir / PENDING_BEST, self.model.state_dict(),
                          epoch=epoch, evaluated_bn=batchnorm_state(model), mixer=mixer_state,
                          meta={"bn_stats": e.bn_stats, "bn_batches": e.bn_batches,
                                "select_metric": e.select_metric, "val_value": value})
+
+    def commit_best(self) -> None:
+        """Rename the epoch's pending best over ``best.safetensors`` (rank 0). The trainer
+        calls it once ``last.pt`` records the epoch: a stop before it keeps the previous best,
+        which is what ``last.pt`` says is best."""
+        pending = self.run_dir / PENDING_BEST
+        if is_main_process() and pending.exists():
+            with writing(self.run_dir / BEST):
+                os.replace(pending, self.run_dir / BEST)
+
+    def recover_best(self) -> None:
+        """Settle a pending best on resume, after ``best`` is restored from ``last.pt``: one
+        of the epoch ``last.pt`` records as best (the stop came between ``last.pt`` and the
+        rename) becomes ``best.safetensors``; any other is from an epoch attempt ``last.pt``
+        never saved and is removed (the resumed run redoes that epoch)."""
+        pending = self.run_dir / PENDING_BEST
+        if not is_main_process() or not pending.exists():
+            return
+        try:
+            epoch = load_weights(pending).epoch
+        except OtltError:  # unreadable (damaged): no best anyone could use
+            epoch = None
+        if self.best is not None and epoch == self.best["epoch"]:
+            self.commit_best()
+        else:
+            with writing(pending):
+                pending.unlink()
 
     def final(self) -> dict[str, Any]:
         """Evaluate on the test split, under ``eval.bn_stats``, the last epoch's weights and
@@ -217,7 +255,7 @@ class EvaluationProcedure:
         result = {"split": "test", "epoch": last, "checkpoint": "last", "bn_stats": e.bn_stats,
                   "bn_batches": e.bn_batches, "classes": self.feed.classes,
                   **self.summarize(confusion)}
-        best_path = self.run_dir / f"best{SUFFIX}"
+        best_path = self.run_dir / BEST
         # Rank 0 wrote best.safetensors and reads it for every rank: other nodes need not
         # see the run directory.
         best = on_main_then_share(
@@ -231,7 +269,6 @@ class EvaluationProcedure:
                                   "val_value": best.meta.get("val_value"),
                                   **self.summarize(self.confusion_on("test", model))}
         if is_main_process():
-            with writing(self.run_dir / "eval.json"):
-                (self.run_dir / "eval.json").write_text(json.dumps(result, indent=1))
+            write_text_atomic(self.run_dir / "eval.json", json.dumps(result, indent=1))
             log_final(self.run_dir, to_dict(self.cfg), result)
         return result

@@ -41,9 +41,10 @@ import torch
 import yaml
 
 from otlt.amp import autocast
+from otlt.atomic import write_text_atomic
 from otlt.config import ReweightConfig, RunConfig, to_dict
 from otlt.data.streams import is_list_dataset
-from otlt.engine.checkpoint import load_checkpoint, write_atomic
+from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.distributed import launched_world_size
 from otlt.engine.feed import DeviceFeed
 from otlt.engine.runtime import DeviceSplit
@@ -175,9 +176,9 @@ class Stage2Step:
     def write(self, run_dir: Path, epoch: int) -> None:
         """``weights.json``: every training example's label, raw weight and probability."""
         raw = self.reweighter.raw
-        _write_json_atomic(run_dir / "weights.json", {
+        write_text_atomic(run_dir / "weights.json", json.dumps({
             "epoch": epoch, "labels": self.feed.train.labels.tolist(), "raw": raw.tolist(),
-            "probability": torch.softmax(raw.double(), 0).tolist()})
+            "probability": torch.softmax(raw.double(), 0).tolist()}))
 
     # ---- training ----------------------------------------------------------------------
     def start_epoch(self, generator: torch.Generator) -> None:
@@ -281,6 +282,3 @@ class Stage2Step:
             logits = self.model.fc(self.meta_z)
         return self.loss(logits, self.meta_split.labels).float().mean()
 
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, lambda handle: handle.write(json.dumps(obj).encode()))

@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from otlt.atomic import write_text_atomic
 from otlt.config import RunConfig, build_config, config_changes, refuse_unsafe_changes
 from otlt.engine.runtime import open_run_dir, run_dir_path
 from otlt.errors import OtltError, writing
@@ -184,9 +185,8 @@ def write_splits(run_dir: Path, data: Any) -> None:
     per class of every split) and ``digests`` (``data``: ``LongTailedData`` or
     ``StreamData``; both offer ``classes``, ``split_counts()`` and ``split_digests()``)."""
     path = Path(run_dir) / "splits.json"
-    with writing(path):
-        path.write_text(json.dumps({"classes": data.classes, "counts": data.split_counts(),
-                                    "digests": data.split_digests()}, indent=1))
+    write_text_atomic(path, json.dumps({"classes": data.classes, "counts": data.split_counts(),
+                                        "digests": data.split_digests()}, indent=1))
 
 
 def check_splits(run_dir: Path, data: Any) -> None:
@@ -219,4 +219,4 @@ def write_artifacts(run_dir: Path, artifacts: dict[str, Any]) -> None:
         path = Path(run_dir) / name
         with writing(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(obj))
+        write_text_atomic(path, json.dumps(obj))

@@ -193,11 +193,14 @@ class Trainer:
                             f"config ({reason(exc)})") from None
         self.start_epoch = int(state["epoch"]) + 1
         self.evaluation.best = state.get("best")
+        self.evaluation.recover_best()
 
     def save(self, epoch: int) -> None:
-        """``last.pt`` (atomic) and the step's own files, on rank 0."""
+        """``last.pt`` (atomic), then the epoch's new best if any, then the step's own files,
+        on rank 0."""
         if is_main_process():
             save_atomic(self.state_dict(epoch), self.run_dir / "last.pt")
+            self.evaluation.commit_best()
             self.step.write(self.run_dir, epoch)
 
     # ---- training ----------------------------------------------------------------------

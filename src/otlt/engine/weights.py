@@ -26,8 +26,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from otlt.atomic import write_atomic
 from otlt.config import TrainConfig, resolve_epochs
-from otlt.engine.checkpoint import load_checkpoint, write_atomic
+from otlt.engine.checkpoint import load_checkpoint
 from otlt.errors import OtltError, reason
 
 SUFFIX = ".safetensors"

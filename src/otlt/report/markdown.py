@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from otlt.atomic import write_text_atomic
 from otlt.errors import OtltError
 from otlt.report import plots
 
@@ -89,7 +90,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path,
     if options.tsne:
         _section_tsne(report, runs, options)
     path = out / "report.md"
-    path.write_text("\n".join(report.lines).rstrip() + "\n")
+    write_text_atomic(path, "\n".join(report.lines).rstrip() + "\n")
     if notice is not None:
         for line in skipped:
             notice(line)
