@@ -4,7 +4,8 @@ Every file otlt writes into a run directory or a results folder goes through
 :func:`write_atomic`: the bytes go to a temp file in the target's folder (same file system,
 so the rename is atomic), are fsynced, and the temp file is renamed over the target. A
 process stopped in the middle (a preemption, SIGKILL, a full disk) leaves the previous file
-and at most a stale ``.NAME.*.tmp``, which the next write of that name removes.
+and at most a stale ``.NAME.*.tmp``, which the next write of that name removes. A file gets
+the mode a plain ``open(path, "w")`` would give it (``0o666`` less the umask).
 
 The lowest layer (beside :mod:`otlt.errors`), so the config writer, the engine's
 checkpoints and logs, and the reports share one implementation.
@@ -40,6 +41,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     with writing(path):  # a full disk or a read-only folder: one line, the old file kept
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, _new_file_mode())  # mkstemp's 0600 would hide results from the group
             with os.fdopen(fd, "wb") as handle:
                 write(handle)
                 handle.flush()
@@ -49,6 +51,13 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: ``0o666`` less the umask."""
+    umask = os.umask(0o022)  # reading the umask means setting it; set it back at once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
