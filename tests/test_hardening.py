@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -404,20 +403,20 @@ def test_a_refused_atomic_write_is_one_error_and_keeps_the_old_file(tmp_path):
 def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(stopped_run, capsys,
                                                              monkeypatch):
     before = (stopped_run / "last.pt").read_bytes()
-    mkstemp, fsync, checkpoint_fds = tempfile.mkstemp, os.fsync, set()
+    open_, fsync, checkpoint_fds = os.open, os.fsync, set()
 
-    def recording_mkstemp(*args, **kwargs):
-        fd, name = mkstemp(*args, **kwargs)
+    def recording_open(name, *args, **kwargs):
+        fd = open_(name, *args, **kwargs)
         if Path(name).name.startswith(".last.pt."):
             checkpoint_fds.add(fd)
-        return fd, name
+        return fd
 
     def full_disk_fsync(fd):  # the payload is written; the disk refuses to keep it
         if fd in checkpoint_fds:
             raise _enospc()
         fsync(fd)
 
-    monkeypatch.setattr(tempfile, "mkstemp", recording_mkstemp)
+    monkeypatch.setattr(os, "open", recording_open)
     monkeypatch.setattr(os, "fsync", full_disk_fsync)
     assert main(["train", "--resume", str(stopped_run), "--stop-after", "2"]) == 2
     one_line_error(capsys, f"cannot write {stopped_run / 'last.pt'} (No space left on device)")
@@ -446,7 +445,7 @@ def test_a_stop_before_last_pt_keeps_the_best_last_pt_knows(stopped_run, monkeyp
         assert main(["train", "--resume", str(stopped_run), "--stop-after", "3"]) == 130
     assert load_checkpoint(stopped_run / "last.pt")["epoch"] == 0
     assert _best_epoch(stopped_run) == 0  # before the fix: 1, an epoch last.pt never saved
-    monkeypatch.setattr(procedure_module, "select_value", lambda summary, metric: 0.0)
+    monkeypatch.setattr(procedure_module, "select_value", lambda summary, metric: -1.0)
     assert main(["train", "--resume", str(stopped_run)]) == 0
     assert _best_epoch(stopped_run) == 0
     assert json.loads((stopped_run / "eval.json").read_text())["selected"]["epoch"] == 0
@@ -454,23 +453,30 @@ def test_a_stop_before_last_pt_keeps_the_best_last_pt_knows(stopped_run, monkeyp
 
 
 def test_a_stop_after_last_pt_makes_its_best_the_best_on_resume(stopped_run, monkeypatch):
-    """The stop comes after ``last.pt`` recorded epoch 1 as best but before its weights
-    became ``best.safetensors``: the resume finishes the rename, so file and checkpoint
-    agree."""
+    """The stop comes after ``last.pt`` recorded the last epoch (2) as best but before its
+    weights became ``best.safetensors``. ``otlt eval --checkpoint best`` already reads the
+    best ``last.pt`` names, and the resume (no epoch left to train) finishes the rename, so
+    file, checkpoint and ``eval.json`` agree."""
     monkeypatch.setattr(procedure_module, "select_value", lambda summary, metric: 100.0)
+    commit, calls = procedure_module.EvaluationProcedure.commit_best, []
 
-    def stop(self):
-        raise KeyboardInterrupt
+    def stop_at_the_second(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        commit(self)
 
     with monkeypatch.context() as m:
-        m.setattr(procedure_module.EvaluationProcedure, "commit_best", stop)
-        assert main(["train", "--resume", str(stopped_run), "--stop-after", "3"]) == 130
-    assert load_checkpoint(stopped_run / "last.pt")["best"]["epoch"] == 1
-    assert _best_epoch(stopped_run) == 0
-    monkeypatch.setattr(procedure_module, "select_value", lambda summary, metric: 0.0)
-    assert main(["train", "--resume", str(stopped_run)]) == 0
+        m.setattr(procedure_module.EvaluationProcedure, "commit_best", stop_at_the_second)
+        assert main(["train", "--resume", str(stopped_run)]) == 130
+    assert load_checkpoint(stopped_run / "last.pt")["best"]["epoch"] == 2
     assert _best_epoch(stopped_run) == 1
-    assert json.loads((stopped_run / "eval.json").read_text())["selected"]["epoch"] == 1
+    assert main(["eval", str(stopped_run), "--checkpoint", "best", "--split", "val"]) == 0
+    record = json.loads(next(stopped_run.glob("eval_best_*_val.json")).read_text())
+    assert record["epoch"] == 2 and record["checkpoint"] == "best"
+    assert main(["train", "--resume", str(stopped_run)]) == 0
+    assert _best_epoch(stopped_run) == 2
+    assert json.loads((stopped_run / "eval.json").read_text())["selected"]["epoch"] == 2
     assert not (stopped_run / ".best.pending.safetensors").exists()
 
 

@@ -1,34 +1,86 @@
 """Atomic file writes: a reader sees the old file or the whole new one, never half of one.
 
-Every file otlt writes into a run directory or a results folder goes through
-:func:`write_atomic`: the bytes go to a temp file in the target's folder (same file system,
-so the rename is atomic), are fsynced, and the temp file is renamed over the target. A
-process stopped in the middle (a preemption, SIGKILL, a full disk) leaves the previous file
-and at most a stale ``.NAME.*.tmp``, which the next write of that name removes. A file gets
-the mode a plain ``open(path, "w")`` would give it (``0o666`` less the umask).
+Every whole file otlt writes into a run directory, a results folder or the data cache
+(checkpoints, weights, config, splits, evaluation records, reports and their figures, cache
+entries) goes through :func:`write_atomic`; the exceptions are files that grow
+(``metrics.jsonl``, ``sittings.jsonl``, TensorBoard events), the run directory's lock file,
+and downloads (written as ``NAME.part``, checked, then renamed).
+
+The bytes go to a temp file in the target's folder (same file system, so the rename is
+atomic), are fsynced, and the temp file is renamed over the target. A process stopped in
+the middle (a preemption, SIGKILL, a full disk) leaves the previous file and at most a stale
+``.NAME.<pid>.<random>.tmp``, which the next write of that name removes once its writer is
+gone. A new file gets the mode a plain ``open(path, "w")`` would give it (``0o666`` less the
+umask, and a folder's default ACL): the temp file is created with that mode, not by
+:func:`tempfile.mkstemp` (``0o600``).
 
 The lowest layer (beside :mod:`otlt.errors`), so the config writer, the engine's
-checkpoints and logs, and the reports share one implementation.
+checkpoints and logs, the reports and the data cache share one implementation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
-import tempfile
+import re
+import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from otlt.errors import writing
 
+STALE_AFTER_SECONDS = 3600.0  # a temp file this old is stale even if its PID is alive
+# What follows ".NAME." in a temp file's name: "<pid>.<8 hex>.tmp", or mkstemp's
+# "<random>.tmp" of otlt before the PID was in the name.
+_TEMP_NAME = re.compile(r"(?:(?P<pid>\d+)\.[0-9a-f]{8}|[A-Za-z0-9_]+)\.tmp")
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a PID of another host may be anything: the
+    age rule covers those). Windows: assumed alive (``os.kill`` there ends processes)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
 
 def remove_stale_temps(path: str | Path) -> None:
-    """Delete leftover temp files of an interrupted :func:`write_atomic` to ``path``."""
+    """Delete leftover temp files of an interrupted :func:`write_atomic` to ``path``: those
+    whose writer's PID is gone, those older than an hour, and those of the old naming (no
+    PID). A fresh temp file of a live writer (another rank or job writing the same cache
+    entry right now) is left alone."""
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+    prefix = f".{path.name}."
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        ours = _TEMP_NAME.fullmatch(stale.name[len(prefix):])
+        if ours is None:  # another file's temp (".last.pt.json.<pid>...")
+            continue
         with contextlib.suppress(OSError):
+            pid = ours.group("pid")
+            if pid and _writer_alive(int(pid)) and \
+                    time.time() - stale.stat().st_mtime < STALE_AFTER_SECONDS:
+                continue
             stale.unlink()
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new, empty ``.NAME.<pid>.<random>.tmp`` beside ``path``, opened for writing with
+    mode ``0o666`` (the umask applies), and its file descriptor."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # 32 random bits taken: draw again
+            continue
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
@@ -39,9 +91,8 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     path = Path(path)
     remove_stale_temps(path)
     with writing(path):  # a full disk or a read-only folder: one line, the old file kept
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _create_temp(path)
         try:
-            os.fchmod(fd, _new_file_mode())  # mkstemp's 0600 would hide results from the group
             with os.fdopen(fd, "wb") as handle:
                 write(handle)
                 handle.flush()
@@ -51,13 +102,6 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-
-
-def _new_file_mode() -> int:
-    """The mode ``open(path, "w")`` would give a new file: ``0o666`` less the umask."""
-    umask = os.umask(0o022)  # reading the umask means setting it; set it back at once
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -29,7 +29,7 @@ from otlt.atomic import write_text_atomic
 from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.preflight import check_components
-from otlt.engine.procedure import EvaluationProcedure
+from otlt.engine.procedure import EvaluationProcedure, best_weights_file
 from otlt.engine.provenance import describe_cpu, provenance
 from otlt.engine.rundir import check_stored_config
 from otlt.engine.runtime import autocast_dtype, configure_kernels, resolve_device
@@ -60,13 +60,15 @@ def resolve_run(target: Path) -> tuple[Path, Path | None]:
     return target.parent, target
 
 
-def weights_path(run_dir: Path, checkpoint: str) -> Path:
+def weights_path(run_dir: Path, checkpoint: str, last: dict[str, Any] | None = None) -> Path:
     """The file of ``last`` (``last.pt``, else the committed ``last.safetensors``), ``best``,
-    ``epoch_<NNN>`` (under ``kept/``) or a path."""
+    ``epoch_<NNN>`` (under ``kept/``) or a path. ``last``: the run's ``last.pt`` state
+    (:func:`read_last`), whose recorded best decides between ``best.safetensors`` and a
+    pending best (:func:`~otlt.engine.procedure.best_weights_file`)."""
     if checkpoint == "last":
         candidates = [run_dir / "last.pt", run_dir / f"last{SUFFIX}"]
     elif checkpoint == "best":
-        candidates = [run_dir / f"best{SUFFIX}"]
+        candidates = [best_weights_file(run_dir, (last or {}).get("best"))]
     elif checkpoint.startswith("epoch_") and "/" not in checkpoint:
         candidates = [run_dir / "kept" / f"{checkpoint}{SUFFIX}",
                       run_dir / "kept" / f"{checkpoint}.pt"]
@@ -113,7 +115,7 @@ def run_config(run_dir: Path, data_path: str | None, last: dict[str, Any] | None
 
 def checkpoint_label(path: Path) -> str:
     """``last``, ``best`` or the file's stem (``epoch_028``), for the output file name."""
-    stem = path.name.split(".")[0]
+    stem = path.name.lstrip(".").split(".")[0]  # .best.pending.safetensors: best
     return stem if stem in CHECKPOINTS or stem.startswith("epoch_") else stem or "weights"
 
 
@@ -199,7 +201,7 @@ def kept_weights(run_dir: Path) -> dict[int, Path]:
     """The run's kept weight files by epoch (``kept/epoch_<NNN>.safetensors`` or ``.pt``)."""
     found: dict[int, Path] = {}
     for path in sorted((run_dir / "kept").glob("epoch_*")):
-        stem = path.name.split(".")[0]
+        stem = path.name.lstrip(".").split(".")[0]  # .best.pending.safetensors: best
         if stem[6:].isdigit() and path.suffix in (SUFFIX, ".pt"):
             found.setdefault(int(stem[6:]), path)
     return found
@@ -252,14 +254,14 @@ def evaluate_run(target: Path, checkpoint: str = "last", bn_stats: str | None = 
     run's config and filed beside its results, it would pass for this run's. ``written``:
     False when the file held the same numbers already and was left as it is."""
     run_dir, file = resolve_run(Path(target))
-    path = file or weights_path(run_dir, checkpoint)
+    last = read_last(run_dir)  # read once: the config check, best's file, last.pt's weights
+    path = file or weights_path(run_dir, checkpoint, last)
     owner = resolve_run(path)[0]
     if owner.resolve() != run_dir.resolve() and any(
             (owner / name).is_file() for name in ("config.yaml", "last.pt")):
         raise OtltError(f"--checkpoint {checkpoint} belongs to run {owner}, not to {run_dir} "
                         f"(it would be evaluated with {run_dir}'s config and filed there); "
                         f"evaluate it in its own run: otlt eval {path}")
-    last = read_last(run_dir)  # read once: the config check and, for last.pt, the weights
     result = evaluate_weights(run_dir, weights_from(path, run_dir, last), bn_stats, split,
                               data_path, many, few, device, last)
     label = checkpoint_label(path)

@@ -8,7 +8,7 @@ Per epoch, after training, :meth:`EvaluationProcedure.after_epoch` does::
     record, running = procedure.validate(model)   # + the running-statistics confusion that
                                                   #   OTmix's cost reads, whatever bn_stats says
     procedure.probe(epoch)                   # every procedure, every eval.bn_probe_every epochs
-    procedure.select(epoch, record, model, mixer_state)   # best.safetensors (ties: the later)
+    procedure.select(epoch, record, model, mixer_state)   # a new best (ties: the later)
 
 A new best is written as ``.best.pending.safetensors`` and becomes ``best.safetensors`` only
 after ``last.pt`` records it (:meth:`EvaluationProcedure.commit_best`), so a stop in between
@@ -63,6 +63,26 @@ BEST = f"best{SUFFIX}"
 PENDING_BEST = f".best.pending{SUFFIX}"  # a new best until last.pt records its epoch
 
 
+def pending_best_epoch(run_dir: Path) -> int | None:
+    """The epoch of ``run_dir``'s pending best (None: there is none, or it is unreadable)."""
+    pending = Path(run_dir) / PENDING_BEST
+    if not pending.is_file():
+        return None
+    try:
+        return load_weights(pending).epoch
+    except OtltError:  # damaged: no best anyone could use
+        return None
+
+
+def best_weights_file(run_dir: Path, recorded: dict[str, Any] | None) -> Path:
+    """``best.safetensors``, or the pending best where ``last.pt`` already names its epoch
+    (``recorded``: ``last.pt``'s ``best``; a run stopped between ``last.pt`` and the rename
+    and not resumed since)."""
+    if recorded is not None and pending_best_epoch(run_dir) == recorded.get("epoch"):
+        return Path(run_dir) / PENDING_BEST
+    return Path(run_dir) / BEST
+
+
 class EvaluationProcedure:
     """``eval.*`` for one run, over the run's ``model`` (the bare one, not the compiled or DDP
     step model), its ``feed`` and its mixing ``recipe`` (whose mixer OTmix's cost updates
@@ -83,6 +103,7 @@ class EvaluationProcedure:
         self.embed = embed
         self.amp_dtype = amp_dtype
         self.best: dict[str, Any] | None = None
+        self._pending: int | None = None  # the epoch of the pending best select wrote
 
     @classmethod
     def build(cls, cfg: RunConfig, device: torch.device, run_dir: Path,
@@ -206,9 +227,9 @@ class EvaluationProcedure:
 
     def select(self, epoch: int, record: dict[str, Any], model: torch.nn.Module,
                mixer_state: dict[str, Any] | None) -> None:
-        """Write ``best.safetensors`` (the model as trained, the BatchNorm buffers as
-        evaluated, the mixer as the epoch trained with it) when the validation metric ties or
-        beats the best so far."""
+        """Write the pending best (the model as trained, the BatchNorm buffers as evaluated,
+        the mixer as the epoch trained with it) when the validation metric ties or beats the
+        best so far; :meth:`commit_best` makes it ``best.safetensors``."""
         value = record.get("val_select")
         if value is None or (self.best is not None and value < self.best["value"]):
             return
@@ -219,33 +240,34 @@ class EvaluationProcedure:
                          epoch=epoch, evaluated_bn=batchnorm_state(model), mixer=mixer_state,
                          meta={"bn_stats": e.bn_stats, "bn_batches": e.bn_batches,
                                "select_metric": e.select_metric, "val_value": value})
+            self._pending = epoch
 
     def commit_best(self) -> None:
         """Rename the epoch's pending best over ``best.safetensors`` (rank 0). The trainer
         calls it once ``last.pt`` records the epoch: a stop before it keeps the previous best,
         which is what ``last.pt`` says is best."""
-        pending = self.run_dir / PENDING_BEST
-        if is_main_process() and pending.exists():
-            with writing(self.run_dir / BEST):
-                os.replace(pending, self.run_dir / BEST)
+        if self._pending is None or not is_main_process():
+            return  # only the file this process's select wrote, or recover_best vouched for
+        with writing(self.run_dir / BEST):
+            os.replace(self.run_dir / PENDING_BEST, self.run_dir / BEST)
+        self._pending = None
 
     def recover_best(self) -> None:
-        """Settle a pending best on resume, after ``best`` is restored from ``last.pt``: one
-        of the epoch ``last.pt`` records as best (the stop came between ``last.pt`` and the
-        rename) becomes ``best.safetensors``; any other is from an epoch attempt ``last.pt``
-        never saved and is removed (the resumed run redoes that epoch)."""
+        """Settle a pending best left by an earlier process, at the start (``best``: as
+        ``last.pt`` records it, None for a run that starts at epoch 0): one of the epoch
+        ``last.pt`` records as best (the stop came between ``last.pt`` and the rename) becomes
+        ``best.safetensors``; any other is from an epoch attempt ``last.pt`` never saved and
+        is removed (the resumed run redoes that epoch)."""
         pending = self.run_dir / PENDING_BEST
         if not is_main_process() or not pending.exists():
             return
-        try:
-            epoch = load_weights(pending).epoch
-        except OtltError:  # unreadable (damaged): no best anyone could use
-            epoch = None
+        epoch = pending_best_epoch(self.run_dir)
         if self.best is not None and epoch == self.best["epoch"]:
+            self._pending = epoch
             self.commit_best()
         else:
             with writing(pending):
-                pending.unlink()
+                pending.unlink(missing_ok=True)
 
     def final(self) -> dict[str, Any]:
         """Evaluate on the test split, under ``eval.bn_stats``, the last epoch's weights and

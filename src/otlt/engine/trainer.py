@@ -131,6 +131,7 @@ class Trainer:
         elif is_main_process():
             dump_config(cfg, self.run_dir / "config.yaml")
             write_splits(self.run_dir, self.feed.data)  # classes, counts, digests
+        self.evaluation.recover_best()  # a pending best of an earlier process: keep or drop
 
     @property
     def mixer(self) -> Mixer | None:
@@ -193,7 +194,6 @@ class Trainer:
                             f"config ({reason(exc)})") from None
         self.start_epoch = int(state["epoch"]) + 1
         self.evaluation.best = state.get("best")
-        self.evaluation.recover_best()
 
     def save(self, epoch: int) -> None:
         """``last.pt`` (atomic), then the epoch's new best if any, then the step's own files,

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from otlt.atomic import write_atomic
 from otlt.errors import is_finite_number
 
 DPI = 110
@@ -44,7 +45,8 @@ def run_color(index: int) -> str:
 def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    write_atomic(path, lambda handle: fig.savefig(handle, dpi=DPI, format=fmt))
     return path
 
 
