@@ -157,6 +157,43 @@ def test_step_is_sgd_on_the_batch_only_and_lowers_the_loss():
     assert plain.ot_loss(feats[idx], labels[idx], plain.raw[idx]).item() < start
 
 
+def test_a_repeated_index_is_one_example_stepped_by_torch_sgd_on_all_weights():
+    """A sampler that draws with replacement puts an example in a batch twice. As w_B =
+    raw[idx], the example's gradient is the sum of its rows and it takes one SGD step (with
+    momentum and weight decay), exactly as torch's SGD on the whole raw vector; before, the
+    last row's update overwrote the other's."""
+    gen = torch.Generator().manual_seed(12)
+    feats, labels = _clusters([12, 6, 3], 4, gen)
+    meta_z, meta_y = _clusters([2, 2, 2], 4, gen)
+    kw = {"lr": 0.5, "momentum": 0.9, "weight_decay": 0.01}
+    rw = OTReweighter(labels, 3, **kw)
+    rw.set_meta(meta_z, meta_y)
+    idx = torch.tensor([0, 5, 5, 13, 20, 20, 20])
+    whole = rw.raw.clone().requires_grad_(True)
+    reference = torch.optim.SGD([whole], **kw)
+    others = torch.ones(len(labels), dtype=torch.bool)
+    others[idx] = False
+    for _ in range(3):
+        rw.step(feats[idx], labels[idx], idx)
+        reference.zero_grad()
+        rw.ot_loss(feats[idx], labels[idx], whole[idx]).backward()
+        whole.grad[others] = 0.0  # torch would decay every weight: the batch's only here
+        with torch.no_grad():
+            kept = whole[others].clone()
+        reference.step()
+        with torch.no_grad():
+            whole[others] = kept
+        assert torch.allclose(rw.raw, whole.detach(), atol=1e-6)
+
+
+def test_reweighter_labels_outside_the_classes_are_refused():
+    with pytest.raises(OtltError, match=r"labels must be in \[0, 3\) for num_classes=3, "
+                                        r"got 0 to 3"):
+        OTReweighter(torch.tensor([0, 1, 2, 3]), 3)
+    with pytest.raises(OtltError, match=r"needs labels \(N,\), got \(2, 2\)"):
+        OTReweighter(torch.zeros(2, 2, dtype=torch.long), 3)
+
+
 def test_raw_mode_returns_raw_weights_and_state_round_trips():
     gen = torch.Generator().manual_seed(2)
     feats, labels = _clusters([5, 3], 3, gen)

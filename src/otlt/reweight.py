@@ -142,6 +142,11 @@ class OTReweighter:
         require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         self.labels = labels.long()
         self.num_classes = num_classes
+        require(labels.dim() == 1, f"OTReweighter needs labels (N,), got {tuple(labels.shape)}")
+        if labels.numel():
+            low, high = int(self.labels.min()), int(self.labels.max())
+            require(low >= 0 and high < num_classes, f"OTReweighter labels must be in "
+                    f"[0, {num_classes}) for num_classes={num_classes}, got {low} to {high}")
         self.feature_weight = _FEATURE_WEIGHT.get(cost, feature_weight)
         self.label_distance = label_distance
         self.eps, self.max_iter, self.tol, self.gradient = eps, max_iter, tol, gradient
@@ -186,7 +191,8 @@ class OTReweighter:
     def step(self, features: Tensor, labels: Tensor, indices: Tensor) -> Tensor:
         """Take one SGD step on the batch's raw weights; return its ``(B,)`` loss weights.
 
-        ``indices`` are the examples' positions in the training set (distinct within a batch).
+        ``indices`` are the examples' positions in the training set (a repeated one is the
+        same example twice: its rows' gradients are summed into one step, :meth:`_sgd`).
         The returned weights are detached: ``softmax(w_B)`` after the step (``normalize``) or
         the raw ``w_B``. :attr:`last_loss` holds the OT loss before the step,
         :attr:`last_grad_norm` ``||dOT/dw_B||_2`` and :attr:`last_change` the L1 change
@@ -199,20 +205,27 @@ class OTReweighter:
             loss = self.ot_loss(features, labels, w)
             (grad,) = torch.autograd.grad(loss, w)
         before = torch.softmax(w.detach(), 0)
-        self._sgd(idx, w.detach(), grad.to(w.dtype))
+        self._sgd(idx, grad.to(w.dtype))
         self.last_loss = loss.detach()
         self.last_grad_norm = grad.detach().norm()
         self.last_change = (torch.softmax(self.raw[idx], 0) - before).abs().sum()
         return self.batch_weights(idx)
 
-    def _sgd(self, idx: Tensor, w: Tensor, grad: Tensor) -> None:
-        """``torch.optim.SGD``'s update restricted to the batch's entries."""
+    def _sgd(self, idx: Tensor, grad: Tensor) -> None:
+        """``torch.optim.SGD``'s update of ``raw`` restricted to the batch's examples.
+
+        ``w_B = raw[idx]``, so the gradient on ``raw`` sums a repeated index's rows (a sampler
+        that draws with replacement) and such an example takes one step, as autograd and
+        SGD on ``raw`` itself would; with distinct indices this is the plain per-row update,
+        bit for bit. Done densely over ``raw`` (a few ``(N,)`` operations, no host sync)."""
+        touched = torch.zeros_like(self.raw, dtype=torch.bool).index_fill_(0, idx, True)
+        grad = torch.zeros_like(self.raw).index_add_(0, idx, grad)
         if self.weight_decay:
-            grad = grad + self.weight_decay * w
+            grad = grad + self.weight_decay * self.raw
         if self.momentum_buffer is not None:
-            grad = self.momentum * self.momentum_buffer[idx] + grad
-            self.momentum_buffer[idx] = grad
-        self.raw[idx] = w - self.lr * grad
+            grad = self.momentum * self.momentum_buffer + grad
+            self.momentum_buffer = torch.where(touched, grad, self.momentum_buffer)
+        self.raw = torch.where(touched, self.raw - self.lr * grad, self.raw)
 
     def batch_weights(self, indices: Tensor) -> Tensor:
         """Return the loss weights ``(B,)`` of a batch: ``softmax(w_B)`` or raw ``w_B``."""
