@@ -179,3 +179,73 @@ def test_a_window_with_no_epoch_warns():
     with pytest.warns(UserWarning, match="mixes no batch: skip_first=3 and skip_last=3 leave "
                                          "no epoch of the 5 this run trains"):
         callback.on_train_start(trainer, None)
+
+
+def test_bf16_true_precision_gets_partners_in_the_batch_dtype(tmp_path):
+    """Under ``precision="bf16-true"`` the step's images are bf16; float32 partners met the
+    bf16 model in the feature pass ("Input type (float) and bias type (BFloat16)")."""
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=14)
+    callback = OTMixCallback(x, y, 3, prob=1.0, skip_first=0, skip_last=0, mu=0.0)
+    module = _Module(callback)
+    _trainer(tmp_path, callback, epochs=1, precision="bf16-true").fit(module, loader)
+    assert module.mixed_batches == len(loader) and callback.otmix.stats["ot_batches"] == 3
+
+
+class _Handed(OTMixCallback):
+    """Records the confusion matrix each training epoch hands to OTMix."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.handed = getattr(self, "handed", [])
+        c = self._confusion
+        self.handed.append(None if c is None else int(c.sum()))
+        super().on_train_epoch_end(trainer, pl_module)
+
+
+def test_the_sanity_check_and_epochs_without_validation_hand_no_confusion(tmp_path):
+    """The sanity check validates an untrained model on two batches: with ``fixed`` confusion
+    it became the run's matrix. An epoch that does not validate hands nothing, and OTMix
+    keeps the last validation's matrix."""
+    x, y = _data()
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=14)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[::2], y[::2]),
+                                      batch_size=4)
+    callback = _Handed(x, y, 3, confusion_mode="fixed")
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback], default_root_dir=tmp_path,
+                        num_sanity_val_steps=2, check_val_every_n_epoch=2,
+                        enable_checkpointing=False)
+    trainer.fit(_Module(callback), train, val)
+    assert callback.handed == [None, len(y[::2]), None]
+    assert int(callback.otmix.confusion.sum()) == len(y[::2])
+
+
+class _RankConfusion(OTMixCallback):
+    """Writes the confusion each rank hands to OTMix into ``out/rank<r>.pt``."""
+
+    def __init__(self, *args, out, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.out = out
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        torch.save(self._confusion, f"{self.out}/rank{trainer.global_rank}.pt")
+        super().on_train_epoch_end(trainer, pl_module)
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_gets_the_whole_validation_confusion(tmp_path):
+    """Two gloo processes (ddp_fork): each validates half the split; the matrix handed to
+    OTMix is the sum, the same on both ranks, so the ranks plan with one cost."""
+    x, y = _data()
+    data = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(data, batch_size=7)
+    callback = _RankConfusion(x, y, 3, out=str(tmp_path))
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_fork",
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback], default_root_dir=tmp_path,
+                        num_sanity_val_steps=0, enable_checkpointing=False)
+    trainer.fit(_Module(callback), loader, loader)
+    confusions = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(confusions[0], confusions[1])
+    assert int(confusions[0].sum()) == len(y)

@@ -181,6 +181,76 @@ def test_confusion_modes_and_state_round_trip():
     assert torch.equal(clone.affinity(torch.device("cpu")), adaptive.affinity(torch.device("cpu")))
 
 
+def test_state_holds_the_epoch_switch_and_a_copy_of_the_confusion():
+    """A plain loop that resumes mid-epoch without calling set_epoch must keep a random-pairing
+    epoch random; mutating a returned state must not change the mixer."""
+    mixer = OTMix(num_classes=3, mu=50.0)  # P(OT) at epoch 0 of 10: (1/10)^50, so random
+    assert mixer.set_epoch(0, 10, torch.Generator().manual_seed(0)) is False
+    mixer.update_confusion(torch.eye(3) + 1)
+    state = mixer.state_dict()
+    state["confusion"].zero_()
+    assert torch.equal(mixer.confusion, torch.eye(3) + 1)
+    resumed = OTMix(num_classes=3, mu=50.0)
+    resumed.load_state_dict(mixer.state_dict())
+    assert resumed.ot_epoch is False and resumed.epoch == 0
+    x_base, y_base, x_partner, y_partner = make_batches(k=3)
+    args = (x_base, y_base, x_partner, y_partner)
+    plans = [m.plan(*args, generator=torch.Generator().manual_seed(4), model=FeatureModel())
+             for m in (mixer, resumed)]
+    assert torch.equal(plans[0].base_index, plans[1].base_index)
+    assert resumed.stats["ot_batches"] == 0
+
+
+def test_a_confusion_of_another_size_is_refused():
+    mixer = OTMix(num_classes=4)
+    for bad in (torch.ones(10, 10), torch.ones(3, 3)):
+        with pytest.raises(ValueError, match=r"4 classes needs a \(4, 4\) confusion matrix"):
+            mixer.update_confusion(bad)
+        with pytest.raises(ValueError, match=r"\(4, 4\) confusion matrix, got \(\d+, \d+\)"):
+            mixer.load_state_dict({"confusion": bad})
+    assert mixer.confusion is None
+
+
+@pytest.mark.parametrize("dtype, needle", [
+    (torch.uint8, "integer class indices"), (torch.bool, "integer class indices"),
+    (torch.float32, "integer class indices")])
+def test_labels_that_are_not_class_indices_are_refused_in_one_line(dtype, needle):
+    x_base, y_base, x_partner, y_partner = make_batches()
+    with pytest.raises(ValueError, match=needle):
+        OTMix(num_classes=4)(x_base, y_base.to(dtype), x_partner, y_partner,
+                             generator=torch.Generator(), model=FeatureModel())
+
+
+def test_labels_outside_the_classes_are_refused_and_int32_labels_come_back_int64():
+    x_base, y_base, x_partner, y_partner = make_batches()
+    mixer = OTMix(num_classes=4)
+    with pytest.raises(ValueError, match=r"partner labels must be class indices in \[0, 4\), "
+                                         r"got 1 to 4"):
+        mixer(x_base, y_base, x_partner, torch.where(y_partner == 0, 4, y_partner),
+              generator=torch.Generator(), model=FeatureModel())
+    out = mixer(x_base, y_base.int(), x_partner, y_partner.int(), generator=torch.Generator(),
+                model=FeatureModel())
+    assert out.base_labels.dtype == out.partner_labels.dtype == torch.int64
+    assert out.soft_targets(4).shape == (32, 4)
+
+
+def test_a_partner_batch_on_another_device_is_refused_before_the_features():
+    """``meta`` stands in for a GPU: a partner batch left on the CPU is one clear line, not
+    an error from inside the feature pass."""
+    x_base, y_base, x_partner, y_partner = make_batches()
+    calls = []
+
+    def embed(images):
+        calls.append(images.device)
+        return images.mean(dim=(2, 3))
+
+    with pytest.raises(ValueError, match=r"one device, got x on meta, y on meta, "
+                                         r"x_partner on cpu, y_partner on cpu"):
+        OTMix(num_classes=4)(x_base.to("meta"), y_base.to("meta"), x_partner, y_partner,
+                             generator=torch.Generator(), embed=embed)
+    assert calls == []
+
+
 def test_sample_plan_artifact_at_chosen_epoch():
     x_base, y_base, x_partner, y_partner = make_batches()
     mixer = OTMix(num_classes=4, plan_epochs=[2], plan_size=5)

@@ -6,9 +6,11 @@
 class-weighted sampler).
 Your ``LightningModule`` calls :meth:`OTMixCallback.mix` in ``training_step``; the callback
 draws the OT-or-random switch each epoch, builds the validation confusion matrix from the
-validation batches (one extra forward pass of each), hands it to OTMix when the training
-epoch ends, logs the mixing statistics, and saves the confusion matrix and its generator in
-Lightning checkpoints, so a resumed run mixes exactly as before::
+validation batches (one extra forward pass of each; not the sanity check's; summed over the
+ranks under DDP), hands it to OTMix when the training epoch ends, logs the mixing
+statistics, and saves the confusion matrix and its generator in Lightning checkpoints, so a
+resumed run mixes exactly as before. Partners come in the batch's device and floating dtype
+(``precision="bf16-true"`` hands the step bf16 images)::
 
     otmix = OTMixCallback(train_images, train_labels, num_classes=10)
     trainer = lightning.Trainer(callbacks=[otmix], max_epochs=240)
@@ -157,6 +159,8 @@ class OTMixCallback(Callback):
         x_partner = self.images[idx.to(self.images.device)].to(x.device)
         if self.transform is not None:
             x_partner = self.transform(x_partner, self.generator)
+        if x_partner.is_floating_point() and x.is_floating_point():
+            x_partner = x_partner.to(x.dtype)  # precision="bf16-true": the batch is bf16
         return x_partner, self.labels[idx.to(self.labels.device)].to(y.device)
 
     def _network(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -181,17 +185,30 @@ class OTMixCallback(Callback):
                                                self.generator)
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        self._confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+        # The sanity check validates the untrained model on a few batches: not a confusion.
+        self._confusion = None if trainer.sanity_checking else \
+            torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
 
     @torch.no_grad()
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx: int = 0) -> None:
+        if self._confusion is None:
+            return
         x, y = batch[0], batch[1]
         preds = pl_module(x).argmax(1)
         self._confusion += confusion_matrix(preds, y, self.num_classes).cpu()
 
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._confusion is not None and trainer.world_size > 1:
+            # Each rank validated its shard: the sum is the whole split's confusion, the
+            # same on every rank. Reduced on the module's device (NCCL reduces no CPU tensor).
+            total = trainer.strategy.reduce(self._confusion.to(pl_module.device),
+                                            reduce_op="sum")
+            self._confusion = total.cpu()
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         stats = self.otmix.end_epoch(self._confusion)
+        self._confusion = None  # an epoch without validation keeps the matrix OTMix holds
         scalars = {f"otmix/{k}": float(v) for k, v in stats.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if scalars:

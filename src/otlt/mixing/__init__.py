@@ -51,7 +51,8 @@ and the mixer call.
 """
 
 from otlt.mixing.base import Mixer, NoMix, create_mixer, list_mixers, register_mixer
-from otlt.mixing.otmix import OTMix, class_affinity, otmix_cost, sample_cost
+from otlt.mixing.cost import class_affinity, otmix_cost, sample_cost
+from otlt.mixing.otmix import OTMix
 from otlt.mixing.plan import (
     Box,
     MixedBatch,

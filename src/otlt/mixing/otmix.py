@@ -30,69 +30,29 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from otlt.errors import OtltError, require, require_choice, warn_renamed
-from otlt.metrics import row_normalized_confusion
 from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
-from otlt.mixing.plan import MixPlan, with_saliency_box
+from otlt.mixing.cost import DISTANCES, class_affinity, combine_cost, sample_cost
+from otlt.mixing.plan import (
+    MixPlan,
+    check_labels,
+    check_one_device,
+    with_saliency_box,
+)
 from otlt.mixing.plan_samples import PlanSamples
 from otlt.models.features import FEATURE_MODES, feature_fn
 from otlt.transport import assignment, sinkhorn
 
-DISTANCES = ("cosine", "euclidean")
 SELECTIONS = ("argmax", "sample", "softmax", "assignment", "confusion")
 BLENDS = ("cutmix", "mixup", "saliencymix")
 CONFUSION_MODES = ("adaptive", "fixed")
 
 
-def class_affinity(confusion: torch.Tensor, keep_same_class: bool = False) -> torch.Tensor:
-    """``F^`` of eq. 6: row-normalised confusion ``(K, K)``, diagonal zeroed unless kept."""
-    return row_normalized_confusion(confusion.float(), zero_diagonal=not keep_same_class)
-
-
-def otmix_cost(z_partner: torch.Tensor, z_base: torch.Tensor, y_partner: torch.Tensor,
-               y_base: torch.Tensor, confusion: torch.Tensor, omega: float = 0.05,
-               distance: str = "cosine", keep_same_class: bool = False) -> torch.Tensor:
-    """Return the OTmix cost ``(B_f, B_b)`` of eq. 7, in float32.
-
-    Args:
-        z_partner, z_base: ``(B_f, D)``, ``(B_b, D)`` features of the partners (foregrounds,
-            the rows) and the bases (backgrounds, the columns).
-        y_partner, y_base: ``(B_f,)``, ``(B_b,)`` labels.
-        confusion: ``(K, K)`` validation confusion (counts or rates, rows = true class);
-            row-normalised here, diagonal zeroed unless ``keep_same_class``.
-        omega: weight of the sample-level term (1 = features only, 0 = classes only).
-        distance: ``"cosine"`` (``1 - cos`` in [0, 2]) or ``"euclidean"`` (Table 4's
-            variant: ``||z_i - z_j||`` divided by its batch maximum, in [0, 1]).
-    """
-    require(0.0 <= omega <= 1.0, f"omega must be in [0, 1], got {omega}")
-    affinity = class_affinity(confusion.to(z_partner.device), keep_same_class)
-    return _combine(sample_cost(z_partner, z_base, distance), affinity, y_partner, y_base,
-                    omega)
-
-
-def sample_cost(z_partner: torch.Tensor, z_base: torch.Tensor,
-                distance: str = "cosine") -> torch.Tensor:
-    """Sample-level cost ``(B_f, B_b)`` in float32: ``1 - cos`` or the scaled distance."""
-    require_choice("distance", distance, DISTANCES)
-    partner, base = z_partner.float(), z_base.float()
-    if distance == "cosine":
-        return 1.0 - F.normalize(partner, dim=1) @ F.normalize(base, dim=1).T
-    dist = torch.cdist(partner, base)
-    return dist / dist.max().clamp_min(1e-12)
-
-
-def _combine(sample: torch.Tensor, affinity: torch.Tensor, y_partner: torch.Tensor,
-             y_base: torch.Tensor, omega: float) -> torch.Tensor:
-    label = 1.0 - affinity[y_partner[:, None], y_base[None, :]]
-    return omega * sample + (1.0 - omega) * label
-
-
 def _sample_rows(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One categorical draw per row of ``probs (B, M)`` by inverse CDF, uniforms from a CPU
     generator (works for tensors on any device without moving the matrix)."""
-    u = torch.rand(probs.shape[0], 1, generator=generator).to(probs.device)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float32).to(probs.device)
     cdf = probs.cumsum(1)
     cdf = cdf / cdf[:, -1:]
     return torch.searchsorted(cdf, u).squeeze(1).clamp_max(probs.shape[1] - 1)
@@ -202,39 +162,55 @@ class OTMix(Mixer):
         p = self.ot_epoch_probability(epoch, total_epochs)
         self.epoch = epoch
         self._plan_samples.start_epoch(epoch)
-        self.ot_epoch = bool(torch.rand((), generator=generator).item() < p)
+        self.ot_epoch = bool(torch.rand((), generator=generator, dtype=torch.float32).item() < p)
         self._reset_stats()
         return self.ot_epoch
 
     def update_confusion(self, confusion: torch.Tensor) -> None:
         """Take a new validation confusion ``(K, K)`` (adaptive), or only the first (fixed)."""
+        self._check_confusion(confusion)
         if self.confusion is None or self.confusion_mode == "adaptive":
             self.confusion = confusion.detach().float().cpu().clone()
             self._affinity = None
+
+    def _check_confusion(self, confusion: torch.Tensor | None) -> None:
+        k = self.num_classes
+        require(confusion is None or tuple(confusion.shape) == (k, k),
+                f"OTMix with {k} classes needs a ({k}, {k}) confusion matrix, got "
+                f"{None if confusion is None else tuple(confusion.shape)}")
 
     def affinity(self, device: torch.device) -> torch.Tensor:
         """``F^`` on ``device``; before any confusion is known, uniform over other classes."""
         cached = self._affinity
         if cached is None or cached.device != device:
             k = self.num_classes
-            source = self.confusion if self.confusion is not None else torch.ones(k, k)
+            source = self.confusion if self.confusion is not None else \
+                torch.ones(k, k, dtype=torch.float32)
             cached = class_affinity(source, self.keep_same_class).to(device)
             self._affinity = cached
         return cached
 
     def state_dict(self) -> dict[str, Any]:
-        return {"confusion": self.confusion, "plans_served": self._plan_samples.state_dict()}
+        """The confusion (a copy), the epoch and its OT-or-random switch, the plans served."""
+        confusion = None if self.confusion is None else self.confusion.clone()
+        return {"confusion": confusion, "epoch": self.epoch, "ot_epoch": self.ot_epoch,
+                "plans_served": self._plan_samples.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.confusion = state.get("confusion")
+        """Restore :meth:`state_dict` (a state without the epoch keeps the current one)."""
+        confusion = state.get("confusion")
+        self._check_confusion(confusion)
+        self.confusion = None if confusion is None else confusion.float().cpu().clone()
         self._affinity = None
+        self.epoch = int(state.get("epoch", self.epoch))
+        self.ot_epoch = bool(state.get("ot_epoch", self.ot_epoch))
         self._plan_samples.load_state_dict(state.get("plans_served"))
 
     # ---- planning ----------------------------------------------------------------------
     def cost(self, z_partner: torch.Tensor, z_base: torch.Tensor, y_partner: torch.Tensor,
              y_base: torch.Tensor) -> torch.Tensor:
         """Eq. 7 with this mixer's options and current confusion."""
-        return _combine(sample_cost(z_partner, z_base, self.distance),
+        return combine_cost(sample_cost(z_partner, z_base, self.distance),
                         self.affinity(z_partner.device), y_partner, y_base, self.omega)
 
     def choose_bases(self, cost: torch.Tensor, y_partner: torch.Tensor, y_base: torch.Tensor,
@@ -245,7 +221,8 @@ class OTMix(Mixer):
             return assignment(cost), {}
         if self.selection == "confusion":
             score = self.affinity(cost.device)[y_partner[:, None], y_base[None, :]]
-            noise = torch.rand(score.shape, generator=generator).to(score.device)
+            noise = torch.rand(score.shape, generator=generator,
+                               dtype=torch.float32).to(score.device)
             return (score + 1e-6 * noise).argmax(1), {}
         # Convergence is counted per epoch (``ot_converged_fraction`` in metrics.jsonl and the
         # epoch line) instead of one warning per batch.
@@ -274,14 +251,18 @@ class OTMix(Mixer):
         ``embed(images) -> (N, D)`` (any backbone; the engine passes one), else from ``model`` via
         :func:`otlt.models.feature_fn`; with neither it refuses (on random epochs too, so a
         run fails at its first batch, not at its first OT epoch) unless ``ot_probability``
-        is 0. Random draws are the same as CMO's, so OT and random epochs consume the
-        generator identically; OT epochs then replace the pairing."""
+        is 0. Random draws are the same as CMO's; an OT epoch then replaces the pairing (with
+        ``selection`` argmax or assignment it draws nothing more, so OT and random epochs
+        consume the generator identically; sample, softmax and confusion draw per row)."""
         self.check_inputs(x, x_partner)  # features need model inputs
         require(embed is not None or model is not None or self.ot_probability == 0,
                 "OTMix needs features for its OT epochs: pass model= or embed=, or use CMO "
                 "for random pairing")
         self._check_partner(x_partner, y_partner)
         assert x_partner is not None and y_partner is not None
+        check_one_device(x=x, y=y, x_partner=x_partner, y_partner=y_partner)
+        k = self.num_classes
+        y, y_partner = check_labels(y, "base", k), check_labels(y_partner, "partner", k)
         require(x_partner.shape[0] == x.shape[0],
                 f"OTMix needs equal partner (foreground) and base (background) batches, got "
                 f"{x_partner.shape[0]} and {x.shape[0]}")
@@ -337,7 +318,8 @@ class OTMix(Mixer):
         k = self.num_classes
         # index_add_, not bincount: CUDA's bincount reads the largest entry back to size its
         # output (a host sync per batch); the sums are small integers, exact in float32.
-        counts = torch.zeros(k * k, device=device).index_add_(0, partner * k + base, weights)
+        counts = torch.zeros(k * k, device=device, dtype=torch.float32).index_add_(
+            0, partner * k + base, weights)
         counts = counts.round().long().view(k, k)
         self.stats["pairs"] = self.stats["pairs"].to(device) + counts
 
@@ -395,4 +377,4 @@ def _is_channels_last(x: torch.Tensor) -> bool:
             and not x.is_contiguous())
 
 
-__all__ = ["OTMix", "class_affinity", "otmix_cost", "sample_cost"]
+__all__ = ["OTMix"]

@@ -242,6 +242,28 @@ def check_model_inputs(x: torch.Tensor, what: str, floating: bool = False) -> No
                         f"{tuple(x.shape)}: {TO_MODEL_INPUTS}")
 
 
+def check_labels(y: torch.Tensor, what: str, num_classes: int | None = None) -> torch.Tensor:
+    """``y`` as int64 class indices ``(B,)``. Refused: float, bool and uint8 labels (the
+    last two index as masks), and, for labels on the CPU, labels outside
+    ``[0, num_classes)``; on an accelerator the range is left to the device's index check,
+    since reading it back would synchronise every batch."""
+    if y.is_floating_point() or y.is_complex() or y.dtype in (torch.bool, torch.uint8):
+        raise OtltError(f"{what} labels must be integer class indices (int64), got {y.dtype}; "
+                        "soft targets are what a mixer returns, not what it takes")
+    if num_classes is not None and y.device.type == "cpu" and y.numel():
+        low, high = int(y.min()), int(y.max())
+        require(low >= 0 and high < num_classes, f"{what} labels must be class indices in "
+                f"[0, {num_classes}), got {low} to {high}")
+    return y.long()
+
+
+def check_one_device(**tensors: torch.Tensor) -> None:
+    """Refuse tensors on several devices (a partner batch left on the CPU) in one line."""
+    devices = {str(t.device) for t in tensors.values()}
+    require(len(devices) == 1, "images and labels must be on one device, got " +
+            ", ".join(f"{name} on {t.device}" for name, t in tensors.items()))
+
+
 def check_batch(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
     if x.ndim != 4:
         raise ValueError(f"{what} images must be (B, C, H, W), got {tuple(x.shape)}")
@@ -265,6 +287,7 @@ def apply_plan(plan: MixPlan, x: torch.Tensor, y: torch.Tensor,
         raise ValueError("y_partner is required with x_partner")
     check_batch(x, y, "base")
     check_batch(x_partner, y_partner, "partner")
+    y, y_partner = check_labels(y, "base"), check_labels(y_partner, "partner")
     if x_partner.shape[1:] != x.shape[1:] or x_partner.dtype != x.dtype \
             or x_partner.device != x.device:
         raise ValueError(f"partner images {tuple(x_partner.shape)} {x_partner.dtype} "

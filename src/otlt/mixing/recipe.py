@@ -111,7 +111,7 @@ class MixRecipe:
 
     def coin(self, generator: torch.Generator) -> bool:
         """One batch's coin: heads (mix) with probability ``prob``; one draw."""
-        return torch.rand((), generator=generator).item() < self.prob
+        return torch.rand((), generator=generator, dtype=torch.float32).item() < self.prob
 
     # ---- which partners ------------------------------------------------------------------
     @property
@@ -148,7 +148,8 @@ class MixRecipe:
         """
         if self.mixer is None:
             return [False] * len(sizes), []
-        coins = (torch.rand(len(sizes), generator=generator) < self.prob).tolist()
+        coins = (torch.rand(len(sizes), generator=generator, dtype=torch.float32)
+                 < self.prob).tolist()
         heads = [size for size, coin in zip(sizes, coins, strict=True) if coin]
         if not heads or not self.needs_partner_batch:
             return coins, []
