@@ -249,3 +249,26 @@ def test_under_ddp_every_rank_gets_the_whole_validation_confusion(tmp_path):
     confusions = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert torch.equal(confusions[0], confusions[1])
     assert int(confusions[0].sum()) == len(y)
+
+
+class _DictBatches(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def test_dict_validation_batches_need_unpack_and_work_with_it(tmp_path):
+    x, y = _data()
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=14)
+    val = torch.utils.data.DataLoader(_DictBatches(x, y), batch_size=14)
+    callback = OTMixCallback(x, y, 3)
+    with pytest.raises(OtltError, match="from a validation batch of type dict; give it unpack="):
+        _trainer(tmp_path, callback, epochs=1).fit(_Module(callback), train, val)
+    callback = OTMixCallback(x, y, 3, unpack=lambda b: (b["image"], b["label"]))
+    _trainer(tmp_path, callback, epochs=1).fit(_Module(callback), train, val)
+    assert int(callback.otmix.confusion.sum()) == len(y)

@@ -94,6 +94,16 @@ def planned_epochs(max_epochs: int | None, max_steps: int | None,
     return max(min(limits), 1)
 
 
+def _images_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(batch[0], batch[1])``: a ``TensorDataset``'s or a torchvision dataset's batch."""
+    try:
+        return batch[0], batch[1]
+    except (KeyError, IndexError, TypeError):
+        raise OtltError(f"OTMixCallback cannot read images and labels from a validation batch "
+                        f"of type {type(batch).__name__}; give it unpack=lambda batch: "
+                        "(images, labels)") from None
+
+
 class OTMixCallback(Callback):
     """The OTmix recipe for a Lightning ``Trainer`` (see the module docstring).
 
@@ -110,6 +120,9 @@ class OTMixCallback(Callback):
         embed: ``embed(images (N, C, H, W)) -> (N, D)`` features for the OT cost, as
             :class:`otlt.mixing.OTMix` takes; default: :func:`find_network` in the module
             given to :meth:`mix`, in OTMix's ``feature_mode``.
+        unpack: ``unpack(batch) -> (images, labels)`` of a validation batch, for the
+            confusion matrix (``pl_module(images)`` must give the logits); default
+            ``(batch[0], batch[1])``; a dict batch: ``lambda b: (b["image"], b["label"])``.
         **otmix_options: :class:`otlt.mixing.OTMix` options (omega, eps, alpha, mu, ...).
     """
 
@@ -119,6 +132,7 @@ class OTMixCallback(Callback):
                  partner_transform: Callable[[torch.Tensor, torch.Generator],
                                              torch.Tensor] | None = None,
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 unpack: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
                  **otmix_options: Any) -> None:
         super().__init__()
         if "foreground_transform" in otmix_options:
@@ -133,6 +147,7 @@ class OTMixCallback(Callback):
                                 skip_last=skip_last, sampler_r=sampler_r)
         self.transform = partner_transform
         self.embed = embed
+        self.unpack = unpack if unpack is not None else _images_and_labels
         self._found: tuple[torch.nn.Module, torch.nn.Module] | None = None
         self._epochs: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
@@ -194,7 +209,7 @@ class OTMixCallback(Callback):
                                 dataloader_idx: int = 0) -> None:
         if self._confusion is None:
             return
-        x, y = batch[0], batch[1]
+        x, y = self.unpack(batch)
         preds = pl_module(x).argmax(1)
         self._confusion += confusion_matrix(preds, y, self.num_classes).cpu()
 
