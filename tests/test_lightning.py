@@ -272,3 +272,23 @@ def test_dict_validation_batches_need_unpack_and_work_with_it(tmp_path):
     callback = OTMixCallback(x, y, 3, unpack=lambda b: (b["image"], b["label"]))
     _trainer(tmp_path, callback, epochs=1).fit(_Module(callback), train, val)
     assert int(callback.otmix.confusion.sum()) == len(y)
+
+
+def test_a_checkpoint_saved_when_validation_ends_carries_the_confusion_to_hand(tmp_path):
+    """With ``check_val_every_n_epoch=2`` ModelCheckpoint saves when validation ends, before
+    the epoch's end hands the new confusion to OTMix; a resume from that file must plan with
+    the matrix the uninterrupted run plans with."""
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=14)
+    callback = OTMixCallback(x, y, 3)
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[callback, saver], num_sanity_val_steps=0,
+                        check_val_every_n_epoch=2)
+    trainer.fit(_Module(callback), loader, loader)
+    assert int(callback.otmix.confusion.sum()) == len(y)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    resumed = OTMixCallback(x, y, 3)
+    resumed.load_state_dict(state["otlt.OTMixCallback"])
+    assert torch.equal(resumed.otmix.confusion, callback.otmix.confusion)

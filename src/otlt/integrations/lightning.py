@@ -198,6 +198,7 @@ class OTMixCallback(Callback):
             self.on_train_start(trainer, pl_module)
         self._mixing = self.recipe.start_epoch(trainer.current_epoch, self._epochs,
                                                self.generator)
+        self._confusion = None  # not one of a trainer.validate() before fit
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         # The sanity check validates the untrained model on a few batches: not a confusion.
@@ -217,6 +218,9 @@ class OTMixCallback(Callback):
         if self._confusion is not None and trainer.world_size > 1:
             # Each rank validated its shard: the sum is the whole split's confusion, the
             # same on every rank. Reduced on the module's device (NCCL reduces no CPU tensor).
+            # A collective: every rank must run the validation loop, as for Lightning's own
+            # sync_dist logging; DistributedSampler's padding counts up to world - 1 images
+            # twice.
             total = trainer.strategy.reduce(self._confusion.to(pl_module.device),
                                             reduce_op="sum")
             self._confusion = total.cpu()
@@ -236,11 +240,18 @@ class OTMixCallback(Callback):
         return "otlt.OTMixCallback"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"confusion": self.otmix.confusion, "generator": self.generator.get_state()}
+        """OTMix's confusion, the generator, and a validation confusion not yet handed to
+        OTMix (a checkpoint saved when validation ends, as ModelCheckpoint does with
+        ``check_val_every_n_epoch > 1``, comes before the epoch's end hands it over)."""
+        return {"confusion": self.otmix.confusion, "generator": self.generator.get_state(),
+                "pending_confusion": self._confusion}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.otmix.load_state_dict({"confusion": state_dict.get("confusion")})
         self.generator.set_state(state_dict["generator"])
+        pending = state_dict.get("pending_confusion")
+        if pending is not None:  # the epoch's end the checkpoint came before
+            self.otmix.update_confusion(pending)
 
 
 __all__ = ["NETWORK_NAMES", "OTMixCallback", "find_network", "planned_epochs"]

@@ -43,8 +43,9 @@ tensors are moved to the batch's device when applied. The draws happen in a fixe
 
 Layout: :mod:`~otlt.mixing.plan` (plans and applying them, no state) <- :mod:`~otlt.mixing.base`
 (the :class:`Mixer` base, the random-pairing draw, the registry) <- :mod:`~otlt.mixing.random`
-(the random-pairing mixers) and :mod:`~otlt.mixing.otmix` (OTMix); this package imports them
-all, so every built-in mixer is registered once ``otlt.mixing`` is imported.
+(the random-pairing mixers) and :mod:`~otlt.mixing.cost` (eqs. 6-7) <-
+:mod:`~otlt.mixing.otmix` (OTMix); this package imports them all, so every built-in mixer is
+registered once ``otlt.mixing`` is imported.
 :mod:`~otlt.mixing.recipe` (:class:`MixRecipe`) is the recipe around a mixer that every
 training loop follows: the epoch window, the per-batch coin, the class-weighted partner draw
 and the mixer call.

@@ -42,7 +42,7 @@ def otmix_cost(z_partner: torch.Tensor, z_base: torch.Tensor, y_partner: torch.T
     require(0.0 <= omega <= 1.0, f"omega must be in [0, 1], got {omega}")
     affinity = class_affinity(confusion.to(z_partner.device), keep_same_class)
     return combine_cost(sample_cost(z_partner, z_base, distance), affinity, y_partner, y_base,
-                    omega)
+                        omega)
 
 
 def sample_cost(z_partner: torch.Tensor, z_base: torch.Tensor,
