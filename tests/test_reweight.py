@@ -194,6 +194,23 @@ def test_reweighter_labels_outside_the_classes_are_refused():
         OTReweighter(torch.zeros(2, 2, dtype=torch.long), 3)
 
 
+def test_a_batch_that_cannot_meet_the_meta_set_is_one_line():
+    gen = torch.Generator().manual_seed(13)
+    feats, labels = _clusters([6, 3, 3], 4, gen)
+    meta_z, meta_y = _clusters([2, 2, 2], 4, gen)
+    rw = OTReweighter(labels, 3)
+    rw.set_meta(meta_z, meta_y)
+    idx = torch.arange(4)
+    for bad_feats, bad_labels, needle in (
+            (feats[idx].view(4, 1, 2, 2), labels[idx], r"got \(4, 1, 2, 2\) and \(4,\)"),
+            (feats[idx, :3], labels[idx], r"got \(4, 3\) and \(4,\)"),
+            (feats[idx], labels[:3], r"got \(4, 4\) and \(3,\)")):
+        with pytest.raises(OtltError, match=r"features \(B, D\) = \(4, 4\) .* " + needle):
+            rw.step(bad_feats, bad_labels, idx)
+    with pytest.raises(OtltError, match="takes tensors, got features Tensor and labels list"):
+        rw.step(feats[idx], labels[idx].tolist(), idx)
+
+
 def test_raw_mode_returns_raw_weights_and_state_round_trips():
     gen = torch.Generator().manual_seed(2)
     feats, labels = _clusters([5, 3], 3, gen)

@@ -112,6 +112,21 @@ def class_prototypes(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tenso
     return means, torch.arange(num_classes, device=labels.device)
 
 
+def _check_batch(features: object, labels: object, raw: Tensor, meta: Tensor) -> None:
+    """One line for a batch that cannot meet the meta set: features ``(B, D)`` with the meta
+    features' ``D``, labels ``(B,)``, one raw weight per row."""
+    require(isinstance(features, Tensor) and isinstance(labels, Tensor),
+            f"OTReweighter takes tensors, got features {type(features).__name__} and labels "
+            f"{type(labels).__name__}")
+    assert isinstance(features, Tensor) and isinstance(labels, Tensor)
+    rows = len(raw)
+    require(features.dim() == 2 and features.shape == (rows, meta.shape[1])
+            and labels.shape == (rows,),
+            f"OTReweighter needs features (B, D) = ({rows}, {meta.shape[1]}) (the meta "
+            f"features' D; pool or flatten first) and labels ({rows},), got "
+            f"{tuple(features.shape)} and {tuple(labels.shape)}")
+
+
 class OTReweighter:
     """Per-example weights learned by OT to a balanced meta distribution (Guo et al. 2022).
 
@@ -182,6 +197,7 @@ class OTReweighter:
         """Return ``OT_ε(μ, softmax(raw), C)`` for a batch ``(B, D)``, differentiable in ``raw``."""
         require(self.meta_features is not None, "OTReweighter.set_meta must be called before "
                                                 "the first step (the meta distribution)")
+        _check_batch(features, labels, raw, self.meta_features)
         cost = reweight_cost(self.meta_features, self.meta_labels, features.detach(), labels,
                              num_classes=self.num_classes, feature_weight=self.feature_weight,
                              label_distance=self.label_distance)
