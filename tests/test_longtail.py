@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
+from PIL import Image
 
+from otlt.config import DataConfig
 from otlt.data.longtail import build_splits, long_tailed_counts
+from otlt.data.prepare import prepare_data
 from otlt.errors import OtltError
 
 
@@ -61,3 +64,28 @@ def test_splits_depend_on_data_seed_only():
 def test_too_small_class_for_carve_out_is_an_error():
     with pytest.raises(OtltError, match="too few"):
         build_splits(_labels(per_class=10), 5, imbalance_ratio=1, n_max=10, val_per_class=10)
+
+
+def test_a_profile_the_classes_cannot_give_and_an_unused_val_folder_are_warned(tmp_path,
+                                                                              caplog):
+    """30 images a class and n_max 100: the profile's 100, 46, 21, 10 are capped at 28 (after
+    2 validation images), so the imbalance asked for (10) becomes 2.8, silently until now;
+    a val/ folder is read but validation is carved from train."""
+    for split, n in (("train", 30), ("test", 2), ("val", 2)):
+        for k in range(4):
+            folder = tmp_path / split / f"c{k}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (4, 4), (k * 60, i, 0)).save(folder / f"{i}.png")
+    cfg = DataConfig(dataset="folder", path=str(tmp_path), num_classes=4, n_max=100,
+                     imbalance_ratio=10, val_per_class=2)
+    with caplog.at_level("WARNING"):
+        data = prepare_data(cfg, 4)
+    assert data.train_counts == [28, 28, 21, 10]
+    assert "asks for an imbalance of 10, the classes give 2.8" in caplog.text
+    assert "has a val split; otlt carves validation from train" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        prepare_data(DataConfig(dataset="folder", path=str(tmp_path / "train" / ".."),
+                                num_classes=4, imbalance_ratio=10, val_per_class=2), 4)
+    assert "asks for an imbalance" not in caplog.text  # n_max: the largest class, 30

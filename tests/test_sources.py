@@ -378,6 +378,57 @@ def test_list_dataset_wrong_root_is_reported(tmp_path):
         ListFileDataset(tmp_path / "elsewhere", tmp_path / "list.txt")
 
 
+def test_a_missing_image_of_an_evaluation_list_is_found_at_once(tmp_path):
+    """A test list's missing image used to surface after the training epochs, at the first
+    evaluation; training lists are checked by their first entry (an epoch finds the rest)."""
+    ds = _list_dataset(tmp_path, train=False)
+    (ds.root / "imgs" / "3.png").unlink()
+    (ds.root / "imgs" / "5.png").unlink()
+    with pytest.raises(OtltError, match=r"list\.txt: 2 of 6 images do not exist under .*root, "
+                                        r"the first 'imgs/3\.png'"):
+        ListFileDataset(ds.root, tmp_path / "list.txt", train=False)
+    assert len(ListFileDataset(ds.root, tmp_path / "list.txt", train=True)) == 6
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path):
+    """Pillow's convert("RGB") clips a 16-bit value like 30000 to 255."""
+    spec = _small_spec()
+    _write_folder(tmp_path / "d", spec)
+    deep = np.full((8, 8), 30000, np.uint16)
+    Image.fromarray(deep).save(tmp_path / "d" / "train" / "cat" / "0000.png")
+    assert Image.open(tmp_path / "d" / "train" / "cat" / "0000.png").mode.startswith("I")
+    got = read_image_folder(tmp_path / "d", workers=0)["train"]
+    cat = got.images[got.labels == got.classes.index("cat")]
+    assert cat.shape == (1, 8, 8, 3) and (cat == 30000 >> 8).all()
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    (tmp_path / "list.txt").write_text("deep.png 0\n")
+    image, _ = ListFileDataset(tmp_path, tmp_path / "list.txt", image_size=8, train=False)[0]
+    assert image.dtype == torch.uint8 and (image == 30000 >> 8).all()  # not 255
+
+
+def test_linked_split_folders_are_read(tmp_path):
+    spec = _small_spec()
+    _write_folder(tmp_path / "real", spec)
+    (tmp_path / "linked").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "linked" / split).symlink_to(tmp_path / "real" / split)
+    got = load_dataset("folder", tmp_path / "linked")
+    assert got["train"].classes == ["cat", "dog", "emu"] and len(got["train"].labels) == 6
+
+
+def test_a_meta_folder_or_macos_junk_beside_the_data_keeps_it_an_image_folder(tmp_path):
+    """CIFAR-100's file names are looked for as files; ``__MACOSX/`` left by unzipping a Mac
+    zip is not a second data folder."""
+    _write_folder(tmp_path / "a", _small_spec())
+    for name in ("meta", "train_extra"):
+        (tmp_path / "a" / name).mkdir()
+    assert load_dataset("folder", tmp_path / "a")["train"].classes == ["cat", "dog", "emu"]
+    _write_folder(tmp_path / "b" / "mydata", _small_spec())
+    (tmp_path / "b" / "__MACOSX" / "mydata").mkdir(parents=True)
+    assert find_data("folder", tmp_path / "b").name in ("b", "mydata")
+    assert load_dataset("folder", tmp_path / "b")["test"].classes == ["cat", "dog", "emu"]
+
+
 # ----------------------------------------------------------------------------------- cache
 
 
@@ -477,6 +528,17 @@ def test_cache_uses_env_dir_and_survives_an_unwritable_one(tmp_path, monkeypatch
     blocker.write_text("a file where the cache dir should be")
     got = load_cached(src, _counting_build(calls, 6), blocker / "sub")
     assert got["train"].images[0, 0, 0, 0] == 6 and len(calls) == 2
+
+
+def test_cache_key_sees_a_rewrite_that_keeps_size_and_mtime(tmp_path):
+    src = tmp_path / "data.zip"
+    src.write_bytes(b"v1")
+    key = cache_mod.source_fingerprint(src)
+    st = src.stat()
+    src.unlink()
+    src.write_bytes(b"v2")  # same size
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    assert cache_mod.source_fingerprint(src) != key
 
 
 def test_cache_key_changes_with_the_format_version(tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the readers or the on-disk layout change so old entries are not reused
 # (2: image-folder class names are NFC).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: 16-bit grayscale scaled to 8 bits (otlt.data.io.to_rgb)
 
 ENV_CACHE = "OTLT_CACHE"
 
@@ -40,30 +40,35 @@ def default_cache_dir() -> Path:
 
 
 def source_fingerprint(source: Path) -> str:
-    """Hash the identity of ``source``: resolved path, sizes, mtimes and the format version."""
+    """Hash the identity of ``source``: resolved path, each file's size, mtime, ctime and
+    inode, and the format version."""
     resolved = Path(source).expanduser().resolve()
     digest = hashlib.sha256(f"otlt-cache-v{FORMAT_VERSION}\0{resolved}\0".encode())
     try:
         if resolved.is_dir():
-            for rel, size, mtime in _listing(resolved):
-                digest.update(f"{rel}\0{size}\0{mtime}\n".encode())
+            for row in _listing(resolved):
+                digest.update(("\0".join(map(str, row)) + "\n").encode())
         else:
             st = resolved.stat()
-            digest.update(f"{st.st_size}\0{st.st_mtime_ns}".encode())
+            digest.update(f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+                          .encode())
     except OSError as exc:
         raise OtltError(f"cannot read data source {source}: {exc.strerror or exc}") from exc
     return digest.hexdigest()
 
 
-def _listing(folder: Path) -> list[tuple[str, int, int]]:
-    """List ``(relative posix name, size, mtime_ns)`` of every file under ``folder``, sorted."""
+def _listing(folder: Path) -> list[tuple[str, int, int, int, int]]:
+    """List ``(relative posix name, size, mtime_ns, ctime_ns, inode)`` of every file under
+    ``folder`` (following linked folders, as the reader does), sorted. ``ctime`` and the
+    inode change when a file is rewritten even if its size and mtime are restored."""
     rows = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
         for name in filenames:
             path = Path(dirpath, name)
             st = path.stat()
-            rows.append((path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns))
+            rows.append((path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns,
+                         st.st_ctime_ns, st.st_ino))
     rows.sort()
     return rows
 

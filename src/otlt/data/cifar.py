@@ -71,7 +71,7 @@ def cifar_variant(names: Iterable[str]) -> str | None:
 def _cifar_folder(path: Path) -> Path | None:
     """Return the folder holding CIFAR batches: ``path`` itself or its CIFAR subfolder."""
     for folder in (path, path / "cifar-10-batches-py", path / "cifar-100-python"):
-        if folder.is_dir() and cifar_variant(p.name for p in folder.iterdir()):
+        if folder.is_dir() and cifar_variant(p.name for p in folder.iterdir() if p.is_file()):
             return folder
     return None
 

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from otlt.data.io import IMAGE_EXTENSIONS, READ_ERRORS, SPLITS, check_readable
+from otlt.data.io import IMAGE_EXTENSIONS, READ_ERRORS, SPLITS, check_readable, is_junk, to_rgb
 from otlt.data.types import ImageArrays
 from otlt.errors import OtltError
 
 logger = logging.getLogger(__name__)
 
 
-_JUNK_NAMES = {"thumbs.db", "desktop.ini"}
 
 
 class _FileTree:
@@ -55,23 +54,16 @@ class _FileTree:
             names = [i.filename for i in self._zip.infolist() if not i.is_dir()]
         else:
             names = []
-            for folder, _, files in os.walk(self.path):
+            for folder, _, files in os.walk(self.path, followlinks=True):  # linked splits
                 rel = Path(folder).relative_to(self.path).as_posix()
                 names += [f if rel == "." else f"{rel}/{f}" for f in files]
-        return [n for n in names if not _is_junk(n)]
+        return [n for n in names if not is_junk(n)]
 
     def read(self, name: str) -> bytes:
         """Return the bytes of file ``name``."""
         if self._zip is not None:
             return self._zip.read(name)
         return (self.path / name).read_bytes()
-
-
-def _is_junk(name: str) -> bool:
-    """Tell hidden files, macOS resource forks and Windows thumbnails apart from data."""
-    parts = name.split("/")
-    return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts) \
-        or parts[-1].lower() in _JUNK_NAMES
 
 
 def _strip_prefix(files: list[str]) -> tuple[str, list[str]]:
@@ -111,7 +103,7 @@ def _decode(blob: bytes, name: str, where: Path) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(blob), formats=("JPEG", "PNG")) as img:
             img.load()
-            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+            return np.asarray(to_rgb(img))
     except READ_ERRORS as exc:
         raise OtltError(f"cannot decode image {name!r} in {where}: {exc}") from exc
 

@@ -10,12 +10,39 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from otlt.errors import OtltError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 SPLITS = ("train", "test", "val")
+_JUNK_NAMES = ("thumbs.db", "desktop.ini")
+
+
+def is_junk(name: str) -> bool:
+    """Tell hidden files, macOS resource forks (``__MACOSX/``) and Windows thumbnails apart
+    from data; ``name`` is a relative posix path."""
+    parts = name.split("/")
+    return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts) \
+        or parts[-1].lower() in _JUNK_NAMES
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` in RGB. 16-bit grayscale (Pillow's ``I;16*`` and ``I`` modes) is scaled to 8
+    bits first: Pillow's own ``convert`` clips it, so every value above 255 became white.
+    The pixels are read here, so the result outlives the file it came from."""
+    img.load()
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":
+        wide = np.asarray(img).astype(np.int64)
+        return Image.fromarray(np.clip(wide >> 8, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        raise ValueError("32-bit float images are not supported (convert them to 8-bit)")
+    return img.convert("RGB")
 
 
 # Errors a malformed archive or image can raise from the standard library and PIL.

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from otlt.data.io import READ_ERRORS, check_readable
+from otlt.data.io import READ_ERRORS, check_readable, to_rgb
 from otlt.errors import OtltError
 
 
@@ -74,6 +74,11 @@ class ListFileDataset(Dataset):
         if not first.is_file():
             raise OtltError(f"{list_file} names {self.paths[0]!r}, but {first} does not "
                             f"exist; is --data the root the list file's paths are relative to?")
+        if not train:  # found now, not after the training epochs before its first evaluation
+            missing = [p for p in self.paths if not (self.root / p).is_file()]
+            if missing:
+                raise OtltError(f"{list_file}: {len(missing)} of {len(self.paths)} images do "
+                                f"not exist under {self.root}, the first {missing[0]!r}")
         self.image_size = int(image_size)
         self.train = train
         self.seed = int(seed)
@@ -105,7 +110,7 @@ class ListFileDataset(Dataset):
         path = self.root / self.paths[index]
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                img = to_rgb(img)
         except READ_ERRORS as exc:
             raise OtltError(f"cannot decode image {path}: {exc}") from exc
         if self.train:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from otlt.config import DATASET_DEFAULTS, DataConfig
-from otlt.data.longtail import build_splits
+from otlt.data.longtail import build_splits, long_tailed_counts
 from otlt.data.sources import find_data, load_dataset
 from otlt.data.streams import is_list_dataset
 from otlt.data.types import ImageArrays
 from otlt.errors import require
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,5 +60,27 @@ def prepare_data(cfg: DataConfig, num_classes: int) -> LongTailedData:
     idx = build_splits(source.labels, num_classes, imbalance_ratio=cfg.imbalance_ratio,
                        n_max=n_max, profile=cfg.profile, val_per_class=cfg.val_per_class,
                        meta_per_class=cfg.meta_per_class, data_seed=cfg.data_seed)
+    if "val" in splits:
+        logger.warning("%s has a val split; otlt carves validation from train "
+                       "(data.val_per_class) and does not use it", path)
+    _warn_if_the_ratio_differs(
+        long_tailed_counts(num_classes, n_max, cfg.imbalance_ratio, cfg.profile),
+        idx.train_counts)
     return LongTailedData(source.subset(idx.train), source.subset(idx.val),
                           source.subset(idx.meta), splits["test"], idx.train_counts)
+
+
+def _warn_if_the_ratio_differs(targets: list[int], counts: list[int]) -> None:
+    """Warn when the classes cannot give the profile's imbalance (``targets``: the profile's
+    counts; ``counts``: what the classes held): ``n_max`` above what a class holds after the
+    validation and meta carve-out, as for a dataset that is long-tailed already."""
+    def ratio(values: list[int]) -> float:
+        present = [v for v in values if v > 0]
+        return max(present) / min(present) if present else 1.0
+
+    wanted, got = ratio(list(targets)), ratio(counts)
+    if abs(got - wanted) > 0.15 * wanted:  # not the few images the carve-out takes
+        logger.warning("the long-tailed profile asks for an imbalance of %.3g, the classes give "
+                       "%.3g (training images per class %s): set data.n_max to what the largest "
+                       "class holds after the carve-out, or data.imbalance_ratio 1 for a folder "
+                       "that is long-tailed already", wanted, got, counts)
