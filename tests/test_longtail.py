@@ -89,3 +89,18 @@ def test_a_profile_the_classes_cannot_give_and_an_unused_val_folder_are_warned(t
         prepare_data(DataConfig(dataset="folder", path=str(tmp_path / "train" / ".."),
                                 num_classes=4, imbalance_ratio=10, val_per_class=2), 4)
     assert "asks for an imbalance" not in caplog.text  # n_max: the largest class, 30
+
+
+def test_imbalance_ratio_1_takes_a_long_tailed_folder_as_it_is_without_a_warning(tmp_path,
+                                                                                caplog):
+    for split, counts in (("train", (40, 20, 10, 5)), ("test", (2, 2, 2, 2))):
+        for k, n in enumerate(counts):
+            folder = tmp_path / split / f"c{k}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (4, 4), (k * 60, i, 0)).save(folder / f"{i}.png")
+    cfg = DataConfig(dataset="folder", path=str(tmp_path), num_classes=4, imbalance_ratio=1,
+                     val_per_class=2)
+    with caplog.at_level("WARNING"):
+        assert prepare_data(cfg, 4).train_counts == [38, 18, 8, 3]
+    assert caplog.text == ""

@@ -20,6 +20,7 @@ from otlt.data import cache as cache_mod
 from otlt.data.cache import load_cached
 from otlt.data.cifar import read_cifar_python
 from otlt.data.folders import read_image_folder
+from otlt.data.io import to_rgb
 from otlt.data.lists import ListFileDataset, read_list_file
 from otlt.data.sources import find_data, load_dataset
 from otlt.data.types import ImageArrays
@@ -406,6 +407,14 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path):
     assert image.dtype == torch.uint8 and (image == 30000 >> 8).all()  # not 255
 
 
+@pytest.mark.parametrize("value, expected", [(30000, 117), (200, 200)])
+def test_32_bit_integer_images_are_16_bit_only_above_255(value, expected):
+    """Pillow opens 16-bit PGMs (and some PNGs) as mode I, but a 32-bit TIFF of 8-bit values
+    is mode I too: shifting it would turn it black."""
+    img = Image.fromarray(np.full((4, 4), value, np.int32), "I")
+    assert (np.asarray(to_rgb(img)) == expected).all()
+
+
 def test_linked_split_folders_are_read(tmp_path):
     spec = _small_spec()
     _write_folder(tmp_path / "real", spec)
@@ -535,9 +544,10 @@ def test_cache_key_sees_a_rewrite_that_keeps_size_and_mtime(tmp_path):
     src.write_bytes(b"v1")
     key = cache_mod.source_fingerprint(src)
     st = src.stat()
-    src.unlink()
+    time.sleep(0.05)  # past a coarse timestamp tick (4-10 ms on older kernels)
     src.write_bytes(b"v2")  # same size
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+    assert src.stat().st_ctime_ns != st.st_ctime_ns
     assert cache_mod.source_fingerprint(src) != key
 
 

@@ -24,7 +24,7 @@ def format_eval(result: dict, title: str = "evaluation") -> str:
     lines.append("")
     lines.append(f"{'class':<16}{'train n':>8}{'accuracy':>10}")
     for name, n, acc in zip(classes, counts, result["per_class_accuracy"], strict=False):
-        shown = "      n/a" if acc is None else f"{acc:9.1f}%"  # no test image of the class
+        shown = f"{'n/a':>10}" if acc is None else f"{acc:9.1f}%"  # no test image of the class
         lines.append(f"{name[:15]:<16}{'' if n is None else n:>8}{shown}")
     return "\n".join(lines)
 

@@ -2,9 +2,9 @@
 
 Decoding 60,000 JPEGs or un-gzipping a CIFAR tarball takes seconds; reading the same arrays
 back from an uncompressed ``.npz`` takes a fraction of one. The cache key covers the resolved
-source path, its size and ``mtime_ns`` (for a folder: every file's relative name, size and
-``mtime_ns``) and :data:`FORMAT_VERSION`, so editing, replacing or touching the source rebuilds
-the entry. The cache is an optimisation only: an unreadable or corrupt entry is rebuilt and an
+source path, its size, ``mtime_ns`` and ``ctime_ns`` (for a folder: every file's relative
+name, size, ``mtime_ns`` and ``ctime_ns``) and :data:`FORMAT_VERSION`, so editing, replacing
+or touching the source rebuilds the entry (so do ``chmod`` and ``cp -a``, which change ctime). The cache is an optimisation only: an unreadable or corrupt entry is rebuilt and an
 unwritable cache directory is skipped with a warning, never an error.
 """
 
@@ -40,8 +40,9 @@ def default_cache_dir() -> Path:
 
 
 def source_fingerprint(source: Path) -> str:
-    """Hash the identity of ``source``: resolved path, each file's size, mtime, ctime and
-    inode, and the format version."""
+    """Hash the identity of ``source``: resolved path, each file's size, mtime and ctime
+    (not the inode: FUSE and some SMB mounts renumber it at every mount), and the format
+    version."""
     resolved = Path(source).expanduser().resolve()
     digest = hashlib.sha256(f"otlt-cache-v{FORMAT_VERSION}\0{resolved}\0".encode())
     try:
@@ -50,17 +51,16 @@ def source_fingerprint(source: Path) -> str:
                 digest.update(("\0".join(map(str, row)) + "\n").encode())
         else:
             st = resolved.stat()
-            digest.update(f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
-                          .encode())
+            digest.update(f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode())
     except OSError as exc:
         raise OtltError(f"cannot read data source {source}: {exc.strerror or exc}") from exc
     return digest.hexdigest()
 
 
-def _listing(folder: Path) -> list[tuple[str, int, int, int, int]]:
-    """List ``(relative posix name, size, mtime_ns, ctime_ns, inode)`` of every file under
-    ``folder`` (following linked folders, as the reader does), sorted. ``ctime`` and the
-    inode change when a file is rewritten even if its size and mtime are restored."""
+def _listing(folder: Path) -> list[tuple[str, int, int, int]]:
+    """List ``(relative posix name, size, mtime_ns, ctime_ns)`` of every file under
+    ``folder`` (following linked folders, as the reader does), sorted. ``ctime`` changes when
+    a file is rewritten even if its size and mtime are restored."""
     rows = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
@@ -68,7 +68,7 @@ def _listing(folder: Path) -> list[tuple[str, int, int, int, int]]:
             path = Path(dirpath, name)
             st = path.stat()
             rows.append((path.relative_to(folder).as_posix(), st.st_size, st.st_mtime_ns,
-                         st.st_ctime_ns, st.st_ino))
+                         st.st_ctime_ns))
     rows.sort()
     return rows
 

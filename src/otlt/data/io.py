@@ -31,15 +31,19 @@ def is_junk(name: str) -> bool:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` in RGB. 16-bit grayscale (Pillow's ``I;16*`` and ``I`` modes) is scaled to 8
-    bits first: Pillow's own ``convert`` clips it, so every value above 255 became white.
+    """``img`` in RGB. 16-bit grayscale (Pillow's ``I;16*`` modes, and ``I`` with values
+    above 255) is scaled to 8 bits first: Pillow's own ``convert`` clips it, so every value
+    above 255 became white; an ``I`` image within 0-255 (a 32-bit TIFF of 8-bit values) is
+    taken as it is.
     The pixels are read here, so the result outlives the file it came from."""
     img.load()
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I;16") or img.mode == "I":
         wide = np.asarray(img).astype(np.int64)
-        return Image.fromarray(np.clip(wide >> 8, 0, 255).astype(np.uint8), "L").convert("RGB")
+        if img.mode != "I" or wide.max(initial=0) > 255:
+            wide = wide >> 8
+        return Image.fromarray(np.clip(wide, 0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode == "F":
         raise ValueError("32-bit float images are not supported (convert them to 8-bit)")
     return img.convert("RGB")

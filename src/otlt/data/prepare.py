@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from otlt.config import DATASET_DEFAULTS, DataConfig
@@ -60,12 +61,14 @@ def prepare_data(cfg: DataConfig, num_classes: int) -> LongTailedData:
     idx = build_splits(source.labels, num_classes, imbalance_ratio=cfg.imbalance_ratio,
                        n_max=n_max, profile=cfg.profile, val_per_class=cfg.val_per_class,
                        meta_per_class=cfg.meta_per_class, data_seed=cfg.data_seed)
-    if "val" in splits:
-        logger.warning("%s has a val split; otlt carves validation from train "
-                       "(data.val_per_class) and does not use it", path)
-    _warn_if_the_ratio_differs(
-        long_tailed_counts(num_classes, n_max, cfg.imbalance_ratio, cfg.profile),
-        idx.train_counts)
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun, not once a rank
+        if "val" in splits:
+            logger.warning("%s has a val split; otlt carves validation from train "
+                           "(data.val_per_class) and does not use it", path)
+        if cfg.imbalance_ratio != 1:  # 1: the classes as the data gives them, on purpose
+            _warn_if_the_ratio_differs(
+                long_tailed_counts(num_classes, n_max, cfg.imbalance_ratio, cfg.profile),
+                idx.train_counts)
     return LongTailedData(source.subset(idx.train), source.subset(idx.val),
                           source.subset(idx.meta), splits["test"], idx.train_counts)
 
