@@ -4,7 +4,8 @@ Decoding 60,000 JPEGs or un-gzipping a CIFAR tarball takes seconds; reading the 
 back from an uncompressed ``.npz`` takes a fraction of one. The cache key covers the resolved
 source path, its size, ``mtime_ns`` and ``ctime_ns`` (for a folder: every file's relative
 name, size, ``mtime_ns`` and ``ctime_ns``) and :data:`FORMAT_VERSION`, so editing, replacing
-or touching the source rebuilds the entry (so do ``chmod`` and ``cp -a``, which change ctime). The cache is an optimisation only: an unreadable or corrupt entry is rebuilt and an
+or touching the source rebuilds the entry (so do ``chmod`` and ``cp -a``, which change
+ctime). The cache is an optimisation only: an unreadable or corrupt entry is rebuilt and an
 unwritable cache directory is skipped with a warning, never an error.
 """
 

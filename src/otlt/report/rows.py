@@ -170,12 +170,15 @@ def row_summary(row: Row, mode: str | None = None) -> dict[str, Any]:
                                 for r in row.runs]}
 
 
-def format_stat(stat: tuple[float | None, float | None, int], n_seeds: int) -> str:
-    """``12.34``, ``12.34 ± 0.56`` or, when some seeds lack it, ``12.34 (2 of 3)``."""
+def format_stat(stat: tuple[float | None, float | None, int], n_seeds: int,
+                signed: bool = False) -> str:
+    """``12.34``, ``12.34 ± 0.56`` or, when some seeds lack it, ``12.34 (2 of 3)``;
+    ``signed``: a difference, ``+0.18`` for a positive mean."""
     mean, std, n = stat
     if mean is None:
         return "–"
-    text = fmt(mean) if std is None else f"{fmt(mean)} ± {fmt(std)}"
+    shown = f"{mean:+.2f}" if signed else fmt(mean)
+    text = shown if std is None else f"{shown} ± {fmt(std)}"
     return text if n == n_seeds else f"{text} ({n} of {n_seeds})"
 
 
@@ -196,7 +199,10 @@ def section_rows(report: Report, runs: Sequence[RunData], bn_stats: str | None =
                "*selected*: the epoch with the best validation "
                "`eval.select_metric`. *Best test epoch* is the official code's protocol "
                "(test evaluated every epoch, the best reported): optimistic, a diagnostic "
-               "that nothing reads.", "",
+               "that nothing reads. Each number is the run's own evaluation file; under "
+               "`train` statistics a second evaluation of the same weights (a probe, `otlt "
+               "eval`) redraws its recalibration batches and, with a mixer, their mixing, so "
+               "it can differ by a few tenths of a point.", "",
                "| row | seeds | BN statistics | last epoch | validation-selected | selected "
                "epoch | best test epoch (optimistic) | paper | last − paper |",
                "|---|---|---|---:|---:|---|---:|---:|---:|")
@@ -219,7 +225,8 @@ def section_rows(report: Report, runs: Sequence[RunData], bn_stats: str | None =
                    f"another procedure): {', '.join(map(cell, reevaluated))}. Last epoch from "
                    "`probe_test.json` or `eval_last_<mode>.json`; the validation-selected "
                    "checkpoint, chosen under the run's own procedure, from "
-                   "`eval_best_<mode>.json`.", "")
+                   "`eval_best_<mode>.json`. Its *best test epoch* is the per-epoch "
+                   "diagnostic logged while it trained, under its own procedure.", "")
     seeded = [row for row in rows if len(row.runs) > 1]
     for row in seeded:
         ps = summaries[id(row)]["per_seed"]
@@ -292,7 +299,7 @@ def _gains_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any],
         if not pairs:
             continue
         report.add(title, "", f"{what}, in points of test error (negative: the first row is "
-                   "better): the mean over the seeds both rows have of the per-seed "
+                   "better): mean ± sample std over the seeds both rows have of the per-seed "
                    "differences; the 95% interval is Student's t over the per-seed "
                    "differences (two or more seeds). *Best test epoch*: each run's best "
                    "per-epoch test error (`eval.test_every_epoch`), the official protocol the "
@@ -310,9 +317,9 @@ def _gains_table(report: Report, rows: Sequence[Row], summaries: dict[int, Any],
                         + ("" if d["last"][2] == n else f" ({d['last'][2]} of {n})"))
             report.add(f"| {cell(row.label)} | {cell(base.label)} | "
                        f"{', '.join(map(str, d['seeds'])) or '–'} | "
-                       f"{format_stat(d['last'], n)} | {interval} | "
-                       f"{format_stat(d['selected'], n)} | {format_stat(d['best_test'], n)} | "
-                       f"{paper} |")
+                       f"{format_stat(d['last'], n, True)} | {interval} | "
+                       f"{format_stat(d['selected'], n, True)} | "
+                       f"{format_stat(d['best_test'], n, True)} | {paper} |")
         report.add("")
 
 
