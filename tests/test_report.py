@@ -151,10 +151,12 @@ def test_table_numbers_equal_eval_json(synthetic):
     assert ot["delta"] == pytest.approx(ot["top1_error"] - 21.7)
 
     text = report.read_text()
-    table = text.split("## Results")[1].split("\n\n")[1]
+    caption, table = text.split("## Results")[1].split("\n\n")[1:3]
+    assert "BatchNorm statistics it was evaluated with" in caption
     for run_dir in synthetic_runs[:3]:
         e = json.loads((run_dir / "eval.json").read_text())
         line = next(x for x in table.splitlines() if x.startswith(f"| {run_dir.name} |"))
+        assert f"| {e.get('bn_stats', 'running')} |" in line  # which statistics it is under
         numbers = [float(v) for v in re.findall(r"(?<![\w.])[+-]?\d+\.\d\d(?!\d)", line)]
         expected = [round(e[k], 2) for k in ("top1_error", "many_error", "medium_error",
                                              "few_error")]

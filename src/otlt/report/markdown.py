@@ -113,7 +113,11 @@ def _groups_sentence(runs: Sequence[RunData]) -> str:
 
 def _section_table(report: Report, runs: Sequence[RunData]) -> None:
     rows = comparison_rows(runs)
-    report.add("## Results", "", comparison_table(rows), "")
+    report.add("## Results", "", "Each run's own `eval.json`: the last epoch on test under "
+               "the BatchNorm statistics it was evaluated with (*BN statistics*; `running` for "
+               "runs made before `eval.bn_stats` existed). Rows under different statistics do "
+               "not compare; the Rows section below reads every run under one procedure when "
+               "the report is made with `--bn-stats`.", "", comparison_table(rows), "")
     unfinished = [r["label"] for r in rows if r["top1_error"] is None]
     if unfinished:
         report.add(f"No `eval.json` (unfinished or not evaluated): {', '.join(unfinished)}.", "")

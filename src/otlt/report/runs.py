@@ -142,6 +142,8 @@ def comparison_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
             "epoch": None if "epoch" not in e else int(e["epoch"]) + 1,
             "epochs": run.total_epochs, "epochs_done": len(run.metrics),
             "top1_error": ours, **{f"{g}_error": e.get(f"{g}_error") for g in GROUPS},
+            # eval.json before eval.bn_stats existed: the running statistics, the only choice
+            "bn_stats": e.get("bn_stats", "running") if e else None,
             "paper_top1_error": paper, "paper_row": paper_name(run.paper),
             "delta": None if ours is None or paper is None else ours - float(paper),
             "wall_seconds": sum(r.get("epoch_seconds", 0.0) for r in run.metrics
@@ -179,9 +181,9 @@ def cell(text: object) -> str:
 
 def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of :func:`comparison_rows` (errors in %, lower is better)."""
-    lines = ["| run | method | epochs | top-1 error | many | medium | few | paper top-1 "
-             "| ours − paper |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | method | epochs | BN statistics | top-1 error | many | medium | few "
+             "| paper top-1 | ours − paper |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         done = f"{r['epochs_done']}/{r['epochs'] if r['epochs'] is not None else '?'}"
         paper = fmt(r["paper_top1_error"])
@@ -189,8 +191,9 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
             paper += f" ({cell(r['paper_row'])})"
         delta = "–" if r["delta"] is None else f"{r['delta']:+.2f}"
         lines.append(f"| {cell(r['label'])} | {cell(r['method'])} | {done} | "
-                     f"{fmt(r['top1_error'])} | {fmt(r['many_error'])} | "
-                     f"{fmt(r['medium_error'])} | {fmt(r['few_error'])} | {paper} | {delta} |")
+                     f"{r.get('bn_stats') or '–'} | {fmt(r['top1_error'])} | "
+                     f"{fmt(r['many_error'])} | {fmt(r['medium_error'])} | "
+                     f"{fmt(r['few_error'])} | {paper} | {delta} |")
     return "\n".join(lines)
 
 
