@@ -425,6 +425,20 @@ def test_linked_split_folders_are_read(tmp_path):
     assert got["train"].classes == ["cat", "dog", "emu"] and len(got["train"].labels) == 6
 
 
+def test_a_linked_folder_that_loops_or_repeats_is_named_in_one_line(tmp_path):
+    """followlinks would walk a link back to an ancestor until the path is too long; two
+    links to one class folder would read its images twice."""
+    _write_folder(tmp_path / "loop", _small_spec())
+    (tmp_path / "loop" / "train" / "dog" / "again").symlink_to(tmp_path / "loop" / "train")
+    with pytest.raises(OtltError, match=r"loop/train/dog/again is .*loop/train again \(a "
+                                        r"linked folder that loops back"):
+        load_dataset("folder", tmp_path / "loop")
+    _write_folder(tmp_path / "twice", _small_spec())
+    (tmp_path / "twice" / "train" / "wolf").symlink_to(tmp_path / "twice" / "train" / "dog")
+    with pytest.raises(OtltError, match=r"twice/train/wolf is .*twice/train/dog again"):
+        load_dataset("folder", tmp_path / "twice")
+
+
 def test_a_meta_folder_or_macos_junk_beside_the_data_keeps_it_an_image_folder(tmp_path):
     """CIFAR-100's file names are looked for as files; ``__MACOSX/`` left by unzipping a Mac
     zip is not a second data folder."""

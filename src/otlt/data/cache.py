@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from otlt.atomic import write_atomic
+from otlt.data.io import walk_files
 from otlt.data.types import ImageArrays
 from otlt.errors import OtltError, writing
 
@@ -63,8 +64,7 @@ def _listing(folder: Path) -> list[tuple[str, int, int, int]]:
     ``folder`` (following linked folders, as the reader does), sorted. ``ctime`` changes when
     a file is rewritten even if its size and mtime are restored."""
     rows = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
+    for dirpath, filenames in walk_files(folder):
         for name in filenames:
             path = Path(dirpath, name)
             st = path.stat()

@@ -19,7 +19,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from otlt.data.io import IMAGE_EXTENSIONS, READ_ERRORS, SPLITS, check_readable, is_junk, to_rgb
+from otlt.data.io import (
+    IMAGE_EXTENSIONS,
+    READ_ERRORS,
+    SPLITS,
+    check_readable,
+    is_junk,
+    to_rgb,
+    walk_files,
+)
 from otlt.data.types import ImageArrays
 from otlt.errors import OtltError
 
@@ -54,7 +62,7 @@ class _FileTree:
             names = [i.filename for i in self._zip.infolist() if not i.is_dir()]
         else:
             names = []
-            for folder, _, files in os.walk(self.path, followlinks=True):  # linked splits
+            for folder, files in walk_files(self.path):  # linked splits followed
                 rel = Path(folder).relative_to(self.path).as_posix()
                 names += [f if rel == "." else f"{rel}/{f}" for f in files]
         return [n for n in names if not is_junk(n)]

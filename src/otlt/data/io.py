@@ -8,6 +8,7 @@ import pickle
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,23 @@ def is_junk(name: str) -> bool:
     parts = name.split("/")
     return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts) \
         or parts[-1].lower() in _JUNK_NAMES
+
+
+def walk_files(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, sorted file names)`` of every folder under ``root``, in sorted order,
+    following linked folders (a split or class folder may be a link). A folder reached twice
+    (a link back to an ancestor would never end; two links to one folder would read its images
+    twice) is a one-line :class:`OtltError` naming both paths."""
+    seen: dict[tuple[int, int], str] = {}
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise OtltError(f"{folder} is {seen[key]} again (a linked folder that loops back "
+                            "or repeats another); remove the link")
+        seen[key] = folder
+        dirnames.sort()
+        yield folder, sorted(filenames)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
