@@ -1,5 +1,6 @@
-"""The package's shape (DESIGN.md "Layout"): imports run downward, no circles, no private
-imports across modules, imports at the top (lazy only in the CLI), small modules."""
+"""The package's shape (README "Architecture"; the design's "Layout"): imports run downward,
+no circles, no private imports across modules, imports at the top (lazy only in the CLI),
+small modules."""
 
 from __future__ import annotations
 

@@ -258,7 +258,7 @@ def cmd_train(args) -> int:
     cfg = build_config(_apply(raw, overrides))
     trainer = create_trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
     say(f"otlt: run directory {trainer.run_dir}  device {trainer.device}  "
-        f"amp {trainer.amp_dtype}  train {len(trainer.feed)} images "
+        f"amp {trainer.amp_dtype or 'off'}  train {len(trainer.feed)} images "
         f"{trainer.feed.counts}", flush=True)
     start = time.perf_counter()
     if changes:
