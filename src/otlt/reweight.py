@@ -232,16 +232,18 @@ class OTReweighter:
 
         ``w_B = raw[idx]``, so the gradient on ``raw`` sums a repeated index's rows (a sampler
         that draws with replacement) and such an example takes one step, as autograd and
-        SGD on ``raw`` itself would; with distinct indices this is the plain per-row update,
-        bit for bit. Done densely over ``raw`` (a few ``(N,)`` operations, no host sync)."""
-        touched = torch.zeros_like(self.raw, dtype=torch.bool).index_fill_(0, idx, True)
-        grad = torch.zeros_like(self.raw).index_add_(0, idx, grad)
+        SGD on ``raw`` itself would; with distinct indices this is the plain per-row update.
+        The sums run over the batch (a ``(B, B)`` mask, no host sync), not over ``raw``; the
+        rows of a repeated example write the same value."""
+        same = idx[:, None] == idx[None, :]
+        grad = torch.where(same, grad[None, :], torch.zeros_like(grad)[None, :]).sum(1)
+        w = self.raw[idx]
         if self.weight_decay:
-            grad = grad + self.weight_decay * self.raw
+            grad = grad + self.weight_decay * w
         if self.momentum_buffer is not None:
-            grad = self.momentum * self.momentum_buffer + grad
-            self.momentum_buffer = torch.where(touched, grad, self.momentum_buffer)
-        self.raw = torch.where(touched, self.raw - self.lr * grad, self.raw)
+            grad = self.momentum * self.momentum_buffer[idx] + grad
+            self.momentum_buffer[idx] = grad
+        self.raw[idx] = w - self.lr * grad
 
     def batch_weights(self, indices: Tensor) -> Tensor:
         """Return the loss weights ``(B,)`` of a batch: ``softmax(w_B)`` or raw ``w_B``."""
