@@ -33,17 +33,23 @@ def is_junk(name: str) -> bool:
 
 def walk_files(root: Path) -> Iterator[tuple[str, list[str]]]:
     """``(folder, sorted file names)`` of every folder under ``root``, in sorted order,
-    following linked folders (a split or class folder may be a link). A folder reached twice
-    (a link back to an ancestor would never end; two links to one folder would read its images
-    twice) is a one-line :class:`OtltError` naming both paths."""
-    seen: dict[tuple[int, int], str] = {}
+    following linked folders (a split or class folder may be a link, and two may link one
+    folder). A link back to a folder that contains it, which would be walked until the path
+    is too long, is a one-line :class:`OtltError` naming both paths (folders are told apart
+    by device and inode; a file system that reports inode 0 is not checked)."""
+    ancestors: dict[str, dict[tuple[int, int], str]] = {}
     for folder, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(folder)
+        try:
+            st = os.stat(folder)
+        except FileNotFoundError:  # removed while walking
+            dirnames[:] = []
+            continue
+        above = ancestors.get(os.path.dirname(folder), {})
         key = (st.st_dev, st.st_ino)
-        if key in seen:
-            raise OtltError(f"{folder} is {seen[key]} again (a linked folder that loops back "
-                            "or repeats another); remove the link")
-        seen[key] = folder
+        if st.st_ino and key in above:
+            raise OtltError(f"{folder} links back to {above[key]}, a folder that contains it "
+                            "(it would be walked for ever); remove the link")
+        ancestors[folder] = {**above, key: folder} if st.st_ino else above
         dirnames.sort()
         yield folder, sorted(filenames)
 
