@@ -127,16 +127,25 @@ def test_initial_weights_are_class_balanced_or_uniform():
     assert torch.equal(OTReweighter(labels, 3, init="uniform").raw, torch.ones(6))
 
 
-def test_step_is_sgd_on_the_batch_only_and_lowers_the_loss():
-    gen = torch.Generator().manual_seed(11)
+_SGD = {"lr": 0.5, "momentum": 0.9, "weight_decay": 0.01}
+
+
+def _sgd_reweighter(seed: int):
+    """Clusters of 12/6/3 training and 2/2/2 meta examples, and a re-weighter on them that
+    steps with momentum and weight decay (``_SGD``)."""
+    gen = torch.Generator().manual_seed(seed)
     feats, labels = _clusters([12, 6, 3], 4, gen)
     meta_z, meta_y = _clusters([2, 2, 2], 4, gen)
-    kw = {"lr": 0.5, "momentum": 0.9, "weight_decay": 0.01}
-    rw = OTReweighter(labels, 3, **kw)
+    rw = OTReweighter(labels, 3, **_SGD)
     rw.set_meta(meta_z, meta_y)
+    return rw, feats, labels, (meta_z, meta_y)
+
+
+def test_step_is_sgd_on_the_batch_only_and_lowers_the_loss():
+    rw, feats, labels, (meta_z, meta_y) = _sgd_reweighter(11)
     idx = torch.tensor([0, 5, 13, 18, 20])
     leaf = rw.raw[idx].clone().requires_grad_(True)
-    reference = torch.optim.SGD([leaf], **kw)
+    reference = torch.optim.SGD([leaf], **_SGD)
     before = rw.raw.clone()
     for _ in range(3):  # the same batch three times: per-example momentum == torch's SGD
         loss_before = rw.ot_loss(feats[idx], labels[idx], rw.raw[idx]).item()
@@ -162,15 +171,10 @@ def test_a_repeated_index_is_one_example_stepped_by_torch_sgd_on_all_weights():
     raw[idx], the example's gradient is the sum of its rows and it takes one SGD step (with
     momentum and weight decay), exactly as torch's SGD on the whole raw vector; before, the
     last row's update overwrote the other's."""
-    gen = torch.Generator().manual_seed(12)
-    feats, labels = _clusters([12, 6, 3], 4, gen)
-    meta_z, meta_y = _clusters([2, 2, 2], 4, gen)
-    kw = {"lr": 0.5, "momentum": 0.9, "weight_decay": 0.01}
-    rw = OTReweighter(labels, 3, **kw)
-    rw.set_meta(meta_z, meta_y)
+    rw, feats, labels, _ = _sgd_reweighter(12)
     idx = torch.tensor([0, 5, 5, 13, 20, 20, 20])
     whole = rw.raw.clone().requires_grad_(True)
-    reference = torch.optim.SGD([whole], **kw)
+    reference = torch.optim.SGD([whole], **_SGD)
     others = torch.ones(len(labels), dtype=torch.bool)
     others[idx] = False
     for _ in range(3):
