@@ -218,15 +218,26 @@ def test_labels_that_are_not_class_indices_are_refused_in_one_line(dtype, needle
                              generator=torch.Generator(), model=FeatureModel())
 
 
-def test_labels_outside_the_classes_are_refused_and_int32_labels_come_back_int64():
+@pytest.mark.parametrize("side, bad", [("partner", 4), ("partner", -1), ("base", -1),
+                                        ("base", 4)])
+@pytest.mark.parametrize("ot_probability", [1.0, 0.0])
+def test_labels_outside_the_classes_are_refused_on_every_epoch(side, bad, ot_probability):
+    """-1 would index the last class of the cost and land on a valid cell of the pair counts
+    (partner * K + base): refused before either, on OT and random epochs alike."""
     x_base, y_base, x_partner, y_partner = make_batches()
-    mixer = OTMix(num_classes=4)
-    with pytest.raises(ValueError, match=r"^OTMix labels must be class indices in \[0, 4\) "
-                                         r"\(IndexError: index 4 is out of bounds"):
-        mixer(x_base, y_base, x_partner, torch.where(y_partner == 0, 4, y_partner),
+    labels = {"base": y_base, "partner": y_partner}
+    labels[side] = torch.where(labels[side] == 1, bad, labels[side])
+    mixer = OTMix(num_classes=4, ot_probability=ot_probability)
+    with pytest.raises(ValueError, match=rf"^OTMix {side} labels must be class indices in "
+                                         r"\[0, 4\) \(IndexError: index out of range"):
+        mixer(x_base, labels["base"], x_partner, labels["partner"],
               generator=torch.Generator(), model=FeatureModel())
-    out = mixer(x_base, y_base.int(), x_partner, y_partner.int(), generator=torch.Generator(),
-                model=FeatureModel())
+
+
+def test_int32_labels_come_back_int64():
+    x_base, y_base, x_partner, y_partner = make_batches()
+    out = OTMix(num_classes=4)(x_base, y_base.int(), x_partner, y_partner.int(),
+                               generator=torch.Generator(), model=FeatureModel())
     assert out.base_labels.dtype == out.partner_labels.dtype == torch.int64
     assert out.soft_targets(4).shape == (32, 4)
 

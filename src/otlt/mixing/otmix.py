@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from otlt.errors import OtltError, reason, require, require_choice, warn_renamed
+from otlt.errors import OtltError, require, require_choice, warn_renamed
 from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
 from otlt.mixing.cost import DISTANCES, class_affinity, combine_cost, sample_cost
 from otlt.mixing.plan import (
@@ -264,7 +264,8 @@ class OTMix(Mixer):
         self._check_partner(x_partner, y_partner)
         assert x_partner is not None and y_partner is not None
         check_one_device(x=x, y=y, x_partner=x_partner, y_partner=y_partner)
-        y, y_partner = check_labels(y, "base"), check_labels(y_partner, "partner")
+        k = self.num_classes
+        y, y_partner = check_labels(y, "OTMix base", k), check_labels(y_partner, "OTMix partner", k)
         require(x_partner.shape[0] == x.shape[0],
                 f"OTMix needs equal partner (foreground) and base (background) batches, got "
                 f"{x_partner.shape[0]} and {x.shape[0]}")
@@ -284,11 +285,7 @@ class OTMix(Mixer):
             else:
                 z = _features(embed, torch.cat([x_partner, x]))
                 z_partner, z_base = z[: len(x_partner)], z[len(x_partner):]
-            try:
-                cost = self.cost(z_partner, z_base, y_partner, y)
-            except IndexError as exc:  # here, not by reading the labels: no device sync
-                raise OtltError(f"OTMix labels must be class indices in [0, "
-                                f"{self.num_classes}) ({reason(exc)})") from None
+            cost = self.cost(z_partner, z_base, y_partner, y)
             base, solver = self.choose_bases(cost, y_partner, y, generator)
             self._record_ot(solver)
             self._maybe_keep_sample(cost, y_partner, y)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from scipy.special import betaincinv
 
-from otlt.errors import OtltError, require, warn_renamed
+from otlt.errors import OtltError, reason, require, warn_renamed
 
 Box = tuple[int, int, int, int]
 """A box ``(y0, y1, x0, x1)``: rows ``y0:y1`` and columns ``x0:x1`` (half-open)."""
@@ -242,14 +242,26 @@ def check_model_inputs(x: torch.Tensor, what: str, floating: bool = False) -> No
                         f"{tuple(x.shape)}: {TO_MODEL_INPUTS}")
 
 
-def check_labels(y: torch.Tensor, what: str) -> torch.Tensor:
+def check_labels(y: torch.Tensor, what: str, num_classes: int | None = None) -> torch.Tensor:
     """``y`` as int64 class indices ``(B,)``. Refused: float, bool and uint8 labels (the
-    last two index as masks). The range is not read here: that would synchronise a GPU
-    every batch (OTMix names it where its cost indexes the labels)."""
+    last two index as masks) and, with ``num_classes``, labels outside ``[0, num_classes)``.
+
+    The range is checked by ``arange(K).index_select(0, y)``, not by reading ``y.min()`` and
+    ``y.max()`` (a host sync every batch on a GPU): on the CPU it raises at once, negative
+    labels included (plain indexing would wrap -1 to the last class); on CUDA it is expected
+    to be a device-side assert, which ends the process's CUDA context, so check a dataset's
+    labels before a GPU run."""
     if y.is_floating_point() or y.is_complex() or y.dtype in (torch.bool, torch.uint8):
         raise OtltError(f"{what} labels must be integer class indices (int64), got {y.dtype}; "
                         "soft targets are what a mixer returns, not what it takes")
-    return y.long()
+    y = y.long()
+    if num_classes is None:
+        return y
+    try:
+        return torch.arange(num_classes, device=y.device).index_select(0, y)
+    except IndexError as exc:
+        raise OtltError(f"{what} labels must be class indices in [0, {num_classes}) "
+                        f"({reason(exc)})") from None
 
 
 def check_one_device(**tensors: torch.Tensor) -> None:
