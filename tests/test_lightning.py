@@ -66,10 +66,11 @@ class _Spy(OTMixCallback):
 
 
 def _trainer(tmp_path, callback, epochs, **options):
-    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-                     enable_progress_bar=False, enable_model_summary=False,
-                     callbacks=[callback], default_root_dir=tmp_path, num_sanity_val_steps=0,
-                     **options)
+    """A quiet one-CPU Lightning trainer; ``options`` add to or replace its arguments."""
+    return L.Trainer(**{"max_epochs": epochs, "accelerator": "cpu", "devices": 1,
+                        "logger": False, "enable_progress_bar": False,
+                        "enable_model_summary": False, "callbacks": [callback],
+                        "default_root_dir": tmp_path, "num_sanity_val_steps": 0, **options})
 
 
 def test_callback_mixes_builds_the_confusion_and_resumes(tmp_path):
@@ -100,9 +101,21 @@ def test_state_round_trips():
     a.otmix.update_confusion(torch.eye(3) * 4)
     torch.rand(3, generator=a.generator)
     b = OTMixCallback(x, y, 3, seed=9)
+    a.otmix.epoch, a.otmix.ot_epoch = 7, True
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.otmix.confusion, a.otmix.confusion)
+    assert (b.otmix.epoch, b.otmix.ot_epoch) == (7, True)  # OTMix's whole state, not a part
     assert torch.equal(torch.rand(2, generator=a.generator), torch.rand(2, generator=b.generator))
+
+
+def test_a_checkpoint_of_the_first_callback_still_loads():
+    """otlt 0.1's first callback saved ``{"confusion", "generator", "pending_confusion"}``."""
+    x, y = _data()
+    a = OTMixCallback(x, y, 3)
+    b = OTMixCallback(x, y, 3)
+    b.load_state_dict({"confusion": torch.eye(3) * 2, "generator": a.generator.get_state(),
+                       "pending_confusion": None})
+    assert torch.equal(b.otmix.confusion, torch.eye(3) * 2)
 
 
 def test_network_is_found_in_the_module_or_named_in_one_line():
@@ -211,11 +224,8 @@ def test_the_sanity_check_and_epochs_without_validation_hand_no_confusion(tmp_pa
     val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[::2], y[::2]),
                                       batch_size=4)
     callback = _Handed(x, y, 3, confusion_mode="fixed")
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[callback], default_root_dir=tmp_path,
-                        num_sanity_val_steps=2, check_val_every_n_epoch=2,
-                        enable_checkpointing=False)
+    trainer = _trainer(tmp_path, callback, epochs=3, num_sanity_val_steps=2,
+                       check_val_every_n_epoch=2, enable_checkpointing=False)
     trainer.fit(_Module(callback), train, val)
     assert callback.handed == [None, len(y[::2]), None]
     assert int(callback.otmix.confusion.sum()) == len(y[::2])
@@ -241,10 +251,8 @@ def test_under_ddp_every_rank_gets_the_whole_validation_confusion(tmp_path):
     data = torch.utils.data.TensorDataset(x, y)
     loader = torch.utils.data.DataLoader(data, batch_size=7)
     callback = _RankConfusion(x, y, 3, out=str(tmp_path))
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_fork",
-                        logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[callback], default_root_dir=tmp_path,
-                        num_sanity_val_steps=0, enable_checkpointing=False)
+    trainer = _trainer(tmp_path, callback, epochs=1, devices=2, strategy="ddp_fork",
+                       enable_checkpointing=False)
     trainer.fit(_Module(callback), loader, loader)
     confusions = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert torch.equal(confusions[0], confusions[1])
@@ -282,13 +290,15 @@ def test_a_checkpoint_saved_when_validation_ends_carries_the_confusion_to_hand(t
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=14)
     callback = OTMixCallback(x, y, 3)
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[callback, saver], num_sanity_val_steps=0,
-                        check_val_every_n_epoch=2)
+    trainer = _trainer(tmp_path, callback, epochs=2, callbacks=[callback, saver],
+                       check_val_every_n_epoch=2)
     trainer.fit(_Module(callback), loader, loader)
     assert int(callback.otmix.confusion.sum()) == len(y)
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    # The scenario: saved between validation's end and the epoch's (were it saved after,
+    # the pending matrix would be None and this test would guard nothing).
+    assert state["otlt.OTMixCallback"]["otmix"]["confusion"] is None
+    assert int(state["otlt.OTMixCallback"]["pending_confusion"].sum()) == len(y)
     resumed = OTMixCallback(x, y, 3)
     resumed.load_state_dict(state["otlt.OTMixCallback"])
     assert torch.equal(resumed.otmix.confusion, callback.otmix.confusion)

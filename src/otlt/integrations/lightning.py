@@ -6,10 +6,12 @@
 class-weighted sampler).
 Your ``LightningModule`` calls :meth:`OTMixCallback.mix` in ``training_step``; the callback
 draws the OT-or-random switch each epoch, builds the validation confusion matrix from the
-validation batches (one extra forward pass of each; not the sanity check's; summed over the
-ranks under DDP), hands it to OTMix when the training epoch ends, logs the mixing
-statistics, and saves the confusion matrix and its generator in Lightning checkpoints, so a
-resumed run mixes exactly as before. Partners come in the batch's device and floating dtype
+validation batches (one extra forward pass of each, read back to the host once per
+validation; not the sanity check's; summed over the ranks under DDP, tested with two gloo
+processes on the CPU), hands it to OTMix when the training epoch ends, logs the mixing
+statistics, and saves OTMix's state (confusion matrix, epoch, OT-or-random switch) and its
+generator in Lightning checkpoints, so a resumed run mixes as the uninterrupted one would.
+Partners come in the batch's device and floating dtype
 (``precision="bf16-true"`` hands the step bf16 images)::
 
     otmix = OTMixCallback(train_images, train_labels, num_classes=10)
@@ -153,6 +155,7 @@ class OTMixCallback(Callback):
         self.generator = torch.Generator().manual_seed(seed)
         self.num_classes = num_classes
         self._confusion: torch.Tensor | None = None
+        self._validated: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._mixing = False
 
     # ---- what training_step calls --------------------------------------------------------
@@ -202,28 +205,35 @@ class OTMixCallback(Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         # The sanity check validates the untrained model on a few batches: not a confusion.
-        self._confusion = None if trainer.sanity_checking else \
-            torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+        self._confusion = None
+        self._validated = None if trainer.sanity_checking else []
 
     @torch.no_grad()
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx: int = 0) -> None:
-        if self._confusion is None:
+        if self._validated is None:
             return
         x, y = self.unpack(batch)
-        preds = pl_module(x).argmax(1)
-        self._confusion += confusion_matrix(preds, y, self.num_classes).cpu()
+        # Kept on the device: counting here would read each batch back to the host.
+        self._validated.append((y.reshape(-1), pl_module(x).argmax(1)))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if self._confusion is not None and trainer.world_size > 1:
+        if self._validated is None:
+            return
+        pairs, self._validated = self._validated, None
+        empty = torch.zeros(0, dtype=torch.long)
+        targets = torch.cat([t.cpu() for t, _ in pairs]) if pairs else empty
+        preds = torch.cat([p.cpu() for _, p in pairs]) if pairs else empty
+        confusion = confusion_matrix(preds, targets, self.num_classes)
+        if trainer.world_size > 1:
             # Each rank validated its shard: the sum is the whole split's confusion, the
             # same on every rank. Reduced on the module's device (NCCL reduces no CPU tensor).
             # A collective: every rank must run the validation loop, as for Lightning's own
             # sync_dist logging; DistributedSampler's padding counts up to world - 1 images
             # twice.
-            total = trainer.strategy.reduce(self._confusion.to(pl_module.device),
-                                            reduce_op="sum")
-            self._confusion = total.cpu()
+            confusion = trainer.strategy.reduce(confusion.to(pl_module.device),
+                                                reduce_op="sum").cpu()
+        self._confusion = confusion
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         stats = self.otmix.end_epoch(self._confusion)
@@ -240,14 +250,17 @@ class OTMixCallback(Callback):
         return "otlt.OTMixCallback"
 
     def state_dict(self) -> dict[str, Any]:
-        """OTMix's confusion, the generator, and a validation confusion not yet handed to
-        OTMix (a checkpoint saved when validation ends, as ModelCheckpoint does with
-        ``check_val_every_n_epoch > 1``, comes before the epoch's end hands it over)."""
-        return {"confusion": self.otmix.confusion, "generator": self.generator.get_state(),
+        """OTMix's whole state (confusion, epoch, OT-or-random switch, plans served), the
+        generator, and a validation confusion not yet handed to OTMix (a checkpoint saved
+        when validation ends, as ModelCheckpoint does with ``check_val_every_n_epoch > 1``,
+        comes before the epoch's end hands it over)."""
+        return {"otmix": self.otmix.state_dict(), "generator": self.generator.get_state(),
                 "pending_confusion": self._confusion}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.otmix.load_state_dict({"confusion": state_dict.get("confusion")})
+        # Checkpoints of otlt 0.1's first callback hold the confusion alone.
+        self.otmix.load_state_dict(state_dict.get("otmix")
+                                   or {"confusion": state_dict.get("confusion")})
         self.generator.set_state(state_dict["generator"])
         pending = state_dict.get("pending_confusion")
         if pending is not None:  # the epoch's end the checkpoint came before
