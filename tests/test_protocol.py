@@ -14,7 +14,7 @@ import torch
 from conftest import load_script, one_line_error, sets, tiny_overrides
 from otlt.cli import main
 from otlt.engine.checkpoint import load_checkpoint
-from otlt.engine.weights import load_weights, read_weights, save_weights
+from otlt.engine.weights import load_weights, read_weights, save_weights, weights_epoch
 from otlt.errors import OtltError
 from otlt.metrics import select_value
 
@@ -219,14 +219,16 @@ def test_weight_files_round_trip_and_refuse_damage(tmp_path):
                  meta={"bn_stats": "train"}, dtype=torch.float16)
     back = load_weights(path)
     assert back.epoch == 4 and back.meta == {"bn_stats": "train"}
+    assert weights_epoch(path) == 4  # the header alone
     assert back.model["w"].dtype == torch.float32
     torch.testing.assert_close(back.model["w"], state["w"], atol=2e-3, rtol=1e-3)
     assert torch.equal(back.model["steps"], state["steps"])
     assert torch.equal(back.mixer["confusion"], torch.eye(2))
     raw = bytearray(path.read_bytes())
     path.write_bytes(bytes(raw[:20]))
-    with pytest.raises(OtltError, match="corrupt"):
-        load_weights(path)
+    for read in (load_weights, weights_epoch):
+        with pytest.raises(OtltError, match="corrupt"):
+            read(path)
     with pytest.raises(OtltError, match="does not exist"):
         read_weights(tmp_path / "missing.safetensors")
 

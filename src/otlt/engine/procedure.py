@@ -53,7 +53,7 @@ from otlt.engine.evaluation import split_record
 from otlt.engine.feed import Feed, create_feed
 from otlt.engine.logging import log_final
 from otlt.engine.runtime import build_model
-from otlt.engine.weights import SUFFIX, load_weights, save_weights
+from otlt.engine.weights import SUFFIX, load_weights, save_weights, weights_epoch
 from otlt.errors import OtltError, writing
 from otlt.metrics import select_value, summarize
 from otlt.mixing import Mixer, MixRecipe
@@ -64,12 +64,13 @@ PENDING_BEST = f".best.pending{SUFFIX}"  # a new best until last.pt records its 
 
 
 def pending_best_epoch(run_dir: Path) -> int | None:
-    """The epoch of ``run_dir``'s pending best (None: there is none, or it is unreadable)."""
+    """The epoch of ``run_dir``'s pending best (None: there is none, or it is unreadable);
+    the file's header alone is read."""
     pending = Path(run_dir) / PENDING_BEST
     if not pending.is_file():
         return None
     try:
-        return load_weights(pending).epoch
+        return weights_epoch(pending)
     except OtltError:  # damaged: no best anyone could use
         return None
 

@@ -18,6 +18,7 @@ tensors are read back as float32.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,20 +87,33 @@ def keep_epoch_weights(run_dir: Path, train: TrainConfig, epochs: int, epoch: in
                  mixer=mixer_state)
 
 
-def load_weights(path: Path) -> WeightsFile:
-    """Read a file written by :func:`save_weights`; a bad file raises :class:`OtltError`."""
+def _open(path: Path, read: Callable[[Any], Any]) -> tuple[int, dict[str, Any], Any]:
+    """``(epoch, otlt metadata without the epoch, read(handle))`` of a :func:`save_weights`
+    file; a missing or bad file raises :class:`OtltError`."""
     path = Path(path)
     if not path.is_file():
         raise OtltError(f"weights file {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            content = read(handle)
         meta = json.loads(header["otlt"])
         epoch = int(meta.pop("epoch"))
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise OtltError(f"weights file {path} is corrupt or not an otlt weights file "
                         f"({reason(exc, 120)})") from None
+    return epoch, meta, content
+
+
+def weights_epoch(path: Path) -> int:
+    """The epoch a :func:`save_weights` file holds, from its header alone (no tensor read)."""
+    return _open(path, lambda handle: None)[0]
+
+
+def load_weights(path: Path) -> WeightsFile:
+    """Read a file written by :func:`save_weights`; a bad file raises :class:`OtltError`."""
+    epoch, meta, tensors = _open(path, lambda handle: {key: handle.get_tensor(key)
+                                                       for key in handle.keys()})  # noqa: SIM118
     sections: dict[str, dict[str, torch.Tensor]] = {s: {} for s in _SECTIONS}
     for key, value in tensors.items():
         section, _, name = key.partition("/")
@@ -160,4 +174,4 @@ def load_model_state(model: torch.nn.Module, state: dict[str, Any], failure: str
 
 __all__ = ["SUFFIX", "WeightsFile", "checkpoint_weights", "keep_epoch_weights",
            "load_model_state", "load_weights",
-           "read_weights", "save_weights", "state_mismatch"]
+           "read_weights", "save_weights", "state_mismatch", "weights_epoch"]
