@@ -409,10 +409,21 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path):
 
 @pytest.mark.parametrize("value, expected", [(30000, 117), (200, 200)])
 def test_32_bit_integer_images_are_16_bit_only_above_255(value, expected):
-    """Pillow opens 16-bit PGMs (and some PNGs) as mode I, but a 32-bit TIFF of 8-bit values
-    is mode I too: shifting it would turn it black."""
+    """A 32-bit TIFF of 8-bit values is mode I, as a 16-bit PGM is: shifting it would turn
+    it black, so with no 16-bit format to go by the values decide."""
     img = Image.fromarray(np.full((4, 4), value, np.int32), "I")
     assert (np.asarray(to_rgb(img)) == expected).all()
+
+
+@pytest.mark.parametrize("fmt, suffix", [("PPM", "pgm"), ("PNG", "png"), ("TIFF", "tif")])
+def test_a_dark_16_bit_frame_is_scaled_like_its_neighbours(tmp_path, fmt, suffix):
+    """16-bit files whose values all lie below 256 (a dark frame) are 16-bit all the same:
+    200 of 65535 is black, not 200 of 255. Pillow opens the PGM as mode I."""
+    path = tmp_path / f"dark.{suffix}"
+    Image.fromarray(np.full((4, 4), 200, np.uint16)).save(path, format=fmt)
+    with Image.open(path) as img:
+        assert img.mode in ("I", "I;16")
+        assert (np.asarray(to_rgb(img)) == 0).all()
 
 
 def test_linked_split_folders_are_read(tmp_path):

@@ -54,20 +54,38 @@ def walk_files(root: Path) -> Iterator[tuple[str, list[str]]]:
         yield folder, sorted(filenames)
 
 
+def integer_bits(img: Image.Image) -> int | None:
+    """Bits per sample of an integer-mode image as its source stores them: 16 for Pillow's
+    ``I;16*`` modes, and for mode ``I`` read from a PNG or a PGM/PPM (formats of at most 16
+    bits: Pillow opens 16-bit PGMs, and older Pillow 16-bit PNGs, as ``I``); a TIFF's
+    BitsPerSample; None when nothing says (an image made in memory)."""
+    if img.mode.startswith("I;16"):
+        return 16
+    if img.format in ("PNG", "PPM"):
+        return 16
+    if img.format == "TIFF":
+        bits = img.tag_v2.get(258)  # BitsPerSample: one value per channel
+        return int(bits[0] if isinstance(bits, tuple) else bits) if bits else None
+    return None
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """``img`` in RGB. 16-bit grayscale (Pillow's ``I;16*`` modes, and ``I`` with values
-    above 255) is scaled to 8 bits first: Pillow's own ``convert`` clips it, so every value
-    above 255 became white; an ``I`` image within 0-255 (a 32-bit TIFF of 8-bit values) is
-    taken as it is.
+    """``img`` in RGB. 16-bit grayscale is scaled to 8 bits (``>> 8``) first: Pillow's own
+    ``convert`` clips it, so every value above 255 became white. Whether an image is 16-bit
+    is decided by its format (:func:`integer_bits`), so a dark frame of a 16-bit dataset is
+    scaled as its neighbours are; only a 32-bit integer image, or one that names no format,
+    is taken as 16-bit by its values (any above 255), else as 8-bit values.
     The pixels are read here, so the result outlives the file it came from."""
     img.load()
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I;16") or img.mode == "I":
         wide = np.asarray(img).astype(np.int64)
-        if img.mode != "I" or wide.max(initial=0) > 255:
-            wide = wide >> 8
-        return Image.fromarray(np.clip(wide, 0, 255).astype(np.uint8), "L").convert("RGB")
+        bits = integer_bits(img)
+        if bits not in (8, 16):
+            bits = 16 if wide.max(initial=0) > 255 else 8
+        return Image.fromarray(np.clip(wide >> (bits - 8), 0, 255).astype(np.uint8),
+                               "L").convert("RGB")
     if img.mode == "F":
         raise ValueError("32-bit float images are not supported (convert them to 8-bit)")
     return img.convert("RGB")
