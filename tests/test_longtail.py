@@ -66,39 +66,55 @@ def test_too_small_class_for_carve_out_is_an_error():
         build_splits(_labels(per_class=10), 5, imbalance_ratio=1, n_max=10, val_per_class=10)
 
 
+def _image_folder(root, split_counts):
+    """``root/<split>/c<k>/<i>.png``, ``split_counts[split][k]`` tiny images in class k."""
+    for split, counts in split_counts.items():
+        for k, n in enumerate(counts):
+            folder = root / split / f"c{k}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (4, 4), (k * 60, i % 256, i // 256)).save(folder / f"{i}.png")
+
+
 def test_a_profile_the_classes_cannot_give_and_an_unused_val_folder_are_warned(tmp_path,
                                                                               caplog):
     """30 images a class and n_max 100: the profile's 100, 46, 21, 10 are capped at 28 (after
     2 validation images), so the imbalance asked for (10) becomes 2.8, silently until now;
     a val/ folder is read but validation is carved from train."""
-    for split, n in (("train", 30), ("test", 2), ("val", 2)):
-        for k in range(4):
-            folder = tmp_path / split / f"c{k}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (4, 4), (k * 60, i, 0)).save(folder / f"{i}.png")
+    _image_folder(tmp_path, {"train": [30] * 4, "test": [2] * 4, "val": [2] * 4})
     cfg = DataConfig(dataset="folder", path=str(tmp_path), num_classes=4, n_max=100,
                      imbalance_ratio=10, val_per_class=2)
     with caplog.at_level("WARNING"):
         data = prepare_data(cfg, 4)
     assert data.train_counts == [28, 28, 21, 10]
-    assert "asks for an imbalance of 10, the classes give 2.8" in caplog.text
+    assert "asks for an imbalance of 10, the classes give 2.8: class(es) [0, 1] hold [72, 18] " \
+           "fewer" in caplog.text
     assert "has a val split; otlt carves validation from train" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
         prepare_data(DataConfig(dataset="folder", path=str(tmp_path / "train" / ".."),
                                 num_classes=4, imbalance_ratio=10, val_per_class=2), 4)
     assert "asks for an imbalance" not in caplog.text  # n_max: the largest class, 30
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        prepare_data(cfg, 4, warn=False)  # a distributed run's other ranks
+    assert caplog.text == ""
+
+
+def test_a_short_middle_class_is_warned_though_the_ratio_holds(tmp_path, caplog):
+    """Targets 100, 46, 21, 10 with class 1 holding 22 (20 after the carve-out): the counts
+    100, 20, 21, 10 keep the ratio 10 asked for, yet class 1 got under half its images."""
+    _image_folder(tmp_path, {"train": [102, 22, 30, 30], "test": [2] * 4})
+    cfg = DataConfig(dataset="folder", path=str(tmp_path), num_classes=4, n_max=100,
+                     imbalance_ratio=10, val_per_class=2)
+    with caplog.at_level("WARNING"):
+        assert prepare_data(cfg, 4).train_counts == [100, 20, 21, 10]
+    assert "the classes give 10: class(es) [1] hold [26] fewer training images" in caplog.text
 
 
 def test_imbalance_ratio_1_takes_a_long_tailed_folder_as_it_is_without_a_warning(tmp_path,
                                                                                 caplog):
-    for split, counts in (("train", (40, 20, 10, 5)), ("test", (2, 2, 2, 2))):
-        for k, n in enumerate(counts):
-            folder = tmp_path / split / f"c{k}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (4, 4), (k * 60, i, 0)).save(folder / f"{i}.png")
+    _image_folder(tmp_path, {"train": [40, 20, 10, 5], "test": [2] * 4})
     cfg = DataConfig(dataset="folder", path=str(tmp_path), num_classes=4, imbalance_ratio=1,
                      val_per_class=2)
     with caplog.at_level("WARNING"):

@@ -57,12 +57,15 @@ class SplitIndices:
         val: balanced validation indices, ``val_per_class`` per class.
         meta: balanced meta indices, ``meta_per_class`` per class (OT re-weighting).
         train_counts: ``(K,)`` images per class in ``train``.
+        shortfall: ``(K,)`` training images the profile asked of each class and the class
+            did not hold after the carve-out (``target_k - train_counts[k]``, at least 0).
     """
 
     train: np.ndarray
     val: np.ndarray
     meta: np.ndarray
     train_counts: list[int]
+    shortfall: list[int]
 
 
 def build_splits(labels: np.ndarray, num_classes: int, *, imbalance_ratio: float,
@@ -95,4 +98,5 @@ def build_splits(labels: np.ndarray, num_classes: int, *, imbalance_ratio: float
         train.append(pool[:take])
         counts.append(take)
     return SplitIndices(np.sort(np.concatenate(train)), np.sort(np.concatenate(val)),
-                        np.sort(np.concatenate(meta)), counts)
+                        np.sort(np.concatenate(meta)), counts,
+                        [t - c for t, c in zip(targets, counts, strict=True)])

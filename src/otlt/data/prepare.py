@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 from otlt.config import DATASET_DEFAULTS, DataConfig
-from otlt.data.longtail import build_splits, long_tailed_counts
+from otlt.data.longtail import build_splits
 from otlt.data.sources import find_data, load_dataset
 from otlt.data.streams import is_list_dataset
 from otlt.data.types import ImageArrays
@@ -47,8 +46,11 @@ class LongTailedData:
                 "meta": self.meta.digest(), "test": self.test.digest()}
 
 
-def prepare_data(cfg: DataConfig, num_classes: int) -> LongTailedData:
-    """Locate and read the dataset, then carve val/meta and subsample the long tail."""
+def prepare_data(cfg: DataConfig, num_classes: int, *, warn: bool = True) -> LongTailedData:
+    """Locate and read the dataset, then carve val/meta and subsample the long tail.
+
+    ``warn``: log what the data cannot give as the config asks (a distributed caller passes
+    it on one rank only)."""
     require(not is_list_dataset(cfg), f"dataset {cfg.dataset!r} is a list-file dataset, "
             "streamed by the training engine; this command needs an in-memory dataset")
     path = find_data(cfg.dataset, cfg.path)
@@ -61,29 +63,31 @@ def prepare_data(cfg: DataConfig, num_classes: int) -> LongTailedData:
     idx = build_splits(source.labels, num_classes, imbalance_ratio=cfg.imbalance_ratio,
                        n_max=n_max, profile=cfg.profile, val_per_class=cfg.val_per_class,
                        meta_per_class=cfg.meta_per_class, data_seed=cfg.data_seed)
-    if os.environ.get("RANK", "0") == "0":  # once under torchrun, not once a rank
+    if warn:
         if "val" in splits:
             logger.warning("%s has a val split; otlt carves validation from train "
                            "(data.val_per_class) and does not use it", path)
         if cfg.imbalance_ratio != 1:  # 1: the classes as the data gives them, on purpose
-            _warn_if_the_ratio_differs(
-                long_tailed_counts(num_classes, n_max, cfg.imbalance_ratio, cfg.profile),
-                idx.train_counts)
+            _warn_of_short_classes(idx.shortfall, idx.train_counts,
+                                   cfg.val_per_class + cfg.meta_per_class, cfg.imbalance_ratio)
     return LongTailedData(source.subset(idx.train), source.subset(idx.val),
                           source.subset(idx.meta), splits["test"], idx.train_counts)
 
 
-def _warn_if_the_ratio_differs(targets: list[int], counts: list[int]) -> None:
-    """Warn when the classes cannot give the profile's imbalance (``targets``: the profile's
-    counts; ``counts``: what the classes held): ``n_max`` above what a class holds after the
-    validation and meta carve-out, as for a dataset that is long-tailed already."""
-    def ratio(values: list[int]) -> float:
-        present = [v for v in values if v > 0]
-        return max(present) / min(present) if present else 1.0
-
-    wanted, got = ratio(list(targets)), ratio(counts)
-    if abs(got - wanted) > 0.15 * wanted:  # not the few images the carve-out takes
-        logger.warning("the long-tailed profile asks for an imbalance of %.3g, the classes give "
-                       "%.3g (training images per class %s): set data.n_max to what the largest "
-                       "class holds after the carve-out, or data.imbalance_ratio 1 for a folder "
-                       "that is long-tailed already", wanted, got, counts)
+def _warn_of_short_classes(shortfall: list[int], counts: list[int], carve: int,
+                           wanted: float) -> None:
+    """Warn when a class holds fewer images than the profile asks of it: short by more than
+    the ``carve`` validation and meta images taken from it first (which the largest class
+    of the presets gives up by design), as for ``n_max`` above what a class holds or a
+    folder that is long-tailed already."""
+    short = {k: s for k, s in enumerate(shortfall) if s > carve}
+    if not short:
+        return
+    present = [c for c in counts if c > 0]
+    got = max(present) / min(present) if present else 1.0
+    logger.warning("the long-tailed profile asks for an imbalance of %.3g, the classes give "
+                   "%.3g: class(es) %s hold %s fewer training images than it asks (training "
+                   "images per class %s); set data.n_max to what the largest class holds "
+                   "after the carve-out, or data.imbalance_ratio 1 for a folder that is "
+                   "long-tailed already", wanted, got, sorted(short), list(short.values()),
+                   counts)

@@ -38,7 +38,7 @@ from otlt.data.augment import BatchAugment
 from otlt.data.prepare import LongTailedData, prepare_data
 from otlt.data.streams import is_list_dataset
 from otlt.engine.batchnorm import recalibration_indices
-from otlt.engine.distributed import global_batches, rank_slice, world_size
+from otlt.engine.distributed import global_batches, is_main_process, rank_slice, world_size
 from otlt.engine.evaluation import evaluate
 from otlt.engine.runtime import DeviceSplit
 from otlt.engine.step import EpochBatches, TrainBatch
@@ -150,7 +150,8 @@ def create_feed(cfg: RunConfig, device: torch.device,
     (``data``: splits prepared already, for the in-memory feed)."""
     if is_list_dataset(cfg.data):
         return StreamFeed(cfg, device)
-    return DeviceFeed(cfg, data or prepare_data(cfg.data, cfg.num_classes), device)
+    return DeviceFeed(cfg, data or prepare_data(cfg.data, cfg.num_classes,
+                                                warn=is_main_process()), device)
 
 
 __all__ = ["DeviceFeed", "Feed", "StreamFeed", "create_feed"]
