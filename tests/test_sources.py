@@ -22,7 +22,7 @@ from otlt.data.cifar import read_cifar_python
 from otlt.data.folders import read_image_folder
 from otlt.data.io import to_rgb
 from otlt.data.lists import ListFileDataset, read_list_file
-from otlt.data.sources import find_data, load_dataset
+from otlt.data.sources import data_format, find_data, load_dataset
 from otlt.data.types import ImageArrays
 from otlt.errors import OtltError
 
@@ -471,7 +471,8 @@ def test_a_meta_folder_or_macos_junk_beside_the_data_keeps_it_an_image_folder(tm
     assert load_dataset("folder", tmp_path / "a")["train"].classes == ["cat", "dog", "emu"]
     _write_folder(tmp_path / "b" / "mydata", _small_spec())
     (tmp_path / "b" / "__MACOSX" / "mydata").mkdir(parents=True)
-    assert find_data("folder", tmp_path / "b").name in ("b", "mydata")
+    assert data_format(tmp_path / "b") == "image-folder"  # one data folder under b/, not two
+    assert find_data("folder", tmp_path / "b") == tmp_path / "b"
     assert load_dataset("folder", tmp_path / "b")["test"].classes == ["cat", "dog", "emu"]
 
 

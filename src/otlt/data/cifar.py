@@ -68,11 +68,19 @@ def cifar_variant(names: Iterable[str]) -> str | None:
     return None
 
 
-def _cifar_folder(path: Path) -> Path | None:
-    """Return the folder holding CIFAR batches: ``path`` itself or its CIFAR subfolder."""
+def folder_variant(folder: Path) -> str | None:
+    """:func:`cifar_variant` of the files in ``folder`` (a folder named like a batch is not
+    one)."""
+    return cifar_variant(p.name for p in folder.iterdir() if p.is_file())
+
+
+def _cifar_folder(path: Path) -> tuple[Path, str] | None:
+    """The folder holding CIFAR batches, ``path`` itself or its CIFAR subfolder, and its
+    variant."""
     for folder in (path, path / "cifar-10-batches-py", path / "cifar-100-python"):
-        if folder.is_dir() and cifar_variant(p.name for p in folder.iterdir() if p.is_file()):
-            return folder
+        variant = folder_variant(folder) if folder.is_dir() else None
+        if variant:
+            return folder, variant
     return None
 
 
@@ -128,12 +136,12 @@ def _cifar_blobs_from_tar(path: Path) -> dict[str, bytes]:
 
 def _cifar_blobs_from_folder(path: Path) -> dict[str, bytes]:
     """Read the CIFAR batch files of an extracted folder, keyed by file name."""
-    folder = _cifar_folder(path)
-    if folder is None:
+    found = _cifar_folder(path)
+    if found is None:
         raise OtltError(f"{path} is not an extracted CIFAR folder: expected the files "
                         f"{_CIFAR10_MEMBERS} or {_CIFAR100_MEMBERS}")
-    names = _CIFAR10_MEMBERS if cifar_variant(p.name for p in folder.iterdir()) == "cifar10" \
-        else _CIFAR100_MEMBERS
+    folder, variant = found
+    names = _CIFAR10_MEMBERS if variant == "cifar10" else _CIFAR100_MEMBERS
     blobs = {}
     for name in names:
         try:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from otlt.data.cache import load_cached
-from otlt.data.cifar import cifar_variant, read_cifar_python
+from otlt.data.cifar import folder_variant, read_cifar_python
 from otlt.data.folders import read_image_folder
 from otlt.data.io import check_readable, is_junk
 from otlt.data.types import ImageArrays
@@ -69,10 +69,9 @@ def data_format(path: Path) -> str | None:
     if not path.is_dir():
         return None
     try:
-        children = list(path.iterdir())
-        if cifar_variant(p.name for p in children if p.is_file()):
+        if folder_variant(path):
             return "cifar"
-        subdirs = [p for p in children if p.is_dir() and not is_junk(p.name)]
+        subdirs = [p for p in path.iterdir() if p.is_dir() and not is_junk(p.name)]
         if any(p.name == "train" for p in subdirs) or \
                 (len(subdirs) == 1 and (subdirs[0] / "train").is_dir()):
             return "image-folder"
