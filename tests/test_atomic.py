@@ -11,6 +11,7 @@ import time
 import pytest
 
 from otlt.atomic import STALE_AFTER_SECONDS, remove_stale_temps, write_atomic, write_text_atomic
+from otlt.errors import OtltError
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
@@ -36,6 +37,20 @@ def test_text_replaces_the_old_file_whole(tmp_path):
     write_text_atomic(target, "seed: 0  # σ, λ\n")
     assert target.read_text(encoding="utf-8") == "seed: 0  # σ, λ\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_parents_creates_the_folders_and_a_folder_that_cannot_be_is_one_line(tmp_path):
+    """Reports' figures, bench files, cache entries and plan artifacts go into folders that
+    may not exist yet; a file where a folder should be is an OtltError naming the target,
+    not a raw OSError."""
+    write_text_atomic(tmp_path / "a" / "b" / "bench.json", "{}", parents=True)
+    assert (tmp_path / "a" / "b" / "bench.json").read_text() == "{}"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OtltError, match=r"cannot write .*file/x/plot\.png"):
+        write_text_atomic(tmp_path / "file" / "x" / "plot.png", "", parents=True)
+    with pytest.raises(OtltError, match="cannot write"):  # without parents: no folder made
+        write_text_atomic(tmp_path / "c" / "d.json", "{}")
+    assert not (tmp_path / "c").exists()
 
 
 def test_a_write_stopped_midway_keeps_the_old_file_and_no_temp(tmp_path):

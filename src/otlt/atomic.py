@@ -83,14 +83,18 @@ def _create_temp(path: Path) -> tuple[int, Path]:
             continue
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], *,
+                 parents: bool = False) -> None:
     """Call ``write(handle)`` on a temp file in ``path``'s folder, fsync, rename over ``path``:
-    readers see the old file or the whole new one, never a half-written one. A refused write
-    (``OSError``: a full disk, a read-only folder) removes the temp file and raises
+    readers see the old file or the whole new one, never a half-written one. ``parents``:
+    create the missing folders above ``path`` first. A refused write (``OSError``: a full
+    disk, a read-only folder) removes the temp file and raises
     :class:`~otlt.errors.OtltError` naming ``path`` and the reason."""
     path = Path(path)
     remove_stale_temps(path)
     with writing(path):  # a full disk or a read-only folder: one line, the old file kept
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _create_temp(path)
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -104,7 +108,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str, *, parents: bool = False) -> None:
     """Write ``text`` (UTF-8) to ``path`` with :func:`write_atomic`."""
     data = text.encode("utf-8")
-    write_atomic(path, lambda handle: handle.write(data))
+    write_atomic(path, lambda handle: handle.write(data), parents=parents)

@@ -153,8 +153,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def write_json(result: dict[str, Any], path: Path) -> None:
     """Write ``result`` as indented JSON (creating the parent folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(result, indent=1))
+    write_text_atomic(path, json.dumps(result, indent=1), parents=True)
 
 
 def cli_main(args: Any) -> int:

@@ -24,7 +24,7 @@ import numpy as np
 from otlt.atomic import write_atomic
 from otlt.data.io import walk_files
 from otlt.data.types import ImageArrays
-from otlt.errors import OtltError, writing
+from otlt.errors import OtltError
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +136,7 @@ def _write_entry(entry: Path, key: str, data: dict[str, ImageArrays]) -> None:
         arrays[f"{split}__labels"] = part.labels
         arrays[f"{split}__classes"] = np.array(part.classes, dtype=str)
     try:
-        with writing(entry.parent):
-            entry.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(entry, lambda handle: np.savez(handle, **arrays))
+        write_atomic(entry, lambda handle: np.savez(handle, **arrays), parents=True)
     except OtltError as exc:  # "cannot write PATH (reason)": a full disk, a read-only folder
         logger.warning("%s; continuing without the cache", exc)
         return

@@ -201,7 +201,7 @@ def kept_weights(run_dir: Path) -> dict[int, Path]:
     """The run's kept weight files by epoch (``kept/epoch_<NNN>.safetensors`` or ``.pt``)."""
     found: dict[int, Path] = {}
     for path in sorted((run_dir / "kept").glob("epoch_*")):
-        stem = path.name.lstrip(".").split(".")[0]  # .best.pending.safetensors: best
+        stem = path.name.split(".")[0]
         if stem[6:].isdigit() and path.suffix in (SUFFIX, ".pt"):
             found.setdefault(int(stem[6:]), path)
     return found

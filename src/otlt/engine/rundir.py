@@ -216,7 +216,4 @@ def write_artifacts(run_dir: Path, artifacts: dict[str, Any]) -> None:
     """Write a method's JSON artifacts (``{relative name: object}``, e.g. OTmix's sample
     plans) into ``run_dir``; a refused write is one line (:func:`otlt.errors.writing`)."""
     for name, obj in artifacts.items():
-        path = Path(run_dir) / name
-        with writing(path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(obj))
+        write_text_atomic(Path(run_dir) / name, json.dumps(obj), parents=True)

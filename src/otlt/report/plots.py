@@ -44,9 +44,8 @@ def run_color(index: int) -> str:
 
 def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    write_atomic(path, lambda handle: fig.savefig(handle, dpi=DPI, format=fmt))
+    write_atomic(path, lambda handle: fig.savefig(handle, dpi=DPI, format=fmt), parents=True)
     return path
 
 
