@@ -431,6 +431,13 @@ def _best_epoch(run: Path) -> int:
     return load_weights(run / "best.safetensors").epoch
 
 
+def _assert_best_settled(run: Path, epoch: int) -> None:
+    """A finished run whose best file, ``eval.json`` and lack of a pending best agree."""
+    assert _best_epoch(run) == epoch
+    assert json.loads((run / "eval.json").read_text())["selected"]["epoch"] == epoch
+    assert not (run / ".best.pending.safetensors").exists()
+
+
 def test_a_stop_before_last_pt_keeps_the_best_last_pt_knows(stopped_run, monkeypatch):
     """Epoch 1 beats the best (validation patched to 100%), then the stop comes before
     ``last.pt`` records it. Its best must not replace the one ``last.pt`` names: on a GPU the
@@ -447,9 +454,7 @@ def test_a_stop_before_last_pt_keeps_the_best_last_pt_knows(stopped_run, monkeyp
     assert _best_epoch(stopped_run) == 0  # before the fix: 1, an epoch last.pt never saved
     monkeypatch.setattr(procedure_module, "select_value", lambda summary, metric: -1.0)
     assert main(["train", "--resume", str(stopped_run)]) == 0
-    assert _best_epoch(stopped_run) == 0
-    assert json.loads((stopped_run / "eval.json").read_text())["selected"]["epoch"] == 0
-    assert not (stopped_run / ".best.pending.safetensors").exists()
+    _assert_best_settled(stopped_run, 0)
 
 
 def test_a_stop_after_last_pt_makes_its_best_the_best_on_resume(stopped_run, monkeypatch):
@@ -475,9 +480,7 @@ def test_a_stop_after_last_pt_makes_its_best_the_best_on_resume(stopped_run, mon
     record = json.loads(next(stopped_run.glob("eval_best_*_val.json")).read_text())
     assert record["epoch"] == 2 and record["checkpoint"] == "best"
     assert main(["train", "--resume", str(stopped_run)]) == 0
-    assert _best_epoch(stopped_run) == 2
-    assert json.loads((stopped_run / "eval.json").read_text())["selected"]["epoch"] == 2
-    assert not (stopped_run / ".best.pending.safetensors").exists()
+    _assert_best_settled(stopped_run, 2)
 
 
 @pytest.mark.parametrize("locking", [True, False])

@@ -28,6 +28,7 @@ from conftest import tiny_overrides
 from otlt.config import load_config
 from otlt.engine.step import SGDStep
 from otlt.engine.trainer import Trainer
+from otlt.reweight import OTReweighter
 from otlt.transport.solver import StabilizedSinkhorn
 
 aten = torch.ops.aten
@@ -199,6 +200,25 @@ def test_batchnorm_recalibration_reads_nothing_from_the_device(method, bn_stats,
         assert mode.solver_reads >= 3
     else:
         assert mode.solver_reads == 0
+
+
+def test_the_reweighting_step_reads_nothing_from_the_device(host_reads):
+    """OT re-weighting's weight step (the OT loss, its gradient in the weights, the SGD update
+    with momentum over a batch that holds an example twice) reads no device tensor back."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (40,), generator=gen)
+    rw = OTReweighter(labels, 3, lr=0.5, momentum=0.9, weight_decay=0.01)
+    rw.set_meta(torch.randn(6, 4, generator=gen), torch.tensor([0, 0, 1, 1, 2, 2]))
+    idx = torch.tensor([0, 5, 5, 13, 20])
+    features = torch.randn(5, 4, generator=gen)
+    mode = host_reads([rw.raw, rw.momentum_buffer, rw.meta_features, rw.meta_labels, labels,
+                       idx, features])
+    with mode:
+        for _ in range(2):
+            rw.step(features, labels[idx], idx)
+    assert mode.reads == [], mode.reads  # before: one a step, checking softmax's marginal
+    assert 2 <= mode.solver_reads <= 2 * 20  # Sinkhorn's convergence tests, counted apart
+    assert not torch.equal(rw.raw[idx], torch.ones(5))  # it did step
 
 
 def test_an_item_added_to_the_step_is_caught(tiny_zip, tmp_path, host_reads, monkeypatch):

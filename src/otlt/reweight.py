@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from otlt.config import REWEIGHT_CHOICES
-from otlt.errors import require, require_choice
+from otlt.errors import OtltError, require, require_choice
 from otlt.losses import class_balanced_weights
 from otlt.transport import entropic_ot_value, sinkhorn
 
@@ -85,16 +85,21 @@ def reweight_cost(meta_features: Tensor, meta_labels: Tensor, features: Tensor, 
 
 
 def ot_reweight_loss(cost: Tensor, nu: Tensor, *, eps: float, max_iter: int = 1000,
-                     tol: float = 1e-6, gradient: str = "potentials") -> Tensor:
+                     tol: float = 1e-6, gradient: str = "potentials",
+                     check_marginals: bool = True) -> Tensor:
     """Return ``OT_ε(uniform, ν, C)`` for a cost ``(M, B)`` and batch marginal ``ν`` ``(B,)``.
 
     Differentiable in ``ν``: through the dual potentials (``"potentials"``, envelope theorem,
     ``∂/∂ν = g``) or by autograd through the Sinkhorn iterations (``"unrolled"``).
+    ``check_marginals=False`` skips the check of ``ν`` (a host read), for a ``ν`` that is a
+    softmax.
     """
     require_choice("gradient", gradient, GRADIENTS)
     if gradient == "potentials":
-        return entropic_ot_value(cost, None, nu, eps=eps, max_iter=max_iter, tol=tol)
-    return sinkhorn(cost, None, nu, eps=eps, max_iter=max_iter, tol=tol).objective
+        return entropic_ot_value(cost, None, nu, eps=eps, max_iter=max_iter, tol=tol,
+                                 check_marginals=check_marginals)
+    return sinkhorn(cost, None, nu, eps=eps, max_iter=max_iter, tol=tol,
+                    check_marginals=check_marginals).objective
 
 
 def class_prototypes(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -115,16 +120,16 @@ def class_prototypes(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tenso
 def _check_batch(features: object, labels: object, raw: Tensor, meta: Tensor) -> None:
     """One line for a batch that cannot meet the meta set: features ``(B, D)`` with the meta
     features' ``D``, labels ``(B,)``, one raw weight per row."""
-    require(isinstance(features, Tensor) and isinstance(labels, Tensor),
-            f"OTReweighter takes tensors, got features {type(features).__name__} and labels "
-            f"{type(labels).__name__}")
-    assert isinstance(features, Tensor) and isinstance(labels, Tensor)
+    # Every step comes here: the messages are built only when one is raised.
+    if not (isinstance(features, Tensor) and isinstance(labels, Tensor)):
+        raise OtltError(f"OTReweighter takes tensors, got features {type(features).__name__} "
+                        f"and labels {type(labels).__name__}")
     rows = len(raw)
-    require(features.dim() == 2 and features.shape == (rows, meta.shape[1])
-            and labels.shape == (rows,),
-            f"OTReweighter needs features (B, D) = ({rows}, {meta.shape[1]}) (the meta "
-            f"features' D; pool or flatten first) and labels ({rows},), got "
-            f"{tuple(features.shape)} and {tuple(labels.shape)}")
+    if not (features.dim() == 2 and features.shape == (rows, meta.shape[1])
+            and labels.shape == (rows,)):
+        raise OtltError(f"OTReweighter needs features (B, D) = ({rows}, {meta.shape[1]}) (the "
+                        f"meta features' D; pool or flatten first) and labels ({rows},), got "
+                        f"{tuple(features.shape)} and {tuple(labels.shape)}")
 
 
 class OTReweighter:
@@ -202,7 +207,8 @@ class OTReweighter:
                              num_classes=self.num_classes, feature_weight=self.feature_weight,
                              label_distance=self.label_distance)
         return ot_reweight_loss(cost, torch.softmax(raw, 0), eps=self.eps,
-                                max_iter=self.max_iter, tol=self.tol, gradient=self.gradient)
+                                max_iter=self.max_iter, tol=self.tol, gradient=self.gradient,
+                                check_marginals=False)  # a softmax: no host read to check it
 
     def step(self, features: Tensor, labels: Tensor, indices: Tensor) -> Tensor:
         """Take one SGD step on the batch's raw weights; return its ``(B,)`` loss weights.
@@ -233,10 +239,10 @@ class OTReweighter:
         ``w_B = raw[idx]``, so the gradient on ``raw`` sums a repeated index's rows (a sampler
         that draws with replacement) and such an example takes one step, as autograd and
         SGD on ``raw`` itself would; with distinct indices this is the plain per-row update.
-        The sums run over the batch (a ``(B, B)`` mask, no host sync), not over ``raw``; the
-        rows of a repeated example write the same value."""
-        same = idx[:, None] == idx[None, :]
-        grad = torch.where(same, grad[None, :], torch.zeros_like(grad)[None, :]).sum(1)
+        The sums run over the batch (a ``(B, B)`` 0/1 matrix times the gradient, no host
+        sync), not over ``raw``; the rows of a repeated example write the same value."""
+        same = (idx[:, None] == idx[None, :]).to(grad.dtype)
+        grad = same @ grad
         w = self.raw[idx]
         if self.weight_decay:
             grad = grad + self.weight_decay * w

@@ -1,8 +1,8 @@
 """Checkpoint files that are atomic, checksummed, and cannot run code when read.
 
 - Atomic: :func:`otlt.atomic.write_atomic` (temp file, fsync, rename), so a crash leaves
-  the old file or the whole new one (stale temp files of a killed save are removed at the
-  next save or load).
+  the old file or the whole new one (a killed save's temp file is removed at the next save
+  or load once its writer is gone or it is an hour old: :func:`otlt.atomic.remove_stale_temps`).
 - Checksummed: ``last.pt`` is ``MAGIC + sha256(payload) + payload`` with the ``torch.save``
   payload after the header; a flipped byte is an error on load, not a silently different
   model. Files written before the header existed (a bare ``torch.save`` zip) still load.

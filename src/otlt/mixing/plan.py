@@ -266,9 +266,10 @@ def check_labels(y: torch.Tensor, what: str, num_classes: int | None = None) -> 
 
 def check_one_device(**tensors: torch.Tensor) -> None:
     """Refuse tensors on several devices (a partner batch left on the CPU) in one line."""
-    devices = {str(t.device) for t in tensors.values()}
-    require(len(devices) == 1, "images and labels must be on one device, got " +
-            ", ".join(f"{name} on {t.device}" for name, t in tensors.items()))
+    first = next(iter(tensors.values())).device
+    if any(t.device != first for t in tensors.values()):  # the message only when it is raised
+        raise OtltError("images and labels must be on one device, got " +
+                        ", ".join(f"{name} on {t.device}" for name, t in tensors.items()))
 
 
 def check_batch(x: torch.Tensor, y: torch.Tensor, what: str) -> None:

@@ -37,6 +37,7 @@ def sinkhorn(
     tol: float = 1e-6,
     check_every: int = 10,
     warn: bool = True,
+    check_marginals: bool = True,
 ) -> OTResult:
     """Solve entropic OT ``min <T, C> + ε KL(T ‖ a bᵀ)`` over plans with marginals ``a``, ``b``.
 
@@ -62,6 +63,8 @@ def sinkhorn(
             iteration; given ``a`` or ``b`` add one more read for their checks.
         warn: issue the non-convergence warning; callers that count ``OTResult.converged``
             themselves (OTMix, per epoch) turn it off.
+        check_marginals: check given marginals (nonnegative, finite, equal mass: one host
+            read); False where the caller builds them so (a softmax), to save the read.
 
     Returns:
         An :class:`OTResult` in the compute dtype (float32 or float64) on ``cost``'s device.
@@ -75,7 +78,7 @@ def sinkhorn(
     the gradient of the OT value prefer :func:`entropic_ot_value`, which needs no graph through
     the iterations.
     """
-    c, a_full, b_full = _prepare(cost, a, b, eps)
+    c, a_full, b_full = _prepare(cost, a, b, eps, check_marginals)
     _check_solver_args(max_iter, tol, check_every)
     return solve(c, a_full, b_full, eps, max_iter, tol, check_every, warn)
 
@@ -88,6 +91,7 @@ def entropic_ot_value(
     eps: float,
     max_iter: int = 1000,
     tol: float = 1e-6,
+    check_marginals: bool = True,
 ) -> Tensor:
     """Return ``OT_ε(a, b, C)``, differentiable in ``a``, ``b`` and ``cost`` without unrolling.
 
@@ -110,11 +114,12 @@ def entropic_ot_value(
         eps: entropic regularisation ε > 0.
         max_iter: most Sinkhorn iterations (warns if not converged).
         tol: L1 marginal tolerance, as in :func:`sinkhorn`.
+        check_marginals: as in :func:`sinkhorn`.
 
     Returns:
         ``(...,)`` values in the compute dtype of ``cost``.
     """
-    c, a_full, b_full = _prepare(cost, a, b, eps)
+    c, a_full, b_full = _prepare(cost, a, b, eps, check_marginals)
     _check_solver_args(max_iter, tol, 10)
     with torch.no_grad():
         res = solve(c.detach(), a_full.detach(), b_full.detach(), eps, max_iter, tol, 10)
@@ -138,7 +143,7 @@ def _compute_dtype(cost: Tensor) -> torch.dtype:
 
 
 def _prepare(
-    cost: Tensor, a: Tensor | None, b: Tensor | None, eps: float
+    cost: Tensor, a: Tensor | None, b: Tensor | None, eps: float, check_marginals: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Return ``(C, a, b)`` in the compute dtype, marginals broadcast to the batch shape."""
     require(isinstance(cost, Tensor) and cost.dim() >= 2,
@@ -150,7 +155,7 @@ def _prepare(
     c = cost.to(_compute_dtype(cost))
     a_full = _marginal(a, c, n, "a")
     b_full = _marginal(b, c, m, "b")
-    if a is not None or b is not None:
+    if check_marginals and (a is not None or b is not None):
         _check_masses(a_full, b_full)
     return c, a_full, b_full
 
