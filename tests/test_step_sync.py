@@ -152,17 +152,22 @@ def run_epoch(trainer: Trainer, host_reads) -> tuple[HostReads, int]:
 
 
 class Counted:
-    """A trainer's step that counts its calls."""
+    """A trainer's step that counts its calls and, given the mode, the host reads they make
+    (``reads``)."""
 
-    def __init__(self, step) -> None:
-        self.inner, self.calls = step, 0
+    def __init__(self, step, mode: HostReads | None = None) -> None:
+        self.inner, self.calls, self.mode, self.reads = step, 0, mode, []
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
     def __call__(self, batch):
         self.calls += 1
-        return self.inner(batch)
+        before = len(self.mode.reads) if self.mode else 0
+        result = self.inner(batch)
+        if self.mode:
+            self.reads += self.mode.reads[before:]
+        return result
 
 
 @pytest.mark.parametrize("method", ["erm", "cmo", "otmix"])
@@ -219,6 +224,32 @@ def test_the_reweighting_step_reads_nothing_from_the_device(host_reads):
     assert mode.reads == [], mode.reads  # before: one a step, checking softmax's marginal
     assert 2 <= mode.solver_reads <= 2 * 20  # Sinkhorn's convergence tests, counted apart
     assert not torch.equal(rw.raw[idx], torch.ones(5))  # it did step
+
+
+@pytest.mark.parametrize("extra", [[], ["reweight.trainable=all", "reweight.bn=train_meta"]],
+                         ids=["fc", "all"])
+def test_a_reweighting_epoch_reads_the_device_once_at_its_end(extra, tiny_zip, tmp_path,
+                                                              host_reads):
+    """OT re-weighting's stage 2 (weight step, classifier step, the per-step sums) on the
+    in-memory path: one read after the last step, as ERM's epoch, plus Sinkhorn's tests."""
+    base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=2) + [
+        "data.meta_per_class=3", "optim.milestones=[]", "optim.gammas=[]"]
+    config = tmp_path / "stage.yaml"
+    config.write_text("name: stage1\n")
+    Trainer(load_config(config, base)).fit()
+    trainer = Trainer(load_config(config, base + [
+        "name=stage2", f"reweight.stage1={tmp_path / 'runs' / 'tiny'}", *extra]))
+    rw, step = trainer.step.reweighter, trainer.step
+    roots = device_state(trainer) + [rw.raw, step.meta_split.images, step.meta_split.labels]
+    mode = host_reads(roots + ([rw.momentum_buffer] if rw.momentum_buffer is not None else []))
+    trainer.step = counted = Counted(step, mode)
+    with mode:
+        trainer.train_one_epoch(0)
+    assert counted.calls >= 3 and counted.reads == []
+    # The epoch's own reads: the meta set's class check when it starts, the sums and the
+    # weights' class statistics when it ends (none scales with the steps).
+    assert 0 < len(mode.reads) <= 12, mode.reads
+    assert mode.solver_reads >= 3  # Sinkhorn's convergence tests, one step or more each
 
 
 def test_an_item_added_to_the_step_is_caught(tiny_zip, tmp_path, host_reads, monkeypatch):

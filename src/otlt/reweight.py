@@ -108,8 +108,9 @@ def class_prototypes(x: Tensor, labels: Tensor, num_classes: int) -> tuple[Tenso
     Works on features ``(M, D)`` and on images ``(M, 3, H, W)`` (the official pixel means).
     """
     counts = torch.bincount(labels, minlength=num_classes)
-    require(bool((counts > 0).all()), f"every class needs at least one meta example; classes "
-                                      f"{(counts == 0).nonzero().flatten().tolist()} have none")
+    if not bool((counts > 0).all()):  # the classes are listed only when one has none
+        raise OtltError(f"every class needs at least one meta example; classes "
+                        f"{(counts == 0).nonzero().flatten().tolist()} have none")
     sums = torch.zeros((num_classes, *x.shape[1:]), dtype=x.dtype, device=x.device)
     sums.index_add_(0, labels.to(x.device), x)
     shape = (num_classes,) + (1,) * (x.dim() - 1)
