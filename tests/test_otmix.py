@@ -208,13 +208,17 @@ def test_a_confusion_of_another_size_is_refused():
     assert mixer.confusion is None
 
 
-@pytest.mark.parametrize("dtype, needle", [
-    (torch.uint8, "integer class indices"), (torch.bool, "integer class indices"),
-    (torch.float32, "integer class indices")])
-def test_labels_that_are_not_class_indices_are_refused_in_one_line(dtype, needle):
+@pytest.mark.parametrize("change, needle", [
+    (lambda y: y.to(torch.uint8), "integer class indices"),
+    (lambda y: y.bool(), "integer class indices"),
+    (lambda y: y.float(), "integer class indices"),
+    (lambda y: y[:, None], r"base labels must be \(B,\), got \(32, 1\)"),  # not a range error
+    (lambda y: y[0], r"base labels must be \(B,\), got \(\)")],
+    ids=["uint8", "bool", "float", "column", "scalar"])
+def test_labels_that_are_not_class_indices_are_refused_in_one_line(change, needle):
     x_base, y_base, x_partner, y_partner = make_batches()
     with pytest.raises(ValueError, match=needle):
-        OTMix(num_classes=4)(x_base, y_base.to(dtype), x_partner, y_partner,
+        OTMix(num_classes=4)(x_base, change(y_base), x_partner, y_partner,
                              generator=torch.Generator(), model=FeatureModel())
 
 
@@ -229,7 +233,7 @@ def test_labels_outside_the_classes_are_refused_on_every_epoch(side, bad, ot_pro
     labels[side] = torch.where(labels[side] == 1, bad, labels[side])
     mixer = OTMix(num_classes=4, ot_probability=ot_probability)
     with pytest.raises(ValueError, match=rf"^OTMix {side} labels must be class indices in "
-                                         r"\[0, 4\) \(IndexError: index out of range"):
+                                         rf"\[0, 4\), got {bad}$"):
         mixer(x_base, labels["base"], x_partner, labels["partner"],
               generator=torch.Generator(), model=FeatureModel())
 

@@ -146,6 +146,7 @@ class OTMix(Mixer):
         self.plan_epochs = tuple(int(e) for e in self.plan_epochs)
         self._plan_samples = PlanSamples(self.plan_epochs)
         self._affinity: torch.Tensor | None = None
+        self._class_index: dict[torch.device, torch.Tensor] = {}
         self.epoch = 0
         self.ot_epoch = self.ot_probability != 0  # before set_epoch: OT unless it never is
         self._reset_stats()
@@ -173,6 +174,12 @@ class OTMix(Mixer):
         if self.confusion is None or self.confusion_mode == "adaptive":
             self.confusion = confusion.detach().float().cpu().clone()
             self._affinity = None
+
+    def _classes(self, device: torch.device) -> torch.Tensor:
+        """``arange(K)`` on ``device``, made once: the labels' range check indexes it."""
+        if device not in self._class_index:
+            self._class_index[device] = torch.arange(self.num_classes, device=device)
+        return self._class_index[device]
 
     def _check_confusion(self, confusion: torch.Tensor | None) -> None:
         k = self.num_classes
@@ -264,8 +271,9 @@ class OTMix(Mixer):
         self._check_partner(x_partner, y_partner)
         assert x_partner is not None and y_partner is not None
         check_one_device(x=x, y=y, x_partner=x_partner, y_partner=y_partner)
-        k = self.num_classes
-        y, y_partner = check_labels(y, "OTMix base", k), check_labels(y_partner, "OTMix partner", k)
+        classes = self._classes(y.device)
+        y = check_labels(y, "OTMix base", classes)
+        y_partner = check_labels(y_partner, "OTMix partner", classes)
         require(x_partner.shape[0] == x.shape[0],
                 f"OTMix needs equal partner (foreground) and base (background) batches, got "
                 f"{x_partner.shape[0]} and {x.shape[0]}")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from scipy.special import betaincinv
 
-from otlt.errors import OtltError, reason, require, warn_renamed
+from otlt.errors import OtltError, require, warn_renamed
 
 Box = tuple[int, int, int, int]
 """A box ``(y0, y1, x0, x1)``: rows ``y0:y1`` and columns ``x0:x1`` (half-open)."""
@@ -242,26 +242,33 @@ def check_model_inputs(x: torch.Tensor, what: str, floating: bool = False) -> No
                         f"{tuple(x.shape)}: {TO_MODEL_INPUTS}")
 
 
-def check_labels(y: torch.Tensor, what: str, num_classes: int | None = None) -> torch.Tensor:
+def check_labels(y: torch.Tensor, what: str, classes: torch.Tensor | None = None) -> torch.Tensor:
     """``y`` as int64 class indices ``(B,)``. Refused: float, bool and uint8 labels (the
-    last two index as masks) and, with ``num_classes``, labels outside ``[0, num_classes)``.
+    last two index as masks), labels not of shape ``(B,)`` and, given ``classes``
+    (``arange(K)`` on ``y``'s device, kept by the caller so a step allocates nothing), labels
+    outside ``[0, K)``.
 
-    The range is checked by ``arange(K).index_select(0, y)``, not by reading ``y.min()`` and
+    The range is checked by ``classes.index_select(0, y)``, not by reading ``y.min()`` and
     ``y.max()`` (a host sync every batch on a GPU): on the CPU it raises at once, negative
-    labels included (plain indexing would wrap -1 to the last class); on CUDA it is expected
-    to be a device-side assert, which ends the process's CUDA context, so check a dataset's
-    labels before a GPU run."""
+    labels included (plain indexing would wrap -1 to the last class), and the message then
+    names a bad label; on CUDA it is expected to be a device-side assert, which ends the
+    process's CUDA context, and ROCm builds without device asserts and MPS may not check at
+    all, so check a dataset's labels before a GPU run."""
     if y.is_floating_point() or y.is_complex() or y.dtype in (torch.bool, torch.uint8):
         raise OtltError(f"{what} labels must be integer class indices (int64), got {y.dtype}; "
                         "soft targets are what a mixer returns, not what it takes")
+    if y.dim() != 1:
+        raise OtltError(f"{what} labels must be (B,), got {tuple(y.shape)}")
     y = y.long()
-    if num_classes is None:
+    if classes is None:
         return y
     try:
-        return torch.arange(num_classes, device=y.device).index_select(0, y)
-    except IndexError as exc:
-        raise OtltError(f"{what} labels must be class indices in [0, {num_classes}) "
-                        f"({reason(exc)})") from None
+        return classes.index_select(0, y)
+    except IndexError:
+        k = len(classes)
+        bad = y[(y < 0) | (y >= k)]  # read only to name it: the batch is refused anyway
+        raise OtltError(f"{what} labels must be class indices in [0, {k}), got "
+                        f"{int(bad[0]) if len(bad) else 'an index out of range'}") from None
 
 
 def check_one_device(**tensors: torch.Tensor) -> None:
