@@ -221,6 +221,11 @@ class OTReweighter:
         :attr:`last_grad_norm` ``||dOT/dw_B||_2`` and :attr:`last_change` the L1 change
         ``sum_i |softmax(w_B')_i - softmax(w_B)_i|`` the step made (how far it moved the
         batch's weight distribution; 0 <= change <= 2).
+
+        Nothing is read back to the host, so nothing here can see a raw weight that became
+        infinite (a far too large ``lr``): the batch's weights then turn NaN and stay so.
+        The engine stops such a run at the epoch's end (its loss check); in a loop of your
+        own, check ``last_loss`` now and then (``torch.isfinite``).
         """
         idx = indices.to(self.raw.device)
         w = self.raw[idx].clone().requires_grad_(True)
@@ -240,10 +245,11 @@ class OTReweighter:
         ``w_B = raw[idx]``, so the gradient on ``raw`` sums a repeated index's rows (a sampler
         that draws with replacement) and such an example takes one step, as autograd and
         SGD on ``raw`` itself would; with distinct indices this is the plain per-row update.
-        The sums run over the batch (a ``(B, B)`` 0/1 matrix times the gradient, no host
-        sync), not over ``raw``; the rows of a repeated example write the same value."""
+        The sums run over the batch (a ``(B, B)`` 0/1 mask times the gradient, summed by row:
+        no host sync, and exact, where a matrix product may round under autocast or TF32),
+        not over ``raw``; the rows of a repeated example write the same value."""
         same = (idx[:, None] == idx[None, :]).to(grad.dtype)
-        grad = same @ grad
+        grad = (same * grad[None, :]).sum(1)
         w = self.raw[idx]
         if self.weight_decay:
             grad = grad + self.weight_decay * w

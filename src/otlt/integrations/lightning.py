@@ -10,7 +10,8 @@ validation batches (one extra forward pass of each, read back to the host once p
 validation; not the sanity check's; summed over the ranks under DDP, tested with two gloo
 processes on the CPU), hands it to OTMix when the training epoch ends, logs the mixing
 statistics, and saves OTMix's state (confusion matrix, epoch, OT-or-random switch) and its
-generator in Lightning checkpoints, so a resumed run mixes as the uninterrupted one would.
+generator in Lightning checkpoints, so a run resumed from a checkpoint saved at an epoch's
+end mixes as the uninterrupted one would (one saved mid-epoch redraws the epoch's switch).
 Partners come in the batch's device and floating dtype
 (``precision="bf16-true"`` hands the step bf16 images)::
 
@@ -155,7 +156,7 @@ class OTMixCallback(Callback):
         self.generator = torch.Generator().manual_seed(seed)
         self.num_classes = num_classes
         self._confusion: torch.Tensor | None = None
-        self._validated: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._validated: list[torch.Tensor] | None = None
         self._mixing = False
 
     # ---- what training_step calls --------------------------------------------------------
@@ -214,17 +215,17 @@ class OTMixCallback(Callback):
         if self._validated is None:
             return
         x, y = self.unpack(batch)
-        # Kept on the device: counting here would read each batch back to the host.
-        self._validated.append((y.reshape(-1), pl_module(x).argmax(1)))
+        preds = pl_module(x).argmax(1)
+        # (2, B) (label, prediction) pairs kept on the device: counting them here would read
+        # every batch back to the host.
+        self._validated.append(torch.stack([y.reshape(-1).to(preds.device, torch.long), preds]))
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if self._validated is None:
             return
-        pairs, self._validated = self._validated, None
-        empty = torch.zeros(0, dtype=torch.long)
-        targets = torch.cat([t.cpu() for t, _ in pairs]) if pairs else empty
-        preds = torch.cat([p.cpu() for _, p in pairs]) if pairs else empty
-        confusion = confusion_matrix(preds, targets, self.num_classes)
+        batches, self._validated = self._validated, None
+        pairs = torch.cat(batches, 1).cpu() if batches else torch.zeros(2, 0, dtype=torch.long)
+        confusion = confusion_matrix(pairs[1], pairs[0], self.num_classes)  # one host read
         if trainer.world_size > 1:
             # Each rank validated its shard: the sum is the whole split's confusion, the
             # same on every rank. Reduced on the module's device (NCCL reduces no CPU tensor).
