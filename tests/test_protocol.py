@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from conftest import load_script, one_line_error, sets, tiny_overrides
 from otlt.cli import main
+from otlt.engine import weights as weights_module
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.weights import load_weights, read_weights, save_weights, weights_epoch
 from otlt.errors import OtltError
@@ -212,14 +214,41 @@ def test_resume_is_exact_with_recalibration_and_selection(tiny_zip, tmp_path, ca
         json.loads((part / "eval.json").read_text())["selected"]
 
 
-def test_weight_files_round_trip_and_refuse_damage(tmp_path):
+class _HeaderOnly:
+    """``safe_open`` whose tensors cannot be read."""
+
+    def __init__(self, *args, **kwargs):
+        self.inner = safe_open(*args, **kwargs)
+
+    def __enter__(self):
+        self.handle = self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+    def metadata(self):
+        return self.handle.metadata()
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_tensor(self, key):
+        raise RuntimeError("a tensor was read")
+
+
+def test_weight_files_round_trip_and_refuse_damage(tmp_path, monkeypatch):
     state = {"w": torch.randn(3, 2), "steps": torch.tensor(7)}
     path = tmp_path / "w.safetensors"
     save_weights(path, state, epoch=4, mixer={"confusion": torch.eye(2), "note": None},
                  meta={"bn_stats": "train"}, dtype=torch.float16)
     back = load_weights(path)
     assert back.epoch == 4 and back.meta == {"bn_stats": "train"}
-    assert weights_epoch(path) == 4  # the header alone
+    with monkeypatch.context() as m:  # the header alone: a tensor read would fail
+        m.setattr(weights_module, "safe_open", _HeaderOnly)
+        assert weights_epoch(path) == 4
+        with pytest.raises(OtltError, match="a tensor was read"):
+            load_weights(path)
     assert back.model["w"].dtype == torch.float32
     torch.testing.assert_close(back.model["w"], state["w"], atol=2e-3, rtol=1e-3)
     assert torch.equal(back.model["steps"], state["steps"])

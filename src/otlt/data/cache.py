@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 # Bump when the readers or the on-disk layout change so old entries are not reused
 # (2: image-folder class names are NFC).
-FORMAT_VERSION = 3  # 3: 16-bit grayscale scaled to 8 bits (otlt.data.io.to_rgb)
+# 3: 16-bit grayscale scaled to 8 bits; 4: 16-bit decided by the file's format
+# (otlt.data.io.to_rgb).
+FORMAT_VERSION = 4
 
 ENV_CACHE = "OTLT_CACHE"
 

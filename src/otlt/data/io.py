@@ -58,9 +58,12 @@ def integer_bits(img: Image.Image) -> int | None:
     """Bits per sample of an integer-mode image as its source stores them: 16 for Pillow's
     ``I;16*`` modes, and for mode ``I`` read from a PNG or a PGM/PPM (formats of at most 16
     bits: Pillow opens 16-bit PGMs, and older Pillow 16-bit PNGs, as ``I``); a TIFF's
-    BitsPerSample; None when nothing says (an image made in memory)."""
+    BitsPerSample; None for another mode or when nothing says (an image made in memory, or
+    read from another format)."""
     if img.mode.startswith("I;16"):
         return 16
+    if img.mode != "I":
+        return None
     if img.format in ("PNG", "PPM"):
         return 16
     if img.format == "TIFF":
@@ -73,8 +76,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """``img`` in RGB. 16-bit grayscale is scaled to 8 bits (``>> 8``) first: Pillow's own
     ``convert`` clips it, so every value above 255 became white. Whether an image is 16-bit
     is decided by its format (:func:`integer_bits`), so a dark frame of a 16-bit dataset is
-    scaled as its neighbours are; only a 32-bit integer image, or one that names no format,
-    is taken as 16-bit by its values (any above 255), else as 8-bit values.
+    scaled as its neighbours are; a mode-``I`` image whose format does not say (a 32-bit
+    TIFF, another format, an image made in memory) is taken as 16-bit by its values (any
+    above 255), else as 8-bit values.
     The pixels are read here, so the result outlives the file it came from."""
     img.load()
     if img.mode == "RGB":

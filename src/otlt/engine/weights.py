@@ -54,9 +54,10 @@ class WeightsFile:
 def save_weights(path: Path, model: dict[str, torch.Tensor], *, epoch: int,
                  evaluated_bn: dict[str, torch.Tensor] | None = None,
                  mixer: dict[str, Any] | None = None, meta: dict[str, Any] | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, parents: bool = False) -> None:
     """Write a weight file atomically (temp file + rename). Non-tensor mixer entries (and
-    None) are skipped; ``dtype`` casts floating tensors (None: keep)."""
+    None) are skipped; ``dtype`` casts floating tensors (None: keep); ``parents``: create
+    the missing folders first."""
     tensors: dict[str, torch.Tensor] = {}
     for section, state in (("model", model), ("evaluated_bn", evaluated_bn or {}),
                            ("mixer", mixer or {})):
@@ -68,7 +69,7 @@ def save_weights(path: Path, model: dict[str, torch.Tensor], *, epoch: int,
                 tensors[f"{section}/{key}"] = t.contiguous()
     header = {"otlt": json.dumps({"epoch": int(epoch), **(meta or {})})}
     payload = save(tensors, metadata=header)
-    write_atomic(Path(path), lambda handle: handle.write(payload))
+    write_atomic(Path(path), lambda handle: handle.write(payload), parents=parents)
 
 
 def keep_epoch_weights(run_dir: Path, train: TrainConfig, epochs: int, epoch: int,
@@ -81,10 +82,8 @@ def keep_epoch_weights(run_dir: Path, train: TrainConfig, epochs: int, epoch: in
         (train.keep_every and (epoch + 1) % train.keep_every == 0)
     if not wanted:
         return
-    folder = Path(run_dir) / "kept"
-    folder.mkdir(exist_ok=True)
-    save_weights(folder / f"epoch_{epoch:03d}{SUFFIX}", model.state_dict(), epoch=epoch,
-                 mixer=mixer_state)
+    save_weights(Path(run_dir) / "kept" / f"epoch_{epoch:03d}{SUFFIX}", model.state_dict(),
+                 epoch=epoch, mixer=mixer_state, parents=True)
 
 
 def _open(path: Path, read: Callable[[Any], Any]) -> tuple[int, dict[str, Any], Any]:
