@@ -125,3 +125,15 @@ def stopped_run(tiny_zip, tmp_path, config, capsys) -> Path:
     run = train_stopped(config, tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3))
     capsys.readouterr()
     return run
+
+
+def write_image_folder(root: Path, spec: dict[str, dict[str, list[np.ndarray]]],
+                       ext: str = "png") -> dict[str, dict[str, list[np.ndarray]]]:
+    """Write ``spec[split][class] = [images]`` as ``root/split/class/NNNN.ext``."""
+    for split, per_class in spec.items():
+        for cls, images in per_class.items():
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i, img in enumerate(images):
+                opts = {"quality": 95, "subsampling": 0} if ext == "jpg" else {}
+                Image.fromarray(img).save(root / split / cls / f"{i:04d}.{ext}", **opts)
+    return spec

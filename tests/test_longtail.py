@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import write_image_folder
 from otlt.config import DataConfig
 from otlt.data.longtail import build_splits, long_tailed_counts
 from otlt.data.prepare import prepare_data
@@ -67,13 +67,11 @@ def test_too_small_class_for_carve_out_is_an_error():
 
 
 def _image_folder(root, split_counts):
-    """``root/<split>/c<k>/<i>.png``, ``split_counts[split][k]`` tiny images in class k."""
-    for split, counts in split_counts.items():
-        for k, n in enumerate(counts):
-            folder = root / split / f"c{k}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.new("RGB", (4, 4), (k * 60, i % 256, i // 256)).save(folder / f"{i}.png")
+    """``root/<split>/c<k>/NNNN.png``, ``split_counts[split][k]`` tiny distinct images."""
+    write_image_folder(root, {split: {f"c{k}": [np.full((4, 4, 3), (k * 60, i % 256, i // 256),
+                                                        np.uint8) for i in range(n)]
+                                      for k, n in enumerate(counts)}
+                              for split, counts in split_counts.items()})
 
 
 def test_a_profile_the_classes_cannot_give_and_an_unused_val_folder_are_warned(tmp_path,

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import write_image_folder
 from otlt.data import cache as cache_mod
 from otlt.data.cache import load_cached
 from otlt.data.cifar import read_cifar_python
@@ -109,18 +110,6 @@ def _smooth(h: int, w: int, seed: int) -> np.ndarray:
     return np.clip(base * 0.8 + seed * 5, 0, 255).astype(np.uint8)
 
 
-def _write_folder(root: Path, spec: dict[str, dict[str, list[np.ndarray]]],
-                  ext: str = "png") -> dict[str, dict[str, list[np.ndarray]]]:
-    """Write ``spec[split][class] = [images]`` as ``root/split/class/NNNN.ext``."""
-    for split, per_class in spec.items():
-        for cls, images in per_class.items():
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            for i, img in enumerate(images):
-                opts = {"quality": 95, "subsampling": 0} if ext == "jpg" else {}
-                Image.fromarray(img).save(root / split / cls / f"{i:04d}.{ext}", **opts)
-    return spec
-
-
 def _zip_folder(folder: Path, zip_path: Path, prefix: str = "") -> Path:
     with zipfile.ZipFile(zip_path, "w") as zf:
         for path in sorted(folder.rglob("*")):
@@ -204,7 +193,7 @@ def test_truncated_cifar_tarball_is_a_clear_error(tmp_path):
 
 
 def test_image_folder_directory_reads_exact_png_pixels(tmp_path):
-    spec = _write_folder(tmp_path / "ds", _small_spec())
+    spec = write_image_folder(tmp_path / "ds", _small_spec())
     splits = read_image_folder(tmp_path / "ds")
     assert set(splits) == {"train", "test"}
     classes = ["cat", "dog", "emu"]
@@ -219,7 +208,7 @@ def test_image_folder_directory_reads_exact_png_pixels(tmp_path):
 def test_image_folder_zip_read_in_place_with_optional_prefix(tmp_path, prefix):
     spec = _small_spec()
     spec["val"] = {"emu": [_pattern(8, 8, 9)]}
-    _write_folder(tmp_path / "ds", spec)
+    write_image_folder(tmp_path / "ds", spec)
     zip_path = _zip_folder(tmp_path / "ds", tmp_path / "mini.zip", prefix)
     splits = read_image_folder(zip_path)
     assert list(splits) == ["train", "test", "val"]
@@ -234,14 +223,14 @@ def test_image_folder_files_are_sorted_by_name(tmp_path):
     for name, img in zip(["b.png", "c.png", "a.png"], imgs, strict=True):
         (tmp_path / "ds" / "train" / "x").mkdir(parents=True, exist_ok=True)
         Image.fromarray(img).save(tmp_path / "ds" / "train" / "x" / name)
-    _write_folder(tmp_path / "ds", {"test": {"x": [imgs[0]]}})
+    write_image_folder(tmp_path / "ds", {"test": {"x": [imgs[0]]}})
     got = read_image_folder(tmp_path / "ds")["train"].images
     np.testing.assert_array_equal(got, np.stack([imgs[2], imgs[0], imgs[1]]))
 
 
 @pytest.mark.parametrize("as_zip", [False, True], ids=["dir", "zip"])
 def test_image_folder_decodes_jpeg_and_grayscale_to_rgb(tmp_path, as_zip):
-    spec = _write_folder(tmp_path / "ds", _small_spec(16, 16, smooth=True), ext="jpg")
+    spec = write_image_folder(tmp_path / "ds", _small_spec(16, 16, smooth=True), ext="jpg")
     gray = _smooth(16, 16, 0)[..., 0]
     Image.fromarray(gray, mode="L").save(tmp_path / "ds" / "test" / "cat" / "9999.jpeg")
     source = _zip_folder(tmp_path / "ds", tmp_path / "j.zip") if as_zip else tmp_path / "ds"
@@ -257,7 +246,7 @@ def test_image_folder_decodes_jpeg_and_grayscale_to_rgb(tmp_path, as_zip):
 def test_image_folder_mixed_sizes_suggest_list_files(tmp_path):
     spec = _small_spec()
     spec["train"]["dog"].append(_pattern(10, 12, 0))
-    _write_folder(tmp_path / "ds", spec)
+    write_image_folder(tmp_path / "ds", spec)
     with pytest.raises(OtltError, match=r"dog/0003\.png.*12x10.*8x8.*list-file"):
         read_image_folder(tmp_path / "ds")
 
@@ -265,13 +254,13 @@ def test_image_folder_mixed_sizes_suggest_list_files(tmp_path):
 def test_image_folder_test_class_missing_from_train(tmp_path):
     spec = _small_spec()
     spec["test"]["yak"] = [_pattern(8, 8, 0)]
-    _write_folder(tmp_path / "ds", spec)
+    write_image_folder(tmp_path / "ds", spec)
     with pytest.raises(OtltError, match=r"\['yak'\]"):
         read_image_folder(tmp_path / "ds")
 
 
 def test_image_folder_without_test_split(tmp_path):
-    _write_folder(tmp_path / "ds", {"train": _small_spec()["train"]})
+    write_image_folder(tmp_path / "ds", {"train": _small_spec()["train"]})
     with pytest.raises(OtltError, match=r"no 'test' images.*found splits: \['train'\]"):
         read_image_folder(tmp_path / "ds")
 
@@ -280,7 +269,7 @@ def test_image_folder_without_test_split(tmp_path):
 def test_image_folder_process_pool_matches_in_process_decode(tmp_path, as_zip):
     spec = _small_spec()
     spec["train"]["dog"] += [_pattern(8, 8, 10 + i) for i in range(6)]
-    _write_folder(tmp_path / "ds", spec)
+    write_image_folder(tmp_path / "ds", spec)
     source = _zip_folder(tmp_path / "ds", tmp_path / "p.zip") if as_zip else tmp_path / "ds"
     one = read_image_folder(source, workers=1)
     two = read_image_folder(source, workers=2)
@@ -292,7 +281,7 @@ def test_image_folder_process_pool_matches_in_process_decode(tmp_path, as_zip):
 def test_image_folder_process_pool_reports_bad_members(tmp_path):
     spec = _small_spec()
     spec["test"]["emu"] = [_pattern(8, 8, 0)] * 3 + [_pattern(9, 8, 0)]
-    _write_folder(tmp_path / "ds", spec)
+    write_image_folder(tmp_path / "ds", spec)
     with pytest.raises(OtltError, match=r"test/emu/0003\.png.*8x9 but the first image is 8x8"):
         read_image_folder(tmp_path / "ds", workers=2)
     (tmp_path / "ds" / "test" / "emu" / "0003.png").write_bytes(b"garbage")
@@ -394,7 +383,7 @@ def test_a_missing_image_of_an_evaluation_list_is_found_at_once(tmp_path):
 def test_sixteen_bit_grayscale_is_scaled_not_clipped_to_white(tmp_path):
     """Pillow's convert("RGB") clips a 16-bit value like 30000 to 255."""
     spec = _small_spec()
-    _write_folder(tmp_path / "d", spec)
+    write_image_folder(tmp_path / "d", spec)
     deep = np.full((8, 8), 30000, np.uint16)
     Image.fromarray(deep).save(tmp_path / "d" / "train" / "cat" / "0000.png")
     assert Image.open(tmp_path / "d" / "train" / "cat" / "0000.png").mode.startswith("I")
@@ -418,17 +407,19 @@ def test_32_bit_integer_images_are_16_bit_only_above_255(value, expected):
 @pytest.mark.parametrize("fmt, suffix", [("PPM", "pgm"), ("PNG", "png"), ("TIFF", "tif")])
 def test_a_dark_16_bit_frame_is_scaled_like_its_neighbours(tmp_path, fmt, suffix):
     """16-bit files whose values all lie below 256 (a dark frame) are 16-bit all the same:
-    200 of 65535 is black, not 200 of 255. Pillow opens the PGM as mode I."""
+    200 of 65535 is black, not 200 of 255. Pillow opens the PGM as mode I, which only the
+    format tells from 8-bit values (older Pillow opens the PNG as mode I too; the PNG and
+    TIFF here, I;16, guard the modes' rule)."""
     path = tmp_path / f"dark.{suffix}"
     Image.fromarray(np.full((4, 4), 200, np.uint16)).save(path, format=fmt)
     with Image.open(path) as img:
-        assert img.mode in ("I", "I;16")
+        assert img.mode == "I" if fmt == "PPM" else img.mode in ("I", "I;16")
         assert (np.asarray(to_rgb(img)) == 0).all()
 
 
 def test_linked_split_folders_are_read(tmp_path):
     spec = _small_spec()
-    _write_folder(tmp_path / "real", spec)
+    write_image_folder(tmp_path / "real", spec)
     (tmp_path / "linked").mkdir()
     for split in ("train", "test"):
         (tmp_path / "linked" / split).symlink_to(tmp_path / "real" / split)
@@ -440,13 +431,13 @@ def test_a_link_back_to_an_ancestor_is_named_and_a_shared_folder_is_not(tmp_path
     """followlinks would walk a link back to an ancestor until the path is too long; a class
     folder that two places link (test/cat -> pool/cat beside train/cat -> pool/cat) is
     fine, as it was before links were followed."""
-    _write_folder(tmp_path / "loop", _small_spec())
+    write_image_folder(tmp_path / "loop", _small_spec())
     (tmp_path / "loop" / "train" / "dog" / "again").symlink_to(tmp_path / "loop" / "train")
     with pytest.raises(OtltError, match=r"loop/train/dog/again links back to .*loop/train, "
                                         r"a folder that contains it"):
         load_dataset("folder", tmp_path / "loop")
     spec = _small_spec()
-    _write_folder(tmp_path / "shared", spec)
+    write_image_folder(tmp_path / "shared", spec)
     (tmp_path / "shared" / "pool").mkdir()
     (tmp_path / "shared" / "train" / "cat").rename(tmp_path / "shared" / "pool" / "cat")
     for split in ("train", "test"):
@@ -465,11 +456,11 @@ def test_a_link_back_to_an_ancestor_is_named_and_a_shared_folder_is_not(tmp_path
 def test_a_meta_folder_or_macos_junk_beside_the_data_keeps_it_an_image_folder(tmp_path):
     """CIFAR-100's file names are looked for as files; ``__MACOSX/`` left by unzipping a Mac
     zip is not a second data folder."""
-    _write_folder(tmp_path / "a", _small_spec())
+    write_image_folder(tmp_path / "a", _small_spec())
     for name in ("meta", "train_extra"):
         (tmp_path / "a" / name).mkdir()
     assert load_dataset("folder", tmp_path / "a")["train"].classes == ["cat", "dog", "emu"]
-    _write_folder(tmp_path / "b" / "mydata", _small_spec())
+    write_image_folder(tmp_path / "b" / "mydata", _small_spec())
     (tmp_path / "b" / "__MACOSX" / "mydata").mkdir(parents=True)
     assert data_format(tmp_path / "b") == "image-folder"  # one data folder under b/, not two
     assert find_data("folder", tmp_path / "b") == tmp_path / "b"
@@ -626,12 +617,12 @@ def test_find_data_default_search_order(tmp_path, monkeypatch):
     shared = tmp_path / "shared" / "data"
     shared.mkdir(parents=True)
     monkeypatch.chdir(work)
-    _write_folder(shared / "cifar100", {"train": {"x": [_pattern(4, 4, 0)]}})
+    write_image_folder(shared / "cifar100", {"train": {"x": [_pattern(4, 4, 0)]}})
     (shared / "cifar100-jpeg.zip").write_bytes(b"")
     assert find_data("cifar100") == Path.cwd().parent / "shared" / "data" / "cifar100-jpeg.zip"
     (work / "data" / "cifar100").mkdir()  # empty: not a known format, so skipped
     assert find_data("cifar100").name == "cifar100-jpeg.zip"
-    _write_folder(work / "data" / "cifar100", {"train": {"x": [_pattern(4, 4, 0)]}})
+    write_image_folder(work / "data" / "cifar100", {"train": {"x": [_pattern(4, 4, 0)]}})
     assert find_data("cifar100") == Path.cwd() / "data" / "cifar100"
 
 
@@ -676,7 +667,7 @@ def test_load_dataset_dispatches_and_caches(tmp_path, kind):
         path, _ = _write_cifar(tmp_path, 10, as_tar=kind == "tar")
         n_classes = 10
     else:
-        _write_folder(tmp_path / "ds", _small_spec())
+        write_image_folder(tmp_path / "ds", _small_spec())
         path = _zip_folder(tmp_path / "ds", tmp_path / "d.zip") if kind == "zip" else \
             tmp_path / "ds"
         n_classes = 3
@@ -702,14 +693,14 @@ def test_load_dataset_missing_and_unknown_formats(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(OtltError, match=r"notes\.txt has an unknown format.*tar\.gz"):
         load_dataset("cifar10", tmp_path / "notes.txt")
-    _write_folder(tmp_path / "ds", _small_spec())
+    write_image_folder(tmp_path / "ds", _small_spec())
     (tmp_path / "ds" / "train" / "cat" / "anim.gif").write_bytes(b"GIF89a")
     with pytest.raises(OtltError, match=r"anim\.gif.*not a supported image"):
         load_dataset("x", tmp_path / "ds", cache=False)
 
 
 def test_load_dataset_truncated_zip(tmp_path):
-    _write_folder(tmp_path / "ds", _small_spec())
+    write_image_folder(tmp_path / "ds", _small_spec())
     zip_path = _zip_folder(tmp_path / "ds", tmp_path / "cut.zip")
     zip_path.write_bytes(zip_path.read_bytes()[: zip_path.stat().st_size * 2 // 3])
     with pytest.raises(OtltError, match=r"cut\.zip.*truncated"):
@@ -717,7 +708,7 @@ def test_load_dataset_truncated_zip(tmp_path):
 
 
 def test_load_dataset_corrupt_member_names_it(tmp_path):
-    _write_folder(tmp_path / "ds", _small_spec())
+    write_image_folder(tmp_path / "ds", _small_spec())
     (tmp_path / "ds" / "train" / "emu" / "x.jpg").write_bytes(os.urandom(300))
     zip_path = _zip_folder(tmp_path / "ds", tmp_path / "bad.zip", "top/")
     with pytest.raises(OtltError, match=r"'top/train/emu/x\.jpg' in .*bad\.zip"):

@@ -228,10 +228,11 @@ def test_the_reweighting_step_reads_nothing_from_the_device(host_reads):
 
 @pytest.mark.parametrize("extra", [[], ["reweight.trainable=all", "reweight.bn=train_meta"]],
                          ids=["fc", "all"])
-def test_a_reweighting_epoch_reads_the_device_once_at_its_end(extra, tiny_zip, tmp_path,
+def test_a_reweighting_epoch_reads_nothing_inside_its_steps(extra, tiny_zip, tmp_path,
                                                               host_reads):
     """OT re-weighting's stage 2 (weight step, classifier step, the per-step sums) on the
-    in-memory path: one read after the last step, as ERM's epoch, plus Sinkhorn's tests."""
+    in-memory path: no read inside a step (Sinkhorn's convergence tests apart), the
+    epoch's few reads at its start and end."""
     base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=2) + [
         "data.meta_per_class=3", "optim.milestones=[]", "optim.gammas=[]"]
     config = tmp_path / "stage.yaml"
