@@ -49,7 +49,7 @@ class _Module(L.LightningModule):
         return batch_loss(self.criterion, self(mixed.images), mixed.base_labels,
                           mixed.partner_labels, mixed.lam)
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
         return None
 
     def configure_optimizers(self):
@@ -280,6 +280,19 @@ def test_dict_validation_batches_need_unpack_and_work_with_it(tmp_path):
     callback = OTMixCallback(x, y, 3, unpack=lambda b: (b["image"], b["label"]))
     _trainer(tmp_path, callback, epochs=1).fit(_Module(callback), train, val)
     assert int(callback.otmix.confusion.sum()) == len(y)
+
+
+@pytest.mark.parametrize("which, images", [(0, 21), (1, 42)])
+def test_only_one_validation_loader_builds_the_confusion(tmp_path, which, images):
+    """A test loader monitored beside the validation loader must not reach OTmix's cost:
+    only ``confusion_dataloader``'s batches are counted (all of them were pooled before)."""
+    x, y = _data()
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=14)
+    val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[::2], y[::2]),
+                                      batch_size=7)
+    callback = OTMixCallback(x, y, 3, confusion_dataloader=which)
+    _trainer(tmp_path, callback, epochs=1).fit(_Module(callback), train, [val, train])
+    assert int(callback.otmix.confusion.sum()) == images
 
 
 def test_a_checkpoint_saved_when_validation_ends_carries_the_confusion_to_hand(tmp_path):

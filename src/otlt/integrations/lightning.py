@@ -6,9 +6,9 @@
 class-weighted sampler).
 Your ``LightningModule`` calls :meth:`OTMixCallback.mix` in ``training_step``; the callback
 draws the OT-or-random switch each epoch, builds the validation confusion matrix from the
-validation batches (one extra forward pass of each, read back to the host once per
-validation; not the sanity check's; summed over the ranks under DDP, tested with two gloo
-processes on the CPU), hands it to OTMix when the training epoch ends, logs the mixing
+first validation dataloader's batches (``confusion_dataloader`` picks another; one extra
+forward pass of each, read back to the host once per validation; not the sanity check's;
+summed over the ranks under DDP, tested with two gloo processes on the CPU), hands it to OTMix when the training epoch ends, logs the mixing
 statistics, and saves OTMix's state (confusion matrix, epoch, OT-or-random switch) and its
 generator in Lightning checkpoints, so a run resumed from a checkpoint saved at an epoch's
 end mixes as the uninterrupted one would (one saved mid-epoch redraws the epoch's switch).
@@ -126,6 +126,9 @@ class OTMixCallback(Callback):
         unpack: ``unpack(batch) -> (images, labels)`` of a validation batch, for the
             confusion matrix (``pl_module(images)`` must give the logits); default
             ``(batch[0], batch[1])``; a dict batch: ``lambda b: (b["image"], b["label"])``.
+        confusion_dataloader: which validation dataloader's batches build the confusion
+            (default 0, the first): another one, e.g. a test loader you monitor beside, never
+            reaches OTmix's cost (before, every loader's batches were pooled).
         **otmix_options: :class:`otlt.mixing.OTMix` options (omega, eps, alpha, mu, ...).
     """
 
@@ -136,7 +139,7 @@ class OTMixCallback(Callback):
                                              torch.Tensor] | None = None,
                  embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  unpack: Callable[[Any], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 **otmix_options: Any) -> None:
+                 confusion_dataloader: int = 0, **otmix_options: Any) -> None:
         super().__init__()
         if "foreground_transform" in otmix_options:
             warn_renamed("OTMixCallback(foreground_transform=)", "partner_transform=")
@@ -151,6 +154,7 @@ class OTMixCallback(Callback):
         self.transform = partner_transform
         self.embed = embed
         self.unpack = unpack if unpack is not None else _images_and_labels
+        self.confusion_dataloader = confusion_dataloader
         self._found: tuple[torch.nn.Module, torch.nn.Module] | None = None
         self._epochs: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
@@ -212,7 +216,7 @@ class OTMixCallback(Callback):
     @torch.no_grad()
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                                 dataloader_idx: int = 0) -> None:
-        if self._validated is None:
+        if self._validated is None or dataloader_idx != self.confusion_dataloader:
             return
         x, y = self.unpack(batch)
         preds = pl_module(x).argmax(1)
