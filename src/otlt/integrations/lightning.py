@@ -8,12 +8,12 @@ Your ``LightningModule`` calls :meth:`OTMixCallback.mix` in ``training_step``; t
 draws the OT-or-random switch each epoch, builds the validation confusion matrix from the
 first validation dataloader's batches (``confusion_dataloader`` picks another; one extra
 forward pass of each, read back to the host once per validation; not the sanity check's;
-summed over the ranks under DDP, tested with two gloo processes on the CPU), hands it to OTMix when the training epoch ends, logs the mixing
-statistics, and saves OTMix's state (confusion matrix, epoch, OT-or-random switch) and its
-generator in Lightning checkpoints, so a run resumed from a checkpoint saved at an epoch's
-end mixes as the uninterrupted one would (one saved mid-epoch redraws the epoch's switch).
-Partners come in the batch's device and floating dtype
-(``precision="bf16-true"`` hands the step bf16 images)::
+summed over the ranks under DDP, tested with two gloo processes on the CPU), hands it to
+OTMix when the training epoch ends, logs the mixing statistics, and saves OTMix's state
+(confusion matrix, epoch, OT-or-random switch) and its generator in Lightning checkpoints,
+so a run resumed from a checkpoint saved at an epoch's end mixes as the uninterrupted one
+would (one saved mid-epoch redraws the epoch's switch). Partners come in the batch's device
+and floating dtype (``precision="bf16-true"`` hands the step bf16 images)::
 
     otmix = OTMixCallback(train_images, train_labels, num_classes=10)
     trainer = lightning.Trainer(callbacks=[otmix], max_epochs=240)
