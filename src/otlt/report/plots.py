@@ -17,6 +17,7 @@ The module stays whole (over 400 lines): every function is one figure in one sha
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from otlt.atomic import write_atomic
 from otlt.errors import is_finite_number
@@ -42,10 +44,25 @@ def run_color(index: int) -> str:
     return RUN_COLORS[index % len(RUN_COLORS)]
 
 
+def palette_png(png: bytes) -> bytes:
+    """``png`` as a 256-colour palette PNG (median cut, no dithering, optimised): a chart's
+    flat colours and anti-aliased edges survive and the file is about a third the size
+    (15.4 MB of committed report figures became 5.3), which keeps ``results/`` small enough
+    to travel to a GPU machine with the repository."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    out = io.BytesIO()
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                   dither=Image.Dither.NONE).save(out, "PNG", optimize=True)
+    return out.getvalue()
+
+
 def _save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    write_atomic(path, lambda handle: fig.savefig(handle, dpi=DPI, format=fmt), parents=True)
+    rendered = io.BytesIO()
+    fig.savefig(rendered, dpi=DPI, format=fmt)
+    data = palette_png(rendered.getvalue()) if fmt == "png" else rendered.getvalue()
+    write_atomic(path, lambda handle: handle.write(data), parents=True)
     return path
 
 
