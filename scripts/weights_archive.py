@@ -1,0 +1,146 @@
+"""Committed weight files kept in the repository's history instead of its working tree.
+
+The working tree travels whole to a GPU machine, within 64 MiB together with the 18.6 MB of
+data a campaign needs (tests/test_weights_archive.py checks it). So ``results/`` keeps in its
+tree only the fp16 ``last.safetensors`` and ``best.safetensors`` of each group's seed-0 runs
+(under 1 MB each: ``otlt eval`` on them reproduces their ``eval.json``). Every other weight
+file a collection writes (the runs of seeds 1 and up, the ``kept/`` epochs) is committed
+once and then archived: untracked, and recorded in ``results/weights_archive.json`` with the
+commit that holds it and its SHA-256. ``restore`` writes such files back from that commit;
+``.gitignore`` covers them, so a restored file is neither committed again nor sent to a
+device::
+
+    python scripts/weights_archive.py restore [PREFIX ...]  # all archived files, or those under
+                                                            # the given paths
+    python scripts/weights_archive.py archive PATH ...      # after a commit that holds PATHs;
+                                                            # then commit the manifest
+    python scripts/weights_archive.py check                 # every entry is in the history
+
+A shallow clone lacks the commits: ``git fetch --unshallow`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST = "results/weights_archive.json"
+
+
+def git(*args: str, root: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, check=check)
+
+
+def read_manifest(root: Path = ROOT) -> dict[str, dict]:
+    """``{path: {"commit", "sha256", "bytes"}}`` (empty when there is no manifest yet)."""
+    path = root / MANIFEST
+    return json.loads(path.read_text())["files"] if path.is_file() else {}
+
+
+def write_manifest(files: dict[str, dict], root: Path = ROOT) -> None:
+    text = json.dumps({"about": "weights kept in git history: scripts/weights_archive.py",
+                       "files": dict(sorted(files.items()))}, indent=1) + "\n"
+    (root / MANIFEST).write_text(text)
+
+
+def blob(commit: str, path: str, root: Path = ROOT) -> bytes:
+    """The bytes of ``path`` at ``commit``; SystemExit naming the fix when it is missing."""
+    got = git("cat-file", "blob", f"{commit}:{path}", root=root, check=False)
+    if got.returncode:
+        shallow = git("rev-parse", "--is-shallow-repository", root=root).stdout.strip()
+        hint = " (a shallow clone: git fetch --unshallow)" if shallow == b"true" else ""
+        raise SystemExit(f"weights_archive: {path} is not in commit {commit[:12]}{hint}")
+    return got.stdout
+
+
+def archive(paths: list[str], root: Path = ROOT) -> list[str]:
+    """Untrack ``paths`` (committed and unchanged in HEAD, covered by .gitignore) and record
+    them in the manifest; the files stay on disk. Returns the archived paths."""
+    head = git("rev-parse", "HEAD", root=root).stdout.decode().strip()
+    files = read_manifest(root)
+    for path in paths:
+        if git("ls-files", "--error-unmatch", path, root=root, check=False).returncode:
+            raise SystemExit(f"weights_archive: {path} is not tracked: commit it first")
+        if git("diff", "--quiet", "HEAD", "--", path, root=root, check=False).returncode:
+            raise SystemExit(f"weights_archive: {path} differs from HEAD: commit it first")
+        if git("check-ignore", "-q", "--no-index", path, root=root, check=False).returncode:
+            raise SystemExit(f"weights_archive: .gitignore does not cover {path}, so a restored "
+                             "copy would be committed again or sent to a device: add a pattern")
+        data = blob(head, path, root)
+        files[path] = {"commit": head, "sha256": hashlib.sha256(data).hexdigest(),
+                       "bytes": len(data)}
+    git("rm", "--cached", "-q", "--", *paths, root=root)
+    write_manifest(files, root)
+    git("add", MANIFEST, root=root)
+    return paths
+
+
+def restore(prefixes: list[str], root: Path = ROOT) -> list[str]:
+    """Write back the archived files under ``prefixes`` (all when empty) whose copy on disk
+    is missing or different; each is checked against its SHA-256. Returns those written."""
+    written = []
+    for path, entry in read_manifest(root).items():
+        if prefixes and not any(path.startswith(p.rstrip("/") + "/") or path == p
+                                for p in prefixes):
+            continue
+        target = root / path
+        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == \
+                entry["sha256"]:
+            continue
+        data = blob(entry["commit"], path, root)
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise SystemExit(f"weights_archive: {path} at {entry['commit'][:12]} does not "
+                             "match its recorded SHA-256")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        written.append(path)
+    return written
+
+
+def check(root: Path = ROOT) -> list[str]:
+    """Problems of the manifest: an entry tracked again, not ignored, or not in the history
+    with its SHA-256 (empty: none)."""
+    problems = []
+    for path, entry in read_manifest(root).items():
+        if not git("ls-files", "--error-unmatch", path, root=root, check=False).returncode:
+            problems.append(f"{path} is tracked again")
+        if git("check-ignore", "-q", "--no-index", path, root=root, check=False).returncode:
+            problems.append(f"{path} is not covered by .gitignore")
+        got = git("cat-file", "blob", f"{entry['commit']}:{path}", root=root, check=False)
+        if got.returncode:
+            problems.append(f"{path} is not in commit {entry['commit'][:12]}")
+        elif hashlib.sha256(got.stdout).hexdigest() != entry["sha256"]:
+            problems.append(f"{path} at {entry['commit'][:12]} does not match its SHA-256")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("restore", help="write archived weights back").add_argument(
+        "prefixes", nargs="*", metavar="PREFIX", help="only files under these paths")
+    sub.add_parser("archive", help="untrack committed weights, record them").add_argument(
+        "paths", nargs="+", metavar="PATH")
+    sub.add_parser("check", help="every manifest entry is in the history")
+    args = parser.parse_args(argv)
+    if args.command == "restore":
+        written = restore(args.prefixes)
+        print(f"weights_archive: {len(written)} file(s) restored")
+    elif args.command == "archive":
+        done = archive(args.paths)
+        print(f"weights_archive: {len(done)} file(s) archived; commit {MANIFEST}")
+    else:
+        problems = check()
+        for line in problems:
+            print(f"weights_archive: {line}", file=sys.stderr)
+        return 1 if problems else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
