@@ -12,8 +12,9 @@ device::
 
     python scripts/weights_archive.py restore [PREFIX ...]  # all archived files, or those under
                                                             # the given paths
-    python scripts/weights_archive.py archive PATH ...      # after a commit that holds PATHs;
-                                                            # then commit the manifest
+    python scripts/weights_archive.py archive PATH ...      # after a commit that holds PATHs
+                                                            # (a folder: its files that
+                                                            # .gitignore covers); then commit
     python scripts/weights_archive.py check                 # every entry is in the history
 
 A shallow clone lacks the commits: ``git fetch --unshallow`` first.
@@ -58,9 +59,20 @@ def blob(commit: str, path: str, root: Path = ROOT) -> bytes:
     return got.stdout
 
 
+def covered_files(folder: str, root: Path = ROOT) -> list[str]:
+    """The tracked files under ``folder`` that .gitignore covers (what archiving it takes)."""
+    tracked = git("ls-files", "-z", "--", folder, root=root).stdout
+    got = subprocess.run(["git", "check-ignore", "--no-index", "-z", "--stdin"], cwd=root,
+                         input=tracked, capture_output=True)
+    return sorted(p.decode() for p in got.stdout.split(b"\0") if p)
+
+
 def archive(paths: list[str], root: Path = ROOT) -> list[str]:
-    """Untrack ``paths`` (committed and unchanged in HEAD, covered by .gitignore) and record
-    them in the manifest; the files stay on disk. Returns the archived paths."""
+    """Untrack ``paths`` (committed and unchanged in HEAD, covered by .gitignore; a folder
+    stands for its files that .gitignore covers) and record them in the manifest; the files
+    stay on disk. Returns the archived paths."""
+    paths = [f for p in paths for f in ((covered_files(p, root) or [p])
+                                        if (root / p).is_dir() else [p])]
     head = git("rev-parse", "HEAD", root=root).stdout.decode().strip()
     files = read_manifest(root)
     for path in paths:

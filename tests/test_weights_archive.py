@@ -66,7 +66,7 @@ def _repo(tmp_path: Path, monkeypatch) -> Path:
 def test_archive_then_restore_gives_the_same_bytes(tmp_path, monkeypatch):
     repo = _repo(tmp_path, monkeypatch)
     seed1 = "results/g/r_seed1/last.safetensors"
-    assert archive.archive([seed1], root=repo) == [seed1]
+    assert archive.archive(["results/g"], root=repo) == [seed1]  # a folder: what is ignored
     subprocess.run(["git", "commit", "-qm", "archive"], cwd=repo, check=True)
     tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True,
                              text=True).stdout.split()
