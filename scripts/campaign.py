@@ -33,8 +33,12 @@ runs), which with ``--data`` and ``--set`` is how the CPU dry run of the tests w
 On a lent GPU machine (no otlt install there: this script puts ``src`` on the path itself;
 ``../shared`` does not travel): here, once, ``mkdir -p .devdata && cp
 ../shared/data/cifar10-jpeg.tar.xz .devdata/`` (``/.devdata/`` is ignored by git), then
-``run`` with ``carry=[".devdata"]``, ``timeout_s=600`` and the command above (a deadline
-that leaves the machine's start-up and the transfers room within the command's limit).
+``run`` with ``carry=[".devdata"]``, ``timeout_s=600`` and the command above (``timeout_s``
+bounds the command alone; the session's 15 minutes of device time also pay the machine's
+start-up, the transfers and idle time, so a device check and a campaign do not both fit at
+full length: give each a share, e.g. ``--budget 300`` to the check and ``--deadline 240``
+here, in one command). The working tree travels too: ``tests/test_weights_archive.py``
+keeps it and the carried archive inside the 64 MiB a call takes.
 
 On a GPU, ``--set train.bn_stack=20 --set train.eval_batch_size=10000`` cut each epoch's
 evaluation to a few forwards (statistics equal to rounding, not bit for bit: README, "One step

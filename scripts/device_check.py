@@ -1,17 +1,22 @@
 """The GPU check of the engine (issues 20 and 28) as one prepared command for a lent device,
 so that a session with a GPU spends its minutes running, not writing.
 
-    python3 scripts/device_check.py --out $OUT --data cifar10-jpeg   # on the device (CUDA, NCCL)
+    python3 scripts/device_check.py --out /tmp/dc --data cifar10-jpeg   # on the device
     python scripts/device_check.py --out /tmp/dc --device cpu --skip-tests   # dry run (gloo; CI)
 
 With this project's device tool: ``mkdir -p .devdata && cp ../shared/data/cifar10-jpeg.tar.xz
 .devdata/`` here, then run (``carry: [".devdata"]``, ``timeout_s`` 540)::
 
-    (cd .devdata && tar xJf cifar10-jpeg.tar.xz) && PYTHONPATH=src timeout 500 python3 \
-      scripts/device_check.py --out $OUT/dc --data .devdata/cifar10-jpeg; \
-      tar czf $OUT/dc_logs.tgz -C $OUT dc && cp $OUT/dc/device_check.json $OUT/
+    (cd .devdata && tar xJf cifar10-jpeg.tar.xz); PYTHONPATH=src timeout 500 python3 \
+      scripts/device_check.py --out /tmp/dc --data .devdata/cifar10-jpeg; \
+      cp /tmp/dc/device_check.json $OUT/; tar czf $OUT/dc_logs.tgz -C /tmp dc
 
-and commit ``device_check.json`` under ``benchmarks/``.
+and commit ``device_check.json`` under ``benchmarks/``. Two files come back: ``--out`` holds
+the JSON and one log per step, the runs and the data cache go to ``--work`` (a temporary
+folder by default), never under ``$OUT`` (only 8 files come back from there). The steps run
+in the order below, correctness before speed; ``--only`` runs the named ones in the order
+given, so a second command sent within the machine's idle window (30 s) can finish what the
+budget cut (``--only graphs``).
 
 What it runs, each step with its own timeout cut to what is left of ``--budget`` (460 s,
 inside the command's ``timeout 500`` with room for starting Python and torch: a slow step
@@ -61,6 +66,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -109,10 +115,15 @@ def command(cmd: list[str], log: Path, timeout: int, env: dict) -> dict:
         return {"cmd": " ".join(cmd), "rc": 124, "seconds": 0.0, "log": log.name,
                 "skipped": "no time left in --budget"}
     with log.open("w") as f:
+        # Its own process group: a timeout kills torchrun's workers too, which would go on
+        # holding the GPU (a hung NCCL collective) through every later step.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             rc = 124
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - start, 1),
             "log": log.name}
@@ -137,7 +148,10 @@ def check_nproc(nproc: int, device: str, work: Path, out: Path, env: dict) -> di
     """Train, evaluate alone and resume under ``torchrun --nproc_per_node=nproc``."""
     data, config = tiny_setup(work)
     runs = work / f"runs{nproc}"
-    base = [*RUN, f"data.path={data}", f"train.device={device}", f"out_dir={runs}"]
+    # Deterministic kernels: the in-run and the separate evaluation must pick the same
+    # cuDNN algorithms for their confusions to agree image for image.
+    base = [*RUN, f"data.path={data}", f"train.device={device}", f"out_dir={runs}",
+            "train.deterministic=true"]
     result: dict = {"nproc": nproc}
     result["train"] = command(torchrun(nproc, train_args(config, [*base, "name=full"])),
                               out / f"torchrun{nproc}_train.log", STEP_TIMEOUT, env)
@@ -432,6 +446,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=None,
                         help="CIFAR-10 (e.g. the unpacked cifar10-jpeg folder) for the "
                              "kill-and-resume run (default: the tiny synthetic folder)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the runs and the data cache go (default: a new temporary "
+                             "folder; never under the device tool's $OUT)")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--only", nargs="+", choices=ONLY_CHOICES, default=None,
                         help="run only these steps (e.g. --only graphs in a second command "
@@ -448,7 +465,7 @@ def main() -> int:
     DEADLINE = time.monotonic() + args.budget * args.slow
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f"{out.name}_work"
+    work = args.work or Path(tempfile.mkdtemp(prefix="otlt_device_check_"))
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1", "OTLT_CACHE": str(work / "cache")}
@@ -463,35 +480,48 @@ def main() -> int:
               "nccl": (".".join(map(str, torch.cuda.nccl.version()))
                        if gpus and hasattr(torch.cuda, "nccl") else None),
               "sgd": sgd_options(torch.device(args.device))}  # fused=True on CUDA
-    chosen = set(args.only or ONLY_CHOICES)
-    if not args.skip_tests and "cuda_tests" in chosen:
-        report["cuda_tests"] = command([sys.executable, "-m", "pytest", "-q", "-k", "cuda",
-                                        "-p", "no:cacheprovider", *CUDA_TEST_FILES],
-                                       out / "pytest_cuda.log", TESTS_TIMEOUT, env)
-    counts = (args.nproc or ([1, 2] if gpus >= 2 else [1])) if "runs" in chosen else []
+    order = list(dict.fromkeys(args.only or ONLY_CHOICES))  # --only: in the order given
+    if args.skip_tests and "cuda_tests" in order:
+        order.remove("cuda_tests")
+    counts = args.nproc or ([1, 2] if gpus >= 2 else [1])
+    if not args.nproc and gpus < 2 and args.device == "cuda":
+        report["nproc_2"] = "not run: NCCL across two ranks needs two GPUs"
     report["runs"] = []
 
     def save() -> None:
         (out / "device_check.json").write_text(json.dumps(report, indent=1))
 
-    for n in counts:
-        save()
-        report["runs"].append(check_nproc(n, args.device, work, out, env))
-    steps = {"one_rank_group": lambda: check_one_rank_group(args.device, work, out, env),
+    def cuda_tests() -> dict:
+        return command([sys.executable, "-m", "pytest", "-q", "-rA", "--durations=10",
+                        "-o", "faulthandler_timeout=60", "-k", "cuda", "-p", "no:cacheprovider",
+                        *CUDA_TEST_FILES], out / "pytest_cuda.log", TESTS_TIMEOUT, env)
+
+    def runs() -> dict:
+        for n in counts:  # into report["runs"] one by one: a killed command keeps each
+            save()
+            report["runs"].append(check_nproc(n, args.device, work, out, env))
+        return {"passed": all(r["passed"] for r in report["runs"])}
+
+    steps = {"cuda_tests": cuda_tests, "runs": runs,
+             "one_rank_group": lambda: check_one_rank_group(args.device, work, out, env),
              "kill_resume": lambda: check_kill_resume(args.device, args.data, work, out, env),
              "cross_device": lambda: check_cross_device(args.device, work, out, env),
              "nan_stops": lambda: check_nan_stops(args.device, work, out, env),
              "graphs": lambda: check_graphs(args.device, args.data, work, out, env)}
-    steps = {name: step for name, step in steps.items() if name in chosen}
+    steps = {name: steps[name] for name in order}
     for name, step in steps.items():
         save()
         start = time.perf_counter()
-        report[name] = step()
+        result = step()
+        if name == "cuda_tests":
+            result["passed"] = result["rc"] == 0
+        print(f"device_check: {name} passed={result['passed']}", flush=True)
+        if name == "runs":  # report["runs"] holds the list of process counts
+            continue
+        report[name] = result
         report[name]["step_seconds"] = round(time.perf_counter() - start, 1)
-        print(f"device_check: {name} passed={report[name]['passed']}", flush=True)
     passed = (all(r["passed"] for r in report["runs"])
-              and all(report[name]["passed"] for name in steps)
-              and ("cuda_tests" not in report or report["cuda_tests"]["rc"] == 0))
+              and all(report[name]["passed"] for name in steps if name != "runs"))
     report["passed"] = passed
     (out / "device_check.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

@@ -176,7 +176,33 @@ def start_mps(out: Path) -> tuple[dict[str, str] | None, str]:
     if started.returncode != 0:
         why = (started.stderr or started.stdout).strip().replace("\n", " ")
         return None, f"{MPS_CONTROL} -d failed (exit {started.returncode}: {why}): plain processes"
-    return env, f"MPS control daemon started (pipe {pipe}, log {log})"
+    # The daemon starting says nothing of its server: a client that cannot reach one hangs
+    # or fails at its first CUDA call, and with it every run of the set.
+    why = mps_probe_failure({**os.environ, **env})
+    if why:
+        note = stop_mps(env)
+        return None, (f"the MPS daemon started but a CUDA client failed ({why}; {note}): "
+                      "plain processes")
+    return env, f"MPS control daemon started and a CUDA client ran (pipe {pipe}, log {log})"
+
+
+# The probe client's Python code; $OTLT_MPS_PROBE replaces it (the tests' fake daemon has no
+# CUDA behind it).
+MPS_PROBE = "import torch; torch.ones(1, device='cuda').sum().item()"
+
+
+def mps_probe_failure(env: dict[str, str], timeout: float = 60.0) -> str | None:
+    """Run one tiny CUDA client under ``env`` (the MPS variables): None if it worked, else
+    why not."""
+    code = os.environ.get("OTLT_MPS_PROBE", MPS_PROBE)
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if done.returncode != 0:
+        return f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] or ''}"
+    return None
 
 
 def stop_mps(env: dict[str, str]) -> str:

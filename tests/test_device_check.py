@@ -21,10 +21,13 @@ def test_device_check_dry_run_passes_on_the_cpu(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"),
                              "--device", "cpu", "--skip-tests", "--slow", "4",
-                             "--out", str(out)], env=env, capture_output=True, text=True,
-                            timeout=1800)
+                             "--out", str(out), "--work", str(tmp_path / "work")], env=env,
+                            capture_output=True, text=True, timeout=1800)
     report = json.loads((out / "device_check.json").read_text())
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-2000:])
+    # Only the JSON and the logs: the device tool brings back 8 files from $OUT, 2 folders
+    # down, so the runs and the data cache must not be there.
+    assert all(p.is_file() for p in out.iterdir()) and (tmp_path / "work" / "cache").is_dir()
     assert report["passed"] and report["runs"][0]["confusion_equal_to_one_process_eval"]
     for step in ("one_rank_group", "kill_resume", "cross_device", "nan_stops"):
         assert report[step]["passed"], (step, report[step])
@@ -47,3 +50,10 @@ def test_a_spent_budget_still_writes_the_report(tmp_path):
     assert report["cuda_tests"]["skipped"] and report["runs"][0]["train"]["skipped"]
     assert report["nan_stops"]["skipped"] and not report["nan_stops"]["passed"]
     assert report["sgd"] == {"fused": None}  # fused=True on CUDA only
+    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"),
+                            "--device", "cpu", "--budget", "0", "--out", str(out),
+                            "--work", str(tmp_path / "work"), "--only", "nan_stops",
+                            "cross_device"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 1
+    assert again.stdout.index("nan_stops passed") < again.stdout.index("cross_device passed")

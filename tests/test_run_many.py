@@ -41,7 +41,7 @@ def assert_daemon_started_and_stopped(calls: Path, out: Path) -> None:
 
 def run_many(args: list[str], bin_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "OTLT_MPS_PROBE": "pass"}  # no CUDA behind the fake daemon
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "run_many.py"), *args],
                           env=env, capture_output=True, text=True, timeout=300)
 
@@ -82,7 +82,7 @@ def test_sigterm_stops_the_runs_and_the_daemon(tiny_zip, tmp_path):
     config.write_text("name: tiny\nloss: {name: ce}\n")
     sets = [a for o in tiny_overrides(tiny_zip, out, epochs=100) for a in ("--set", o)]
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "OTLT_MPS_PROBE": "pass"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_many.py"), "--out",
                              str(out), *sets, str(config)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -149,3 +149,18 @@ def test_a_child_stopped_by_a_signal_from_elsewhere_is_stopped_not_failed(tmp_pa
         summary = rm.run_summary(run, tmp_path)
         states.append((summary["state"], summary["resumable"]))
     assert states == [("stopped", True), ("stopped", True), ("failed", False)]
+
+
+def test_an_mps_daemon_whose_clients_fail_falls_back_to_plain_processes(tmp_path, monkeypatch):
+    """``nvidia-cuda-mps-control -d`` exiting 0 says nothing of its server: a probe client
+    that fails stops the daemon and the set runs as plain processes, saying why."""
+    run_many = load_script("run_many", monkeypatch)
+    calls = fake_tools(tmp_path / "bin", gpu=True)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("OTLT_MPS_PROBE", "raise SystemExit(3)")
+    env, note = run_many.start_mps(tmp_path / "out")
+    assert env is None and "a CUDA client failed (exit 3" in note and "plain processes" in note
+    assert calls.read_text().splitlines()[-1] == "stdin quit"  # the daemon was stopped
+    monkeypatch.setenv("OTLT_MPS_PROBE", "pass")
+    env, note = run_many.start_mps(tmp_path / "out2")
+    assert env is not None and "a CUDA client ran" in note
