@@ -367,7 +367,10 @@ def check_graphs(device: str, data: Path | None, work: Path, out: Path, env: dic
     # The logs then say why a graph ran without CUDA graphs (a mutated input, a collective,
     # ...); the counters below say whether one did.
     env = {**env, "TORCH_LOGS": "perf_hints,cudagraphs"}
-    result = {"bench": command([*cli, "bench", "--quick", "--device", device, "--compile",
+    # 10-step samples, 5 repeats: a GPU step is milliseconds, and --quick's single-step
+    # samples (one of them the graph's recording) are too noisy to report.
+    result = {"bench": command([*cli, "bench", "--steps", "10", "--repeats", "5",
+                                "--warmup", "3", "--device", device, "--compile",
                                 "--cuda-graphs", *where, "--json", str(bench_json)],
                                out / "bench_graphs.log", 2 * STEP_TIMEOUT, env)}
     bench = {}
