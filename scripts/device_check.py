@@ -60,6 +60,7 @@ packages ``make venv`` installs or the device image holds (torch, pytest, PIL, y
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -115,18 +116,34 @@ def command(cmd: list[str], log: Path, timeout: int, env: dict) -> dict:
         return {"cmd": " ".join(cmd), "rc": 124, "seconds": 0.0, "log": log.name,
                 "skipped": "no time left in --budget"}
     with log.open("w") as f:
-        # Its own process group: a timeout kills torchrun's workers too, which would go on
-        # holding the GPU (a hung NCCL collective) through every later step.
+        # Its own process group, stopped whole: a step left running (torchrun's workers in a
+        # hung NCCL collective) would hold the GPU through every later step.
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            stop_group(proc)
             rc = 124
+        except BaseException:  # the outer timeout's SIGTERM (see main) or Ctrl-C
+            stop_group(proc)
+            raise
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - start, 1),
             "log": log.name}
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM ``proc``'s process group, SIGKILL it ``grace`` seconds later. SIGTERM first:
+    torchrun starts its workers in sessions of their own and passes a SIGTERM on to them,
+    while a SIGKILL of its group would leave them running."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def torchrun(nproc: int, args: list[str]) -> list[str]:
@@ -440,7 +457,14 @@ def judge_graph_runs(runs: Path, bench: dict, agreement: dict) -> dict:
     return result
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through command(), which stops the running step
+
+
 def main() -> int:
+    # The documented command's outer `timeout` sends SIGTERM to this process only: the step
+    # running in its own session must be stopped on the way out.
+    signal.signal(signal.SIGTERM, _terminated)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device_out")))
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -487,7 +511,7 @@ def main() -> int:
     if args.skip_tests and "cuda_tests" in order:
         order.remove("cuda_tests")
     counts = args.nproc or ([1, 2] if gpus >= 2 else [1])
-    if not args.nproc and gpus < 2 and args.device == "cuda":
+    if "runs" in order and not args.nproc and gpus < 2 and args.device == "cuda":
         report["nproc_2"] = "not run: NCCL across two ranks needs two GPUs"
     report["runs"] = []
 
@@ -520,6 +544,7 @@ def main() -> int:
             result["passed"] = result["rc"] == 0
         print(f"device_check: {name} passed={result['passed']}", flush=True)
         if name == "runs":  # report["runs"] holds the list of process counts
+            report["runs_seconds"] = round(time.perf_counter() - start, 1)
             continue
         report[name] = result
         report[name]["step_seconds"] = round(time.perf_counter() - start, 1)

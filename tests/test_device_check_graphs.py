@@ -1,6 +1,6 @@
-"""The verdict of the device check's ``graphs`` step (``scripts/device_check.py``), on run
-files written here: the step itself needs CUDA, and a mistake in its bookkeeping would cost a
-lent GPU's minutes."""
+"""The device check's bookkeeping (``scripts/device_check.py``): the ``graphs`` step's
+verdict on run files written here (the step itself needs CUDA) and how a step that times out
+is stopped; a mistake in either would cost a lent GPU's minutes."""
 
 from __future__ import annotations
 
@@ -77,3 +77,39 @@ def test_stacked_statistics_far_from_batch_by_batch_fail(device_check, tmp_path)
     far = {**AGREE, "stacked_vs_by_batch": {"mean": 2e-4, "var": 0.03}}
     assert device_check.judge_graph_runs(tmp_path, BENCH, AGREE)["passed"]
     assert not device_check.judge_graph_runs(tmp_path, BENCH, far)["passed"]
+
+
+LAUNCHER = """
+import signal, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                          start_new_session=True)  # as torchrun starts its workers
+open(sys.argv[1], "w").write(str(worker.pid))
+def stop(signum, frame):  # torchrun passes a SIGTERM on to its workers
+    worker.terminate()
+    worker.wait()
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(120)
+"""
+
+
+def test_a_step_that_times_out_is_stopped_with_its_workers(device_check, tmp_path):
+    """A worker in a session of its own survives a SIGKILL of the launcher's group; the
+    SIGTERM sent first reaches it through the launcher, so no step is left holding a GPU."""
+    import os
+    import sys
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    result = device_check.command([sys.executable, "-c", LAUNCHER, str(pid_file)],
+                                  tmp_path / "step.log", 3, dict(os.environ))
+    assert result["rc"] == 124
+    worker = int(pid_file.read_text())
+    for _ in range(50):  # reparented to init, then reaped
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"worker {worker} outlived its step")
