@@ -31,8 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -46,7 +49,8 @@ from otlt.engine.weights import SUFFIX, read_weights, save_weights
 
 SMALL_FILES = ("config.yaml", "splits.json", "metrics.jsonl", "eval.json")
 #: the packaged presets a README's command names
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
 
 
 def fmt(value) -> str:
@@ -98,6 +102,22 @@ def export_weights(run: Path, dest: Path, keep_epochs: list[int]) -> list[Path]:
             raise SystemExit(f"{target}: {size} bytes, over the 1 MB limit for committed weights")
         written.append(target)
     return written
+
+
+def warn_if_ignored(paths: list[Path]) -> None:
+    """Say which written weight files .gitignore covers (later seeds, kept epochs): a plain
+    ``git add`` skips them, so they are committed with ``git add -f`` and then moved to the
+    history (``scripts/weights_archive.py archive``; results/README.md, "Weights")."""
+    if not paths:
+        return
+    listed = "\0".join(os.path.relpath(p, ROOT) for p in paths).encode()
+    got = subprocess.run(["git", "check-ignore", "--no-index", "-z", "--stdin"], cwd=ROOT,
+                         input=listed, capture_output=True)
+    ignored = [p.decode() for p in got.stdout.split(b"\0") if p]
+    if ignored:
+        print(f"collect_results: {len(ignored)} weight file(s) are covered by .gitignore "
+              f"({ignored[0]}, ...): commit them with git add -f, then python "
+              "scripts/weights_archive.py archive <group> and commit again", file=sys.stderr)
 
 
 def sitting_part(s: dict) -> str:
@@ -157,7 +177,7 @@ def write_run(s: dict, run: Path, dest: Path, command: str, hardware: str, note:
         if (run / "plans").is_dir():
             shutil.copytree(run / "plans", dest / "plans", dirs_exist_ok=True)
         if weights:
-            export_weights(run, dest, keep_epochs or [])
+            warn_if_ignored(export_weights(run, dest, keep_epochs or []))
     cfg = s["cfg"]
     sittings = sittings_line(dest / "sittings.jsonl")
     text = [f"# {s['name']}", "",

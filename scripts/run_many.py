@@ -178,7 +178,11 @@ def start_mps(out: Path) -> tuple[dict[str, str] | None, str]:
         return None, f"{MPS_CONTROL} -d failed (exit {started.returncode}: {why}): plain processes"
     # The daemon starting says nothing of its server: a client that cannot reach one hangs
     # or fails at its first CUDA call, and with it every run of the set.
-    why = mps_probe_failure({**os.environ, **env})
+    try:
+        why = mps_probe_failure({**os.environ, **env})
+    except BaseException:  # SIGTERM or Ctrl-C during the probe: leave no daemon behind
+        stop_mps(env)
+        raise
     if why:
         note = stop_mps(env)
         return None, (f"the MPS daemon started but a CUDA client failed ({why}; {note}): "
@@ -191,7 +195,7 @@ def start_mps(out: Path) -> tuple[dict[str, str] | None, str]:
 MPS_PROBE = "import torch; torch.ones(1, device='cuda').sum().item()"
 
 
-def mps_probe_failure(env: dict[str, str], timeout: float = 60.0) -> str | None:
+def mps_probe_failure(env: dict[str, str], timeout: float = 30.0) -> str | None:
     """Run one tiny CUDA client under ``env`` (the MPS variables): None if it worked, else
     why not."""
     code = os.environ.get("OTLT_MPS_PROBE", MPS_PROBE)
@@ -201,7 +205,7 @@ def mps_probe_failure(env: dict[str, str], timeout: float = 60.0) -> str | None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{type(exc).__name__}: {exc}"
     if done.returncode != 0:
-        return f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:] or ''}"
+        return f"exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}"
     return None
 
 
@@ -330,13 +334,18 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    mps_env, mps_note = (None, "--mps off") if args.mps == "off" else (
-        start_mps(args.out) if queue else (None, "nothing to run"))
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # from here on: the daemon too
+    try:
+        mps_env, mps_note = (None, "--mps off") if args.mps == "off" else (
+            start_mps(args.out) if queue else (None, "nothing to run"))
+    except (KeyboardInterrupt, Interrupted):  # start_mps stopped a daemon it had started
+        signal.signal(signal.SIGTERM, previous)
+        print("run_many: interrupted while starting the MPS daemon; nothing ran", flush=True)
+        return 130
     print(f"run_many: {len(runs)} runs ({len(runs) - len(queue)} finished already), "
           f"{jobs} at a time; {mps_note}", flush=True)
     env.update(mps_env or {})
     interrupted = False
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         last_report = time.monotonic()
         while True:

@@ -17,7 +17,9 @@ device::
                                                             # .gitignore covers); then commit
     python scripts/weights_archive.py check                 # every entry is in the history
 
-A shallow clone lacks the commits: ``git fetch --unshallow`` first.
+A shallow clone lacks the commits: ``git fetch --unshallow`` first. The recorded commits must
+stay in main's history: a squash or rebase of them loses the files (``check`` and its test
+fail then, as they require each commit to be an ancestor of HEAD).
 """
 
 from __future__ import annotations
@@ -49,12 +51,31 @@ def write_manifest(files: dict[str, dict], root: Path = ROOT) -> None:
     (root / MANIFEST).write_text(text)
 
 
+def repo_path(path: str, root: Path = ROOT) -> str:
+    """``path`` (relative to the current folder, or absolute) as a manifest key: relative to
+    the repository's root, with forward slashes."""
+    return Path(path).resolve().relative_to(root.resolve()).as_posix()
+
+
+def ignored_by_gitignore(path: str, root: Path = ROOT) -> bool:
+    """Whether a ``.gitignore`` of the repository covers ``path`` (not a user's own
+    ``core.excludesFile`` or ``.git/info/exclude``, which a clone does not share)."""
+    got = git("check-ignore", "-v", "--no-index", path, root=root, check=False)
+    source = got.stdout.decode().split(":", 1)[0]
+    return got.returncode == 0 and Path(source).name == ".gitignore"
+
+
+def tracked(path: str, root: Path = ROOT) -> bool:
+    return not git("ls-files", "--error-unmatch", path, root=root, check=False).returncode
+
+
 def blob(commit: str, path: str, root: Path = ROOT) -> bytes:
     """The bytes of ``path`` at ``commit``; SystemExit naming the fix when it is missing."""
     got = git("cat-file", "blob", f"{commit}:{path}", root=root, check=False)
     if got.returncode:
         shallow = git("rev-parse", "--is-shallow-repository", root=root).stdout.strip()
-        hint = " (a shallow clone: git fetch --unshallow)" if shallow == b"true" else ""
+        hint = (" (a shallow clone: git fetch --unshallow)" if shallow == b"true" else
+                " (was that commit squashed or rebased away?)")
         raise SystemExit(f"weights_archive: {path} is not in commit {commit[:12]}{hint}")
     return got.stdout
 
@@ -71,16 +92,18 @@ def archive(paths: list[str], root: Path = ROOT) -> list[str]:
     """Untrack ``paths`` (committed and unchanged in HEAD, covered by .gitignore; a folder
     stands for its files that .gitignore covers) and record them in the manifest; the files
     stay on disk. Returns the archived paths."""
+    paths = [repo_path(p, root) if Path(p).is_absolute() or Path(p).exists() else p
+             for p in paths]
     paths = [f for p in paths for f in ((covered_files(p, root) or [p])
                                         if (root / p).is_dir() else [p])]
     head = git("rev-parse", "HEAD", root=root).stdout.decode().strip()
     files = read_manifest(root)
     for path in paths:
-        if git("ls-files", "--error-unmatch", path, root=root, check=False).returncode:
+        if not tracked(path, root):
             raise SystemExit(f"weights_archive: {path} is not tracked: commit it first")
         if git("diff", "--quiet", "HEAD", "--", path, root=root, check=False).returncode:
             raise SystemExit(f"weights_archive: {path} differs from HEAD: commit it first")
-        if git("check-ignore", "-q", "--no-index", path, root=root, check=False).returncode:
+        if not ignored_by_gitignore(path, root):
             raise SystemExit(f"weights_archive: .gitignore does not cover {path}, so a restored "
                              "copy would be committed again or sent to a device: add a pattern")
         data = blob(head, path, root)
@@ -93,12 +116,21 @@ def archive(paths: list[str], root: Path = ROOT) -> list[str]:
 
 
 def restore(prefixes: list[str], root: Path = ROOT) -> list[str]:
-    """Write back the archived files under ``prefixes`` (all when empty) whose copy on disk
-    is missing or different; each is checked against its SHA-256. Returns those written."""
+    """Write back the archived files under ``prefixes`` (paths from the current folder; all
+    files when empty) whose copy on disk is missing or different; each is checked against
+    its SHA-256, and a file tracked again is left alone. Returns those written."""
+    keys = [repo_path(p, root) for p in prefixes]
+    files = read_manifest(root)
+    chosen = [path for path in files
+              if not keys or any(path == k or path.startswith(k.rstrip("/") + "/")
+                                 for k in keys)]
+    if keys and not chosen:
+        raise SystemExit(f"weights_archive: no archived file under {', '.join(prefixes)}")
     written = []
-    for path, entry in read_manifest(root).items():
-        if prefixes and not any(path.startswith(p.rstrip("/") + "/") or path == p
-                                for p in prefixes):
+    for path in chosen:
+        entry = files[path]
+        if tracked(path, root):
+            print(f"weights_archive: {path} is tracked again: left as it is", file=sys.stderr)
             continue
         target = root / path
         if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == \
@@ -115,14 +147,18 @@ def restore(prefixes: list[str], root: Path = ROOT) -> list[str]:
 
 
 def check(root: Path = ROOT) -> list[str]:
-    """Problems of the manifest: an entry tracked again, not ignored, or not in the history
-    with its SHA-256 (empty: none)."""
+    """Problems of the manifest: an entry tracked again, not covered by .gitignore, recorded
+    at a commit outside HEAD's history (a squash or rebase), or not there with its SHA-256
+    (empty: none)."""
     problems = []
     for path, entry in read_manifest(root).items():
-        if not git("ls-files", "--error-unmatch", path, root=root, check=False).returncode:
+        if tracked(path, root):
             problems.append(f"{path} is tracked again")
-        if git("check-ignore", "-q", "--no-index", path, root=root, check=False).returncode:
+        if not ignored_by_gitignore(path, root):
             problems.append(f"{path} is not covered by .gitignore")
+        if git("merge-base", "--is-ancestor", entry["commit"], "HEAD", root=root,
+               check=False).returncode:
+            problems.append(f"{path}: commit {entry['commit'][:12]} is not in HEAD's history")
         got = git("cat-file", "blob", f"{entry['commit']}:{path}", root=root, check=False)
         if got.returncode:
             problems.append(f"{path} is not in commit {entry['commit'][:12]}")

@@ -447,6 +447,10 @@ def test_figures_are_palette_pngs_close_to_their_render(tmp_path):
     bars = plots.per_class_bars(["a", "b"], [50, 5], [("run", [90.0, 10.0])],
                                 tmp_path / "bars.png", title="t", thresholds=(100, 20))
     assert Image.open(bars).mode == "P"
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    gallery = plots.mixed_gallery(images, images, images, [0, 1], [1, 0], [0.5, 0.5],
+                                  ["a", "b"], tmp_path / "gallery.png", "t")
+    assert Image.open(gallery).mode in ("RGB", "RGBA")  # photographs keep every colour
 
 
 def test_figures_scale_to_a_hundred_classes(tmp_path):

@@ -60,27 +60,48 @@ def _repo(tmp_path: Path, monkeypatch) -> Path:
     subprocess.run(["git", "add", "-f", "results/g/r_seed1/last.safetensors"], cwd=repo,
                    check=True)
     subprocess.run(["git", "commit", "-qm", "results"], cwd=repo, check=True)
+    monkeypatch.chdir(repo)
     return repo
 
 
 def test_archive_then_restore_gives_the_same_bytes(tmp_path, monkeypatch):
     repo = _repo(tmp_path, monkeypatch)
     seed1 = "results/g/r_seed1/last.safetensors"
-    assert archive.archive(["results/g"], root=repo) == [seed1]  # a folder: what is ignored
+    assert archive.archive(["./results/g/"], root=repo) == [seed1]  # a folder: what is ignored
     subprocess.run(["git", "commit", "-qm", "archive"], cwd=repo, check=True)
     tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True,
                              text=True).stdout.split()
     assert seed1 not in tracked and archive.MANIFEST in tracked
+    assert list(archive.read_manifest(repo)) == [seed1]
     (repo / seed1).unlink()
-    assert archive.restore(["results/g/r"], root=repo) == []  # a prefix is a whole folder
-    assert archive.restore(["results/g"], root=repo) == [seed1]
+    with pytest.raises(SystemExit, match="no archived file under results/g/r$"):
+        archive.restore(["results/g/r"], root=repo)  # a prefix is a whole folder
+    monkeypatch.chdir(repo / "results")  # prefixes are paths from the current folder
+    assert archive.restore(["g"], root=repo) == [seed1]
     assert (repo / seed1).read_bytes() == b"seed one"
     assert archive.restore([], root=repo) == []  # already there
     assert archive.check(root=repo) == []
 
 
+def test_a_squashed_archive_commit_is_found_out(tmp_path, monkeypatch):
+    """The manifest names the commit that holds a file; squashed away, the file survives only
+    as a dangling object a clone does not copy, so check() requires the commit in HEAD's
+    history."""
+    repo = _repo(tmp_path, monkeypatch)
+    archive.archive(["results/g"], root=repo)
+    subprocess.run(["git", "commit", "-qm", "archive"], cwd=repo, check=True)
+    subprocess.run(["git", "reset", "-q", "--soft", "HEAD~2"], cwd=repo, check=False)
+    subprocess.run(["git", "update-ref", "-d", "HEAD"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "squashed"], cwd=repo, check=True)
+    assert any("not in HEAD's history" in p for p in archive.check(root=repo))
+
+
 def test_archive_refuses_what_would_come_back_or_is_not_committed(tmp_path, monkeypatch):
     repo = _repo(tmp_path, monkeypatch)
+    with pytest.raises(SystemExit, match="does not cover results/g/r/last.safetensors"):
+        archive.archive(["results/g/r/last.safetensors"], root=repo)
+    with (repo / ".git" / "info" / "exclude").open("a") as f:  # this clone's rule alone
+        f.write("/results/g/r/*.safetensors\n")
     with pytest.raises(SystemExit, match="does not cover results/g/r/last.safetensors"):
         archive.archive(["results/g/r/last.safetensors"], root=repo)
     (repo / "results/g/r_seed1/last.safetensors").write_bytes(b"changed")
@@ -89,3 +110,15 @@ def test_archive_refuses_what_would_come_back_or_is_not_committed(tmp_path, monk
     with pytest.raises(SystemExit, match="is not tracked"):
         archive.archive(["results/g/r_seed2/last.safetensors"], root=repo)
     assert not (repo / archive.MANIFEST).exists()
+
+
+@pytest.mark.skipif(not is_checkout(), reason="not a git checkout")
+def test_a_collection_says_which_weights_a_plain_git_add_would_skip(capsys, monkeypatch):
+    warn = load_script("collect_results", monkeypatch).warn_if_ignored
+    group = ROOT / "results" / "cifar10_lt_r100_table1"
+    warn([group / "run" / "last.safetensors", group / "run_seed1" / "last.safetensors"])
+    err = capsys.readouterr().err
+    assert "1 weight file(s) are covered by .gitignore (results/cifar10_lt_r100_table1/" \
+           "run_seed1/last.safetensors, ...): commit them with git add -f" in err
+    warn([group / "run" / "best.safetensors"])
+    assert capsys.readouterr().err == ""

@@ -56,12 +56,15 @@ def palette_png(png: bytes) -> bytes:
     return out.getvalue()
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path, palette: bool = True) -> Path:
+    """Write ``fig`` to ``path`` (its suffix names the format); a PNG as a palette PNG unless
+    ``palette`` is False (photographs: 256 colours band them visibly)."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
     rendered = io.BytesIO()
     fig.savefig(rendered, dpi=DPI, format=fmt)
-    data = palette_png(rendered.getvalue()) if fmt == "png" else rendered.getvalue()
+    data = palette_png(rendered.getvalue()) if fmt == "png" and palette else \
+        rendered.getvalue()
     write_atomic(path, lambda handle: handle.write(data), parents=True)
     return path
 
@@ -346,7 +349,7 @@ def mixed_gallery(partners: np.ndarray, bases: np.ndarray, mixed: np.ndarray,
                 ax.set_title(f"λ={lams[i]:.2f}", fontsize=8)
         axes[r, 0].set_ylabel(row_name, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return _save(fig, path, palette=False)  # images: full colour
 
 
 def tsne_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: Sequence[str],
