@@ -247,7 +247,5 @@ VERDICT=$(.venv/bin/python scripts/calibration_verdict.py $RUNS)
   --command "otlt train --config configs/cifar10_balanced_erm.yaml --data cifar10-jpeg.zip --set out_dir=runs/calibration --set eval.test_every_epoch=true --set train.progress=false{seed_settings}" \
   --note "Why: our CIFAR-10-LT baselines sit 7.1 to 8.7 points above the OTmix paper's, and our only CIFAR-10 is re-encoded as JPEG quality 75. This group trains the OTmix code's balanced recipe (its Table 3 reports 11.8% for ResNet-32 ERM, best test epoch, the original data; He et al. report 7.51%) on our JPEG images: 49,500 training images (50 per class carved for validation), seed k with data_seed 0, last-epoch test error under the preset's train statistics. Rule, pre-registered in docs/research.md before either run started: let E be the mean of the two seeds' errors; E at or below 12.3: the JPEG source does not explain the long-tailed offset; 12.3 to 14.0: it explains at most about 2 points; above 14.0: the pipeline is the first suspect. $VERDICT Each run trained in several sittings (a session ends every 3 hours), each stopped at an epoch boundary and resumed with otlt train --resume (bit-exact on the CPU); its sittings.jsonl records them."
 .venv/bin/otlt report $(dirname $G/*/config.yaml) --out $G/report --bn-stats train
-echo "collect.sh: commit with git add -f $G (seed 1's weights and the kept epochs are ignored)," \
-  "then python scripts/weights_archive.py archive $G and commit again (results/README.md)" >&2
 fi
 fi
