@@ -398,3 +398,22 @@ def test_base_mixer_hooks_are_documented_no_ops():
     mixer.load_state_dict({})
     mixer.update_confusion(torch.eye(3))
     assert not mixer.needs_confusion
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mixer", [CMO(), CutMix(), Mixup()], ids=["cmo", "cutmix", "mixup"])
+def test_a_channels_last_batch_is_mixed_into_a_channels_last_batch(mixer, device):
+    """The engine's augmentation gives channels-last batches and the step runs channels-last:
+    a mixer that returned NCHW cost the step a copy of every mixed batch. Same values in
+    either layout."""
+    cl = torch.channels_last
+    g = torch.Generator().manual_seed(0)
+    x, x_partner = torch.randn(2, 8, 3, 16, 16, generator=g).to(device)
+    y, y_partner = torch.randint(0, 4, (2, 8), generator=g).to(device)
+    outs = []
+    for layout in (torch.contiguous_format, cl):
+        args = (x.contiguous(memory_format=layout), y, x_partner.contiguous(memory_format=layout),
+                y_partner) if isinstance(mixer, CMO) else (x.contiguous(memory_format=layout), y)
+        outs.append(mixer(*args, generator=torch.Generator().manual_seed(1)).images)
+    assert outs[0].is_contiguous() and outs[1].is_contiguous(memory_format=cl)
+    assert torch.equal(outs[0], outs[1])

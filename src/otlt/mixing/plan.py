@@ -320,7 +320,9 @@ def apply_plan(plan: MixPlan, x: torch.Tensor, y: torch.Tensor,
             torch.equal(plan.base_index, torch.arange(x.shape[0], device=plan.base_index.device)))
         if identity:
             return MixedBatch(x, base_labels, partner_labels, lam, plan)
-    images = x.index_select(0, base_index)
+    # Indexing, not index_select: it keeps a channels-last batch (the engine's augmentation
+    # gives one) channels-last, where index_select made it NCHW and the step copied it back.
+    images = x[base_index]
     mixed = plan.mixed.to(device, non_blocking=True).view(-1, 1, 1, 1)
     if plan.box is not None:
         y0, y1, x0, x1 = plan.box
@@ -328,6 +330,6 @@ def apply_plan(plan: MixPlan, x: torch.Tensor, y: torch.Tensor,
         region = x_partner[:, :, y0:y1, x0:x1].index_select(0, partner)
         images[:, :, y0:y1, x0:x1] = torch.where(mixed, region, images[:, :, y0:y1, x0:x1])
     else:
-        blended = mixup_images(images, x_partner.index_select(0, partner), plan.lam)
+        blended = mixup_images(images, x_partner[partner], plan.lam)
         images = torch.where(mixed, blended, images)
     return MixedBatch(images, base_labels, partner_labels, lam, plan)
