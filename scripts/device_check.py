@@ -45,7 +45,8 @@ finished):
 6. ``nan_stops``: a run with ``optim.lr=1e30`` must stop with one ``otlt: error:`` line,
    exit code 2, no traceback;
 7. ``graphs``: ``train.cuda_graphs`` (issue 29): ``otlt bench --compile --cuda-graphs``
-   (eager, compiled and graphed ms/step for ERM, CMO and OTmix, paired in one run),
+   (eager and graphed ms/step for ERM, CMO and OTmix, compiled for ERM and OTmix, paired in
+   one run),
    ``benchmarks/bench_evaluation.py`` (recalibration batch by batch and stacked, test passes
    at two batch sizes), and an eager, a graphed, and a graphed run with the evaluation
    passes stacked (``train.bn_stack=20``, ``train.eval_batch_size=10000``) of the
@@ -84,9 +85,9 @@ from otlt.engine.runtime import sgd_options  # noqa: E402
 CUDA_TEST_FILES = ["tests/test_losses.py", "tests/test_metrics.py", "tests/test_mixing.py",
                    "tests/test_models.py", "tests/test_stacked_bn.py",
                    "tests/test_otmix.py", "tests/test_step_sync.py", "tests/test_transport.py"]
-# Each step is seconds on a GPU; a limit stops one that hangs, and the budget, which every
-# limit is cut to, keeps the whole check inside one command (``--slow F`` multiplies them all,
-# for a dry run on a busy CPU).
+# Each step is expected to take seconds on a GPU (not measured yet); a limit stops one that
+# hangs, and the budget, which every limit is cut to, keeps the whole check inside one
+# command (``--slow F`` multiplies them all, for a dry run on a busy CPU).
 STEP_TIMEOUT = 90
 TESTS_TIMEOUT = 150
 BUDGET = 460

@@ -19,8 +19,10 @@ processes from fighting over the cores.
 control daemon is started first (``nvidia-cuda-mps-control -d``, a user-space daemon that
 changes no GPU setting; its pipe and log folders are ``<out>/mps/{pipe,log}`` through
 ``CUDA_MPS_PIPE_DIRECTORY`` / ``CUDA_MPS_LOG_DIRECTORY``, so it needs no root, and the
-children get the same variables), so the runs' kernels share the GPU at once instead of
-time-slicing between contexts. It is stopped at the end (``echo quit |
+children get the same variables), so the runs' kernels are expected to share the GPU at once
+instead of time-slicing between contexts. A one-line CUDA client must then run under it
+within 30 s, else the daemon is stopped again and the runs are plain processes, with the
+reason in the summary. It is stopped at the end (``echo quit |
 nvidia-cuda-mps-control``), also after an error, Ctrl-C or SIGTERM. Without it the runs are
 plain processes, and the script says so. (A pipe folder whose path is too long for a unix
 socket goes under /tmp instead.)
@@ -44,8 +46,9 @@ the training seconds logged over all its sessions; and whether MPS was used. The
 is 0 unless a run failed (then the largest failing code, 1 for a signal) or the script was
 interrupted (130).
 
-MPS packing has not been run on a GPU through this script yet; on an H200 four runs under
-the daemon worked when started by hand (issue 29).
+MPS packing has not been run on a GPU through this script yet, and no committed result of
+this project measures it: that runs pack well under the daemon is an expectation (the
+device tool's notes report four trainings at once on an H200).
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="a few-minute CPU run on CIFAR-10-LT (phi=100), then its "
                                     "evaluation table")
     p.add_argument("--data",
-                   help="CIFAR-10 file or folder (default: search ./data, ../shared/data)")
+                   help="CIFAR-10 file or folder (default: $OTLT_DATA, ./data, ../shared/data)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the demo preset's)")
     p.add_argument("--out", default="runs", help="where the demo run directory goes")
 

@@ -1,5 +1,6 @@
 """What every reader shares: image extensions, split names, the errors a malformed file
-raises, and the readability check with its one-line error."""
+raises, the readability check with its one-line error, RGB decoding (``to_rgb``, with the
+16-bit rule of ``integer_bits``) and the folder walk (``walk_files``)."""
 
 from __future__ import annotations
 

@@ -10,10 +10,11 @@ first validation dataloader's batches (``confusion_dataloader`` picks another; o
 forward pass of each, read back to the host once per validation; not the sanity check's;
 summed over the ranks under DDP, tested with two gloo processes on the CPU), hands it to
 OTMix when the training epoch ends, logs the mixing statistics, and saves OTMix's state
-(confusion matrix, epoch, OT-or-random switch) and its generator in Lightning checkpoints,
-so a run resumed from a checkpoint saved at an epoch's end mixes as the uninterrupted one
-would (one saved mid-epoch redraws the epoch's switch). Partners come in the batch's device
-and floating dtype (``precision="bf16-true"`` hands the step bf16 images)::
+(confusion matrix, epoch, OT-or-random switch, plans served, and a validation confusion not
+yet handed over) and its generator in Lightning checkpoints, so a run resumed from a
+checkpoint saved at an epoch's end mixes as the uninterrupted one would (one saved mid-epoch
+redraws the epoch's switch). Partners come in the batch's device and floating dtype
+(``precision="bf16-true"`` hands the step bf16 images)::
 
     otmix = OTMixCallback(train_images, train_labels, num_classes=10)
     trainer = lightning.Trainer(callbacks=[otmix], max_epochs=240)
@@ -38,7 +39,8 @@ under ``max_steps`` the epochs those steps make (:func:`planned_epochs`); a run 
 length (``max_epochs=-1`` and no ``max_steps``, or an iterable loader without a length) is
 refused, and a window that leaves no epoch to mix is warned about when training starts.
 
-Requires ``pip install otlt[lightning]``.
+Requires Lightning: ``pip install -e '.[lightning]'`` in a checkout (otlt is not on a
+package index).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ try:
     from lightning.pytorch.utilities import rank_zero_warn
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("otlt.integrations.lightning needs Lightning: pip install "
-                      "'otlt[lightning]'") from exc
+                      "'lightning>=2.1' (or pip install -e '.[lightning]' in otlt's "
+                      "checkout)") from exc
 
 from otlt.errors import OtltError, require, warn_renamed
 from otlt.metrics import confusion_matrix
