@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import sys
@@ -22,6 +21,8 @@ from otlt.report import (
     class_weight_series,
     comparison_rows,
     detect_sweep,
+    figure_style,
+    heatmaps,
     linked_figures,
     load_runs,
     mix_statistics,
@@ -429,20 +430,20 @@ def test_per_class_bars_order_classes_by_training_count(tmp_path):
 
 
 def test_figures_are_palette_pngs_close_to_their_render(tmp_path):
-    """Report figures are saved as 256-colour palette PNGs (a third of the bytes): the
-    pixels stay within a small mean distance of matplotlib's own render."""
+    """Report figures are written as 256-colour palette PNGs, smaller than the full-colour
+    render and within a small mean pixel distance of it; galleries of images stay full colour."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(3, 2))
     ax = fig.add_subplot()
     ax.imshow(np.linspace(0, 1, 400).reshape(20, 20), cmap="viridis")
     ax.plot([0, 19], [0, 19], "r-")
-    rendered = io.BytesIO()
-    fig.savefig(rendered, dpi=80, format="png")
-    small = plots.palette_png(rendered.getvalue())
-    image = Image.open(io.BytesIO(small))
-    direct = np.asarray(Image.open(io.BytesIO(rendered.getvalue())).convert("RGB"), int)
-    assert image.mode == "P" and len(small) < len(rendered.getvalue())
+    full = figure_style.save_figure(fig, tmp_path / "full.png", palette=False)
+    small = figure_style.save_figure(fig, tmp_path / "small.png")
+    image = Image.open(small)
+    assert image.mode == "P" and Image.open(full).mode in ("RGB", "RGBA")
+    assert small.stat().st_size < full.stat().st_size
+    direct = np.asarray(Image.open(full).convert("RGB"), int)
     assert np.abs(np.asarray(image.convert("RGB"), int) - direct).mean() < 1.0
     bars = plots.per_class_bars(["a", "b"], [50, 5], [("run", [90.0, 10.0])],
                                 tmp_path / "bars.png", title="t", thresholds=(100, 20))
@@ -461,11 +462,11 @@ def test_figures_scale_to_a_hundred_classes(tmp_path):
     bars = plots.per_class_bars(classes, counts, [("a", rng.uniform(0, 100, 100).tolist()),
                                                   ("b", rng.uniform(0, 100, 100).tolist())],
                                 tmp_path / "bars.png", title="t", thresholds=(100, 20))
-    mats = plots.confusion_matrices([("a", conf.tolist())], classes, tmp_path / "conf.png")
+    mats = heatmaps.confusion_matrices([("a", conf.tolist())], classes, tmp_path / "conf.png")
     width, _ = assert_png(bars)
     assert width > 1200  # wide enough for 200 bars
     assert_png(mats)
-    assert plots.normalize_rows(conf).sum(1) == pytest.approx(np.ones(100))
+    assert heatmaps.normalize_rows(conf).sum(1) == pytest.approx(np.ones(100))
 
 
 def test_sweep_section_and_plot(tmp_path):

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from otlt.report import plots
+from otlt.report import figure_style
 from otlt.report.runs import (
     RunData,
 )
@@ -20,7 +20,7 @@ class Report:
 
     def __init__(self, out: Path, runs: Sequence[RunData]):
         self.out = Path(out)
-        self.colors = {r.label: plots.run_color(i) for i, r in enumerate(runs)}
+        self.colors = {r.label: figure_style.run_color(i) for i, r in enumerate(runs)}
         self.figures = self.out / "figures"
         self.lines: list[str] = []
 
@@ -40,7 +40,7 @@ def slug(text: str) -> str:
 
 
 def wrap(text: str, width: int = 90) -> str:
-    return plots.wrap_label(text, width)
+    return figure_style.wrap_label(text, width)
 
 
 def class_names_for(classes: Sequence[str], k: int) -> list[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from otlt.atomic import write_text_atomic
 from otlt.errors import OtltError
-from otlt.report import plots
+from otlt.report import heatmaps, plots
 
 # ---------------------------------------------------------------------- the report
 from otlt.report.bn_sections import section_batchnorm
@@ -205,7 +205,7 @@ def _section_per_class(report: Report, classes: list[str], group: list[RunData],
                r.eval["confusion_matrix"]) for r in group if r.eval.get("confusion_matrix")]
     for start in range(0, len(panels), 6):  # at most 2 rows of 3 panels per figure
         part = f"_{start // 6 + 1}" if len(panels) > 6 else ""
-        path = plots.confusion_matrices(panels[start:start + 6], classes,
+        path = heatmaps.confusion_matrices(panels[start:start + 6], classes,
                                         report.figure_path(f"confusion{tag}{part}"))
         report.image(path, "confusion matrices")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from otlt.report import plots
+from otlt.report import heatmaps, plots
 
 # ---------------------------------------------------------------------- the report
 from otlt.report.document import Report, by_dataset, class_names_for, significant, slug, wrap
@@ -40,7 +40,7 @@ def _mix_pairs_figure(report: Report, run: RunData) -> int:
     if not stats:
         return 0
     panels = [(f"{kind}, epoch {epoch + 1}", matrix) for kind, epoch, matrix in stats]
-    path = plots.mix_pair_matrices(panels, class_names_for(run.classes, len(stats[0][2])),
+    path = heatmaps.mix_pair_matrices(panels, class_names_for(run.classes, len(stats[0][2])),
                                    report.figure_path(f"mix_pairs_{run.label}"))
     report.image(path, f"mixing statistics of {run.label}")
     return 1
@@ -54,7 +54,7 @@ def _plan_figure(report: Report, run: RunData) -> int:
     title = (f"{run.label}: sampled batch, epoch {int(plan.get('epoch', -1)) + 1} "
              f"(eps={plan.get('eps', '?')}, omega={plan.get('omega', '?')})")
     names = class_names_for(run.classes, 1 + max(plan["fore_labels"] + plan["back_labels"]))
-    path = plots.transport_plan(plan, names, report.figure_path(f"plan_{run.label}"),
+    path = heatmaps.transport_plan(plan, names, report.figure_path(f"plan_{run.label}"),
                                 wrap(title))
     report.image(path, f"transport plan of {run.label}")
     if len(files) > 1:

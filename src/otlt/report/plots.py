@@ -7,76 +7,33 @@ the Agg canvas, so no display is needed and no global figure state leaks between
 
 Figure numbers refer to the OTmix paper (Gao et al., "Enhancing Minority Classes by Mixing:
 An Adaptative Optimal Transport Approach for Long-tailed Classification", NeurIPS 2023):
-learning curves, per-class accuracy (Fig. 7), confusion matrices (Fig. 6), mixing statistics
-(Fig. 9), a sampled transport plan (Fig. 3), mixed-image pairs (Fig. 5), t-SNE of features
-(Fig. 4) and hyper-parameter sweeps (Fig. 8).
-
-The module stays whole (over 400 lines): every function is one figure in one shared style
-(the helpers at the top), and a reader looking for a figure finds all of them here.
+learning curves, per-class accuracy (Fig. 7), mixed-image pairs (Fig. 5), t-SNE of features
+(Fig. 4), hyper-parameter sweeps (Fig. 8) and the BatchNorm probe's curves here; confusion
+matrices (Fig. 6), mixing statistics (Fig. 9) and a sampled transport plan (Fig. 3) in
+:mod:`otlt.report.heatmaps`; the shared style and the PNG writer in
+:mod:`otlt.report.figure_style`.
 """
 
 from __future__ import annotations
 
-import io
-import math
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
 
-from otlt.atomic import write_atomic
 from otlt.errors import is_finite_number
-
-DPI = 110
-RUN_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-              "#7f7f7f", "#bcbd22", "#17becf")
-GROUP_STYLE = {"many": ":", "medium": "--", "few": "-."}
-MAX_NAMED_CLASSES = 20  # above this, axes show class indices instead of names
-
-
-def run_color(index: int) -> str:
-    """Colour of the ``index``-th run, the same in every figure of a report."""
-    return RUN_COLORS[index % len(RUN_COLORS)]
-
-
-def palette_png(png: bytes) -> bytes:
-    """``png`` as a 256-colour palette PNG (median cut, no dithering, optimised): a chart's
-    flat colours and anti-aliased edges survive and the file is about a third the size
-    (15.4 MB of committed report figures became 5.3), which keeps ``results/`` small enough
-    to travel to a GPU machine with the repository."""
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    out = io.BytesIO()
-    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT,
-                   dither=Image.Dither.NONE).save(out, "PNG", optimize=True)
-    return out.getvalue()
-
-
-def _save(fig: Figure, path: Path, palette: bool = True) -> Path:
-    """Write ``fig`` to ``path`` (its suffix names the format); a PNG as a palette PNG unless
-    ``palette`` is False (photographs: 256 colours band them visibly)."""
-    path = Path(path)
-    fmt = path.suffix.lstrip(".").lower() or "png"
-    rendered = io.BytesIO()
-    fig.savefig(rendered, dpi=DPI, format=fmt)
-    data = palette_png(rendered.getvalue()) if fmt == "png" and palette else \
-        rendered.getvalue()
-    write_atomic(path, lambda handle: handle.write(data), parents=True)
-    return path
-
-
-def wrap_label(text: str, width: int = 42) -> str:
-    """Break long run names (``cifar100_lt_r100_ldam_drw_otmix_short``) at underscores too."""
-    return "\n".join(textwrap.wrap(text.replace("_", "_\u200b"), width)).replace("\u200b", "")
-
-
-def _short(name: str, width: int = 12) -> str:
-    return name if len(name) <= width else name[: width - 1] + "…"
-
+from otlt.report.figure_style import (
+    GROUP_STYLE,
+    MAX_NAMED_CLASSES,
+    RUN_COLORS,
+    panel_grid,
+    run_color,
+    save_figure,
+    short_name,
+    wrap_label,
+)
 
 # ---------------------------------------------------------------------- learning curves
 
@@ -108,7 +65,7 @@ def learning_curves(title: str, records: Sequence[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _series(ax, epochs: Sequence[int], records: Sequence[dict], key: str, label: str,
@@ -138,7 +95,7 @@ def validation_overlay(runs: Sequence[tuple[str, Sequence[dict]]], path: Path,
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncol=min(len(runs), 2), fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------- per-class bars
@@ -181,14 +138,14 @@ def per_class_bars(classes: Sequence[str], counts: Sequence[int],
     ax.set_title(title, pad=16 if thresholds is not None else 6)  # room for group names
     ax.grid(axis="y", alpha=0.3)
     fig.legend(loc="outside lower center", ncol=min(len(runs), 3), fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _class_ticks(ax, names: Sequence[str], counts: Sequence[int]) -> None:
     """Name every class (with its training count) when few, else number them by rank."""
     k = len(names)
     if k <= MAX_NAMED_CLASSES:
-        ax.set_xticks(np.arange(k), [f"{_short(n)}\n{c}" for n, c in
+        ax.set_xticks(np.arange(k), [f"{short_name(n)}\n{c}" for n, c in
                                      zip(names, counts, strict=True)], fontsize=8)
         ax.set_xlabel("class (training images), most frequent first")
     else:
@@ -213,115 +170,6 @@ def _group_boundaries(ax, sorted_counts: Sequence[int], many: int, few: int) -> 
                     ha="center", va="bottom", fontsize=8, color="0.3")
 
 
-# ---------------------------------------------------------------------- heatmaps
-
-
-def _heatmap(ax, matrix: np.ndarray, classes: Sequence[str], *, cmap: str, vmax: float,
-             fmt: str | None, ylabel: str, xlabel: str, row_labels: Sequence[str] | None = None,
-             col_labels: Sequence[str] | None = None, blank_zero: bool = True):
-    k_rows, k_cols = matrix.shape
-    image = ax.imshow(matrix, cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
-    rows = list(row_labels) if row_labels is not None else list(classes)
-    cols = list(col_labels) if col_labels is not None else list(classes)
-    if max(k_rows, k_cols) <= MAX_NAMED_CLASSES:
-        ax.set_yticks(np.arange(k_rows), [_short(n, 14) for n in rows], fontsize=8)
-        ax.set_xticks(np.arange(k_cols), [_short(n, 14) for n in cols], fontsize=8,
-                      rotation=45, ha="right", rotation_mode="anchor")
-    else:
-        step = 10 if max(k_rows, k_cols) <= 200 else 50
-        ax.set_yticks(np.arange(0, k_rows, step))
-        ax.set_xticks(np.arange(0, k_cols, step))
-    if fmt is not None and max(k_rows, k_cols) <= 12:
-        for i in range(k_rows):
-            for j in range(k_cols):
-                text = format(matrix[i, j], fmt)
-                if blank_zero and float(text) == 0:
-                    continue  # blank zero cells so the structure stands out
-                r, g, b, _ = image.cmap(image.norm(matrix[i, j]))
-                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
-                ax.text(j, i, text, ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
-    ax.set(xlabel=xlabel, ylabel=ylabel)
-    return image
-
-
-def _grid(n: int, panel: tuple[float, float], max_cols: int = 3) -> tuple[Figure, list]:
-    cols = min(n, max_cols)
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(panel[0] * cols, panel[1] * rows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel().tolist()
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    return fig, axes[:n]
-
-
-def normalize_rows(matrix: Sequence[Sequence[float]]) -> np.ndarray:
-    """Rows divided by their sums (an empty row stays zero)."""
-    m = np.asarray(matrix, dtype=np.float64)
-    sums = m.sum(axis=1, keepdims=True)
-    return np.divide(m, sums, out=np.zeros_like(m), where=sums > 0)
-
-
-def confusion_matrices(panels: Sequence[tuple[str, Sequence[Sequence[int]]]],
-                       classes: Sequence[str], path: Path) -> Path:
-    """Row-normalised test confusion matrices, one panel per run (paper Fig. 6)."""
-    k = len(classes)
-    size = (4.9, 5.4) if k <= MAX_NAMED_CLASSES else (6.0, 6.2)
-    fig, axes = _grid(len(panels), size)
-    image = None
-    for ax, (title, matrix) in zip(axes, panels, strict=True):
-        image = _heatmap(ax, normalize_rows(matrix), classes, cmap="Blues", vmax=1.0,
-                         fmt=".2f", ylabel="true class", xlabel="predicted class")
-        ax.set_title(title, fontsize=9)
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8, label="fraction of the true class")
-    return _save(fig, path)
-
-
-def mix_pair_matrices(panels: Sequence[tuple[str, Sequence[Sequence[int]]]],
-                      classes: Sequence[str], path: Path) -> Path:
-    """Counts of mixed pairs, foreground class (rows) x background class (columns), one
-    panel per epoch (paper Fig. 9: CMO-like random pairing beside OT pairing)."""
-    k = len(classes)
-    size = (5.6, 5.4) if k <= MAX_NAMED_CLASSES else (6.4, 6.2)
-    fig, axes = _grid(len(panels), size)
-    for ax, (title, matrix) in zip(axes, panels, strict=True):
-        m = np.asarray(matrix, dtype=np.float64)
-        image = _heatmap(ax, m, classes, cmap="Blues", vmax=max(float(m.max()), 1.0),
-                         fmt=".0f", ylabel="foreground class", xlabel="background class")
-        ax.set_title(wrap_label(title), fontsize=9)
-        fig.colorbar(image, ax=ax, shrink=0.8, label="mixed images")
-    return _save(fig, path)
-
-
-def transport_plan(plan: dict, classes: Sequence[str], path: Path, title: str) -> Path:
-    """Cost and entropic plan of one sampled batch, rows = foregrounds, columns =
-    backgrounds, each labelled with its class; the chosen partner ``argmax_j T_ij`` (eq. 8)
-    is boxed (paper Fig. 3)."""
-    cost = np.asarray(plan["cost"], dtype=np.float64)
-    t = np.asarray(plan["plan"], dtype=np.float64)
-    m = t.shape[0]
-    rows = [f"{i}: {_short(classes[c], 11)}" for i, c in enumerate(plan["fore_labels"])]
-    cols = [f"{j}: {_short(classes[c], 11)}" for j, c in enumerate(plan["back_labels"])]
-    fig = Figure(figsize=(12, 5.6), layout="constrained")
-    ax_cost, ax_plan = fig.subplots(1, 2)
-    image = _heatmap(ax_cost, cost, classes, cmap="magma_r", vmax=max(float(cost.max()), 1e-9),
-                     fmt=".2f", ylabel="foreground image", xlabel="background image",
-                     row_labels=rows, col_labels=cols, blank_zero=False)
-    fig.colorbar(image, ax=ax_cost, shrink=0.8, label="cost $C_{ij}$ (eq. 7)")
-    ax_cost.set_title("cost")
-    scaled = t * m  # uniform marginals: every row of M·T sums to 1
-    image = _heatmap(ax_plan, scaled, classes, cmap="Blues", vmax=max(float(scaled.max()), 1e-9),
-                     fmt=".2f", ylabel="foreground image", xlabel="background image",
-                     row_labels=rows, col_labels=cols)
-    fig.colorbar(image, ax=ax_plan, shrink=0.8, label="$M \\cdot T_{ij}$ (rows sum to 1)")
-    for i, j in enumerate(np.asarray(plan.get("argmax", t.argmax(1)))):
-        ax_plan.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#d62728", lw=2))
-    ax_plan.set_title("transport plan (red box: chosen background)")
-    fig.suptitle(wrap_label(title, 110))
-    return _save(fig, path)
-
-
 # ---------------------------------------------------------------------- images
 
 
@@ -344,12 +192,12 @@ def mixed_gallery(partners: np.ndarray, bases: np.ndarray, mixed: np.ndarray,
             ax.set_xticks([])
             ax.set_yticks([])
             if labels is not None:
-                ax.set_title(_short(classes[labels[i]], 13), fontsize=8)
+                ax.set_title(short_name(classes[labels[i]], 13), fontsize=8)
             else:
                 ax.set_title(f"λ={lams[i]:.2f}", fontsize=8)
         axes[r, 0].set_ylabel(row_name, fontsize=9)
     fig.suptitle(title, fontsize=10)
-    return _save(fig, path, palette=False)  # images: full colour
+    return save_figure(fig, path, palette=False)  # images: full colour
 
 
 def tsne_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: Sequence[str],
@@ -357,7 +205,7 @@ def tsne_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: S
     """2-D t-SNE embeddings of test features, one panel per run, coloured by class
     (paper Fig. 4). ``panels`` holds ``(title, embedding (N, 2), labels (N,))``."""
     k = len(classes)
-    fig, axes = _grid(len(panels), (5.0, 4.6))
+    fig, axes = panel_grid(len(panels), (5.0, 4.6))
     rank = np.empty(k, dtype=np.int64)
     rank[count_order(counts)] = np.arange(k)
     if k <= 10:
@@ -370,7 +218,7 @@ def tsne_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: S
             for c in range(k):
                 pts = emb[labels == c]
                 ax.scatter(pts[:, 0], pts[:, 1], s=6, color=colors[c],
-                           label=f"{_short(classes[c], 14)} ({counts[c]})")
+                           label=f"{short_name(classes[c], 14)} ({counts[c]})")
         else:
             values = rank[labels] if k > 20 else labels
             sc = ax.scatter(emb[:, 0], emb[:, 1], s=6, c=values, cmap=cmap,
@@ -386,7 +234,7 @@ def tsne_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], classes: S
         fig.colorbar(sc, ax=axes, shrink=0.8, label="class rank by training count (0 = most)")
     else:
         fig.colorbar(sc, ax=axes, shrink=0.8, label="class index")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------- sweeps
@@ -416,24 +264,9 @@ def sweep_plot(key: str, values: Sequence[object],
     ax.set(xlabel=key, ylabel="test error (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-__all__ = [
-    "confusion_matrices",
-    "count_order",
-    "learning_curves",
-    "mix_pair_matrices",
-    "mixed_gallery",
-    "normalize_rows",
-    "per_class_bars",
-    "run_color",
-    "sweep_plot",
-    "transport_plan",
-    "tsne_panels",
-    "validation_overlay",
-    "wrap_label",
-]
 
 
 def bn_probe_curves(title: str, series: dict[str, list[tuple[int, float]]], path: Path) -> Path:
@@ -449,4 +282,16 @@ def bn_probe_curves(title: str, series: dict[str, list[tuple[int, float]]], path
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="BN statistics", title_fontsize=8, loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+__all__ = [
+    "bn_probe_curves",
+    "count_order",
+    "learning_curves",
+    "mixed_gallery",
+    "per_class_bars",
+    "sweep_plot",
+    "tsne_panels",
+    "validation_overlay",
+]
