@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -46,6 +45,9 @@ from otlt.engine.logging import read_metrics
 from otlt.engine.posthoc import kept_weights
 from otlt.engine.provenance import describe_cpu
 from otlt.engine.weights import SUFFIX, read_weights, save_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # weights_archive, beside this file
+from weights_archive import ignore_sources  # noqa: E402
 
 SMALL_FILES = ("config.yaml", "splits.json", "metrics.jsonl", "eval.json")
 #: the packaged presets a README's command names
@@ -105,18 +107,15 @@ def export_weights(run: Path, dest: Path, keep_epochs: list[int]) -> list[Path]:
 
 
 def warn_if_ignored(paths: list[Path]) -> None:
-    """Say which written weight files .gitignore covers (later seeds, kept epochs): a plain
-    ``git add`` skips them, so they are committed with ``git add -f`` and then moved to the
-    history (``scripts/weights_archive.py archive``; results/README.md, "Weights")."""
-    if not paths:
-        return
-    listed = "\0".join(os.path.relpath(p, ROOT) for p in paths).encode()
-    got = subprocess.run(["git", "check-ignore", "--no-index", "-z", "--stdin"], cwd=ROOT,
-                         input=listed, capture_output=True)
-    ignored = [p.decode() for p in got.stdout.split(b"\0") if p]
+    """Say which written weight files git ignores (.gitignore covers later seeds and kept
+    epochs): a plain ``git add`` skips them, so they are committed with ``git add -f`` and
+    then moved to the history (``scripts/weights_archive.py archive``; results/README.md,
+    "Weights")."""
+    ignored = ignore_sources([os.path.relpath(p, ROOT) for p in paths], ROOT)
     if ignored:
-        print(f"collect_results: {len(ignored)} weight file(s) are covered by .gitignore "
-              f"({ignored[0]}, ...): commit them with git add -f, then python "
+        first, source = next(iter(ignored.items()))
+        print(f"collect_results: git ignores {len(ignored)} weight file(s) ({first} by "
+              f"{source}, ...): commit them with git add -f, then python "
               "scripts/weights_archive.py archive <group> and commit again", file=sys.stderr)
 
 

@@ -57,12 +57,25 @@ def repo_path(path: str, root: Path = ROOT) -> str:
     return Path(path).resolve().relative_to(root.resolve()).as_posix()
 
 
-def ignored_by_gitignore(path: str, root: Path = ROOT) -> bool:
-    """Whether a ``.gitignore`` of the repository covers ``path`` (not a user's own
-    ``core.excludesFile`` or ``.git/info/exclude``, which a clone does not share)."""
-    got = git("check-ignore", "-v", "--no-index", path, root=root, check=False)
-    source = got.stdout.decode().split(":", 1)[0]
-    return got.returncode == 0 and Path(source).name == ".gitignore"
+def ignore_sources(paths: list[str], root: Path = ROOT) -> dict[str, str]:
+    """``{path: the file whose pattern ignores it}`` for each of ``paths`` (relative to
+    ``root``) that git ignores, tracked or not; a path a ``!`` pattern re-includes is not
+    ignored. One ``git check-ignore`` for all of them."""
+    if not paths:
+        return {}
+    got = subprocess.run(["git", "check-ignore", "-v", "-z", "--no-index", "--stdin"],
+                         cwd=root, input="\0".join(paths).encode(), capture_output=True)
+    fields = got.stdout.decode().split("\0")  # source, line, pattern, path; repeated
+    records = [fields[i:i + 4] for i in range(0, len(fields) - 3, 4)]
+    return {path: source for source, _, pattern, path in records
+            if not pattern.startswith("!")}
+
+
+def gitignored(paths: list[str], root: Path = ROOT) -> list[str]:
+    """Those of ``paths`` that a ``.gitignore`` of the repository covers (not a user's own
+    ``core.excludesFile`` or ``.git/info/exclude``, which a clone does not share), sorted."""
+    return sorted(path for path, source in ignore_sources(paths, root).items()
+                  if Path(source).name == ".gitignore")
 
 
 def tracked(path: str, root: Path = ROOT) -> bool:
@@ -82,10 +95,8 @@ def blob(commit: str, path: str, root: Path = ROOT) -> bytes:
 
 def covered_files(folder: str, root: Path = ROOT) -> list[str]:
     """The tracked files under ``folder`` that .gitignore covers (what archiving it takes)."""
-    tracked = git("ls-files", "-z", "--", folder, root=root).stdout
-    got = subprocess.run(["git", "check-ignore", "--no-index", "-z", "--stdin"], cwd=root,
-                         input=tracked, capture_output=True)
-    return sorted(p.decode() for p in got.stdout.split(b"\0") if p)
+    tracked = git("ls-files", "-z", "--", folder, root=root).stdout.decode().split("\0")
+    return gitignored([p for p in tracked if p], root)
 
 
 def archive(paths: list[str], root: Path = ROOT) -> list[str]:
@@ -103,7 +114,7 @@ def archive(paths: list[str], root: Path = ROOT) -> list[str]:
             raise SystemExit(f"weights_archive: {path} is not tracked: commit it first")
         if git("diff", "--quiet", "HEAD", "--", path, root=root, check=False).returncode:
             raise SystemExit(f"weights_archive: {path} differs from HEAD: commit it first")
-        if not ignored_by_gitignore(path, root):
+        if not gitignored([path], root):
             raise SystemExit(f"weights_archive: .gitignore does not cover {path}, so a restored "
                              "copy would be committed again or sent to a device: add a pattern")
         data = blob(head, path, root)
@@ -154,7 +165,7 @@ def check(root: Path = ROOT) -> list[str]:
     for path, entry in read_manifest(root).items():
         if tracked(path, root):
             problems.append(f"{path} is tracked again")
-        if not ignored_by_gitignore(path, root):
+        if not gitignored([path], root):
             problems.append(f"{path} is not covered by .gitignore")
         if git("merge-base", "--is-ancestor", entry["commit"], "HEAD", root=root,
                check=False).returncode:

@@ -118,7 +118,22 @@ def test_a_collection_says_which_weights_a_plain_git_add_would_skip(capsys, monk
     group = ROOT / "results" / "cifar10_lt_r100_table1"
     warn([group / "run" / "last.safetensors", group / "run_seed1" / "last.safetensors"])
     err = capsys.readouterr().err
-    assert "1 weight file(s) are covered by .gitignore (results/cifar10_lt_r100_table1/" \
-           "run_seed1/last.safetensors, ...): commit them with git add -f" in err
+    assert "git ignores 1 weight file(s) (results/cifar10_lt_r100_table1/run_seed1/" \
+           "last.safetensors by .gitignore, ...): commit them with git add -f" in err
     warn([group / "run" / "best.safetensors"])
     assert capsys.readouterr().err == ""
+
+
+def test_only_a_gitignore_pattern_that_is_not_re_included_counts(tmp_path, monkeypatch):
+    """What archiving and restoring rely on: a ``.gitignore`` (shared by every clone) covers
+    the file, not a clone's own ``info/exclude``, and a ``!`` pattern re-includes it."""
+    repo = _repo(tmp_path, monkeypatch)
+    (repo / ".gitignore").write_text("/results/**/*.safetensors\n!/results/g/r/last.*\n")
+    (repo / ".git" / "info" / "exclude").write_text("/own.bin\n")
+    paths = ["results/g/r_seed1/last.safetensors", "results/g/r/last.safetensors",
+             "own.bin", "results/g/r/plain.txt"]
+    sources = archive.ignore_sources(paths, root=repo)
+    assert sorted(sources) == ["own.bin", "results/g/r_seed1/last.safetensors"]
+    assert sources["own.bin"].endswith("info/exclude")
+    assert archive.gitignored(paths, root=repo) == ["results/g/r_seed1/last.safetensors"]
+    assert archive.ignore_sources([], root=repo) == {}
