@@ -1,19 +1,21 @@
 """The GPU check of the engine (issues 20 and 28) as one prepared command for a lent device,
 so that a session with a GPU spends its minutes running, not writing.
 
-    python3 scripts/device_check.py --out /tmp/dc --data cifar10-jpeg   # on the device
+    python3 scripts/device_check.py --data cifar10-jpeg   # on the device
     python scripts/device_check.py --out /tmp/dc --device cpu --skip-tests   # dry run (gloo; CI)
 
 With this project's device tool: ``mkdir -p .devdata && cp ../shared/data/cifar10-jpeg.tar.xz
 .devdata/`` here, then run (``carry: [".devdata"]``, ``timeout_s`` 540)::
 
     (cd .devdata && tar xJf cifar10-jpeg.tar.xz); PYTHONPATH=src timeout 500 python3 \
-      scripts/device_check.py --out /tmp/dc --data .devdata/cifar10-jpeg; \
-      cp /tmp/dc/device_check.json $OUT/; tar czf $OUT/dc_logs.tgz -C /tmp dc
+      scripts/device_check.py --data .devdata/cifar10-jpeg
 
-and commit ``device_check.json`` under ``benchmarks/``. Two files come back: ``--out`` holds
-the JSON and one log per step, the runs and the data cache go to ``--work`` (a temporary
-folder by default), never under ``$OUT`` (only 8 files come back from there). The steps run
+and commit ``device_check.json`` under ``benchmarks/``. Two files come back in ``$OUT``
+(``--bring-back``, which defaults to it): ``device_check.json``, copied there each time it is
+rewritten, and ``dc_logs.tgz``, the step logs, written on the way out (a timeout's SIGTERM
+included). ``--out`` (a temporary folder by default) holds the JSON and one log per step;
+the runs and the data cache go to ``--work`` (another temporary folder by default); neither
+is ever ``$OUT``, from which only 8 files come back. The steps run
 in the order below, correctness before speed; ``--only`` runs the named ones in the order
 given, so a second command sent within the machine's idle window (30 s) can finish what the
 budget cut (``--only graphs``).
@@ -21,7 +23,7 @@ budget cut (``--only graphs``).
 What it runs, each step with its own timeout cut to what is left of ``--budget`` (460 s,
 inside the command's ``timeout 500`` with room for starting Python and torch: a slow step
 leaves the later ones less time, never the whole check without its JSON; a step that finds
-no time left is recorded as ``skipped``), and writes to ``OUT/device_check.json`` (one log
+no time left is recorded as ``skipped``), and writes ``device_check.json`` in ``--out`` (one log
 per step beside it; the JSON is rewritten after every step, so a killed command keeps what
 finished):
 
@@ -65,9 +67,11 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -282,11 +286,13 @@ def check_kill_resume(device: str, data: Path | None, work: Path, out: Path,
         while time.time() < deadline and proc.poll() is None and not (
                 metrics.is_file() and metrics.read_text().count("\n") >= 1):
             time.sleep(0.05)
-        time.sleep(epoch_seconds / 2)  # into the second epoch
-        killed_at = metrics.read_text().count("\n") if metrics.is_file() else 0
-        alive = proc.poll() is None  # a run that already ended was not killed mid-run
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        try:
+            time.sleep(epoch_seconds / 2)  # into the second epoch
+            killed_at = metrics.read_text().count("\n") if metrics.is_file() else 0
+            alive = proc.poll() is None  # a run that already ended was not killed mid-run
+        finally:  # also when the outer timeout's SIGTERM unwinds this (see main)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
     result["killed_after_epochs"] = killed_at
     result["killed_while_running"] = alive
     result["resume"] = command([*train, "train", "--resume", str(runs / "part")],
@@ -339,7 +345,7 @@ def check_nan_stops(device: str, work: Path, out: Path, env: dict) -> dict:
                    out / "nan.log", STEP_TIMEOUT, env)
     text = (out / "nan.log").read_text()
     step["passed"] = (step["rc"] == 2 and text.count("otlt: error:") == 1
-                      and "Traceback" not in text)
+                      and "inf or NaN" in text and "Traceback" not in text)
     return step
 
 
@@ -463,11 +469,16 @@ def _terminated(signum, frame) -> None:
 
 
 def main() -> int:
-    # The documented command's outer `timeout` sends SIGTERM to this process only: the step
-    # running in its own session must be stopped on the way out.
+    # The documented command's outer `timeout` sends SIGTERM to its process group, which the
+    # steps, each in a session of its own, are not in: they are stopped on the way out.
     signal.signal(signal.SIGTERM, _terminated)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device_out")))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON and the step logs (default: a new temporary folder)")
+    parser.add_argument("--bring-back", type=Path, default=os.environ.get("OUT"),
+                        help="where device_check.json is copied each time it is written and "
+                             "dc_logs.tgz (the logs) on the way out (default: $OUT, the "
+                             "device tool's return folder; nothing when unset)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--nproc", type=int, nargs="*", default=None,
                         help="process counts to try (default: 1, and 2 with two GPUs)")
@@ -491,12 +502,44 @@ def main() -> int:
     global STEP_TIMEOUT, TESTS_TIMEOUT, DEADLINE
     STEP_TIMEOUT, TESTS_TIMEOUT = int(STEP_TIMEOUT * args.slow), int(TESTS_TIMEOUT * args.slow)
     DEADLINE = time.monotonic() + args.budget * args.slow
-    out = args.out
+    # Absolute, because the steps run in the repository's root.
+    out = (args.out or Path(tempfile.mkdtemp(prefix="otlt_device_check_out_"))).resolve()
+    work = (args.work or Path(tempfile.mkdtemp(prefix="otlt_device_check_"))).resolve()
+    back = args.bring_back and Path(args.bring_back).resolve()
+    if args.data is not None:
+        args.data = args.data.resolve()
+    if back is not None and back in (out, work):
+        parser.error("--bring-back must differ from --out and --work: only 8 files come "
+                     "back from the device tool's $OUT")
     out.mkdir(parents=True, exist_ok=True)
-    work = args.work or Path(tempfile.mkdtemp(prefix="otlt_device_check_"))
     work.mkdir(parents=True, exist_ok=True)
+    # TORCH_ELASTIC_SHUTDOWN_TIMEOUT: torchrun SIGKILLs workers that ignore its SIGTERM after
+    # this many seconds (30 by default), within stop_group's 15 s grace.
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1", "OTLT_CACHE": str(work / "cache")}
+           "OMP_NUM_THREADS": "1", "OTLT_CACHE": str(work / "cache"),
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "10"}
+    print(f"device_check: logs and JSON in {out}, runs in {work}", flush=True)
+    try:
+        return run_steps(args, out, work, back, env)
+    finally:
+        if back is not None:
+            bring_back(out, back)
+
+
+def bring_back(out: Path, back: Path) -> None:
+    """Copy ``out``'s JSON to ``back`` and pack its logs into ``back/dc_logs.tgz``."""
+    back.mkdir(parents=True, exist_ok=True)
+    if (out / "device_check.json").is_file():
+        shutil.copyfile(out / "device_check.json", back / "device_check.json")
+    with tarfile.open(back / "dc_logs.tgz", "w:gz") as tar:
+        for path in sorted(out.iterdir()):
+            if path.is_file() and path.name != "device_check.json":
+                tar.add(path, arcname=path.name)
+
+
+def run_steps(args: argparse.Namespace, out: Path, work: Path, back: Path | None,
+              env: dict) -> int:
+    """The steps of ``args`` in order, the JSON rewritten before each; the exit status."""
     gpus = torch.cuda.device_count()
     if args.device == "cuda" and gpus == 0:
         print("device_check: no CUDA device here (use --device cpu for a dry run)",
@@ -518,6 +561,9 @@ def main() -> int:
 
     def save() -> None:
         (out / "device_check.json").write_text(json.dumps(report, indent=1))
+        if back is not None:  # the latest JSON is there whatever ends the command
+            back.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / "device_check.json", back / "device_check.json")
 
     def cuda_tests() -> dict:
         return command([sys.executable, "-m", "pytest", "-q", "-rA", "--durations=10",
@@ -552,7 +598,7 @@ def main() -> int:
     passed = (all(r["passed"] for r in report["runs"])
               and all(report[name]["passed"] for name in steps if name != "runs"))
     report["passed"] = passed
-    (out / "device_check.json").write_text(json.dumps(report, indent=1))
+    save()
     print(json.dumps(report, indent=1))
     return 0 if passed else 1
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,20 @@ def test_a_spent_budget_still_writes_the_report(tmp_path):
                            timeout=300)
     assert again.returncode == 1
     assert again.stdout.index("nan_stops passed") < again.stdout.index("cross_device passed")
+
+
+def test_the_json_and_a_tar_of_the_logs_come_back_through_out(tmp_path):
+    """On the device the command names no --out: the JSON and one tar of the step logs land in
+    $OUT (two of the 8 files the tool brings back), the logs themselves in a temporary folder."""
+    back = tmp_path / "back"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(back)}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_check.py"),
+                             "--device", "cpu", "--budget", "0", "--only", "nan_stops", "runs",
+                             "--work", str(tmp_path / "work")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert sorted(p.name for p in back.iterdir()) == ["dc_logs.tgz", "device_check.json"]
+    report = json.loads((back / "device_check.json").read_text())
+    assert report["nan_stops"]["skipped"] and "passed" in report
+    with tarfile.open(back / "dc_logs.tgz") as tar:
+        assert {"nan.log", "torchrun1_train.log"} <= set(tar.getnames())

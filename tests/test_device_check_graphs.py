@@ -81,14 +81,16 @@ def test_stacked_statistics_far_from_batch_by_batch_fail(device_check, tmp_path)
 
 LAUNCHER = """
 import signal, subprocess, sys, time
-worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                          start_new_session=True)  # as torchrun starts its workers
-open(sys.argv[1], "w").write(str(worker.pid))
+workers = []
 def stop(signum, frame):  # torchrun passes a SIGTERM on to its workers
-    worker.terminate()
-    worker.wait()
+    for worker in workers:
+        worker.terminate()
+        worker.wait()
     sys.exit(143)
-signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGTERM, stop)  # before the worker: a slow start races no SIGTERM
+workers.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                                start_new_session=True))  # as torchrun starts its workers
+open(sys.argv[1], "w").write(str(workers[0].pid))
 time.sleep(120)
 """
 
@@ -102,7 +104,7 @@ def test_a_step_that_times_out_is_stopped_with_its_workers(device_check, tmp_pat
 
     pid_file = tmp_path / "worker.pid"
     result = device_check.command([sys.executable, "-c", LAUNCHER, str(pid_file)],
-                                  tmp_path / "step.log", 3, dict(os.environ))
+                                  tmp_path / "step.log", 6, dict(os.environ))
     assert result["rc"] == 124
     worker = int(pid_file.read_text())
     for _ in range(50):  # reparented to init, then reaped
