@@ -22,7 +22,10 @@ the last-epoch test numbers. ``--weights`` adds the last epoch's and the validat
 weights as fp16 safetensors (``last.safetensors``, ``best.safetensors``; ``--keep-epochs``
 adds ``kept/epoch_<NNN>.safetensors``), each under 1 MB for a ResNet-32, so
 ``otlt eval results/GROUP/<name> --checkpoint last|best|epoch_NNN --bn-stats MODE``
-re-evaluates them in seconds.
+re-evaluates them in seconds. ``.gitignore`` covers the weights of seeds 1 and up and the
+kept epochs (the script names those it wrote): commit them with ``git add -f``, then move
+them to the history with ``scripts/weights_archive.py archive`` and commit again
+(results/README.md, "Weights").
 ``results/GROUP/README.md`` gets the side-by-side table, with the paper's reported error
 where the config names a paper row. Every number is read from the runs' own files.
 """
@@ -30,6 +33,7 @@ where the config names a paper row. Every number is read from the runs' own file
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -46,8 +50,11 @@ from otlt.engine.posthoc import kept_weights
 from otlt.engine.provenance import describe_cpu
 from otlt.engine.weights import SUFFIX, read_weights, save_weights
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # weights_archive, beside this file
-from weights_archive import ignore_sources  # noqa: E402
+# weights_archive, beside this file, loaded from its path (sys.path stays as it is)
+_spec = importlib.util.spec_from_file_location(
+    "weights_archive", Path(__file__).resolve().with_name("weights_archive.py"))
+weights_archive = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(weights_archive)
 
 SMALL_FILES = ("config.yaml", "splits.json", "metrics.jsonl", "eval.json")
 #: the packaged presets a README's command names
@@ -111,7 +118,7 @@ def warn_if_ignored(paths: list[Path]) -> None:
     epochs): a plain ``git add`` skips them, so they are committed with ``git add -f`` and
     then moved to the history (``scripts/weights_archive.py archive``; results/README.md,
     "Weights")."""
-    ignored = ignore_sources([os.path.relpath(p, ROOT) for p in paths], ROOT)
+    ignored = weights_archive.ignore_sources([os.path.relpath(p, ROOT) for p in paths], ROOT)
     if ignored:
         first, source = next(iter(ignored.items()))
         print(f"collect_results: git ignores {len(ignored)} weight file(s) ({first} by "

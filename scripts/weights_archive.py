@@ -11,7 +11,8 @@ commit that holds it and its SHA-256. ``restore`` writes such files back from th
 device::
 
     python scripts/weights_archive.py restore [PREFIX ...]  # all archived files, or those under
-                                                            # the given paths
+                                                            # the given paths (--force: also
+                                                            # over a different file on disk)
     python scripts/weights_archive.py archive PATH ...      # after a commit that holds PATHs
                                                             # (a folder: its files that
                                                             # .gitignore covers); then commit
@@ -42,7 +43,13 @@ def git(*args: str, root: Path = ROOT, check: bool = True) -> subprocess.Complet
 def read_manifest(root: Path = ROOT) -> dict[str, dict]:
     """``{path: {"commit", "sha256", "bytes"}}`` (empty when there is no manifest yet)."""
     path = root / MANIFEST
-    return json.loads(path.read_text())["files"] if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        raise SystemExit(f"weights_archive: {MANIFEST} is damaged ({err!r}): git checkout "
+                         "it from HEAD") from None
 
 
 def write_manifest(files: dict[str, dict], root: Path = ROOT) -> None:
@@ -54,7 +61,10 @@ def write_manifest(files: dict[str, dict], root: Path = ROOT) -> None:
 def repo_path(path: str, root: Path = ROOT) -> str:
     """``path`` (relative to the current folder, or absolute) as a manifest key: relative to
     the repository's root, with forward slashes."""
-    return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        raise SystemExit(f"weights_archive: {path} is outside the repository {root}") from None
 
 
 def ignore_sources(paths: list[str], root: Path = ROOT) -> dict[str, str]:
@@ -65,6 +75,8 @@ def ignore_sources(paths: list[str], root: Path = ROOT) -> dict[str, str]:
         return {}
     got = subprocess.run(["git", "check-ignore", "-v", "-z", "--no-index", "--stdin"],
                          cwd=root, input="\0".join(paths).encode(), capture_output=True)
+    if got.returncode not in (0, 1):  # 1: none of them is ignored
+        raise SystemExit(f"weights_archive: git check-ignore failed: {got.stderr.decode()}")
     fields = got.stdout.decode().split("\0")  # source, line, pattern, path; repeated
     records = [fields[i:i + 4] for i in range(0, len(fields) - 3, 4)]
     return {path: source for source, _, pattern, path in records
@@ -126,10 +138,11 @@ def archive(paths: list[str], root: Path = ROOT) -> list[str]:
     return paths
 
 
-def restore(prefixes: list[str], root: Path = ROOT) -> list[str]:
+def restore(prefixes: list[str], root: Path = ROOT, force: bool = False) -> list[str]:
     """Write back the archived files under ``prefixes`` (paths from the current folder; all
-    files when empty) whose copy on disk is missing or different; each is checked against
-    its SHA-256, and a file tracked again is left alone. Returns those written."""
+    files when empty) whose copy on disk is missing; each is checked against its SHA-256. A
+    file tracked again is left alone, and so is a different file on disk (a new collection's
+    weights, which git holds nowhere yet) unless ``force``. Returns those written."""
     keys = [repo_path(p, root) for p in prefixes]
     files = read_manifest(root)
     chosen = [path for path in files
@@ -144,9 +157,13 @@ def restore(prefixes: list[str], root: Path = ROOT) -> list[str]:
             print(f"weights_archive: {path} is tracked again: left as it is", file=sys.stderr)
             continue
         target = root / path
-        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == \
-                entry["sha256"]:
-            continue
+        if target.is_file():
+            if hashlib.sha256(target.read_bytes()).hexdigest() == entry["sha256"]:
+                continue
+            if not force:
+                print(f"weights_archive: {path} on disk differs from the archived file: left "
+                      "as it is (--force replaces it)", file=sys.stderr)
+                continue
         data = blob(entry["commit"], path, root)
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise SystemExit(f"weights_archive: {path} at {entry['commit'][:12]} does not "
@@ -181,14 +198,17 @@ def check(root: Path = ROOT) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("restore", help="write archived weights back").add_argument(
-        "prefixes", nargs="*", metavar="PREFIX", help="only files under these paths")
+    restore_parser = sub.add_parser("restore", help="write archived weights back")
+    restore_parser.add_argument("prefixes", nargs="*", metavar="PREFIX",
+                                help="only files under these paths")
+    restore_parser.add_argument("--force", action="store_true",
+                                help="also replace a file on disk that differs")
     sub.add_parser("archive", help="untrack committed weights, record them").add_argument(
         "paths", nargs="+", metavar="PATH")
     sub.add_parser("check", help="every manifest entry is in the history")
     args = parser.parse_args(argv)
     if args.command == "restore":
-        written = restore(args.prefixes)
+        written = restore(args.prefixes, force=args.force)
         print(f"weights_archive: {len(written)} file(s) restored")
     elif args.command == "archive":
         done = archive(args.paths)
