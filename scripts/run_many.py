@@ -3,10 +3,11 @@
     python scripts/run_many.py --out runs configs/a.yaml configs/b.yaml [--set k=v ...]
         [--jobs N] [--threads T] [--deadline SECONDS] [--grace SECONDS] [--mps auto|off]
 
-Each config runs in its own process with its log in ``<out>/<name>.log``; small CIFAR models
-leave most of a modern GPU idle, so running them together finishes the set far sooner than
-one after another. ``CONFIG:NAME`` renames a run and ``CONFIG:NAME@key=value,key=value`` adds
-overrides to that run alone. A run directory that already exists is resumed (``otlt train
+Each config runs in its own process with its log in ``<out>/<name>.log``; small CIFAR
+models are expected to leave most of a modern GPU idle, so that running them together
+finishes the set sooner than one after another (see the last paragraph: not measured here
+yet). ``CONFIG:NAME`` renames a run and ``CONFIG:NAME@key=value,key=value`` adds overrides
+to that run alone. A run directory that already exists is resumed (``otlt train
 --resume``, passing ``data.path`` on if ``--set`` gives one); one that already holds
 ``eval.json`` is finished and is not started again, so the same command, run again,
 continues a set where it stopped. ``--jobs N`` runs at most N at a time (a queue, in the
@@ -47,8 +48,8 @@ is 0 unless a run failed (then the largest failing code, 1 for a signal) or the 
 interrupted (130).
 
 MPS packing has not been run on a GPU through this script yet, and no committed result of
-this project measures it: that runs pack well under the daemon is an expectation (the
-device tool's notes report four trainings at once on an H200).
+this project measures it: that runs pack well under the daemon is an expectation
+(issue 29 of this project reports four trainings at once on an H200, run by hand).
 """
 
 from __future__ import annotations
@@ -176,6 +177,9 @@ def start_mps(out: Path) -> tuple[dict[str, str] | None, str]:
                                  capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return None, f"{MPS_CONTROL} -d failed ({exc}): plain processes"
+    except BaseException:  # SIGTERM or Ctrl-C while -d runs: it may have forked the daemon
+        stop_mps(env)
+        raise
     if started.returncode != 0:
         why = (started.stderr or started.stdout).strip().replace("\n", " ")
         return None, f"{MPS_CONTROL} -d failed (exit {started.returncode}: {why}): plain processes"
