@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -293,6 +294,33 @@ def test_only_one_validation_loader_builds_the_confusion(tmp_path, which, images
     callback = OTMixCallback(x, y, 3, confusion_dataloader=which)
     _trainer(tmp_path, callback, epochs=1).fit(_Module(callback), train, [val, train])
     assert int(callback.otmix.confusion.sum()) == images
+
+
+def test_a_confusion_loader_with_no_batch_warns_and_hands_nothing(tmp_path):
+    """An index past the validation loaders (or a loader that yields nothing) gave an
+    all-zero confusion, which made OTmix's class term constant without a word."""
+    x, y = _data()
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=14)
+    callback = _Handed(x, y, 3, confusion_dataloader=1)
+    with pytest.warns(UserWarning, match=r"validation dataloader 1 gave no batch .*1 "
+                                         r"validation dataloader\(s\)"):
+        _trainer(tmp_path, callback, epochs=1).fit(_Module(callback), train, train)
+    assert callback.handed == [None]
+    for bad in (-1, "0", True):
+        with pytest.raises(OtltError, match="index of a validation dataloader"):
+            OTMixCallback(x, y, 3, confusion_dataloader=bad)
+
+
+def test_validation_labels_must_be_one_class_index_per_image(tmp_path):
+    x, y = _data()
+    train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=14)
+    one_hot = torch.nn.functional.one_hot(y, 3)
+    for labels, shown in ((one_hot, "shape (14, 3)"), (y.float(), "torch.float32")):
+        val = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels),
+                                          batch_size=14)
+        callback = OTMixCallback(x, y, 3)
+        with pytest.raises(OtltError, match=f"integer class labels.*{re.escape(shown)}"):
+            _trainer(tmp_path, callback, epochs=1).fit(_Module(callback), train, val)
 
 
 def test_a_checkpoint_saved_when_validation_ends_carries_the_confusion_to_hand(tmp_path):

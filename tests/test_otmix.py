@@ -213,8 +213,9 @@ def test_a_confusion_of_another_size_is_refused():
     (lambda y: y.bool(), "integer class indices"),
     (lambda y: y.float(), "integer class indices"),
     (lambda y: y[:, None], r"base labels must be \(B,\), got \(32, 1\)"),  # not a range error
-    (lambda y: y[0], r"base labels must be \(B,\), got \(\)")],
-    ids=["uint8", "bool", "float", "column", "scalar"])
+    (lambda y: y[0], r"base labels must be \(B,\), got \(\)"),
+    (lambda y: y[:-1], "one label per image: 32 base images with 31 labels")],
+    ids=["uint8", "bool", "float", "column", "scalar", "short"])
 def test_labels_that_are_not_class_indices_are_refused_in_one_line(change, needle):
     x_base, y_base, x_partner, y_partner = make_batches()
     with pytest.raises(ValueError, match=needle):

@@ -222,10 +222,11 @@ class OTReweighter:
         ``sum_i |softmax(w_B')_i - softmax(w_B)_i|`` the step made (how far it moved the
         batch's weight distribution; 0 <= change <= 2).
 
-        Nothing is read back to the host, so nothing here can see a raw weight that became
-        infinite (a far too large ``lr``): the batch's weights then turn NaN and stay so.
-        The engine stops such a run at the epoch's end (its loss check); in a loop of your
-        own, check ``last_loss`` now and then (``torch.isfinite``).
+        Nothing is read back to the host outside Sinkhorn's convergence tests, so nothing
+        here can see a raw weight that became infinite (a far too large ``lr``): the batch's
+        weights then turn NaN and stay so. The engine stops such a run at the epoch's end
+        (its loss check); in a loop of your own, check ``last_loss`` now and then
+        (``torch.isfinite``).
         """
         idx = indices.to(self.raw.device)
         w = self.raw[idx].clone().requires_grad_(True)

@@ -131,7 +131,9 @@ class OTMixCallback(Callback):
             ``(batch[0], batch[1])``; a dict batch: ``lambda b: (b["image"], b["label"])``.
         confusion_dataloader: which validation dataloader's batches build the confusion
             (default 0, the first): another one, e.g. a test loader you monitor beside, never
-            reaches OTmix's cost (before, every loader's batches were pooled).
+            reaches OTmix's cost (before, every loader's batches were pooled). A validation
+            in which it gives no batch (an index past the loaders) warns, and OTMix keeps
+            its matrix.
         **otmix_options: :class:`otlt.mixing.OTMix` options (omega, eps, alpha, mu, ...).
     """
 
@@ -149,6 +151,10 @@ class OTMixCallback(Callback):
             require(partner_transform is None, "OTMixCallback takes partner_transform or "
                                                "its old name foreground_transform, not both")
             partner_transform = otmix_options.pop("foreground_transform")
+        require(isinstance(confusion_dataloader, int) and not isinstance(
+            confusion_dataloader, bool) and confusion_dataloader >= 0,
+            f"OTMixCallback(confusion_dataloader=) is the index of a validation dataloader "
+            f"(0, 1, ...), not {confusion_dataloader!r}")
         self.images, self.labels = train_images, train_labels.long()
         counts = torch.bincount(self.labels.cpu(), minlength=num_classes).tolist()
         self.otmix = OTMix(class_counts=counts, num_classes=num_classes, **otmix_options)
@@ -223,6 +229,10 @@ class OTMixCallback(Callback):
             return
         x, y = self.unpack(batch)
         preds = pl_module(x).argmax(1)
+        if y.is_floating_point() or y.numel() != preds.numel():  # metadata: no device read
+            raise OtltError(f"OTMixCallback needs integer class labels, one per image, from a "
+                            f"validation batch: got {y.dtype} labels of shape "
+                            f"{tuple(y.shape)} for {preds.numel()} images (unpack= picks them)")
         # (2, B) (label, prediction) pairs kept on the device: counting them here would read
         # every batch back to the host.
         self._validated.append(torch.stack([y.reshape(-1).to(preds.device, torch.long), preds]))
@@ -241,6 +251,13 @@ class OTMixCallback(Callback):
             # twice.
             confusion = trainer.strategy.reduce(confusion.to(pl_module.device),
                                                 reduce_op="sum").cpu()
+        if int(confusion.sum()) == 0:  # the same on every rank after the reduce
+            # An all-zero matrix would make OTmix's class term constant without a word.
+            rank_zero_warn(f"OTMixCallback: validation dataloader {self.confusion_dataloader} "
+                           f"gave no batch (confusion_dataloader={self.confusion_dataloader}, "
+                           f"{len(trainer.num_val_batches)} validation dataloader(s)): OTMix "
+                           "keeps its confusion matrix")
+            return
         self._confusion = confusion
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

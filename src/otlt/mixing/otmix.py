@@ -274,6 +274,9 @@ class OTMix(Mixer):
         classes = self._classes(y.device)
         y = check_labels(y, "OTMix base", classes)
         y_partner = check_labels(y_partner, "OTMix partner", classes)
+        require(len(y) == len(x) and len(y_partner) == len(x_partner),
+                f"OTMix needs one label per image: {len(x)} base images with {len(y)} labels, "
+                f"{len(x_partner)} partner images with {len(y_partner)} labels")
         require(x_partner.shape[0] == x.shape[0],
                 f"OTMix needs equal partner (foreground) and base (background) batches, got "
                 f"{x_partner.shape[0]} and {x.shape[0]}")

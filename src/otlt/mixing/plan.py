@@ -245,7 +245,7 @@ def check_model_inputs(x: torch.Tensor, what: str, floating: bool = False) -> No
 def check_labels(y: torch.Tensor, what: str, classes: torch.Tensor | None = None) -> torch.Tensor:
     """``y`` as int64 class indices ``(B,)``. Refused: float, bool and uint8 labels (the
     last two index as masks), labels not of shape ``(B,)`` and, given ``classes``
-    (``arange(K)`` on ``y``'s device, kept by the caller so a step allocates nothing), labels
+    (``arange(K)`` on ``y``'s device, kept by the caller so a step builds no new one), labels
     outside ``[0, K)``.
 
     The range is checked by ``classes.index_select(0, y)``, not by reading ``y.min()`` and

@@ -70,7 +70,7 @@ def confusion_matrices(panels: Sequence[tuple[str, Sequence[Sequence[int]]]],
     image = None
     for ax, (title, matrix) in zip(axes, panels, strict=True):
         image = heatmap(ax, normalize_rows(matrix), classes, cmap="Blues", vmax=1.0,
-                         fmt=".2f", ylabel="true class", xlabel="predicted class")
+                        fmt=".2f", ylabel="true class", xlabel="predicted class")
         ax.set_title(title, fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="fraction of the true class")
@@ -87,7 +87,7 @@ def mix_pair_matrices(panels: Sequence[tuple[str, Sequence[Sequence[int]]]],
     for ax, (title, matrix) in zip(axes, panels, strict=True):
         m = np.asarray(matrix, dtype=np.float64)
         image = heatmap(ax, m, classes, cmap="Blues", vmax=max(float(m.max()), 1.0),
-                         fmt=".0f", ylabel="foreground class", xlabel="background class")
+                        fmt=".0f", ylabel="foreground class", xlabel="background class")
         ax.set_title(wrap_label(title), fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8, label="mixed images")
     return save_figure(fig, path)
@@ -105,14 +105,14 @@ def transport_plan(plan: dict, classes: Sequence[str], path: Path, title: str) -
     fig = Figure(figsize=(12, 5.6), layout="constrained")
     ax_cost, ax_plan = fig.subplots(1, 2)
     image = heatmap(ax_cost, cost, classes, cmap="magma_r", vmax=max(float(cost.max()), 1e-9),
-                     fmt=".2f", ylabel="foreground image", xlabel="background image",
-                     row_labels=rows, col_labels=cols, blank_zero=False)
+                    fmt=".2f", ylabel="foreground image", xlabel="background image",
+                    row_labels=rows, col_labels=cols, blank_zero=False)
     fig.colorbar(image, ax=ax_cost, shrink=0.8, label="cost $C_{ij}$ (eq. 7)")
     ax_cost.set_title("cost")
     scaled = t * m  # uniform marginals: every row of M·T sums to 1
     image = heatmap(ax_plan, scaled, classes, cmap="Blues", vmax=max(float(scaled.max()), 1e-9),
-                     fmt=".2f", ylabel="foreground image", xlabel="background image",
-                     row_labels=rows, col_labels=cols)
+                    fmt=".2f", ylabel="foreground image", xlabel="background image",
+                    row_labels=rows, col_labels=cols)
     fig.colorbar(image, ax=ax_plan, shrink=0.8, label="$M \\cdot T_{ij}$ (rows sum to 1)")
     for i, j in enumerate(np.asarray(plan.get("argmax", t.argmax(1)))):
         ax_plan.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="#d62728", lw=2))

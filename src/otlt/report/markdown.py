@@ -206,7 +206,7 @@ def _section_per_class(report: Report, classes: list[str], group: list[RunData],
     for start in range(0, len(panels), 6):  # at most 2 rows of 3 panels per figure
         part = f"_{start // 6 + 1}" if len(panels) > 6 else ""
         path = heatmaps.confusion_matrices(panels[start:start + 6], classes,
-                                        report.figure_path(f"confusion{tag}{part}"))
+                                           report.figure_path(f"confusion{tag}{part}"))
         report.image(path, "confusion matrices")
 
 

@@ -41,7 +41,7 @@ def _mix_pairs_figure(report: Report, run: RunData) -> int:
         return 0
     panels = [(f"{kind}, epoch {epoch + 1}", matrix) for kind, epoch, matrix in stats]
     path = heatmaps.mix_pair_matrices(panels, class_names_for(run.classes, len(stats[0][2])),
-                                   report.figure_path(f"mix_pairs_{run.label}"))
+                                      report.figure_path(f"mix_pairs_{run.label}"))
     report.image(path, f"mixing statistics of {run.label}")
     return 1
 
@@ -55,7 +55,7 @@ def _plan_figure(report: Report, run: RunData) -> int:
              f"(eps={plan.get('eps', '?')}, omega={plan.get('omega', '?')})")
     names = class_names_for(run.classes, 1 + max(plan["fore_labels"] + plan["back_labels"]))
     path = heatmaps.transport_plan(plan, names, report.figure_path(f"plan_{run.label}"),
-                                wrap(title))
+                                   wrap(title))
     report.image(path, f"transport plan of {run.label}")
     if len(files) > 1:
         report.add(f"({len(files)} sampled plans in `{run.path / 'plans'}`; the last is "

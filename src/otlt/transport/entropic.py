@@ -60,7 +60,8 @@ def sinkhorn(
         check_every: test convergence every this many iterations (the first test comes after
             the two opening log-domain iterations). Each test reads three numbers back from
             the device, a host-device synchronisation on GPU, so it is not done every
-            iteration; given ``a`` or ``b`` add one more read for their checks.
+            iteration; given ``a`` or ``b`` add one more read for their checks (unless
+            ``check_marginals`` is False).
         warn: issue the non-convergence warning; callers that count ``OTResult.converged``
             themselves (OTMix, per epoch) turn it off.
         check_marginals: check given marginals (nonnegative, finite, equal mass: one host

@@ -198,8 +198,8 @@ class StabilizedSinkhorn:
                 self.converged = True
                 return
             require(finite, "sinkhorn got a non-finite solution from log-domain updates: the "
-                            "cost has NaN entries, or a row or column whose mass can go nowhere "
-                            "(+inf cost to every partner with mass)")
+                            "cost has NaN entries, a row or column whose mass can go nowhere (+inf "
+                            "cost to every partner with mass), or a marginal is NaN or infinite")
             use_log = False
             if drift > _ABSORB_AT:
                 self._absorb()
