@@ -20,8 +20,9 @@ and the MPS logs, the last and validation-selected weights as fp16 safetensors
 ``last.pt`` of every run that did not finish (so it can be resumed elsewhere: ``otlt train
 --resume``), packed into tar.gz files of at most ``--max-file-mb`` (15) each,
 ``--max-total-mb`` (60) in all, in that order of priority, with ``summary.json`` beside
-them: at most 8 files in ``--out``. What did not fit is named in ``summary.json``
-(``left_behind``).
+them: at most 8 files in ``--out``, counting files another step of the same command left
+there (``scripts/device_check.py``'s JSON and log tar). What did not fit is named in
+``summary.json`` (``left_behind``).
 
 ``--deadline SECONDS`` is the whole command's wall-clock budget: the runs get what is left
 after the unpacking minus ``--pack-seconds`` (30) for step 3, and each stops, resumable, at
@@ -54,6 +55,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +68,7 @@ PROTOCOL = ["data.meta_per_class=0", "eval.test_every_epoch=true", "train.progre
 SMALL = ("config.yaml", "metrics.jsonl", "eval.json", "splits.json")
 MB = 1_000_000
 MAX_FILES = 8
+OUR_ARCHIVE = re.compile(r"runs(_\d+)?\.tar\.gz")
 
 
 def ensure_otlt_importable() -> None:
@@ -152,12 +155,23 @@ def pack_items(runs_dir: Path, stage: Path, keep_epochs: list[int]) -> list[tupl
     return first + resume
 
 
-def pack(items: list[tuple[Path, str]], out: Path, max_file: int, max_total: int
-         ) -> tuple[list[str], list[str]]:
+def archive_places(out: Path) -> int:
+    """How many archives ``out`` can take: files another step of the same device command
+    put there (device_check's JSON and log tar) come back too, and summary.json takes one
+    place; this script's own archives of an earlier call are overwritten, so they count as
+    free."""
+    others = [p for p in out.iterdir() if p.is_file() and p.name != "summary.json"
+              and not OUR_ARCHIVE.fullmatch(p.name)]
+    return max(MAX_FILES - 1 - len(others), 0)
+
+
+def pack(items: list[tuple[Path, str]], out: Path, max_file: int, max_total: int,
+         max_chunks: int = MAX_FILES - 1) -> tuple[list[str], list[str]]:
     """Greedy tar.gz chunks under ``out`` (sizes bounded by the uncompressed bytes): the
     files written and the archive names left behind. A file that cannot go (over
     ``max_file`` or the ``max_total`` left) is left behind before it can open a chunk, so
-    every chunk holds files and at most ``MAX_FILES - 1`` are written."""
+    every chunk holds files and at most ``max_chunks`` are written (summary.json and any
+    other file already in ``out`` take the rest of the ``MAX_FILES``)."""
     chunks: list[list[tuple[Path, str]]] = []
     sizes: list[int] = []
     left = []
@@ -167,7 +181,7 @@ def pack(items: list[tuple[Path, str]], out: Path, max_file: int, max_total: int
             left.append(name)
             continue
         if not chunks or sizes[-1] + size > max_file:
-            if len(chunks) >= MAX_FILES - 1:  # summary.json takes the last place
+            if len(chunks) >= max_chunks:
                 left.append(name)
                 continue
             chunks.append([])
@@ -237,8 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(stage, ignore_errors=True)
     keep = [int(e) for e in args.keep_epochs.split(",") if e.strip()]
     items = pack_items(runs_dir, stage, keep) if (runs_dir / "summary.json").is_file() else []
+    for stale in args.out.glob("runs*.tar.gz"):  # an earlier call's: replaced, not added to
+        if OUR_ARCHIVE.fullmatch(stale.name):
+            stale.unlink()
     written, left_behind = pack(items, args.out, int(args.max_file_mb * MB),
-                                int(args.max_total_mb * MB))
+                                int(args.max_total_mb * MB), archive_places(args.out))
     summary = json.loads((runs_dir / "summary.json").read_text()) if items else {}
     summary.update({"campaign": {"presets": presets, "seeds": seeds, "data": str(data_path),
                                  "overrides": overrides, "deadline": args.deadline,

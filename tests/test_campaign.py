@@ -56,6 +56,25 @@ def test_at_most_seven_archives_and_nothing_empty(tmp_path, monkeypatch):
             assert len(tar.getnames()) == 1
 
 
+def test_archives_leave_room_for_files_already_in_out(tmp_path, monkeypatch):
+    """The device check of the same command leaves its JSON and log tar in $OUT: with them
+    the archives get five places, so all that comes back stays within 8 files."""
+    campaign_script = load_script("campaign", monkeypatch)
+    items = files(tmp_path, [90] * 9)
+    written, left = campaign_script.pack(items, tmp_path, max_file=100, max_total=10_000,
+                                         max_chunks=5)
+    assert len(written) == 5 and left == ["f5", "f6", "f7", "f8"]
+    assert campaign_script.pack(items, tmp_path, 100, 10_000, max_chunks=0)[0] == []
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("runs.tar.gz", "runs_3.tar.gz", "summary.json"):  # an earlier call's
+        (out / name).write_bytes(b"")
+    assert campaign_script.archive_places(out) == 7
+    for name in ("device_check.json", "dc_logs.tgz"):
+        (out / name).write_bytes(b"")
+    assert campaign_script.archive_places(out) == 5
+
+
 def test_nothing_to_pack_writes_nothing(tmp_path, monkeypatch):
     pack = load_script("campaign", monkeypatch).pack
     assert pack([], tmp_path, max_file=100, max_total=1000) == ([], [])
