@@ -21,8 +21,8 @@ and the MPS logs, the last and validation-selected weights as fp16 safetensors
 --resume``), packed into tar.gz files of at most ``--max-file-mb`` (15) each,
 ``--max-total-mb`` (60) in all, in that order of priority, with ``summary.json`` beside
 them: at most 8 files in ``--out``, counting files another step of the same command left
-there (``scripts/device_check.py``'s JSON and log tar). What did not fit is named in
-``summary.json`` (``left_behind``).
+there before it (``scripts/device_check.py``'s JSON and log tar: run the check first). What
+did not fit is named in ``summary.json`` (``left_behind``).
 
 ``--deadline SECONDS`` is the whole command's wall-clock budget: the runs get what is left
 after the unpacking minus ``--pack-seconds`` (30) for step 3, and each stops, resumable, at
@@ -38,8 +38,9 @@ On a lent GPU machine (no otlt install there: this script puts ``src`` on the pa
 bounds the command alone; the session's 15 minutes of device time also pay the machine's
 start-up, the transfers and idle time, so a device check and a campaign do not both fit at
 full length: give each a share, e.g. ``--budget 300`` to the check and ``--deadline 240``
-here, in one command). The working tree travels too: ``tests/test_weights_archive.py``
-keeps it and the carried archive inside the 64 MiB a call takes.
+here, in one command, the check first). The working tree travels too:
+``tests/test_weights_archive.py`` keeps it and the carried archive inside the 64 MiB a call
+takes.
 
 On a GPU, ``--set train.bn_stack=20 --set train.eval_batch_size=10000`` cut each epoch's
 evaluation to a few forwards (statistics equal to rounding, not bit for bit: README, "One step
@@ -160,8 +161,11 @@ def archive_places(out: Path) -> int:
     put there (device_check's JSON and log tar) come back too, and summary.json takes one
     place; this script's own archives of an earlier call are overwritten, so they count as
     free."""
-    others = [p for p in out.iterdir() if p.is_file() and p.name != "summary.json"
-              and not OUR_ARCHIVE.fullmatch(p.name)]
+    def ours(path: Path) -> bool:
+        return path.parent == out and (path.name == "summary.json"
+                                       or OUR_ARCHIVE.fullmatch(path.name) is not None)
+
+    others = [p for p in out.rglob("*") if p.is_file() and not ours(p)]
     return max(MAX_FILES - 1 - len(others), 0)
 
 

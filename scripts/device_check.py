@@ -15,7 +15,9 @@ and commit ``device_check.json`` under ``benchmarks/``. Two files come back in `
 rewritten, and ``dc_logs.tgz``, the step logs, written on the way out (a timeout's SIGTERM
 included). ``--out`` (a temporary folder by default) holds the JSON and one log per step;
 the runs and the data cache go to ``--work`` (another temporary folder by default); neither
-is ever ``$OUT``, from which only 8 files come back. The steps run
+may lie in ``--bring-back``, since only 8 files come back from ``$OUT``. Beside a campaign in
+the same command, run this check first: ``scripts/campaign.py`` leaves room for the two files
+it finds in ``$OUT``. The steps run
 in the order below, correctness before speed; ``--only`` runs the named ones in the order
 given, so a second command sent within the machine's idle window (30 s) can finish what the
 budget cut (``--only graphs``).
@@ -64,10 +66,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -82,6 +84,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]  # the checkout; tests: write_tiny_zip
 
 from conftest import write_tiny_zip  # noqa: E402
+from otlt.atomic import write_atomic, write_text_atomic  # noqa: E402
 from otlt.engine.checkpoint import load_checkpoint  # noqa: E402
 from otlt.engine.logging import evaluation_share  # noqa: E402
 from otlt.engine.runtime import sgd_options  # noqa: E402
@@ -149,6 +152,14 @@ def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def torchrun_reads_shutdown_timeout() -> bool:
+    """Whether this torch's torchrun reads TORCH_ELASTIC_SHUTDOWN_TIMEOUT (recent releases;
+    older ones always wait 30 s before they SIGKILL workers that ignore a SIGTERM)."""
+    from torch.distributed.launcher import api
+
+    return "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" in inspect.getsource(api)
 
 
 def torchrun(nproc: int, args: list[str]) -> list[str]:
@@ -283,10 +294,10 @@ def check_kill_resume(device: str, data: Path | None, work: Path, out: Path,
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         metrics = runs / "part" / "metrics.jsonl"
         deadline = time.time() + limit(3 * STEP_TIMEOUT)
-        while time.time() < deadline and proc.poll() is None and not (
-                metrics.is_file() and metrics.read_text().count("\n") >= 1):
-            time.sleep(0.05)
         try:
+            while time.time() < deadline and proc.poll() is None and not (
+                    metrics.is_file() and metrics.read_text().count("\n") >= 1):
+                time.sleep(0.05)
             time.sleep(epoch_seconds / 2)  # into the second epoch
             killed_at = metrics.read_text().count("\n") if metrics.is_file() else 0
             alive = proc.poll() is None  # a run that already ended was not killed mid-run
@@ -475,10 +486,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
                         help="the JSON and the step logs (default: a new temporary folder)")
-    parser.add_argument("--bring-back", type=Path, default=os.environ.get("OUT"),
+    parser.add_argument("--bring-back", default=os.environ.get("OUT"),
                         help="where device_check.json is copied each time it is written and "
                              "dc_logs.tgz (the logs) on the way out (default: $OUT, the "
-                             "device tool's return folder; nothing when unset)")
+                             "device tool's return folder; nothing when unset or empty)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--nproc", type=int, nargs="*", default=None,
                         help="process counts to try (default: 1, and 2 with two GPUs)")
@@ -505,16 +516,17 @@ def main() -> int:
     # Absolute, because the steps run in the repository's root.
     out = (args.out or Path(tempfile.mkdtemp(prefix="otlt_device_check_out_"))).resolve()
     work = (args.work or Path(tempfile.mkdtemp(prefix="otlt_device_check_"))).resolve()
-    back = args.bring_back and Path(args.bring_back).resolve()
+    back = Path(args.bring_back).resolve() if args.bring_back else None  # "" or unset: none
     if args.data is not None:
         args.data = args.data.resolve()
-    if back is not None and back in (out, work):
-        parser.error("--bring-back must differ from --out and --work: only 8 files come "
-                     "back from the device tool's $OUT")
+    if back is not None and any(p == back or back in p.parents for p in (out, work)):
+        parser.error("--out and --work must lie outside --bring-back: only 8 files come back "
+                     "from the device tool's $OUT")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     # TORCH_ELASTIC_SHUTDOWN_TIMEOUT: torchrun SIGKILLs workers that ignore its SIGTERM after
-    # this many seconds (30 by default), within stop_group's 15 s grace.
+    # this many seconds (30 by default), within stop_group's 15 s grace; a torchrun that does
+    # not read it keeps 30 s (the report's torchrun_shutdown_timeout says which).
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1", "OTLT_CACHE": str(work / "cache"),
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "10"}
@@ -522,19 +534,25 @@ def main() -> int:
     try:
         return run_steps(args, out, work, back, env)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a late SIGTERM cuts no file short
         if back is not None:
             bring_back(out, back)
 
 
 def bring_back(out: Path, back: Path) -> None:
-    """Copy ``out``'s JSON to ``back`` and pack its logs into ``back/dc_logs.tgz``."""
-    back.mkdir(parents=True, exist_ok=True)
+    """Copy ``out``'s JSON to ``back`` and pack its logs into ``back/dc_logs.tgz``, each
+    written whole or not at all."""
     if (out / "device_check.json").is_file():
-        shutil.copyfile(out / "device_check.json", back / "device_check.json")
-    with tarfile.open(back / "dc_logs.tgz", "w:gz") as tar:
-        for path in sorted(out.iterdir()):
-            if path.is_file() and path.name != "device_check.json":
-                tar.add(path, arcname=path.name)
+        data = (out / "device_check.json").read_bytes()
+        write_atomic(back / "device_check.json", lambda f: f.write(data), parents=True)
+
+    def pack(handle) -> None:
+        with tarfile.open(fileobj=handle, mode="w:gz") as tar:
+            for path in sorted(out.iterdir()):
+                if path.is_file() and path.name != "device_check.json":
+                    tar.add(path, arcname=path.name)
+
+    write_atomic(back / "dc_logs.tgz", pack, parents=True)
 
 
 def run_steps(args: argparse.Namespace, out: Path, work: Path, back: Path | None,
@@ -550,7 +568,8 @@ def run_steps(args: argparse.Namespace, out: Path, work: Path, back: Path | None
               "gpu_name": torch.cuda.get_device_name(0) if gpus else None,
               "nccl": (".".join(map(str, torch.cuda.nccl.version()))
                        if gpus and hasattr(torch.cuda, "nccl") else None),
-              "sgd": sgd_options(torch.device(args.device))}  # fused=True on CUDA
+              "sgd": sgd_options(torch.device(args.device)),  # fused=True on CUDA
+              "torchrun_shutdown_timeout": torchrun_reads_shutdown_timeout()}
     order = list(dict.fromkeys(args.only or ONLY_CHOICES))  # --only: in the order given
     if args.skip_tests and "cuda_tests" in order:
         order.remove("cuda_tests")
@@ -560,10 +579,9 @@ def run_steps(args: argparse.Namespace, out: Path, work: Path, back: Path | None
     report["runs"] = []
 
     def save() -> None:
-        (out / "device_check.json").write_text(json.dumps(report, indent=1))
-        if back is not None:  # the latest JSON is there whatever ends the command
-            back.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(out / "device_check.json", back / "device_check.json")
+        text = json.dumps(report, indent=1)
+        for folder in (out,) if back is None else (out, back):  # back: whatever ends it
+            write_text_atomic(folder / "device_check.json", text, parents=True)
 
     def cuda_tests() -> dict:
         return command([sys.executable, "-m", "pytest", "-q", "-rA", "--durations=10",

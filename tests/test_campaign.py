@@ -73,6 +73,9 @@ def test_archives_leave_room_for_files_already_in_out(tmp_path, monkeypatch):
     for name in ("device_check.json", "dc_logs.tgz"):
         (out / name).write_bytes(b"")
     assert campaign_script.archive_places(out) == 5
+    (out / "sub").mkdir()  # files in folders come back too
+    (out / "sub" / "runs.tar.gz").write_bytes(b"")
+    assert campaign_script.archive_places(out) == 4
 
 
 def test_nothing_to_pack_writes_nothing(tmp_path, monkeypatch):
