@@ -118,7 +118,14 @@ def warn_if_ignored(paths: list[Path]) -> None:
     epochs): a plain ``git add`` skips them, so they are committed with ``git add -f`` and
     then moved to the history (``scripts/weights_archive.py archive``; results/README.md,
     "Weights")."""
-    ignored = weights_archive.ignore_sources([os.path.relpath(p, ROOT) for p in paths], ROOT)
+    inside = [rel for rel in (os.path.relpath(Path(p).resolve(), ROOT) for p in paths)
+              if not rel.startswith("..")]
+    try:
+        ignored = weights_archive.ignore_sources(inside, ROOT)
+    except SystemExit as err:  # not a git checkout: nothing to warn of, nothing to stop for
+        print(f"collect_results: which weight files git ignores is unknown ({err})",
+              file=sys.stderr)
+        return
     if ignored:
         first, source = next(iter(ignored.items()))
         print(f"collect_results: git ignores {len(ignored)} weight file(s) ({first} by "

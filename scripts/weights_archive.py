@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,7 +170,9 @@ def restore(prefixes: list[str], root: Path = ROOT, force: bool = False) -> list
             raise SystemExit(f"weights_archive: {path} at {entry['commit'][:12]} does not "
                              "match its recorded SHA-256")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+        partial = target.with_name(target.name + ".restoring")  # whole or absent: an
+        partial.write_bytes(data)  # interrupted restore leaves no short file to protect
+        os.replace(partial, target)
         written.append(path)
     return written
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def test_every_archived_weight_file_is_in_the_history():
 
 
 def _repo(tmp_path: Path, monkeypatch) -> Path:
+    # The user's own git settings (a global excludes file) must not reach the test's repo.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
     for key in ("AUTHOR", "COMMITTER"):
         monkeypatch.setenv(f"GIT_{key}_NAME", "t")
         monkeypatch.setenv(f"GIT_{key}_EMAIL", "t@example.com")
@@ -121,6 +126,14 @@ def test_archive_refuses_what_would_come_back_or_is_not_committed(tmp_path, monk
     assert not (repo / archive.MANIFEST).exists()
 
 
+def test_a_collection_outside_a_checkout_says_it_cannot_tell(tmp_path, capsys, monkeypatch):
+    collect = load_script("collect_results", monkeypatch)
+    monkeypatch.setattr(collect, "ROOT", tmp_path)  # a copy of the tree without .git
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    collect.warn_if_ignored([tmp_path / "results" / "g" / "r_seed1" / "last.safetensors"])
+    assert "which weight files git ignores is unknown" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not is_checkout(), reason="not a git checkout")
 def test_a_collection_says_which_weights_a_plain_git_add_would_skip(capsys, monkeypatch):
     warn = load_script("collect_results", monkeypatch).warn_if_ignored
@@ -130,6 +143,8 @@ def test_a_collection_says_which_weights_a_plain_git_add_would_skip(capsys, monk
     assert "git ignores 1 weight file(s) (results/cifar10_lt_r100_table1/run_seed1/" \
            "last.safetensors by .gitignore, ...): commit them with git add -f" in err
     warn([group / "run" / "best.safetensors"])
+    assert capsys.readouterr().err == ""
+    warn([ROOT.parent / "elsewhere" / "last.safetensors"])  # outside the checkout: skipped
     assert capsys.readouterr().err == ""
 
 
