@@ -174,9 +174,11 @@ def start_mps(out: Path) -> tuple[dict[str, str] | None, str]:
     env = {"CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(log)}
     try:
         started = subprocess.run([control, "-d"], env={**os.environ, **env},
-                                 capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+                                 capture_output=True, text=True, timeout=MPS_START_TIMEOUT)
+    except OSError as exc:
         return None, f"{MPS_CONTROL} -d failed ({exc}): plain processes"
+    except subprocess.TimeoutExpired as exc:  # killed after forking the daemon, perhaps
+        return None, f"{MPS_CONTROL} -d failed ({exc}; {stop_mps(env)}): plain processes"
     except BaseException:  # SIGTERM or Ctrl-C while -d runs: it may have forked the daemon
         stop_mps(env)
         raise
@@ -196,6 +198,8 @@ def start_mps(out: Path) -> tuple[dict[str, str] | None, str]:
                       "plain processes")
     return env, f"MPS control daemon started and a CUDA client ran (pipe {pipe}, log {log})"
 
+
+MPS_START_TIMEOUT = 60.0  # seconds for 'nvidia-cuda-mps-control -d' to return
 
 # The probe client's Python code; $OTLT_MPS_PROBE replaces it (the tests' fake daemon has no
 # CUDA behind it).

@@ -23,7 +23,8 @@ def fake_tools(bin_dir: Path, gpu: bool) -> Path:
     (bin_dir / "nvidia-smi").write_text(
         "#!/bin/sh\n" + ("echo 'GPU 0: Fake (UUID: GPU-0)'\n" if gpu else "exit 9\n"))
     (bin_dir / "nvidia-cuda-mps-control").write_text(
-        f"#!/bin/sh\nif [ \"$1\" = -d ]; then echo \"start $CUDA_MPS_PIPE_DIRECTORY "
+        f"#!/bin/sh\nif [ \"$1\" = -d ]; then sleep ${{FAKE_MPS_START:-0}}; "
+        f"echo \"start $CUDA_MPS_PIPE_DIRECTORY "
         f"$CUDA_MPS_LOG_DIRECTORY\" >> {calls}; else read line; echo \"stdin $line\" >> {calls}; "
         "fi\n")
     for tool in ("nvidia-smi", "nvidia-cuda-mps-control"):
@@ -164,3 +165,15 @@ def test_an_mps_daemon_whose_clients_fail_falls_back_to_plain_processes(tmp_path
     monkeypatch.setenv("OTLT_MPS_PROBE", "pass")
     env, note = run_many.start_mps(tmp_path / "out2")
     assert env is not None and "a CUDA client ran" in note
+
+
+def test_a_daemon_start_that_times_out_is_stopped(tmp_path, monkeypatch):
+    """``-d`` killed at its time limit may have forked the daemon: it is told to quit."""
+    run_many = load_script("run_many", monkeypatch)
+    calls = fake_tools(tmp_path / "bin", gpu=True)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_MPS_START", "2")
+    monkeypatch.setattr(run_many, "MPS_START_TIMEOUT", 0.3)
+    env, note = run_many.start_mps(tmp_path / "out")
+    assert env is None and "-d failed" in note and "plain processes" in note
+    assert calls.read_text().splitlines() == ["stdin quit"]
