@@ -306,9 +306,10 @@ def test_a_confusion_loader_with_no_batch_warns_and_hands_nothing(tmp_path):
                                          r"validation dataloader\(s\)"):
         _trainer(tmp_path, callback, epochs=1).fit(_Module(callback), train, train)
     assert callback.handed == [None]
-    for bad in (-1, "0", True):
+    for bad in (-1, "0", True, 1.0):
         with pytest.raises(OtltError, match="index of a validation dataloader"):
             OTMixCallback(x, y, 3, confusion_dataloader=bad)
+    assert OTMixCallback(x, y, 3, confusion_dataloader=torch.tensor(1)).confusion_dataloader == 1
 
 
 def test_validation_labels_must_be_one_class_index_per_image(tmp_path):

@@ -46,6 +46,7 @@ package index).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -151,10 +152,13 @@ class OTMixCallback(Callback):
             require(partner_transform is None, "OTMixCallback takes partner_transform or "
                                                "its old name foreground_transform, not both")
             partner_transform = otmix_options.pop("foreground_transform")
-        require(isinstance(confusion_dataloader, int) and not isinstance(
-            confusion_dataloader, bool) and confusion_dataloader >= 0,
-            f"OTMixCallback(confusion_dataloader=) is the index of a validation dataloader "
-            f"(0, 1, ...), not {confusion_dataloader!r}")
+        try:  # any integer (a NumPy one too), not a bool or a float
+            index = -1 if isinstance(confusion_dataloader, bool) else \
+                operator.index(confusion_dataloader)
+        except TypeError:
+            index = -1
+        require(index >= 0, f"OTMixCallback(confusion_dataloader=) is the index of a "
+                            f"validation dataloader (0, 1, ...), not {confusion_dataloader!r}")
         self.images, self.labels = train_images, train_labels.long()
         counts = torch.bincount(self.labels.cpu(), minlength=num_classes).tolist()
         self.otmix = OTMix(class_counts=counts, num_classes=num_classes, **otmix_options)
@@ -163,7 +167,7 @@ class OTMixCallback(Callback):
         self.transform = partner_transform
         self.embed = embed
         self.unpack = unpack if unpack is not None else _images_and_labels
-        self.confusion_dataloader = confusion_dataloader
+        self.confusion_dataloader = index
         self._found: tuple[torch.nn.Module, torch.nn.Module] | None = None
         self._epochs: int | None = None
         self.generator = torch.Generator().manual_seed(seed)
