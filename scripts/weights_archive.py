@@ -182,18 +182,22 @@ def check(root: Path = ROOT) -> list[str]:
     at a commit outside HEAD's history (a squash or rebase), or not there with its SHA-256
     (empty: none)."""
     problems = []
-    for path, entry in read_manifest(root).items():
+    files = read_manifest(root)
+    covered = set(gitignored(list(files), root))
+    for path, entry in files.items():
         if tracked(path, root):
             problems.append(f"{path} is tracked again")
-        if not gitignored([path], root):
+        if path not in covered:
             problems.append(f"{path} is not covered by .gitignore")
         if git("merge-base", "--is-ancestor", entry["commit"], "HEAD", root=root,
                check=False).returncode:
             problems.append(f"{path}: commit {entry['commit'][:12]} is not in HEAD's history")
-        got = git("cat-file", "blob", f"{entry['commit']}:{path}", root=root, check=False)
-        if got.returncode:
-            problems.append(f"{path} is not in commit {entry['commit'][:12]}")
-        elif hashlib.sha256(got.stdout).hexdigest() != entry["sha256"]:
+        try:
+            data = blob(entry["commit"], path, root)
+        except SystemExit as missing:
+            problems.append(str(missing).removeprefix("weights_archive: "))
+            continue
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             problems.append(f"{path} at {entry['commit'][:12]} does not match its SHA-256")
     return problems
 

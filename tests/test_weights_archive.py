@@ -110,6 +110,19 @@ def test_a_squashed_archive_commit_is_found_out(tmp_path, monkeypatch):
     assert any("not in HEAD's history" in p for p in archive.check(root=repo))
 
 
+def test_check_names_an_entry_its_commit_does_not_hold(tmp_path, monkeypatch):
+    repo = _repo(tmp_path, monkeypatch)
+    (seed1,) = archive.archive(["results/g"], root=repo)
+    subprocess.run(["git", "commit", "-qm", "archive"], cwd=repo, check=True)
+    files = archive.read_manifest(repo)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    files[seed1]["commit"] = head  # the archive commit untracked the file
+    archive.write_manifest(files, repo)
+    assert archive.check(root=repo) == [
+        f"{seed1} is not in commit {head[:12]} (was that commit squashed or rebased away?)"]
+
+
 def test_archive_refuses_what_would_come_back_or_is_not_committed(tmp_path, monkeypatch):
     repo = _repo(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match="does not cover results/g/r/last.safetensors"):
