@@ -471,8 +471,9 @@ def test_sigterm_stops_a_real_training_process_resumably(tiny_zip, config, tmp_p
         proc.kill()
     assert proc.returncode == 143, err
     assert err.strip().splitlines() == [
-        "otlt: terminated (SIGTERM); the last finished epoch is in last.pt (resume with "
-        "'otlt train --resume RUN_DIR')"]
+        "otlt: terminated (SIGTERM); the last finished epoch, if one finished, is in the run "
+        "directory's last.pt: 'otlt train --resume <run directory>' goes on from it (or starts "
+        "afresh without it)"]
     done = load_checkpoint(run / "last.pt")["epoch"]
     assert 0 <= done < 199
     assert main(["train", "--resume", str(run), "--stop-after", str(done + 2)]) == 0
@@ -547,3 +548,12 @@ def test_a_stopped_sweep_says_how_to_continue(monkeypatch, capsys):
     assert main(["sweep", "--config", "c.yaml", "--key", "seed", "--values", "0,1"]) == 143
     assert capsys.readouterr().err == ("otlt: terminated (SIGTERM); the same otlt sweep command "
                                        "resumes the stopped run and runs the rest\n")
+
+
+def test_a_demo_that_finds_no_data_leaves_no_run_directory(tmp_path):
+    """Each failed ``otlt demo`` used to leave a ``runs/demo-<time>/.lock`` behind."""
+    from otlt.demo import run_demo
+
+    with pytest.raises(OtltError):
+        run_demo(data=str(tmp_path / "nowhere.zip"), epochs=1, out=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []

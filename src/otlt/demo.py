@@ -14,8 +14,8 @@ from pathlib import Path
 
 from otlt.config import build_config
 from otlt.console import format_eval
+from otlt.engine.factory import create_trainer
 from otlt.engine.logging import read_metrics
-from otlt.engine.trainer import Trainer
 
 DEMO_EPOCHS = 6
 
@@ -63,7 +63,7 @@ def run_demo(data: str | None = None, epochs: int | None = None,
     print(f"otlt demo: ERM + OTmix on CIFAR-10-LT (phi=100), ResNet-32, {epochs} epochs",
           flush=True)
     start = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = create_trainer(cfg)  # a refused start leaves no empty run directory
     print(f"otlt demo: {len(trainer.feed)} training images per class {trainer.feed.counts}; "
           f"run directory {trainer.run_dir}", flush=True)
     result = trainer.fit()

@@ -273,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
 
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         if command == "train":
-            how += ("; the last finished epoch is in last.pt (resume with "
-                    "'otlt train --resume RUN_DIR')")
+            how += ("; the last finished epoch, if one finished, is in the run directory's "
+                    "last.pt: 'otlt train --resume <run directory>' goes on from it (or "
+                    "starts afresh without it)")
         elif command == "sweep":
             how += "; the same otlt sweep command resumes the stopped run and runs the rest"
         if is_main_process():
