@@ -364,6 +364,10 @@ def test_stage2_user_errors(stage1, tmp_path, capsys):
         return capsys.readouterr().err
 
     assert "does not exist" in error([f"reweight.stage1={tmp_path / 'nowhere.pt'}"])
+    # The hint names the stage-1 preset the missing path belongs to, not a fixed one.
+    missing = tmp_path / "cifar100_lt_r50_ot_reweight_stage1_short" / "last.pt"
+    assert "otlt train --preset cifar100_lt_r50_ot_reweight_stage1_short;" in error(
+        [f"reweight.stage1={missing}"])
     assert "data.meta_per_class is 0" in error(["data.meta_per_class=0"])
     assert "data.imbalance_ratio=10.0" in error(["data.imbalance_ratio=20"])
     assert "reweight.cost must be one of combined, label, feature" in error(

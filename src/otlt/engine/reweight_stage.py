@@ -42,7 +42,7 @@ import yaml
 
 from otlt.amp import autocast
 from otlt.atomic import write_text_atomic
-from otlt.config import ReweightConfig, RunConfig, to_dict
+from otlt.config import ReweightConfig, RunConfig, list_presets, to_dict
 from otlt.data.streams import is_list_dataset
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.distributed import launched_world_size
@@ -95,9 +95,13 @@ def _stage1_from_weights(path: Path) -> dict[str, Any]:
 def load_stage1(cfg: RunConfig) -> dict[str, Any]:
     """Read the finished stage-1 checkpoint and check it matches this run's data and model."""
     path = stage1_checkpoint(cfg.reweight.stage1)
-    require(path.is_file(), f"reweight.stage1: {path} does not exist (train stage 1 first, "
-                            "e.g. otlt train --preset cifar10_lt_r100_ot_reweight_stage1, "
-                            "or point reweight.stage1 at its last.pt)")
+    if not path.is_file():
+        stage1 = path.parent.name  # the run that would have written it: a preset's name?
+        how = (f"otlt train --preset {stage1}" if stage1 in list_presets()
+               else "otlt train --preset <dataset>_ot_reweight_stage1 (otlt presets)")
+        raise OtltError(f"reweight.stage1: {path} does not exist (train stage 1 first: {how}; "
+                        "or point reweight.stage1 at a finished stage-1 run, e.g. one "
+                        "committed under results/)")
     state = _stage1_from_weights(path) if path.suffix == SUFFIX else load_checkpoint(path)
     first = state["config"]
     done, total = int(state["epoch"]) + 1, int(first["optim"]["epochs"])
