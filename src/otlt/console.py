@@ -36,7 +36,9 @@ def format_epoch(record: dict[str, Any], epochs: int) -> str:
     if "val_acc" in record:
         parts.append(f"val {record['val_acc']:.1f}% (many {_fmt(record['val_many_acc'])} "
                      f"med {_fmt(record['val_medium_acc'])} few {_fmt(record['val_few_acc'])})")
-    if "ot_batch_fraction" in record:
+    if "ot_batch_fraction" in record and record.get("mixed_batches", 1) == 0:
+        parts.append("no batch mixed")  # an epoch skip_first or skip_last keeps clean
+    elif "ot_batch_fraction" in record:
         parts.append(f"OT pairing in {100 * record['ot_batch_fraction']:.0f}% of mixed batches")
         if record.get("ot_converged_fraction", 1.0) < 1.0:
             parts.append(f"Sinkhorn converged {100 * record['ot_converged_fraction']:.0f}%")
