@@ -173,6 +173,20 @@ def test_epochs_past_the_run_are_refused(overrides, needle):
         load_config(None, overrides)
 
 
+def test_a_shortened_short_preset_gets_a_fix_scaled_from_its_own_length():
+    """A _short preset's knobs are written for 30 epochs: scaled by 15/240 the fix put every
+    milestone at 0-2 (the learning rate gone after one epoch) and DRW at epoch 1."""
+    with pytest.raises(OtltError) as info:
+        load_config(CONFIGS / "cifar10_lt_r100_drw_short.yaml", ["optim.epochs=15"])
+    message = str(info.value)
+    assert "--set optim.milestones=[6,10,12] --set loss.params.drw_epoch=10 (scaled by " \
+           "15/30;" in message
+    load_config(CONFIGS / "cifar10_lt_r100_drw_short.yaml", [
+        "optim.epochs=15", "optim.milestones=[6,10,12]", "loss.params.drw_epoch=10"])
+    with pytest.raises(OtltError, match=re.escape("scaled by 60/240;")):
+        load_config(CONFIGS / "cifar10_lt_r100_drw.yaml", ["optim.epochs=60"])
+
+
 def test_the_losses_default_drw_start_is_checked_by_the_preflight_not_the_config():
     """The config does not import the losses: ``loss.name=drw`` with its default start (160)
     loads, and the engine's preflight, which builds the loss before any data is read, refuses

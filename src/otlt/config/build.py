@@ -78,14 +78,21 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     return cls(**kwargs)
 
 
-def build_config(raw: dict) -> RunConfig:
-    """Turn a raw dict into a validated :class:`RunConfig`."""
+def build_config(raw: dict, written_for: int | None = None) -> RunConfig:
+    """Turn a raw dict into a validated :class:`RunConfig` (``written_for``: see
+    :func:`otlt.config.check_epoch_knobs`)."""
     if not raw.get("stage2", True):  # the empty placeholder of runs written before `reweight`
         raw = {key: value for key, value in raw.items() if key != "stage2"}
-    return validate(_build(RunConfig, raw, ""))
+    return validate(_build(RunConfig, raw, ""), written_for)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides. An
+    epoch-valued knob past a shortened run is refused with a fix scaled from the file's own
+    ``optim.epochs``."""
     raw = load_raw(path) if path is not None else {}
-    return build_config(apply_overrides(raw, overrides or []))
+    optim = raw.get("optim")
+    written = optim.get("epochs") if isinstance(optim, dict) else None
+    return build_config(apply_overrides(raw, overrides or []),
+                        written if isinstance(written, int) and not isinstance(written, bool)
+                        and written > 0 else None)

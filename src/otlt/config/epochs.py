@@ -46,12 +46,15 @@ def _epoch_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(_is_epoch(e) for e in value)
 
 
-def check_epoch_knobs(cfg: RunConfig, drw_epoch: int | None = None) -> None:
+def check_epoch_knobs(cfg: RunConfig, drw_epoch: int | None = None,
+                      written_for: int | None = None) -> None:
     """Refuse, in one line with a fix, every milestone (``schedule: step``), DRW start, kept or
     plan epoch that a run of ``optim.epochs`` never reaches.
 
     The DRW start is ``drw_epoch`` when given (the built loss's, its default included), else
-    ``loss.params.drw_epoch``."""
+    ``loss.params.drw_epoch``. The fix scales the knobs by ``optim.epochs / written_for``:
+    ``written_for`` is the length the config file gave before ``--set`` changed it (30 for a
+    ``_short`` preset); without it, the presets' 240."""
     n = cfg.optim.epochs
     absolute = {"optim.milestones": list(cfg.optim.milestones)
                 if cfg.optim.schedule == "step" else []}
@@ -66,8 +69,8 @@ def check_epoch_knobs(cfg: RunConfig, drw_epoch: int | None = None) -> None:
     bad_rel = {k: v for k, v in relative.items() if any(not -n <= e < n for e in v)}
     if not bad_abs and not bad_rel:
         return
-    ref = max([PRESET_EPOCHS] + [e + 1 for v in (*absolute.values(), *relative.values())
-                                 for e in v])
+    ref = max([written_for or PRESET_EPOCHS]
+              + [e + 1 for v in (*absolute.values(), *relative.values()) for e in v])
     named = [_setting(k, v) for k, v in (*bad_abs.items(), *bad_rel.items())]
     fixes = [f"--set {_setting(k, [min(round(e * n / ref), n - 1) for e in v])}"
              for k, v in bad_abs.items()]

@@ -17,8 +17,9 @@ from otlt.config.schema import (
 from otlt.errors import require, require_choice
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check value ranges that a type check cannot; return the config unchanged."""
+def validate(cfg: RunConfig, written_for: int | None = None) -> RunConfig:
+    """Check value ranges that a type check cannot; return the config unchanged.
+    ``written_for``: the run length the config file gave (:func:`check_epoch_knobs`)."""
     d, o = cfg.data, cfg.optim
     # The run directory is out_dir/name: a name with a separator or '..' writes elsewhere.
     require(cfg.name not in ("", ".", "..") and "/" not in cfg.name and "\\" not in cfg.name,
@@ -58,7 +59,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     require(all(g > 0 for g in o.gammas),
             f"optim.gammas must be factors > 0 of optim.lr (a factor <= 0 gives a learning "
             f"rate <= 0), got {list(o.gammas)}")
-    check_epoch_knobs(cfg)  # milestones, DRW start, kept and plan epochs inside the run
+    check_epoch_knobs(cfg, written_for=written_for)  # milestones, DRW start, kept, plan epochs
     require(0 <= cfg.mix.prob <= 1 and 0 <= cfg.mix.fraction <= 1,
             "mix.prob and mix.fraction must be in [0, 1]")
     for knob in ("prob", "fraction"):  # the engine owns these; one knob lives in one place
