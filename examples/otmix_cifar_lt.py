@@ -33,6 +33,7 @@ from otlt.data.augment import BatchAugment
 from otlt.data.prepare import prepare_data
 from otlt.engine.evaluation import model_confusion
 from otlt.engine.schedule import step_lr
+from otlt.errors import OtltError
 from otlt.losses import batch_loss, create_loss
 from otlt.metrics import summarize
 from otlt.mixing import MixRecipe, OTMix
@@ -127,10 +128,14 @@ def main() -> None:
 
     # 4. The report: the test split, read once, for the last epoch.
     result = summarize(model_confusion(model, test_x, test_y, num_classes), counts)
+    result["classes"] = data.classes  # the table names them
     print(format_eval(result, title=f"OTmix, last epoch ({epochs}), test split"))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except OtltError as exc:  # a wrong --data and the like: one line, not a traceback
+        raise SystemExit(f"otmix_cifar_lt.py: error: {exc}") from None

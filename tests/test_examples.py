@@ -19,6 +19,14 @@ from otlt.models import create_model
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+def test_the_plain_loop_example_refuses_a_wrong_path_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["otmix_cifar_lt.py", "--data", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_path(str(EXAMPLES / "otmix_cifar_lt.py"), run_name="__main__")
+    assert str(info.value).startswith("otmix_cifar_lt.py: error: data path ")
+    assert "\n" not in str(info.value)
+
+
 def test_the_plain_loop_example_trains_mixes_and_reports(tiny_zip, tmp_path, monkeypatch,
                                                          capsys):
     out = tmp_path / "report.json"
@@ -47,6 +55,7 @@ def test_the_plain_loop_example_trains_mixes_and_reports(tiny_zip, tmp_path, mon
     assert "train 154 images per class [35, 30, 23, 18, 14, 11, 8, 6, 5, 4]" in text
     assert text.count("\nepoch ") == 8 and "epoch 8/8  loss" in text
     assert "OTmix, last epoch (8), test split" in text and "top-1 error" in text
+    assert "\nclass9 " in text  # the per-class table names the classes
     report = json.loads(out.read_text())
     assert report["num_samples"] == 80 and sum(map(sum, report["confusion_matrix"])) == 80
     assert report["class_counts_train"] == [35, 30, 23, 18, 14, 11, 8, 6, 5, 4]
