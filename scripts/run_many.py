@@ -48,8 +48,7 @@ is 0 unless a run failed (then the largest failing code, 1 for a signal) or the 
 interrupted (130).
 
 MPS packing has not been run on a GPU through this script yet, and no committed result of
-this project measures it: that runs pack well under the daemon is an expectation
-(issue 29 of this project reports four trainings at once on an H200, run by hand).
+this project measures it: that runs pack well under the daemon is an expectation.
 """
 
 from __future__ import annotations
