@@ -211,3 +211,26 @@ def test_bad_knobs_fail_in_one_line():
         MixRecipe(CMO(), LABELS, prob=1.5)
     with pytest.raises(OtltError, match="skip_first"):
         MixRecipe(CMO(), LABELS, skip_first=-1)
+
+
+
+def test_recalibration_copy_keeps_no_small_plan_and_draws_as_the_run_would(monkeypatch):
+    import otlt.mixing.plan_samples as plan_samples
+
+    solves = []
+    real = plan_samples.sinkhorn
+    monkeypatch.setattr(plan_samples, "sinkhorn",
+                        lambda *a, **k: solves.append(1) or real(*a, **k))
+    mixer = OTMix(class_counts=COUNTS, ot_probability=1.0, plan_epochs=[2], plan_size=4)
+    mixer.set_epoch(2, 10, generator=torch.Generator().manual_seed(0))
+    recal = MixRecipe(mixer, LABELS, prob=1.0).for_recalibration(2, 10)
+    x, y = gather(torch.arange(0, 100, 10))
+    new = recal.step(x, y, torch.Generator().manual_seed(3), load=gather, embed=embed)
+    assert new is not None and recal.mixer.pop_artifacts() == {} and not solves
+    assert mixer._plan_samples.due(2) == [2]  # the run's mixer still owes epoch 2 its plan
+    # The copy that kept plans (a plain deep copy, before) solved one more and drew the same.
+    old = MixRecipe(mixer, LABELS, prob=1.0).for_recalibration(2, 10)
+    old.mixer._plan_samples = copy.deepcopy(mixer._plan_samples)
+    kept = old.step(x, y, torch.Generator().manual_seed(3), load=gather, embed=embed)
+    assert solves and list(old.mixer.pop_artifacts()) == ["plans/epoch_0002.json"]
+    assert torch.equal(kept.images, new.images) and torch.equal(kept.lam, new.lam)

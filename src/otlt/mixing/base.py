@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -61,7 +62,8 @@ class Mixer:
     Lightning ``Callback``): :meth:`set_epoch` before an epoch, :meth:`end_epoch` and
     :meth:`pop_artifacts` after it (:meth:`counters` summed over ranks before them),
     :meth:`state_dict` / :meth:`load_state_dict` with
-    checkpoints, :meth:`update_confusion` when a validation confusion matrix is known.
+    checkpoints, :meth:`update_confusion` when a validation confusion matrix is known, and
+    :meth:`recalibration_copy` for BatchNorm's ``train`` recalibration.
 
     Subclasses set ``name``, ``needs_partner_batch`` (True when the mixer takes a second,
     separately sampled batch, e.g. CMO's class-weighted foreground batch) and ``uses_context``
@@ -112,6 +114,12 @@ class Mixer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output."""
+
+    def recalibration_copy(self) -> Mixer:
+        """A copy for BatchNorm's ``train`` recalibration batches: it draws and mixes as this
+        mixer would, leaves this one as it is, and keeps no artifacts (those batches train
+        nothing and their mixer is thrown away); here a deep copy."""
+        return copy.deepcopy(self)
 
     def _check_partner(self, x_partner: torch.Tensor | None,
                        y_partner: torch.Tensor | None) -> None:

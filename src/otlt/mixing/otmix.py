@@ -216,6 +216,15 @@ class OTMix(Mixer):
         self.ot_epoch = bool(state.get("ot_epoch", self.ot_epoch))
         self._plan_samples.load_state_dict(state.get("plans_served"))
 
+    def recalibration_copy(self) -> OTMix:
+        """A deep copy that keeps no small plans (``plan_epochs``): a plan drawn from a
+        recalibration batch would be thrown away, and its solve is the only work those
+        batches do that training's do not (it changes no draw)."""
+        clone = super().recalibration_copy()
+        assert isinstance(clone, OTMix)
+        clone._plan_samples = PlanSamples(())
+        return clone
+
     # ---- planning ----------------------------------------------------------------------
     def cost(self, z_partner: torch.Tensor, z_base: torch.Tensor, y_partner: torch.Tensor,
              y_base: torch.Tensor) -> torch.Tensor:

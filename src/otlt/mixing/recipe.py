@@ -28,7 +28,6 @@ slices them: the recipe knows no ranks).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -201,11 +200,12 @@ class MixRecipe:
 
     def for_recalibration(self, epoch: int, epochs: int) -> MixRecipe:
         """A copy for BatchNorm's ``train`` recalibration batches after ``epoch``: its mixer
-        is a deep copy (the run's is left as it is) that redraws its per-epoch switch of
+        is the mixer's :meth:`~otlt.mixing.Mixer.recalibration_copy` (the run's is left as it
+        is; no small OT plans are kept) that redraws its per-epoch switch of
         ``epoch`` before every batch it mixes (after the coin, before the partners)."""
         clone = _RecalibrationRecipe.__new__(_RecalibrationRecipe)
         clone.__dict__.update(self.__dict__)
-        clone.mixer = copy.deepcopy(self.mixer)
+        clone.mixer = None if self.mixer is None else self.mixer.recalibration_copy()
         clone.redraw = (epoch, epochs)
         return clone
 
