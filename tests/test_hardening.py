@@ -693,3 +693,26 @@ def test_kept_and_plan_epochs_count_from_the_end(tiny_zip, tmp_path):
     run = tmp_path / "runs" / "tiny"
     assert [p.name for p in (run / "kept").iterdir()] == ["epoch_001.safetensors"]
     assert [p.name for p in (run / "plans").iterdir()] == ["epoch_0001.json"]
+
+
+def test_resume_of_a_finished_run_shows_its_eval_json_and_computes_nothing(stopped_run, capsys,
+                                                                          monkeypatch):
+    """A finished run's record is not recomputed by a resume (on another CPU the bf16
+    numbers could move, and eval.json would silently change); an eval.json that is not the
+    final record (another epoch) is, as after a stop during the final evaluation."""
+    assert main(["train", "--resume", str(stopped_run)]) == 0
+    path = stopped_run / "eval.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "top1_error": 12.34}))
+    before = path.read_bytes()
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(procedure_module.EvaluationProcedure, "final",
+                  lambda self: pytest.fail("a finished run's final evaluation was recomputed"))
+        assert main(["train", "--resume", str(stopped_run)]) == 0
+    out = capsys.readouterr().out
+    assert "had trained all 3 epochs already" in out and " 12.34%" in out
+    assert path.read_bytes() == before
+    path.write_text(json.dumps({**record, "epoch": 1}))
+    assert main(["train", "--resume", str(stopped_run)]) == 0
+    assert json.loads(path.read_text()) == record

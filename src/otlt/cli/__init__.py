@@ -93,6 +93,10 @@ def cmd_train(args) -> int:
             + (f" (time limit: {max(limit.left(), 0):.0f}s left)" if timed else "")
             + f"; continue with 'otlt train --resume {trainer.run_dir}'")
         return 0
+    if trainer.finished_before:
+        say(f"otlt: {trainer.run_dir} had trained all {cfg.optim.epochs} epochs already; "
+            f"its eval.json as it stands (otlt eval {trainer.run_dir} computes it again "
+            "into a file of its own):")
     say(format_eval(result, title=f"{cfg.name}: last epoch, {result['split']} split, "
                                   f"BN {result['bn_stats']}"))
     selected = result.get("selected")

@@ -270,6 +270,25 @@ class EvaluationProcedure:
             with writing(pending):
                 pending.unlink(missing_ok=True)
 
+    def stored_final(self) -> dict[str, Any] | None:
+        """``eval.json`` when it holds this run's final evaluation (test split, the last
+        epoch), else None; rank 0 reads it for every rank. A resume of a finished run shows
+        it instead of computing it again: on another CPU or device the recomputed bf16
+        numbers could differ, and the run's record would silently change (``otlt eval``
+        recomputes into its own file)."""
+        last = self.cfg.optim.epochs - 1
+
+        def read() -> dict[str, Any] | None:
+            try:
+                record = json.loads((self.run_dir / "eval.json").read_text())
+            except (OSError, ValueError):
+                return None
+            ok = isinstance(record, dict) and record.get("split") == "test" and \
+                record.get("checkpoint") == "last" and record.get("epoch") == last
+            return record if ok else None
+
+        return on_main_then_share(read)
+
     def final(self) -> dict[str, Any]:
         """Evaluate on the test split, under ``eval.bn_stats``, the last epoch's weights and
         the validation-selected ``best`` (``selected``); write ``eval.json``."""

@@ -125,6 +125,7 @@ class Trainer:
                     self.optimizer, self.scaler, self.amp_dtype, cfg.train.channels_last,
                     graphs=cfg.train.cuda_graphs)
         self.start_epoch = 0
+        self.finished_before = False
         self._resume_note: dict[str, Any] = {}
         if resume:  # rank 0 reads; tensors stay on the CPU (RNG states must)
             self._load_state(on_main_then_share(self._read_checkpoint))
@@ -242,9 +243,15 @@ class Trainer:
             time_limit: TimeLimit | None = None) -> dict[str, Any] | None:
         """Train to the configured last epoch (or stop, resumable, after ``stop_after``
         epochs in total, or where ``time_limit`` says what comes next would not fit) and
-        return the final test evaluation (None when stopped early).
+        return the final test evaluation (None when stopped early). A run that had finished
+        before returns its ``eval.json`` as it is and sets ``finished_before``.
         The record is logged before ``last.pt`` is saved, so no checkpointed epoch lacks one."""
         cfg = self.cfg
+        if self.start_epoch >= cfg.optim.epochs:  # a resume of a finished run
+            stored = self.evaluation.stored_final()
+            if stored is not None:
+                self.finished_before = True
+                return stored
         end = cfg.optim.epochs if stop_after is None else min(stop_after, cfg.optim.epochs)
         with holding(self.run_dir):  # the run directory's lock (rundir.py) ends with fit
             if is_main_process() and self.start_epoch < end:
