@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -306,9 +307,11 @@ def test_eval_of_missing_weights_gives_one_line(runs, capsys):
 def test_probe_of_kept_weights_equals_the_in_run_probe_and_feeds_the_report(runs, tmp_path,
                                                                             capsys):
     run = runs / "train"
-    assert main(["probe", str(run), "--epochs", "1,2"]) == 0
+    assert main(["probe", str(run), "--epochs", "1,-1"]) == 0  # -1: the last (2 of 0-2)
     out = capsys.readouterr().out
-    assert "best balanced accuracy under train" in out
+    rows = [line.split()[:2] for line in out.splitlines() if line.startswith("epoch_")]
+    assert rows == [["epoch_001", "(2)"], ["epoch_002", "(3)"]]  # kept files' names, then from 1
+    assert re.search(r"best balanced accuracy under train: epoch_00\d \(epoch \d\), ", out)
     probe = json.loads((run / "probe_val.json").read_text())
     logged = {r["epoch"]: r["bn_probe"] for r in records(run) if "bn_probe" in r}
     assert {(r["epoch"], r["bn_stats"]) for r in probe["records"]} == {
@@ -316,8 +319,14 @@ def test_probe_of_kept_weights_equals_the_in_run_probe_and_feeds_the_report(runs
     for r in probe["records"]:
         logged_acc = logged[r["epoch"]][r["bn_stats"]]["val_acc"]
         assert 100.0 - r["top1_error"] == pytest.approx(logged_acc)
-    assert main(["probe", str(run), "--epochs", "5"]) == 2  # not kept: one line
-    assert "keeps no weights for epoch(s) [5]" in capsys.readouterr().err
+    assert main(["probe", str(run), "--epochs", "1,-4,3"]) == 2  # outside the 3 epochs
+    one_line_error(capsys, "--epochs -4,3: the run has 3 epochs, 0 to 2 (or -3 to -1")
+    (run / "kept" / "epoch_000.safetensors").rename(run / "epoch_000.safetensors")
+    try:
+        assert main(["probe", str(run), "--epochs", "-3"]) == 2  # epoch 0, not kept
+        one_line_error(capsys, "keeps no weights for epoch(s) [0] (kept: [1, 2]")
+    finally:
+        (run / "epoch_000.safetensors").rename(run / "kept" / "epoch_000.safetensors")
     assert main(["report", str(run), str(runs / "running"), "--out", str(tmp_path / "rep")]) == 0
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "## BatchNorm statistics and checkpoint selection" in text

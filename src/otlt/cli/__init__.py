@@ -176,12 +176,15 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def format_probe(result: dict) -> str:
-    """Table of ``otlt probe``: error (%) per epoch and procedure, best-balanced epochs."""
+    """Table of ``otlt probe``: error (%) per epoch and procedure, best-balanced epochs.
+    Rows name the weights as ``--epochs`` and the kept files do (from 0), with the epoch
+    as the training log counts it (from 1): ``epoch_028 (29)``."""
     modes = list(dict.fromkeys(r["bn_stats"] for r in result["records"]))
     by = {(r["epoch"], r["bn_stats"]): r for r in result["records"]}
     epochs = sorted({r["epoch"] for r in result["records"]})
     title = f"{result['split']} error % (many/medium/few) by BatchNorm procedure"
-    lines = [title, "-" * len(title), "epoch  " + "  ".join(f"{m:>24}" for m in modes)]
+    lines = [title, "-" * len(title),
+             f"{'weights (epoch)':<16}" + "  ".join(f"{m:>24}" for m in modes)]
     for e in epochs:
         cells = []
         for m in modes:
@@ -189,12 +192,12 @@ def format_probe(result: dict) -> str:
             groups = "/".join("-" if r[k] is None else f"{r[k]:.1f}"
                               for k in ("many_error", "medium_error", "few_error"))
             cells.append(f"{r['top1_error']:6.2f} ({groups})".rjust(24))
-        lines.append(f"{e:>5}  " + "  ".join(cells))
+        lines.append(f"{f'epoch_{e:03d} ({e + 1})':<16}" + "  ".join(cells))
     if result["split"] == "val" and len(epochs) > 1:
         for m in modes:
             best = max(epochs, key=lambda e: (by[(e, m)]["balanced_acc"] or -1, e))
-            lines.append(f"best balanced accuracy under {m}: epoch {best} "
-                         f"({by[(best, m)]['balanced_acc']:.2f}%)")
+            lines.append(f"best balanced accuracy under {m}: epoch_{best:03d} (epoch "
+                         f"{best + 1}), {by[(best, m)]['balanced_acc']:.2f}%")
     return "\n".join(lines)
 
 

@@ -80,8 +80,9 @@ def _add_probe(sub) -> None:
     p.add_argument("--bn-stats", default=",".join(BN_STATS),
                    help=f"comma-separated procedures among {', '.join(BN_STATS)} "
                         "(default: all)")
-    p.add_argument("--epochs", help="comma-separated epochs counted from 0 (default: every "
-                                    "kept epoch)")
+    p.add_argument("--epochs", help="comma-separated epochs as kept/epoch_NNN names them, "
+                                    "counted from 0 (-1: the run's last, as in "
+                                    "train.keep_epochs; default: every kept epoch)")
     p.add_argument("--split", default="val", choices=["val", "test"],
                    help="split (default: val; test is for final reporting only)")
     p.add_argument("--bn-batches", type=int, help="recalibration batches (default: the run's)")

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from otlt.atomic import write_text_atomic
-from otlt.config import BN_STATS, RunConfig, build_config, load_raw, validate
+from otlt.config import BN_STATS, RunConfig, build_config, load_raw, resolve_epochs, validate
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.preflight import check_components
 from otlt.engine.procedure import EvaluationProcedure, best_weights_file
@@ -212,15 +212,17 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
                bn_batches: int | None = None, progress: bool = True,
                device: str | None = None) -> dict[str, Any]:
     """Evaluate kept weights under several procedures: ``eval.bn_probe_every`` after the
-    fact. ``epochs`` None: every kept epoch; ``device`` None: the run's. Returns
-    ``{"split", "bn_batches", "records"}`` with one compact record (errors in %,
-    ``balanced_acc``) per (epoch, procedure)."""
+    fact. ``epochs``: counted from 0 as the kept files are named, a negative one from the
+    run's end (``-1``: its last, as ``train.keep_epochs``); None: every kept epoch.
+    ``device`` None: the run's. Returns ``{"split", "bn_batches", "records"}`` with one
+    compact record (errors in %, ``balanced_acc``) per (epoch, procedure)."""
     run_dir = Path(run_dir)
     kept = kept_weights(run_dir)
     last = read_last(run_dir)
     if last is not None:
         kept.setdefault(int(last["epoch"]), run_dir / "last.pt")
-    chosen = sorted(kept) if epochs is None else list(epochs)
+    chosen = sorted(kept) if epochs is None else \
+        resolved_epochs(epochs, run_config(run_dir, data_path, last).optim.epochs)
     missing = [e for e in chosen if e not in kept]
     require(not missing, f"{run_dir} keeps no weights for epoch(s) {missing} (kept: "
                          f"{sorted(kept) or 'none'}; train with train.keep_epochs or keep_every)")
@@ -242,6 +244,16 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
                             "per_class_accuracy": r["per_class_accuracy"]})
     return {"run": str(run_dir), "split": split, "bn_batches": procedure.cfg.eval.bn_batches,
             "records": records, PROVENANCE_KEY: evaluated_with(procedure)}
+
+
+def resolved_epochs(epochs: list[int], total: int) -> list[int]:
+    """``epochs`` of a run of ``total`` counted from 0 (:func:`otlt.config.resolve_epochs`:
+    a negative one from the end), sorted without repeats; one outside the run is refused in
+    one line."""
+    outside = [e for e in epochs if not -total <= e < total]
+    require(not outside, f"--epochs {','.join(map(str, outside))}: the run has {total} epochs, "
+                         f"0 to {total - 1} (or -{total} to -1 from the end)")
+    return list(resolve_epochs(epochs, total))
 
 
 def evaluate_run(target: Path, checkpoint: str = "last", bn_stats: str | None = None,
