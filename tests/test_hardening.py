@@ -716,3 +716,32 @@ def test_resume_of_a_finished_run_shows_its_eval_json_and_computes_nothing(stopp
     path.write_text(json.dumps({**record, "epoch": 1}))
     assert main(["train", "--resume", str(stopped_run)]) == 0
     assert json.loads(path.read_text()) == record
+
+
+def test_one_integer_test_for_counts_epochs_and_indices():
+    """Every knob that must be an integer (an epoch, a count, an index) shares one predicate:
+    a NumPy integer is one, a bool (an int to Python) and a whole float are not."""
+    from otlt.errors import is_integer
+    from otlt.integrations.lightning import OTMixCallback
+    from otlt.losses.base import check_epoch
+    from otlt.mixing import OTMix
+    from otlt.models import create_model
+
+    assert all(is_integer(v) for v in (0, -3, np.int64(7), np.uint8(2), torch.tensor(4)))
+    assert not any(is_integer(v) for v in (True, np.bool_(False), torch.tensor(True), 2.0,
+                                           np.float32(1), torch.tensor(1.0), "1", None))
+    images, labels = torch.zeros(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+    for good in (1, np.int64(1)):
+        assert check_epoch("drw_epoch", good) == 1
+        assert OTMix(class_counts=[3, 1], check_every=good).check_every == 1
+        assert OTMixCallback(images, labels, 2, confusion_dataloader=good).confusion_dataloader == 1
+    assert create_model("resnet32", num_classes=np.int64(3)) is not None
+    for bad in (True, 1.0):
+        with pytest.raises(OtltError, match="non-negative integer"):
+            check_epoch("drw_epoch", bad)
+        with pytest.raises(OtltError, match="check_every must be a positive integer"):
+            OTMix(class_counts=[3, 1], check_every=bad)
+        with pytest.raises(OtltError, match="index of a validation dataloader"):
+            OTMixCallback(images, labels, 2, confusion_dataloader=bad)
+        with pytest.raises(OtltError, match="num_classes must be an integer"):
+            create_model("resnet32", num_classes=3.0 if isinstance(bad, float) else bad)

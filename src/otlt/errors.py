@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,20 @@ def is_finite_number(value: object) -> bool:
     own."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and \
         math.isfinite(value)
+
+
+def is_integer(value: object) -> bool:
+    """True for an integer: what Python takes as an index (an ``int``, a NumPy integer, a
+    one-element integer tensor), but not a bool (``True`` is an ``int`` to Python, never a
+    count or an index to otlt; a bool tensor indexes too) and not a float, even a whole one.
+    The test behind every knob that must be a count, an epoch or an index."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) == "torch.bool":
+        return False
+    try:
+        operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
 
 
 def require_choice(name: str, value: object, allowed: tuple[str, ...] | list[str]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from otlt.config.files import apply_overrides, load_raw
 from otlt.config.schema import RunConfig
 from otlt.config.validate import validate
-from otlt.errors import OtltError, require
+from otlt.errors import OtltError, is_integer, require
 
 
 def _coerce(value: Any, annotation: str, where: str) -> Any:
@@ -94,5 +94,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     optim = raw.get("optim")
     written = optim.get("epochs") if isinstance(optim, dict) else None
     return build_config(apply_overrides(raw, overrides or []),
-                        written if isinstance(written, int) and not isinstance(written, bool)
-                        and written > 0 else None)
+                        written if is_integer(written) and written > 0 else None)

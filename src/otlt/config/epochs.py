@@ -13,12 +13,11 @@ so :func:`otlt.engine.preflight.check_components` checks it with the built loss'
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
 from otlt.config.schema import OptimConfig, RunConfig
-from otlt.errors import require
+from otlt.errors import is_integer, require
 
 PRESET_EPOCHS = OptimConfig().epochs
 """The length the CIFAR presets' schedule is written for (240): the scale of the suggested fix."""
@@ -38,12 +37,8 @@ def mixer_params(cfg: RunConfig) -> dict[str, Any]:
     return params
 
 
-def _is_epoch(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _epoch_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(_is_epoch(e) for e in value)
+    return isinstance(value, (list, tuple)) and all(is_integer(e) for e in value)
 
 
 def check_epoch_knobs(cfg: RunConfig, drw_epoch: int | None = None,
@@ -59,7 +54,7 @@ def check_epoch_knobs(cfg: RunConfig, drw_epoch: int | None = None,
     absolute = {"optim.milestones": list(cfg.optim.milestones)
                 if cfg.optim.schedule == "step" else []}
     start = drw_epoch if drw_epoch is not None else cfg.loss.params.get("drw_epoch")
-    if _is_epoch(start):
+    if is_integer(start):
         absolute["loss.params.drw_epoch"] = [start]
     relative = {"train.keep_epochs": list(cfg.train.keep_epochs)}
     plan = cfg.mix.params.get("plan_epochs")

@@ -46,7 +46,6 @@ package index).
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -60,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "'lightning>=2.1' (or pip install -e '.[lightning]' in otlt's "
                       "checkout)") from exc
 
-from otlt.errors import OtltError, require, warn_renamed
+from otlt.errors import OtltError, is_integer, require, warn_renamed
 from otlt.metrics import confusion_matrix
 from otlt.mixing import MixedBatch, MixRecipe, OTMix
 from otlt.models.features import has_features
@@ -152,13 +151,9 @@ class OTMixCallback(Callback):
             require(partner_transform is None, "OTMixCallback takes partner_transform or "
                                                "its old name foreground_transform, not both")
             partner_transform = otmix_options.pop("foreground_transform")
-        try:  # any integer (a NumPy one too), not a bool or a float
-            index = -1 if isinstance(confusion_dataloader, bool) else \
-                operator.index(confusion_dataloader)
-        except TypeError:
-            index = -1
-        require(index >= 0, f"OTMixCallback(confusion_dataloader=) is the index of a "
-                            f"validation dataloader (0, 1, ...), not {confusion_dataloader!r}")
+        require(is_integer(confusion_dataloader) and confusion_dataloader >= 0,
+                f"OTMixCallback(confusion_dataloader=) is the index of a validation "
+                f"dataloader (0, 1, ...), not {confusion_dataloader!r}")
         self.images, self.labels = train_images, train_labels.long()
         counts = torch.bincount(self.labels.cpu(), minlength=num_classes).tolist()
         self.otmix = OTMix(class_counts=counts, num_classes=num_classes, **otmix_options)
@@ -167,7 +162,7 @@ class OTMixCallback(Callback):
         self.transform = partner_transform
         self.embed = embed
         self.unpack = unpack if unpack is not None else _images_and_labels
-        self.confusion_dataloader = index
+        self.confusion_dataloader = int(confusion_dataloader)
         self._found: tuple[torch.nn.Module, torch.nn.Module] | None = None
         self._epochs: int | None = None
         self.generator = torch.Generator().manual_seed(seed)

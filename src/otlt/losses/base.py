@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from otlt.errors import OtltError, is_finite_number, require
+from otlt.errors import OtltError, is_finite_number, is_integer, require
 
 CountsLike = Sequence[int] | torch.Tensor
 
@@ -54,8 +54,8 @@ def check_real(name: str, value: Any, low: float, high: float = math.inf, *,
 
 def check_epoch(name: str, value: Any) -> int:
     """Return ``value`` as a non-negative int epoch, or raise OtltError."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
-    require(ok, f"{name} must be a non-negative integer, got {value!r}")
+    require(is_integer(value) and value >= 0,
+            f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
 
 

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from otlt.errors import OtltError, require, require_choice, warn_renamed
+from otlt.errors import OtltError, is_integer, require, require_choice, warn_renamed
 from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
 from otlt.mixing.cost import DISTANCES, class_affinity, combine_cost, sample_cost
 from otlt.mixing.plan import (
@@ -130,9 +130,9 @@ class OTMix(Mixer):
         self.num_classes = self.num_classes or len(self.class_counts)
         require(self.num_classes >= 2, f"OTMix needs num_classes >= 2, got {self.num_classes}")
         require(self.eps > 0, f"eps must be > 0, got {self.eps}")
-        require(isinstance(self.check_every, int) and not isinstance(self.check_every, bool)
-                and self.check_every >= 1,
+        require(is_integer(self.check_every) and self.check_every >= 1,
                 f"check_every must be a positive integer, got {self.check_every!r}")
+        self.check_every = int(self.check_every)
         require(self.mu >= 0, f"mu must be >= 0, got {self.mu}")
         require(0 <= self.omega <= 1, f"omega must be in [0, 1], got {self.omega}")
         for name, value, valid in (("distance", self.distance, DISTANCES),

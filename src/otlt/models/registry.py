@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from otlt.errors import OtltError
+from otlt.errors import OtltError, is_integer
 from otlt.models.resnet import resnet50
 from otlt.models.resnet_cifar import resnet20, resnet32, resnet44, resnet56, resnet110
 
@@ -116,6 +116,6 @@ def check_model(name: str, num_classes: int, head: str = "linear") -> Callable[.
                         "timm:<architecture>, or a name given to otlt.models.register_model")
     if head not in HEADS:
         raise OtltError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+    if not is_integer(num_classes) or num_classes < 2:
         raise OtltError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     return factory
