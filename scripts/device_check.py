@@ -540,11 +540,8 @@ def main() -> int:
 
 
 def bring_back(out: Path, back: Path) -> None:
-    """Copy ``out``'s JSON to ``back`` and pack its logs into ``back/dc_logs.tgz``, each
-    written whole or not at all."""
-    if (out / "device_check.json").is_file():
-        data = (out / "device_check.json").read_bytes()
-        write_atomic(back / "device_check.json", lambda f: f.write(data), parents=True)
+    """Pack ``out``'s logs into ``back/dc_logs.tgz``, written whole or not at all (the JSON
+    is in ``back`` already: ``run_steps`` writes it there each time it writes it)."""
 
     def pack(handle) -> None:
         with tarfile.open(fileobj=handle, mode="w:gz") as tar:
