@@ -247,12 +247,9 @@ class Trainer:
         before returns its ``eval.json`` as it is and sets ``finished_before``.
         The record is logged before ``last.pt`` is saved, so no checkpointed epoch lacks one."""
         cfg = self.cfg
-        if self.start_epoch >= cfg.optim.epochs:  # a resume of a finished run
-            stored = self.evaluation.stored_final()
-            if stored is not None:
-                self.finished_before = True
-                return stored
-        end = cfg.optim.epochs if stop_after is None else min(stop_after, cfg.optim.epochs)
+        finished = self.start_epoch >= cfg.optim.epochs  # a resume of a finished run
+        end = cfg.optim.epochs if stop_after is None or finished else \
+            min(stop_after, cfg.optim.epochs)
         with holding(self.run_dir):  # the run directory's lock (rundir.py) ends with fit
             if is_main_process() and self.start_epoch < end:
                 record_sitting(self.run_dir, self.device, self.start_epoch, world_size())
@@ -270,7 +267,11 @@ class Trainer:
             finally:
                 logger.close()
             timed_out = time_limit is not None and time_limit.stopped_at is not None
-            return self.evaluation.final() if end == cfg.optim.epochs and not timed_out else None
+            if end < cfg.optim.epochs or timed_out:
+                return None
+            stored = self.evaluation.stored_final() if finished else None
+            self.finished_before = stored is not None
+            return stored if stored is not None else self.evaluation.final()
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch, validate under ``eval.bn_stats`` (and probe, and the opt-in test
