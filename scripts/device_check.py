@@ -85,6 +85,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]  # the checkout; tests: 
 
 from conftest import write_tiny_zip  # noqa: E402
 from otlt.atomic import write_atomic, write_text_atomic  # noqa: E402
+from otlt.cli.parser import set_flags  # noqa: E402
 from otlt.engine.checkpoint import load_checkpoint  # noqa: E402
 from otlt.engine.logging import evaluation_share  # noqa: E402
 from otlt.engine.runtime import sgd_options  # noqa: E402
@@ -168,7 +169,7 @@ def torchrun(nproc: int, args: list[str]) -> list[str]:
 
 
 def train_args(config: Path, overrides: list[str]) -> list[str]:
-    return ["train", "--config", str(config), *[a for o in overrides for a in ("--set", o)]]
+    return ["train", "--config", str(config), *set_flags(overrides)]
 
 
 def max_weight_difference(a: Path, b: Path) -> float:

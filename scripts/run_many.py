@@ -67,6 +67,7 @@ from pathlib import Path
 
 import yaml
 
+from otlt.cli.parser import set_flags
 from otlt.engine.logging import evaluation_share, read_metrics
 from otlt.errors import OtltError
 
@@ -102,11 +103,10 @@ def child_command(run: Run, out: Path, time_limit: float | None) -> list[str]:
     run_dir = out / run.name
     if (run_dir / "config.yaml").exists():  # without last.pt it died in epoch 1: afresh
         data = [o for o in run.overrides if o.startswith("data.path=")][-1:]
-        cmd = ["train", "--resume", str(run_dir), *[a for o in data for a in ("--set", o)]]
+        cmd = ["train", "--resume", str(run_dir), *set_flags(data)]
     else:
-        sets = [a for o in [*run.overrides, f"name={run.name}", f"out_dir={out}",
-                            "train.progress=false"] for a in ("--set", o)]
-        cmd = ["train", "--config", str(run.config), *sets]
+        cmd = ["train", "--config", str(run.config), *set_flags(
+            [*run.overrides, f"name={run.name}", f"out_dir={out}", "train.progress=false"])]
     if time_limit is not None:
         cmd += ["--time-limit", f"{max(time_limit, 0.01):.2f}"]
     return [sys.executable, "-m", "otlt", *cmd]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from otlt.cli.parser import set_flags
 from otlt.data.sources import find_data
 from otlt.engine.checkpoint import load_checkpoint
 
@@ -33,8 +34,7 @@ OVERRIDES = ["data.n_max=400", "optim.epochs=3", "optim.milestones=[]", "optim.g
 
 
 def train(source: Path, out: Path, data: Path, extra: list[str]) -> Path:
-    sets = [a for o in [*OVERRIDES, *extra, f"out_dir={out}", "name=r", f"data.path={data}"]
-            for a in ("--set", o)]
+    sets = set_flags([*OVERRIDES, *extra, f"out_dir={out}", "name=r", f"data.path={data}"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(source / "src")}
     subprocess.run([sys.executable, "-m", "otlt", "train", "--config",
                     "configs/cifar10_lt_r100_erm_otmix_short.yaml", *sets],

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from otlt.cli import main
+from otlt.cli.parser import set_flags
 
 TINY_CLASSES = [f"class{k}" for k in range(10)]
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -77,7 +78,7 @@ def tiny_overrides(data: Path, out_dir: Path, epochs: int = 3) -> list[str]:
 
 def sets(overrides: list[str]) -> list[str]:
     """``--set KEY=VALUE`` arguments for ``otlt train`` from config overrides."""
-    return [a for o in overrides for a in ("--set", o)]
+    return set_flags(overrides)
 
 
 def error_line(err: str, *needles: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import sets
 from otlt.bench import (
     TARGETS,
     check_targets,
@@ -92,7 +93,7 @@ def test_bad_steps_is_a_one_line_user_error(tmp_path, capsys):
 def test_cuda_graphs_off_cuda_is_a_one_line_user_error(tmp_path, capsys):
     args = ["bench", "--quick", "--synthetic", "--config", str(CONFIG), "--batch-size", "8",
             "--device", "cpu", "--cuda-graphs", "--json", str(tmp_path / "b.json")]
-    assert main(args + [a for item in TINY for a in ("--set", item)]) == 2
+    assert main(args + sets(TINY)) == 2
     assert "--cuda-graphs needs --device cuda" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from conftest import load_script, tiny_overrides
+from conftest import load_script, sets, tiny_overrides
 from otlt.engine.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,12 +105,12 @@ def members(out: Path) -> set[str]:
 def test_campaign_dry_run_stops_resumes_and_packs(tiny_zip, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text("name: tiny\nloss: {name: ce}\n")
-    sets = [a for o in tiny_overrides(tiny_zip, tmp_path / "unused", epochs=3)
-            if not o.startswith(("name=", "out_dir=", "data.path=")) for a in ("--set", o)]
+    flags = sets([o for o in tiny_overrides(tiny_zip, tmp_path / "unused", epochs=3)
+                  if not o.startswith(("name=", "out_dir=", "data.path="))])
     work = tmp_path / "work"
     base = ["--presets", str(config), "--seeds", "0,1", "--data", str(tiny_zip), "--work",
             str(work), "--threads", "1", "--poll", "5", "--pack-seconds", "0", "--mps", "off",
-            *sets]
+            *flags]
     # 40 s, of which the children's time limits leave the last 38.5: the first run gets
     # about a second, less than its start-up, so it stops after its first epoch (the first
     # always runs); the second, queued behind it (--jobs 1), finds no time left and is not

@@ -387,13 +387,13 @@ def test_installed_wheel_trains_a_preset_outside_the_checkout(tiny_zip, tmp_path
                            capture_output=True, check=True).stdout
     assert where.startswith(str(new_site)), where  # the wheel, not the checkout
     assert "cifar10_lt_r100_erm_short" in otlt("presets", "erm_short")
-    sets = ["data.dataset=folder", "data.num_classes=10", "data.n_max=40",
+    overrides = ["data.dataset=folder", "data.num_classes=10", "data.n_max=40",
             "data.imbalance_ratio=10", "data.val_per_class=5", "model.name=resnet20",
             "optim.batch_size=32", "optim.epochs=1", "optim.milestones=[]", "optim.gammas=[]",
             "train.progress=false", "train.device=cpu", "eval.bn_probe_every=0",
             "train.keep_epochs=[]"]
     otlt("train", "--preset", "cifar10_lt_r100_erm_short", "--data", str(tiny_zip),
-         *[a for s in sets for a in ("--set", s)])
+         *sets(overrides))
     run = work / "runs" / "cifar10_lt_r100_erm_short"
     assert json.loads((run / "eval.json").read_text())["top1_error"] is not None
     otlt("report", str(run), "--out", str(work / "report"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import otlt.mixing.otmix as otmix_module
-from conftest import tiny_overrides
+from conftest import sets, tiny_overrides
 from otlt.cli import main
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.mixing import OTMix, create_mixer, otmix_cost
@@ -319,10 +319,9 @@ def test_resume_into_ot_epoch_reproduces_uninterrupted_run(tiny_zip, tmp_path, c
     config.write_text("name: tiny\nmix: {name: otmix, skip_first: 1, skip_last: 0, prob: 1.0,"
                       " params: {ot_probability: 1.0, plan_epochs: [2]}}\n")
     base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=3)
-    sets = lambda extra: [a for o in base + extra for a in ("--set", o)]  # noqa: E731
-    assert main(["train", "--config", str(config), *sets(["name=full"])]) == 0
+    assert main(["train", "--config", str(config), *sets(base + ["name=full"])]) == 0
     assert main(["train", "--config", str(config), "--stop-after", "2",
-                 *sets(["name=part"])]) == 0
+                 *sets(base + ["name=part"])]) == 0
     part = tmp_path / "runs" / "part"
     assert main(["train", "--resume", str(part)]) == 0
     capsys.readouterr()

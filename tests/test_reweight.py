@@ -482,11 +482,11 @@ def test_gradient_check_script_on_a_trained_stage1(stage1, tmp_path, capsys, mon
     config = tmp_path / "stage2.yaml"
     config.write_text("name: stage2\n")
     out = tmp_path / "check.json"
-    sets = [a for o in stage1["base"] + ["optim.batch_size=16"] for a in ("--set", o)]
+    flags = sets(stage1["base"] + ["optim.batch_size=16"])
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OTLT_CACHE", str(stage1["root"] / "cache"))
         mp.setattr("sys.argv", ["check", "--config", str(config), "--stage1", str(stage1["run"]),
-                                "--batches", "2", "--out", str(out), *sets])
+                                "--batches", "2", "--out", str(out), *flags])
         assert script.main() == 0
     capsys.readouterr()
     result = json.loads(out.read_text())
@@ -514,14 +514,14 @@ def test_stage2_starts_from_a_committed_fp16_stage1_folder(stage1, tmp_path):
                  dtype=torch.float16)
     config = tmp_path / "stage2.yaml"
     config.write_text("name: stage2\n")
-    sets = _stage2(stage1, tmp_path, "from_fp16", ["optim.epochs=1"])
-    sets[sets.index(f"reweight.stage1={stage1['run']}")] = f"reweight.stage1={folder}"
-    assert main(["train", "--config", str(config), "--stop-after", "1", *sets]) == 0
+    flags = _stage2(stage1, tmp_path, "from_fp16", ["optim.epochs=1"])
+    flags[flags.index(f"reweight.stage1={stage1['run']}")] = f"reweight.stage1={folder}"
+    assert main(["train", "--config", str(config), "--stop-after", "1", *flags]) == 0
     assert (tmp_path / "from_fp16" / "eval.json").is_file()
     frozen = load_checkpoint(tmp_path / "from_fp16" / "last.pt")["model"]
     fp16 = load_weights(folder / "last.safetensors").model
     key = "layer1.0.conv1.weight"
     assert torch.equal(frozen[key], fp16[key])  # the backbone is the committed fp16 one
     (folder / "splits.json").unlink()
-    sets[sets.index("name=from_fp16")] = "name=broken"
-    assert main(["train", "--config", str(config), *sets]) == 2  # one-line error
+    flags[flags.index("name=from_fp16")] = "name=broken"
+    assert main(["train", "--config", str(config), *flags]) == 2  # one-line error

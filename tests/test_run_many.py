@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import load_script, tiny_overrides
+from conftest import load_script, sets, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,11 +81,11 @@ def test_sigterm_stops_the_runs_and_the_daemon(tiny_zip, tmp_path):
     out = tmp_path / "out"
     config = tmp_path / "tiny.yaml"
     config.write_text("name: tiny\nloss: {name: ce}\n")
-    sets = [a for o in tiny_overrides(tiny_zip, out, epochs=100) for a in ("--set", o)]
+    flags = sets(tiny_overrides(tiny_zip, out, epochs=100))
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "OTLT_MPS_PROBE": "pass"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "run_many.py"), "--out",
-                             str(out), *sets, str(config)], env=env, stdout=subprocess.PIPE,
+                             str(out), *flags, str(config)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     log = out / "tiny.log"  # written once the handler is set and the child is launched
     waited = time.monotonic()

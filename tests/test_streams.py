@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import one_line_error
+from conftest import one_line_error, sets
 from otlt.cli import main
 from otlt.config import DataConfig
 from otlt.data.streams import prepare_stream_data
@@ -56,7 +56,7 @@ def stream_overrides(root: Path, out_dir: Path, name: str, epochs: int = 2) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     config = out_dir / f"{name}.yaml"
     config.write_text(f"name: {name}\n")
-    sets = [f"data.path={root}", "data.dataset=imagenet_lt", "data.num_classes=4",
+    overrides = [f"data.path={root}", "data.dataset=imagenet_lt", "data.num_classes=4",
             "data.image_size=32", "data.val_per_class=0", "model.name=resnet20",
             f"optim.epochs={epochs}", "optim.batch_size=8",
             f"optim.milestones={'[1]' if epochs > 1 else '[]'}",
@@ -64,7 +64,7 @@ def stream_overrides(root: Path, out_dir: Path, name: str, epochs: int = 2) -> l
             "train.progress=false",
             "train.amp=off", "train.device=cpu", "train.workers=0", "train.eval_batch_size=5",
             f"out_dir={out_dir}", f"name={name}"]
-    return ["--config", str(config), *[a for s in sets for a in ("--set", s)]]
+    return ["--config", str(config), *sets(overrides)]
 
 
 OTMIX = ["--set", "mix.name=otmix", "--set", "mix.prob=1.0", "--set", "mix.skip_first=0",

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 
 from otlt import __version__
 from otlt.config import BN_STATS
@@ -16,6 +17,13 @@ from otlt.errors import OtltError
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other user error
         raise OtltError(f"{message} (see '{self.prog} --help')")
+
+
+def set_flags(overrides: Iterable[str]) -> list[str]:
+    """``--set KEY=VALUE`` arguments of ``otlt train`` for config overrides
+    (``["optim.epochs=3"]`` -> ``["--set", "optim.epochs=3"]``): for scripts and tests that
+    build its command line."""
+    return [a for o in overrides for a in ("--set", o)]
 
 
 def _add_train(sub) -> None:
