@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import traceback
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,20 +227,32 @@ def test_the_reweighting_step_reads_nothing_from_the_device(host_reads):
     assert not torch.equal(rw.raw[idx], torch.ones(5))  # it did step
 
 
+@pytest.fixture(scope="module")
+def stage1(tiny_zip, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A tiny finished stage-1 run, trained once for the module: its config and overrides."""
+    root = tmp_path_factory.mktemp("stage1")
+    base = tiny_overrides(tiny_zip, root / "runs", epochs=2) + [
+        "data.meta_per_class=3", "optim.milestones=[]", "optim.gammas=[]"]
+    config = root / "stage.yaml"
+    config.write_text("name: stage1\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OTLT_CACHE", str(root / "cache"))
+        Trainer(load_config(config, base)).fit()
+    return config, base
+
+
 @pytest.mark.parametrize("extra", [[], ["reweight.trainable=all", "reweight.bn=train_meta"]],
                          ids=["fc", "all"])
-def test_a_reweighting_epoch_reads_nothing_inside_its_steps(extra, tiny_zip, tmp_path,
+def test_a_reweighting_epoch_reads_nothing_inside_its_steps(extra, stage1, tmp_path,
                                                               host_reads):
     """OT re-weighting's stage 2 (weight step, classifier step, the per-step sums) on the
     in-memory path: no read inside a step (Sinkhorn's convergence tests apart), the
     epoch's few reads at its start and end."""
-    base = tiny_overrides(tiny_zip, tmp_path / "runs", epochs=2) + [
-        "data.meta_per_class=3", "optim.milestones=[]", "optim.gammas=[]"]
-    config = tmp_path / "stage.yaml"
-    config.write_text("name: stage1\n")
-    Trainer(load_config(config, base)).fit()
+    config, base = stage1
+    stage1_run = Path(dict(o.split("=", 1) for o in base)["out_dir"]) / "tiny"
     trainer = Trainer(load_config(config, base + [
-        "name=stage2", f"reweight.stage1={tmp_path / 'runs' / 'tiny'}", *extra]))
+        f"out_dir={tmp_path / 'runs'}", "name=stage2", f"reweight.stage1={stage1_run}",
+        *extra]))
     rw, step = trainer.step.reweighter, trainer.step
     roots = device_state(trainer) + [rw.raw, step.meta_split.images, step.meta_split.labels]
     mode = host_reads(roots + ([rw.momentum_buffer] if rw.momentum_buffer is not None else []))
