@@ -21,7 +21,7 @@ demo: venv
 	$(VENV)/bin/otlt demo
 
 test: venv
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
