@@ -259,7 +259,11 @@ def test_sinkhorn_no_warning_when_converged() -> None:
         ({"eps": 0.0}, "eps must be a positive number"),
         ({"eps": -1.0}, "eps must be a positive number"),
         ({"eps": 0.1, "max_iter": 0}, "max_iter must be a positive integer"),
+        ({"eps": 0.1, "max_iter": True}, "max_iter must be a positive integer"),  # not 1
+        ({"eps": 0.1, "max_iter": 10.0}, "max_iter must be a positive integer"),
+        ({"eps": 0.1, "check_every": True}, "check_every must be a positive integer"),
         ({"eps": 0.1, "tol": -1.0}, "tol must be >= 0"),
+        ({"eps": 0.1, "tol": float("nan")}, "tol must be >= 0"),
         ({"eps": 0.1, "a": torch.ones(3) / 3}, r"a must be a tensor of shape \(\.\.\., 4\)"),
         ({"eps": 0.1, "a": torch.tensor([0.5, 0.5, 0.5, -0.5])}, "nonnegative"),
         ({"eps": 0.1, "b": torch.full((5,), 0.3)}, "equal total mass"),
@@ -269,6 +273,13 @@ def test_sinkhorn_no_warning_when_converged() -> None:
 def test_sinkhorn_rejects_bad_input(kwargs: dict, match: str) -> None:
     with pytest.raises(OtltError, match=match):
         sinkhorn(torch.rand(3, 4, 5, generator=_gen(42)), **kwargs)
+
+
+def test_numpy_integers_are_solver_limits_too() -> None:
+    cost = torch.rand(4, 4, generator=_gen(42))
+    res = sinkhorn(cost, eps=0.1, max_iter=np.int64(1000), check_every=np.int32(5),
+                   tol=np.float32(1e-6))
+    assert torch.equal(res.coupling, sinkhorn(cost, eps=0.1, check_every=5).coupling)
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf_row"])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from otlt.errors import OtltError, is_finite_number, require
+from otlt.errors import OtltError, is_finite_number, is_integer, require
 from otlt.transport.solver import OTResult, solve
 
 
@@ -194,8 +194,8 @@ def _check_masses(a: Tensor, b: Tensor) -> None:
 
 
 def _check_solver_args(max_iter: int, tol: float, check_every: int) -> None:
-    require(isinstance(max_iter, int) and max_iter >= 1,
+    require(is_integer(max_iter) and max_iter >= 1,
             f"max_iter must be a positive integer, got {max_iter!r}")
-    require(isinstance(tol, (int, float)) and tol >= 0, f"tol must be >= 0, got {tol!r}")
-    require(isinstance(check_every, int) and check_every >= 1,
+    require(is_finite_number(tol) and tol >= 0, f"tol must be >= 0, got {tol!r}")
+    require(is_integer(check_every) and check_every >= 1,
             f"check_every must be a positive integer, got {check_every!r}")
