@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "otlt"
 # Lower number = lower layer; a module may import its own layer or a lower one.
 LAYERS = [
     ("errors", "console", "amp", "stopping", "atomic"),
-    ("transport", "losses", "metrics", "models", "config"),
+    ("transport", "losses", "metrics", "models", "config", "labels"),
     ("mixing", "reweight", "data"),
     ("engine", "integrations"),
     ("report", "bench", "sweep", "demo"),

@@ -344,3 +344,18 @@ def test_a_checkpoint_saved_when_validation_ends_carries_the_confusion_to_hand(t
     resumed = OTMixCallback(x, y, 3)
     resumed.load_state_dict(state["otlt.OTMixCallback"])
     assert torch.equal(resumed.otmix.confusion, callback.otmix.confusion)
+
+
+def test_training_labels_outside_the_classes_are_refused_when_the_callback_is_built():
+    """Read once at construction: before, labels past num_classes built a callback whose
+    first mixed batch (epochs later, skip_first) failed deep inside the training step."""
+    x, y = _data()
+    for bad, needle in ((y + 4, r"OTMixCallback training labels must be class indices in "
+                                r"\[0, 3\), got 4"),
+                        (y.float(), "training labels must be integer class indices"),
+                        (y[:, None], r"training labels must be \(B,\)")):
+        with pytest.raises(OtltError, match=needle):
+            OTMixCallback(x, bad, 3)
+    with pytest.raises(OtltError, match="num_classes >= 2"):
+        OTMixCallback(x, y, 1)
+    assert OTMixCallback(x, y.tolist(), 3).otmix.class_counts == (24, 12, 6)  # a list is fine

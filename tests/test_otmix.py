@@ -13,6 +13,7 @@ import otlt.mixing.otmix as otmix_module
 from conftest import sets, tiny_overrides
 from otlt.cli import main
 from otlt.engine.checkpoint import load_checkpoint
+from otlt.errors import OtltError
 from otlt.mixing import OTMix, create_mixer, otmix_cost
 from otlt.models import create_model
 from otlt.transport import sinkhorn
@@ -264,6 +265,31 @@ def test_a_partner_batch_on_another_device_is_refused_before_the_features():
     assert calls == []
 
 
+def test_partner_images_unlike_the_bases_and_counts_of_another_length_are_one_line():
+    """A float64 partner batch used to meet the float32 model inside the feature pass, a
+    5-D batch inside conv2d, and class counts for 6 classes an OTMix of 4 silently."""
+    x_base, y_base, x_partner, y_partner = make_batches()
+    calls = []
+
+    def embed(images):
+        calls.append(images.dtype)
+        return images.mean(dim=(2, 3))
+
+    for xb, xp, needle in (
+            (x_base, x_partner.double(), r"OTMix: partner images \(32, 3, 16, 16\) "
+                                          r"torch.float64 must match the base images'"),
+            (x_base, x_partner[:, :, :8], r"must match the base images' \(C, H, W\)"),
+            (x_base[None], x_partner, r"OTMix takes a batch of images \(B, C, H, W\), got "
+                                      r"\(1, 32, 3, 16, 16\)")):
+        with pytest.raises(OtltError, match=needle):
+            OTMix(num_classes=4)(xb, y_base, xp, y_partner, generator=torch.Generator(),
+                                 embed=embed)
+    assert calls == []
+    with pytest.raises(OtltError, match="class_counts has 6 entries for num_classes=4"):
+        OTMix(class_counts=[1, 2, 3, 4, 5, 6], num_classes=4)
+    assert OTMix(class_counts=[5, 1]).num_classes == 2
+
+
 def test_sample_plan_artifact_at_chosen_epoch():
     x_base, y_base, x_partner, y_partner = make_batches()
     mixer = OTMix(num_classes=4, plan_epochs=[2], plan_size=5)
@@ -412,8 +438,6 @@ def test_softmax_selection_is_in_effect_uniform_random_pairing():
 
 def test_otmix_without_features_refuses_instead_of_pairing_at_random():
     """Issue 32 item 5: no model= / embed= used to turn OT epochs into CMO silently."""
-    from otlt.errors import OtltError
-
     x_base, y_base, x_partner, y_partner = make_batches(b=8)
     mixer = OTMix(num_classes=4)
     for ot in (True, False):  # a random epoch refuses too: the run fails at its first batch

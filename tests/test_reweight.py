@@ -194,8 +194,37 @@ def test_reweighter_labels_outside_the_classes_are_refused():
     with pytest.raises(OtltError, match=r"labels must be in \[0, 3\) for num_classes=3, "
                                         r"got 0 to 3"):
         OTReweighter(torch.tensor([0, 1, 2, 3]), 3)
-    with pytest.raises(OtltError, match=r"needs labels \(N,\), got \(2, 2\)"):
+    with pytest.raises(OtltError, match=r"training labels must be \(B,\), got \(2, 2\)"):
         OTReweighter(torch.zeros(2, 2, dtype=torch.long), 3)
+    with pytest.raises(OtltError, match="training labels must be integer class indices"):
+        OTReweighter(torch.tensor([0.0, 1.0, 2.0]), 3)
+    assert OTReweighter([0, 1, 2, 1], 3).labels.tolist() == [0, 1, 2, 1]  # a list is fine
+
+
+def test_meta_and_batch_labels_are_checked_before_they_meet_the_cost():
+    """Labels a cost would compare as given (shifted, float, another example's) are refused
+    in one line: wrong ones silently changed the weights before."""
+    gen = torch.Generator().manual_seed(13)
+    feats, labels = _clusters([6, 3, 3], 4, gen)
+    meta_z, meta_y = _clusters([2, 2, 2], 4, gen)
+    rw = OTReweighter(labels, 3)
+    for bad, needle in ((meta_y + 1, r"meta labels must be class indices in \[0, 3\), got 3"),
+                        (meta_y.float(), "meta labels must be integer class indices"),
+                        (meta_y[:5], "one label per meta example: 6 features, 5 labels")):
+        with pytest.raises(OtltError, match=needle):
+            rw.set_meta(meta_z, bad)
+    rw.set_meta(meta_z, meta_y.tolist())  # a list is fine
+    idx = torch.tensor([0, 6, 9])
+    before = rw.raw.clone()
+    for bad, needle in ((labels[idx] + 10, r"batch labels must be class indices in \[0, 3\)"),
+                        (labels[idx] - 5, r"batch labels must be class indices in \[0, 3\)"),
+                        (labels[idx].float(), "batch labels must be integer class indices"),
+                        (labels[idx].flip(0), "labels must be the training labels of indices")):
+        with pytest.raises(OtltError, match=needle):
+            rw.step(feats[idx], bad, idx)
+    assert torch.equal(rw.raw, before)  # no step was taken
+    rw.step(feats[idx], labels[idx].int(), idx)  # int32 labels are cast
+    assert not torch.equal(rw.raw, before)
 
 
 def test_a_batch_that_cannot_meet_the_meta_set_is_one_line():

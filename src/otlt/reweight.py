@@ -52,6 +52,7 @@ from torch import Tensor
 
 from otlt.config import REWEIGHT_CHOICES
 from otlt.errors import OtltError, require, require_choice
+from otlt.labels import check_labels
 from otlt.losses import class_balanced_weights
 from otlt.transport import entropic_ot_value, sinkhorn
 
@@ -161,13 +162,14 @@ class OTReweighter:
         require_choice("gradient", gradient, GRADIENTS)
         require(eps > 0 and lr > 0, f"eps and lr must be > 0, got eps={eps}, lr={lr}")
         require(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
-        self.labels = labels.long()
+        labels = torch.as_tensor(labels)  # a list or a NumPy array too
+        self.labels = check_labels(labels, "OTReweighter training")
         self.num_classes = num_classes
-        require(labels.dim() == 1, f"OTReweighter needs labels (N,), got {tuple(labels.shape)}")
         if labels.numel():
             low, high = int(self.labels.min()), int(self.labels.max())
             require(low >= 0 and high < num_classes, f"OTReweighter labels must be in "
                     f"[0, {num_classes}) for num_classes={num_classes}, got {low} to {high}")
+        self._classes: dict[torch.device, Tensor] = {}
         self.feature_weight = _FEATURE_WEIGHT.get(cost, feature_weight)
         self.label_distance = label_distance
         self.eps, self.max_iter, self.tol, self.gradient = eps, max_iter, tol, gradient
@@ -194,6 +196,10 @@ class OTReweighter:
         class's features (every class needs one meta example), else each point is kept.
         """
         features = features.detach()
+        labels = check_labels(torch.as_tensor(labels).cpu(), "OTReweighter meta",
+                              torch.arange(self.num_classes)).to(features.device)
+        require(len(labels) == len(features), f"OTReweighter.set_meta needs one label per "
+                f"meta example: {len(features)} features, {len(labels)} labels")
         if prototypes:
             features, labels = class_prototypes(features, labels, self.num_classes)
         self.meta_features, self.meta_labels = features, labels
@@ -204,12 +210,20 @@ class OTReweighter:
         require(self.meta_features is not None, "OTReweighter.set_meta must be called before "
                                                 "the first step (the meta distribution)")
         _check_batch(features, labels, raw, self.meta_features)
+        labels = check_labels(labels, "OTReweighter batch", self._class_index(labels.device))
         cost = reweight_cost(self.meta_features, self.meta_labels, features.detach(), labels,
                              num_classes=self.num_classes, feature_weight=self.feature_weight,
                              label_distance=self.label_distance)
         return ot_reweight_loss(cost, torch.softmax(raw, 0), eps=self.eps,
                                 max_iter=self.max_iter, tol=self.tol, gradient=self.gradient,
                                 check_marginals=False)  # a softmax: no host read to check it
+
+    def _class_index(self, device: torch.device) -> Tensor:
+        """``arange(K)`` on ``device``, made once: the batch labels' range check indexes it
+        (:func:`otlt.labels.check_labels`: no host read)."""
+        if device not in self._classes:
+            self._classes[device] = torch.arange(self.num_classes, device=device)
+        return self._classes[device]
 
     def step(self, features: Tensor, labels: Tensor, indices: Tensor) -> Tensor:
         """Take one SGD step on the batch's raw weights; return its ``(B,)`` loss weights.
@@ -222,13 +236,25 @@ class OTReweighter:
         ``sum_i |softmax(w_B')_i - softmax(w_B)_i|`` the step made (how far it moved the
         batch's weight distribution; 0 <= change <= 2).
 
+        ``labels`` are the examples' training labels, ``labels[i] == train_labels[indices[i]]``;
+        on the CPU a batch whose labels differ is refused (elsewhere the comparison would cost
+        a host read every step, so there only labels outside ``[0, K)`` are caught, as
+        :func:`otlt.labels.check_labels` says).
+
         Nothing is read back to the host outside Sinkhorn's convergence tests, so nothing
-        here can see a raw weight that became infinite (a far too large ``lr``): the batch's
-        weights then turn NaN and stay so. The engine stops such a run at the epoch's end
-        (its loss check); in a loop of your own, check ``last_loss`` now and then
-        (``torch.isfinite``).
+        here can see a far too large ``lr``: each step then throws the batch's raw weights
+        further apart, the returned weights turn one-hot (flipping from step to step,
+        :attr:`last_change` near its maximum 2) and, once a raw weight overflows, NaN. The
+        engine stops a run whose loss is not finite at the epoch's end; in a loop of your
+        own, watch ``last_change`` and ``last_loss`` (``torch.isfinite``) now and then.
         """
         idx = indices.to(self.raw.device)
+        if idx.device.type == "cpu" and isinstance(labels, Tensor) and \
+                labels.device.type == "cpu":  # no host read: compare them to the indices'
+            checked = check_labels(labels, "OTReweighter batch", self._class_index(idx.device))
+            if checked.shape == idx.shape and not torch.equal(checked, self.labels[idx]):
+                raise OtltError("OTReweighter.step: labels must be the training labels of "
+                                "indices (labels[i] == train_labels[indices[i]]); they differ")
         w = self.raw[idx].clone().requires_grad_(True)
         with torch.enable_grad():
             loss = self.ot_loss(features, labels, w)

@@ -60,6 +60,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                       "checkout)") from exc
 
 from otlt.errors import OtltError, is_integer, require, warn_renamed
+from otlt.labels import check_labels
 from otlt.metrics import confusion_matrix
 from otlt.mixing import MixedBatch, MixRecipe, OTMix
 from otlt.models.features import has_features
@@ -154,7 +155,13 @@ class OTMixCallback(Callback):
         require(is_integer(confusion_dataloader) and confusion_dataloader >= 0,
                 f"OTMixCallback(confusion_dataloader=) is the index of a validation "
                 f"dataloader (0, 1, ...), not {confusion_dataloader!r}")
-        self.images, self.labels = train_images, train_labels.long()
+        require(is_integer(num_classes) and num_classes >= 2,
+                f"OTMixCallback needs num_classes >= 2, got {num_classes!r}")
+        labels = torch.as_tensor(train_labels)
+        # Read once here: a label out of range would otherwise surface at the first mixed
+        # batch, epochs into the run (skip_first), deep inside the training step.
+        check_labels(labels.cpu(), "OTMixCallback training", torch.arange(num_classes))
+        self.images, self.labels = train_images, labels.long()
         counts = torch.bincount(self.labels.cpu(), minlength=num_classes).tolist()
         self.otmix = OTMix(class_counts=counts, num_classes=num_classes, **otmix_options)
         self.recipe = MixRecipe(self.otmix, self.labels, prob=prob, skip_first=skip_first,

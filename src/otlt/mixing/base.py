@@ -19,6 +19,7 @@ from otlt.mixing.plan import (
     box_lam,
     check_generator,
     check_model_inputs,
+    check_partner_images,
     sample_cutmix_box,
     sample_lam,
 )
@@ -132,10 +133,14 @@ class Mixer:
 
     def check_inputs(self, x: torch.Tensor, x_partner: torch.Tensor | None = None) -> None:
         """Refuse images that are not model inputs ``(B, C, H, W)``: the loaders' uint8
-        ``(B, H, W, 3)`` and, with ``floating_inputs``, integer images of any layout."""
+        ``(B, H, W, 3)`` and, with ``floating_inputs``, integer images of any layout; and
+        partner images unlike the base images (``check_partner_images``), before any
+        feature pass meets them."""
         for images in (x, x_partner):
             if images is not None:
                 check_model_inputs(images, type(self).__name__, floating=self.floating_inputs)
+        if x_partner is not None:
+            check_partner_images(x, x_partner, type(self).__name__)
 
     def plan(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
              y_partner: torch.Tensor | None = None, *,

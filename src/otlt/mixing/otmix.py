@@ -32,14 +32,10 @@ from typing import Any, ClassVar
 import torch
 
 from otlt.errors import OtltError, is_integer, require, require_choice, warn_renamed
+from otlt.labels import check_labels
 from otlt.mixing.base import Mixer, check_knobs, draw_pairs, register_mixer
 from otlt.mixing.cost import DISTANCES, class_affinity, combine_cost, sample_cost
-from otlt.mixing.plan import (
-    MixPlan,
-    check_labels,
-    check_one_device,
-    with_saliency_box,
-)
+from otlt.mixing.plan import MixPlan, check_one_device, with_saliency_box
 from otlt.mixing.plan_samples import PlanSamples
 from otlt.models.features import FEATURE_MODES, feature_fn
 from otlt.transport import assignment, sinkhorn
@@ -129,6 +125,9 @@ class OTMix(Mixer):
         self.class_counts = tuple(int(c) for c in self.class_counts)
         self.num_classes = self.num_classes or len(self.class_counts)
         require(self.num_classes >= 2, f"OTMix needs num_classes >= 2, got {self.num_classes}")
+        require(not self.class_counts or len(self.class_counts) == self.num_classes,
+                f"OTMix class_counts has {len(self.class_counts)} entries for num_classes="
+                f"{self.num_classes}: one count per class")
         require(self.eps > 0, f"eps must be > 0, got {self.eps}")
         require(is_integer(self.check_every) and self.check_every >= 1,
                 f"check_every must be a positive integer, got {self.check_every!r}")
@@ -216,13 +215,11 @@ class OTMix(Mixer):
         self.ot_epoch = bool(state.get("ot_epoch", self.ot_epoch))
         self._plan_samples.load_state_dict(state.get("plans_served"))
 
-    def recalibration_copy(self) -> OTMix:
-        """A deep copy that keeps no small plans (``plan_epochs``): a plan drawn from a
-        recalibration batch would be thrown away, and its solve is the only work those
-        batches do that training's do not (it changes no draw)."""
+    def recalibration_copy(self) -> Mixer:
+        """A deep copy that keeps no small plans (``plan_epochs``; their solve changes no
+        draw, and a plan of a recalibration batch would be thrown away)."""
         clone = super().recalibration_copy()
-        assert isinstance(clone, OTMix)
-        clone._plan_samples = PlanSamples(())
+        clone._plan_samples = PlanSamples(())  # type: ignore[attr-defined]
         return clone
 
     # ---- planning ----------------------------------------------------------------------

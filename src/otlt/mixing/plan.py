@@ -11,6 +11,7 @@ import torch
 from scipy.special import betaincinv
 
 from otlt.errors import OtltError, require, warn_renamed
+from otlt.labels import check_labels
 
 Box = tuple[int, int, int, int]
 """A box ``(y0, y1, x0, x1)``: rows ``y0:y1`` and columns ``x0:x1`` (half-open)."""
@@ -233,42 +234,26 @@ TO_MODEL_INPUTS = ("uint8 (B, H, W, 3) images, as otlt's loaders keep them, beco
 
 
 def check_model_inputs(x: torch.Tensor, what: str, floating: bool = False) -> None:
-    """Refuse images in the loaders' layout, ``(B, H, W, 3)``, where a mixer expects model
-    inputs ``(B, C, H, W)`` (a CutMix box would be cut across width and channels), and,
-    with ``floating``, integer images where features are computed (OTMix's cost)."""
-    nhwc = x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3)
+    """Refuse images that are not a batch ``(B, C, H, W)`` (one image, a video clip), images
+    in the loaders' layout, ``(B, H, W, 3)``, where a mixer expects model inputs (a CutMix
+    box would be cut across width and channels), and, with ``floating``, integer images
+    where features are computed (OTMix's cost)."""
+    if x.ndim != 4:
+        raise OtltError(f"{what} takes a batch of images (B, C, H, W), got {tuple(x.shape)}")
+    nhwc = x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3)
     if nhwc or (floating and not x.is_floating_point()):
         raise OtltError(f"{what} takes model inputs, float (B, C, H, W); got {x.dtype} "
                         f"{tuple(x.shape)}: {TO_MODEL_INPUTS}")
 
 
-def check_labels(y: torch.Tensor, what: str, classes: torch.Tensor | None = None) -> torch.Tensor:
-    """``y`` as int64 class indices ``(B,)``. Refused: float, bool and uint8 labels (the
-    last two index as masks), labels not of shape ``(B,)`` and, given ``classes``
-    (``arange(K)`` on ``y``'s device, kept by the caller so a step builds no new one), labels
-    outside ``[0, K)``.
-
-    The range is checked by ``classes.index_select(0, y)``, not by reading ``y.min()`` and
-    ``y.max()`` (a host sync every batch on a GPU): on the CPU it raises at once, negative
-    labels included (plain indexing would wrap -1 to the last class), and the message then
-    names a bad label; on CUDA it is expected to be a device-side assert, which ends the
-    process's CUDA context, and ROCm builds without device asserts and MPS may not check at
-    all, so check a dataset's labels before a GPU run."""
-    if y.is_floating_point() or y.is_complex() or y.dtype in (torch.bool, torch.uint8):
-        raise OtltError(f"{what} labels must be integer class indices (int64), got {y.dtype}; "
-                        "soft targets are what a mixer returns, not what it takes")
-    if y.dim() != 1:
-        raise OtltError(f"{what} labels must be (B,), got {tuple(y.shape)}")
-    y = y.long()
-    if classes is None:
-        return y
-    try:
-        return classes.index_select(0, y)
-    except IndexError:
-        k = len(classes)
-        bad = y[(y < 0) | (y >= k)]  # read only to name it: the batch is refused anyway
-        raise OtltError(f"{what} labels must be class indices in [0, {k}), got "
-                        f"{int(bad[0]) if len(bad) else 'an index out of range'}") from None
+def check_partner_images(x: torch.Tensor, x_partner: torch.Tensor, what: str) -> None:
+    """Refuse partner images whose ``(C, H, W)`` or dtype differ from the base images' (the
+    batch size may differ: a mixer draws its partners among them; devices:
+    :func:`check_one_device`)."""
+    if x_partner.shape[1:] != x.shape[1:] or x_partner.dtype != x.dtype:
+        raise OtltError(f"{what}: partner images {tuple(x_partner.shape)} {x_partner.dtype} "
+                        f"must match the base images' (C, H, W) and dtype, {tuple(x.shape)} "
+                        f"{x.dtype}")
 
 
 def check_one_device(**tensors: torch.Tensor) -> None:
@@ -303,11 +288,8 @@ def apply_plan(plan: MixPlan, x: torch.Tensor, y: torch.Tensor,
     check_batch(x, y, "base")
     check_batch(x_partner, y_partner, "partner")
     y, y_partner = check_labels(y, "base"), check_labels(y_partner, "partner")
-    if x_partner.shape[1:] != x.shape[1:] or x_partner.dtype != x.dtype \
-            or x_partner.device != x.device:
-        raise ValueError(f"partner images {tuple(x_partner.shape)} {x_partner.dtype} "
-                         f"{x_partner.device} must match base images' (C, H, W), dtype, device "
-                         f"{tuple(x.shape)} {x.dtype} {x.device}")
+    check_partner_images(x, x_partner, "apply_plan")
+    check_one_device(x=x, x_partner=x_partner)
     device = x.device
     base_index = plan.base_index.to(device, non_blocking=True)
     partner = plan.partner_index.to(device, non_blocking=True)
