@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from types import SimpleNamespace
 
@@ -359,3 +360,22 @@ def test_training_labels_outside_the_classes_are_refused_when_the_callback_is_bu
     with pytest.raises(OtltError, match="num_classes >= 2"):
         OTMixCallback(x, y, 1)
     assert OTMixCallback(x, y.tolist(), 3).otmix.class_counts == (24, 12, 6)  # a list is fine
+
+
+def test_an_epoch_without_ot_batches_logs_nan_not_the_last_ot_epochs_numbers(tmp_path):
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=14)
+    callback = OTMixCallback(x, y, 3, prob=1.0, skip_first=0, skip_last=1, mu=0.0)
+    seen = []
+
+    class Recorder(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append({k: float(v) for k, v in trainer.callback_metrics.items()
+                         if k.startswith("otmix/")})
+
+    trainer = _trainer(tmp_path, callback, epochs=2, callbacks=[callback, Recorder()])
+    trainer.fit(_Module(callback), loader)
+    assert seen[0]["otmix/mixed_batches"] == len(loader) and seen[0]["otmix/ot_mean_cost"] > 0
+    assert seen[1]["otmix/mixed_batches"] == 0  # skip_last: the last epoch mixes nothing
+    assert math.isnan(seen[1]["otmix/ot_mean_cost"])
+    assert math.isnan(seen[1]["otmix/same_class_pair_fraction"])

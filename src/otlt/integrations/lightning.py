@@ -9,7 +9,8 @@ draws the OT-or-random switch each epoch, builds the validation confusion matrix
 first validation dataloader's batches (``confusion_dataloader`` picks another; one extra
 forward pass of each, read back to the host once per validation; not the sanity check's;
 summed over the ranks under DDP, tested with two gloo processes on the CPU), hands it to
-OTMix when the training epoch ends, logs the mixing statistics, and saves OTMix's state
+OTMix when the training epoch ends, logs the mixing statistics (``otmix/<name>``; NaN for a
+number an epoch has none of, e.g. ``ot_mean_cost`` without an OT batch), and saves OTMix's state
 (confusion matrix, epoch, OT-or-random switch, plans served, and a validation confusion not
 yet handed over) and its generator in Lightning checkpoints, so a run resumed from a
 checkpoint saved at an epoch's end mixes as the uninterrupted one would (one saved mid-epoch
@@ -109,6 +110,11 @@ def _images_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         raise OtltError(f"OTMixCallback cannot read images and labels from a validation batch "
                         f"of type {type(batch).__name__}; give it unpack=lambda batch: "
                         "(images, labels)") from None
+
+
+EPOCH_STATISTICS = ("ot_batch_fraction", "same_class_pair_fraction", "ot_mean_cost",
+                    "ot_mean_iters", "ot_converged_fraction")
+"""OTMix's per-epoch numbers the callback logs every epoch (NaN where an epoch has none)."""
 
 
 class OTMixCallback(Callback):
@@ -271,8 +277,11 @@ class OTMixCallback(Callback):
         self._confusion = None  # an epoch without validation keeps the matrix OTMix holds
         scalars = {f"otmix/{k}": float(v) for k, v in stats.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if scalars:
-            pl_module.log_dict(scalars, on_epoch=True)
+        # An epoch with no OT batch (or nothing mixed) has no such number: NaN, so a logger
+        # does not keep showing the last OT epoch's value beside this epoch's counts.
+        for key in EPOCH_STATISTICS:
+            scalars.setdefault(f"otmix/{key}", math.nan)
+        pl_module.log_dict(scalars, on_epoch=True)
 
     # ---- checkpoints -----------------------------------------------------------------------
     @property
