@@ -85,6 +85,9 @@ def test_model_confusion_takes_uint8_nhwc_or_float_nchw_and_refuses_the_rest():
     for bad in (images.permute(0, 3, 1, 2), images.float()[..., 0]):
         with pytest.raises(OtltError, match="must be"):
             model_confusion(model, bad, labels, 3)
+    for bad_images, bad_labels in ((images[:0], labels[:0]), (images, labels[:5])):
+        with pytest.raises(OtltError, match="one label per image and at least one image"):
+            model_confusion(model, bad_images, bad_labels, 3)
 
 
 def test_mixers_refuse_the_loaders_uint8_nhwc_layout_in_one_line():

@@ -12,7 +12,7 @@ from otlt.amp import autocast
 from otlt.data.augment import eval_transform
 from otlt.engine.distributed import all_reduce_sum, rank, world_size
 from otlt.engine.runtime import DeviceSplit
-from otlt.errors import OtltError
+from otlt.errors import OtltError, require
 from otlt.metrics import confusion_matrix
 
 
@@ -98,6 +98,8 @@ def model_confusion(model: torch.nn.Module, images: torch.Tensor, labels: torch.
     else:
         raise OtltError(f"images must be uint8 (N, H, W, 3) or float (N, C, H, W), got "
                         f"{images.dtype} {tuple(images.shape)}")
+    require(len(images) == len(labels) > 0, f"model_confusion needs one label per image and "
+            f"at least one image, got {len(images)} images and {len(labels)} labels")
     batches = ((prepare(images[i:i + batch_size].to(device)),
                 labels[i:i + batch_size].to(device)) for i in range(0, len(labels), batch_size))
     return evaluate_batches(model, batches, num_classes, amp_dtype,
