@@ -35,6 +35,16 @@ def test_phi_below_one_is_rejected(bad):
         long_tailed_counts(10, 5000, bad)
 
 
+@pytest.mark.parametrize("profile", ["exp", "step"])
+def test_a_profile_that_leaves_a_class_empty_is_refused_with_the_n_max_that_fits(profile):
+    """n_max=30 at phi=100 gave the tail classes no image, refused only later by the loss
+    ("class_counts must be positive integers") without naming the knob."""
+    with pytest.raises(OtltError, match=r"n_max=30 with imbalance ratio 100 leaves class\(es\) "
+                                        r"\[.*9\] without a training image.*at least 100"):
+        long_tailed_counts(10, 30, 100, profile=profile)
+    assert min(long_tailed_counts(10, 100, 100, profile=profile)) == 1
+
+
 def _labels(per_class=200, k=5):
     return np.repeat(np.arange(k), per_class)
 

@@ -12,6 +12,7 @@ set from the remaining pool, with each class count capped by its pool size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,9 +44,16 @@ def long_tailed_counts(num_classes: int, n_max: int, imbalance_ratio: float,
         if num_classes == 1:
             return [n_max]
         inv = 1.0 / imbalance_ratio
-        return [int(n_max * inv ** (k / (num_classes - 1))) for k in range(num_classes)]
-    half = num_classes // 2  # "step"
-    return [n_max] * half + [int(n_max / imbalance_ratio)] * (num_classes - half)
+        counts = [int(n_max * inv ** (k / (num_classes - 1))) for k in range(num_classes)]
+    else:  # "step"
+        half = num_classes // 2
+        counts = [n_max] * half + [int(n_max / imbalance_ratio)] * (num_classes - half)
+    empty = [k for k, c in enumerate(counts) if c == 0]
+    require(not empty, f"n_max={n_max} with imbalance ratio {imbalance_ratio:g} leaves "
+                       f"class(es) {empty} without a training image (the rarest class gets "
+                       f"n_max / ratio): raise n_max to at least {math.ceil(imbalance_ratio)} "
+                       f"or lower the ratio")
+    return counts
 
 
 @dataclass
