@@ -279,6 +279,18 @@ def test_apply_plan_supports_otmix_style_pairing() -> None:
     assert out.lam[0] == 0.75
 
 
+@pytest.mark.parametrize("mixer", all_mixers()[1:], ids=lambda m: f"{m.name}")
+def test_refused_labels_and_partners_name_the_mixer(mixer) -> None:
+    x, y = torch.rand(6, 3, 8, 8, generator=gen(3)), torch.tensor([0, 1, 2, 3, 0, 1])
+    name = type(mixer).__name__
+    with pytest.raises(OtltError, match=rf"^{name} base labels must be integer class indices"):
+        call(mixer, x, y.float(), x, y)
+    if mixer.needs_partner_batch:
+        with pytest.raises(OtltError, match=rf"^{name}: partner images \(6, 3, 8, 8\) "
+                                            r"torch.float64 must match"):
+            call(mixer, x, y, x.double(), y)
+
+
 # ----------------------------------------------------------------------------- devices
 
 

@@ -153,7 +153,7 @@ class Mixer:
               y_partner: torch.Tensor | None = None) -> MixedBatch:
         """Execute ``plan`` on the batch (deterministic, on the batch's device)."""
         self._check_partner(x_partner, y_partner)
-        return apply_plan(plan, x, y, x_partner, y_partner)
+        return apply_plan(plan, x, y, x_partner, y_partner, name=type(self).__name__)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, x_partner: torch.Tensor | None = None,
                  y_partner: torch.Tensor | None = None, *, generator: torch.Generator,

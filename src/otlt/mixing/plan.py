@@ -273,22 +273,23 @@ def check_batch(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
 
 def apply_plan(plan: MixPlan, x: torch.Tensor, y: torch.Tensor,
                x_partner: torch.Tensor | None = None,
-               y_partner: torch.Tensor | None = None) -> MixedBatch:
+               y_partner: torch.Tensor | None = None, *, name: str = "apply_plan") -> MixedBatch:
     """Mix a batch as ``plan`` says; the partner batch defaults to the base batch itself.
 
     ``x``: ``(N, C, H, W)`` base images, ``y``: ``(N,)`` labels; ``x_partner``, ``y_partner``:
     ``(N', C, H, W)``, ``(N',)``. The output has ``plan.batch_size`` rows on ``x``'s device
     and dtype. The inputs are never modified; when no row is mixed and ``base_index`` is the
-    identity the returned images are ``x`` itself.
+    identity the returned images are ``x`` itself. ``name`` (the mixer's) begins the
+    messages of refused inputs.
     """
     if x_partner is None:
         x_partner, y_partner = x, y
     if y_partner is None:
         raise ValueError("y_partner is required with x_partner")
-    check_batch(x, y, "base")
-    check_batch(x_partner, y_partner, "partner")
-    y, y_partner = check_labels(y, "base"), check_labels(y_partner, "partner")
-    check_partner_images(x, x_partner, "apply_plan")
+    check_batch(x, y, f"{name} base")
+    check_batch(x_partner, y_partner, f"{name} partner")
+    y, y_partner = check_labels(y, f"{name} base"), check_labels(y_partner, f"{name} partner")
+    check_partner_images(x, x_partner, name)
     check_one_device(x=x, x_partner=x_partner)
     device = x.device
     base_index = plan.base_index.to(device, non_blocking=True)
