@@ -222,6 +222,8 @@ def test_meta_and_batch_labels_are_checked_before_they_meet_the_cost():
                         (labels[idx].flip(0), "labels must be the training labels of indices")):
         with pytest.raises(OtltError, match=needle):
             rw.step(feats[idx], bad, idx)
+    with pytest.raises(OtltError, match="indices must be positions in the training set, 0 to 11"):
+        rw.step(feats[idx], labels[idx], idx + 10)
     assert torch.equal(rw.raw, before)  # no step was taken
     rw.step(feats[idx], labels[idx].int(), idx)  # int32 labels are cast
     assert not torch.equal(rw.raw, before)

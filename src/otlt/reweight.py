@@ -249,13 +249,17 @@ class OTReweighter:
         own, watch ``last_change`` and ``last_loss`` (``torch.isfinite``) now and then.
         """
         idx = indices.to(self.raw.device)
+        try:  # on the CPU a position past the training set raises here (CUDA: device assert)
+            w = self.raw[idx].clone().requires_grad_(True)
+        except IndexError:
+            raise OtltError(f"OTReweighter.step: indices must be positions in the training "
+                            f"set, 0 to {len(self.raw) - 1}") from None
         if idx.device.type == "cpu" and isinstance(labels, Tensor) and \
                 labels.device.type == "cpu":  # no host read: compare them to the indices'
             checked = check_labels(labels, "OTReweighter batch", self._class_index(idx.device))
             if checked.shape == idx.shape and not torch.equal(checked, self.labels[idx]):
                 raise OtltError("OTReweighter.step: labels must be the training labels of "
                                 "indices (labels[i] == train_labels[indices[i]]); they differ")
-        w = self.raw[idx].clone().requires_grad_(True)
         with torch.enable_grad():
             loss = self.ot_loss(features, labels, w)
             (grad,) = torch.autograd.grad(loss, w)
