@@ -207,10 +207,19 @@ class OTReweighter:
     # ---- the OT step -------------------------------------------------------------------
     def ot_loss(self, features: Tensor, labels: Tensor, raw: Tensor) -> Tensor:
         """Return ``OT_ε(μ, softmax(raw), C)`` for a batch ``(B, D)``, differentiable in ``raw``."""
+        return self._loss(features, self._batch_labels(features, labels, raw), raw)
+
+    def _batch_labels(self, features: Tensor, labels: Tensor, raw: Tensor) -> Tensor:
+        """The batch's labels as int64 class indices, once the batch is known to meet the meta
+        set (:func:`_check_batch`, :func:`otlt.labels.check_labels`: no host read)."""
         require(self.meta_features is not None, "OTReweighter.set_meta must be called before "
                                                 "the first step (the meta distribution)")
+        assert self.meta_features is not None
         _check_batch(features, labels, raw, self.meta_features)
-        labels = check_labels(labels, "OTReweighter batch", self._class_index(labels.device))
+        return check_labels(labels, "OTReweighter batch", self._class_index(labels.device))
+
+    def _loss(self, features: Tensor, labels: Tensor, raw: Tensor) -> Tensor:
+        """:meth:`ot_loss` of a batch whose labels :meth:`_batch_labels` gave."""
         cost = reweight_cost(self.meta_features, self.meta_labels, features.detach(), labels,
                              num_classes=self.num_classes, feature_weight=self.feature_weight,
                              label_distance=self.label_distance)
@@ -254,14 +263,13 @@ class OTReweighter:
         except IndexError:
             raise OtltError(f"OTReweighter.step: indices must be positions in the training "
                             f"set, 0 to {len(self.raw) - 1}") from None
-        if idx.device.type == "cpu" and isinstance(labels, Tensor) and \
-                labels.device.type == "cpu":  # no host read: compare them to the indices'
-            checked = check_labels(labels, "OTReweighter batch", self._class_index(idx.device))
-            if checked.shape == idx.shape and not torch.equal(checked, self.labels[idx]):
-                raise OtltError("OTReweighter.step: labels must be the training labels of "
-                                "indices (labels[i] == train_labels[indices[i]]); they differ")
+        labels = self._batch_labels(features, labels, w)
+        if idx.device.type == "cpu" and labels.device.type == "cpu" and \
+                not torch.equal(labels, self.labels[idx]):  # no host read: compare them
+            raise OtltError("OTReweighter.step: labels must be the training labels of "
+                            "indices (labels[i] == train_labels[indices[i]]); they differ")
         with torch.enable_grad():
-            loss = self.ot_loss(features, labels, w)
+            loss = self._loss(features, labels, w)
             (grad,) = torch.autograd.grad(loss, w)
         before = torch.softmax(w.detach(), 0)
         self._sgd(idx, grad.to(w.dtype))
