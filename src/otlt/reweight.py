@@ -245,10 +245,9 @@ class OTReweighter:
         ``sum_i |softmax(w_B')_i - softmax(w_B)_i|`` the step made (how far it moved the
         batch's weight distribution; 0 <= change <= 2).
 
-        ``labels`` are the examples' training labels, ``labels[i] == train_labels[indices[i]]``;
-        on the CPU a batch whose labels differ is refused (elsewhere the comparison would cost
-        a host read every step, so there only labels outside ``[0, K)`` are caught, as
-        :func:`otlt.labels.check_labels` says).
+        ``labels`` are the examples' training labels, ``labels[i] == train_labels[indices[i]]``.
+        Labels outside ``[0, K)`` are refused (:func:`otlt.labels.check_labels`); labels of
+        other examples are not caught: comparing them would cost a host read every step.
 
         Nothing is read back to the host outside Sinkhorn's convergence tests, so nothing
         here can see a far too large ``lr``: each step then throws the batch's raw weights
@@ -264,10 +263,6 @@ class OTReweighter:
             raise OtltError(f"OTReweighter.step: indices must be positions in the training "
                             f"set, 0 to {len(self.raw) - 1}") from None
         labels = self._batch_labels(features, labels, w)
-        if idx.device.type == "cpu" and labels.device.type == "cpu" and \
-                not torch.equal(labels, self.labels[idx]):  # no host read: compare them
-            raise OtltError("OTReweighter.step: labels must be the training labels of "
-                            "indices (labels[i] == train_labels[indices[i]]); they differ")
         with torch.enable_grad():
             loss = self._loss(features, labels, w)
             (grad,) = torch.autograd.grad(loss, w)
