@@ -172,6 +172,37 @@ def test_a_gpu_trained_run_is_evaluated_and_probed_on_the_cpu_with_device(
     assert record["top1_error"] == at_train["top1_error"]
     assert record["per_class_accuracy"] == at_train["per_class_accuracy"]
     assert digest(stored) == before  # --device is not written into the run's config
+    for command in (["eval", str(run)], ["probe", str(run), "--split", "test"]):
+        code, _, err = run_cli([*command, "--device", "tpu"], capsys)
+        assert_user_error(code, err, "--device must be auto, cpu or cuda[:N], got 'tpu'")
+        code, _, err = run_cli([*command, "--device", "cuda:0"], capsys)
+        assert_user_error(code, err, "--device cuda:0: no CUDA device", "use --device cpu")
+
+
+def test_a_moved_run_keeps_its_posthoc_results(tiny_zip, config, tmp_path, capsys,
+                                               monkeypatch):
+    """The results record the paths they read as typed; a run evaluated again under another
+    path (moved, copied, or named absolutely) holds the same numbers and is left alone,
+    not refused as "other numbers"."""
+    import shutil
+
+    out_dir = tmp_path / "runs"
+    run_cli(["train", "--config", str(config),
+             *sets(tiny_overrides(tiny_zip, out_dir, epochs=1))], capsys)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["eval", "runs/tiny"], capsys)[0] == 0
+    assert run_cli(["probe", "runs/tiny", "--split", "test", "--bn-stats", "running"],
+                   capsys)[0] == 0
+    moved = tmp_path / "elsewhere" / "tiny"
+    shutil.copytree(out_dir / "tiny", moved)
+    files = {name: (moved / name).read_bytes()
+             for name in ("eval_last_running.json", "probe_test.json")}
+    code, out, err = run_cli(["eval", str(moved)], capsys)
+    assert code == 0 and "holds these numbers already" in out, err
+    code, out, err = run_cli(["probe", str(moved), "--split", "test", "--bn-stats", "running"],
+                             capsys)
+    assert code == 0 and "holds these numbers already" in out, err
+    assert {name: (moved / name).read_bytes() for name in files} == files
 
 
 # ---- bad input: one line, exit 2, nothing damaged --------------------------------------

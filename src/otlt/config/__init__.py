@@ -52,7 +52,7 @@ from otlt.config.schema import (
     config_keys_markdown,
     to_dict,
 )
-from otlt.config.validate import validate
+from otlt.config.validate import is_device_name, validate
 
 __all__ = ["AMP_MODES", "BN_STATS", "DATASET_DEFAULTS", "PROFILES", "REWEIGHT_CHOICES",
            "SAFE_ON_RESUME", "SCHEDULES", "SELECT_METRICS",
@@ -61,4 +61,5 @@ __all__ = ["AMP_MODES", "BN_STATS", "DATASET_DEFAULTS", "PROFILES", "REWEIGHT_CH
            "ReweightConfig", "RunConfig", "TrainConfig", "apply_overrides", "build_config",
            "check_epoch_knobs", "config_keys_markdown", "config_source", "dump_config",
            "list_presets", "load_config", "load_raw", "mixer_params", "parse_override",
-           "preset_path", "presets_dir", "resolve_epochs", "to_dict", "validate"]
+           "preset_path", "presets_dir", "resolve_epochs", "to_dict", "validate",
+           "is_device_name"]

@@ -17,6 +17,12 @@ from otlt.config.schema import (
 from otlt.errors import require, require_choice
 
 
+def is_device_name(name: object) -> bool:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``: what ``train.device`` and ``--device`` take."""
+    return isinstance(name, str) and (name in ("auto", "cpu", "cuda") or (
+        name.startswith("cuda:") and name[5:].isdigit()))
+
+
 def validate(cfg: RunConfig, written_for: int | None = None) -> RunConfig:
     """Check value ranges that a type check cannot; return the config unchanged.
     ``written_for``: the run length the config file gave (:func:`check_epoch_knobs`)."""
@@ -65,7 +71,7 @@ def validate(cfg: RunConfig, written_for: int | None = None) -> RunConfig:
     for knob in ("prob", "fraction"):  # the engine owns these; one knob lives in one place
         require(knob not in cfg.mix.params, f"mix.params.{knob} is not a mixer parameter: "
                 f"the engine owns it; set mix.{knob} instead")
-    require(cfg.train.device in ("auto", "cpu", "cuda") or cfg.train.device.startswith("cuda:"),
+    require(is_device_name(cfg.train.device),
             f"train.device must be auto, cpu or cuda[:N], got {cfg.train.device!r}")
     require_choice("train.amp", cfg.train.amp, AMP_MODES)
     require(cfg.train.bn_stack >= 1, f"train.bn_stack must be >= 1, got {cfg.train.bn_stack}")

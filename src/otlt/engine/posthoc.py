@@ -26,7 +26,15 @@ import torch
 from tqdm import tqdm
 
 from otlt.atomic import write_text_atomic
-from otlt.config import BN_STATS, RunConfig, build_config, load_raw, resolve_epochs, validate
+from otlt.config import (
+    BN_STATS,
+    RunConfig,
+    build_config,
+    is_device_name,
+    load_raw,
+    resolve_epochs,
+    validate,
+)
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.preflight import check_components
 from otlt.engine.procedure import EvaluationProcedure, best_weights_file
@@ -128,6 +136,9 @@ def evaluation_procedure(run_dir: Path, last: dict[str, Any] | None,
     are read to the CPU, then moved); ``last``: its ``last.pt`` state (:func:`read_last`)."""
     cfg = run_config(run_dir, data_path, last)
     if device is not None:
+        require(is_device_name(device), f"--device must be auto, cpu or cuda[:N], got {device!r}")
+        require(not device.startswith("cuda") or torch.cuda.is_available(),
+                f"--device {device}: no CUDA device is available here; use --device cpu")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
     elif cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise OtltError(f"{run_dir} trained with train.device={cfg.train.device} but no CUDA "
@@ -287,9 +298,10 @@ def evaluate_run(target: Path, checkpoint: str = "last", bn_stats: str | None = 
 
 def write_result(path: Path, record: dict[str, Any], overwrite: bool = False) -> bool:
     """Write a JSON result and return True; an existing file is kept unless ``overwrite``:
-    left as it is (False) when it holds the same record but ``evaluated_with`` (the file
-    keeps where it was first computed), refused when it holds another one or cannot be read
-    as a result."""
+    left as it is (False) when it holds the same record but where it was computed and read
+    (:data:`WHERE_KEYS`: the file keeps its first, so a run moved or copied to another path
+    or machine keeps its results), refused when it holds another one or cannot be read as a
+    result."""
     if path.exists() and not overwrite:
         try:
             old = json.loads(path.read_text())
@@ -300,7 +312,7 @@ def write_result(path: Path, record: dict[str, Any], overwrite: bool = False) ->
         if not isinstance(old, dict):
             raise OtltError(f"{path} exists and holds no result record; choose another file "
                             "with --out or replace it with --overwrite")
-        if _without_provenance(old) == _without_provenance(new):
+        if _what(old) == _what(new):
             return False
         raise OtltError(f"{path} exists and holds other numbers ({_difference(old, new)}); "
                         "choose another file with --out or replace it with --overwrite")
@@ -308,8 +320,13 @@ def write_result(path: Path, record: dict[str, Any], overwrite: bool = False) ->
     return True
 
 
-def _without_provenance(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k != PROVENANCE_KEY}
+WHERE_KEYS = (PROVENANCE_KEY, "weights", "run")
+"""A result's keys that say where it was computed and from which path it read (the weights
+file, the run directory as typed), not what it holds."""
+
+
+def _what(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in WHERE_KEYS}
 
 
 def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -317,7 +334,7 @@ def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     too (device, hardware, CPU model, threads, torch, code: CPU bf16 numbers move with the
     threads and the bf16 instructions)."""
     keys = sorted(k for k in set(old) | set(new)
-                  if k != PROVENANCE_KEY and old.get(k) != new.get(k))
+                  if k not in WHERE_KEYS and old.get(k) != new.get(k))
     text = "differing: " + ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
     theirs, mine = old.get(PROVENANCE_KEY), new.get(PROVENANCE_KEY) or {}
     if not isinstance(theirs, dict):
