@@ -187,6 +187,18 @@ def test_a_shortened_short_preset_gets_a_fix_scaled_from_its_own_length():
         load_config(CONFIGS / "cifar10_lt_r100_drw.yaml", ["optim.epochs=60"])
 
 
+def test_otlt_train_scales_the_fix_from_the_presets_own_length(capsys):
+    """otlt train --preset / --config built the config without the file's length: the fix
+    for a _short preset at 3 epochs was scaled by 3/240 (milestones [0,0,0])."""
+    from otlt.cli import main
+
+    for source in (["--preset", "cifar10_lt_r100_drw_short"],
+                   ["--config", str(CONFIGS / "cifar10_lt_r100_drw_short.yaml")]):
+        assert main(["train", *source, "--set", "optim.epochs=15"]) == 2
+        assert "--set optim.milestones=[6,10,12] --set loss.params.drw_epoch=10 (scaled by " \
+               "15/30;" in capsys.readouterr().err
+
+
 def test_the_losses_default_drw_start_is_checked_by_the_preflight_not_the_config():
     """The config does not import the losses: ``loss.name=drw`` with its default start (160)
     loads, and the engine's preflight, which builds the loss before any data is read, refuses

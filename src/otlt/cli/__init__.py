@@ -51,8 +51,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from otlt.config import apply_overrides as _apply
-    from otlt.config import build_config, config_source, load_raw
+    from otlt.config import build_overridden, config_source, load_raw
     from otlt.engine.factory import create_trainer
     from otlt.engine.timelimit import TimeLimit
 
@@ -73,12 +72,12 @@ def cmd_train(args) -> int:
             raise OtltError(f"cannot resume: {config_path} does not exist (is {run_dir} an "
                             "otlt run directory?)")
         raw = load_raw(config_path)
-        changes = resume_changes(build_config(raw), build_config(_apply(raw, overrides)),
+        changes = resume_changes(build_overridden(raw), build_overridden(raw, overrides),
                                  run_dir)
     else:
         raw = load_raw(config_source(args.config, args.preset, resume_hint=True))
         run_dir = Path(args.run_dir) if args.run_dir else None
-    cfg = build_config(_apply(raw, overrides))
+    cfg = build_overridden(raw, overrides)
     trainer = create_trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
     say(f"otlt: run directory {trainer.run_dir}  device {trainer.device}  "
         f"amp {trainer.amp_dtype or 'off'}  train {len(trainer.feed)} images "

@@ -14,7 +14,7 @@ configs of one run). Everything is importable from ``otlt.config``.
 
 from __future__ import annotations
 
-from otlt.config.build import build_config, load_config
+from otlt.config.build import build_config, build_overridden, load_config
 from otlt.config.compare import (
     SAFE_ON_RESUME,
     config_changes,
@@ -62,4 +62,4 @@ __all__ = ["AMP_MODES", "BN_STATS", "DATASET_DEFAULTS", "PROFILES", "REWEIGHT_CH
            "check_epoch_knobs", "config_keys_markdown", "config_source", "dump_config",
            "list_presets", "load_config", "load_raw", "mixer_params", "parse_override",
            "preset_path", "presets_dir", "resolve_epochs", "to_dict", "validate",
-           "is_device_name"]
+           "build_overridden", "is_device_name"]

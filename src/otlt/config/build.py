@@ -86,12 +86,17 @@ def build_config(raw: dict, written_for: int | None = None) -> RunConfig:
     return validate(_build(RunConfig, raw, ""), written_for)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides. An
-    epoch-valued knob past a shortened run is refused with a fix scaled from the file's own
-    ``optim.epochs``."""
-    raw = load_raw(path) if path is not None else {}
+def build_overridden(raw: dict, overrides: list[str] | None = None) -> RunConfig:
+    """:func:`build_config` of a loaded config with ``--set`` overrides applied. An
+    epoch-valued knob past a shortened run is refused with a fix scaled from the config's
+    own ``optim.epochs`` (30 for a ``_short`` preset), not the overridden one."""
     optim = raw.get("optim")
     written = optim.get("epochs") if isinstance(optim, dict) else None
     return build_config(apply_overrides(raw, overrides or []),
                         written if is_integer(written) and written > 0 else None)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides
+    (:func:`build_overridden`)."""
+    return build_overridden(load_raw(path) if path is not None else {}, overrides)
