@@ -745,3 +745,27 @@ def test_one_integer_test_for_counts_epochs_and_indices():
             OTMixCallback(images, labels, 2, confusion_dataloader=bad)
         with pytest.raises(OtltError, match="num_classes must be an integer"):
             create_model("resnet32", num_classes=3.0 if isinstance(bad, float) else bad)
+
+
+def test_a_finished_run_is_shown_by_a_launch_of_another_world_size(stopped_run, capsys):
+    """A run trained by 2 processes, finished with its eval.json, is shown by a 1-process
+    resume (it trains nothing); an unfinished one, or one without its final record, is
+    still refused (the shards, and so the trajectory, depend on the world size)."""
+    def as_if_trained_by(world: int) -> None:
+        state = load_checkpoint(stopped_run / "last.pt")
+        state["world_size"] = world
+        save_atomic(state, stopped_run / "last.pt")
+
+    as_if_trained_by(2)
+    assert main(["train", "--resume", str(stopped_run)]) == 2
+    one_line_error(capsys, "was trained by 2 process(es)", "this launch has 1")
+    as_if_trained_by(1)
+    assert main(["train", "--resume", str(stopped_run)]) == 0
+    as_if_trained_by(2)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(stopped_run)]) == 0
+    assert "had trained all 3 epochs already" in capsys.readouterr().out
+    path = stopped_run / "eval.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "epoch": 1}))
+    assert main(["train", "--resume", str(stopped_run)]) == 2
+    one_line_error(capsys, "was trained by 2 process(es)")

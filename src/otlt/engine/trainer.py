@@ -175,7 +175,10 @@ class Trainer:
 
     def _load_state(self, state: dict[str, Any]) -> None:
         saved_world = int(state.get("world_size", 1))
-        require(saved_world == world_size(),
+        # A finished run with its eval.json trains nothing more: any launch may show it.
+        finished = int(state["epoch"]) + 1 >= self.cfg.optim.epochs
+        require(saved_world == world_size() or (
+                    finished and self.evaluation.stored_final() is not None),
                 f"{self.run_dir} was trained by {saved_world} process(es); resume it with "
                 f"the same number (this launch has {world_size()}): the shards, and so the "
                 "trajectory, depend on it")
