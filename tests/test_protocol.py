@@ -302,6 +302,10 @@ def test_eval_of_missing_weights_gives_one_line(runs, capsys):
                  ["--bn-stats", "precise"]):
         assert main(["eval", str(runs / "clean"), *args]) == 2
         one_line_error(capsys)
+    assert main(["eval", str(runs / "clean"), "--checkpoint", "epoch_099"]) == 2
+    one_line_error(capsys, "kept epochs: epoch_000, epoch_001, epoch_002)")
+    assert main(["eval", str(runs / "clean"), "--checkpoint", "/nowhere/last.pt"]) == 2
+    assert "(looked for /nowhere/last.pt; kept" in one_line_error(capsys)
 
 
 def test_probe_of_kept_weights_equals_the_in_run_probe_and_feeds_the_report(runs, tmp_path,

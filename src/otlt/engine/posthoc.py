@@ -82,11 +82,14 @@ def weights_path(run_dir: Path, checkpoint: str, last: dict[str, Any] | None = N
                       run_dir / "kept" / f"{checkpoint}.pt"]
     else:
         candidates = [Path(checkpoint), run_dir / checkpoint]
+    candidates = list(dict.fromkeys(candidates))  # an absolute path is both of the last two
     for path in candidates:
         if path.is_file():
             return path
+    kept = sorted(kept_weights(run_dir))
     raise OtltError(f"no weights for --checkpoint {checkpoint} in {run_dir} "
-                    f"(looked for {', '.join(str(p) for p in candidates)})")
+                    f"(looked for {', '.join(str(p) for p in candidates)}; kept epochs: "
+                    f"{', '.join(f'epoch_{e:03d}' for e in kept) or 'none'})")
 
 
 def read_last(run_dir: Path) -> dict[str, Any] | None:
