@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from conftest import load_script, one_line_error, sets, tiny_overrides
 from otlt.cli import main
+from otlt.engine import posthoc
 from otlt.engine import weights as weights_module
 from otlt.engine.checkpoint import load_checkpoint
 from otlt.engine.weights import load_weights, read_weights, save_weights, weights_epoch
@@ -316,6 +317,11 @@ def test_probe_of_kept_weights_equals_the_in_run_probe_and_feeds_the_report(runs
     rows = [line.split()[:2] for line in out.splitlines() if line.startswith("epoch_")]
     assert rows == [["epoch_001", "(2)"], ["epoch_002", "(3)"]]  # kept files' names, then from 1
     assert re.search(r"best balanced accuracy under train: epoch_00\d \(epoch \d\), ", out)
+    with pytest.MonkeyPatch.context() as mp:  # another probe in the file: refused before work
+        mp.setattr(posthoc, "evaluation_procedure", lambda *a, **k: pytest.fail("computed"))
+        assert main(["probe", str(run), "--epochs", "1"]) == 2
+        one_line_error(capsys, "probe_val.json exists and holds another probe (val split, "
+                               "epoch_001, epoch_002 under running, train, clean, balanced)")
     probe = json.loads((run / "probe_val.json").read_text())
     logged = {r["epoch"]: r["bn_probe"] for r in records(run) if "bn_probe" in r}
     assert {(r["epoch"], r["bn_stats"]) for r in probe["records"]} == {

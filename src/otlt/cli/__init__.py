@@ -152,10 +152,11 @@ def cmd_probe(args) -> int:
     epochs = _int_list(args.epochs, "--epochs") if args.epochs else None
     if args.bn_batches is not None and args.bn_batches < 1:
         raise OtltError(f"--bn-batches must be >= 1, got {args.bn_batches}")
-    result = probe_kept(run, modes, epochs, split=args.split, data_path=args.data,
-                        bn_batches=args.bn_batches, device=args.device)
     suffix = f"_bn{args.bn_batches}" if args.bn_batches else ""
     out = Path(args.out) if args.out else run / f"probe_{args.split}{suffix}.json"
+    result = probe_kept(run, modes, epochs, split=args.split, data_path=args.data,
+                        bn_batches=args.bn_batches, device=args.device,
+                        out=None if args.overwrite else out)
     written = write_result(out, result, args.overwrite)
     print(format_probe(result))
     print(_written(out, written))

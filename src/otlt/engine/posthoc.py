@@ -224,12 +224,14 @@ def kept_weights(run_dir: Path) -> dict[int, Path]:
 def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
                split: str = "val", data_path: str | None = None,
                bn_batches: int | None = None, progress: bool = True,
-               device: str | None = None) -> dict[str, Any]:
+               device: str | None = None, out: Path | None = None) -> dict[str, Any]:
     """Evaluate kept weights under several procedures: ``eval.bn_probe_every`` after the
     fact. ``epochs``: counted from 0 as the kept files are named, a negative one from the
     run's end (``-1``: its last, as ``train.keep_epochs``); None: every kept epoch.
     ``device`` None: the run's. Returns ``{"split", "bn_batches", "records"}`` with one
-    compact record (errors in %, ``balanced_acc``) per (epoch, procedure)."""
+    compact record (errors in %, ``balanced_acc``) per (epoch, procedure). ``out``: the file
+    the result will go to; one that holds another probe (other epochs, procedures or split)
+    is refused before anything is computed, as :func:`write_result` would refuse it after."""
     run_dir = Path(run_dir)
     kept = kept_weights(run_dir)
     last = read_last(run_dir)
@@ -242,6 +244,8 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
                          f"{sorted(kept) or 'none'}; train with train.keep_epochs or keep_every)")
     for mode in modes:
         require_choice("--bn-stats", mode, BN_STATS)
+    if out is not None:
+        _refuse_another_probe(out, split, [(e, m) for e in chosen for m in modes])
     procedure = evaluation_procedure(run_dir, last, data_path, bn_batches=bn_batches,
                                      device=device)
     records = []
@@ -258,6 +262,23 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
                             "per_class_accuracy": r["per_class_accuracy"]})
     return {"run": str(run_dir), "split": split, "bn_batches": procedure.cfg.eval.bn_batches,
             "records": records, PROVENANCE_KEY: evaluated_with(procedure)}
+
+
+def _refuse_another_probe(path: Path, split: str, planned: list[tuple[int, str]]) -> None:
+    """Refuse, before the work, a probe file that holds other (epoch, procedure) pairs or
+    another split than ``planned`` (a file that cannot be read is left to write_result)."""
+    try:
+        old = json.loads(path.read_text())
+        pairs = [(int(r["epoch"]), r["bn_stats"]) for r in old["records"]]
+        theirs = old["split"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if theirs != split or sorted(pairs) != sorted(planned):
+        epochs = ", ".join(f"epoch_{e:03d}" for e in sorted({e for e, _ in pairs}))
+        modes = ", ".join(dict.fromkeys(m for _, m in pairs))
+        raise OtltError(f"{path} exists and holds another probe ({theirs} split, {epochs} "
+                        f"under {modes}); choose another file with --out or replace it with "
+                        "--overwrite")
 
 
 def resolved_epochs(epochs: list[int], total: int) -> list[int]:
