@@ -503,7 +503,7 @@ def test_sigterm_stops_a_real_training_process_resumably(tiny_zip, config, tmp_p
     assert proc.returncode == 143, err
     assert err.strip().splitlines() == [
         "otlt: terminated (SIGTERM); the last finished epoch, if one finished, is in the run "
-        "directory's last.pt: 'otlt train --resume <run directory>' goes on from it (or starts "
+        f"directory's last.pt: 'otlt train --resume {run}' goes on from it (or starts "
         "afresh without it)"]
     done = load_checkpoint(run / "last.pt")["epoch"]
     assert 0 <= done < 199

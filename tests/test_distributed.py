@@ -373,6 +373,7 @@ def test_sigterm_to_torchrun_stops_every_rank_resumably(tiny_zip, tmp_path, conf
     assert time.monotonic() - sent < 25, stderr[-3000:]
     assert proc.returncode != 0
     assert stderr.count("otlt: terminated (SIGTERM)") == 1, stderr[-3000:]
+    assert f"'torchrun ... -m otlt.cli train --resume {run}' goes on" in stderr, stderr[-3000:]
     assert "otlt: done in" not in stdout and not (run / "eval.json").exists()
     done = load_checkpoint(run / "last.pt")["epoch"]
     result = torchrun(tmp_path, ["-m", "otlt.cli", "train", "--resume", str(run),

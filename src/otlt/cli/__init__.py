@@ -79,6 +79,7 @@ def cmd_train(args) -> int:
         run_dir = Path(args.run_dir) if args.run_dir else None
     cfg = build_overridden(raw, overrides)
     trainer = create_trainer(cfg, run_dir=run_dir, resume=bool(args.resume))
+    _TRAINING.append(trainer.run_dir)  # named by a Ctrl-C/SIGTERM line from here on
     say(f"otlt: run directory {trainer.run_dir}  device {trainer.device}  "
         f"amp {trainer.amp_dtype or 'off'}  train {len(trainer.feed)} images "
         f"{trainer.feed.counts}", flush=True)
@@ -250,6 +251,20 @@ def one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+_TRAINING: list[Path] = []
+"""The run directory of the ``otlt train`` in progress, once it has one (for the stop line)."""
+
+
+def _resume_hint() -> str:
+    """How to go on after a stopped ``otlt train``: the run directory when it is known, and
+    the launcher under torchrun (a resume needs the same number of processes)."""
+    from otlt.engine.distributed import launched_world_size
+
+    run = _TRAINING[-1] if _TRAINING else "<run directory>"
+    launch = "torchrun ... -m otlt.cli train" if launched_world_size() > 1 else "otlt train"
+    return f"'{launch} --resume {run}'"
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "probe": cmd_probe, "demo": cmd_demo,
             "bench": cmd_bench, "report": cmd_report, "sweep": cmd_sweep, "presets": cmd_presets,
             "data": cmd_data}
@@ -259,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     from otlt.engine.distributed import teardown_process
 
     finished, command = False, None
+    _TRAINING.clear()
     on_sigterm = stop_on_sigterm()
     try:
         args = build_parser().parse_args(argv)
@@ -281,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         if command == "train":
             how += ("; the last finished epoch, if one finished, is in the run directory's "
-                    "last.pt: 'otlt train --resume <run directory>' goes on from it (or "
-                    "starts afresh without it)")
+                    f"last.pt: {_resume_hint()} goes on from it (or starts afresh without it)")
         elif command == "sweep":
             how += "; the same otlt sweep command resumes the stopped run and runs the rest"
         if is_main_process():
