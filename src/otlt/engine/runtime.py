@@ -91,7 +91,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise OtltError(f"train.device={name} but no CUDA device is available (use cpu or auto)")
+        raise OtltError(f"train.device={name} but no CUDA device is available: use "
+                        "--set train.device=cpu or auto (a resume takes it too)")
     return torch.device(name)
 
 
