@@ -59,7 +59,8 @@ def test_autocast_dtype_and_device():
     assert resolve_device("cpu") == cpu
     if not torch.cuda.is_available():
         assert resolve_device("auto") == cpu
-        with pytest.raises(OtltError, match="no CUDA device is available: use --set train.device=cpu"):
+        with pytest.raises(OtltError, match="no CUDA device is available: use --set "
+                                            "train.device=cpu"):
             resolve_device("cuda")
 
 
