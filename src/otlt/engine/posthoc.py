@@ -130,6 +130,13 @@ def checkpoint_label(path: Path) -> str:
     return stem if stem in CHECKPOINTS or stem.startswith("epoch_") else stem or "weights"
 
 
+def check_device_flag(device: str) -> None:
+    """Refuse a ``--device`` that names no device, or CUDA where there is none, in one line."""
+    require(is_device_name(device), f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    require(not device.startswith("cuda") or torch.cuda.is_available(),
+            f"--device {device}: no CUDA device is available here; use --device cpu")
+
+
 def evaluation_procedure(run_dir: Path, last: dict[str, Any] | None,
                          data_path: str | None = None, many: int | None = None,
                          few: int | None = None, bn_batches: int | None = None,
@@ -139,9 +146,7 @@ def evaluation_procedure(run_dir: Path, last: dict[str, Any] | None,
     are read to the CPU, then moved); ``last``: its ``last.pt`` state (:func:`read_last`)."""
     cfg = run_config(run_dir, data_path, last)
     if device is not None:
-        require(is_device_name(device), f"--device must be auto, cpu or cuda[:N], got {device!r}")
-        require(not device.startswith("cuda") or torch.cuda.is_available(),
-                f"--device {device}: no CUDA device is available here; use --device cpu")
+        check_device_flag(device)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
     elif cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         raise OtltError(f"{run_dir} trained with train.device={cfg.train.device} but no CUDA "
@@ -233,6 +238,8 @@ def probe_kept(run_dir: Path, modes: list[str], epochs: list[int] | None = None,
     the result will go to; one that holds another probe (other epochs, procedures or split)
     is refused before anything is computed, as :func:`write_result` would refuse it after."""
     run_dir = Path(run_dir)
+    if device is not None:  # the flags first, then the files
+        check_device_flag(device)
     kept = kept_weights(run_dir)
     last = read_last(run_dir)
     if last is not None:
