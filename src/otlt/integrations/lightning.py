@@ -112,9 +112,10 @@ def _images_and_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
                         "(images, labels)") from None
 
 
-EPOCH_STATISTICS = ("ot_batch_fraction", "same_class_pair_fraction", "ot_mean_cost",
-                    "ot_mean_iters", "ot_converged_fraction")
-"""OTMix's per-epoch numbers the callback logs every epoch (NaN where an epoch has none)."""
+EPOCH_STATISTICS = ("same_class_pair_fraction", "ot_mean_cost", "ot_mean_iters",
+                    "ot_converged_fraction")
+"""OTMix's per-epoch numbers that an epoch may lack (no pair mixed, no OT batch): the
+callback logs them as NaN then."""
 
 
 class OTMixCallback(Callback):
